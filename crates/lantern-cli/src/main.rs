@@ -1,0 +1,4 @@
+//! `lantern`: generate images with LlamaGen-family models and LANTERN speculative decoding.
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,2 @@
+//! Decoding: plain AR and speculative loops, draft trees.
+pub mod tree;
