@@ -15,6 +15,7 @@ pub mod cache;
 pub mod data;
 pub mod decode;
 pub mod error;
+pub mod eval;
 pub mod image;
 pub mod load;
 pub mod models;
