@@ -1,1 +1,180 @@
-//! TODO
+//! Preallocated key/value caches written in place, with the two rollback operations that
+//! speculative decoding needs: `truncate` after a rejection and `keep` to compact the accepted
+//! path of a verified draft tree.
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Error, Result};
+
+/// Per-layer K and V buffers `[b, n_kv_head, max_len, head_dim]` plus the filled length,
+/// shared by all layers.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: usize,
+    max_len: usize,
+}
+
+impl KvCache {
+    /// Allocates zeroed buffers for `n_layer` layers.
+    pub fn new(
+        n_layer: usize,
+        b: usize,
+        n_kv_head: usize,
+        max_len: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let shape = (b, n_kv_head, max_len, head_dim);
+        let mut k = Vec::with_capacity(n_layer);
+        let mut v = Vec::with_capacity(n_layer);
+        for _ in 0..n_layer {
+            k.push(Tensor::zeros(shape, dtype, device)?);
+            v.push(Tensor::zeros(shape, dtype, device)?);
+        }
+        Ok(Self {
+            k,
+            v,
+            len: 0,
+            max_len,
+        })
+    }
+
+    /// Number of filled positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Capacity in positions.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Number of layers.
+    pub fn n_layer(&self) -> usize {
+        self.k.len()
+    }
+
+    /// Batch size the cache was allocated for.
+    pub fn batch(&self) -> usize {
+        self.k.first().and_then(|t| t.dim(0).ok()).unwrap_or(0)
+    }
+
+    /// Forgets everything after the first `len` positions (no copy).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Compacts a verified block: the entries at `start + rows[i]` move to `start + i`, then the
+    /// length becomes `start + rows.len()`. Only the block after `start` is gathered.
+    pub fn keep(&mut self, start: usize, rows: &[usize]) -> Result<()> {
+        let Some(&max_row) = rows.iter().max() else {
+            self.len = self.len.min(start);
+            return Ok(());
+        };
+        if start + max_row >= self.len {
+            return Err(Error::invalid(
+                "KV cache keep",
+                format!(
+                    "row {} past the filled length {} (start {start}); keep rows of the last block only",
+                    start + max_row,
+                    self.len
+                ),
+            ));
+        }
+        let dev = self.k[0].device().clone();
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, rows.len(), &dev)?;
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let block = t.narrow(2, start, max_row + 1)?.index_select(&idx, 2)?;
+            t.slice_set(&block, 2, start)?;
+        }
+        self.len = start + rows.len();
+        Ok(())
+    }
+
+    /// Writes `k`, `v` (`[b, n_kv_head, s, head_dim]`) of `layer` at the current length and
+    /// returns views of all filled entries including them (`[b, n_kv_head, len + s, head_dim]`).
+    /// The length itself advances only with [`KvCache::advance`], after the last layer.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let s = k.dim(2)?;
+        if self.len + s > self.max_len {
+            return Err(Error::invalid(
+                "KV cache",
+                format!(
+                    "{} + {s} positions exceed its capacity {}; allocate a longer cache",
+                    self.len, self.max_len
+                ),
+            ));
+        }
+        let (ck, cv) = match (self.k.get(layer), self.v.get(layer)) {
+            (Some(ck), Some(cv)) => (ck, cv),
+            _ => return Err(Error::invalid("KV cache", format!("no layer {layer}"))),
+        };
+        if k.dims()[..2] != ck.dims()[..2] {
+            return Err(Error::invalid(
+                "KV cache",
+                format!(
+                    "batch/heads {:?} differ from the cache's {:?}; allocate it for this batch",
+                    &k.dims()[..2],
+                    &ck.dims()[..2]
+                ),
+            ));
+        }
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        let n = self.len + s;
+        Ok((ck.narrow(2, 0, n)?, cv.narrow(2, 0, n)?))
+    }
+
+    /// Marks `s` freshly appended positions as filled.
+    pub fn advance(&mut self, s: usize) {
+        self.len = (self.len + s).min(self.max_len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(n: usize) -> Result<KvCache> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(2, 1, 1, 8, 2, DType::F32, &dev)?;
+        let vals: Vec<f32> = (0..n * 2).map(|x| x as f32).collect();
+        let t = Tensor::from_vec(vals, (1, 1, n, 2), &dev)?;
+        for l in 0..2 {
+            c.append(l, &t, &(&t + 100.0)?)?;
+        }
+        c.advance(n);
+        Ok(c)
+    }
+
+    #[test]
+    fn keep_compacts_block() -> Result<()> {
+        let mut c = filled(6)?;
+        c.keep(2, &[0, 3])?; // positions 2 and 5 -> 2 and 3
+        assert_eq!(c.len(), 4);
+        let k = c.k[1].narrow(2, 0, 4)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(k, vec![0., 1., 2., 3., 4., 5., 10., 11.]);
+        let v = c.v[0].narrow(2, 3, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(v, vec![110., 111.]);
+        assert!(c.keep(2, &[5]).is_err());
+        c.truncate(1);
+        assert_eq!(c.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn overflow_is_an_error() -> Result<()> {
+        let mut c = filled(6)?;
+        let t = Tensor::zeros((1, 1, 3, 2), DType::F32, &Device::Cpu)?;
+        assert!(c.append(0, &t, &t).is_err());
+        Ok(())
+    }
+}

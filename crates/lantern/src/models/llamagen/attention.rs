@@ -1,0 +1,167 @@
+//! Multi-head attention with an explicit additive mask (the HF/LANTERN reference path, spec
+//! §1.7): `scores = q·kᵀ / sqrt(head_dim)` in the model dtype, `+ mask` and softmax in f32,
+//! probabilities cast back, `· v`. Also the mask builders the decoding loops use.
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{linear_no_bias, Linear, VarBuilder};
+
+use super::rope::RopeRows;
+use crate::cache::KvCache;
+
+/// Finite large negative value for caption keys masked by padding. A padded query whose
+/// allowed keys are all padded then attends uniformly to them, as the HF variant does.
+pub const PAD_NEG: f32 = -1e30;
+
+/// Attention mask of one forward pass.
+#[derive(Clone, Debug)]
+pub enum AttnMask {
+    /// Causal over `past + s` keys (query `i` sees keys `0..=past+i`); no mask for `s == 1`.
+    Causal,
+    /// Additive f32 mask (0 or -inf) `[s, past + s]` or `[b, 1, s, past + s]`.
+    Custom(Tensor),
+}
+
+/// Causal additive f32 mask `[s, past + s]` for `s` queries after `past` cached positions.
+pub fn causal_mask(s: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let t = past + s;
+    let data: Vec<f32> = (0..s)
+        .flat_map(|i| (0..t).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(data, (s, t), device)
+}
+
+/// Key-padding mask `[b, 1, 1, total]`: [`PAD_NEG`] at caption keys whose `valid` entry is 0.
+///
+/// # Shapes
+/// - `valid`: `[b, n_cap]` (any dtype, 1 = valid); `total >= n_cap` keys in all
+pub fn key_padding_mask(valid: &Tensor, total: usize) -> Result<Tensor> {
+    let (b, n) = valid.dims2()?;
+    if n > total {
+        candle_core::bail!("caption mask has {n} columns but only {total} keys");
+    }
+    let v = valid.to_dtype(DType::F32)?;
+    let pad = ((v.ones_like()? - v)? * PAD_NEG as f64)?;
+    let pad = if total > n {
+        Tensor::cat(&[pad, Tensor::zeros((b, total - n), DType::F32, valid.device())?], 1)?
+    } else {
+        pad
+    };
+    pad.reshape((b, 1, 1, total))
+}
+
+/// Causal mask plus caption key padding, `[b, 1, s, past + s]`, for `s` queries after `past`
+/// cached positions (the HF target's mask, spec §5.4; use it for the t2i prefill and steps).
+pub fn caption_mask(valid: &Tensor, s: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let causal = causal_mask(s, past, device)?.unsqueeze(0)?.unsqueeze(0)?;
+    causal.broadcast_add(&key_padding_mask(valid, past + s)?)
+}
+
+/// Fused-projection attention block (`wqkv` rows `[q | k | v]`, `wo`).
+#[derive(Clone, Debug)]
+pub struct Attention {
+    wqkv: Linear,
+    wo: Linear,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Loads `wqkv.weight` and `wo.weight` under `vb`.
+    pub fn load(vb: VarBuilder, dim: usize, n_head: usize, n_kv_head: usize) -> Result<Self> {
+        let head_dim = dim / n_head;
+        let wqkv = linear_no_bias(dim, (n_head + 2 * n_kv_head) * head_dim, vb.pp("wqkv"))?;
+        let wo = linear_no_bias(n_head * head_dim, dim, vb.pp("wo"))?;
+        Ok(Self::from_parts(wqkv, wo, n_head, n_kv_head, head_dim))
+    }
+
+    /// Builds the block from already loaded projections.
+    pub fn from_parts(wqkv: Linear, wo: Linear, n_head: usize, n_kv_head: usize, head_dim: usize) -> Self {
+        Self {
+            wqkv,
+            wo,
+            n_head,
+            n_kv_head,
+            head_dim,
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[b, s, dim]` → `[b, s, dim]`; K/V appended to `cache` layer `layer` (or
+    ///   attention over `x` only when `cache` is `None`).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeRows,
+        mask: &AttnMask,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (h, kvh, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let qkv = self.wqkv.forward(x)?;
+        let q = qkv.narrow(D::Minus1, 0, h * hd)?.reshape((b, s, h, hd))?;
+        let k = qkv.narrow(D::Minus1, h * hd, kvh * hd)?.reshape((b, s, kvh, hd))?;
+        let v = qkv.narrow(D::Minus1, (h + kvh) * hd, kvh * hd)?.reshape((b, s, kvh, hd))?;
+        let q = rope.apply(&q)?.transpose(1, 2)?.contiguous()?;
+        let k = rope.apply(&k)?.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (k, v, past) = match cache {
+            Some(c) => {
+                let past = c.len();
+                let (k, v) = c.append(layer, &k, &v).map_err(candle_core::Error::wrap)?;
+                (k, v, past)
+            }
+            None => (k, v, 0),
+        };
+        let (k, v) = (repeat_kv(k, h / kvh)?, repeat_kv(v, h / kvh)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.to_dtype(DType::F32)?;
+        let scores = match mask {
+            AttnMask::Causal if s == 1 => scores,
+            AttnMask::Causal => scores.broadcast_add(&causal_mask(s, past, x.device())?)?,
+            AttnMask::Custom(m) => {
+                let t = past + s;
+                if m.dim(D::Minus1)? != t || m.dim(D::Minus2)? != s {
+                    candle_core::bail!(
+                        "attention mask {:?} does not cover {s} queries over {t} keys",
+                        m.dims()
+                    );
+                }
+                scores.broadcast_add(&m.to_dtype(DType::F32)?)?
+            }
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h * hd))?;
+        self.wo.forward(&out)
+    }
+}
+
+/// Repeats each K/V head `n` times for grouped-query attention.
+fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x);
+    }
+    let (b, kvh, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kvh, n, t, d))?
+        .reshape((b, kvh * n, t, d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks() -> Result<()> {
+        let dev = Device::Cpu;
+        let m = causal_mask(2, 1, &dev)?.to_vec2::<f32>()?;
+        assert_eq!(m[0][..2], [0.0, 0.0]);
+        assert!(m[0][2].is_infinite());
+        assert_eq!(m[1], vec![0.0, 0.0, 0.0]);
+        let valid = Tensor::new(&[[0u8, 1, 1]], &dev)?;
+        let cm = caption_mask(&valid, 3, 0, &dev)?.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
+        assert_eq!(cm[0][0], PAD_NEG);
+        assert!(cm[0][1].is_infinite());
+        assert_eq!(cm[2], vec![PAD_NEG, 0.0, 0.0]);
+        Ok(())
+    }
+}

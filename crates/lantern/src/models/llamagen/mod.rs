@@ -1,0 +1,341 @@
+//! LlamaGen GPT (Sun et al. 2024, "Autoregressive Model Beats Diffusion"), class- and
+//! text-conditional, as in `autoregressive/models/gpt.py` of FoundationVision/LlamaGen and the
+//! HF-style variant of LANTERN (spec §1). Canonical tensor names are the original ones
+//! (`layers.i.attention.wqkv.weight`, ...); [`crate::load`] maps HF checkpoints onto them.
+pub mod attention;
+pub mod cond;
+pub mod config;
+pub mod rope;
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
+
+pub use attention::{caption_mask, causal_mask, key_padding_mask, AttnMask, PAD_NEG};
+pub use cond::{CondEmbedder, CAPTION_LEN};
+pub use config::{Config, ModelType};
+use rope::Rope;
+
+use crate::cache::KvCache;
+
+/// The condition of a batch of images.
+#[derive(Clone, Debug)]
+pub enum Condition {
+    /// Class ids, one per image; the null class is `num_classes`.
+    Classes(Vec<u32>),
+    /// T5 caption features `[b, 120, caption_dim]` (left-padded, padded rows zero; the null
+    /// caption comes from [`LlamaGen::uncond_caption`]) and their mask `[b, 120]` (1 = valid),
+    /// which the caller turns into an attention mask with [`caption_mask`].
+    Captions { features: Tensor, mask: Tensor },
+}
+
+/// RMSNorm as LlamaGen computes it: normalise in f32, cast back, then scale by the weight.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads `weight` `[dim]` under `vb`.
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xf.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(x.dtype())?;
+        y.broadcast_mul(&self.weight)
+    }
+}
+
+/// SwiGLU feed-forward `w2(silu(w1 x) * w3 x)`.
+#[derive(Clone, Debug)]
+pub struct FeedForward {
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+}
+
+impl FeedForward {
+    /// Loads `w1`, `w2`, `w3` under `vb`.
+    pub fn load(vb: VarBuilder, dim: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            w1: linear_no_bias(dim, hidden, vb.pp("w1"))?,
+            w2: linear_no_bias(hidden, dim, vb.pp("w2"))?,
+            w3: linear_no_bias(dim, hidden, vb.pp("w3"))?,
+        })
+    }
+
+    /// Builds the block from loaded projections (gate, down, up).
+    pub fn from_parts(w1: Linear, w2: Linear, w3: Linear) -> Self {
+        Self { w1, w2, w3 }
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.w1.forward(x)?)?;
+        self.w2.forward(&(g * self.w3.forward(x)?)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    attention: attention::Attention,
+    feed_forward: FeedForward,
+    attention_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Ok(Self {
+            attention: attention::Attention::load(vb.pp("attention"), cfg.dim, cfg.n_head, cfg.n_kv_head)?,
+            feed_forward: FeedForward::load(vb.pp("feed_forward"), cfg.dim, cfg.ffn_hidden)?,
+            attention_norm: RmsNorm::load(vb.pp("attention_norm"), cfg.dim, cfg.norm_eps)?,
+            ffn_norm: RmsNorm::load(vb.pp("ffn_norm"), cfg.dim, cfg.norm_eps)?,
+        })
+    }
+}
+
+/// The LlamaGen transformer; holds weights and the RoPE table only (no per-request state).
+#[derive(Clone, Debug)]
+pub struct LlamaGen {
+    cfg: Config,
+    tok_embeddings: Embedding,
+    cls_embedding: CondEmbedder,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    output: Linear,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl LlamaGen {
+    /// Loads all weights under original names (`tok_embeddings`, `cls_embedding`, `layers.i`,
+    /// `norm`, `output`); the same call serves checkpoints and a training `VarMap`.
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::wrap)?;
+        let layers = (0..cfg.n_layer)
+            .map(|i| Block::load(vb.pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let rope = Rope::new(
+            cfg.head_dim(),
+            cfg.grid_side(),
+            cfg.rope_base,
+            cfg.cls_token_num,
+            cfg.extra_rope_rows,
+            vb.device(),
+        )?;
+        Ok(Self {
+            tok_embeddings: embedding(cfg.vocab_size, cfg.dim, vb.pp("tok_embeddings"))?,
+            cls_embedding: CondEmbedder::load(vb.pp("cls_embedding"), cfg)?,
+            layers,
+            norm: RmsNorm::load(vb.pp("norm"), cfg.dim, cfg.norm_eps)?,
+            output: linear_no_bias(cfg.dim, cfg.vocab_size, vb.pp("output"))?,
+            rope,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Every tensor `load` reads, with its shape (original names).
+    pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+        let (d, f, hd) = (cfg.dim, cfg.ffn_hidden, cfg.head_dim());
+        let mut v = vec![
+            ("tok_embeddings.weight".to_string(), vec![cfg.vocab_size, d]),
+            ("norm.weight".to_string(), vec![d]),
+            ("output.weight".to_string(), vec![cfg.vocab_size, d]),
+        ];
+        match cfg.model_type {
+            ModelType::C2i => v.push(("cls_embedding.embedding_table.weight".into(), vec![cfg.class_rows(), d])),
+            ModelType::T2i => {
+                v.push(("cls_embedding.cap_proj.fc1.weight".into(), vec![d, cfg.caption_dim]));
+                v.push(("cls_embedding.cap_proj.fc2.weight".into(), vec![d, d]));
+                v.push(("cls_embedding.uncond_embedding".into(), vec![CAPTION_LEN, cfg.caption_dim]));
+            }
+        }
+        for i in 0..cfg.n_layer {
+            let p = format!("layers.{i}.");
+            let qkv = (cfg.n_head + 2 * cfg.n_kv_head) * hd;
+            v.push((p.clone() + "attention.wqkv.weight", vec![qkv, d]));
+            v.push((p.clone() + "attention.wo.weight", vec![d, cfg.n_head * hd]));
+            v.push((p.clone() + "feed_forward.w1.weight", vec![f, d]));
+            v.push((p.clone() + "feed_forward.w3.weight", vec![f, d]));
+            v.push((p.clone() + "feed_forward.w2.weight", vec![d, f]));
+            v.push((p.clone() + "attention_norm.weight", vec![d]));
+            v.push((p + "ffn_norm.weight", vec![d]));
+        }
+        v
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Weight dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device of the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Condition embeddings for the first `cls_token_num` positions.
+    ///
+    /// # Shapes
+    /// - returns `[b, cls_token_num, dim]` (b = number of classes / caption rows)
+    pub fn embed_condition(&self, cond: &Condition) -> crate::Result<Tensor> {
+        let e = match cond {
+            Condition::Classes(ids) => self.cls_embedding.classes(ids)?,
+            Condition::Captions { features, .. } => {
+                let (_, n, c) = features.dims3()?;
+                if n < self.cfg.cls_token_num || c != self.cfg.caption_dim {
+                    return Err(crate::Error::invalid(
+                        "caption features",
+                        format!(
+                            "shape {:?} needs at least {} rows of width {}; pass T5 features [b, 120, {}]",
+                            features.dims(),
+                            self.cfg.cls_token_num,
+                            self.cfg.caption_dim,
+                            self.cfg.caption_dim
+                        ),
+                    ));
+                }
+                self.cls_embedding.captions(features)?
+            }
+        };
+        let e = e.narrow(1, 0, self.cfg.cls_token_num.min(e.dim(1)?))?;
+        Ok(e.to_dtype(self.dtype)?)
+    }
+
+    /// The null caption features `[b, 120, caption_dim]` for the unconditional CFG half (t2i).
+    pub fn uncond_caption(&self, b: usize) -> crate::Result<Tensor> {
+        Ok(self.cls_embedding.uncond_caption(b)?)
+    }
+
+    /// Token embeddings.
+    ///
+    /// # Shapes
+    /// - `ids`: `[b, s]` u32 → `[b, s, dim]`
+    pub fn embed_tokens(&self, ids: &Tensor) -> crate::Result<Tensor> {
+        Ok(self.tok_embeddings.forward(&ids.to_dtype(DType::U32)?)?)
+    }
+
+    /// Runs the blocks on input embeddings at RoPE rows `positions`, attending to the cache
+    /// contents and to `x` itself under `mask`, and appends the new K/V to `cache`.
+    ///
+    /// # Shapes
+    /// - `x`: `[b, s, dim]`; `positions`: `[s]` or `[b, s]` u32 → post-final-norm hidden `[b, s, dim]`
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        mask: &AttnMask,
+        cache: &mut KvCache,
+    ) -> crate::Result<Tensor> {
+        if cache.n_layer() != self.layers.len() {
+            return Err(crate::Error::invalid(
+                "KV cache",
+                format!(
+                    "has {} layers, the model {}; create it with LlamaGen::new_cache",
+                    cache.n_layer(),
+                    self.layers.len()
+                ),
+            ));
+        }
+        let h = self.run_blocks(x, positions, mask, Some(&mut *cache))?;
+        cache.advance(x.dim(1)?);
+        Ok(h)
+    }
+
+    fn run_blocks(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        mask: &AttnMask,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let rows = self.rope.select(positions, b, s)?;
+        let mut h = x.to_dtype(self.dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = layer.attention.forward(
+                &layer.attention_norm.forward(&h)?,
+                &rows,
+                mask,
+                i,
+                cache.as_deref_mut(),
+            )?;
+            h = (h + a)?;
+            h = (&h + layer.feed_forward.forward(&layer.ffn_norm.forward(&h)?)?)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Output projection, computed in the model dtype and returned as f32.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[b, s, dim]` → logits `[b, s, vocab]` f32
+    pub fn lm_head(&self, hidden: &Tensor) -> crate::Result<Tensor> {
+        Ok(self
+            .output
+            .forward(&hidden.to_dtype(self.dtype)?)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Full teacher-forced forward without a cache (training, feature extraction): condition
+    /// embeddings followed by the token embeddings at positions `0..cls + n`, causal mask, or
+    /// `mask` instead when given (e.g. [`caption_mask`] with `past = 0`).
+    ///
+    /// # Shapes
+    /// - `cond`: `[b, cls_token_num, dim]`; `tokens`: `[b, n]` u32 → (hidden, logits f32)
+    ///   `[b, cls + n, dim]`, `[b, cls + n, vocab]`
+    pub fn forward_train(
+        &self,
+        cond: &Tensor,
+        tokens: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> crate::Result<(Tensor, Tensor)> {
+        let x = Tensor::cat(&[cond.to_dtype(self.dtype)?, self.embed_tokens(tokens)?], 1)?;
+        let s = x.dim(1)?;
+        let pos = Tensor::arange(0u32, s as u32, &self.device)?;
+        let mask = match mask {
+            Some(m) => AttnMask::Custom(m.clone()),
+            None => AttnMask::Causal,
+        };
+        let h = self.run_blocks(&x, &pos, &mask, None)?;
+        let logits = self.lm_head(&h)?;
+        Ok((h, logits))
+    }
+
+    /// A cache for `batch` sequences of up to `max_len` positions in the model dtype.
+    pub fn new_cache(&self, batch: usize, max_len: usize) -> crate::Result<KvCache> {
+        KvCache::new(
+            self.cfg.n_layer,
+            batch,
+            self.cfg.n_kv_head,
+            max_len,
+            self.cfg.head_dim(),
+            self.dtype,
+            &self.device,
+        )
+    }
+
+    /// Cache length that covers the condition, all image tokens and a verification block of
+    /// `extra` positions, rounded up to a multiple of 8.
+    pub fn cache_len(&self, extra: usize) -> usize {
+        config::find_multiple(self.cfg.cls_token_num + self.cfg.block_size + extra, 8)
+    }
+}
