@@ -2,9 +2,11 @@
 //! sub-folder per class.
 pub mod folder;
 pub mod idx;
+pub mod tokens;
 
 pub use folder::image_folder;
 pub use idx::{fashion_mnist, Split};
+pub use tokens::TokenDataset;
 
 /// Where Debian's `dataset-fashion-mnist` package installs the data.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
