@@ -11,6 +11,57 @@ use std::path::PathBuf;
 pub enum TrainCommand {
     /// Train the evaluation classifier (small CNN) on Fashion-MNIST.
     Classifier(ClassifierArgs),
+    /// Train a class-conditional LlamaGen GPT on token grids made by `lantern tokenize`.
+    Gpt(GptArgs),
+}
+
+/// Options of `lantern train gpt`.
+#[derive(Args)]
+pub struct GptArgs {
+    /// Training token grids (`lantern tokenize` output).
+    #[arg(long)]
+    tokens: PathBuf,
+    /// Held-out token grids for the test loss.
+    #[arg(long)]
+    test_tokens: PathBuf,
+    /// Run folder: checkpoints, losses.csv, state.json; the final f16 export goes to OUT/export.
+    #[arg(long)]
+    out: PathBuf,
+    /// Model width.
+    #[arg(long, default_value_t = 256)]
+    dim: usize,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 8)]
+    layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 10000)]
+    steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 500)]
+    warmup: usize,
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = 1000)]
+    ckpt_every: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from the checkpoint in OUT.
+    #[arg(long)]
+    resume: bool,
+    /// Allow writing into an existing run folder without --resume (starts over).
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    device: DeviceOpts,
 }
 
 /// Options of `lantern train classifier`.
@@ -45,6 +96,7 @@ pub struct ClassifierArgs {
 pub fn run(cmd: TrainCommand) -> Result<()> {
     match cmd {
         TrainCommand::Classifier(a) => classifier(a),
+        TrainCommand::Gpt(a) => gpt(a),
     }
 }
 
@@ -90,6 +142,86 @@ fn classifier(a: ClassifierArgs) -> Result<()> {
         100.0 * acc,
         test.len(),
         a.epochs,
+        start.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn gpt(a: GptArgs) -> Result<()> {
+    use lantern::data::TokenDataset;
+    use lantern::models::llamagen::{Config, ModelType};
+    use lantern::train::gpt::{train_gpt, GptTrainConfig};
+    if !a.resume {
+        check_new_output(&a.out.join("state.json"), a.force)?;
+    }
+    let dev = a.device.device()?;
+    let train = TokenDataset::load(&a.tokens)?;
+    let test = TokenDataset::load(&a.test_tokens)?;
+    let num_classes = train.labels.iter().max().map_or(1, |m| *m as usize + 1);
+    let cfg = Config {
+        dim: a.dim,
+        n_layer: a.layers,
+        n_head: a.heads,
+        n_kv_head: a.heads,
+        vocab_size: train.vocab,
+        ffn_hidden: lantern::models::llamagen::config::default_ffn_hidden(a.dim),
+        rope_base: 10000.0,
+        norm_eps: 1e-5,
+        model_type: ModelType::C2i,
+        num_classes,
+        caption_dim: 2048,
+        cls_token_num: 1,
+        block_size: train.seq_len(),
+        extra_rope_rows: 0,
+    };
+    let tcfg = GptTrainConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        warmup: a.warmup,
+        ckpt_every: a.ckpt_every,
+        seed: a.seed,
+        ..Default::default()
+    };
+    println!(
+        "training GPT: {} parameters, {} train / {} test images, {} steps of {} on {:?}",
+        cfg.param_count(),
+        train.len(),
+        test.len(),
+        a.steps,
+        a.batch_size,
+        dev
+    );
+    let pb = progress_bar(a.steps as u64, "train gpt");
+    let start = std::time::Instant::now();
+    let model = train_gpt(
+        &cfg,
+        &tcfg,
+        &train,
+        &test,
+        &a.out,
+        a.resume,
+        &dev,
+        &mut |step, loss| {
+            pb.set_position(step as u64);
+            pb.set_message(format!("loss {loss:.4}"));
+        },
+        &mut |_, ck| {
+            pb.println(format!(
+                "step {}: train loss {:.4}, test cross-entropy {:.4} nats/token ({:.0} s)",
+                ck.step,
+                ck.train_loss,
+                ck.test_loss,
+                start.elapsed().as_secs_f64()
+            ));
+            Ok(())
+        },
+    )?;
+    pb.finish();
+    let _ = model;
+    println!(
+        "done in {:.0} s; checkpoint in {}",
         start.elapsed().as_secs_f64(),
         a.out.display()
     );
