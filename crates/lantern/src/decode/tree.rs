@@ -46,6 +46,8 @@ impl DraftTree {
 
     /// Children of `node`, in sibling order (the order acceptance tries them).
     pub fn children(&self, node: usize) -> Vec<usize> {
-        (1..self.len()).filter(|&i| self.parents[i] == node).collect()
+        (1..self.len())
+            .filter(|&i| self.parents[i] == node)
+            .collect()
     }
 }
