@@ -516,6 +516,11 @@ impl VqModel {
         &self.cfg
     }
 
+    /// The device holding the weights.
+    pub fn device(&self) -> &Device {
+        self.embedding.device()
+    }
+
     /// The raw (not normalised) codebook `[V, D]`, as stored.
     pub fn codebook(&self) -> candle_core::Result<Tensor> {
         Ok(self.embedding.clone())
