@@ -4,3 +4,4 @@ pub mod caption;
 pub mod drafter;
 pub mod llamagen;
 pub mod t5;
+pub mod vq;
