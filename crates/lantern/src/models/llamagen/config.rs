@@ -122,14 +122,14 @@ impl Config {
     pub fn rope_rows(&self) -> usize {
         self.cls_token_num + self.block_size + self.extra_rope_rows
     }
-    /// Number of parameters (weights and the t2i null-caption buffer).
+    /// Number of trainable parameters (the t2i null-caption buffer is not counted).
     pub fn param_count(&self) -> usize {
         let (d, f, hd) = (self.dim, self.ffn_hidden, self.head_dim());
         let qkv = d * (self.n_head + 2 * self.n_kv_head) * hd;
         let layer = qkv + d * d + 3 * d * f + 2 * d;
         let cond = match self.model_type {
             ModelType::C2i => self.class_rows() * d,
-            ModelType::T2i => self.caption_dim * d + d * d + 120 * self.caption_dim,
+            ModelType::T2i => self.caption_dim * d + d * d,
         };
         2 * self.vocab_size * d + d + cond + self.n_layer * layer
     }
