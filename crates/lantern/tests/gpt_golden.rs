@@ -14,7 +14,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn expected() -> Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)?)
+    Ok(candle_core::safetensors::load(
+        fixtures().join("expected.safetensors"),
+        &Device::Cpu,
+    )?)
 }
 
 fn tiny_c2i() -> Config {
@@ -45,7 +48,11 @@ fn tiny_t2i() -> Config {
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
     let a = a.to_dtype(DType::F32)?;
     let b = b.to_dtype(DType::F32)?;
-    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let diff = (&a - &b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
     let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     Ok(diff / scale.max(1e-12))
 }
@@ -59,13 +66,22 @@ fn arange(a: usize, b: usize) -> Result<Tensor> {
 }
 
 fn load_c2i(dtype: DType) -> Result<LlamaGen> {
-    Ok(load_llamagen(&fixtures().join("c2i.pt"), Some(&tiny_c2i()), dtype, &Device::Cpu)?.0)
+    Ok(load_llamagen(
+        &fixtures().join("c2i.pt"),
+        Some(&tiny_c2i()),
+        dtype,
+        &Device::Cpu,
+    )?
+    .0)
 }
 
 fn c2i_inputs(m: &LlamaGen, exp: &HashMap<String, Tensor>) -> Result<Tensor> {
     let classes: Vec<u32> = exp["c2i_classes"].to_dtype(DType::U32)?.to_vec1()?;
     let cond = m.embed_condition(&Condition::Classes(classes))?;
-    Ok(Tensor::cat(&[cond, m.embed_tokens(&u32s(&exp["c2i_tokens"])?)?], 1)?)
+    Ok(Tensor::cat(
+        &[cond, m.embed_tokens(&u32s(&exp["c2i_tokens"])?)?],
+        1,
+    )?)
 }
 
 #[test]
@@ -80,12 +96,26 @@ fn c2i_full_and_cached_match_reference() -> Result<()> {
     let h = m.forward(&x, &arange(0, s)?, &AttnMask::Causal, &mut cache)?;
     let logits = m.lm_head(&h)?;
     assert_eq!(logits.dtype(), DType::F32);
-    assert!(rel_err(&logits, want)? < 1e-4, "full: {}", rel_err(&logits, want)?);
+    assert!(
+        rel_err(&logits, want)? < 1e-4,
+        "full: {}",
+        rel_err(&logits, want)?
+    );
     // Prefill 6 positions, then single-token steps.
     let mut cache = m.new_cache(2, 32)?;
-    let mut rows = vec![m.lm_head(&m.forward(&x.narrow(1, 0, 6)?, &arange(0, 6)?, &AttnMask::Causal, &mut cache)?)?];
+    let mut rows = vec![m.lm_head(&m.forward(
+        &x.narrow(1, 0, 6)?,
+        &arange(0, 6)?,
+        &AttnMask::Causal,
+        &mut cache,
+    )?)?];
     for p in 6..s {
-        let h = m.forward(&x.narrow(1, p, 1)?, &arange(p, p + 1)?, &AttnMask::Causal, &mut cache)?;
+        let h = m.forward(
+            &x.narrow(1, p, 1)?,
+            &arange(p, p + 1)?,
+            &AttnMask::Causal,
+            &mut cache,
+        )?;
         rows.push(m.lm_head(&h)?);
     }
     assert_eq!(cache.len(), s);
@@ -94,7 +124,12 @@ fn c2i_full_and_cached_match_reference() -> Result<()> {
     assert!(e < 1e-4, "cached: {e}");
     // Prefill with a non-empty cache (causal block of 3 after 6).
     cache.truncate(6);
-    let h = m.forward(&x.narrow(1, 6, 3)?, &arange(6, 9)?, &AttnMask::Causal, &mut cache)?;
+    let h = m.forward(
+        &x.narrow(1, 6, 3)?,
+        &arange(6, 9)?,
+        &AttnMask::Causal,
+        &mut cache,
+    )?;
     assert!(rel_err(&m.lm_head(&h)?, &want.narrow(1, 6, 3)?)? < 1e-4);
     Ok(())
 }
@@ -126,7 +161,11 @@ fn cfg_argmax(logits: &Tensor, scale: f64) -> Result<u32> {
 }
 
 /// Greedy CFG decoding with the cache: prefill the condition, then one token per step.
-fn greedy(m: &LlamaGen, cond: &Tensor, mask: impl Fn(usize, usize) -> Result<AttnMask>) -> Result<Vec<u32>> {
+fn greedy(
+    m: &LlamaGen,
+    cond: &Tensor,
+    mask: impl Fn(usize, usize) -> Result<AttnMask>,
+) -> Result<Vec<u32>> {
     let cfg = m.config().clone();
     let n = cfg.cls_token_num;
     let mut cache = m.new_cache(2, m.cache_len(0))?;
@@ -146,7 +185,10 @@ fn greedy(m: &LlamaGen, cond: &Tensor, mask: impl Fn(usize, usize) -> Result<Att
         last = m.lm_head(&m.forward(&x, &arange(p, p + 1)?, &mask(1, p)?, &mut cache)?)?;
     }
     let ms = t0.elapsed().as_secs_f64() * 1e3 / (cfg.block_size - 1) as f64;
-    println!("tiny {:?} CPU: {ms:.2} ms/token (batch 2, CFG)", cfg.model_type);
+    println!(
+        "tiny {:?} CPU: {ms:.2} ms/token (batch 2, CFG)",
+        cfg.model_type
+    );
     Ok(out)
 }
 
@@ -163,7 +205,12 @@ fn c2i_greedy_cfg_matches_reference() -> Result<()> {
 
 fn t2i_models() -> Result<Vec<LlamaGen>> {
     let dev = Device::Cpu;
-    let (a, _) = load_llamagen(&fixtures().join("t2i.pt"), Some(&tiny_t2i()), DType::F32, &dev)?;
+    let (a, _) = load_llamagen(
+        &fixtures().join("t2i.pt"),
+        Some(&tiny_t2i()),
+        DType::F32,
+        &dev,
+    )?;
     let (b, rep) = load_llamagen(&fixtures().join("t2i_hf"), None, DType::F32, &dev)?;
     assert_eq!(rep.format, lantern::load::CheckpointFormat::Safetensors);
     assert_eq!(b.config().n_kv_head, 1);
@@ -187,11 +234,26 @@ fn t2i_both_formats_match_reference_with_padding() -> Result<()> {
         let s = x.dim(1)?;
         let mut cache = m.new_cache(2, 136)?;
         let mask = |q: usize, past: usize| -> Result<AttnMask> {
-            Ok(AttnMask::Custom(caption_mask(valid, q, past, &Device::Cpu)?))
+            Ok(AttnMask::Custom(caption_mask(
+                valid,
+                q,
+                past,
+                &Device::Cpu,
+            )?))
         };
-        let mut hs = vec![m.forward(&x.narrow(1, 0, 120)?, &arange(0, 120)?, &mask(120, 0)?, &mut cache)?];
+        let mut hs = vec![m.forward(
+            &x.narrow(1, 0, 120)?,
+            &arange(0, 120)?,
+            &mask(120, 0)?,
+            &mut cache,
+        )?];
         for p in 120..s {
-            hs.push(m.forward(&x.narrow(1, p, 1)?, &arange(p, p + 1)?, &mask(1, p)?, &mut cache)?);
+            hs.push(m.forward(
+                &x.narrow(1, p, 1)?,
+                &arange(p, p + 1)?,
+                &mask(1, p)?,
+                &mut cache,
+            )?);
         }
         let h = Tensor::cat(&hs, 1)?;
         let e = rel_err(&h, &exp["t2i_hidden"])?;
@@ -199,11 +261,21 @@ fn t2i_both_formats_match_reference_with_padding() -> Result<()> {
         let e = rel_err(&m.lm_head(&h)?, &exp["t2i_logits"])?;
         assert!(e < 1e-4, "logits {e}");
         // Padded caption rows of the conditional half stay exactly zero.
-        let pad = h.i((0, 0..113))?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let pad = h
+            .i((0, 0..113))?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert_eq!(pad, 0.0);
         // A block of image tokens at once over the cached caption.
         cache.truncate(120);
-        let hb = m.forward(&x.narrow(1, 120, 6)?, &arange(120, 126)?, &mask(6, 120)?, &mut cache)?;
+        let hb = m.forward(
+            &x.narrow(1, 120, 6)?,
+            &arange(120, 126)?,
+            &mask(6, 120)?,
+            &mut cache,
+        )?;
         assert!(rel_err(&hb, &exp["t2i_hidden"].narrow(1, 120, 6)?)? < 1e-4);
     }
     Ok(())
@@ -219,7 +291,12 @@ fn t2i_greedy_cfg_matches_reference() -> Result<()> {
         mask: valid.clone(),
     })?;
     let toks = greedy(&m, &cond, |q, past| {
-        Ok(AttnMask::Custom(caption_mask(&valid, q, past, &Device::Cpu)?))
+        Ok(AttnMask::Custom(caption_mask(
+            &valid,
+            q,
+            past,
+            &Device::Cpu,
+        )?))
     })?;
     let want: Vec<u32> = exp["t2i_greedy_cfg4"].to_dtype(DType::U32)?.to_vec1()?;
     assert_eq!(toks, want);
@@ -230,19 +307,40 @@ fn t2i_greedy_cfg_matches_reference() -> Result<()> {
 fn drafter_matches_reference() -> Result<()> {
     let exp = expected()?;
     let dev = Device::Cpu;
-    let target = load_llamagen(&fixtures().join("t2i.pt"), Some(&tiny_t2i()), DType::F32, &dev)?.0;
+    let target = load_llamagen(
+        &fixtures().join("t2i.pt"),
+        Some(&tiny_t2i()),
+        DType::F32,
+        &dev,
+    )?
+    .0;
     let (d, _) = load_drafter(&fixtures().join("drafter"), None, DType::F32, &dev)?;
     d.check_target(target.config())?;
-    let bad = Config { dim: 64, ..tiny_t2i() };
+    let bad = Config {
+        dim: 64,
+        ..tiny_t2i()
+    };
     let err = d.check_target(&bad).unwrap_err().to_string();
     assert!(err.contains("width"), "{err}");
     let ids = u32s(&exp["drafter_ids"])?;
     let n = ids.dim(1)?;
     let feats = exp["t2i_hidden"].narrow(1, 0, n)?;
     let mut cache = d.new_cache(2, 160)?;
-    let mut outs = vec![d.forward(&ids.narrow(1, 0, 120)?, &feats.narrow(1, 0, 120)?, &arange(0, 120)?, &AttnMask::Causal, &mut cache)?];
+    let mut outs = vec![d.forward(
+        &ids.narrow(1, 0, 120)?,
+        &feats.narrow(1, 0, 120)?,
+        &arange(0, 120)?,
+        &AttnMask::Causal,
+        &mut cache,
+    )?];
     for p in 120..n {
-        outs.push(d.forward(&ids.narrow(1, p, 1)?, &feats.narrow(1, p, 1)?, &arange(p, p + 1)?, &AttnMask::Causal, &mut cache)?);
+        outs.push(d.forward(
+            &ids.narrow(1, p, 1)?,
+            &feats.narrow(1, p, 1)?,
+            &arange(p, p + 1)?,
+            &AttnMask::Causal,
+            &mut cache,
+        )?);
     }
     let out = Tensor::cat(&outs, 1)?;
     let e = rel_err(&out, &exp["drafter_out"])?;

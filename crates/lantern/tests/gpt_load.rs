@@ -57,6 +57,7 @@ fn load_err(path: &Path, cfg: Option<&Config>) -> Error {
 
 fn one_line(e: &Error) -> String {
     let s = e.to_string();
+    println!("{s}");
     assert!(!s.contains('\n'), "multi-line error: {s}");
     s
 }
@@ -83,13 +84,27 @@ fn malicious_pickle_is_not_executed() -> Result<()> {
     let _ = std::fs::remove_file(marker);
     let dev = Device::Cpu;
     // A state dict next to an `os.system` call: the call is ignored, the weights load.
-    let (m, rep) = load_llamagen(&fixtures().join("c2i_evil.pt"), Some(&tiny_c2i()), DType::F32, &dev)?;
+    let (m, rep) = load_llamagen(
+        &fixtures().join("c2i_evil.pt"),
+        Some(&tiny_c2i()),
+        DType::F32,
+        &dev,
+    )?;
     assert_eq!(rep.state_key.as_deref(), Some("model"));
-    let good = load_llamagen(&fixtures().join("c2i.pt"), Some(&tiny_c2i()), DType::F32, &dev)?.0;
+    let good = load_llamagen(
+        &fixtures().join("c2i.pt"),
+        Some(&tiny_c2i()),
+        DType::F32,
+        &dev,
+    )?
+    .0;
     assert_eq!(rel_err(&logits(&m)?, &logits(&good)?)?, 0.0);
     // A pickle that is only an `os.system` call: a clean error.
     let e = load_err(&fixtures().join("evil_top.pt"), Some(&tiny_c2i()));
-    assert!(matches!(e, Error::Load { .. }) && one_line(&e).contains("no tensors"), "{e}");
+    assert!(
+        matches!(e, Error::Load { .. }) && one_line(&e).contains("no tensors"),
+        "{e}"
+    );
     assert!(!marker.exists(), "the pickle's os.system call ran");
     Ok(())
 }
@@ -99,7 +114,10 @@ fn truncated_and_missing_files_fail_cleanly() -> Result<()> {
     let d = tmp("trunc");
     let e = load_err(&d.join("nope.pt"), None);
     assert!(one_line(&e).contains("no such file"), "{e}");
-    for (src, name) in [("c2i.pt", "half.pt"), ("t2i_hf/model.safetensors", "half.safetensors")] {
+    for (src, name) in [
+        ("c2i.pt", "half.pt"),
+        ("t2i_hf/model.safetensors", "half.safetensors"),
+    ] {
         let bytes = std::fs::read(fixtures().join(src))?;
         for cut in [bytes.len() / 2, 10, 0] {
             let p = d.join(name);
@@ -117,21 +135,37 @@ fn truncated_and_missing_files_fail_cleanly() -> Result<()> {
 
 #[test]
 fn wrong_shape_names_the_tensor() {
-    let cfg = Config { ffn_hidden: 128, ..tiny_c2i() };
+    let cfg = Config {
+        ffn_hidden: 128,
+        ..tiny_c2i()
+    };
     match load_err(&fixtures().join("c2i.pt"), Some(&cfg)) {
-        Error::Shape { name, expected, actual, .. } => {
+        Error::Shape {
+            name,
+            expected,
+            actual,
+            ..
+        } => {
             assert_eq!(name, "layers.0.feed_forward.w1.weight");
             assert_eq!((expected, actual), (vec![128, 32], vec![64, 32]));
         }
         e => panic!("{e}"),
     }
-    let cfg = Config { model_type: ModelType::T2i, caption_dim: 32, cls_token_num: 120, ..tiny_c2i() };
+    let cfg = Config {
+        model_type: ModelType::T2i,
+        caption_dim: 32,
+        cls_token_num: 120,
+        ..tiny_c2i()
+    };
     let e = load_err(&fixtures().join("c2i.pt"), Some(&cfg));
     assert!(one_line(&e).contains("cap_proj"), "{e}");
 }
 
 fn hf_tensors() -> Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(fixtures().join("t2i_hf/model.safetensors"), &Device::Cpu)?)
+    Ok(candle_core::safetensors::load(
+        fixtures().join("t2i_hf/model.safetensors"),
+        &Device::Cpu,
+    )?)
 }
 
 #[test]
@@ -142,12 +176,24 @@ fn missing_key_and_wrong_kind_fail_cleanly() -> Result<()> {
     candle_core::safetensors::save(&ts, d.join("model.safetensors"))?;
     std::fs::copy(fixtures().join("t2i_hf/config.json"), d.join("config.json"))?;
     let e = load_err(&d, None);
-    assert!(one_line(&e).contains("layers.1.attention.wqkv.weight"), "{e}");
+    assert!(
+        one_line(&e).contains("layers.1.attention.wqkv.weight"),
+        "{e}"
+    );
     // A VQ tokenizer given as a GPT.
-    let vq: HashMap<String, Tensor> = ["quantize.embedding.weight", "encoder.conv_in.weight", "decoder.conv_out.weight"]
-        .iter()
-        .map(|n| (n.to_string(), Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap()))
-        .collect();
+    let vq: HashMap<String, Tensor> = [
+        "quantize.embedding.weight",
+        "encoder.conv_in.weight",
+        "decoder.conv_out.weight",
+    ]
+    .iter()
+    .map(|n| {
+        (
+            n.to_string(),
+            Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap(),
+        )
+    })
+    .collect();
     candle_core::safetensors::save(&vq, d.join("vq.safetensors"))?;
     let e = load_err(&d.join("vq.safetensors"), None);
     assert!(one_line(&e).contains("VQ tokenizer"), "{e}");
@@ -160,16 +206,34 @@ fn missing_key_and_wrong_kind_fail_cleanly() -> Result<()> {
 #[test]
 fn inspect_reports_kind_and_config() -> Result<()> {
     let i = inspect(&fixtures().join("c2i.pt"))?;
-    assert_eq!(i.kind, CheckpointKind::LlamaGen { model_type: ModelType::C2i, hf: false });
+    assert_eq!(
+        i.kind,
+        CheckpointKind::LlamaGen {
+            model_type: ModelType::C2i,
+            hf: false
+        }
+    );
     assert_eq!(i.state_key.as_deref(), Some("model"));
     assert_eq!(i.dtype, Some(DType::F32));
     let c = i.config.clone().unwrap();
-    assert_eq!((c.dim, c.n_layer, c.vocab_size, c.ffn_hidden, c.num_classes), (32, 2, 64, 64, 10));
+    assert_eq!(
+        (c.dim, c.n_layer, c.vocab_size, c.ffn_hidden, c.num_classes),
+        (32, 2, 64, 64, 10)
+    );
     assert_eq!(i.n_params, tiny_c2i().param_count());
     let text = i.to_string();
-    assert!(text.contains("kind: LlamaGen c2i GPT (original names)"), "{text}");
+    assert!(
+        text.contains("kind: LlamaGen c2i GPT (original names)"),
+        "{text}"
+    );
     let h = inspect(&fixtures().join("t2i_hf"))?;
-    assert_eq!(h.kind, CheckpointKind::LlamaGen { model_type: ModelType::T2i, hf: true });
+    assert_eq!(
+        h.kind,
+        CheckpointKind::LlamaGen {
+            model_type: ModelType::T2i,
+            hf: true
+        }
+    );
     assert_eq!(h.config.as_ref().map(|c| c.block_size), Some(16));
     let dr = inspect(&fixtures().join("drafter"))?;
     assert_eq!(dr.kind, CheckpointKind::Drafter);

@@ -80,11 +80,17 @@ pub fn implied_config(r: &LoadReport) -> std::result::Result<Config, String> {
     if let Some(v) = &r.config_json {
         return Config::from_hf_value(v);
     }
-    let shape = |n: &str| r.canonical_shape(n).ok_or_else(|| format!("tensor `{n}` missing"));
+    let shape = |n: &str| {
+        r.canonical_shape(n)
+            .ok_or_else(|| format!("tensor `{n}` missing"))
+    };
     let emb = shape("tok_embeddings.weight")?;
     let (vocab, dim) = (emb[0], emb[1]);
     let n_layer = (0..)
-        .take_while(|i| r.canonical_shape(&format!("layers.{i}.attention_norm.weight")).is_some())
+        .take_while(|i| {
+            r.canonical_shape(&format!("layers.{i}.attention_norm.weight"))
+                .is_some()
+        })
         .count();
     let ffn = shape("layers.0.feed_forward.w1.weight")?[0];
     let n_head = heads_for(dim);
@@ -144,7 +150,11 @@ pub fn inspect(path: &Path) -> Result<CheckpointInfo> {
     };
     Ok(CheckpointInfo {
         n_tensors: r.tensors.len(),
-        n_params: r.tensors.values().map(|(s, _)| s.iter().product::<usize>()).sum(),
+        n_params: r
+            .tensors
+            .values()
+            .map(|(s, _)| s.iter().product::<usize>())
+            .sum(),
         dtype: r.stored_dtype(),
         path: r.path.clone(),
         format: r.format,
@@ -164,7 +174,12 @@ impl fmt::Display for CheckpointInfo {
             writeln!(f, "state dict key: {k}")?;
         }
         writeln!(f, "tensors: {}", self.n_tensors)?;
-        writeln!(f, "parameters: {} ({:.1}M)", self.n_params, self.n_params as f64 / 1e6)?;
+        writeln!(
+            f,
+            "parameters: {} ({:.1}M)",
+            self.n_params,
+            self.n_params as f64 / 1e6
+        )?;
         if let Some(d) = self.dtype {
             writeln!(f, "dtype: {d:?}")?;
         }
@@ -179,7 +194,11 @@ impl fmt::Display for CheckpointInfo {
             writeln!(
                 f,
                 "drafter: hidden {} heads {} ffn {} vocab {} input_type {}",
-                d.hidden_size, d.num_attention_heads, d.intermediate_size, d.vocab_size, d.input_type
+                d.hidden_size,
+                d.num_attention_heads,
+                d.intermediate_size,
+                d.vocab_size,
+                d.input_type
             )?;
         }
         Ok(())

@@ -107,14 +107,19 @@ mod tests {
             "layers.0.feed_forward.w3.weight",
             "layers.12.ffn_norm.weight",
         ] {
-            let Some(Source::Direct(h)) = original_to_hf(n) else { panic!("{n}") };
+            let Some(Source::Direct(h)) = original_to_hf(n) else {
+                panic!("{n}")
+            };
             assert_eq!(hf_to_original(&h).as_deref(), Some(n));
         }
         let Some(Source::Concat(v)) = original_to_hf("layers.1.attention.wqkv.weight") else {
             panic!()
         };
         assert_eq!(v[1], "model.layers.1.self_attn.k_proj.weight");
-        assert_eq!(hf_to_original(&v[2]).as_deref(), Some("layers.1.attention.wqkv.weight"));
+        assert_eq!(
+            hf_to_original(&v[2]).as_deref(),
+            Some("layers.1.attention.wqkv.weight")
+        );
         assert_eq!(original_to_hf("layers.1.foo"), None);
     }
 }

@@ -123,7 +123,9 @@ impl Renamed {
         match &self.store {
             Store::Pth(p) => p
                 .get(&full)?
-                .ok_or_else(|| candle_core::Error::Msg(format!("tensor {name} vanished from the file")))?
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!("tensor {name} vanished from the file"))
+                })?
                 .to_device(dev),
             Store::Safetensors(s) => s.load(&full, dev),
         }
@@ -131,10 +133,17 @@ impl Renamed {
 
     fn fetch(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let t = match keys::resolve(name, |n| self.report.has(n)) {
-            None => return Err(candle_core::Error::CannotFindTensor { path: name.to_string() }),
+            None => {
+                return Err(candle_core::Error::CannotFindTensor {
+                    path: name.to_string(),
+                })
+            }
             Some(Source::Direct(n)) => self.raw(&n, dev)?,
             Some(Source::Concat(v)) => {
-                let parts = v.iter().map(|n| self.raw(n, dev)).collect::<candle_core::Result<Vec<_>>>()?;
+                let parts = v
+                    .iter()
+                    .map(|n| self.raw(n, dev))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&parts, 0)?
             }
         };
@@ -183,15 +192,20 @@ fn weights_file(path: &Path) -> Result<(PathBuf, Option<serde_json::Value>)> {
     }
     let cfg_path = path.join("config.json");
     let config_json = if cfg_path.exists() {
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::load(&cfg_path, e.to_string()))?;
-        Some(
-            serde_json::from_str(&text)
-                .map_err(|e| Error::load(&cfg_path, format!("not valid JSON ({e}); fix config.json")))?,
-        )
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| Error::load(&cfg_path, e.to_string()))?;
+        Some(serde_json::from_str(&text).map_err(|e| {
+            Error::load(&cfg_path, format!("not valid JSON ({e}); fix config.json"))
+        })?)
     } else {
         None
     };
-    for f in ["model.safetensors", "pytorch_model.bin", "model.pt", "consolidated.pth"] {
+    for f in [
+        "model.safetensors",
+        "pytorch_model.bin",
+        "model.pt",
+        "consolidated.pth",
+    ] {
         if path.join(f).is_file() {
             return Ok((path.join(f), config_json));
         }
@@ -219,7 +233,10 @@ fn open_pickle(path: &Path) -> Result<(PthTensors, Option<String>)> {
     let bad = |e: candle_core::Error| {
         Error::load(
             path,
-            format!("unreadable PyTorch checkpoint ({}); the file may be truncated, download it again", one_line(&e)),
+            format!(
+                "unreadable PyTorch checkpoint ({}); the file may be truncated, download it again",
+                one_line(&e)
+            ),
         )
     };
     let top = PthTensors::new(path, None).map_err(bad)?;
@@ -246,20 +263,35 @@ fn one_line(e: &impl std::fmt::Display) -> String {
 /// Opens a checkpoint (`.pt`/`.pth`/`.bin` zip pickle, `.safetensors`, or a folder with
 /// `config.json` + weights) as a [`VarBuilder`] serving canonical names in `dtype` on `device`.
 /// Nothing is loaded until a tensor is requested; nothing in the pickle is executed.
-pub fn open_weights(path: &Path, dtype: DType, device: &Device) -> Result<(VarBuilder<'static>, LoadReport)> {
+pub fn open_weights(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, LoadReport)> {
     let (file, config_json) = weights_file(path)?;
     let is_st = file.extension().is_some_and(|e| e == "safetensors");
     let (store, format, state_key, mut tensors) = if is_st {
         // SAFETY: the file is memory-mapped read-only; it must not change while loaded.
         let st = unsafe { MmapedSafetensors::new(&file) }.map_err(|e| {
-            Error::load(&file, format!("unreadable safetensors ({}); the file may be truncated", one_line(&e)))
+            Error::load(
+                &file,
+                format!(
+                    "unreadable safetensors ({}); the file may be truncated",
+                    one_line(&e)
+                ),
+            )
         })?;
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
             let dt = DType::try_from(view.dtype()).map_err(|e| Error::load(&file, one_line(&e)))?;
             tensors.insert(name, (view.shape().to_vec(), dt));
         }
-        (Store::Safetensors(st), CheckpointFormat::Safetensors, None, tensors)
+        (
+            Store::Safetensors(st),
+            CheckpointFormat::Safetensors,
+            None,
+            tensors,
+        )
     } else {
         let (p, key) = open_pickle(&file)?;
         let tensors = p
@@ -292,7 +324,10 @@ pub fn open_weights(path: &Path, dtype: DType, device: &Device) -> Result<(VarBu
         store,
         report: report.clone(),
     };
-    Ok((VarBuilder::from_backend(Box::new(backend), dtype, device.clone()), report))
+    Ok((
+        VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+        report,
+    ))
 }
 
 /// Opens a LlamaGen checkpoint, checks its kind and every tensor shape against `cfg` (or the
@@ -306,7 +341,10 @@ pub fn load_llamagen(
     let (vb, report) = open_weights(path, dtype, device)?;
     let kind = inspect::classify(&report);
     if !matches!(kind, CheckpointKind::LlamaGen { .. }) {
-        return Err(Error::load(&report.path, format!("this is a {kind} checkpoint, not a LlamaGen GPT; pass the GPT weights")));
+        return Err(Error::load(
+            &report.path,
+            format!("found {kind} weights, not a LlamaGen GPT; pass the GPT checkpoint"),
+        ));
     }
     let cfg = match cfg {
         Some(c) => c.clone(),
@@ -331,13 +369,19 @@ pub fn load_drafter(
         (Some(c), _) => c.clone(),
         (None, Some(v)) => DrafterConfig::from_hf_value(v).map_err(|m| Error::load(path, m))?,
         (None, None) => {
-            return Err(Error::load(path, "no config.json beside the drafter weights; pass the drafter folder"))
+            return Err(Error::load(
+                path,
+                "no config.json beside the drafter weights; pass the drafter folder",
+            ))
         }
     };
     if !matches!(inspect::classify(&report), CheckpointKind::Drafter) {
         return Err(Error::load(
             &report.path,
-            format!("this is a {} checkpoint, not an EAGLE drafter; pass the drafter folder", inspect::classify(&report)),
+            format!(
+                "found {} weights, not an EAGLE drafter; pass the drafter folder",
+                inspect::classify(&report)
+            ),
         ));
     }
     report.check_shapes(&cfg.expected_tensors(), "drafter")?;

@@ -7,7 +7,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::llamagen::attention::{AttnMask, Attention};
+use super::llamagen::attention::{Attention, AttnMask};
 use super::llamagen::rope::Rope;
 use super::llamagen::{Config, FeedForward, RmsNorm};
 use crate::cache::KvCache;
@@ -62,11 +62,17 @@ impl DrafterConfig {
                 .ok_or_else(|| format!("drafter config.json lacks integer field `{k}`"))
         };
         let heads = u("num_attention_heads")?;
-        let input_type = v.get("input_type").and_then(|x| x.as_str()).unwrap_or("t2i").to_string();
+        let input_type = v
+            .get("input_type")
+            .and_then(|x| x.as_str())
+            .unwrap_or("t2i")
+            .to_string();
         let (cls, block) = Self::for_input_type(&input_type)?;
         let uo = |k: &str, d: usize| v.get(k).and_then(|x| x.as_u64()).map_or(d, |x| x as usize);
         if uo("num_hidden_layers", 1) != 1 {
-            return Err("only one-layer drafters are supported (num_hidden_layers must be 1)".into());
+            return Err(
+                "only one-layer drafters are supported (num_hidden_layers must be 1)".into(),
+            );
         }
         Ok(Self {
             hidden_size: u("hidden_size")?,
@@ -74,11 +80,17 @@ impl DrafterConfig {
             num_attention_heads: heads,
             num_key_value_heads: uo("num_key_value_heads", heads),
             vocab_size: u("vocab_size")?,
-            rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(1e-6),
             cls_token_num: uo("cls_token_num", cls),
             block_size: uo("block_size", block),
             input_type,
-            rope_base: v.get("rope_base").and_then(|x| x.as_f64()).unwrap_or(10000.0) as f32,
+            rope_base: v
+                .get("rope_base")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(10000.0) as f32,
             extra_rope_rows: uo("extra_rope_rows", 20),
         })
     }
@@ -96,10 +108,16 @@ impl DrafterConfig {
             ("embed_tokens.weight", vec![self.vocab_size, d]),
             ("fc.weight", vec![d, 2 * d]),
             ("fc.bias", vec![d]),
-            ("layers.0.self_attn.q_proj.weight", vec![self.num_attention_heads * hd, d]),
+            (
+                "layers.0.self_attn.q_proj.weight",
+                vec![self.num_attention_heads * hd, d],
+            ),
             ("layers.0.self_attn.k_proj.weight", vec![kv, d]),
             ("layers.0.self_attn.v_proj.weight", vec![kv, d]),
-            ("layers.0.self_attn.o_proj.weight", vec![d, self.num_attention_heads * hd]),
+            (
+                "layers.0.self_attn.o_proj.weight",
+                vec![d, self.num_attention_heads * hd],
+            ),
             ("layers.0.mlp.gate_proj.weight", vec![f, d]),
             ("layers.0.mlp.up_proj.weight", vec![f, d]),
             ("layers.0.mlp.down_proj.weight", vec![d, f]),
@@ -135,8 +153,12 @@ impl Drafter {
         );
         let hd = cfg.head_dim();
         let grid = (cfg.block_size as f64).sqrt().round() as usize;
-        if h == 0 || d % h != 0 || hd % 4 != 0 || grid * grid != cfg.block_size {
-            candle_core::bail!("invalid drafter config: hidden {d}, heads {h}, block {}", cfg.block_size);
+        if h == 0 || !d.is_multiple_of(h) || !hd.is_multiple_of(4) || grid * grid != cfg.block_size
+        {
+            candle_core::bail!(
+                "invalid drafter config: hidden {d}, heads {h}, block {}",
+                cfg.block_size
+            );
         }
         let l = vb.pp("layers").pp(0);
         let a = l.pp("self_attn");
@@ -156,8 +178,19 @@ impl Drafter {
             fc: linear(2 * d, d, vb.pp("fc"))?,
             attn: Attention::from_parts(wqkv, wo, h, kvh, hd),
             mlp,
-            post_attention_layernorm: RmsNorm::load(l.pp("post_attention_layernorm"), d, cfg.rms_norm_eps)?,
-            rope: Rope::new(hd, grid, cfg.rope_base, cfg.cls_token_num, cfg.extra_rope_rows, vb.device())?,
+            post_attention_layernorm: RmsNorm::load(
+                l.pp("post_attention_layernorm"),
+                d,
+                cfg.rms_norm_eps,
+            )?,
+            rope: Rope::new(
+                hd,
+                grid,
+                cfg.rope_base,
+                cfg.cls_token_num,
+                cfg.extra_rope_rows,
+                vb.device(),
+            )?,
             dtype: vb.dtype(),
             cfg: cfg.clone(),
         })
@@ -171,7 +204,15 @@ impl Drafter {
     /// A one-layer cache for `batch` sequences.
     pub fn new_cache(&self, batch: usize, max_len: usize) -> Result<KvCache> {
         let dev = self.embed_tokens.embeddings().device();
-        KvCache::new(1, batch, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim(), self.dtype, dev)
+        KvCache::new(
+            1,
+            batch,
+            self.cfg.num_key_value_heads,
+            max_len,
+            self.cfg.head_dim(),
+            self.dtype,
+            dev,
+        )
     }
 
     /// Checks that the drafter fits a target model.
@@ -214,12 +255,18 @@ impl Drafter {
     ) -> Result<Tensor> {
         let (b, s, _) = features.dims3()?;
         let feats = features.to_dtype(self.dtype)?;
-        let e = self.embed_tokens.forward(&ids.to_dtype(DType::U32)?)?.to_dtype(self.dtype)?;
+        let e = self
+            .embed_tokens
+            .forward(&ids.to_dtype(DType::U32)?)?
+            .to_dtype(self.dtype)?;
         let x = self.fc.forward(&Tensor::cat(&[e, feats], D::Minus1)?)?;
         let rows = self.rope.select(positions, b, s)?;
         let a = self.attn.forward(&x, &rows, mask, 0, Some(&mut *cache))?;
         let x = (x + a)?;
-        let out = (&x + self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?)?;
+        let out = (&x
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&x)?)?)?;
         cache.advance(s);
         Ok(out)
     }

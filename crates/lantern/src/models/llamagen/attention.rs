@@ -24,7 +24,15 @@ pub enum AttnMask {
 pub fn causal_mask(s: usize, past: usize, device: &Device) -> Result<Tensor> {
     let t = past + s;
     let data: Vec<f32> = (0..s)
-        .flat_map(|i| (0..t).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(data, (s, t), device)
 }
@@ -41,7 +49,13 @@ pub fn key_padding_mask(valid: &Tensor, total: usize) -> Result<Tensor> {
     let v = valid.to_dtype(DType::F32)?;
     let pad = ((v.ones_like()? - v)? * PAD_NEG as f64)?;
     let pad = if total > n {
-        Tensor::cat(&[pad, Tensor::zeros((b, total - n), DType::F32, valid.device())?], 1)?
+        Tensor::cat(
+            &[
+                pad,
+                Tensor::zeros((b, total - n), DType::F32, valid.device())?,
+            ],
+            1,
+        )?
     } else {
         pad
     };
@@ -75,7 +89,13 @@ impl Attention {
     }
 
     /// Builds the block from already loaded projections.
-    pub fn from_parts(wqkv: Linear, wo: Linear, n_head: usize, n_kv_head: usize, head_dim: usize) -> Self {
+    pub fn from_parts(
+        wqkv: Linear,
+        wo: Linear,
+        n_head: usize,
+        n_kv_head: usize,
+        head_dim: usize,
+    ) -> Self {
         Self {
             wqkv,
             wo,
@@ -100,8 +120,12 @@ impl Attention {
         let (h, kvh, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let qkv = self.wqkv.forward(x)?;
         let q = qkv.narrow(D::Minus1, 0, h * hd)?.reshape((b, s, h, hd))?;
-        let k = qkv.narrow(D::Minus1, h * hd, kvh * hd)?.reshape((b, s, kvh, hd))?;
-        let v = qkv.narrow(D::Minus1, (h + kvh) * hd, kvh * hd)?.reshape((b, s, kvh, hd))?;
+        let k = qkv
+            .narrow(D::Minus1, h * hd, kvh * hd)?
+            .reshape((b, s, kvh, hd))?;
+        let v = qkv
+            .narrow(D::Minus1, (h + kvh) * hd, kvh * hd)?
+            .reshape((b, s, kvh, hd))?;
         let q = rope.apply(&q)?.transpose(1, 2)?.contiguous()?;
         let k = rope.apply(&k)?.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
@@ -158,7 +182,10 @@ mod tests {
         assert!(m[0][2].is_infinite());
         assert_eq!(m[1], vec![0.0, 0.0, 0.0]);
         let valid = Tensor::new(&[[0u8, 1, 1]], &dev)?;
-        let cm = caption_mask(&valid, 3, 0, &dev)?.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
+        let cm = caption_mask(&valid, 3, 0, &dev)?
+            .squeeze(0)?
+            .squeeze(0)?
+            .to_vec2::<f32>()?;
         assert_eq!(cm[0][0], PAD_NEG);
         assert!(cm[0][1].is_infinite());
         assert_eq!(cm[2], vec![PAD_NEG, 0.0, 0.0]);

@@ -12,7 +12,10 @@ pub const CAPTION_LEN: usize = 120;
 #[derive(Clone, Debug)]
 pub enum CondEmbedder {
     /// `embedding_table` `[num_classes + 1, dim]`.
-    Class { table: Embedding, num_classes: usize },
+    Class {
+        table: Embedding,
+        num_classes: usize,
+    },
     /// `cap_proj.fc1` `[dim, caption_dim]`, `cap_proj.fc2` `[dim, dim]`, `uncond_embedding`
     /// `[120, caption_dim]`.
     Caption {
@@ -53,7 +56,9 @@ impl CondEmbedder {
                 let t = Tensor::new(ids, table.embeddings().device())?;
                 table.forward(&t)?.unsqueeze(1)
             }
-            Self::Caption { .. } => candle_core::bail!("a t2i model needs caption features, not class ids"),
+            Self::Caption { .. } => {
+                candle_core::bail!("a t2i model needs caption features, not class ids")
+            }
         }
     }
 
@@ -64,7 +69,9 @@ impl CondEmbedder {
                 let x = features.to_dtype(fc1.weight().dtype())?;
                 fc2.forward(&fc1.forward(&x)?.gelu()?)
             }
-            Self::Class { .. } => candle_core::bail!("a c2i model needs class ids, not caption features"),
+            Self::Class { .. } => {
+                candle_core::bail!("a c2i model needs class ids, not caption features")
+            }
         }
     }
 

@@ -140,16 +140,19 @@ impl Config {
         if self.dim == 0 || self.n_head == 0 || self.n_kv_head == 0 || self.n_layer == 0 {
             return bad("dim, n_layer, n_head and n_kv_head must be positive".into());
         }
-        if self.dim % self.n_head != 0 {
-            return bad(format!("dim {} is not a multiple of n_head {}", self.dim, self.n_head));
+        if !self.dim.is_multiple_of(self.n_head) {
+            return bad(format!(
+                "dim {} is not a multiple of n_head {}",
+                self.dim, self.n_head
+            ));
         }
-        if self.n_head % self.n_kv_head != 0 {
+        if !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad(format!(
                 "n_head {} is not a multiple of n_kv_head {}",
                 self.n_head, self.n_kv_head
             ));
         }
-        if self.head_dim() % 2 != 0 || (self.head_dim() / 2) % 2 != 0 {
+        if !self.head_dim().is_multiple_of(4) {
             return bad(format!(
                 "head_dim {} must be a multiple of 4 for 2D RoPE",
                 self.head_dim()
@@ -163,7 +166,10 @@ impl Config {
             ));
         }
         if self.model_type == ModelType::T2i && self.cls_token_num > 120 {
-            return bad(format!("t2i cls_token_num {} exceeds 120", self.cls_token_num));
+            return bad(format!(
+                "t2i cls_token_num {} exceeds 120",
+                self.cls_token_num
+            ));
         }
         if self.model_type == ModelType::C2i && self.cls_token_num == 0 {
             return bad("c2i cls_token_num must be at least 1".into());
@@ -176,8 +182,12 @@ impl Config {
     pub fn from_hf_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::load(path, format!("{e}; pass the model's config.json")))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::load(path, format!("not valid JSON ({e}); fix or re-export config.json")))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            Error::load(
+                path,
+                format!("not valid JSON ({e}); fix or re-export config.json"),
+            )
+        })?;
         Self::from_hf_value(&v).map_err(|msg| Error::load(path, msg))
     }
 
@@ -195,7 +205,10 @@ impl Config {
         let uo = |k: &str, d: usize| v.get(k).and_then(|x| x.as_u64()).map_or(d, |x| x as usize);
         let dim = u("hidden_size")?;
         let n_head = u("num_attention_heads")?;
-        let input_type = v.get("input_type").and_then(|x| x.as_str()).unwrap_or("t2i");
+        let input_type = v
+            .get("input_type")
+            .and_then(|x| x.as_str())
+            .unwrap_or("t2i");
         let model_type = if input_type.starts_with("c2i") {
             ModelType::C2i
         } else {
@@ -208,8 +221,14 @@ impl Config {
             n_kv_head: uo("num_key_value_heads", n_head),
             vocab_size: u("vocab_size")?,
             ffn_hidden: uo("intermediate_size", default_ffn_hidden(dim)),
-            rope_base: v.get("rope_base").and_then(|x| x.as_f64()).unwrap_or(10000.0) as f32,
-            norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5),
+            rope_base: v
+                .get("rope_base")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(10000.0) as f32,
+            norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(1e-5),
             model_type,
             num_classes: uo("num_classes", 1000),
             caption_dim: uo("caption_dim", 2048),

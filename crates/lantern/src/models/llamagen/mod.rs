@@ -49,7 +49,9 @@ impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let xf = x.to_dtype(DType::F32)?;
         let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xf.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(x.dtype())?;
+        let y = xf
+            .broadcast_div(&(ms + self.eps)?.sqrt()?)?
+            .to_dtype(x.dtype())?;
         y.broadcast_mul(&self.weight)
     }
 }
@@ -96,7 +98,12 @@ struct Block {
 impl Block {
     fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         Ok(Self {
-            attention: attention::Attention::load(vb.pp("attention"), cfg.dim, cfg.n_head, cfg.n_kv_head)?,
+            attention: attention::Attention::load(
+                vb.pp("attention"),
+                cfg.dim,
+                cfg.n_head,
+                cfg.n_kv_head,
+            )?,
             feed_forward: FeedForward::load(vb.pp("feed_forward"), cfg.dim, cfg.ffn_hidden)?,
             attention_norm: RmsNorm::load(vb.pp("attention_norm"), cfg.dim, cfg.norm_eps)?,
             ffn_norm: RmsNorm::load(vb.pp("ffn_norm"), cfg.dim, cfg.norm_eps)?,
@@ -156,11 +163,20 @@ impl LlamaGen {
             ("output.weight".to_string(), vec![cfg.vocab_size, d]),
         ];
         match cfg.model_type {
-            ModelType::C2i => v.push(("cls_embedding.embedding_table.weight".into(), vec![cfg.class_rows(), d])),
+            ModelType::C2i => v.push((
+                "cls_embedding.embedding_table.weight".into(),
+                vec![cfg.class_rows(), d],
+            )),
             ModelType::T2i => {
-                v.push(("cls_embedding.cap_proj.fc1.weight".into(), vec![d, cfg.caption_dim]));
+                v.push((
+                    "cls_embedding.cap_proj.fc1.weight".into(),
+                    vec![d, cfg.caption_dim],
+                ));
                 v.push(("cls_embedding.cap_proj.fc2.weight".into(), vec![d, d]));
-                v.push(("cls_embedding.uncond_embedding".into(), vec![CAPTION_LEN, cfg.caption_dim]));
+                v.push((
+                    "cls_embedding.uncond_embedding".into(),
+                    vec![CAPTION_LEN, cfg.caption_dim],
+                ));
             }
         }
         for i in 0..cfg.n_layer {

@@ -84,7 +84,10 @@ impl Rope {
         let (cos, sin) = match pos.rank() {
             1 => {
                 if pos.dim(0)? != s {
-                    candle_core::bail!("positions {:?} do not match sequence length {s}", pos.dims());
+                    candle_core::bail!(
+                        "positions {:?} do not match sequence length {s}",
+                        pos.dims()
+                    );
                 }
                 let c = self.cos.index_select(&pos, 0)?.reshape((1, s, 1, pairs))?;
                 let sn = self.sin.index_select(&pos, 0)?.reshape((1, s, 1, pairs))?;
@@ -92,7 +95,10 @@ impl Rope {
             }
             2 => {
                 if pos.dims() != [b, s] {
-                    candle_core::bail!("positions {:?} do not match [b, s] = [{b}, {s}]", pos.dims());
+                    candle_core::bail!(
+                        "positions {:?} do not match [b, s] = [{b}, {s}]",
+                        pos.dims()
+                    );
                 }
                 let flat = pos.flatten_all()?;
                 let c = self.cos.index_select(&flat, 0)?.reshape((b, s, 1, pairs))?;
@@ -162,9 +168,16 @@ mod tests {
         let rope = Rope::new(4, 2, 10000.0, 1, 0, &dev)?;
         let x = Tensor::new(&[1f32, 2., 3., 4.], &dev)?.reshape((1, 1, 1, 4))?;
         let zero = rope.apply(&x, &Tensor::new(&[0u32], &dev)?)?;
-        assert!(zero.flatten_all()?.to_vec1::<f32>()?.iter().all(|&v| v == 0.0));
+        assert!(zero
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|&v| v == 0.0));
         // position 3 = cell (1, 0): pair 0 rotated by angle 1, pair 1 unrotated.
-        let y = rope.apply(&x, &Tensor::new(&[3u32], &dev)?)?.flatten_all()?.to_vec1::<f32>()?;
+        let y = rope
+            .apply(&x, &Tensor::new(&[3u32], &dev)?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let (c, s) = (1f32.cos(), 1f32.sin());
         assert!((y[0] - (c - 2. * s)).abs() < 1e-6 && (y[1] - (2. * c + s)).abs() < 1e-6);
         assert_eq!(&y[2..], &[3., 4.]);
