@@ -92,7 +92,11 @@ impl KvCache {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx = Tensor::from_vec(idx, rows.len(), &dev)?;
         for t in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let block = t.narrow(2, start, max_row + 1)?.index_select(&idx, 2)?;
+            // Copy only the block (index_select needs a contiguous source).
+            let block = t
+                .narrow(2, start, max_row + 1)?
+                .contiguous()?
+                .index_select(&idx, 2)?;
             t.slice_set(&block, 2, start)?;
         }
         self.len = start + rows.len();

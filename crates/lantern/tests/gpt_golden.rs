@@ -349,3 +349,45 @@ fn drafter_matches_reference() -> Result<()> {
     assert!(e < 1e-4, "drafter logits {e}");
     Ok(())
 }
+
+#[test]
+fn tree_block_with_custom_mask_and_keep_matches_sequential() -> Result<()> {
+    let exp = expected()?;
+    let m = load_c2i(DType::F32)?;
+    let x = c2i_inputs(&m, &exp)?.i(0..1)?;
+    let embed = |t: u32| m.embed_tokens(&Tensor::new(&[[t]], &Device::Cpu).unwrap());
+    // Sequential reference: prefix (6 positions), then b, c, d.
+    let mut seq = m.new_cache(1, 16)?;
+    m.forward(&x.narrow(1, 0, 6)?, &arange(0, 6)?, &AttnMask::Causal, &mut seq)?;
+    let hb = m.forward(&embed(9)?, &arange(6, 7)?, &AttnMask::Causal, &mut seq)?;
+    let hc = m.forward(&embed(40)?, &arange(7, 8)?, &AttnMask::Causal, &mut seq)?;
+    let hd = m.forward(&embed(2)?, &arange(8, 9)?, &AttnMask::Causal, &mut seq)?;
+    // Tree: a and b siblings at position 6, c child of b at position 7.
+    let mut tree = m.new_cache(1, 16)?;
+    m.forward(&x.narrow(1, 0, 6)?, &arange(0, 6)?, &AttnMask::Causal, &mut tree)?;
+    let block = Tensor::cat(&[embed(30)?, embed(9)?, embed(40)?], 1)?;
+    let ninf = f32::NEG_INFINITY;
+    let mut rows = vec![];
+    for allowed in [[true, false, false], [false, true, false], [false, true, true]] {
+        rows.extend([0f32; 6]);
+        rows.extend(allowed.iter().map(|&a| if a { 0.0 } else { ninf }));
+    }
+    let mask = AttnMask::Custom(Tensor::from_vec(rows, (3, 9), &Device::Cpu)?);
+    let pos = Tensor::new(&[6u32, 6, 7], &Device::Cpu)?;
+    let h = m.forward(&block, &pos, &mask, &mut tree)?;
+    assert!(rel_err(&h.i((.., 1..2))?, &hb)? < 1e-5);
+    assert!(rel_err(&h.i((.., 2..3))?, &hc)? < 1e-5);
+    // Keep the accepted path b, c; the next token then sees exactly the sequential cache.
+    tree.keep(6, &[1, 2])?;
+    assert_eq!(tree.len(), 8);
+    let h2 = m.forward(&embed(2)?, &arange(8, 9)?, &AttnMask::Causal, &mut tree)?;
+    assert!(rel_err(&h2, &hd)? < 1e-5);
+    // Without compaction the result differs (the test can fail).
+    let mut raw = m.new_cache(1, 16)?;
+    m.forward(&x.narrow(1, 0, 6)?, &arange(0, 6)?, &AttnMask::Causal, &mut raw)?;
+    m.forward(&block, &pos, &mask, &mut raw)?;
+    raw.truncate(8);
+    let bad = m.forward(&embed(2)?, &arange(8, 9)?, &AttnMask::Causal, &mut raw)?;
+    assert!(rel_err(&bad, &hd)? > 1e-3);
+    Ok(())
+}
