@@ -358,17 +358,31 @@ fn tree_block_with_custom_mask_and_keep_matches_sequential() -> Result<()> {
     let embed = |t: u32| m.embed_tokens(&Tensor::new(&[[t]], &Device::Cpu).unwrap());
     // Sequential reference: prefix (6 positions), then b, c, d.
     let mut seq = m.new_cache(1, 16)?;
-    m.forward(&x.narrow(1, 0, 6)?, &arange(0, 6)?, &AttnMask::Causal, &mut seq)?;
+    m.forward(
+        &x.narrow(1, 0, 6)?,
+        &arange(0, 6)?,
+        &AttnMask::Causal,
+        &mut seq,
+    )?;
     let hb = m.forward(&embed(9)?, &arange(6, 7)?, &AttnMask::Causal, &mut seq)?;
     let hc = m.forward(&embed(40)?, &arange(7, 8)?, &AttnMask::Causal, &mut seq)?;
     let hd = m.forward(&embed(2)?, &arange(8, 9)?, &AttnMask::Causal, &mut seq)?;
     // Tree: a and b siblings at position 6, c child of b at position 7.
     let mut tree = m.new_cache(1, 16)?;
-    m.forward(&x.narrow(1, 0, 6)?, &arange(0, 6)?, &AttnMask::Causal, &mut tree)?;
+    m.forward(
+        &x.narrow(1, 0, 6)?,
+        &arange(0, 6)?,
+        &AttnMask::Causal,
+        &mut tree,
+    )?;
     let block = Tensor::cat(&[embed(30)?, embed(9)?, embed(40)?], 1)?;
     let ninf = f32::NEG_INFINITY;
     let mut rows = vec![];
-    for allowed in [[true, false, false], [false, true, false], [false, true, true]] {
+    for allowed in [
+        [true, false, false],
+        [false, true, false],
+        [false, true, true],
+    ] {
         rows.extend([0f32; 6]);
         rows.extend(allowed.iter().map(|&a| if a { 0.0 } else { ninf }));
     }
@@ -384,10 +398,52 @@ fn tree_block_with_custom_mask_and_keep_matches_sequential() -> Result<()> {
     assert!(rel_err(&h2, &hd)? < 1e-5);
     // Without compaction the result differs (the test can fail).
     let mut raw = m.new_cache(1, 16)?;
-    m.forward(&x.narrow(1, 0, 6)?, &arange(0, 6)?, &AttnMask::Causal, &mut raw)?;
+    m.forward(
+        &x.narrow(1, 0, 6)?,
+        &arange(0, 6)?,
+        &AttnMask::Causal,
+        &mut raw,
+    )?;
     m.forward(&block, &pos, &mask, &mut raw)?;
     raw.truncate(8);
     let bad = m.forward(&embed(2)?, &arange(8, 9)?, &AttnMask::Causal, &mut raw)?;
     assert!(rel_err(&bad, &hd)? > 1e-3);
+    Ok(())
+}
+
+#[test]
+fn varmap_init_is_trainable() -> Result<()> {
+    // The same `load` builds fresh trainable weights: norms start at 1, projections non-zero.
+    let dev = Device::Cpu;
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let d = lantern::models::drafter::DrafterConfig::from_hf_value(&serde_json::json!({
+        "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+        "vocab_size": 64, "input_type": "t2i", "block_size": 16
+    }))
+    .map_err(anyhow::Error::msg)?;
+    lantern::models::drafter::Drafter::load(vb.clone(), &d)?;
+    let m = LlamaGen::load(vb.pp("target"), &tiny_t2i())?;
+    let data = vm.data().lock().unwrap();
+    let norm = data["target.norm.weight"].as_tensor().to_vec1::<f32>()?;
+    assert!(norm.iter().all(|&v| v == 1.0));
+    for n in [
+        "layers.0.self_attn.q_proj.weight",
+        "fc.bias",
+        "target.cls_embedding.uncond_embedding",
+    ] {
+        let t = data[n].as_tensor().abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert!(t > 0.0, "{n} is zero");
+    }
+    drop(data);
+    let (_, logits) = m.forward_train(
+        &m.embed_condition(&Condition::Captions {
+            features: m.uncond_caption(1)?,
+            mask: Tensor::ones((1, 120), DType::F32, &dev)?,
+        })?,
+        &Tensor::new(&[[1u32, 2, 3]], &dev)?,
+        None,
+    )?;
+    assert_eq!(logits.dims(), &[1, 123, 64]);
     Ok(())
 }

@@ -39,7 +39,7 @@ impl RmsNorm {
     /// Loads `weight` `[dim]` under `vb`.
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: vb.get(dim, "weight")?,
+            weight: vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?,
             eps,
         })
     }
