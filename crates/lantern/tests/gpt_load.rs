@@ -221,6 +221,9 @@ fn inspect_reports_kind_and_config() -> Result<()> {
         (32, 2, 64, 64, 10)
     );
     assert_eq!(i.n_params, tiny_c2i().param_count());
+    // block_size from the stored training args (image_size 64 / 16 = 4x4 grid).
+    assert_eq!(i.args.get("image_size"), Some(&serde_json::json!(64)));
+    assert_eq!(c.block_size, 16);
     let text = i.to_string();
     assert!(
         text.contains("kind: LlamaGen c2i GPT (original names)"),

@@ -74,8 +74,9 @@ fn heads_for(dim: usize) -> usize {
     }
 }
 
-/// The LlamaGen config implied by `config.json` or, failing that, by the tensor shapes
-/// (block_size 256 and the published head counts are assumed then).
+/// The LlamaGen config implied by `config.json` or, failing that, by the tensor shapes and the
+/// stored training args (`image_size`, `downsample_size`, `cls_token_num`); without args
+/// block_size 256 is assumed. Head counts follow the published sizes (head_dim 64 otherwise).
 pub fn implied_config(r: &LoadReport) -> std::result::Result<Config, String> {
     if let Some(v) = &r.config_json {
         return Config::from_hf_value(v);
@@ -117,6 +118,14 @@ pub fn implied_config(r: &LoadReport) -> std::result::Result<Config, String> {
     } else {
         return Err("no class or caption embedder found".into());
     }
+    let arg = |k: &str| r.args.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+    if let Some(size) = arg("image_size") {
+        let side = size / arg("downsample_size").unwrap_or(16).max(1);
+        cfg.block_size = side * side;
+    }
+    if let Some(n) = arg("cls_token_num") {
+        cfg.cls_token_num = n;
+    }
     Ok(cfg)
 }
 
@@ -134,6 +143,8 @@ pub struct CheckpointInfo {
     pub config: Option<Config>,
     /// Drafter config from `config.json` (drafters).
     pub drafter: Option<DrafterConfig>,
+    /// Scalar training args stored in the checkpoint.
+    pub args: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// Reads a checkpoint's metadata (no tensor data is loaded).
@@ -159,6 +170,7 @@ pub fn inspect(path: &Path) -> Result<CheckpointInfo> {
         path: r.path.clone(),
         format: r.format,
         state_key: r.state_key.clone(),
+        args: r.args.clone(),
         kind,
         config,
         drafter,
@@ -183,10 +195,14 @@ impl fmt::Display for CheckpointInfo {
         if let Some(d) = self.dtype {
             writeln!(f, "dtype: {d:?}")?;
         }
+        if !self.args.is_empty() {
+            let a: Vec<String> = self.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            writeln!(f, "training args: {}", a.join(" "))?;
+        }
         if let Some(c) = &self.config {
             writeln!(
                 f,
-                "config: dim {} layers {} heads {} kv_heads {} ffn {} vocab {} cls_token_num {} block_size {} (assumed unless config.json)",
+                "config: dim {} layers {} heads {} kv_heads {} ffn {} vocab {} cls_token_num {} block_size {} (block_size from config.json or training args, else assumed)",
                 c.dim, c.n_layer, c.n_head, c.n_kv_head, c.ffn_hidden, c.vocab_size, c.cls_token_num, c.block_size
             )?;
         }

@@ -1,6 +1,7 @@
 //! Checkpoint readers: PyTorch zip pickles (`.pt`/`.pth`/`.bin`, read with candle's
 //! non-executing pickle parser), safetensors (mmap) and HF-style folders, all exposed as a
 //! [`VarBuilder`] under the canonical (original LlamaGen) names, plus a [`LoadReport`].
+pub mod args;
 pub mod inspect;
 pub mod keys;
 
@@ -43,6 +44,8 @@ pub struct LoadReport {
     pub stripped_prefix: Option<String>,
     /// `config.json` next to the weights, if any.
     pub config_json: Option<serde_json::Value>,
+    /// Scalar training arguments stored in a LlamaGen `.pt` (`image_size`, `gpt_model`, ...).
+    pub args: BTreeMap<String, serde_json::Value>,
 }
 
 impl LoadReport {
@@ -312,7 +315,12 @@ pub fn open_weights(
             break;
         }
     }
+    let args = match format {
+        CheckpointFormat::TorchPickle => args::read_checkpoint_args(&file),
+        CheckpointFormat::Safetensors => BTreeMap::new(),
+    };
     let report = LoadReport {
+        args,
         path: file,
         format,
         state_key,
