@@ -18,8 +18,6 @@ fn read(path: &Path) -> Option<BTreeMap<String, serde_json::Value>> {
     let mut head = [0u8; 30];
     f.read_exact(&mut head).ok()?;
     let u16_at = |i: usize| u16::from_le_bytes([head[i], head[i + 1]]) as usize;
-    let u32_at =
-        |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]) as usize;
     // Local file header of the first entry, stored (method 0). torch.save sets the sizes in a
     // trailing data descriptor, so read the pickle until its STOP opcode instead.
     if head[..4] != *b"PK\x03\x04" || u16_at(8) != 0 {
