@@ -175,6 +175,24 @@ mod tests {
     }
 
     #[test]
+    fn keep_with_batch_and_heads() -> Result<()> {
+        // Strided (non-contiguous) views: b = 2, 3 heads.
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(1, 2, 3, 8, 2, DType::F32, &dev)?;
+        let t = Tensor::arange(0f32, 2. * 3. * 5. * 2., &dev)?.reshape((2, 3, 5, 2))?;
+        c.append(0, &t, &t)?;
+        c.advance(5);
+        c.keep(1, &[3, 1])?;
+        assert_eq!(c.len(), 3);
+        let got = c.k[0].narrow(2, 0, 3)?;
+        let idx = Tensor::new(&[0u32, 4, 2], &dev)?;
+        let want = t.index_select(&idx, 2)?;
+        let diff = (got - want)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
+    }
+
+    #[test]
     fn overflow_is_an_error() -> Result<()> {
         let mut c = filled(6)?;
         let t = Tensor::zeros((1, 1, 3, 2), DType::F32, &Device::Cpu)?;
