@@ -92,7 +92,11 @@ impl KvCache {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx = Tensor::from_vec(idx, rows.len(), &dev)?;
         for t in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let block = t.narrow(2, start, max_row + 1)?.index_select(&idx, 2)?;
+            // Copy only the block (index_select needs a contiguous source).
+            let block = t
+                .narrow(2, start, max_row + 1)?
+                .contiguous()?
+                .index_select(&idx, 2)?;
             t.slice_set(&block, 2, start)?;
         }
         self.len = start + rows.len();
@@ -167,6 +171,24 @@ mod tests {
         assert!(c.keep(2, &[5]).is_err());
         c.truncate(1);
         assert_eq!(c.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn keep_with_batch_and_heads() -> Result<()> {
+        // Strided (non-contiguous) views: b = 2, 3 heads.
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(1, 2, 3, 8, 2, DType::F32, &dev)?;
+        let t = Tensor::arange(0f32, 2. * 3. * 5. * 2., &dev)?.reshape((2, 3, 5, 2))?;
+        c.append(0, &t, &t)?;
+        c.advance(5);
+        c.keep(1, &[3, 1])?;
+        assert_eq!(c.len(), 3);
+        let got = c.k[0].narrow(2, 0, 3)?;
+        let idx = Tensor::new(&[0u32, 4, 2], &dev)?;
+        let want = t.index_select(&idx, 2)?;
+        let diff = (got - want)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
         Ok(())
     }
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::llamagen::attention::{Attention, AttnMask};
@@ -129,6 +129,23 @@ impl DrafterConfig {
     }
 }
 
+/// PyTorch's default `nn.Linear` init, `U(-1/sqrt(in), 1/sqrt(in))` (used when training
+/// from a `VarMap`; ignored when loading a checkpoint).
+fn torch_init(fan_in: usize) -> Init {
+    let b = 1.0 / (fan_in as f64).sqrt();
+    Init::Uniform { lo: -b, up: b }
+}
+
+fn torch_linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let w = vb.get_with_hints((o, i), "weight", torch_init(i))?;
+    let b = if bias {
+        Some(vb.get_with_hints(o, "bias", torch_init(i))?)
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
 /// The one-layer EAGLE drafter.
 #[derive(Clone, Debug)]
 pub struct Drafter {
@@ -153,7 +170,8 @@ impl Drafter {
         );
         let hd = cfg.head_dim();
         let grid = (cfg.block_size as f64).sqrt().round() as usize;
-        if h == 0 || d % h != 0 || hd % 4 != 0 || grid * grid != cfg.block_size {
+        if h == 0 || !d.is_multiple_of(h) || !hd.is_multiple_of(4) || grid * grid != cfg.block_size
+        {
             candle_core::bail!(
                 "invalid drafter config: hidden {d}, heads {h}, block {}",
                 cfg.block_size
@@ -161,20 +179,20 @@ impl Drafter {
         }
         let l = vb.pp("layers").pp(0);
         let a = l.pp("self_attn");
-        let q = a.get((h * hd, d), "q_proj.weight")?;
-        let k = a.get((kvh * hd, d), "k_proj.weight")?;
-        let v = a.get((kvh * hd, d), "v_proj.weight")?;
+        let q = a.get_with_hints((h * hd, d), "q_proj.weight", torch_init(d))?;
+        let k = a.get_with_hints((kvh * hd, d), "k_proj.weight", torch_init(d))?;
+        let v = a.get_with_hints((kvh * hd, d), "v_proj.weight", torch_init(d))?;
         let wqkv = Linear::new(Tensor::cat(&[q, k, v], 0)?, None);
-        let wo = linear_no_bias(h * hd, d, a.pp("o_proj"))?;
+        let wo = torch_linear(h * hd, d, false, a.pp("o_proj"))?;
         let m = l.pp("mlp");
         let mlp = FeedForward::from_parts(
-            linear_no_bias(d, f, m.pp("gate_proj"))?,
-            linear_no_bias(f, d, m.pp("down_proj"))?,
-            linear_no_bias(d, f, m.pp("up_proj"))?,
+            torch_linear(d, f, false, m.pp("gate_proj"))?,
+            torch_linear(f, d, false, m.pp("down_proj"))?,
+            torch_linear(d, f, false, m.pp("up_proj"))?,
         );
         Ok(Self {
             embed_tokens: embedding(cfg.vocab_size, d, vb.pp("embed_tokens"))?,
-            fc: linear(2 * d, d, vb.pp("fc"))?,
+            fc: torch_linear(2 * d, d, true, vb.pp("fc"))?,
             attn: Attention::from_parts(wqkv, wo, h, kvh, hd),
             mlp,
             post_attention_layernorm: RmsNorm::load(

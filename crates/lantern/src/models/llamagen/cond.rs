@@ -38,7 +38,14 @@ impl CondEmbedder {
                 Ok(Self::Caption {
                     fc1: linear_no_bias(cfg.caption_dim, cfg.dim, cp.pp("fc1"))?,
                     fc2: linear_no_bias(cfg.dim, cfg.dim, cp.pp("fc2"))?,
-                    uncond: vb.get((CAPTION_LEN, cfg.caption_dim), "uncond_embedding")?,
+                    uncond: vb.get_with_hints(
+                        (CAPTION_LEN, cfg.caption_dim),
+                        "uncond_embedding",
+                        candle_nn::Init::Randn {
+                            mean: 0.0,
+                            stdev: 1.0 / (cfg.caption_dim as f64).sqrt(),
+                        },
+                    )?,
                 })
             }
         }

@@ -122,14 +122,14 @@ impl Config {
     pub fn rope_rows(&self) -> usize {
         self.cls_token_num + self.block_size + self.extra_rope_rows
     }
-    /// Number of parameters (weights and the t2i null-caption buffer).
+    /// Number of trainable parameters (the t2i null-caption buffer is not counted).
     pub fn param_count(&self) -> usize {
         let (d, f, hd) = (self.dim, self.ffn_hidden, self.head_dim());
         let qkv = d * (self.n_head + 2 * self.n_kv_head) * hd;
         let layer = qkv + d * d + 3 * d * f + 2 * d;
         let cond = match self.model_type {
             ModelType::C2i => self.class_rows() * d,
-            ModelType::T2i => self.caption_dim * d + d * d + 120 * self.caption_dim,
+            ModelType::T2i => self.caption_dim * d + d * d,
         };
         2 * self.vocab_size * d + d + cond + self.n_layer * layer
     }
@@ -140,19 +140,19 @@ impl Config {
         if self.dim == 0 || self.n_head == 0 || self.n_kv_head == 0 || self.n_layer == 0 {
             return bad("dim, n_layer, n_head and n_kv_head must be positive".into());
         }
-        if self.dim % self.n_head != 0 {
+        if !self.dim.is_multiple_of(self.n_head) {
             return bad(format!(
                 "dim {} is not a multiple of n_head {}",
                 self.dim, self.n_head
             ));
         }
-        if self.n_head % self.n_kv_head != 0 {
+        if !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad(format!(
                 "n_head {} is not a multiple of n_kv_head {}",
                 self.n_head, self.n_kv_head
             ));
         }
-        if self.head_dim() % 2 != 0 || (self.head_dim() / 2) % 2 != 0 {
+        if !self.head_dim().is_multiple_of(4) {
             return bad(format!(
                 "head_dim {} must be a multiple of 4 for 2D RoPE",
                 self.head_dim()
