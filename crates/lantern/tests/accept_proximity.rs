@@ -11,7 +11,9 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn codebook(rng: &mut StdRng, v: usize, d: usize) -> Vec<f32> {
-    (0..v * d).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+    (0..v * d)
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+        .collect()
 }
 
 /// Naive reference: sort all other codes by (distance, index).
@@ -71,7 +73,14 @@ fn ties_are_broken_by_index() {
     assert_eq!(nb.row(4), vec![1, 0, 3, 2, 5]);
 }
 
-fn write_npy(path: &PathBuf, descr: &str, item: usize, shape: (usize, usize), vals: &[i64], v2: bool) {
+fn write_npy(
+    path: &PathBuf,
+    descr: &str,
+    item: usize,
+    shape: (usize, usize),
+    vals: &[i64],
+    v2: bool,
+) {
     let (rows, cols) = shape;
     let mut header =
         format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");

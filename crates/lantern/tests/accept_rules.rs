@@ -130,7 +130,11 @@ fn random_tree(rng: &mut StdRng, v: usize, kind: DraftKind) -> DraftTree {
                 t.tokens.push(x as u32);
                 t.parents.push(n);
                 t.depths.push(t.depths[n] + 1);
-                t.q.push(if kind == DraftKind::Deterministic { 1.0 } else { left[x] / s });
+                t.q.push(if kind == DraftKind::Deterministic {
+                    1.0
+                } else {
+                    left[x] / s
+                });
                 t.q_dists.push(None);
                 left[x] = 0.0;
                 next.push(t.len() - 1);
@@ -150,7 +154,11 @@ fn zero_budget_makes_exactly_the_exact_decisions() {
     for case in 0..400 {
         let v = rng.random_range(3..25);
         let nb = random_table(&mut rng, v);
-        let kind = if case % 2 == 0 { DraftKind::Deterministic } else { DraftKind::WithoutReplacement };
+        let kind = if case % 2 == 0 {
+            DraftKind::Deterministic
+        } else {
+            DraftKind::WithoutReplacement
+        };
         let tree = random_tree(&mut rng, v, kind);
         let rows: Vec<Vec<f32>> = (0..tree.len()).map(|_| random_dist(&mut rng, v)).collect();
         let k = rng.random_range(1..v);
@@ -158,14 +166,26 @@ fn zero_budget_makes_exactly_the_exact_decisions() {
         for greedy in [false, true] {
             for residual in [Residual::Standard, Residual::Official] {
                 let run = |relaxation| {
-                    let cfg = AcceptConfig { relaxation, residual, greedy };
+                    let cfg = AcceptConfig {
+                        relaxation,
+                        residual,
+                        greedy,
+                    };
                     let mut r = StdRng::seed_from_u64(seed);
                     let d = accept_tree(&tree, &mut rows.clone(), &cfg, Some(&nb), &mut r).unwrap();
                     (d.accepted, d.next_token, r.next_u64())
                 };
                 let exact = run(Relaxation::Exact);
-                assert_eq!(exact, run(Relaxation::Lantern { k, delta: 0.0 }), "case {case}");
-                assert_eq!(exact, run(Relaxation::LanternPP { k, lambda: 1.0 }), "case {case}");
+                assert_eq!(
+                    exact,
+                    run(Relaxation::Lantern { k, delta: 0.0 }),
+                    "case {case}"
+                );
+                assert_eq!(
+                    exact,
+                    run(Relaxation::LanternPP { k, lambda: 1.0 }),
+                    "case {case}"
+                );
             }
         }
     }
@@ -177,7 +197,11 @@ fn effective_distribution_respects_the_bounds() {
     for case in 0..600 {
         let v = rng.random_range(3..30);
         let nb = random_table(&mut rng, v);
-        let kind = if case % 2 == 0 { DraftKind::Deterministic } else { DraftKind::WithoutReplacement };
+        let kind = if case % 2 == 0 {
+            DraftKind::Deterministic
+        } else {
+            DraftKind::WithoutReplacement
+        };
         let tree = random_tree(&mut rng, v, kind);
         let p = random_dist(&mut rng, v);
         let k = rng.random_range(1..v);
@@ -194,7 +218,10 @@ fn effective_distribution_respects_the_bounds() {
             // LANTERN++, standard residual: effective <= lambda * p pointwise (sampled drafts:
             // only the marginal over the draws is bounded, see accept_tree.rs)
             for (e, pi) in c.effective.iter().zip(&p) {
-                assert!(*e <= lambda * pi + 1e-5, "case {case}: {e} > {lambda} * {pi}");
+                assert!(
+                    *e <= lambda * pi + 1e-5,
+                    "case {case}: {e} > {lambda} * {pi}"
+                );
             }
             // LANTERN with the standard residual: TVD(effective, p) <= delta, all siblings together
             let cfg = AcceptConfig {
@@ -204,7 +231,10 @@ fn effective_distribution_respects_the_bounds() {
             let c = sibling_chain(&tree, 0, &p, &cfg, Some(&nb)).unwrap();
             assert!(tvd(&c.effective, &p) <= delta + 1e-5, "case {case}");
             // exact rule: effective == p
-            let cfg = AcceptConfig { relaxation: Relaxation::Exact, ..cfg };
+            let cfg = AcceptConfig {
+                relaxation: Relaxation::Exact,
+                ..cfg
+            };
             let c = sibling_chain(&tree, 0, &p, &cfg, None).unwrap();
             assert!(tvd(&c.effective, &p) < 1e-5);
         }
@@ -249,14 +279,26 @@ fn greedy_tree_takes_longest_path_and_raw_argmax_bonus() {
         kind: DraftKind::Deterministic,
     };
     let p = vec![0.1f32, 0.3, 0.25, 0.2, 0.15];
-    let rows = vec![p.clone(), vec![0.0, 0.0, 0.0, 0.0, 1.0], p.clone(), vec![0.5, 0.1, 0.1, 0.1, 0.2]];
+    let rows = vec![
+        p.clone(),
+        vec![0.0, 0.0, 0.0, 0.0, 1.0],
+        p.clone(),
+        vec![0.5, 0.1, 0.1, 0.1, 0.2],
+    ];
     let mut rng = StdRng::seed_from_u64(0);
     let run = |relaxation, rng: &mut StdRng| {
-        let cfg = AcceptConfig { relaxation, residual: Residual::Standard, greedy: true };
+        let cfg = AcceptConfig {
+            relaxation,
+            residual: Residual::Standard,
+            greedy: true,
+        };
         accept_tree(&tree, &mut rows.clone(), &cfg, Some(&nb), rng).unwrap()
     };
     let d = run(Relaxation::Exact, &mut rng);
-    assert_eq!((d.accepted.clone(), d.next_token, d.tvd.clone()), (vec![1], 4, vec![0.0, 0.0]));
+    assert_eq!(
+        (d.accepted.clone(), d.next_token, d.tvd.clone()),
+        (vec![1], 4, vec![0.0, 0.0])
+    );
     let d = run(Relaxation::Lantern { k: 4, delta: 0.2 }, &mut rng);
     // node 2 (token 2, boosted to 0.45) then node 3 (token 2 under p: boosted again) is longer
     assert_eq!(d.accepted, vec![2, 3]);
@@ -268,15 +310,23 @@ fn greedy_tree_takes_longest_path_and_raw_argmax_bonus() {
 fn validation_messages() {
     let bad = [
         Relaxation::Lantern { k: 10, delta: 1.5 },
-        Relaxation::Lantern { k: 10, delta: f32::NAN },
+        Relaxation::Lantern {
+            k: 10,
+            delta: f32::NAN,
+        },
         Relaxation::Lantern { k: 0, delta: 0.1 },
         Relaxation::LanternPP { k: 10, lambda: 0.5 },
-        Relaxation::LanternPP { k: 100, lambda: 2.0 },
+        Relaxation::LanternPP {
+            k: 100,
+            lambda: 2.0,
+        },
     ];
     for r in bad {
         assert!(r.validate(100).is_err(), "{r:?}");
     }
-    assert!(Relaxation::Lantern { k: 99, delta: 1.0 }.validate(100).is_ok());
+    assert!(Relaxation::Lantern { k: 99, delta: 1.0 }
+        .validate(100)
+        .is_ok());
     // a relaxed rule without a table is an error, not a silent fallback to exact
     let tree = DraftTree {
         tokens: vec![0, 1],

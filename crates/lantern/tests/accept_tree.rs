@@ -42,7 +42,11 @@ fn chi2_ok(counts: &[usize], expected: &[f32], what: &str) {
         df += 1;
     }
     let crit = chi2_crit(df - 1);
-    assert!(stat < crit, "{what}: chi2 {stat:.1} >= {crit:.1} (df {})", df - 1);
+    assert!(
+        stat < crit,
+        "{what}: chi2 {stat:.1} >= {crit:.1} (df {})",
+        df - 1
+    );
 }
 
 /// Root with the given children (all leaves).
@@ -53,7 +57,9 @@ fn star(tokens: &[u32], q: &[f32], kind: DraftKind, qd: Option<Vec<f32>>) -> Dra
     DraftTree {
         tokens: std::iter::once(0).chain(tokens.iter().copied()).collect(),
         parents: vec![0; n],
-        depths: std::iter::once(0).chain(std::iter::repeat_n(1, n - 1)).collect(),
+        depths: std::iter::once(0)
+            .chain(std::iter::repeat_n(1, n - 1))
+            .collect(),
         q: std::iter::once(1.0).chain(q.iter().copied()).collect(),
         q_dists,
         kind,
@@ -66,7 +72,11 @@ fn first_token(tree: &DraftTree, accepted: &[usize], next: u32) -> u32 {
 }
 
 fn cfg(relaxation: Relaxation, residual: Residual) -> AcceptConfig {
-    AcceptConfig { relaxation, residual, greedy: false }
+    AcceptConfig {
+        relaxation,
+        residual,
+        greedy: false,
+    }
 }
 
 #[test]
@@ -78,7 +88,14 @@ fn exact_deterministic_siblings_reproduce_p() {
     let rows: Vec<Vec<f32>> = vec![p.clone(); tree.len()];
     let mut counts = vec![0; v];
     for _ in 0..N {
-        let d = accept_tree(&tree, &mut rows.clone(), &cfg(Relaxation::Exact, Residual::Standard), None, &mut rng).unwrap();
+        let d = accept_tree(
+            &tree,
+            &mut rows.clone(),
+            &cfg(Relaxation::Exact, Residual::Standard),
+            None,
+            &mut rng,
+        )
+        .unwrap();
         assert!(d.tvd.iter().all(|&t| t < 1e-5));
         counts[first_token(&tree, &d.accepted, d.next_token) as usize] += 1;
     }
@@ -112,17 +129,29 @@ fn exact_without_replacement_reproduces_p() {
     let mut mean_eff = vec![0.0f64; v];
     for _ in 0..N {
         let (toks, conds) = draw_wr(&mut rng, &q, 3);
-        let tree = star(&toks, &conds, DraftKind::WithoutReplacement, Some(q.clone()));
+        let tree = star(
+            &toks,
+            &conds,
+            DraftKind::WithoutReplacement,
+            Some(q.clone()),
+        );
         let c = cfg(Relaxation::Exact, Residual::Standard);
         let chain = sibling_chain(&tree, 0, &p, &c, None).unwrap();
-        mean_eff.iter_mut().zip(&chain.effective).for_each(|(m, e)| *m += *e as f64 / N as f64);
+        mean_eff
+            .iter_mut()
+            .zip(&chain.effective)
+            .for_each(|(m, e)| *m += *e as f64 / N as f64);
         let d = accept_tree(&tree, &mut vec![p.clone(); tree.len()], &c, None, &mut rng).unwrap();
         counts[first_token(&tree, &d.accepted, d.next_token) as usize] += 1;
     }
     chi2_ok(&counts, &p, "exact without replacement");
     // the exact effective distributions average to p over the drafter's draws
     let mean: Vec<f32> = mean_eff.iter().map(|&x| x as f32).collect();
-    assert!(tvd(&mean, &p) < 0.01, "mean effective TVD {}", tvd(&mean, &p));
+    assert!(
+        tvd(&mean, &p) < 0.01,
+        "mean effective TVD {}",
+        tvd(&mean, &p)
+    );
 }
 
 #[test]
@@ -134,14 +163,26 @@ fn relaxed_step_matches_its_effective_distribution() {
     let p = random_dist(&mut rng, v);
     let (k, delta) = (4, 0.15);
     for tokens in [vec![4u32], vec![4, 9, 1]] {
-        let tree = star(&tokens, &vec![1.0; tokens.len()], DraftKind::Deterministic, None);
+        let tree = star(
+            &tokens,
+            &vec![1.0; tokens.len()],
+            DraftKind::Deterministic,
+            None,
+        );
         for residual in [Residual::Standard, Residual::Official] {
             let c = cfg(Relaxation::Lantern { k, delta }, residual);
             let chain = sibling_chain(&tree, 0, &p, &c, Some(&nb)).unwrap();
             let exact_tvd = tvd(&chain.effective, &p);
             let mut counts = vec![0; v];
             for _ in 0..N {
-                let d = accept_tree(&tree, &mut vec![p.clone(); tree.len()], &c, Some(&nb), &mut rng).unwrap();
+                let d = accept_tree(
+                    &tree,
+                    &mut vec![p.clone(); tree.len()],
+                    &c,
+                    Some(&nb),
+                    &mut rng,
+                )
+                .unwrap();
                 assert!((d.tvd[0] - exact_tvd).abs() < 1e-6);
                 counts[first_token(&tree, &d.accepted, d.next_token) as usize] += 1;
             }
@@ -149,7 +190,10 @@ fn relaxed_step_matches_its_effective_distribution() {
             chi2_ok(&counts, &chain.effective, &what);
             let emp: Vec<f32> = counts.iter().map(|&c| c as f32 / N as f32).collect();
             let emp_tvd = tvd(&emp, &p);
-            assert!(chain.absorbed.iter().any(|&a| a > 0.0), "{what}: nothing absorbed, test is vacuous");
+            assert!(
+                chain.absorbed.iter().any(|&a| a > 0.0),
+                "{what}: nothing absorbed, test is vacuous"
+            );
             match residual {
                 Residual::Standard => {
                     assert!(exact_tvd <= delta + 1e-6, "{what}: {exact_tvd}");
@@ -160,7 +204,10 @@ fn relaxed_step_matches_its_effective_distribution() {
                     // one sibling: the official residual distorts by p(first k+1 neighbours)
                     let x = tokens[0];
                     let mass: f32 = (0..=k).map(|j| p[nb.neighbor(x, j) as usize]).sum();
-                    assert!((exact_tvd - mass).abs() < 1e-5, "{what}: {exact_tvd} vs {mass}");
+                    assert!(
+                        (exact_tvd - mass).abs() < 1e-5,
+                        "{what}: {exact_tvd} vs {mass}"
+                    );
                 }
                 Residual::Official => {}
             }
@@ -182,17 +229,34 @@ fn lantern_pp_sampled_drafts_marginal_is_bounded_by_lambda() {
     let mut counts = vec![0; v];
     for _ in 0..N {
         let (toks, conds) = draw_wr(&mut rng, &q, 2);
-        let tree = star(&toks, &conds, DraftKind::WithoutReplacement, Some(q.clone()));
+        let tree = star(
+            &toks,
+            &conds,
+            DraftKind::WithoutReplacement,
+            Some(q.clone()),
+        );
         let chain = sibling_chain(&tree, 0, &p, &c, Some(&nb)).unwrap();
-        mean.iter_mut().zip(&chain.effective).for_each(|(m, e)| *m += *e as f64 / N as f64);
-        let d = accept_tree(&tree, &mut vec![p.clone(); tree.len()], &c, Some(&nb), &mut rng).unwrap();
+        mean.iter_mut()
+            .zip(&chain.effective)
+            .for_each(|(m, e)| *m += *e as f64 / N as f64);
+        let d = accept_tree(
+            &tree,
+            &mut vec![p.clone(); tree.len()],
+            &c,
+            Some(&nb),
+            &mut rng,
+        )
+        .unwrap();
         counts[first_token(&tree, &d.accepted, d.next_token) as usize] += 1;
     }
     let mean: Vec<f32> = mean.iter().map(|&x| x as f32).collect();
     for (m, pi) in mean.iter().zip(&p) {
         assert!(*m <= lambda * pi + 0.01, "marginal {m} > {lambda} * {pi}");
     }
-    assert!(tvd(&mean, &p) > 0.01, "relaxation had no effect: test is vacuous");
+    assert!(
+        tvd(&mean, &p) > 0.01,
+        "relaxation had no effect: test is vacuous"
+    );
     chi2_ok(&counts, &mean, "LANTERN++ sampled marginal");
 }
 
@@ -224,9 +288,21 @@ fn only_rows_on_the_accepted_path_are_fetched() {
     };
     for _ in 0..200 {
         let rows: Vec<Vec<f32>> = (0..4).map(|_| random_dist(&mut rng, v)).collect();
-        let mut src = Counting { rows, asked: Vec::new() };
-        let d = accept_tree(&tree, &mut src, &cfg(Relaxation::Exact, Residual::Standard), None, &mut rng).unwrap();
-        let want: Vec<usize> = std::iter::once(0).chain(d.accepted.iter().copied()).collect();
+        let mut src = Counting {
+            rows,
+            asked: Vec::new(),
+        };
+        let d = accept_tree(
+            &tree,
+            &mut src,
+            &cfg(Relaxation::Exact, Residual::Standard),
+            None,
+            &mut rng,
+        )
+        .unwrap();
+        let want: Vec<usize> = std::iter::once(0)
+            .chain(d.accepted.iter().copied())
+            .collect();
         assert_eq!(src.asked, want);
         assert_eq!(d.tvd.len(), d.accepted.len() + 1);
     }

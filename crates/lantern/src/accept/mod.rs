@@ -18,4 +18,6 @@ pub mod tree;
 
 pub use proximity::{codebook_fingerprint, Metric, Neighbors};
 pub use rules::{absorbed_mass, greedy_accepts, Relaxation, Residual};
-pub use tree::{accept_tree, sibling_chain, AcceptConfig, SiblingChain, TargetRows, TreeDecision, TvdStats};
+pub use tree::{
+    accept_tree, sibling_chain, AcceptConfig, SiblingChain, TargetRows, TreeDecision, TvdStats,
+};

@@ -47,16 +47,27 @@ pub(crate) struct NpyHeader {
 fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     let pat1 = format!("'{key}'");
     let pat2 = format!("\"{key}\"");
-    let start = header.find(&pat1).map(|i| i + pat1.len()).or_else(|| header.find(&pat2).map(|i| i + pat2.len()))?;
+    let start = header
+        .find(&pat1)
+        .map(|i| i + pat1.len())
+        .or_else(|| header.find(&pat2).map(|i| i + pat2.len()))?;
     let rest = header[start..].trim_start();
     rest.strip_prefix(':').map(str::trim_start)
 }
 
 fn parse_header(path: &Path, text: &str) -> Result<NpyHeader> {
-    let bad = |msg: &str| Error::load(path, format!("{msg} (expected a 2-D integer .npy neighbour table)"));
+    let bad = |msg: &str| {
+        Error::load(
+            path,
+            format!("{msg} (expected a 2-D integer .npy neighbour table)"),
+        )
+    };
     let descr = dict_value(text, "descr").ok_or_else(|| bad("no 'descr' in the .npy header"))?;
     let q = descr.chars().next().ok_or_else(|| bad("empty 'descr'"))?;
-    let descr = descr[1..].split(q).next().ok_or_else(|| bad("unterminated 'descr'"))?;
+    let descr = descr[1..]
+        .split(q)
+        .next()
+        .ok_or_else(|| bad("unterminated 'descr'"))?;
     let dtype = match descr {
         "<u2" | "|u2" => NpyInt::U16,
         "<u4" => NpyInt::U32,
@@ -68,9 +79,12 @@ fn parse_header(path: &Path, text: &str) -> Result<NpyHeader> {
             )))
         }
     };
-    let fortran = dict_value(text, "fortran_order").ok_or_else(|| bad("no 'fortran_order' in the .npy header"))?;
+    let fortran = dict_value(text, "fortran_order")
+        .ok_or_else(|| bad("no 'fortran_order' in the .npy header"))?;
     if fortran.starts_with("True") {
-        return Err(bad("Fortran-order arrays are not supported; save with np.ascontiguousarray"));
+        return Err(bad(
+            "Fortran-order arrays are not supported; save with np.ascontiguousarray",
+        ));
     }
     let shape = dict_value(text, "shape").ok_or_else(|| bad("no 'shape' in the .npy header"))?;
     let inner = shape
@@ -87,7 +101,11 @@ fn parse_header(path: &Path, text: &str) -> Result<NpyHeader> {
     if dims.len() != 2 {
         return Err(bad(&format!("array has shape {dims:?}, not 2-D")));
     }
-    Ok(NpyHeader { dtype, rows: dims[0], cols: dims[1] })
+    Ok(NpyHeader {
+        dtype,
+        rows: dims[0],
+        cols: dims[1],
+    })
 }
 
 /// Reads an integer `.npy` matrix keeping only the first `keep(cols)` columns of every row,
@@ -108,15 +126,22 @@ pub(crate) fn read_npy_cols(
     let header_len = match magic[6] {
         1 => {
             let mut b = [0u8; 2];
-            r.read_exact(&mut b).map_err(|e| Error::load(path, e.to_string()))?;
+            r.read_exact(&mut b)
+                .map_err(|e| Error::load(path, e.to_string()))?;
             u16::from_le_bytes(b) as usize
         }
         2 | 3 => {
             let mut b = [0u8; 4];
-            r.read_exact(&mut b).map_err(|e| Error::load(path, e.to_string()))?;
+            r.read_exact(&mut b)
+                .map_err(|e| Error::load(path, e.to_string()))?;
             u32::from_le_bytes(b) as usize
         }
-        v => return Err(Error::load(path, format!("unsupported .npy format version {v}"))),
+        v => {
+            return Err(Error::load(
+                path,
+                format!("unsupported .npy format version {v}"),
+            ))
+        }
     };
     if header_len > 1 << 20 {
         return Err(Error::load(path, "implausibly large .npy header"));
@@ -135,7 +160,10 @@ pub(crate) fn read_npy_cols(
     let mut out = Vec::with_capacity(header.rows.saturating_mul(k));
     for _ in 0..header.rows {
         r.read_exact(&mut buf).map_err(|_| {
-            Error::load(path, "file ends before the data its header announces (truncated download?)")
+            Error::load(
+                path,
+                "file ends before the data its header announces (truncated download?)",
+            )
         })?;
         out.extend((0..k).map(|j| header.dtype.get(&buf, j)));
     }

@@ -63,7 +63,10 @@ fn check_k(k: usize, v: usize) -> Result<()> {
     if k == 0 || k >= v {
         return Err(Error::invalid(
             "neighbour count k",
-            format!("{k} for a codebook of {v} codes (use 1 <= k <= {})", v.saturating_sub(1)),
+            format!(
+                "{k} for a codebook of {v} codes (use 1 <= k <= {})",
+                v.saturating_sub(1)
+            ),
         ));
     }
     Ok(())
@@ -84,16 +87,26 @@ impl Neighbors {
     /// with O(threads · v) scratch memory.
     pub fn build(codebook: &[f32], v: usize, d: usize, k: usize, metric: Metric) -> Result<Self> {
         if v == 0 || d == 0 || codebook.is_empty() {
-            return Err(Error::invalid("codebook", "is empty (pass the VQ model's quantize.embedding.weight)"));
+            return Err(Error::invalid(
+                "codebook",
+                "is empty (pass the VQ model's quantize.embedding.weight)",
+            ));
         }
         if codebook.len() != v * d {
             return Err(Error::invalid(
                 "codebook",
-                format!("has {} values, expected {v} x {d} = {}", codebook.len(), v * d),
+                format!(
+                    "has {} values, expected {v} x {d} = {}",
+                    codebook.len(),
+                    v * d
+                ),
             ));
         }
         if codebook.iter().any(|x| !x.is_finite()) {
-            return Err(Error::invalid("codebook", "contains NaN or infinite values"));
+            return Err(Error::invalid(
+                "codebook",
+                "contains NaN or infinite values",
+            ));
         }
         check_k(k, v)?;
         let rows: Vec<f32> = match metric {
@@ -106,7 +119,10 @@ impl Neighbors {
                 })
                 .collect(),
         };
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(v);
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(v);
         let mut out = vec![0u32; v * k];
         let per = v.div_ceil(threads);
         std::thread::scope(|s| {
@@ -120,11 +136,14 @@ impl Neighbors {
                         cand.clear();
                         for (j, xj) in rows.chunks(d).enumerate() {
                             if j != i {
-                                let dist: f32 = xi.iter().zip(xj).map(|(a, b)| (a - b) * (a - b)).sum();
+                                let dist: f32 =
+                                    xi.iter().zip(xj).map(|(a, b)| (a - b) * (a - b)).sum();
                                 cand.push((dist, j as u32));
                             }
                         }
-                        let cmp = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+                        let cmp = |a: &(f32, u32), b: &(f32, u32)| {
+                            a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+                        };
                         if k < cand.len() {
                             cand.select_nth_unstable_by(k - 1, cmp);
                         }
@@ -150,12 +169,21 @@ impl Neighbors {
     pub fn from_npy(path: &Path, k: Option<usize>) -> Result<Self> {
         let (h, vals) = read_npy_cols(path, |h| {
             if h.rows < 2 || h.cols == 0 {
-                return Err(Error::load(path, format!("table of shape [{}, {}] is too small", h.rows, h.cols)));
+                return Err(Error::load(
+                    path,
+                    format!("table of shape [{}, {}] is too small", h.rows, h.cols),
+                ));
             }
             let k = k.unwrap_or(h.cols);
             check_k(k, h.rows)?;
             if k > h.cols {
-                return Err(Error::load(path, format!("holds {} neighbours per code, {k} requested (lower k)", h.cols)));
+                return Err(Error::load(
+                    path,
+                    format!(
+                        "holds {} neighbours per code, {k} requested (lower k)",
+                        h.cols
+                    ),
+                ));
             }
             Ok(k)
         })?;
@@ -172,7 +200,13 @@ impl Neighbors {
             }
             rows.push(x as u32);
         }
-        Ok(Self { vocab: v, k_max: k, idx: pack(v, k, rows), metric: Some(Metric::L2), fingerprint: None })
+        Ok(Self {
+            vocab: v,
+            k_max: k,
+            idx: pack(v, k, rows),
+            metric: Some(Metric::L2),
+            fingerprint: None,
+        })
     }
 
     /// Writes the table as safetensors: tensor `indices` (U16 or U32, `[V, k_max]`) and metadata
@@ -183,17 +217,24 @@ impl Neighbors {
             Indices::U16(x) => (Dtype::U16, x.iter().flat_map(|v| v.to_le_bytes()).collect()),
             Indices::U32(x) => (Dtype::U32, x.iter().flat_map(|v| v.to_le_bytes()).collect()),
         };
-        let werr = |e: safetensors::SafeTensorError| Error::Write { path: path.to_path_buf(), msg: e.to_string() };
+        let werr = |e: safetensors::SafeTensorError| Error::Write {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        };
         let view = TensorView::new(dtype, vec![self.vocab, self.k_max], &bytes).map_err(werr)?;
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), "lantern-neighbors".to_string());
-        meta.insert("metric".to_string(), self.metric.map_or("unknown", Metric::name).to_string());
+        meta.insert(
+            "metric".to_string(),
+            self.metric.map_or("unknown", Metric::name).to_string(),
+        );
         meta.insert("source".to_string(), source.to_string());
         meta.insert("vocab".to_string(), self.vocab.to_string());
         meta.insert("k".to_string(), self.k_max.to_string());
         meta.insert(
             "codebook_fingerprint".to_string(),
-            self.fingerprint.map_or(String::new(), |f| format!("{f:016x}")),
+            self.fingerprint
+                .map_or(String::new(), |f| format!("{f:016x}")),
         );
         safetensors::serialize_to_file([("indices", view)], Some(meta), path).map_err(werr)
     }
@@ -211,7 +252,9 @@ impl Neighbors {
             return Err(not_ours("no `format: lantern-neighbors` metadata".into()));
         }
         let st = SafeTensors::deserialize(&bytes).map_err(|e| not_ours(e.to_string()))?;
-        let t = st.tensor("indices").map_err(|_| not_ours("no `indices` tensor".into()))?;
+        let t = st
+            .tensor("indices")
+            .map_err(|_| not_ours("no `indices` tensor".into()))?;
         let shape = t.shape();
         if shape.len() != 2 || shape[0] < 2 || shape[1] == 0 || shape[1] >= shape[0] {
             return Err(not_ours(format!("`indices` has shape {shape:?}")));
@@ -219,9 +262,19 @@ impl Neighbors {
         let (v, k) = (shape[0], shape[1]);
         let data = t.data();
         let rows: Vec<u32> = match t.dtype() {
-            Dtype::U16 => data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect(),
-            Dtype::U32 => data.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            other => return Err(not_ours(format!("`indices` has dtype {other:?}, expected U16 or U32"))),
+            Dtype::U16 => data
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
+                .collect(),
+            Dtype::U32 => data
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            other => {
+                return Err(not_ours(format!(
+                    "`indices` has dtype {other:?}, expected U16 or U32"
+                )))
+            }
         };
         if let Some(bad) = rows.iter().find(|&&x| x as usize >= v) {
             return Err(not_ours(format!("index {bad} out of range for {v} codes")));
@@ -231,8 +284,16 @@ impl Neighbors {
             Some("l2-normalized") => Some(Metric::L2Normalized),
             _ => None,
         };
-        let fingerprint = meta.get("codebook_fingerprint").and_then(|s| u64::from_str_radix(s, 16).ok());
-        Ok(Self { vocab: v, k_max: k, idx: pack(v, k, rows), metric, fingerprint })
+        let fingerprint = meta
+            .get("codebook_fingerprint")
+            .and_then(|s| u64::from_str_radix(s, 16).ok());
+        Ok(Self {
+            vocab: v,
+            k_max: k,
+            idx: pack(v, k, rows),
+            metric,
+            fingerprint,
+        })
     }
 
     /// Number of codes.

@@ -110,14 +110,25 @@ pub enum Residual {
 /// Mass `p(A(x))` absorbed onto `draft` and the prefix length `|A(x)|`: the longest prefix of
 /// the first `k` neighbours whose cumulative `p` stays `<= delta` (LANTERN) or
 /// `<= (lambda - 1) * p(x)` (LANTERN++). `(0, 0)` for exact rules.
-pub fn absorbed_mass(p: &[f32], draft: u32, neighbors: &Neighbors, relax: &Relaxation) -> (f32, usize) {
+pub fn absorbed_mass(
+    p: &[f32],
+    draft: u32,
+    neighbors: &Neighbors,
+    relax: &Relaxation,
+) -> (f32, usize) {
     let px = p.get(draft as usize).copied().unwrap_or(0.0);
     absorb_within(p, draft, neighbors, relax.k(), relax.budget(px))
 }
 
 /// [`absorbed_mass`] with an explicit budget (the tree driver shrinks it across siblings).
-pub(crate) fn absorb_within(p: &[f32], draft: u32, nb: &Neighbors, k: usize, budget: f32) -> (f32, usize) {
-    if !(budget > 0.0) || k == 0 || draft as usize >= nb.vocab() {
+pub(crate) fn absorb_within(
+    p: &[f32],
+    draft: u32,
+    nb: &Neighbors,
+    k: usize,
+    budget: f32,
+) -> (f32, usize) {
+    if budget.is_nan() || budget <= 0.0 || k == 0 || draft as usize >= nb.vocab() {
         return (0.0, 0);
     }
     let mut cum = 0.0f64;
@@ -164,7 +175,7 @@ pub fn greedy_accepts(p: &[f32], draft: u32, absorbed: f32) -> bool {
 /// Scales a row to sum 1 in place; returns false (row untouched) when its sum is not positive.
 pub(crate) fn normalize(row: &mut [f32]) -> bool {
     let s: f64 = row.iter().map(|&x| x as f64).sum();
-    if !(s > 0.0) || !s.is_finite() {
+    if s.is_nan() || s <= 0.0 || !s.is_finite() {
         return false;
     }
     let inv = (1.0 / s) as f32;
@@ -241,5 +252,9 @@ pub fn residual_sampled(
 
 /// Total variation distance `0.5 * sum |a - b|`.
 pub fn tvd(a: &[f32], b: &[f32]) -> f32 {
-    (0.5 * a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>()) as f32
+    (0.5 * a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .sum::<f64>()) as f32
 }

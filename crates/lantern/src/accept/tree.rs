@@ -125,12 +125,20 @@ pub fn sibling_chain(
             .get(node)
             .and_then(|q| q.as_ref())
             .ok_or_else(|| {
-                Error::invalid("draft tree", format!("node {node} has sampled children but no drafter distribution (q_dists)"))
+                Error::invalid(
+                    "draft tree",
+                    format!(
+                        "node {node} has sampled children but no drafter distribution (q_dists)"
+                    ),
+                )
             })?;
         if qd.len() != v {
             return Err(Error::invalid(
                 "draft tree",
-                format!("drafter distribution of node {node} has {} entries, target rows {v}", qd.len()),
+                format!(
+                    "drafter distribution of node {node} has {} entries, target rows {v}",
+                    qd.len()
+                ),
             ));
         }
         let mut q = qd.clone();
@@ -147,7 +155,10 @@ pub fn sibling_chain(
     for &c in &children {
         let x = tree.tokens[c];
         if x as usize >= v {
-            return Err(Error::invalid("draft tree", format!("node {c} drafts token {x}, vocabulary has {v} codes")));
+            return Err(Error::invalid(
+                "draft tree",
+                format!("node {c} drafts token {x}, vocabulary has {v} codes"),
+            ));
         }
         let rx = r[x as usize];
         let budget = match cfg.relaxation {
@@ -186,15 +197,31 @@ pub fn sibling_chain(
             *e += reach * ri as f64;
         }
     }
-    Ok(SiblingChain { accept, absorbed, residual: r, effective: effective.into_iter().map(|e| e as f32).collect() })
+    Ok(SiblingChain {
+        accept,
+        absorbed,
+        residual: r,
+        effective: effective.into_iter().map(|e| e as f32).collect(),
+    })
 }
 
-fn check_inputs(tree: &DraftTree, cfg: &AcceptConfig, neighbors: Option<&Neighbors>, v: usize) -> Result<()> {
+fn check_inputs(
+    tree: &DraftTree,
+    cfg: &AcceptConfig,
+    neighbors: Option<&Neighbors>,
+    v: usize,
+) -> Result<()> {
     if tree.is_empty() || tree.parents.len() != tree.len() || tree.q.len() != tree.len() {
-        return Err(Error::invalid("draft tree", "tokens, parents and q must have one entry per node, root included"));
+        return Err(Error::invalid(
+            "draft tree",
+            "tokens, parents and q must have one entry per node, root included",
+        ));
     }
     if (1..tree.len()).any(|i| tree.parents[i] >= i) {
-        return Err(Error::invalid("draft tree", "every node's parent must precede it"));
+        return Err(Error::invalid(
+            "draft tree",
+            "every node's parent must precede it",
+        ));
     }
     cfg.relaxation.validate(v)?;
     if !cfg.relaxation.is_exact() {
@@ -205,7 +232,11 @@ fn check_inputs(tree: &DraftTree, cfg: &AcceptConfig, neighbors: Option<&Neighbo
         if cfg.relaxation.k() > nb.k_max() {
             return Err(Error::invalid(
                 "LANTERN k",
-                format!("{} but the neighbour table holds {} per code (lower k or rebuild the table)", cfg.relaxation.k(), nb.k_max()),
+                format!(
+                    "{} but the neighbour table holds {} per code (lower k or rebuild the table)",
+                    cfg.relaxation.k(),
+                    nb.k_max()
+                ),
             ));
         }
     }
@@ -234,19 +265,31 @@ pub fn accept_tree(
     let mut p = p0;
     let mut accepted = Vec::new();
     let mut tvds = Vec::new();
-    let exact_cfg = AcceptConfig { relaxation: Relaxation::Exact, residual: Residual::Standard, greedy: false };
+    let exact_cfg = AcceptConfig {
+        relaxation: Relaxation::Exact,
+        residual: Residual::Standard,
+        greedy: false,
+    };
     loop {
         if p.len() != v {
-            return Err(Error::invalid("target rows", format!("row of node {node} has {} entries, root row {v}", p.len())));
+            return Err(Error::invalid(
+                "target rows",
+                format!("row of node {node} has {} entries, root row {v}", p.len()),
+            ));
         }
         let children = tree.children(node);
         if children.is_empty() {
             tvds.push(0.0);
             let next = sample_index(&p, rng) as u32;
-            return Ok(TreeDecision { accepted, next_token: next, tvd: tvds });
+            return Ok(TreeDecision {
+                accepted,
+                next_token: next,
+                tvd: tvds,
+            });
         }
         let chain = sibling_chain(tree, node, &p, cfg, neighbors)?;
-        let reference = if tree.kind == DraftKind::WithoutReplacement && !cfg.relaxation.is_exact() {
+        let reference = if tree.kind == DraftKind::WithoutReplacement && !cfg.relaxation.is_exact()
+        {
             sibling_chain(tree, node, &p, &exact_cfg, None)?.effective
         } else {
             p.clone()
@@ -267,7 +310,11 @@ pub fn accept_tree(
             }
             None => {
                 let next = sample_index(&chain.residual, rng) as u32;
-                return Ok(TreeDecision { accepted, next_token: next, tvd: tvds });
+                return Ok(TreeDecision {
+                    accepted,
+                    next_token: next,
+                    tvd: tvds,
+                });
             }
         }
     }
@@ -286,11 +333,24 @@ fn greedy_dfs(
     for c in tree.children(node) {
         let x = tree.tokens[c];
         if x as usize >= p.len() {
-            return Err(Error::invalid("draft tree", format!("node {c} drafts token {x}, vocabulary has {} codes", p.len())));
+            return Err(Error::invalid(
+                "draft tree",
+                format!(
+                    "node {c} drafts token {x}, vocabulary has {} codes",
+                    p.len()
+                ),
+            ));
         }
         let abs = match neighbors {
             Some(nb) if !cfg.relaxation.is_exact() => {
-                absorb_within(&p, x, nb, cfg.relaxation.k(), cfg.relaxation.budget(p[x as usize])).0
+                absorb_within(
+                    &p,
+                    x,
+                    nb,
+                    cfg.relaxation.k(),
+                    cfg.relaxation.budget(p[x as usize]),
+                )
+                .0
             }
             _ => 0.0,
         };
@@ -299,7 +359,14 @@ fn greedy_dfs(
         }
         let pc = rows.row(c)?;
         if pc.len() != p.len() {
-            return Err(Error::invalid("target rows", format!("row of node {c} has {} entries, root row {}", pc.len(), p.len())));
+            return Err(Error::invalid(
+                "target rows",
+                format!(
+                    "row of node {c} has {} entries, root row {}",
+                    pc.len(),
+                    p.len()
+                ),
+            ));
         }
         let (mut path, mut absd, next) = greedy_dfs(tree, c, pc, rows, cfg, neighbors)?;
         if path.len() + 1 > best.0.len() {
@@ -320,5 +387,9 @@ fn accept_greedy(
 ) -> Result<TreeDecision> {
     let (accepted, mut tvd, next_token) = greedy_dfs(tree, 0, p0, rows, cfg, neighbors)?;
     tvd.push(0.0);
-    Ok(TreeDecision { accepted, next_token, tvd })
+    Ok(TreeDecision {
+        accepted,
+        next_token,
+        tvd,
+    })
 }
