@@ -142,6 +142,7 @@ fn exact_without_replacement_reproduces_p() {
             .zip(&chain.effective)
             .for_each(|(m, e)| *m += *e as f64 / N as f64);
         let d = accept_tree(&tree, &mut vec![p.clone(); tree.len()], &c, None, &mut rng).unwrap();
+        assert!(d.tvd.iter().all(|&t| t == 0.0));
         counts[first_token(&tree, &d.accepted, d.next_token) as usize] += 1;
     }
     chi2_ok(&counts, &p, "exact without replacement");
@@ -227,6 +228,7 @@ fn lantern_pp_sampled_drafts_marginal_is_bounded_by_lambda() {
     let c = cfg(Relaxation::LanternPP { k: 6, lambda }, Residual::Standard);
     let mut mean = vec![0.0f64; v];
     let mut counts = vec![0; v];
+    let mut mean_reported = 0.0f64;
     for _ in 0..N {
         let (toks, conds) = draw_wr(&mut rng, &q, 2);
         let tree = star(
@@ -247,9 +249,12 @@ fn lantern_pp_sampled_drafts_marginal_is_bounded_by_lambda() {
             &mut rng,
         )
         .unwrap();
+        mean_reported += d.tvd[0] as f64 / N as f64;
         counts[first_token(&tree, &d.accepted, d.next_token) as usize] += 1;
     }
     let mean: Vec<f32> = mean.iter().map(|&x| x as f32).collect();
+    // the reported per-draft TVD averages to an upper bound of the marginal TVD
+    assert!(mean_reported as f32 >= tvd(&mean, &p) - 0.005);
     for (m, pi) in mean.iter().zip(&p) {
         assert!(*m <= lambda * pi + 0.01, "marginal {m} > {lambda} * {pi}");
     }

@@ -108,6 +108,11 @@ pub struct SiblingChain {
 /// already moved by earlier siblings (weighted by their reach): by the triangle inequality the
 /// effective distribution then stays within `delta` of `p` however many siblings are tried.
 /// The official rule gives every sibling the full `delta` on the current residual.
+///
+/// Sampled drafts ([`DraftKind::WithoutReplacement`]) keep no `delta` guarantee: every code the
+/// drafter could propose tests against its own relaxed target, so the marginal distortion can
+/// reach 1 (drafter uniform on codes of zero target mass, each with one neighbour of mass
+/// `delta`). LANTERN++ keeps `marginal effective <= lambda * p` pointwise; use it there.
 pub fn sibling_chain(
     tree: &DraftTree,
     node: usize,
@@ -288,13 +293,15 @@ pub fn accept_tree(
             });
         }
         let chain = sibling_chain(tree, node, &p, cfg, neighbors)?;
-        let reference = if tree.kind == DraftKind::WithoutReplacement && !cfg.relaxation.is_exact()
-        {
-            sibling_chain(tree, node, &p, &exact_cfg, None)?.effective
-        } else {
-            p.clone()
+        let distortion = match tree.kind {
+            DraftKind::Deterministic => tvd(&chain.effective, &p),
+            DraftKind::WithoutReplacement if cfg.relaxation.is_exact() => 0.0,
+            DraftKind::WithoutReplacement => {
+                let exact = sibling_chain(tree, node, &p, &exact_cfg, None)?;
+                tvd(&chain.effective, &exact.effective)
+            }
         };
-        tvds.push(tvd(&chain.effective, &reference));
+        tvds.push(distortion);
         let mut hit = None;
         for (&c, &a) in children.iter().zip(&chain.accept) {
             if rng.random::<f32>() < a {
