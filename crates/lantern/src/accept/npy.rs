@@ -108,13 +108,13 @@ fn parse_header(path: &Path, text: &str) -> Result<NpyHeader> {
     })
 }
 
-/// Reads an integer `.npy` matrix keeping only the first `keep(cols)` columns of every row,
-/// streaming row by row (the official 16384 x 16383 table is 537 MB). Returns the header and the
-/// kept values, row-major, as i64.
-pub(crate) fn read_npy_cols(
+/// Reads an integer `.npy` matrix row by row (the official 16384 x 16383 table is 537 MB),
+/// handing the first `keep(header)` values of every row to `on_row(header, row_index, values)`.
+pub(crate) fn read_npy_rows(
     path: &Path,
     keep: impl FnOnce(&NpyHeader) -> Result<usize>,
-) -> Result<(NpyHeader, Vec<i64>)> {
+    mut on_row: impl FnMut(&NpyHeader, usize, &[i64]) -> Result<()>,
+) -> Result<NpyHeader> {
     let file = std::fs::File::open(path).map_err(|e| Error::load(path, e.to_string()))?;
     let mut r = std::io::BufReader::with_capacity(1 << 20, file);
     let mut magic = [0u8; 8];
@@ -157,15 +157,18 @@ pub(crate) fn read_npy_cols(
         .checked_mul(header.dtype.size())
         .ok_or_else(|| Error::load(path, "shape overflows"))?;
     let mut buf = vec![0u8; row_bytes];
-    let mut out = Vec::with_capacity(header.rows.saturating_mul(k));
-    for _ in 0..header.rows {
+    let mut vals = vec![0i64; k];
+    for row in 0..header.rows {
         r.read_exact(&mut buf).map_err(|_| {
             Error::load(
                 path,
                 "file ends before the data its header announces (truncated download?)",
             )
         })?;
-        out.extend((0..k).map(|j| header.dtype.get(&buf, j)));
+        for (j, x) in vals.iter_mut().enumerate() {
+            *x = header.dtype.get(&buf, j);
+        }
+        on_row(&header, row, &vals)?;
     }
-    Ok((header, out))
+    Ok(header)
 }

@@ -6,7 +6,7 @@
 //! `torch.cdist`); [`Neighbors::from_npy`] imports it. [`Neighbors::build`] recomputes a table
 //! with direct difference loops, so near-ties may order differently from cdist's
 //! `x² + y² − 2xy` form: prefer the official file for bit-compatible decisions.
-use super::npy::read_npy_cols;
+use super::npy::{read_npy_rows, NpyHeader};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::path::Path;
@@ -167,7 +167,7 @@ impl Neighbors {
     /// Imports the official neighbour table (`top_{V-1}_indices.npy`, `[V, V-1]`; uint16, also
     /// uint32 / int32 / int64), keeping the first `k` columns (all when `None`).
     pub fn from_npy(path: &Path, k: Option<usize>) -> Result<Self> {
-        let (h, vals) = read_npy_cols(path, |h| {
+        let keep = |h: &NpyHeader| {
             if h.rows < 2 || h.cols == 0 {
                 return Err(Error::load(
                     path,
@@ -186,24 +186,41 @@ impl Neighbors {
                 ));
             }
             Ok(k)
-        })?;
-        let v = h.rows;
-        let k = vals.len() / v;
-        let mut rows = Vec::with_capacity(vals.len());
-        for (n, &x) in vals.iter().enumerate() {
-            let code = n / k;
-            if x < 0 || x as usize >= v || x as usize == code {
-                return Err(Error::load(
-                    path,
-                    format!("row {code} holds neighbour {x}, not another code in 0..{v} (is this a neighbour table?)"),
-                ));
+        };
+        let mut idx: Option<Indices> = None;
+        let on_row = |h: &NpyHeader, code: usize, vals: &[i64]| {
+            let v = h.rows;
+            let store = idx.get_or_insert_with(|| {
+                if v <= 1 << 16 {
+                    Indices::U16(Vec::with_capacity(v * vals.len()))
+                } else {
+                    Indices::U32(Vec::with_capacity(v * vals.len()))
+                }
+            });
+            for &x in vals {
+                if x < 0 || x as usize >= v || x as usize == code {
+                    return Err(Error::load(
+                        path,
+                        format!("row {code} holds neighbour {x}, not another code in 0..{v} (is this a neighbour table?)"),
+                    ));
+                }
+                match store {
+                    Indices::U16(s) => s.push(x as u16),
+                    Indices::U32(s) => s.push(x as u32),
+                }
             }
-            rows.push(x as u32);
-        }
+            Ok(())
+        };
+        let h = read_npy_rows(path, keep, on_row)?;
+        let idx = idx.ok_or_else(|| Error::load(path, "table has no rows"))?;
+        let k_max = match &idx {
+            Indices::U16(s) => s.len() / h.rows,
+            Indices::U32(s) => s.len() / h.rows,
+        };
         Ok(Self {
-            vocab: v,
-            k_max: k,
-            idx: pack(v, k, rows),
+            vocab: h.rows,
+            k_max,
+            idx,
             metric: Some(Metric::L2),
             fingerprint: None,
         })
