@@ -129,27 +129,26 @@ impl Neighbors {
             for (t, chunk) in out.chunks_mut(per * k).enumerate() {
                 let rows = &rows;
                 s.spawn(move || {
-                    let mut cand: Vec<(f32, u32)> = Vec::with_capacity(v);
+                    // key = (distance bits << 32) | index: distances are >= 0, so the bit
+                    // patterns order like the values and the key orders by (distance, index).
+                    let mut cand: Vec<u64> = Vec::with_capacity(v);
                     for (r, dst) in chunk.chunks_mut(k).enumerate() {
                         let i = t * per + r;
                         let xi = &rows[i * d..(i + 1) * d];
                         cand.clear();
-                        for (j, xj) in rows.chunks(d).enumerate() {
+                        for (j, xj) in rows.chunks_exact(d).enumerate() {
                             if j != i {
                                 let dist: f32 =
                                     xi.iter().zip(xj).map(|(a, b)| (a - b) * (a - b)).sum();
-                                cand.push((dist, j as u32));
+                                cand.push(((dist.to_bits() as u64) << 32) | j as u64);
                             }
                         }
-                        let cmp = |a: &(f32, u32), b: &(f32, u32)| {
-                            a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
-                        };
                         if k < cand.len() {
-                            cand.select_nth_unstable_by(k - 1, cmp);
+                            cand.select_nth_unstable(k - 1);
                         }
-                        cand[..k].sort_unstable_by(cmp);
+                        cand[..k].sort_unstable();
                         for (o, c) in dst.iter_mut().zip(&cand[..k]) {
-                            *o = c.1;
+                            *o = *c as u32;
                         }
                     }
                 });
