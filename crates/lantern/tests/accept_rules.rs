@@ -345,3 +345,30 @@ fn validation_messages() {
     let e = accept_tree(&tree, &mut rows, &cfg, None, &mut StdRng::seed_from_u64(0));
     assert!(e.unwrap_err().to_string().contains("neighbour table"));
 }
+
+#[test]
+fn residual_worked_examples_and_tvd_stats() {
+    use lantern::accept::rules::residual_deterministic;
+    use lantern::accept::TvdStats;
+    let cb = [3.0f32, 2.0, 0.0, 1.0, 4.0];
+    let nb = Neighbors::build(&cb, 5, 1, 4, Metric::L2).unwrap();
+    let p = [0.1f32, 0.3, 0.25, 0.2, 0.15];
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+    // official, A(2) = {3} used with k = 1: zero 2 and its first k + 1 = 2 neighbours (3, 1)
+    let mut r = p.to_vec();
+    residual_deterministic(&mut r, 2, 1, 1, Some(&nb), Residual::Official);
+    assert!(close(&r, &[0.4, 0.0, 0.0, 0.0, 0.6]), "{r:?}");
+    // official without a neighbour set, and standard: zero x only
+    for (len, res) in [(0, Residual::Official), (1, Residual::Standard)] {
+        let mut r = p.to_vec();
+        residual_deterministic(&mut r, 2, len, 1, Some(&nb), res);
+        assert!(
+            close(&r, &[0.1 / 0.75, 0.3 / 0.75, 0.0, 0.2 / 0.75, 0.15 / 0.75]),
+            "{r:?}"
+        );
+    }
+    let mut s = TvdStats::default();
+    s.push(&[0.1, 0.3]);
+    s.push(&[0.2]);
+    assert!((s.mean() - 0.2).abs() < 1e-6 && s.max == 0.3 && s.count == 3);
+}
