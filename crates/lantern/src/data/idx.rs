@@ -83,6 +83,9 @@ pub fn fashion_mnist(dir: &Path, split: Split) -> Result<ImageDataset> {
         height: idims[1],
         width: idims[2],
         channels: 1,
-        class_names: FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect(),
+        class_names: FASHION_MNIST_CLASSES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
     })
 }

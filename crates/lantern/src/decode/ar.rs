@@ -40,7 +40,9 @@ pub fn generate_ar<T: Target>(
         if tokens[0].len() >= budget {
             break;
         }
-        let last: Vec<u32> = (0..rows).map(|r| *tokens[r % n_img].last().unwrap_or(&0)).collect();
+        let last: Vec<u32> = (0..rows)
+            .map(|r| *tokens[r % n_img].last().unwrap_or(&0))
+            .collect();
         let ids = Tensor::from_vec(last, (rows, 1), &device)?;
         let pos = Tensor::new(&[(cls + tokens[0].len() - 1) as u32], &device)?;
         let t = Instant::now();

@@ -136,11 +136,7 @@ pub fn draft_static(
 
 /// Draws up to `k` distinct indices from `p` without replacement; each with its conditional
 /// probability `p_j / (1 - sum of earlier draws)`. Stops early when no mass is left.
-pub fn draw_without_replacement(
-    p: &[f32],
-    k: usize,
-    rng: &mut dyn RngCore,
-) -> Vec<(usize, f32)> {
+pub fn draw_without_replacement(p: &[f32], k: usize, rng: &mut dyn RngCore) -> Vec<(usize, f32)> {
     let mut rem = p.to_vec();
     let mut out = Vec::with_capacity(k);
     for _ in 0..k {
@@ -156,4 +152,97 @@ pub fn draw_without_replacement(
         rem[x] = 0.0;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    /// After token t the drafter proposes `table[t]`; records what was fed.
+    /// What one expand call received.
+    type Fed = (Vec<Vec<u32>>, Vec<Vec<Option<usize>>>);
+
+    struct Table {
+        table: Vec<Vec<f32>>,
+        fed: Vec<Fed>,
+    }
+
+    impl Expand for Table {
+        fn expand(
+            &mut self,
+            tokens: &[Vec<u32>],
+            parents: &[Vec<Option<usize>>],
+        ) -> Result<Vec<Vec<Vec<f32>>>> {
+            self.fed.push((tokens.to_vec(), parents.to_vec()));
+            Ok(tokens
+                .iter()
+                .map(|ts| ts.iter().map(|&t| self.table[t as usize].clone()).collect())
+                .collect())
+        }
+    }
+
+    #[test]
+    fn greedy_static_tree_is_top_k_of_each_node() {
+        // after token t: mass on (t+1)%4 > (t+2)%4 > ...
+        let table: Vec<Vec<f32>> = (0..4)
+            .map(|t| {
+                let mut r = vec![0.0; 4];
+                r[(t + 1) % 4] = 0.5;
+                r[(t + 2) % 4] = 0.3;
+                r[(t + 3) % 4] = 0.15;
+                r[t] = 0.05;
+                r
+            })
+            .collect();
+        let shape = TreeShape::from_json("[[0],[1],[0,0],[0,1],[1,0],[0,0,0]]").unwrap();
+        let mut d = Table {
+            table: table.clone(),
+            fed: vec![],
+        };
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut rngs: Vec<&mut dyn RngCore> = vec![&mut rng];
+        let t = draft_static(
+            &shape,
+            &[0],
+            vec![table[0].clone()],
+            true,
+            &mut d,
+            &mut rngs,
+        )
+        .unwrap()
+        .remove(0);
+        assert_eq!(t.tokens, vec![0, 1, 2, 2, 3, 3, 3]);
+        assert_eq!(t.parents, vec![0, 0, 0, 1, 1, 2, 3]);
+        assert_eq!(t.kind, DraftKind::Deterministic);
+        // level 2 feeds nodes [0] and [1]; level 3 feeds [0,0] whose parent is fed node 0
+        assert_eq!(d.fed[0].0, vec![vec![1, 2]]);
+        assert_eq!(d.fed[0].1, vec![vec![None, None]]);
+        assert_eq!(d.fed[1].0, vec![vec![2]]);
+        assert_eq!(d.fed[1].1, vec![vec![Some(0)]]);
+    }
+
+    #[test]
+    fn sampled_children_are_distinct_with_conditional_q_and_pruned_when_mass_runs_out() {
+        let root = vec![0.5, 0.5, 0.0];
+        let shape = TreeShape::from_json("[[0],[1],[2],[2,0]]").unwrap();
+        let mut d = Table {
+            table: vec![vec![1.0, 0.0, 0.0]; 3],
+            fed: vec![],
+        };
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut rngs: Vec<&mut dyn RngCore> = vec![&mut rng];
+        let t = draft_static(&shape, &[2], vec![root.clone()], false, &mut d, &mut rngs)
+            .unwrap()
+            .remove(0);
+        // only two tokens have mass: rank 2 and its child are dropped
+        assert_eq!(t.len(), 3);
+        assert_ne!(t.tokens[1], t.tokens[2]);
+        assert_eq!(t.q[1], 0.5);
+        assert_eq!(t.q[2], 1.0);
+        assert_eq!(t.q_dists[0], Some(root));
+        assert_eq!(t.kind, DraftKind::WithoutReplacement);
+        t.validate().unwrap();
+    }
 }

@@ -81,7 +81,12 @@ pub fn draft_dynamic(
                     level.push(cands[g].len() - 1);
                 }
             }
-            level.sort_by(|&a, &b| cands[g][b].score.total_cmp(&cands[g][a].score).then(a.cmp(&b)));
+            level.sort_by(|&a, &b| {
+                cands[g][b]
+                    .score
+                    .total_cmp(&cands[g][a].score)
+                    .then(a.cmp(&b))
+            });
             level.truncate(k);
             level.sort_unstable();
             frontier[g] = level;
@@ -128,9 +133,12 @@ mod tests {
 
     /// Drafter whose distribution after a node depends only on the node's token:
     /// after token t the probabilities are `table[t]`.
+    /// What one expand call received.
+    type Fed = (Vec<Vec<u32>>, Vec<Vec<Option<usize>>>);
+
     struct Table {
         table: Vec<Vec<f32>>,
-        calls: Vec<(Vec<Vec<u32>>, Vec<Vec<Option<usize>>>)>,
+        calls: Vec<Fed>,
     }
 
     impl Expand for Table {

@@ -81,7 +81,11 @@ pub fn exact_accept_tree(
                 }
                 None => {
                     let tvd = vec![0.0; accepted.len()];
-                    return Ok(TreeDecision { accepted, next_token: best, tvd });
+                    return Ok(TreeDecision {
+                        accepted,
+                        next_token: best,
+                        tvd,
+                    });
                 }
             }
         }
@@ -126,7 +130,11 @@ pub fn exact_accept_tree(
             None => {
                 let next_token = sample_index(&p, rng) as u32;
                 let tvd = vec![0.0; accepted.len()];
-                return Ok(TreeDecision { accepted, next_token, tvd });
+                return Ok(TreeDecision {
+                    accepted,
+                    next_token,
+                    tvd,
+                });
             }
         }
     }

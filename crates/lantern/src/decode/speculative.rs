@@ -124,10 +124,15 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
         if past != self.stable + n_fed {
             return Err(Error::invalid(
                 "drafter cache",
-                format!("length {past}, expected {} (internal error)", self.stable + n_fed),
+                format!(
+                    "length {past}, expected {} (internal error)",
+                    self.stable + n_fed
+                ),
             ));
         }
-        let ids: Vec<u32> = (0..rows).flat_map(|r| tokens[r % self.n_img].clone()).collect();
+        let ids: Vec<u32> = (0..rows)
+            .flat_map(|r| tokens[r % self.n_img].clone())
+            .collect();
         let ids = Tensor::from_vec(ids, (rows, k), &dev)?;
         let src: Vec<Vec<usize>> = parents
             .iter()
@@ -139,11 +144,11 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
         let width = past + k;
         let mut mask = vec![f32::NEG_INFINITY; rows * k * width];
         let mut new_anc = vec![Vec::with_capacity(k); self.n_img];
-        for g in 0..self.n_img {
-            for i in 0..k {
-                let mut a = parents[g][i].map_or_else(Vec::new, |p| self.anc[g][p].clone());
+        for (g, (ps, out)) in parents.iter().zip(new_anc.iter_mut()).enumerate() {
+            for (i, p) in ps.iter().enumerate() {
+                let mut a = p.map_or_else(Vec::new, |p| self.anc[g][p].clone());
                 a.push(n_fed + i);
-                new_anc[g].push(a);
+                out.push(a);
             }
         }
         for r in 0..rows {
@@ -157,9 +162,9 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
             }
         }
         let mask = Tensor::from_vec(mask, (rows, k, width), &dev)?;
-        let out = self
-            .drafter
-            .forward(&ids, &feats, &pos, &Visibility::Custom(mask), self.cache)?;
+        let out =
+            self.drafter
+                .forward(&ids, &feats, &pos, &Visibility::Custom(mask), self.cache)?;
         self.forwards += 1;
         self.levels += 1;
         for (g, a) in new_anc.into_iter().enumerate() {
@@ -296,10 +301,11 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
 
         // draft
         let t = Instant::now();
-        let root_probs: Vec<Vec<f32>> = drafter_probs(target, &root_feat, n_img, cfg, &opts.sampling)?
-            .into_iter()
-            .map(|mut v| v.swap_remove(0))
-            .collect();
+        let root_probs: Vec<Vec<f32>> =
+            drafter_probs(target, &root_feat, n_img, cfg, &opts.sampling)?
+                .into_iter()
+                .map(|mut v| v.swap_remove(0))
+                .collect();
         let mut session = DraftSession {
             target,
             drafter,
@@ -352,7 +358,11 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
         }
         let ids = Tensor::from_vec(ids, (rows, ncols), &dev)?;
         let mask = Tensor::from_vec(mask, (rows, ncols, width), &dev)?;
-        let pos: Vec<u32> = lay.col_depth.iter().map(|&d| (root_pos + d) as u32).collect();
+        let pos: Vec<u32> = lay
+            .col_depth
+            .iter()
+            .map(|&d| (root_pos + d) as u32)
+            .collect();
         let pos = Tensor::from_vec(pos, ncols, &dev)?;
         let hidden = target.forward_tokens(&ids, &pos, &Visibility::Custom(mask), &mut tcache)?;
         let logits = target.lm_head(&hidden)?;
@@ -372,7 +382,13 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
                 sampling: &opts.sampling,
                 memo: HashMap::new(),
             };
-            decisions.push(accept_tree(&trees[g], &mut lazy, &acc_cfg, None, &mut rngs[g])?);
+            decisions.push(accept_tree(
+                &trees[g],
+                &mut lazy,
+                &acc_cfg,
+                None,
+                &mut rngs[g],
+            )?);
         }
         let m = decisions
             .iter()

@@ -40,13 +40,19 @@ impl TreeShape {
         sorted.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
         for w in sorted.windows(2) {
             if w[0] == w[1] {
-                return Err(bad(format!("path {:?} appears twice (remove the duplicate)", w[0])));
+                return Err(bad(format!(
+                    "path {:?} appears twice (remove the duplicate)",
+                    w[0]
+                )));
             }
         }
         let mut all = vec![Vec::new()];
         all.extend(sorted);
-        let index: std::collections::HashMap<&[usize], usize> =
-            all.iter().enumerate().map(|(i, p)| (p.as_slice(), i)).collect();
+        let index: std::collections::HashMap<&[usize], usize> = all
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.as_slice(), i))
+            .collect();
         let mut parents = vec![0];
         let mut depths = vec![0];
         for p in all.iter().skip(1) {
@@ -78,7 +84,11 @@ impl TreeShape {
             parents.push(pi);
             depths.push(p.len());
         }
-        Ok(Self { paths: all, parents, depths })
+        Ok(Self {
+            paths: all,
+            parents,
+            depths,
+        })
     }
 
     /// Parses a JSON list of rank paths, e.g. `[[0],[1],[0,0]]`.
@@ -140,18 +150,24 @@ impl TreeShape {
 
     /// Children of `node` in rank order.
     pub fn children(&self, node: usize) -> Vec<usize> {
-        (1..self.len()).filter(|&i| self.parents[i] == node).collect()
+        (1..self.len())
+            .filter(|&i| self.parents[i] == node)
+            .collect()
     }
 
     /// Number of nodes at each depth, depth 1 first.
     pub fn nodes_per_depth(&self) -> Vec<usize> {
         let max = self.depths.iter().copied().max().unwrap_or(0);
-        (1..=max).map(|d| self.depths.iter().filter(|&&x| x == d).count()).collect()
+        (1..=max)
+            .map(|d| self.depths.iter().filter(|&&x| x == d).count())
+            .collect()
     }
 
     /// Number of leaves (the root counts only when it has no children).
     pub fn num_leaves(&self) -> usize {
-        (0..self.len()).filter(|&i| self.children(i).is_empty()).count()
+        (0..self.len())
+            .filter(|&i| self.children(i).is_empty())
+            .count()
     }
 }
 
@@ -359,8 +375,15 @@ mod tests {
         let t = TreeShape::from_json("[[0,0],[1],[0]]").unwrap();
         assert_eq!(t.paths, vec![vec![], vec![0], vec![1], vec![0, 0]]);
         assert_eq!(t.parents, vec![0, 0, 0, 1]);
-        for bad in ["[[0],[0,1]]", "[[1]]", "[[0],[0]]", "[]", "[[0],[10]]", "{\"a\":1}", "[[0],"]
-        {
+        for bad in [
+            "[[0],[0,1]]",
+            "[[1]]",
+            "[[0],[0]]",
+            "[]",
+            "[[0],[10]]",
+            "{\"a\":1}",
+            "[[0],",
+        ] {
             let e = TreeShape::from_json(bad).unwrap_err().to_string();
             assert!(e.contains("static tree"), "{bad}: {e}");
         }
@@ -368,7 +391,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("sibling"));
-        assert!(TreeShape::from_json("[[0,0]]").unwrap_err().to_string().contains("parent"));
+        assert!(TreeShape::from_json("[[0,0]]")
+            .unwrap_err()
+            .to_string()
+            .contains("parent"));
     }
 
     #[test]
@@ -383,7 +409,13 @@ mod tests {
         assert!(TreeSpec::parse("dynamic:59:4").is_err());
         assert!(TreeSpec::parse("chain:0").is_err());
         assert!(TreeSpec::parse("chain:x").is_err());
-        assert!(TreeSpec::parse("nope").unwrap_err().to_string().contains("unknown preset"));
-        assert!(matches!(TreeSpec::parse("[[0]]").unwrap(), TreeSpec::Static(_)));
+        assert!(TreeSpec::parse("nope")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown preset"));
+        assert!(matches!(
+            TreeSpec::parse("[[0]]").unwrap(),
+            TreeSpec::Static(_)
+        ));
     }
 }

@@ -46,7 +46,9 @@ impl DraftTree {
 
     /// Children of `node`, in sibling order (the order acceptance tries them).
     pub fn children(&self, node: usize) -> Vec<usize> {
-        (1..self.len()).filter(|&i| self.parents[i] == node).collect()
+        (1..self.len())
+            .filter(|&i| self.parents[i] == node)
+            .collect()
     }
 }
 
@@ -74,10 +76,15 @@ impl DraftTree {
         for i in 1..n {
             let p = self.parents[i];
             if p >= i {
-                return Err(bad(format!("node {i} has parent {p}, which does not precede it")));
+                return Err(bad(format!(
+                    "node {i} has parent {p}, which does not precede it"
+                )));
             }
             if self.depths[i] != self.depths[p] + 1 {
-                return Err(bad(format!("node {i} depth {} != parent depth + 1", self.depths[i])));
+                return Err(bad(format!(
+                    "node {i} depth {} != parent depth + 1",
+                    self.depths[i]
+                )));
             }
         }
         Ok(())
@@ -106,13 +113,19 @@ impl DraftTree {
     pub fn additive_mask(&self) -> Vec<f32> {
         self.visibility()
             .into_iter()
-            .flat_map(|row| row.into_iter().map(|v| if v { 0.0 } else { f32::NEG_INFINITY }))
+            .flat_map(|row| {
+                row.into_iter()
+                    .map(|v| if v { 0.0 } else { f32::NEG_INFINITY })
+            })
             .collect()
     }
 
     /// Rope position of every node: `root_position + depth`.
     pub fn positions(&self, root_position: usize) -> Vec<u32> {
-        self.depths.iter().map(|&d| (root_position + d) as u32).collect()
+        self.depths
+            .iter()
+            .map(|&d| (root_position + d) as u32)
+            .collect()
     }
 
     /// Node ids from the root to `node`, both included.
@@ -161,7 +174,10 @@ impl DraftTree {
             parents: order.iter().map(|&i| new_of[self.parents[i]]).collect(),
             depths: order.iter().map(|&i| self.depths[i]).collect(),
             q: order.iter().map(|&i| self.q[i]).collect(),
-            q_dists: order.iter().map(|&i| self.q_dists.get(i).cloned().flatten()).collect(),
+            q_dists: order
+                .iter()
+                .map(|&i| self.q_dists.get(i).cloned().flatten())
+                .collect(),
             kind: self.kind,
         };
         (t, new_of)
