@@ -99,6 +99,7 @@ fn run(lm: &MockLm, drafter: &MockDrafter, tree: &str, seed: u64) -> (f64, f64, 
             .with_decoding(Decoding::Speculative {
                 tree: TreeSpec::parse(tree).unwrap(),
                 accept: AcceptConfig::default(),
+                neighbors: None,
             });
         let out = generate(lm, Some(drafter), &vec![CLASS; batch], &opts).unwrap();
         steps += out.stats[0].accepted_per_step.len();

@@ -10,6 +10,7 @@ fn spec(tree: &str) -> Decoding {
     Decoding::Speculative {
         tree: TreeSpec::parse(tree).unwrap(),
         accept: AcceptConfig::default(),
+        neighbors: None,
     }
 }
 

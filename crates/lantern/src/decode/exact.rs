@@ -19,11 +19,11 @@ pub trait TargetRows {
 }
 
 /// Latent-neighbour table for relaxed acceptance (placeholder: exact acceptance ignores it).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Neighbors;
 
 /// Acceptance settings (this exact implementation reads only `greedy`).
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct AcceptConfig {
     /// Relaxation budget (unused here: exact acceptance).
     pub relaxation: f32,

@@ -12,7 +12,7 @@ pub mod static_trees;
 pub mod stats;
 pub mod tree;
 
-pub use self::exact::AcceptConfig;
+pub use self::exact::{AcceptConfig, Neighbors};
 pub use self::static_trees::{DynamicParams, TreeShape, TreeSpec};
 pub use self::stats::DecodeStats;
 
@@ -33,6 +33,8 @@ pub enum Decoding {
         tree: TreeSpec,
         /// Acceptance rule settings.
         accept: AcceptConfig,
+        /// Latent-neighbour table for relaxed (LANTERN) acceptance.
+        neighbors: Option<std::sync::Arc<Neighbors>>,
     },
 }
 
@@ -135,14 +137,26 @@ pub fn generate<T: Target, D: DraftModel>(
     opts.validate()?;
     match &opts.decoding {
         Decoding::Ar => ar::generate_ar(target, cond, opts),
-        Decoding::Speculative { tree, accept } => {
+        Decoding::Speculative {
+            tree,
+            accept,
+            neighbors,
+        } => {
             let drafter = drafter.ok_or_else(|| {
                 Error::invalid(
                     "decoding",
                     "speculative decoding needs a drafter (load one, or choose AR decoding)",
                 )
             })?;
-            speculative::generate_speculative(target, drafter, cond, opts, tree, accept)
+            speculative::generate_speculative(
+                target,
+                drafter,
+                cond,
+                opts,
+                tree,
+                accept,
+                neighbors.as_deref(),
+            )
         }
     }
 }

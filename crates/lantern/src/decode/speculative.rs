@@ -11,7 +11,7 @@
 use super::draft::{draft_static, Expand};
 use super::dynamic::draft_dynamic;
 // The acceptance API; swap for `crate::accept::{...}` (same signature) to get LANTERN rules.
-use super::exact::{exact_accept_tree as accept_tree, AcceptConfig, TargetRows};
+use super::exact::{exact_accept_tree as accept_tree, AcceptConfig, Neighbors, TargetRows};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::static_trees::TreeSpec;
 use super::tree::DraftTree;
@@ -142,7 +142,7 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
         let pos = vec![(self.stable + self.levels) as u32; k];
         let pos = Tensor::from_vec(pos, k, &dev)?;
         let width = past + k;
-        let mut mask = vec![f32::NEG_INFINITY; rows * k * width];
+        let mut mask = vec![f32::NEG_INFINITY; self.n_img * k * width];
         let mut new_anc = vec![Vec::with_capacity(k); self.n_img];
         for (g, (ps, out)) in parents.iter().zip(new_anc.iter_mut()).enumerate() {
             for (i, p) in ps.iter().enumerate() {
@@ -151,17 +151,17 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
                 out.push(a);
             }
         }
-        for r in 0..rows {
-            let g = r % self.n_img;
-            for (i, a) in new_anc[g].iter().enumerate() {
-                let row = &mut mask[(r * k + i) * width..(r * k + i + 1) * width];
+        for (g, anc) in new_anc.iter().enumerate() {
+            for (i, a) in anc.iter().enumerate() {
+                let row = &mut mask[(g * k + i) * width..(g * k + i + 1) * width];
                 row[..self.stable].iter_mut().for_each(|x| *x = 0.0);
                 for &j in a {
                     row[self.stable + j] = 0.0;
                 }
             }
         }
-        let mask = Tensor::from_vec(mask, (rows, k, width), &dev)?;
+        let mask = Tensor::from_vec(mask, (self.n_img, k, width), &dev)?;
+        let mask = mask.repeat((rows / self.n_img, 1, 1))?;
         let out =
             self.drafter
                 .forward(&ids, &feats, &pos, &Visibility::Custom(mask), self.cache)?;
@@ -226,6 +226,7 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
     opts: &GenerateOptions,
     tree_spec: &TreeSpec,
     accept: &AcceptConfig,
+    neighbors: Option<&Neighbors>,
 ) -> Result<Output> {
     tree_spec.validate()?;
     let n_img = target.num_images(cond);
@@ -237,7 +238,7 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
     let rows = if cfg.is_some() { 2 * n_img } else { n_img };
     let cls = target.cond_len();
     let greedy = opts.sampling.is_greedy();
-    let mut acc_cfg = *accept;
+    let mut acc_cfg = accept.clone();
     acc_cfg.greedy = greedy;
     let (max_cols, max_fed) = match tree_spec {
         TreeSpec::Dynamic(p) => (
@@ -335,15 +336,13 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
         let t = Instant::now();
         let lay = layout(&trees);
         let ncols = lay.col_depth.len();
-        let mut ids = vec![0u32; rows * ncols];
-        let mut mask = vec![f32::NEG_INFINITY; rows * ncols * (root_pos + ncols)];
+        let mut ids = vec![0u32; n_img * ncols];
+        let mut mask = vec![f32::NEG_INFINITY; n_img * ncols * (root_pos + ncols)];
         let width = root_pos + ncols;
-        for r in 0..rows {
-            let g = r % n_img;
-            let tr = &trees[g];
-            let cols = &lay.cols[g];
+        for (r, tr) in trees.iter().enumerate() {
+            let cols = &lay.cols[r];
             for c in 0..ncols {
-                ids[r * ncols + c] = roots[g];
+                ids[r * ncols + c] = roots[r];
                 let row = &mut mask[(r * ncols + c) * width..(r * ncols + c + 1) * width];
                 row[..root_pos].iter_mut().for_each(|x| *x = 0.0);
                 row[root_pos + c] = 0.0;
@@ -356,8 +355,9 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
                 }
             }
         }
-        let ids = Tensor::from_vec(ids, (rows, ncols), &dev)?;
-        let mask = Tensor::from_vec(mask, (rows, ncols, width), &dev)?;
+        let halves = rows / n_img;
+        let ids = Tensor::from_vec(ids, (n_img, ncols), &dev)?.repeat((halves, 1))?;
+        let mask = Tensor::from_vec(mask, (n_img, ncols, width), &dev)?.repeat((halves, 1, 1))?;
         let pos: Vec<u32> = lay
             .col_depth
             .iter()
@@ -386,7 +386,7 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
                 &trees[g],
                 &mut lazy,
                 &acc_cfg,
-                None,
+                neighbors,
                 &mut rngs[g],
             )?);
         }
