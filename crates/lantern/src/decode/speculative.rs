@@ -60,7 +60,8 @@ impl TargetRows for LazyRows<'_> {
     }
 }
 
-/// Per-image CFG'd drafter probabilities of drafter features `[rows, s, d]`.
+/// Per-image CFG'd drafter probabilities of drafter features `[rows, s, d]` (CFG on the
+/// device, then one transfer).
 fn drafter_probs<T: Target>(
     target: &T,
     feats: &Tensor,
@@ -69,14 +70,19 @@ fn drafter_probs<T: Target>(
     sampling: &SamplingParams,
 ) -> Result<Vec<Vec<Vec<f32>>>> {
     let logits = target.lm_head(feats)?;
-    let s = feats.dim(1)?;
-    (0..n_img)
-        .map(|g| {
-            (0..s)
-                .map(|i| Ok(row_probs(sampling, &cfg_row(&logits, g, n_img, i, cfg)?)))
-                .collect()
-        })
-        .collect()
+    let mixed = match cfg {
+        Some(scale) => {
+            let c = logits.narrow(0, 0, n_img)?;
+            let u = logits.narrow(0, n_img, n_img)?;
+            (&u + ((&c - &u)? * scale as f64)?)?
+        }
+        None => logits,
+    };
+    let rows: Vec<Vec<Vec<f32>>> = mixed.to_vec3()?;
+    Ok(rows
+        .into_iter()
+        .map(|img| img.iter().map(|l| row_probs(sampling, l)).collect())
+        .collect())
 }
 
 /// Gathers, for every batch row r, the entries `idx[r % n_img]` along dim 1.
