@@ -163,6 +163,12 @@ pub fn generate<T: Target, D: DraftModel>(
 
 /// Number of tokens to generate per image.
 pub(crate) fn token_budget<T: Target>(target: &T, opts: &GenerateOptions) -> Result<usize> {
+    if target.cond_len() == 0 {
+        return Err(Error::invalid(
+            "model",
+            "cond_len 0 (the condition must occupy at least one position)",
+        ));
+    }
     let n = opts
         .max_tokens
         .map_or(target.block_size(), |m| m.min(target.block_size()));
