@@ -51,3 +51,198 @@ impl DraftTree {
             .collect()
     }
 }
+
+impl DraftTree {
+    /// Checks the structural invariants (root first, parents precede children, depths match,
+    /// per-node vectors of equal length).
+    pub fn validate(&self) -> crate::Result<()> {
+        let n = self.len();
+        let bad = |msg: String| crate::Error::invalid("draft tree", msg);
+        if n == 0 {
+            return Err(bad("no nodes (a tree holds at least its root)".into()));
+        }
+        if self.parents.len() != n || self.depths.len() != n || self.q.len() != n {
+            return Err(bad(format!(
+                "tokens/parents/depths/q have lengths {}/{}/{}/{} (must be equal)",
+                n,
+                self.parents.len(),
+                self.depths.len(),
+                self.q.len()
+            )));
+        }
+        if self.depths[0] != 0 {
+            return Err(bad("root depth must be 0".into()));
+        }
+        for i in 1..n {
+            let p = self.parents[i];
+            if p >= i {
+                return Err(bad(format!(
+                    "node {i} has parent {p}, which does not precede it"
+                )));
+            }
+            if self.depths[i] != self.depths[p] + 1 {
+                return Err(bad(format!(
+                    "node {i} depth {} != parent depth + 1",
+                    self.depths[i]
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ancestor matrix: `m[i][j]` is true when node `i` may attend to node `j` (j is the root,
+    /// an ancestor of i, or i itself).
+    pub fn visibility(&self) -> Vec<Vec<bool>> {
+        let n = self.len();
+        let mut m = vec![vec![false; n]; n];
+        for i in 0..n {
+            m[i][0] = true;
+            m[i][i] = true;
+            if i > 0 {
+                let p = self.parents[i];
+                let parent_row = m[p].clone();
+                for (dst, src) in m[i].iter_mut().zip(parent_row) {
+                    *dst |= src;
+                }
+            }
+        }
+        m
+    }
+
+    /// Additive attention mask over the tree block, row-major `n * n` (0 visible, `-inf` not).
+    pub fn additive_mask(&self) -> Vec<f32> {
+        self.visibility()
+            .into_iter()
+            .flat_map(|row| {
+                row.into_iter()
+                    .map(|v| if v { 0.0 } else { f32::NEG_INFINITY })
+            })
+            .collect()
+    }
+
+    /// Rope position of every node: `root_position + depth`.
+    pub fn positions(&self, root_position: usize) -> Vec<u32> {
+        self.depths
+            .iter()
+            .map(|&d| (root_position + d) as u32)
+            .collect()
+    }
+
+    /// Node ids from the root to `node`, both included.
+    pub fn path_to(&self, node: usize) -> Vec<usize> {
+        let mut path = vec![node];
+        let mut cur = node;
+        while cur != 0 {
+            cur = self.parents[cur];
+            path.push(cur);
+        }
+        path.reverse();
+        path
+    }
+
+    /// Leaves in node order.
+    pub fn leaves(&self) -> Vec<usize> {
+        let mut has_child = vec![false; self.len()];
+        for &p in self.parents.iter().skip(1) {
+            has_child[p] = true;
+        }
+        (0..self.len()).filter(|&i| !has_child[i]).collect()
+    }
+
+    /// Root-to-leaf node paths, one per leaf, in leaf order (EAGLE's `retrieve_indices`
+    /// without the `-1` padding).
+    pub fn retrieve_paths(&self) -> Vec<Vec<usize>> {
+        self.leaves().into_iter().map(|l| self.path_to(l)).collect()
+    }
+
+    /// Largest depth in the tree.
+    pub fn max_depth(&self) -> usize {
+        self.depths.iter().copied().max().unwrap_or(0)
+    }
+
+    /// A copy with the nodes reordered by depth (stable, so sibling order is kept), and the
+    /// old-to-new index map.
+    pub fn sorted_by_depth(&self) -> (DraftTree, Vec<usize>) {
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.sort_by_key(|&i| self.depths[i]);
+        let mut new_of = vec![0; self.len()];
+        for (new, &old) in order.iter().enumerate() {
+            new_of[old] = new;
+        }
+        let t = DraftTree {
+            tokens: order.iter().map(|&i| self.tokens[i]).collect(),
+            parents: order.iter().map(|&i| new_of[self.parents[i]]).collect(),
+            depths: order.iter().map(|&i| self.depths[i]).collect(),
+            q: order.iter().map(|&i| self.q[i]).collect(),
+            q_dists: order
+                .iter()
+                .map(|&i| self.q_dists.get(i).cloned().flatten())
+                .collect(),
+            kind: self.kind,
+        };
+        (t, new_of)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// root -> a(1), b(2); a -> c(3); c -> d(4)
+    fn small() -> DraftTree {
+        DraftTree {
+            tokens: vec![9, 1, 2, 3, 4],
+            parents: vec![0, 0, 0, 1, 3],
+            depths: vec![0, 1, 1, 2, 3],
+            q: vec![1.0; 5],
+            q_dists: vec![None; 5],
+            kind: DraftKind::Deterministic,
+        }
+    }
+
+    #[test]
+    fn mask_positions_and_paths_of_a_hand_worked_tree() {
+        let t = small();
+        t.validate().unwrap();
+        let m = t.visibility();
+        let expect = [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 0, 1, 0, 0],
+            [1, 1, 0, 1, 0],
+            [1, 1, 0, 1, 1],
+        ];
+        for i in 0..5 {
+            for j in 0..5 {
+                assert_eq!(m[i][j], expect[i][j] == 1, "mask[{i}][{j}]");
+            }
+        }
+        assert_eq!(t.positions(10), vec![10, 11, 11, 12, 13]);
+        assert_eq!(t.retrieve_paths(), vec![vec![0, 2], vec![0, 1, 3, 4]]);
+        assert_eq!(t.children(0), vec![1, 2]);
+        let a = t.additive_mask();
+        assert_eq!(a[1], f32::NEG_INFINITY);
+        assert_eq!(a[5], 0.0);
+    }
+
+    #[test]
+    fn sort_by_depth_keeps_structure() {
+        let mut t = small();
+        // reorder: root, a, c, b, d  (depths 0,1,2,1,3)
+        t.tokens = vec![9, 1, 3, 2, 4];
+        t.parents = vec![0, 0, 1, 0, 2];
+        t.depths = vec![0, 1, 2, 1, 3];
+        let (s, new_of) = t.sorted_by_depth();
+        s.validate().unwrap();
+        assert_eq!(s.tokens, vec![9, 1, 2, 3, 4]);
+        assert_eq!(s.parents, vec![0, 0, 0, 1, 3]);
+        assert_eq!(new_of, vec![0, 1, 3, 2, 4]);
+    }
+
+    #[test]
+    fn validate_rejects_bad_parents() {
+        let mut t = small();
+        t.parents[1] = 3;
+        assert!(t.validate().is_err());
+    }
+}

@@ -1,0 +1,248 @@
+//! Drafting a tree for every image of a batch, level by level, through an [`Expand`] callback
+//! that runs the drafter. Static shapes are filled here (top-k when greedy, draws without
+//! replacement when sampling); the EAGLE-2 dynamic tree is in [`super::dynamic`].
+use super::static_trees::TreeShape;
+use super::tree::{DraftKind, DraftTree};
+use crate::sampling::sample_index;
+use crate::Result;
+use rand::RngCore;
+
+/// Drafter access for the tree builders.
+pub trait Expand {
+    /// Feeds one level of nodes for every image and returns the drafter distribution (after
+    /// CFG and the sampling filters) of the token after each.
+    ///
+    /// `tokens[g][i]` is the token of the i-th node fed for image g; `parents[g][i]` is the
+    /// index of its parent among all nodes fed earlier for image g in this tree (in feeding
+    /// order), or `None` when the parent is the root. Every image feeds the same number of
+    /// nodes per call, all at the same depth. Returns `probs[g][i]` (length vocab).
+    fn expand(
+        &mut self,
+        tokens: &[Vec<u32>],
+        parents: &[Vec<Option<usize>>],
+    ) -> Result<Vec<Vec<Vec<f32>>>>;
+}
+
+/// Indices of the `k` largest values, largest first (ties: lower index first).
+pub fn top_k_indices(p: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..p.len()).collect();
+    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// Fills a static shape for every image. `root_tokens[g]` is image g's root, `root_probs[g]`
+/// the drafter distribution after it. Greedy: the children of a node are its drafter top-k
+/// (q = 1, [`DraftKind::Deterministic`]). Sampling: they are drawn without replacement, q is the
+/// conditional probability and the node's distribution is kept
+/// ([`DraftKind::WithoutReplacement`]). Children that cannot be drawn (no mass left) are
+/// dropped with their subtrees, so trees may be smaller than the shape.
+pub fn draft_static(
+    shape: &TreeShape,
+    root_tokens: &[u32],
+    root_probs: Vec<Vec<f32>>,
+    greedy: bool,
+    expand: &mut dyn Expand,
+    rngs: &mut [&mut dyn RngCore],
+) -> Result<Vec<DraftTree>> {
+    let n_img = root_tokens.len();
+    let kind = if greedy {
+        DraftKind::Deterministic
+    } else {
+        DraftKind::WithoutReplacement
+    };
+    let mut trees: Vec<DraftTree> = root_tokens
+        .iter()
+        .map(|&t| DraftTree {
+            tokens: vec![t],
+            parents: vec![0],
+            depths: vec![0],
+            q: vec![1.0],
+            q_dists: vec![None],
+            kind,
+        })
+        .collect();
+    // shape node -> tree node, per image
+    let mut map: Vec<Vec<Option<usize>>> = vec![vec![None; shape.len()]; n_img];
+    for m in map.iter_mut() {
+        m[0] = Some(0);
+    }
+    // shape node -> index among fed nodes
+    let mut fed_of: Vec<Option<usize>> = vec![None; shape.len()];
+    let mut n_fed = 0;
+    let max_depth = shape.depths.iter().copied().max().unwrap_or(0);
+    // probs[g][shape node] of nodes whose children are drawn at the next level
+    let mut level_probs: Vec<Vec<(usize, Vec<f32>)>> =
+        root_probs.into_iter().map(|p| vec![(0, p)]).collect();
+    for depth in 1..=max_depth {
+        for g in 0..n_img {
+            for (parent, probs) in std::mem::take(&mut level_probs[g]) {
+                let Some(tp) = map[g][parent] else { continue };
+                let children = shape.children(parent);
+                if children.is_empty() {
+                    continue;
+                }
+                let picks: Vec<(usize, f32)> = if greedy {
+                    top_k_indices(&probs, children.len())
+                        .into_iter()
+                        .map(|x| (x, 1.0))
+                        .collect()
+                } else {
+                    draw_without_replacement(&probs, children.len(), &mut *rngs[g])
+                };
+                if !greedy {
+                    trees[g].q_dists[tp] = Some(probs);
+                }
+                for (&c, (tok, q)) in children.iter().zip(picks) {
+                    let t = &mut trees[g];
+                    t.tokens.push(tok as u32);
+                    t.parents.push(tp);
+                    t.depths.push(depth);
+                    t.q.push(q);
+                    t.q_dists.push(None);
+                    map[g][c] = Some(t.len() - 1);
+                }
+            }
+        }
+        if depth == max_depth {
+            break;
+        }
+        // feed the nodes at this depth that have children in the shape
+        let feed: Vec<usize> = (1..shape.len())
+            .filter(|&i| shape.depths[i] == depth && !shape.children(i).is_empty())
+            .collect();
+        let mut tokens = vec![Vec::with_capacity(feed.len()); n_img];
+        let mut parents = vec![Vec::with_capacity(feed.len()); n_img];
+        for (g, m) in map.iter().enumerate() {
+            for &s in &feed {
+                // a dropped node is fed as a copy of the root (its output is ignored)
+                let tok = m[s].map(|t| trees[g].tokens[t]).unwrap_or(root_tokens[g]);
+                tokens[g].push(tok);
+                let p = shape.parents[s];
+                parents[g].push(if p == 0 { None } else { fed_of[p] });
+            }
+        }
+        for &s in &feed {
+            fed_of[s] = Some(n_fed);
+            n_fed += 1;
+        }
+        let probs = expand.expand(&tokens, &parents)?;
+        for (g, rows) in probs.into_iter().enumerate() {
+            level_probs[g] = feed.iter().copied().zip(rows).collect();
+        }
+    }
+    Ok(trees)
+}
+
+/// Draws up to `k` distinct indices from `p` without replacement; each with its conditional
+/// probability `p_j / (1 - sum of earlier draws)`. Stops early when no mass is left.
+pub fn draw_without_replacement(p: &[f32], k: usize, rng: &mut dyn RngCore) -> Vec<(usize, f32)> {
+    let mut rem = p.to_vec();
+    let mut out = Vec::with_capacity(k);
+    for _ in 0..k {
+        let total: f32 = rem.iter().sum();
+        if total <= 0.0 {
+            break;
+        }
+        let x = sample_index(&rem, rng);
+        if rem[x] <= 0.0 {
+            break;
+        }
+        out.push((x, (rem[x] / total).clamp(0.0, 1.0)));
+        rem[x] = 0.0;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    /// After token t the drafter proposes `table[t]`; records what was fed.
+    /// What one expand call received.
+    type Fed = (Vec<Vec<u32>>, Vec<Vec<Option<usize>>>);
+
+    struct Table {
+        table: Vec<Vec<f32>>,
+        fed: Vec<Fed>,
+    }
+
+    impl Expand for Table {
+        fn expand(
+            &mut self,
+            tokens: &[Vec<u32>],
+            parents: &[Vec<Option<usize>>],
+        ) -> Result<Vec<Vec<Vec<f32>>>> {
+            self.fed.push((tokens.to_vec(), parents.to_vec()));
+            Ok(tokens
+                .iter()
+                .map(|ts| ts.iter().map(|&t| self.table[t as usize].clone()).collect())
+                .collect())
+        }
+    }
+
+    #[test]
+    fn greedy_static_tree_is_top_k_of_each_node() {
+        // after token t: mass on (t+1)%4 > (t+2)%4 > ...
+        let table: Vec<Vec<f32>> = (0..4)
+            .map(|t| {
+                let mut r = vec![0.0; 4];
+                r[(t + 1) % 4] = 0.5;
+                r[(t + 2) % 4] = 0.3;
+                r[(t + 3) % 4] = 0.15;
+                r[t] = 0.05;
+                r
+            })
+            .collect();
+        let shape = TreeShape::from_json("[[0],[1],[0,0],[0,1],[1,0],[0,0,0]]").unwrap();
+        let mut d = Table {
+            table: table.clone(),
+            fed: vec![],
+        };
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut rngs: Vec<&mut dyn RngCore> = vec![&mut rng];
+        let t = draft_static(
+            &shape,
+            &[0],
+            vec![table[0].clone()],
+            true,
+            &mut d,
+            &mut rngs,
+        )
+        .unwrap()
+        .remove(0);
+        assert_eq!(t.tokens, vec![0, 1, 2, 2, 3, 3, 3]);
+        assert_eq!(t.parents, vec![0, 0, 0, 1, 1, 2, 3]);
+        assert_eq!(t.kind, DraftKind::Deterministic);
+        // level 2 feeds nodes [0] and [1]; level 3 feeds [0,0] whose parent is fed node 0
+        assert_eq!(d.fed[0].0, vec![vec![1, 2]]);
+        assert_eq!(d.fed[0].1, vec![vec![None, None]]);
+        assert_eq!(d.fed[1].0, vec![vec![2]]);
+        assert_eq!(d.fed[1].1, vec![vec![Some(0)]]);
+    }
+
+    #[test]
+    fn sampled_children_are_distinct_with_conditional_q_and_pruned_when_mass_runs_out() {
+        let root = vec![0.5, 0.5, 0.0];
+        let shape = TreeShape::from_json("[[0],[1],[2],[2,0]]").unwrap();
+        let mut d = Table {
+            table: vec![vec![1.0, 0.0, 0.0]; 3],
+            fed: vec![],
+        };
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut rngs: Vec<&mut dyn RngCore> = vec![&mut rng];
+        let t = draft_static(&shape, &[2], vec![root.clone()], false, &mut d, &mut rngs)
+            .unwrap()
+            .remove(0);
+        // only two tokens have mass: rank 2 and its child are dropped
+        assert_eq!(t.len(), 3);
+        assert_ne!(t.tokens[1], t.tokens[2]);
+        assert_eq!(t.q[1], 0.5);
+        assert_eq!(t.q[2], 1.0);
+        assert_eq!(t.q_dists[0], Some(root));
+        assert_eq!(t.kind, DraftKind::WithoutReplacement);
+        t.validate().unwrap();
+    }
+}

@@ -1,0 +1,206 @@
+//! EAGLE-2's dynamic draft tree (`topK_genrate`), for every image of a batch.
+//!
+//! Level 1 = the top-k drafts after the root, scored by their log-probabilities. Then `depth`
+//! times: feed the k frontier nodes, take the top-k children of each, score them by cumulative
+//! log-probability, keep the best k of the k*k as the next frontier. Finally the
+//! `total_tokens - 1` best of all scored candidates form the tree (ordered by score, then by
+//! creation order, so every selected node's parent, which scores at least as high and was
+//! created earlier, is selected too), sorted back into creation order.
+use super::draft::{top_k_indices, Expand};
+use super::static_trees::DynamicParams;
+use super::tree::{DraftKind, DraftTree};
+use crate::Result;
+
+#[derive(Debug, Clone, Copy)]
+struct Cand {
+    token: u32,
+    score: f32,
+    /// Candidate index of the parent (`None` = root).
+    parent: Option<usize>,
+}
+
+fn ln(p: f32) -> f32 {
+    if p > 0.0 {
+        p.ln()
+    } else {
+        f32::NEG_INFINITY
+    }
+}
+
+/// Builds one EAGLE-2 tree per image. `root_probs[g]` is the drafter distribution after image
+/// g's root token `root_tokens[g]`; `expand` runs the drafter on each frontier.
+pub fn draft_dynamic(
+    params: &DynamicParams,
+    root_tokens: &[u32],
+    root_probs: Vec<Vec<f32>>,
+    expand: &mut dyn Expand,
+) -> Result<Vec<DraftTree>> {
+    params.validate()?;
+    let n_img = root_tokens.len();
+    let vocab = root_probs.first().map(|p| p.len()).unwrap_or(0);
+    let k = params.top_k.min(vocab.max(1));
+    let mut cands: Vec<Vec<Cand>> = vec![Vec::new(); n_img];
+    // candidate index of each frontier node, per image
+    let mut frontier: Vec<Vec<usize>> = vec![Vec::new(); n_img];
+    for (g, p) in root_probs.iter().enumerate() {
+        for x in top_k_indices(p, k) {
+            cands[g].push(Cand {
+                token: x as u32,
+                score: ln(p[x]),
+                parent: None,
+            });
+            frontier[g].push(cands[g].len() - 1);
+        }
+    }
+    // candidate index -> index among fed nodes
+    let mut fed_of: Vec<std::collections::HashMap<usize, usize>> = vec![Default::default(); n_img];
+    let mut n_fed = 0;
+    for _ in 0..params.depth {
+        let mut tokens = vec![Vec::with_capacity(k); n_img];
+        let mut parents = vec![Vec::with_capacity(k); n_img];
+        for g in 0..n_img {
+            for (i, &c) in frontier[g].iter().enumerate() {
+                let cand = cands[g][c];
+                tokens[g].push(cand.token);
+                parents[g].push(cand.parent.and_then(|p| fed_of[g].get(&p).copied()));
+                fed_of[g].insert(c, n_fed + i);
+            }
+        }
+        n_fed += k;
+        let probs = expand.expand(&tokens, &parents)?;
+        for (g, rows) in probs.into_iter().enumerate() {
+            let mut level: Vec<usize> = Vec::with_capacity(k * k);
+            for (&f, p) in frontier[g].iter().zip(rows) {
+                let base = cands[g][f].score;
+                for x in top_k_indices(&p, k) {
+                    cands[g].push(Cand {
+                        token: x as u32,
+                        score: base + ln(p[x]),
+                        parent: Some(f),
+                    });
+                    level.push(cands[g].len() - 1);
+                }
+            }
+            level.sort_by(|&a, &b| {
+                cands[g][b]
+                    .score
+                    .total_cmp(&cands[g][a].score)
+                    .then(a.cmp(&b))
+            });
+            level.truncate(k);
+            level.sort_unstable();
+            frontier[g] = level;
+        }
+    }
+    let mut trees = Vec::with_capacity(n_img);
+    for g in 0..n_img {
+        let c = &cands[g];
+        let mut order: Vec<usize> = (0..c.len()).collect();
+        order.sort_by(|&a, &b| c[b].score.total_cmp(&c[a].score).then(a.cmp(&b)));
+        order.truncate(params.total_tokens - 1);
+        order.sort_unstable();
+        let mut node_of = std::collections::HashMap::new();
+        let mut t = DraftTree {
+            tokens: vec![root_tokens[g]],
+            parents: vec![0],
+            depths: vec![0],
+            q: vec![1.0],
+            q_dists: vec![None],
+            kind: DraftKind::Deterministic,
+        };
+        for &ci in &order {
+            let parent = match c[ci].parent {
+                None => 0,
+                Some(p) => *node_of.get(&p).ok_or_else(|| {
+                    crate::Error::invalid("dynamic tree", "selected node without its parent")
+                })?,
+            };
+            t.tokens.push(c[ci].token);
+            t.parents.push(parent);
+            t.depths.push(t.depths[parent] + 1);
+            t.q.push(1.0);
+            t.q_dists.push(None);
+            node_of.insert(ci, t.len() - 1);
+        }
+        trees.push(t);
+    }
+    Ok(trees)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drafter whose distribution after a node depends only on the node's token:
+    /// after token t the probabilities are `table[t]`.
+    /// What one expand call received.
+    type Fed = (Vec<Vec<u32>>, Vec<Vec<Option<usize>>>);
+
+    struct Table {
+        table: Vec<Vec<f32>>,
+        calls: Vec<Fed>,
+    }
+
+    impl Expand for Table {
+        fn expand(
+            &mut self,
+            tokens: &[Vec<u32>],
+            parents: &[Vec<Option<usize>>],
+        ) -> Result<Vec<Vec<Vec<f32>>>> {
+            self.calls.push((tokens.to_vec(), parents.to_vec()));
+            Ok(tokens
+                .iter()
+                .map(|ts| ts.iter().map(|&t| self.table[t as usize].clone()).collect())
+                .collect())
+        }
+    }
+
+    #[test]
+    fn hand_worked_dynamic_tree() {
+        // vocab 3; after any token: [0.6, 0.3, 0.1]
+        let row = vec![0.6, 0.3, 0.1];
+        let mut d = Table {
+            table: vec![row.clone(); 3],
+            calls: vec![],
+        };
+        let p = DynamicParams {
+            total_tokens: 5,
+            depth: 1,
+            top_k: 2,
+        };
+        let trees = draft_dynamic(&p, &[7], vec![row], &mut d).unwrap();
+        let t = &trees[0];
+        // candidates: L1 tokens 0 (ln .6), 1 (ln .3); expansion: 0->0 (.36), 0->1 (.18),
+        // 1->0 (.18), 1->1 (.09). Best 4: 0(.6), 0->0(.36), 1(.3), then .18 tie -> 0->1 first.
+        assert_eq!(t.tokens, vec![7, 0, 1, 0, 1]);
+        assert_eq!(t.parents, vec![0, 0, 0, 1, 1]);
+        assert_eq!(t.depths, vec![0, 1, 1, 2, 2]);
+        t.validate().unwrap();
+        assert_eq!(d.calls.len(), 1);
+        assert_eq!(d.calls[0].0, vec![vec![0, 1]]);
+        assert_eq!(d.calls[0].1, vec![vec![None, None]]);
+    }
+
+    #[test]
+    fn frontier_parents_index_fed_nodes() {
+        let row = vec![0.5, 0.3, 0.2];
+        let mut d = Table {
+            table: vec![row.clone(); 3],
+            calls: vec![],
+        };
+        let p = DynamicParams {
+            total_tokens: 8,
+            depth: 2,
+            top_k: 2,
+        };
+        let trees = draft_dynamic(&p, &[1, 2], vec![row.clone(), row], &mut d).unwrap();
+        assert_eq!(trees.len(), 2);
+        assert_eq!(trees[0].len(), 8);
+        // second call: frontier = 0->0 (.25) and 0->1 (.15) (ties .15 with 1->0: creation order)
+        assert_eq!(d.calls[1].0[0], vec![0, 1]);
+        assert_eq!(d.calls[1].1[0], vec![Some(0), Some(0)]);
+        for t in &trees {
+            t.validate().unwrap();
+        }
+    }
+}
