@@ -13,6 +13,45 @@ pub enum TrainCommand {
     Classifier(ClassifierArgs),
     /// Train a class-conditional LlamaGen GPT on token grids made by `lantern tokenize`.
     Gpt(GptArgs),
+    /// Train a VQ tokenizer (the VQ-16 architecture family, scaled down) on Fashion-MNIST.
+    Vq(VqArgs),
+}
+
+/// Options of `lantern train vq`.
+#[derive(Args)]
+pub struct VqArgs {
+    /// Run folder: config.json, model.safetensors, train_state.json, losses.csv, recon_*.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// Fashion-MNIST folder (Debian's dataset-fashion-mnist layout).
+    #[arg(long, default_value = FASHION_MNIST_DIR)]
+    data: PathBuf,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 4000)]
+    steps: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    /// Codebook size.
+    #[arg(long, default_value_t = 1024)]
+    codebook_size: usize,
+    /// Base channel count.
+    #[arg(long)]
+    ch: Option<usize>,
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = 1000)]
+    ckpt_every: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from the checkpoint in OUT.
+    #[arg(long)]
+    resume: bool,
+    #[command(flatten)]
+    device: DeviceOpts,
 }
 
 /// Options of `lantern train gpt`.
@@ -97,6 +136,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
     match cmd {
         TrainCommand::Classifier(a) => classifier(a),
         TrainCommand::Gpt(a) => gpt(a),
+        TrainCommand::Vq(a) => vq(a),
     }
 }
 
@@ -223,6 +263,40 @@ fn gpt(a: GptArgs) -> Result<()> {
     println!(
         "done in {:.0} s; checkpoint in {}",
         start.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn vq(a: VqArgs) -> Result<()> {
+    use lantern::models::vq::VqConfig;
+    use lantern::train::vq::{train_vq, VqTrainConfig};
+    let dev = a.device.device()?;
+    let train = fashion_mnist(&a.data, Split::Train)?;
+    let test = fashion_mnist(&a.data, Split::Test)?;
+    let mut cfg = VqConfig::fashion_small();
+    cfg.codebook_size = a.codebook_size;
+    if let Some(ch) = a.ch {
+        cfg.ch = ch;
+    }
+    let tcfg = VqTrainConfig::new(a.steps, &a.out)
+        .with_batch_size(a.batch_size)
+        .with_lr(a.lr)
+        .with_ckpt_every(a.ckpt_every)
+        .with_seed(a.seed)
+        .with_resume(a.resume);
+    let pb = progress_bar(a.steps as u64, "train vq");
+    let report = train_vq(&cfg, &tcfg, &train, &test, &dev, &mut |p| {
+        pb.set_position(p.step as u64);
+        pb.set_message(format!("loss {:.4}", p.loss));
+    })?;
+    pb.finish();
+    println!(
+        "vq: {} steps, test PSNR {:.2} dB, codebook usage {:.1}%, {:.3} s/step; saved to {}",
+        report.steps,
+        report.test_psnr,
+        100.0 * report.code_usage,
+        report.seconds_per_step,
         a.out.display()
     );
     Ok(())
