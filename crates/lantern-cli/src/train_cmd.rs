@@ -99,6 +99,9 @@ pub struct GptArgs {
     /// Allow writing into an existing run folder without --resume (starts over).
     #[arg(long)]
     force: bool,
+    /// Stop (with a checkpoint) once this many seconds have passed; resume later with --resume.
+    #[arg(long)]
+    time_limit_s: Option<f64>,
     #[command(flatten)]
     device: DeviceOpts,
 }
@@ -216,6 +219,7 @@ fn gpt(a: GptArgs) -> Result<()> {
         extra_rope_rows: 0,
     };
     let tcfg = GptTrainConfig {
+        time_limit_s: a.time_limit_s,
         steps: a.steps,
         batch_size: a.batch_size,
         lr: a.lr,

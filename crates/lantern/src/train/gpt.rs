@@ -33,6 +33,8 @@ pub struct GptTrainConfig {
     pub ckpt_every: usize,
     /// Seed for initialisation, shuffling and label dropout.
     pub seed: u64,
+    /// Stop with a checkpoint once this much wall time has passed (resume later).
+    pub time_limit_s: Option<f64>,
 }
 
 impl Default for GptTrainConfig {
@@ -46,6 +48,7 @@ impl Default for GptTrainConfig {
             class_dropout: 0.1,
             ckpt_every: 1000,
             seed: 0,
+            time_limit_s: None,
         }
     }
 }
@@ -247,6 +250,7 @@ pub fn train_gpt(
     order.shuffle(&mut rng);
     let mut cursor = 0;
     let (mut acc, mut acc_n) = (0f64, 0usize);
+    let t0 = std::time::Instant::now();
     for step in start..tcfg.steps {
         if cursor + tcfg.batch_size > order.len() {
             order.shuffle(&mut rng);
@@ -272,7 +276,10 @@ pub fn train_gpt(
         acc += l;
         acc_n += 1;
         progress(step + 1, l);
-        let last = step + 1 == tcfg.steps;
+        let out_of_time = tcfg
+            .time_limit_s
+            .is_some_and(|t| t0.elapsed().as_secs_f64() >= t);
+        let last = step + 1 == tcfg.steps || out_of_time;
         if (step + 1) % tcfg.ckpt_every == 0 || last {
             let test_loss = evaluate(&model, test, 1000, tcfg.batch_size)?;
             let ck = GptCheckpoint {
@@ -298,9 +305,43 @@ pub fn train_gpt(
             on_checkpoint(&model, &ck)?;
             acc = 0.0;
             acc_n = 0;
+            if out_of_time {
+                break;
+            }
         }
     }
     Ok(model)
+}
+
+/// Turns the f32 checkpoint of a run folder into a shippable folder: `config.json` (HF-style)
+/// + f16 `model.safetensors` under the original tensor names.
+pub fn export_f16(run_dir: &Path, cfg: &Config, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Write {
+        path: dir.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    let src = run_dir.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&src, &Device::Cpu)
+        .map_err(|e| Error::load(&src, e.to_string()))?;
+    let mut map = std::collections::HashMap::new();
+    for (name, t) in tensors {
+        map.insert(name, t.to_dtype(DType::F16)?);
+    }
+    let path = dir.join("model.safetensors");
+    let tmp = dir.join("model.safetensors.tmp");
+    candle_core::safetensors::save(&map, &tmp).map_err(|e| Error::Write {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::Write {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg.to_hf_json()).unwrap_or_default(),
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -404,6 +445,13 @@ mod tests {
         assert!(resumed[0].1 < 0.6 * losses[0]);
         let csv = std::fs::read_to_string(dir.join("losses.csv"))?;
         assert_eq!(csv.lines().count(), 1 + 3, "{csv}");
+        // the f16 export loads through the checkpoint loader with its config.json
+        export_f16(&dir, &cfg, &dir.join("export"))?;
+        let (m, _) =
+            crate::load::load_llamagen(&dir.join("export"), None, DType::F32, &Device::Cpu)?;
+        assert_eq!(m.config(), &cfg);
+        let l = evaluate(&m, &data, 8, 8)?;
+        assert!(l < 0.6 * losses[0], "exported model lost its training: {l}");
         std::fs::remove_dir_all(&dir).ok();
         Ok(())
     }
