@@ -2,6 +2,7 @@
 //! train the small models we ship, and measure them.
 mod common;
 mod tokenize_cmd;
+mod tools_cmd;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,14 @@ enum Command {
     Train(train_cmd::TrainCommand),
     /// Encode a dataset into VQ token grids (input of `train gpt`).
     Tokenize(tokenize_cmd::TokenizeArgs),
+    /// Show what a checkpoint is: kind, implied config, parameter count, dtype.
+    Inspect(tools_cmd::InspectArgs),
+    /// Decode token grids (JSON from `generate --save-tokens`) back to PNG images.
+    Decode(tools_cmd::DecodeArgs),
+    /// Build the latent proximity table of a VQ codebook (or import the official .npy).
+    Neighbors(tools_cmd::NeighborsArgs),
+    /// Class accuracy and classifier-FID of a folder of generated images.
+    Eval(tools_cmd::EvalArgs),
 }
 
 fn main() {
@@ -28,6 +37,10 @@ fn main() {
     let result = match cli.command {
         Command::Train(cmd) => train_cmd::run(cmd),
         Command::Tokenize(a) => tokenize_cmd::run(a),
+        Command::Inspect(a) => tools_cmd::inspect(a),
+        Command::Decode(a) => tools_cmd::decode(a),
+        Command::Neighbors(a) => tools_cmd::neighbors(a),
+        Command::Eval(a) => tools_cmd::eval(a),
     };
     if let Err(e) = result {
         // One line: the error and its causes, no backtrace.
