@@ -69,3 +69,6 @@ pub fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
     pb.set_prefix(what.to_string());
     pb
 }
+
+/// The model bundle shipped in the repository (used when --models is not given).
+pub const DEFAULT_MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/fashion");
