@@ -110,3 +110,42 @@ fn vq_train_loss_decreases_and_checkpoint_round_trips() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// Times training steps of the proposed Fashion-MNIST config (batch 64, 32x32 → 16x16 tokens).
+/// Run: `cargo test -p lantern --test vq_train -- --ignored --nocapture`
+/// (`LANTERN_VQ_STEPS` sets the number of steps, default 5).
+#[test]
+#[ignore = "slow: needs the Fashion-MNIST data and minutes of CPU"]
+fn vq_train_fashion_step_time() -> anyhow::Result<()> {
+    use lantern::data::{fashion_mnist, Split, FASHION_MNIST_DIR};
+    let dir = std::path::Path::new(FASHION_MNIST_DIR);
+    let train = fashion_mnist(dir, Split::Train)?;
+    let test = fashion_mnist(dir, Split::Test)?.take(256);
+    let steps: usize = std::env::var("LANTERN_VQ_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let out = std::env::temp_dir().join(format!("lantern-vq-fashion-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let tcfg = VqTrainConfig::new(steps, &out)
+        .with_log_every(1)
+        .with_ckpt_every(steps)
+        .with_warmup_steps(steps.min(200) / 4 + 1);
+    let cfg = VqConfig::fashion_small();
+    let t = std::time::Instant::now();
+    let r = train_vq(&cfg, &tcfg, &train, &test, &Device::Cpu, &mut |p| {
+        println!(
+            "step {} loss {:.4} lr {:.2e} {:.1}s",
+            p.step, p.loss, p.lr, p.elapsed_s
+        )
+    })?;
+    println!(
+        "{steps} steps: {:.3} s/step, test PSNR {:.2} dB, code usage {:.3}, total {:.1}s, out {}",
+        r.seconds_per_step,
+        r.test_psnr,
+        r.code_usage,
+        t.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}
