@@ -111,25 +111,33 @@ fn vq_train_loss_decreases_and_checkpoint_round_trips() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Times training steps of the proposed Fashion-MNIST config (batch 64, 32x32 → 16x16 tokens).
-/// Run: `cargo test -p lantern --test vq_train -- --ignored --nocapture`
-/// (`LANTERN_VQ_STEPS` sets the number of steps, default 5).
+/// Times training steps of the proposed Fashion-MNIST config (32x32 → 16x16 tokens) and reports
+/// test PSNR / code usage. Run: `cargo test -p lantern --test vq_train -- --ignored --nocapture`.
+/// Environment: `LANTERN_VQ_STEPS` (default 5), `LANTERN_VQ_BATCH` (64), `LANTERN_VQ_LR` (5e-4),
+/// `LANTERN_VQ_OUT` (output folder, default a temp dir), `LANTERN_FASHION_DIR` (data folder).
 #[test]
 #[ignore = "slow: needs the Fashion-MNIST data and minutes of CPU"]
 fn vq_train_fashion_step_time() -> anyhow::Result<()> {
     use lantern::data::{fashion_mnist, Split, FASHION_MNIST_DIR};
-    let dir = std::path::Path::new(FASHION_MNIST_DIR);
-    let train = fashion_mnist(dir, Split::Train)?;
-    let test = fashion_mnist(dir, Split::Test)?.take(256);
-    let steps: usize = std::env::var("LANTERN_VQ_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    let out = std::env::temp_dir().join(format!("lantern-vq-fashion-{}", std::process::id()));
+    fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    }
+    let dir: std::path::PathBuf = env("LANTERN_FASHION_DIR", FASHION_MNIST_DIR.into());
+    let train = fashion_mnist(&dir, Split::Train)?;
+    let test = fashion_mnist(&dir, Split::Test)?.take(1000);
+    let steps: usize = env("LANTERN_VQ_STEPS", 5);
+    let default_out =
+        std::env::temp_dir().join(format!("lantern-vq-fashion-{}", std::process::id()));
+    let out: std::path::PathBuf = env("LANTERN_VQ_OUT", default_out);
     let _ = std::fs::remove_dir_all(&out);
     let tcfg = VqTrainConfig::new(steps, &out)
-        .with_log_every(1)
-        .with_ckpt_every(steps)
+        .with_batch_size(env("LANTERN_VQ_BATCH", 64))
+        .with_lr(env("LANTERN_VQ_LR", 5e-4))
+        .with_log_every((steps / 20).max(1))
+        .with_ckpt_every((steps / 4).max(1))
         .with_warmup_steps(steps.min(200) / 4 + 1);
     let cfg = VqConfig::fashion_small();
     let t = std::time::Instant::now();

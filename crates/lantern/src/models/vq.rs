@@ -108,7 +108,7 @@ impl VqConfig {
             return bad("in_channels and norm_groups must be > 0".into());
         }
         for m in &self.ch_mult {
-            if (self.ch * m) % self.norm_groups != 0 {
+            if !(self.ch * m).is_multiple_of(self.norm_groups) {
                 return bad(format!(
                     "norm_groups {} must divide every level's channels (ch {} x {m})",
                     self.norm_groups, self.ch
