@@ -110,3 +110,50 @@ fn vq_train_loss_decreases_and_checkpoint_round_trips() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// Times training steps of the proposed Fashion-MNIST config (32x32 → 16x16 tokens) and reports
+/// test PSNR / code usage. Run: `cargo test -p lantern --test vq_train -- --ignored --nocapture`.
+/// Environment: `LANTERN_VQ_STEPS` (default 5), `LANTERN_VQ_BATCH` (64), `LANTERN_VQ_LR` (5e-4),
+/// `LANTERN_VQ_OUT` (output folder, default a temp dir), `LANTERN_FASHION_DIR` (data folder).
+#[test]
+#[ignore = "slow: needs the Fashion-MNIST data and minutes of CPU"]
+fn vq_train_fashion_step_time() -> anyhow::Result<()> {
+    use lantern::data::{fashion_mnist, Split, FASHION_MNIST_DIR};
+    fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    }
+    let dir: std::path::PathBuf = env("LANTERN_FASHION_DIR", FASHION_MNIST_DIR.into());
+    let train = fashion_mnist(&dir, Split::Train)?;
+    let test = fashion_mnist(&dir, Split::Test)?.take(1000);
+    let steps: usize = env("LANTERN_VQ_STEPS", 5);
+    let default_out =
+        std::env::temp_dir().join(format!("lantern-vq-fashion-{}", std::process::id()));
+    let out: std::path::PathBuf = env("LANTERN_VQ_OUT", default_out);
+    let _ = std::fs::remove_dir_all(&out);
+    let tcfg = VqTrainConfig::new(steps, &out)
+        .with_batch_size(env("LANTERN_VQ_BATCH", 64))
+        .with_lr(env("LANTERN_VQ_LR", 5e-4))
+        .with_log_every((steps / 20).max(1))
+        .with_ckpt_every((steps / 4).max(1))
+        .with_warmup_steps(steps.min(200) / 4 + 1);
+    let cfg = VqConfig::fashion_small();
+    let t = std::time::Instant::now();
+    let r = train_vq(&cfg, &tcfg, &train, &test, &Device::Cpu, &mut |p| {
+        println!(
+            "step {} loss {:.4} lr {:.2e} {:.1}s",
+            p.step, p.loss, p.lr, p.elapsed_s
+        )
+    })?;
+    println!(
+        "{steps} steps: {:.3} s/step, test PSNR {:.2} dB, code usage {:.3}, total {:.1}s, out {}",
+        r.seconds_per_step,
+        r.test_psnr,
+        r.code_usage,
+        t.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}

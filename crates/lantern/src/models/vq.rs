@@ -10,7 +10,7 @@
 //! training `VarMap`.
 use crate::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -108,7 +108,7 @@ impl VqConfig {
             return bad("in_channels and norm_groups must be > 0".into());
         }
         for m in &self.ch_mult {
-            if (self.ch * m) % self.norm_groups != 0 {
+            if !(self.ch * m).is_multiple_of(self.norm_groups) {
                 return bad(format!(
                     "norm_groups {} must divide every level's channels (ch {} x {m})",
                     self.norm_groups, self.ch
@@ -135,7 +135,80 @@ fn conv(
         stride,
         ..Default::default()
     };
-    candle_nn::conv2d(cin, cout, k, cfg, vb)
+    let c = candle_nn::conv2d(cin, cout, k, cfg, vb)?;
+    Ok(Conv2d {
+        weight: c.weight().clone(),
+        bias: c.bias().cloned(),
+        stride,
+        pad,
+    })
+}
+
+/// A 2D convolution with bias. With trainable weights (candle `Var`s) it runs as explicit
+/// im2col + matmul, whose backward pass is a matmul: candle's own conv backward goes through
+/// `conv_transpose2d`, which is about 5x slower than the forward on the CPU. Inference with
+/// loaded weights uses candle's `conv2d`.
+#[derive(Debug, Clone)]
+struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    pad: usize,
+}
+
+impl Module for Conv2d {
+    /// # Shapes
+    /// `[b, cin, h, w]` → `[b, cout, ho, wo]`
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = if self.weight.is_variable() {
+            im2col_conv(x, &self.weight, self.stride, self.pad)?
+        } else {
+            x.conv2d(&self.weight, self.pad, self.stride, 1, 1)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Convolution as `weight [cout, cin*k*k] x columns [b, cin*k*k, ho*wo]`, built from shifted
+/// views of the zero-padded input (differentiable with cheap backward passes).
+fn im2col_conv(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> candle_core::Result<Tensor> {
+    let (b, cin, h, wd) = x.dims4()?;
+    let (cout, _, k, _) = w.dims4()?;
+    let x = if pad > 0 {
+        x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?
+    } else {
+        x.clone()
+    };
+    let (hp, wp) = (h + 2 * pad, wd + 2 * pad);
+    if hp < k || wp < k {
+        candle_core::bail!("conv: input {h}x{wd} (padded {hp}x{wp}) is smaller than kernel {k}");
+    }
+    let (ho, wo) = ((hp - k) / stride + 1, (wp - k) / stride + 1);
+    let mut cols = Vec::with_capacity(k * k);
+    for i in 0..k {
+        for j in 0..k {
+            let s = x
+                .narrow(2, i, (ho - 1) * stride + 1)?
+                .narrow(3, j, (wo - 1) * stride + 1)?;
+            let s = if stride > 1 {
+                s.pad_with_zeros(2, 0, stride - 1)?
+                    .pad_with_zeros(3, 0, stride - 1)?
+                    .reshape((b, cin, ho, stride, wo, stride))?
+                    .narrow(3, 0, 1)?
+                    .narrow(5, 0, 1)?
+                    .reshape((b, cin, ho, wo))?
+            } else {
+                s
+            };
+            cols.push(s);
+        }
+    }
+    let cols = Tensor::stack(&cols, 2)?.reshape((b, cin * k * k, ho * wo))?;
+    let w = w.reshape((cout, cin * k * k))?;
+    w.broadcast_matmul(&cols)?.reshape((b, cout, ho, wo))
 }
 
 fn norm(groups: usize, c: usize, vb: VarBuilder) -> candle_core::Result<GroupNorm> {
@@ -255,8 +328,14 @@ impl Module for Level {
                 c.forward(&h)
             }
             (Some(c), true) => {
-                let (_, _, hh, ww) = h.dims4()?;
-                c.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)
+                // Nearest x2 as a broadcast (same values as `upsample_nearest2d`, and a
+                // backward pass that is a plain sum instead of a grouped conv).
+                let (b, ch, hh, ww) = h.dims4()?;
+                let up = h
+                    .reshape((b, ch, hh, 1, ww, 1))?
+                    .broadcast_as((b, ch, hh, 2, ww, 2))?
+                    .reshape((b, ch, hh * 2, ww * 2))?;
+                c.forward(&up)
             }
         }
     }
@@ -689,6 +768,21 @@ mod tests {
         assert!(m.decode_codes(&codes, (2, 4)).is_err());
         assert_eq!(cfg.downsample(), 2);
         assert_eq!(VqConfig::vq16().downsample(), 16);
+        Ok(())
+    }
+
+    #[test]
+    fn im2col_conv_matches_conv2d() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1f32, (2, 3, 7, 6), &dev)?;
+        for (k, stride, pad) in [(3, 1, 1), (3, 2, 0), (1, 1, 0)] {
+            let w = Tensor::randn(0f32, 1f32, (4, 3, k, k), &dev)?;
+            let a = x.conv2d(&w, pad, stride, 1, 1)?;
+            let b = im2col_conv(&x, &w, stride, pad)?;
+            assert_eq!(a.dims(), b.dims());
+            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-4, "k {k} stride {stride} pad {pad}: max diff {d}");
+        }
         Ok(())
     }
 

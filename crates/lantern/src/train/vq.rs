@@ -165,7 +165,7 @@ fn check_compatible(cfg: &VqConfig, data: &ImageDataset, pad: usize) -> Result<(
         ));
     }
     let side = pad.max(data.height).max(data.width);
-    if side % cfg.downsample() != 0 {
+    if !side.is_multiple_of(cfg.downsample()) {
         return Err(Error::invalid(
             "pad_to",
             format!(
