@@ -9,6 +9,6 @@ cp /tmp/vq/config.json /tmp/vq/model.safetensors /tmp/vq/losses.csv "$OUT/vq/"
 cp "$(ls /tmp/vq/recon_*.png | sort -V | tail -1)" "$OUT/vq/recon.png"
 "$L" tokenize --vq /tmp/vq --data "$G/data" --split test --out /tmp/test.tok --device cuda | tee -a "$OUT/log.txt"
 # GPT step-time probe on the test tokens (sizes the step count of run 2)
-start=$(date +%s.%N)
+SECONDS=0
 "$L" train gpt --tokens /tmp/test.tok --test-tokens /tmp/test.tok --out /tmp/gpt-probe --steps 60 --batch-size 64 --ckpt-every 60 --device cuda 2>&1 | tail -5 | tee -a "$OUT/log.txt"
-echo "gpt probe: 60 steps + 1 eval in $(echo "$(date +%s.%N) - $start" | bc) s" | tee -a "$OUT/log.txt"
+echo "gpt probe: 60 steps + 1 eval in ${SECONDS} s" | tee -a "$OUT/log.txt"
