@@ -5,14 +5,14 @@
 pub mod ar;
 pub mod draft;
 pub mod dynamic;
-pub mod exact;
+pub mod llamagen;
 pub mod model;
 pub mod speculative;
 pub mod static_trees;
 pub mod stats;
 pub mod tree;
 
-pub use self::exact::{AcceptConfig, Neighbors};
+pub use crate::accept::{AcceptConfig, Neighbors, Relaxation, Residual};
 pub use self::static_trees::{DynamicParams, TreeShape, TreeSpec};
 pub use self::stats::DecodeStats;
 

@@ -10,12 +10,11 @@
 //! images, tau is the minimum over images of each step's accepted length).
 use super::draft::{draft_static, Expand};
 use super::dynamic::draft_dynamic;
-// The acceptance API; swap for `crate::accept::{...}` (same signature) to get LANTERN rules.
-use super::exact::{exact_accept_tree as accept_tree, AcceptConfig, Neighbors, TargetRows};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::static_trees::TreeSpec;
 use super::tree::DraftTree;
 use super::{cfg_row, token_budget, DecodeStats, GenerateOptions, Output};
+use crate::accept::{accept_tree, AcceptConfig, Neighbors, TargetRows};
 use crate::sampling::{sample_index, softmax, SamplingParams};
 use crate::{Error, Result};
 use candle_core::{Device, IndexOp, Tensor};
@@ -244,7 +243,7 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
     let rows = if cfg.is_some() { 2 * n_img } else { n_img };
     let cls = target.cond_len();
     let greedy = opts.sampling.is_greedy();
-    let mut acc_cfg = accept.clone();
+    let mut acc_cfg = *accept;
     acc_cfg.greedy = greedy;
     let (max_cols, max_fed) = match tree_spec {
         TreeSpec::Dynamic(p) => (
