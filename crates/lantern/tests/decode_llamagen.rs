@@ -195,16 +195,20 @@ fn lantern_runs_within_its_tvd_budget() -> Result<()> {
             assert!(s.tvd_max <= delta as f64 + 1e-5, "{name}: {}", s.tvd_max);
             assert!(s.tvd_mean <= s.tvd_max);
             assert!(s.tau >= 1.0);
+            println!("{name}: tau {:.2} tvd mean {:.4} max {:.4}", s.tau, s.tvd_mean, s.tvd_max);
         }
         if name == "sampled" {
             // The relaxation is engaged: some position moved mass.
-            assert!(out.stats.iter().any(|s| s.tvd_max > 0.0), "no mass absorbed");
+            let most = out.stats.iter().map(|s| s.tvd_max).fold(0.0, f64::max);
+            assert!(most > 1e-3, "no mass absorbed ({most})");
             // Exact acceptance with the same drafts reports no distortion.
             let exact = GenerateOptions::new()
                 .with_seed(11)
                 .with_decoding(spec("dynamic", AcceptConfig::default(), None)?);
             let ex = generate(&m, Some(&d), &cond, &exact)?;
-            assert!(ex.stats.iter().all(|s| s.tvd_max == 0.0));
+            for s in &ex.stats {
+                assert!(s.tvd_max < 1e-5, "exact rule reports TVD {}", s.tvd_max);
+            }
         }
     }
     // LANTERN without a neighbour table is a clear error.
@@ -234,6 +238,6 @@ fn mismatched_drafters_are_clear_errors() -> Result<()> {
     let err = generate(&m, None, &captions()?, &greedy(4.0))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("class ids"), "{err}");
+    assert!(err.contains("pass class ids"), "{err}");
     Ok(())
 }

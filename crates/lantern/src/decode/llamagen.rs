@@ -17,7 +17,9 @@ use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::{GenerateOptions, Output};
 use crate::cache::KvCache;
 use crate::models::drafter::Drafter;
-use crate::models::llamagen::{caption_mask, key_padding_mask, AttnMask, Condition, LlamaGen};
+use crate::models::llamagen::{
+    caption_mask, key_padding_mask, AttnMask, Condition, LlamaGen, ModelType,
+};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 
@@ -145,6 +147,21 @@ impl Target for LlamaGen {
         let cfg = self.config();
         let cls = cfg.cls_token_num;
         let dev = self.device().clone();
+        match (cond, cfg.model_type) {
+            (Condition::Classes(_), ModelType::T2i) => {
+                return Err(Error::invalid(
+                    "condition",
+                    "class ids given to a text-conditional (t2i) model; pass caption features",
+                ))
+            }
+            (Condition::Captions { .. }, ModelType::C2i) => {
+                return Err(Error::invalid(
+                    "condition",
+                    "caption features given to a class-conditional (c2i) model; pass class ids",
+                ))
+            }
+            _ => {}
+        }
         let (x, valid) = match cond {
             Condition::Classes(ids) => {
                 let mut all = ids.clone();
