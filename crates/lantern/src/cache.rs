@@ -111,7 +111,10 @@ impl KvCache {
         if rows.len() != b {
             return Err(Error::invalid(
                 "KV cache keep",
-                format!("{} row lists for a batch of {b} (give one per batch row)", rows.len()),
+                format!(
+                    "{} row lists for a batch of {b} (give one per batch row)",
+                    rows.len()
+                ),
             ));
         }
         let Some(first) = rows.first() else {

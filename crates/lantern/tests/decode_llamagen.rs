@@ -39,7 +39,13 @@ fn c2i() -> Result<LlamaGen> {
         block_size: 16,
         ..Config::gpt_b()
     };
-    Ok(load_llamagen(&fixtures().join("c2i.pt"), Some(&cfg), DType::F32, &Device::Cpu)?.0)
+    Ok(load_llamagen(
+        &fixtures().join("c2i.pt"),
+        Some(&cfg),
+        DType::F32,
+        &Device::Cpu,
+    )?
+    .0)
 }
 
 fn t2i() -> Result<LlamaGen> {
@@ -53,7 +59,13 @@ fn fixture_drafter(c2i: bool) -> Result<Drafter> {
         cfg.cls_token_num = 0;
         cfg.input_type = "c2i".into();
     }
-    Ok(load_drafter(&fixtures().join("drafter"), Some(&cfg), DType::F32, &Device::Cpu)?.0)
+    Ok(load_drafter(
+        &fixtures().join("drafter"),
+        Some(&cfg),
+        DType::F32,
+        &Device::Cpu,
+    )?
+    .0)
 }
 
 /// A freshly initialised drafter (VarMap init).
@@ -133,9 +145,16 @@ fn check_greedy_equal(m: &LlamaGen, cond: &Condition, drafters: &[(&str, Drafter
                 }
                 let opts = greedy(cfg).with_decoding(spec(tree, AcceptConfig::default(), None)?);
                 let out = generate(m, Some(d), cond, &opts)?;
-                assert_eq!(out.tokens, ar.tokens, "drafter {name}, tree {tree}, cfg {cfg}");
+                assert_eq!(
+                    out.tokens, ar.tokens,
+                    "drafter {name}, tree {tree}, cfg {cfg}"
+                );
                 let s = &out.stats[0];
-                assert_eq!(s.accepted_per_step.iter().sum::<usize>(), 15, "{name} {tree}");
+                assert_eq!(
+                    s.accepted_per_step.iter().sum::<usize>(),
+                    15,
+                    "{name} {tree}"
+                );
                 assert_eq!(s.target_forwards, 1 + s.accepted_per_step.len());
                 assert!(s.tau >= 1.0 && s.target_forwards <= 16, "{name} {tree}");
                 assert!(s.drafter_forwards > s.accepted_per_step.len());
@@ -190,21 +209,29 @@ fn lantern_runs_within_its_tvd_budget() -> Result<()> {
     for (name, base) in [("greedy", greedy(4.0)), ("sampled", sampled)] {
         let opts = base.with_decoding(spec("dynamic", lantern, Some(nb.clone()))?);
         let out = generate(&m, Some(&d), &cond, &opts)?;
-        assert!(out.tokens.iter().all(|t| t.len() == 16 && t.iter().all(|&x| x < 64)));
+        assert!(out
+            .tokens
+            .iter()
+            .all(|t| t.len() == 16 && t.iter().all(|&x| x < 64)));
         for s in &out.stats {
             assert!(s.tvd_max <= delta as f64 + 1e-5, "{name}: {}", s.tvd_max);
             assert!(s.tvd_mean <= s.tvd_max);
             assert!(s.tau >= 1.0);
-            println!("{name}: tau {:.2} tvd mean {:.4} max {:.4}", s.tau, s.tvd_mean, s.tvd_max);
+            println!(
+                "{name}: tau {:.2} tvd mean {:.4} max {:.4}",
+                s.tau, s.tvd_mean, s.tvd_max
+            );
         }
         if name == "sampled" {
             // The relaxation is engaged: some position moved mass.
             let most = out.stats.iter().map(|s| s.tvd_max).fold(0.0, f64::max);
             assert!(most > 1e-3, "no mass absorbed ({most})");
             // Exact acceptance with the same drafts reports no distortion.
-            let exact = GenerateOptions::new()
-                .with_seed(11)
-                .with_decoding(spec("dynamic", AcceptConfig::default(), None)?);
+            let exact = GenerateOptions::new().with_seed(11).with_decoding(spec(
+                "dynamic",
+                AcceptConfig::default(),
+                None,
+            )?);
             let ex = generate(&m, Some(&d), &cond, &exact)?;
             for s in &ex.stats {
                 assert!(s.tvd_max < 1e-5, "exact rule reports TVD {}", s.tvd_max);
@@ -213,7 +240,9 @@ fn lantern_runs_within_its_tvd_budget() -> Result<()> {
     }
     // LANTERN without a neighbour table is a clear error.
     let opts = greedy(4.0).with_decoding(spec("dynamic", lantern, None)?);
-    let err = generate(&m, Some(&d), &cond, &opts).unwrap_err().to_string();
+    let err = generate(&m, Some(&d), &cond, &opts)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("neighbour table"), "{err}");
     Ok(())
 }
@@ -224,10 +253,14 @@ fn mismatched_drafters_are_clear_errors() -> Result<()> {
     let cond = Condition::Classes(vec![1]);
     let opts = greedy(4.0).with_decoding(spec("dynamic", AcceptConfig::default(), None)?);
     let wide = random_drafter("c2i", 16, 64)?;
-    let err = generate(&m, Some(&wide), &cond, &opts).unwrap_err().to_string();
+    let err = generate(&m, Some(&wide), &cond, &opts)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("width"), "{err}");
     let vocab = random_drafter("c2i", 32, 32)?;
-    let err = generate(&m, Some(&vocab), &cond, &opts).unwrap_err().to_string();
+    let err = generate(&m, Some(&vocab), &cond, &opts)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("vocab"), "{err}");
     // A t2i drafter (RoPE offset 119) on a class model.
     let err = generate(&m, Some(&fixture_drafter(false)?), &cond, &opts)

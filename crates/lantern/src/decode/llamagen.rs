@@ -263,11 +263,7 @@ impl DraftModel for Drafter {
     ) -> Result<Tensor> {
         let c = self.config();
         let rows = c.cls_token_num + c.block_size + c.extra_rope_rows;
-        let zero_row = if c.extra_rope_rows > 0 {
-            rows - 1
-        } else {
-            0
-        };
+        let zero_row = if c.extra_rope_rows > 0 { rows - 1 } else { 0 };
         let pos = clamp_positions(positions, rows, zero_row)?;
         let mask = match vis {
             Visibility::Causal => AttnMask::Causal,

@@ -12,9 +12,9 @@ pub mod static_trees;
 pub mod stats;
 pub mod tree;
 
-pub use crate::accept::{AcceptConfig, Neighbors, Relaxation, Residual};
 pub use self::static_trees::{DynamicParams, TreeShape, TreeSpec};
 pub use self::stats::DecodeStats;
+pub use crate::accept::{AcceptConfig, Neighbors, Relaxation, Residual};
 
 use self::model::{DraftModel, Target};
 use crate::sampling::{cfg_mix, SamplingParams};
