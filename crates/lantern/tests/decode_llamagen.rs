@@ -238,6 +238,15 @@ fn lantern_runs_within_its_tvd_budget() -> Result<()> {
             }
         }
     }
+    // Static tree, sampled drafts (without replacement): completes; no delta guarantee there.
+    let opts = GenerateOptions::new().with_seed(2).with_decoding(spec(
+        "naive_extend_57",
+        lantern,
+        Some(nb.clone()),
+    )?);
+    let out = generate(&m, Some(&d), &cond, &opts)?;
+    assert!(out.tokens.iter().all(|t| t.len() == 16));
+    assert!(out.stats.iter().all(|s| s.tvd_max <= 1.0 + 1e-5));
     // LANTERN without a neighbour table is a clear error.
     let opts = greedy(4.0).with_decoding(spec("dynamic", lantern, None)?);
     let err = generate(&m, Some(&d), &cond, &opts)

@@ -12,7 +12,8 @@
 //!   drafter 119; c2i: target 1, drafter 0), so rows are used as given; [`check_drafter`]
 //!   rejects any other pairing.
 //! - Positions past a model's RoPE table (tree nodes beyond the last image token, which are
-//!   never committed) are run with a zero-rotation row.
+//!   never committed) reuse a fixed row: the target's condition row 0 (zero rotation), the
+//!   drafter's last extra row (zero) or, without extra rows, its row 0.
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::{GenerateOptions, Output};
 use crate::cache::KvCache;
@@ -74,7 +75,7 @@ impl DecodeCache for LlamaGenCache {
     }
 }
 
-/// Replaces positions `>= rows` (past the RoPE table) with `zero_row`, a row of zero rotation.
+/// Replaces positions `>= rows` (past the RoPE table) with `zero_row`.
 fn clamp_positions(positions: &Tensor, rows: usize, zero_row: usize) -> Result<Tensor> {
     let pos = positions.to_dtype(DType::U32)?;
     let past = pos.ge(rows as f64)?;
