@@ -103,6 +103,58 @@ impl KvCache {
         Ok(())
     }
 
+    /// Per-row [`KvCache::keep`]: for batch row `r`, the entries at `start + rows[r][i]` move to
+    /// `start + i`; every list must have the same length. Equal lists use [`KvCache::keep`];
+    /// otherwise one gather over the block after `start` serves all rows.
+    pub fn keep_rows(&mut self, start: usize, rows: &[Vec<usize>]) -> Result<()> {
+        let b = self.batch();
+        if rows.len() != b {
+            return Err(Error::invalid(
+                "KV cache keep",
+                format!(
+                    "{} row lists for a batch of {b} (give one per batch row)",
+                    rows.len()
+                ),
+            ));
+        }
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        let m = first.len();
+        if rows.iter().any(|r| r.len() != m) {
+            return Err(Error::invalid(
+                "KV cache keep",
+                "row lists of different lengths (every batch row must keep as many entries)",
+            ));
+        }
+        if rows.iter().all(|r| r == first) {
+            return self.keep(start, first);
+        }
+        let max_row = rows.iter().flatten().copied().max().unwrap_or(0);
+        if start + max_row >= self.len {
+            return Err(Error::invalid(
+                "KV cache keep",
+                format!(
+                    "row {} past the filled length {} (start {start}); keep rows of the last block only",
+                    start + max_row,
+                    self.len
+                ),
+            ));
+        }
+        let dev = self.k[0].device().clone();
+        let idx: Vec<u32> = rows.iter().flatten().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, (b, 1, m, 1), &dev)?;
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let (_, h, _, d) = t.dims4()?;
+            let block = t.narrow(2, start, max_row + 1)?.contiguous()?;
+            let ix = idx.broadcast_as((b, h, m, d))?.contiguous()?;
+            let kept = block.gather(&ix, 2)?;
+            t.slice_set(&kept, 2, start)?;
+        }
+        self.len = start + m;
+        Ok(())
+    }
+
     /// Writes `k`, `v` (`[b, n_kv_head, s, head_dim]`) of `layer` at the current length and
     /// returns views of all filled entries including them (`[b, n_kv_head, len + s, head_dim]`).
     /// The length itself advances only with [`KvCache::advance`], after the last layer.
@@ -146,6 +198,7 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::IndexOp;
 
     fn filled(n: usize) -> Result<KvCache> {
         let dev = Device::Cpu;
@@ -189,6 +242,29 @@ mod tests {
         let want = t.index_select(&idx, 2)?;
         let diff = (got - want)?.abs()?.sum_all()?.to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn keep_rows_gathers_per_row() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(1, 2, 2, 8, 1, DType::F32, &dev)?;
+        let t = Tensor::arange(0f32, 2. * 2. * 5., &dev)?.reshape((2, 2, 5, 1))?;
+        c.append(0, &t, &(&t + 100.0)?)?;
+        c.advance(5);
+        c.keep_rows(1, &[vec![0, 3], vec![2, 1]])?;
+        assert_eq!(c.len(), 3);
+        let k = c.k[0].narrow(2, 0, 3)?.flatten_all()?.to_vec1::<f32>()?;
+        // row 0 keeps positions 0, 1, 4; row 1 keeps 0, 3, 2 (two heads each)
+        let want = [0., 1., 4., 5., 6., 9., 10., 13., 12., 15., 18., 17.];
+        assert_eq!(k, want);
+        let v = c.v[0].i((1, 1, 1, 0))?.to_scalar::<f32>()?;
+        assert_eq!(v, 118.);
+        assert!(c.keep_rows(0, &[vec![0], vec![0, 1]]).is_err());
+        assert!(c.keep_rows(0, &[vec![9], vec![0]]).is_err());
+        // equal lists take the shared path
+        c.keep_rows(1, &[vec![1], vec![1]])?;
+        assert_eq!(c.len(), 2);
         Ok(())
     }
 

@@ -39,6 +39,17 @@ pub struct AcceptConfig {
     pub greedy: bool,
 }
 
+impl Default for AcceptConfig {
+    /// Exact acceptance, standard residual, sampling.
+    fn default() -> Self {
+        Self {
+            relaxation: Relaxation::Exact,
+            residual: Residual::Standard,
+            greedy: false,
+        }
+    }
+}
+
 /// Outcome of verifying one draft tree.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TreeDecision {

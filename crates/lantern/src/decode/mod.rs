@@ -5,16 +5,16 @@
 pub mod ar;
 pub mod draft;
 pub mod dynamic;
-pub mod exact;
+pub mod llamagen;
 pub mod model;
 pub mod speculative;
 pub mod static_trees;
 pub mod stats;
 pub mod tree;
 
-pub use self::exact::{AcceptConfig, Neighbors};
 pub use self::static_trees::{DynamicParams, TreeShape, TreeSpec};
 pub use self::stats::DecodeStats;
+pub use crate::accept::{AcceptConfig, Neighbors, Relaxation, Residual};
 
 use self::model::{DraftModel, Target};
 use crate::sampling::{cfg_mix, SamplingParams};

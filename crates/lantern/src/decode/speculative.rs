@@ -10,12 +10,11 @@
 //! images, tau is the minimum over images of each step's accepted length).
 use super::draft::{draft_static, Expand};
 use super::dynamic::draft_dynamic;
-// The acceptance API; swap for `crate::accept::{...}` (same signature) to get LANTERN rules.
-use super::exact::{exact_accept_tree as accept_tree, AcceptConfig, Neighbors, TargetRows};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::static_trees::TreeSpec;
 use super::tree::DraftTree;
 use super::{cfg_row, token_budget, DecodeStats, GenerateOptions, Output};
+use crate::accept::{accept_tree, AcceptConfig, Neighbors, TargetRows};
 use crate::sampling::{sample_index, softmax, SamplingParams};
 use crate::{Error, Result};
 use candle_core::{Device, IndexOp, Tensor};
@@ -34,13 +33,12 @@ fn row_probs(sampling: &SamplingParams, logits: &[f32]) -> Vec<f32> {
     }
 }
 
-/// Target rows of one image, computed on demand from the verification logits.
+/// Target rows of one image, pulled off the device on demand from the CFG-combined
+/// verification logits `[n_img, cols, V]`.
 struct LazyRows<'a> {
-    logits: &'a Tensor,
+    mixed: &'a Tensor,
     g: usize,
-    n_img: usize,
     cols: &'a [usize],
-    cfg: Option<f32>,
     sampling: &'a SamplingParams,
     memo: HashMap<usize, Vec<f32>>,
 }
@@ -53,11 +51,23 @@ impl TargetRows for LazyRows<'_> {
         let col = *self.cols.get(node).ok_or_else(|| {
             Error::invalid("tree node", format!("{node} is not in the verified tree"))
         })?;
-        let l = cfg_row(self.logits, self.g, self.n_img, col, self.cfg)?;
+        let l: Vec<f32> = self.mixed.i((self.g, col))?.to_vec1()?;
         let p = row_probs(self.sampling, &l);
         self.memo.insert(node, p.clone());
         Ok(p)
     }
+}
+
+/// CFG on the device: `[rows, s, V]` logits to `[n_img, s, V]` (`u + scale (c - u)`).
+fn cfg_mix_device(logits: Tensor, n_img: usize, cfg: Option<f32>) -> Result<Tensor> {
+    Ok(match cfg {
+        Some(scale) => {
+            let c = logits.narrow(0, 0, n_img)?;
+            let u = logits.narrow(0, n_img, n_img)?;
+            (&u + ((&c - &u)? * scale as f64)?)?
+        }
+        None => logits,
+    })
 }
 
 /// Per-image CFG'd drafter probabilities of drafter features `[rows, s, d]` (CFG on the
@@ -69,15 +79,7 @@ fn drafter_probs<T: Target>(
     cfg: Option<f32>,
     sampling: &SamplingParams,
 ) -> Result<Vec<Vec<Vec<f32>>>> {
-    let logits = target.lm_head(feats)?;
-    let mixed = match cfg {
-        Some(scale) => {
-            let c = logits.narrow(0, 0, n_img)?;
-            let u = logits.narrow(0, n_img, n_img)?;
-            (&u + ((&c - &u)? * scale as f64)?)?
-        }
-        None => logits,
-    };
+    let mixed = cfg_mix_device(target.lm_head(feats)?, n_img, cfg)?;
     let rows: Vec<Vec<Vec<f32>>> = mixed.to_vec3()?;
     Ok(rows
         .into_iter()
@@ -244,7 +246,7 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
     let rows = if cfg.is_some() { 2 * n_img } else { n_img };
     let cls = target.cond_len();
     let greedy = opts.sampling.is_greedy();
-    let mut acc_cfg = accept.clone();
+    let mut acc_cfg = *accept;
     acc_cfg.greedy = greedy;
     let (max_cols, max_fed) = match tree_spec {
         TreeSpec::Dynamic(p) => (
@@ -371,7 +373,7 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
             .collect();
         let pos = Tensor::from_vec(pos, ncols, &dev)?;
         let hidden = target.forward_tokens(&ids, &pos, &Visibility::Custom(mask), &mut tcache)?;
-        let logits = target.lm_head(&hidden)?;
+        let mixed = cfg_mix_device(target.lm_head(&hidden)?, n_img, cfg)?;
         target_forwards += 1;
         t_verify += t.elapsed().as_secs_f64();
 
@@ -380,11 +382,9 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
         let mut decisions = Vec::with_capacity(n_img);
         for g in 0..n_img {
             let mut lazy = LazyRows {
-                logits: &logits,
+                mixed: &mixed,
                 g,
-                n_img,
                 cols: &lay.cols[g],
-                cfg,
                 sampling: &opts.sampling,
                 memo: HashMap::new(),
             };

@@ -1,0 +1,285 @@
+//! The decoding loops on the real tiny LlamaGen fixtures (`tests/fixtures/gpt`, see
+//! `gpt_golden.rs`): AR reproduces the reference greedy tokens, greedy speculative decoding
+//! reproduces greedy AR with any drafter and tree (c2i with CFG, t2i with caption padding),
+//! LANTERN runs within its TVD budget, mismatched drafters give clear errors.
+//! Run: `cargo test -p lantern --test decode_llamagen`
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use candle_core::{DType, Device, IndexOp, Tensor};
+use lantern::accept::{Metric, Neighbors};
+use lantern::decode::llamagen::generate;
+use lantern::decode::{AcceptConfig, Decoding, GenerateOptions, Relaxation, Residual, TreeSpec};
+use lantern::load::{load_drafter, load_llamagen};
+use lantern::models::drafter::{Drafter, DrafterConfig};
+use lantern::models::llamagen::{Condition, Config, LlamaGen};
+use lantern::sampling::SamplingParams;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt")
+}
+
+fn expected() -> Result<std::collections::HashMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(
+        fixtures().join("expected.safetensors"),
+        &Device::Cpu,
+    )?)
+}
+
+fn c2i() -> Result<LlamaGen> {
+    let cfg = Config {
+        dim: 32,
+        n_layer: 2,
+        n_head: 2,
+        n_kv_head: 2,
+        vocab_size: 64,
+        ffn_hidden: 64,
+        num_classes: 10,
+        block_size: 16,
+        ..Config::gpt_b()
+    };
+    Ok(load_llamagen(
+        &fixtures().join("c2i.pt"),
+        Some(&cfg),
+        DType::F32,
+        &Device::Cpu,
+    )?
+    .0)
+}
+
+fn t2i() -> Result<LlamaGen> {
+    Ok(load_llamagen(&fixtures().join("t2i_hf"), None, DType::F32, &Device::Cpu)?.0)
+}
+
+/// The fixture drafter (trained layout t2i; `c2i` reloads its weights with the c2i RoPE table).
+fn fixture_drafter(c2i: bool) -> Result<Drafter> {
+    let mut cfg = DrafterConfig::from_hf_json(&fixtures().join("drafter/config.json"))?;
+    if c2i {
+        cfg.cls_token_num = 0;
+        cfg.input_type = "c2i".into();
+    }
+    Ok(load_drafter(
+        &fixtures().join("drafter"),
+        Some(&cfg),
+        DType::F32,
+        &Device::Cpu,
+    )?
+    .0)
+}
+
+/// A freshly initialised drafter (VarMap init).
+fn random_drafter(input_type: &str, hidden: usize, vocab: usize) -> Result<Drafter> {
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let cfg = DrafterConfig::from_hf_value(&serde_json::json!({
+        "hidden_size": hidden, "intermediate_size": 64, "num_attention_heads": 2,
+        "vocab_size": vocab, "input_type": input_type, "block_size": 16
+    }))
+    .map_err(anyhow::Error::msg)?;
+    Ok(Drafter::load(vb, &cfg)?)
+}
+
+/// Two captions: the fixture's, and a shorter one (20 valid rows) with other features.
+fn captions() -> Result<Condition> {
+    let exp = expected()?;
+    let f0 = exp["t2i_features"].i(0..1)?;
+    let v0 = exp["t2i_valid"].i(0..1)?;
+    let mut v1 = vec![0f32; 100];
+    v1.extend([1f32; 20]);
+    let v1 = Tensor::from_vec(v1, (1, 120), &Device::Cpu)?;
+    let f1 = (&f0 * -0.7)?.broadcast_mul(&v1.unsqueeze(2)?)?;
+    let f0 = f0.broadcast_mul(&v0.unsqueeze(2)?)?;
+    Ok(Condition::Captions {
+        features: Tensor::cat(&[f0, f1], 0)?,
+        mask: Tensor::cat(&[v0, v1], 0)?,
+    })
+}
+
+fn greedy(cfg: f32) -> GenerateOptions {
+    GenerateOptions::new()
+        .with_cfg_scale(cfg)
+        .with_sampling(SamplingParams::greedy())
+        .with_seed(5)
+}
+
+fn spec(tree: &str, accept: AcceptConfig, nb: Option<Arc<Neighbors>>) -> Result<Decoding> {
+    Ok(Decoding::Speculative {
+        tree: TreeSpec::parse(tree)?,
+        accept,
+        neighbors: nb,
+    })
+}
+
+#[test]
+fn ar_reproduces_reference_greedy_tokens() -> Result<()> {
+    let exp = expected()?;
+    let m = c2i()?;
+    let out = generate(&m, None, &Condition::Classes(vec![7]), &greedy(4.0))?;
+    let want: Vec<u32> = exp["c2i_greedy_cfg4"].to_dtype(DType::U32)?.to_vec1()?;
+    assert_eq!(out.tokens[0], want);
+    // t2i: the caption padding must be masked in every single-token step too.
+    let m = t2i()?;
+    let cond = Condition::Captions {
+        features: exp["t2i_features"].i(0..1)?,
+        mask: exp["t2i_valid"].i(0..1)?,
+    };
+    let out = generate(&m, None, &cond, &greedy(4.0))?;
+    let want: Vec<u32> = exp["t2i_greedy_cfg4"].to_dtype(DType::U32)?.to_vec1()?;
+    assert_eq!(out.tokens[0], want);
+    assert_eq!(out.stats[0].target_forwards, 16);
+    Ok(())
+}
+
+const TREES: [&str; 4] = ["dynamic", "dynamic:12:3:4", "naive_extend_57", "chain:3"];
+
+fn check_greedy_equal(m: &LlamaGen, cond: &Condition, drafters: &[(&str, Drafter)]) -> Result<()> {
+    for cfg in [4.0, 1.0] {
+        let ar = generate(m, None, cond, &greedy(cfg))?;
+        assert!(ar.tokens.iter().all(|t| t.len() == 16));
+        assert_ne!(ar.tokens[0], ar.tokens[1], "images must differ");
+        for (name, d) in drafters {
+            for tree in TREES {
+                if cfg == 1.0 && tree != "dynamic" {
+                    continue;
+                }
+                let opts = greedy(cfg).with_decoding(spec(tree, AcceptConfig::default(), None)?);
+                let out = generate(m, Some(d), cond, &opts)?;
+                assert_eq!(
+                    out.tokens, ar.tokens,
+                    "drafter {name}, tree {tree}, cfg {cfg}"
+                );
+                let s = &out.stats[0];
+                assert_eq!(
+                    s.accepted_per_step.iter().sum::<usize>(),
+                    15,
+                    "{name} {tree}"
+                );
+                assert_eq!(s.target_forwards, 1 + s.accepted_per_step.len());
+                assert!(s.tau >= 1.0 && s.target_forwards <= 16, "{name} {tree}");
+                assert!(s.drafter_forwards > s.accepted_per_step.len());
+                assert_eq!(s.tvd_max, 0.0);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn c2i_greedy_speculative_equals_greedy_ar() -> Result<()> {
+    let m = c2i()?;
+    let drafters = [
+        ("fixture", fixture_drafter(true)?),
+        ("random", random_drafter("c2i", 32, 64)?),
+    ];
+    check_greedy_equal(&m, &Condition::Classes(vec![7, 3]), &drafters)
+}
+
+#[test]
+fn t2i_greedy_speculative_equals_greedy_ar() -> Result<()> {
+    let m = t2i()?;
+    let drafters = [
+        ("fixture", fixture_drafter(false)?),
+        ("random", random_drafter("t2i", 32, 64)?),
+    ];
+    check_greedy_equal(&m, &captions()?, &drafters)
+}
+
+/// Latent neighbours of a fixed pseudo-random 64 x 8 codebook.
+fn neighbors() -> Result<Arc<Neighbors>> {
+    let cb: Vec<f32> = (0..64 * 8)
+        .map(|i| ((i * 7919) % 97) as f32 / 97.0)
+        .collect();
+    Ok(Arc::new(Neighbors::build(&cb, 64, 8, 8, Metric::L2)?))
+}
+
+#[test]
+fn lantern_runs_within_its_tvd_budget() -> Result<()> {
+    let m = t2i()?;
+    let d = fixture_drafter(false)?;
+    let cond = captions()?;
+    let delta = 0.1;
+    let lantern = AcceptConfig {
+        relaxation: Relaxation::Lantern { k: 4, delta },
+        residual: Residual::Standard,
+        greedy: false,
+    };
+    let nb = neighbors()?;
+    let sampled = GenerateOptions::new().with_seed(11);
+    for (name, base) in [("greedy", greedy(4.0)), ("sampled", sampled)] {
+        let opts = base.with_decoding(spec("dynamic", lantern, Some(nb.clone()))?);
+        let out = generate(&m, Some(&d), &cond, &opts)?;
+        assert!(out
+            .tokens
+            .iter()
+            .all(|t| t.len() == 16 && t.iter().all(|&x| x < 64)));
+        for s in &out.stats {
+            assert!(s.tvd_max <= delta as f64 + 1e-5, "{name}: {}", s.tvd_max);
+            assert!(s.tvd_mean <= s.tvd_max);
+            assert!(s.tau >= 1.0);
+            println!(
+                "{name}: tau {:.2} tvd mean {:.4} max {:.4}",
+                s.tau, s.tvd_mean, s.tvd_max
+            );
+        }
+        if name == "sampled" {
+            // The relaxation is engaged: some position moved mass.
+            let most = out.stats.iter().map(|s| s.tvd_max).fold(0.0, f64::max);
+            assert!(most > 1e-3, "no mass absorbed ({most})");
+            // Exact acceptance with the same drafts reports no distortion.
+            let exact = GenerateOptions::new().with_seed(11).with_decoding(spec(
+                "dynamic",
+                AcceptConfig::default(),
+                None,
+            )?);
+            let ex = generate(&m, Some(&d), &cond, &exact)?;
+            for s in &ex.stats {
+                assert!(s.tvd_max < 1e-5, "exact rule reports TVD {}", s.tvd_max);
+            }
+        }
+    }
+    // Static tree, sampled drafts (without replacement): completes; no delta guarantee there.
+    let opts = GenerateOptions::new().with_seed(2).with_decoding(spec(
+        "naive_extend_57",
+        lantern,
+        Some(nb.clone()),
+    )?);
+    let out = generate(&m, Some(&d), &cond, &opts)?;
+    assert!(out.tokens.iter().all(|t| t.len() == 16));
+    assert!(out.stats.iter().all(|s| s.tvd_max <= 1.0 + 1e-5));
+    // LANTERN without a neighbour table is a clear error.
+    let opts = greedy(4.0).with_decoding(spec("dynamic", lantern, None)?);
+    let err = generate(&m, Some(&d), &cond, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("neighbour table"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn mismatched_drafters_are_clear_errors() -> Result<()> {
+    let m = c2i()?;
+    let cond = Condition::Classes(vec![1]);
+    let opts = greedy(4.0).with_decoding(spec("dynamic", AcceptConfig::default(), None)?);
+    let wide = random_drafter("c2i", 16, 64)?;
+    let err = generate(&m, Some(&wide), &cond, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("width"), "{err}");
+    let vocab = random_drafter("c2i", 32, 32)?;
+    let err = generate(&m, Some(&vocab), &cond, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("vocab"), "{err}");
+    // A t2i drafter (RoPE offset 119) on a class model.
+    let err = generate(&m, Some(&fixture_drafter(false)?), &cond, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("RoPE offset"), "{err}");
+    // A t2i condition on a class model.
+    let err = generate(&m, None, &captions()?, &greedy(4.0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pass class ids"), "{err}");
+    Ok(())
+}
