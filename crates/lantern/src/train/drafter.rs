@@ -282,10 +282,16 @@ pub fn train_drafter(
             "batch_size and ckpt_every must be at least 1",
         ));
     }
+    std::fs::create_dir_all(out).map_err(|e| Error::Write {
+        path: out.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let drafter = Drafter::load(vb, drafter_cfg)?;
-    drafter.check_target(tc)?;
+    // `Drafter::load` concatenates q/k/v into one matrix: a model built from the variables is a
+    // snapshot, so it is rebuilt after every optimiser step.
+    let build = || Drafter::load(vb.clone(), drafter_cfg);
+    build()?.check_target(tc)?;
     let head = target_head(target, device)?;
     let config_json = drafter_config_json(drafter_cfg)?;
     let mut start = 0usize;
@@ -384,7 +390,7 @@ pub fn train_drafter(
             inputs
         };
         let pos = positions(drafter_cfg, ids.dim(1)?, device)?;
-        let pred = drafter.forward_train(&ids, &inputs, &pos)?;
+        let pred = build()?.forward_train(&ids, &inputs, &pos)?;
         let (loss, vloss, ploss) = drafter_loss(&pred, &targets, &head, tcfg.p_weight)?;
         let lr = linear_lr(tcfg, step);
         opt.set_learning_rate(lr);
@@ -415,6 +421,7 @@ pub fn train_drafter(
         }
         if done % tcfg.ckpt_every == 0 || done == tcfg.steps {
             loaded = None;
+            let drafter = build()?;
             let (top1, topk) = evaluate_with_head(
                 &drafter,
                 &head,
@@ -443,6 +450,7 @@ pub fn train_drafter(
             (acc, acc_v, acc_p, acc_n) = (0.0, 0.0, 0.0, 0);
         }
     }
+    let drafter = build()?;
     Ok((varmap, drafter))
 }
 
