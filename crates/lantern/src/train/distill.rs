@@ -89,7 +89,8 @@ impl DistillManifest {
     /// File name inside the data folder.
     pub const FILE: &'static str = "distill.json";
 
-    fn real_chunks(&self) -> usize {
+    /// Chunks of real (dataset) sequences; they come first.
+    pub fn real_chunks(&self) -> usize {
         self.real_sequences.div_ceil(self.chunk_size)
     }
 

@@ -235,17 +235,27 @@ fn epoch_plan(
     plan
 }
 
-/// Splits the folder's chunks into (train, held-out).
+/// Splits the folder's chunks into (train, held-out): the last `holdout` chunks of real
+/// sequences are held out (none when there are no more real chunks than that); self-generated
+/// chunks always train.
 pub fn split_chunks(data: &DrafterData, holdout: usize) -> (Vec<usize>, Vec<usize>) {
-    let n = data.chunks.len();
-    if n > holdout {
-        (
-            data.chunks[..n - holdout].to_vec(),
-            data.chunks[n - holdout..].to_vec(),
-        )
-    } else {
-        (data.chunks.clone(), Vec::new())
+    let real: Vec<usize> = data
+        .chunks
+        .iter()
+        .copied()
+        .filter(|&c| c < data.manifest.real_chunks())
+        .collect();
+    if real.len() <= holdout {
+        return (data.chunks.clone(), Vec::new());
     }
+    let held = real[real.len() - holdout..].to_vec();
+    let train = data
+        .chunks
+        .iter()
+        .copied()
+        .filter(|c| !held.contains(c))
+        .collect();
+    (train, held)
 }
 
 /// Trains (or resumes from `out/train_state.json`) a drafter for `target` on the folder written
