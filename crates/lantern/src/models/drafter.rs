@@ -270,6 +270,33 @@ impl Drafter {
         mask: &AttnMask,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        let out = self.run(ids, features, positions, mask, Some(&mut *cache))?;
+        cache.advance(features.dim(1)?);
+        Ok(out)
+    }
+
+    /// Teacher-forced forward without a cache (training): causal attention over the `s` pairs,
+    /// so gradients reach the key/value projections.
+    ///
+    /// # Shapes
+    /// - as [`Drafter::forward`]
+    pub fn forward_train(
+        &self,
+        ids: &Tensor,
+        features: &Tensor,
+        positions: &Tensor,
+    ) -> Result<Tensor> {
+        self.run(ids, features, positions, &AttnMask::Causal, None)
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        features: &Tensor,
+        positions: &Tensor,
+        mask: &AttnMask,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, s, _) = features.dims3()?;
         let feats = features.to_dtype(self.dtype)?;
         let e = self
@@ -278,13 +305,12 @@ impl Drafter {
             .to_dtype(self.dtype)?;
         let x = self.fc.forward(&Tensor::cat(&[e, feats], D::Minus1)?)?;
         let rows = self.rope.select(positions, b, s)?;
-        let a = self.attn.forward(&x, &rows, mask, 0, Some(&mut *cache))?;
+        let a = self.attn.forward(&x, &rows, mask, 0, cache)?;
         let x = (x + a)?;
         let out = (&x
             + self
                 .mlp
                 .forward(&self.post_attention_layernorm.forward(&x)?)?)?;
-        cache.advance(s);
         Ok(out)
     }
 }

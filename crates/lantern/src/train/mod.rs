@@ -4,6 +4,8 @@
 //! A checkpoint folder holds `config.json` (the model config), `model.safetensors` (weights under
 //! the model's own key names, loadable for inference), `train_state.json` ([`TrainState`]) and
 //! `losses.csv`.
+pub mod distill;
+pub mod drafter;
 pub mod export;
 pub mod gpt;
 pub mod vq;
