@@ -87,17 +87,24 @@ fn drafter_probs<T: Target>(
         .collect())
 }
 
-/// Gathers, for every batch row r, the entries `idx[r % n_img]` along dim 1.
+/// Gathers, for every batch row r, the entries `idx[r % n_img]` along dim 1 (one device
+/// gather; every list has the same length).
 fn gather_rows(x: &Tensor, idx: &[Vec<usize>], n_img: usize) -> Result<Tensor> {
-    let rows = x.dim(0)?;
-    let dev = x.device();
-    let mut parts = Vec::with_capacity(rows);
-    for r in 0..rows {
-        let ids: Vec<u32> = idx[r % n_img].iter().map(|&i| i as u32).collect();
-        let ids = Tensor::from_vec(ids, idx[r % n_img].len(), dev)?;
-        parts.push(x.i(r)?.index_select(&ids, 0)?.unsqueeze(0)?);
+    let (rows, _, d) = x.dims3()?;
+    let m = idx.first().map_or(0, |v| v.len());
+    if idx.len() != n_img || idx.iter().any(|v| v.len() != m) {
+        return Err(Error::invalid(
+            "gather",
+            "one index list of equal length per image expected (internal error)",
+        ));
     }
-    Ok(Tensor::cat(&parts, 0)?)
+    let flat: Vec<u32> = (0..rows)
+        .flat_map(|r| idx[r % n_img].iter().map(|&i| i as u32))
+        .collect();
+    let ix = Tensor::from_vec(flat, (rows, m, 1), x.device())?
+        .broadcast_as((rows, m, d))?
+        .contiguous()?;
+    Ok(x.contiguous()?.gather(&ix, 1)?)
 }
 
 /// The drafter side of one tree: stable prefix in the drafter cache plus the nodes fed so far.
