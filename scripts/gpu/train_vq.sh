@@ -3,7 +3,9 @@
 set -euo pipefail
 source scripts/gpu/env.sh
 STEPS=${STEPS:-3000}
-mkdir -p "$OUT/vq"
+mkdir -p "$OUT/vq" "$OUT/classifier"
+"$L" train classifier --out /tmp/classifier --data "$G/data" --epochs 8 --device cuda | tee "$OUT/log-classifier.txt"
+cp /tmp/classifier/config.json /tmp/classifier/model.safetensors "$OUT/classifier/"
 "$L" train vq --out /tmp/vq --data "$G/data" --steps "$STEPS" --batch-size 128 --ckpt-every 1000 --device cuda 2>&1 | tail -40 | tee "$OUT/log.txt"
 cp /tmp/vq/config.json /tmp/vq/model.safetensors /tmp/vq/losses.csv "$OUT/vq/"
 cp "$(ls /tmp/vq/recon_*.png | sort -V | tail -1)" "$OUT/vq/recon.png"

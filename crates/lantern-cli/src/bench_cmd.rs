@@ -2,7 +2,9 @@
 //! target forwards, latency (median, p90), speed-up vs plain AR measured in the same run, TVD
 //! moved, class accuracy and classifier-FID; plus the model's token-ambiguity statistics.
 use crate::common::{progress_bar, DeviceOpts};
-use crate::generate_cmd::{decode_images, decoding, run_generation, DecodeOpts, DecodingArg, ModelOpts, ResidualArg};
+use crate::generate_cmd::{
+    decode_images, decoding, run_generation, DecodeOpts, DecodingArg, ModelOpts, ResidualArg,
+};
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, D};
 use clap::Args;
@@ -78,8 +80,16 @@ fn quantile(xs: &[f64], q: f64) -> f64 {
 
 fn default_modes() -> Vec<String> {
     [
-        "ar", "sd-dynamic", "sd-static", "lantern-0.05", "lantern-0.1", "lantern-0.2", "lantern-0.4",
-        "lantern++-2", "lantern++-3", "lantern++-5",
+        "ar",
+        "sd-dynamic",
+        "sd-static",
+        "lantern-0.05",
+        "lantern-0.1",
+        "lantern-0.2",
+        "lantern-0.4",
+        "lantern++-2",
+        "lantern++-3",
+        "lantern++-5",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -88,14 +98,21 @@ fn default_modes() -> Vec<String> {
 
 /// Mean top-1 probability and top-10 mass of the CFG-combined target distribution along
 /// sequences (teacher-forced).
-fn ambiguity(bundle: &ModelBundle, classes: &[u32], tokens: &[Vec<u32>], cfg_scale: f32) -> Result<(f64, f64)> {
+fn ambiguity(
+    bundle: &ModelBundle,
+    classes: &[u32],
+    tokens: &[Vec<u32>],
+    cfg_scale: f32,
+) -> Result<(f64, f64)> {
     let gpt = &bundle.gpt;
     let dev = gpt.device();
     let n = tokens.len().min(16);
     let (mut top1, mut top10, mut count) = (0f64, 0f64, 0usize);
     for i in 0..n {
         let seq = &tokens[i];
-        let toks = Tensor::new(&seq[..seq.len() - 1], dev)?.unsqueeze(0)?.repeat((2, 1))?;
+        let toks = Tensor::new(&seq[..seq.len() - 1], dev)?
+            .unsqueeze(0)?
+            .repeat((2, 1))?;
         let null = gpt.config().num_classes as u32;
         let cond = gpt.embed_condition(&Condition::Classes(vec![classes[i], null]))?;
         let (_, logits) = gpt.forward_train(&cond, &toks, None)?;
@@ -104,8 +121,14 @@ fn ambiguity(bundle: &ModelBundle, classes: &[u32], tokens: &[Vec<u32>], cfg_sca
         let mixed = (&u + ((&c - &u)? * cfg_scale as f64)?)?;
         let probs = candle_nn::ops::softmax_last_dim(&mixed.to_dtype(DType::F32)?)?;
         let sorted = probs.sort_last_dim(false)?.0;
-        top1 += sorted.narrow(D::Minus1, 0, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
-        top10 += sorted.narrow(D::Minus1, 0, 10)?.sum_all()?.to_scalar::<f32>()? as f64;
+        top1 += sorted
+            .narrow(D::Minus1, 0, 1)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
+        top10 += sorted
+            .narrow(D::Minus1, 0, 10)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
         count += sorted.dim(0)?;
     }
     Ok((top1 / count.max(1) as f64, top10 / count.max(1) as f64))
@@ -121,18 +144,30 @@ pub fn run(a: BenchArgs) -> Result<()> {
         decode.temperature = 0.0;
     }
     let sampling = decode.sampling()?;
-    let clf_path = a.classifier.clone().unwrap_or_else(|| a.model.models.join("classifier"));
-    let clf = if clf_path.exists() { Some(Classifier::load_dir(&clf_path, &dev)?) } else { None };
+    let clf_path = a
+        .classifier
+        .clone()
+        .unwrap_or_else(|| a.model.models.join("classifier"));
+    let clf = if clf_path.exists() {
+        Some(Classifier::load_dir(&clf_path, &dev)?)
+    } else {
+        None
+    };
     let reference = match &clf {
         Some(c) => {
-            let test = fashion_mnist(&a.data, Split::Test)
-                .with_context(|| "the FID reference needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")?;
+            let test = fashion_mnist(&a.data, Split::Test).with_context(|| {
+                "the FID reference needs Fashion-MNIST (apt-get install dataset-fashion-mnist)"
+            })?;
             let (f, _) = c.predict(&test, &dev)?;
             Some(FeatureStats::from_rows(&f, c.config().feature_dim)?)
         }
         None => None,
     };
-    let modes = if a.modes.is_empty() { default_modes() } else { a.modes.clone() };
+    let modes = if a.modes.is_empty() {
+        default_modes()
+    } else {
+        a.modes.clone()
+    };
     let total = (modes.len() * classes.len() * a.num) as u64;
     let pb = progress_bar(total, "bench");
     let mut rows: Vec<Row> = Vec::new();
@@ -153,7 +188,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             m => anyhow::bail!("unknown bench mode `{m}`: use ar, sd-dynamic, sd-static, lantern-DELTA or lantern++-LAMBDA"),
         };
-        let dec = decoding(kind, tree, a.k, delta, lambda, ResidualArg::Standard, sampling.is_greedy(), &bundle)?;
+        let dec = decoding(
+            kind,
+            tree,
+            a.k,
+            delta,
+            lambda,
+            ResidualArg::Standard,
+            sampling.is_greedy(),
+            &bundle,
+        )?;
         // one image at a time: per-image latency
         let mut latencies = Vec::new();
         let mut tokens = Vec::new();
@@ -190,7 +234,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     class_names: bundle.class_names.clone(),
                 };
                 let (feats, pred) = c.predict(&data, &dev)?;
-                let acc = pred.iter().zip(&labels).filter(|(p, l)| p == l).count() as f64 / labels.len() as f64;
+                let acc = pred.iter().zip(&labels).filter(|(p, l)| p == l).count() as f64
+                    / labels.len() as f64;
                 let fd = fid(&FeatureStats::from_rows(&feats, c.config().feature_dim)?, r)?;
                 (Some(acc), Some(fd))
             }
@@ -239,9 +284,33 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     println!(
         "| {:<13} | {:>5} | {:>8} | {:>9} | {:>9} | {:>7} | {:>8} | {:>7} | {:>7} | {:>7} |",
-        "mode", "tau", "fwd/img", "median s", "p90 s", "speedup", "TVD mean", "TVD max", "acc %", "FID"
+        "mode",
+        "tau",
+        "fwd/img",
+        "median s",
+        "p90 s",
+        "speedup",
+        "TVD mean",
+        "TVD max",
+        "acc %",
+        "FID"
     );
-    println!("|{}|", ["---------------", "-------", "----------", "-----------", "-----------", "---------", "----------", "---------", "---------", "---------"].join("|"));
+    println!(
+        "|{}|",
+        [
+            "---------------",
+            "-------",
+            "----------",
+            "-----------",
+            "-----------",
+            "---------",
+            "----------",
+            "---------",
+            "---------",
+            "---------"
+        ]
+        .join("|")
+    );
     for r in &rows {
         let opt = |v: Option<f64>, s: f64| v.map_or("-".to_string(), |x| format!("{:.2}", x * s));
         println!(

@@ -5,10 +5,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use lantern::accept::{AcceptConfig, Relaxation, Residual};
 use lantern::bundle::{BundlePaths, ModelBundle};
-use lantern::decode::{generate, Decoding, GenerateOptions, TreeSpec};
+use lantern::decode::{Decoding, GenerateOptions, TreeSpec};
 use lantern::image::{save_grid, save_png, to_u8, TokenFile};
-use lantern::models::drafter::Drafter;
-use lantern::models::llamagen::{Condition, LlamaGen};
+use lantern::models::llamagen::Condition;
 use lantern::sampling::SamplingParams;
 use std::path::{Path, PathBuf};
 
@@ -118,7 +117,10 @@ impl DecodeOpts {
         };
         s.validate()?;
         if !(self.cfg.is_finite() && self.cfg >= 1.0) {
-            bail!("invalid --cfg {}: use a finite scale >= 1 (1 = no guidance)", self.cfg);
+            bail!(
+                "invalid --cfg {}: use a finite scale >= 1 (1 = no guidance)",
+                self.cfg
+            );
         }
         Ok(s)
     }
@@ -259,7 +261,7 @@ pub fn run_generation(
             .with_sampling(sampling)
             .with_seed(decode.seed + (bi * batch.max(1)) as u64)
             .with_decoding(decoding.clone());
-        let r = generate::<LlamaGen, Drafter>(
+        let r = lantern::decode::llamagen::generate(
             &bundle.gpt,
             bundle.drafter.as_ref(),
             &Condition::Classes(chunk.to_vec()),
@@ -276,7 +278,10 @@ pub fn run_generation(
 }
 
 /// Decodes token grids to u8 images `(pixels, w, h, c)`.
-pub fn decode_images(bundle: &ModelBundle, tokens: &[Vec<u32>]) -> Result<(Vec<Vec<u8>>, usize, usize, usize)> {
+pub fn decode_images(
+    bundle: &ModelBundle,
+    tokens: &[Vec<u32>],
+) -> Result<(Vec<Vec<u8>>, usize, usize, usize)> {
     let side = (bundle.gpt.config().block_size as f64).sqrt() as usize;
     let dev = bundle.vq.device().clone();
     let mut all = Vec::new();
@@ -301,7 +306,10 @@ fn check_outputs(a: &GenerateArgs, n: usize) -> Result<()> {
     paths.extend(a.save_tokens.clone());
     paths.extend(a.stats_json.clone());
     if let Some(p) = paths.iter().find(|p| p.exists()) {
-        bail!("{} already exists: choose another --out or pass --force to overwrite", p.display());
+        bail!(
+            "{} already exists: choose another --out or pass --force to overwrite",
+            p.display()
+        );
     }
     Ok(())
 }
@@ -322,7 +330,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let classes: Vec<u32> = if a.classes.is_empty() {
         (0..bundle.gpt.config().num_classes as u32).collect()
     } else {
-        a.classes.iter().map(|c| bundle.class_id(c.trim())).collect::<Result<_, _>>()?
+        a.classes
+            .iter()
+            .map(|c| bundle.class_id(c.trim()))
+            .collect::<Result<_, _>>()?
     };
     let sampling = a.decode.sampling()?;
     let dec = decoding(
@@ -337,17 +348,34 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     )?;
     let total = classes.len() * a.num;
     check_outputs(&a, total)?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create output folder {}", a.out.display()))?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create output folder {}", a.out.display()))?;
     let pb = progress_bar(total as u64, "generate");
     let start = std::time::Instant::now();
-    let gen = run_generation(&bundle, &classes, a.num, &dec, &a.decode, a.batch, Some(&pb))?;
+    let gen = run_generation(
+        &bundle,
+        &classes,
+        a.num,
+        &dec,
+        &a.decode,
+        a.batch,
+        Some(&pb),
+    )?;
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let (pixels, w, h, c) = decode_images(&bundle, &gen.tokens)?;
     for (i, p) in pixels.iter().enumerate() {
         save_png(&a.out.join(format!("{i:04}.png")), p, w, h, c, a.force)?;
     }
-    save_grid(&a.out.join("grid.png"), &pixels, w, h, c, a.num.max(1), a.force)?;
+    save_grid(
+        &a.out.join("grid.png"),
+        &pixels,
+        w,
+        h,
+        c,
+        a.num.max(1),
+        a.force,
+    )?;
     if let Some(p) = &a.save_tokens {
         let side = (bundle.gpt.config().block_size as f64).sqrt() as usize;
         TokenFile {
@@ -361,7 +389,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let n = gen.stats.len().max(1) as f64;
     let tau = gen.stats.iter().map(|s| s.tau).sum::<f64>() / n;
-    let fwd = gen.stats.iter().map(|s| s.target_forwards as f64).sum::<f64>() / n;
+    let fwd = gen
+        .stats
+        .iter()
+        .map(|s| s.target_forwards as f64)
+        .sum::<f64>()
+        / n;
     println!(
         "{} images in {:.2} s ({:.3} s/image), {:?}: tau {:.2}, {:.1} target forwards per image -> {}",
         total,

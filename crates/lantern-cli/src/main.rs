@@ -1,6 +1,8 @@
 //! `lantern`: generate images with LlamaGen-family models and LANTERN speculative decoding,
 //! train the small models we ship, and measure them.
+mod bench_cmd;
 mod common;
+mod generate_cmd;
 mod tokenize_cmd;
 mod tools_cmd;
 mod train_cmd;
@@ -17,6 +19,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate images (class-conditional models) with AR, exact speculative decoding, LANTERN
+    /// or LANTERN++.
+    Generate(Box<generate_cmd::GenerateArgs>),
+    /// Compare decoding modes in one table (tau, latency, speed-up, TVD, accuracy, FID).
+    Bench(Box<bench_cmd::BenchArgs>),
     /// Train one of the models (tokenizer, target, drafter, evaluation classifier).
     #[command(subcommand)]
     Train(train_cmd::TrainCommand),
@@ -35,6 +42,8 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Generate(a) => generate_cmd::run(*a),
+        Command::Bench(a) => bench_cmd::run(*a),
         Command::Train(cmd) => train_cmd::run(cmd),
         Command::Tokenize(a) => tokenize_cmd::run(a),
         Command::Inspect(a) => tools_cmd::inspect(a),
