@@ -285,6 +285,28 @@ mod tests {
     }
 
     #[test]
+    fn save_png_refuses_overwrite_and_bad_dirs() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("lantern-png-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let p = dir.join("a.png");
+        let _ = std::fs::remove_file(&p);
+        save_png(&p, &[0u8, 255, 7, 9], 2, 2, 1, false)?;
+        let err = save_png(&p, &[1u8; 4], 2, 2, 1, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--force"), "{err}");
+        save_png(&p, &[1u8; 12], 2, 2, 3, true)?;
+        let back = image::open(&p).map_err(|e| Error::invalid("png", e.to_string()))?;
+        assert_eq!(back.to_rgb8().into_raw(), vec![1u8; 12]);
+        assert!(save_png(&dir.join("no/such/dir.png"), &[1u8; 4], 2, 2, 1, false).is_err());
+        assert!(save_png(&dir.join("b.png"), &[1u8; 5], 2, 2, 1, false).is_err());
+        // No temporary files are left behind.
+        assert_eq!(std::fs::read_dir(&dir)?.count(), 1);
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
     fn token_file_validation() {
         let tf = TokenFile {
             grid: [1, 2],

@@ -771,6 +771,57 @@ mod tests {
         Ok(())
     }
 
+    /// VQ-16 builds exactly the tensors of the official checkpoint (spec §2.5: 344 tensors
+    /// including the unused `quantize.codebook_used`, about 71.9M values).
+    #[test]
+    fn vq16_names_and_shapes_match_checkpoint_table() -> candle_core::Result<()> {
+        let vm = VarMap::new();
+        let _m = VqModel::load(
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+            &VqConfig::vq16(),
+        )?;
+        let data = vm
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lock".into()))?;
+        assert_eq!(data.len(), 343);
+        let total: usize = data.values().map(|v| v.elem_count()).sum();
+        assert!(
+            (71_800_000..72_000_000).contains(&(total + 65536)),
+            "{total}"
+        );
+        let shape = |k: &str| data.get(k).map(|v| v.dims().to_vec());
+        assert_eq!(
+            shape("encoder.conv_blocks.4.attn.1.q.weight"),
+            Some(vec![512, 512, 1, 1])
+        );
+        assert_eq!(
+            shape("encoder.conv_blocks.3.downsample.conv.weight"),
+            Some(vec![256, 256, 3, 3])
+        );
+        assert_eq!(
+            shape("encoder.conv_blocks.4.res.0.nin_shortcut.weight"),
+            Some(vec![512, 256, 1, 1])
+        );
+        assert_eq!(
+            shape("decoder.conv_blocks.0.attn.2.proj_out.bias"),
+            Some(vec![512])
+        );
+        assert_eq!(
+            shape("decoder.conv_blocks.1.res.0.nin_shortcut.weight"),
+            Some(vec![256, 512, 1, 1])
+        );
+        assert_eq!(
+            shape("decoder.conv_blocks.3.upsample.conv.weight"),
+            Some(vec![128, 128, 3, 3])
+        );
+        assert_eq!(shape("decoder.conv_blocks.4.upsample.conv.weight"), None);
+        assert_eq!(shape("quant_conv.weight"), Some(vec![8, 256, 1, 1]));
+        assert_eq!(shape("quantize.embedding.weight"), Some(vec![16384, 8]));
+        assert_eq!(shape("decoder.conv_out.weight"), Some(vec![3, 128, 3, 3]));
+        Ok(())
+    }
+
     #[test]
     fn im2col_conv_matches_conv2d() -> candle_core::Result<()> {
         let dev = Device::Cpu;
