@@ -29,6 +29,8 @@ enum Command {
     Train(train_cmd::TrainCommand),
     /// Encode a dataset into VQ token grids (input of `train gpt`).
     Tokenize(tokenize_cmd::TokenizeArgs),
+    /// Write teacher-forced target features (drafter training data).
+    Distill(tokenize_cmd::DistillArgs),
     /// Show what a checkpoint is: kind, implied config, parameter count, dtype.
     Inspect(tools_cmd::InspectArgs),
     /// Decode token grids (JSON from `generate --save-tokens`) back to PNG images.
@@ -46,6 +48,7 @@ fn main() {
         Command::Bench(a) => bench_cmd::run(*a),
         Command::Train(cmd) => train_cmd::run(cmd),
         Command::Tokenize(a) => tokenize_cmd::run(a),
+        Command::Distill(a) => tokenize_cmd::distill(a),
         Command::Inspect(a) => tools_cmd::inspect(a),
         Command::Decode(a) => tools_cmd::decode(a),
         Command::Neighbors(a) => tools_cmd::neighbors(a),

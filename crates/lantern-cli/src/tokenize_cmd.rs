@@ -87,3 +87,57 @@ pub fn run(a: TokenizeArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// Options of `lantern distill`.
+#[derive(Args)]
+pub struct DistillArgs {
+    /// Target GPT (folder or checkpoint).
+    #[arg(long)]
+    gpt: PathBuf,
+    /// Token grids of real images (`lantern tokenize` output).
+    #[arg(long)]
+    tokens: PathBuf,
+    /// Output folder of feature chunks (resumable: existing chunks are kept).
+    #[arg(long)]
+    out: PathBuf,
+    /// Use at most this many sequences.
+    #[arg(long)]
+    max_sequences: Option<usize>,
+    /// Also add this many sequences sampled from the target itself.
+    #[arg(long, default_value_t = 0)]
+    self_generated: usize,
+    /// Sequences per chunk file.
+    #[arg(long, default_value_t = 256)]
+    chunk_size: usize,
+    #[command(flatten)]
+    device: DeviceOpts,
+}
+
+/// Runs `lantern distill`: teacher-forced target features for drafter training.
+pub fn distill(a: DistillArgs) -> Result<()> {
+    use lantern::train::distill::{distill, DistillConfig};
+    let dev = a.device.device()?;
+    let (target, _) = lantern::load::load_llamagen(&a.gpt, None, candle_core::DType::F32, &dev)?;
+    let data = TokenDataset::load(&a.tokens)?;
+    let cfg = DistillConfig {
+        chunk_size: a.chunk_size,
+        max_sequences: a.max_sequences,
+        self_generated: a.self_generated,
+        ..Default::default()
+    };
+    let pb = progress_bar(0, "distill");
+    let r = distill(&target, &data, &a.out, &cfg, &mut |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish();
+    println!(
+        "distill: {} sequences in {} new chunks ({} kept) in {:.0} s -> {}",
+        r.sequences_written,
+        r.chunks_written,
+        r.chunks_skipped,
+        r.seconds,
+        a.out.display()
+    );
+    Ok(())
+}

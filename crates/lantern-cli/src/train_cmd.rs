@@ -15,6 +15,42 @@ pub enum TrainCommand {
     Gpt(GptArgs),
     /// Train a VQ tokenizer (the VQ-16 architecture family, scaled down) on Fashion-MNIST.
     Vq(VqArgs),
+    /// Train an EAGLE drafter on features written by `lantern distill`.
+    Drafter(DrafterArgs),
+}
+
+/// Options of `lantern train drafter`.
+#[derive(Args)]
+pub struct DrafterArgs {
+    /// Target GPT (folder or checkpoint) whose features the drafter predicts.
+    #[arg(long)]
+    gpt: PathBuf,
+    /// Folder written by `lantern distill`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Run folder: model.safetensors, config.json, train_state.json, losses.csv.
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 10000)]
+    steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Peak learning rate (linear warm-up, then linear decay).
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    /// Steps between checkpoints (and held-out accuracy).
+    #[arg(long, default_value_t = 1000)]
+    ckpt_every: usize,
+    /// Continue from the checkpoint in OUT.
+    #[arg(long)]
+    resume: bool,
+    /// Stop (with a checkpoint) after this many seconds.
+    #[arg(long)]
+    time_limit_s: Option<f64>,
+    #[command(flatten)]
+    device: DeviceOpts,
 }
 
 /// Options of `lantern train vq`.
@@ -140,6 +176,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
         TrainCommand::Classifier(a) => classifier(a),
         TrainCommand::Gpt(a) => gpt(a),
         TrainCommand::Vq(a) => vq(a),
+        TrainCommand::Drafter(a) => drafter(a),
     }
 }
 
@@ -301,6 +338,63 @@ fn vq(a: VqArgs) -> Result<()> {
         report.test_psnr,
         100.0 * report.code_usage,
         report.seconds_per_step,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn drafter(a: DrafterArgs) -> Result<()> {
+    use lantern::train::drafter::{drafter_config_for, train_drafter, DrafterTrainConfig};
+    let dev = a.device.device()?;
+    let (target, _) = lantern::load::load_llamagen(&a.gpt, None, candle_core::DType::F32, &dev)?;
+    let dcfg = drafter_config_for(target.config());
+    let tcfg = DrafterTrainConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        ckpt_every: a.ckpt_every,
+        time_limit_s: a.time_limit_s,
+        ..Default::default()
+    };
+    if !a.resume {
+        check_new_output(&a.out.join("train_state.json"), false).map_err(|_| {
+            anyhow::anyhow!(
+                "{} holds a run already: pass --resume to continue it or choose another --out",
+                a.out.display()
+            )
+        })?;
+    }
+    let pb = progress_bar(a.steps as u64, "train drafter");
+    let start = std::time::Instant::now();
+    train_drafter(
+        &target,
+        &dcfg,
+        &a.data,
+        &a.out,
+        &tcfg,
+        &dev,
+        &mut |p| {
+            pb.set_position(p.step as u64);
+            pb.set_message(format!("loss {:.4}", p.loss));
+        },
+        &mut |_, ck| {
+            pb.println(format!(
+                "step {}: loss {:.4} (feature {:.4}, token {:.4}), held-out top-1 {:.3}, top-10 {:.3} ({:.0} s)",
+                ck.step,
+                ck.loss,
+                ck.vloss,
+                ck.ploss,
+                ck.top1,
+                ck.topk,
+                start.elapsed().as_secs_f64()
+            ));
+            Ok(())
+        },
+    )?;
+    pb.finish();
+    println!(
+        "drafter trained in {:.0} s: {}",
+        start.elapsed().as_secs_f64(),
         a.out.display()
     );
     Ok(())

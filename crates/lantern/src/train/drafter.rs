@@ -66,6 +66,8 @@ pub struct DrafterTrainConfig {
     pub seed: u64,
     /// Source of the embedding.
     pub embed_init: EmbedInit,
+    /// Stop with a checkpoint once this much wall time has passed (resume later).
+    pub time_limit_s: Option<f64>,
 }
 
 impl Default for DrafterTrainConfig {
@@ -85,6 +87,7 @@ impl Default for DrafterTrainConfig {
             log_every: 50,
             seed: 0,
             embed_init: EmbedInit::LmHead,
+            time_limit_s: None,
         }
     }
 }
@@ -429,7 +432,10 @@ pub fn train_drafter(
                 elapsed_s: start_time.elapsed().as_secs_f64(),
             });
         }
-        if done % tcfg.ckpt_every == 0 || done == tcfg.steps {
+        let out_of_time = tcfg
+            .time_limit_s
+            .is_some_and(|t| start_time.elapsed().as_secs_f64() >= t);
+        if done % tcfg.ckpt_every == 0 || done == tcfg.steps || out_of_time {
             loaded = None;
             let drafter = build()?;
             let (top1, topk) = evaluate_with_head(
@@ -458,6 +464,9 @@ pub fn train_drafter(
             save_checkpoint(out, &varmap, &config_json, &state)?;
             on_checkpoint(&drafter, &ck)?;
             (acc, acc_v, acc_p, acc_n) = (0.0, 0.0, 0.0, 0);
+            if out_of_time {
+                break;
+            }
         }
     }
     let drafter = build()?;
