@@ -371,7 +371,7 @@ fn measure_matmul(cfg: &StepBenchConfig, device: &Device) -> Result<f64> {
 pub fn synthetic_tree(n: usize) -> DraftTree {
     let (mut parents, mut depths) = (vec![0usize], vec![0usize]);
     for i in 1..n {
-        let p = if i <= 10 { 0 } else { i - 10 };
+        let p = i.saturating_sub(10);
         parents.push(p);
         depths.push(depths[p] + 1);
     }
