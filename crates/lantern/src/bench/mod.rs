@@ -1,6 +1,7 @@
 //! Benchmarks of the engine's building blocks: per-step timing against the device's measured
-//! copy-bandwidth and matmul ceilings ([`steps`]), with random weights at real shapes
-//! ([`random`]) so that no checkpoint is needed.
+//! copy-bandwidth and matmul ceilings ([`steps`]), the steps' analytic bytes and FLOPs
+//! ([`cost`]), and random weights at real shapes ([`random`]) so that no checkpoint is needed.
+pub mod cost;
 pub mod random;
 pub mod steps;
 
