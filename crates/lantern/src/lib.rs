@@ -11,6 +11,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod accept;
+pub mod bench;
 pub mod bundle;
 pub mod cache;
 pub mod data;
