@@ -300,11 +300,14 @@ fn gpt(a: GptArgs) -> Result<()> {
         },
     )?;
     pb.finish();
-    let _ = model;
+    drop(model);
+    let export = a.out.join("export");
+    lantern::train::gpt::export_f16(&a.out, &cfg, &export)?;
     println!(
-        "done in {:.0} s; checkpoint in {}",
+        "done in {:.0} s; checkpoint in {}, f16 model folder in {}",
         start.elapsed().as_secs_f64(),
-        a.out.display()
+        a.out.display(),
+        export.display()
     );
     Ok(())
 }
