@@ -46,6 +46,17 @@ pub struct BenchArgs {
     /// Print the table as JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Time single steps (decode, tree verification, drafter, KV compaction, VQ decode) of a
+    /// model with random weights at real shapes against the device's measured limits, instead
+    /// of running the shipped model.
+    #[arg(long)]
+    random_weights: bool,
+    /// Shapes for --random-weights: t2i-xl-256, c2i-xl-384 or tiny.
+    #[arg(long, default_value = "t2i-xl-256")]
+    preset: String,
+    /// tau of exact SD and of LANTERN used for the expected image latency (--random-weights).
+    #[arg(long, num_args = 2, default_values_t = [1.22, 2.10])]
+    tau: Vec<f64>,
     #[command(flatten)]
     model: ModelOpts,
     #[command(flatten)]
@@ -137,6 +148,9 @@ fn ambiguity(
 /// Runs `lantern bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     let dev = a.device.device()?;
+    if a.random_weights {
+        return steps(&a, &dev);
+    }
     let bundle = a.model.load(&dev)?;
     let classes: Vec<u32> = (0..bundle.gpt.config().num_classes as u32).collect();
     let mut decode = a.decode.clone();
@@ -327,5 +341,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
             opt(r.classifier_fid, 1.0)
         );
     }
+    Ok(())
+}
+
+fn steps(a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
+    use lantern::bench::steps::{expected_latency, run_step_bench, StepBenchConfig, StepPreset};
+    let preset: StepPreset = a.preset.parse()?;
+    let cfg = StepBenchConfig::new(preset, dev);
+    let start = std::time::Instant::now();
+    let report = run_step_bench(&cfg, dev)?;
+    println!("{report}");
+    let tokens = cfg.preset.target().block_size;
+    println!("expected image latency ({tokens} tokens; tau SD {}, tau LANTERN {}):", a.tau[0], a.tau[1]);
+    for (name, secs) in expected_latency(&report, a.tau[0], a.tau[1], tokens) {
+        println!("  {name:<24} {secs:.1} ms");
+    }
+    println!("(bench wall time {:.1} s)", start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -303,7 +303,10 @@ impl Drafter {
             .embed_tokens
             .forward(&ids.to_dtype(DType::U32)?)?
             .to_dtype(self.dtype)?;
-        let x = self.fc.forward(&Tensor::cat(&[e, feats], D::Minus1)?)?;
+        // cat along the last dim gives a transposed view in candle; CUDA matmul needs it contiguous
+        let x = self
+            .fc
+            .forward(&Tensor::cat(&[e, feats], D::Minus1)?.contiguous()?)?;
         let rows = self.rope.select(positions, b, s)?;
         let a = self.attn.forward(&x, &rows, mask, 0, cache)?;
         let x = (x + a)?;
