@@ -147,12 +147,13 @@ pub struct GenerateArgs {
     /// Write per-image decoding statistics (tau, forwards, timings, TVD) as JSON.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
-    /// Decoding mode.
-    #[arg(long, value_enum, default_value = "lantern")]
+    /// Decoding mode. Default: LANTERN++ (lambda 3) on the static tree, the fastest setting
+    /// measured in docs/BENCHMARKS.md.
+    #[arg(long, value_enum, default_value = "lantern++")]
     pub decoding: DecodingArg,
     /// Draft tree: dynamic[:TOTAL:DEPTH:TOPK], naive_extend_57, mc_sim_7b_63, chain:N, or a
     /// JSON file / literal list of rank paths.
-    #[arg(long, default_value = "dynamic")]
+    #[arg(long, default_value = "naive_extend_57")]
     pub tree: String,
     /// LANTERN / LANTERN++: neighbours considered per draft.
     #[arg(long, default_value_t = 100)]
