@@ -352,7 +352,10 @@ fn steps(a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
     let report = run_step_bench(&cfg, dev)?;
     println!("{report}");
     let tokens = cfg.preset.target().block_size;
-    println!("expected image latency ({tokens} tokens; tau SD {}, tau LANTERN {}):", a.tau[0], a.tau[1]);
+    println!(
+        "expected image latency ({tokens} tokens; tau SD {}, tau LANTERN {}):",
+        a.tau[0], a.tau[1]
+    );
     for (name, secs) in expected_latency(&report, a.tau[0], a.tau[1], tokens) {
         println!("  {name:<24} {secs:.1} ms");
     }

@@ -179,6 +179,7 @@ pub struct GenerateArgs {
 }
 
 /// Builds the decoding mode from CLI settings.
+#[allow(clippy::too_many_arguments)]
 pub fn decoding(
     mode: DecodingArg,
     tree: &str,

@@ -15,7 +15,7 @@ pub struct FeatureStats {
 impl FeatureStats {
     /// Statistics of `n` rows of width `d` stored row-major in `features`.
     pub fn from_rows(features: &[f32], d: usize) -> Result<Self> {
-        if d == 0 || features.len() % d != 0 {
+        if d == 0 || !features.len().is_multiple_of(d) {
             return Err(Error::invalid(
                 "features",
                 format!("{} values do not split into rows of {d}", features.len()),

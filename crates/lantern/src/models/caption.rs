@@ -167,15 +167,12 @@ fn clean_once(caption: &str) -> String {
     c = r.sep_space.replace_all(&c, "$1 ").into_owned();
     c = r.spaces.replace_all(&c, " ").into_owned();
     c = c.trim().to_string();
-    let strip_pair = |s: &str| -> String {
-        for q in ['"', '\''] {
-            if s.len() >= 2 && s.starts_with(q) && s.ends_with(q) {
-                return s[1..s.len() - 1].to_string();
-            }
+    for q in ['"', '\''] {
+        if c.len() >= 2 && c.starts_with(q) && c.ends_with(q) {
+            c = c[1..c.len() - 1].to_string();
+            break;
         }
-        s.to_string()
-    };
-    c = strip_pair(&c);
+    }
     c = r.lead.replace(&c, "").into_owned();
     c = r.trail.replace(&c, "").into_owned();
     c = r.dot_only.replace(&c, "").into_owned();
