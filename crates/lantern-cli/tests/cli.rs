@@ -1,0 +1,165 @@
+//! End-to-end tests of the `lantern` binary on the shipped model bundle: generation with the
+//! default (LANTERN++) and AR decoding, token round trip through `decode`, and one-line errors.
+use std::path::PathBuf;
+use std::process::Command;
+
+fn lantern() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lantern"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lantern-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = lantern().args(args).output().expect("run lantern");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn generate_decode_round_trip_and_refuse_overwrite() {
+    let out = tmp("gen");
+    let o = out.to_str().unwrap();
+    let tokens = out.join("tokens.json");
+    let stats = out.join("stats.json");
+    let (ok, stdout, stderr) = run(&[
+        "generate",
+        "--class",
+        "sneaker,trouser",
+        "-n",
+        "1",
+        "--out",
+        o,
+        "--device",
+        "cpu",
+        "--save-tokens",
+        tokens.to_str().unwrap(),
+        "--stats-json",
+        stats.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("tau"), "{stdout}");
+    for f in ["0000.png", "0001.png", "grid.png"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tokens).unwrap()).unwrap();
+    assert_eq!(t["grid"], serde_json::json!([16, 16]));
+    assert_eq!(t["images"].as_array().unwrap().len(), 2);
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert!(s[0]["tau"].as_f64().unwrap() >= 1.0);
+
+    // the same tokens decode to the same pixels
+    let dec = tmp("dec");
+    let vq = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/fashion/vq");
+    let (ok, _, stderr) = run(&[
+        "decode",
+        "--vq",
+        vq,
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--out",
+        dec.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        std::fs::read(out.join("0000.png")).unwrap(),
+        std::fs::read(dec.join("0000.png")).unwrap()
+    );
+
+    // a second run into the same folder refuses to overwrite, in one line, naming --force
+    let (ok, _, stderr) = run(&[
+        "generate",
+        "--class",
+        "sneaker",
+        "-n",
+        "1",
+        "--out",
+        o,
+        "--device",
+        "cpu",
+        "--decoding",
+        "ar",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--force") && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&out).ok();
+    std::fs::remove_dir_all(&dec).ok();
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let out = tmp("bad");
+    let o = out.to_str().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &[
+                "generate", "--class", "unicorn", "--out", o, "--device", "cpu",
+            ],
+            "choose one of",
+        ),
+        (
+            &["generate", "--class", "12", "--out", o, "--device", "cpu"],
+            "out of range",
+        ),
+        (
+            &[
+                "generate", "--class", "bag", "--top-p", "0", "--out", o, "--device", "cpu",
+            ],
+            "top-p",
+        ),
+        (
+            &[
+                "generate",
+                "--class",
+                "bag",
+                "--decoding",
+                "lantern",
+                "--delta=-0.1",
+                "--out",
+                o,
+                "--device",
+                "cpu",
+            ],
+            "delta",
+        ),
+        (
+            &[
+                "generate",
+                "--class",
+                "bag",
+                "--models",
+                "/nonexistent",
+                "--out",
+                o,
+                "--device",
+                "cpu",
+            ],
+            "--gpt",
+        ),
+        (&["inspect", "/nonexistent/model.pt"], "nonexistent"),
+    ];
+    for (args, want) in cases {
+        let (ok, _, stderr) = run(args);
+        assert!(!ok, "{args:?} should fail");
+        let line = stderr.trim();
+        assert!(
+            line.starts_with("error:") && line.lines().count() == 1,
+            "{args:?}: {stderr}"
+        );
+        assert!(line.contains(want), "{args:?}: `{line}` lacks `{want}`");
+        assert!(!line.contains("panicked"), "{line}");
+    }
+}
