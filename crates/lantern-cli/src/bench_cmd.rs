@@ -167,13 +167,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         None
     };
+    // FID reference: the whole test split; the FID of its two halves against each other is the
+    // floor a perfect generator would reach with 5000 images.
+    let mut halves_fid = None;
     let reference = match &clf {
         Some(c) => {
             let test = fashion_mnist(&a.data, Split::Test).with_context(|| {
                 "the FID reference needs Fashion-MNIST (apt-get install dataset-fashion-mnist)"
             })?;
             let (f, _) = c.predict(&test, &dev)?;
-            Some(FeatureStats::from_rows(&f, c.config().feature_dim)?)
+            let d = c.config().feature_dim;
+            let half = test.len() / 2 * d;
+            halves_fid = Some(fid(
+                &FeatureStats::from_rows(&f[..half], d)?,
+                &FeatureStats::from_rows(&f[half..], d)?,
+            )?);
+            Some(FeatureStats::from_rows(&f, d)?)
         }
         None => None,
     };
@@ -276,6 +285,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "rows": rows,
                 "ambiguity": ambiguity_stats.map(|(t1, t10)| serde_json::json!({"mean_top1": t1, "mean_top10": t10})),
                 "images_per_mode": classes.len() * a.num,
+                "fid_test_halves": halves_fid,
                 "sampling": format!("{sampling:?}"),
                 "cfg": decode.cfg,
                 "k": a.k,
@@ -293,6 +303,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         a.k,
         dev
     );
+    if let Some(h) = halves_fid {
+        println!("classifier-FID of the test set's two halves (5000 vs 5000 images): {h:.3}; FID grows as the sample shrinks, so compare rows only with each other");
+    }
     if let Some((t1, t10)) = ambiguity_stats {
         println!("token ambiguity (AR samples, teacher-forced): mean top-1 probability {t1:.3}, mean top-10 mass {t10:.3}");
     }

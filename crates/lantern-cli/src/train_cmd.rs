@@ -138,6 +138,10 @@ pub struct GptArgs {
     /// Stop (with a checkpoint) once this many seconds have passed; resume later with --resume.
     #[arg(long)]
     time_limit_s: Option<f64>,
+    /// VQ tokenizer of the tokens: when given, each checkpoint also writes `samples_<step>.png`
+    /// (one AR sample per class, CFG 2).
+    #[arg(long)]
+    vq: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceOpts,
 }
@@ -274,6 +278,10 @@ fn gpt(a: GptArgs) -> Result<()> {
         a.batch_size,
         dev
     );
+    let vq = match &a.vq {
+        Some(p) => Some(lantern::models::vq::VqModel::load_dir(p, &dev)?),
+        None => None,
+    };
     let pb = progress_bar(a.steps as u64, "train gpt");
     let start = std::time::Instant::now();
     let model = train_gpt(
@@ -288,7 +296,7 @@ fn gpt(a: GptArgs) -> Result<()> {
             pb.set_position(step as u64);
             pb.set_message(format!("loss {loss:.4}"));
         },
-        &mut |_, ck| {
+        &mut |model, ck| {
             pb.println(format!(
                 "step {}: train loss {:.4}, test cross-entropy {:.4} nats/token ({:.0} s)",
                 ck.step,
@@ -296,6 +304,10 @@ fn gpt(a: GptArgs) -> Result<()> {
                 ck.test_loss,
                 start.elapsed().as_secs_f64()
             ));
+            if let Some(vq) = &vq {
+                let png = a.out.join(format!("samples_{:06}.png", ck.step));
+                checkpoint_samples(model, vq, &png)?;
+            }
             Ok(())
         },
     )?;
@@ -401,4 +413,25 @@ fn drafter(a: DrafterArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// One AR sample per class (CFG 2, temperature 1, seed 0) decoded into a PNG grid.
+fn checkpoint_samples(
+    model: &lantern::models::llamagen::LlamaGen,
+    vq: &lantern::models::vq::VqModel,
+    png: &std::path::Path,
+) -> lantern::Result<()> {
+    use lantern::decode::GenerateOptions;
+    use lantern::models::llamagen::Condition;
+    let classes: Vec<u32> = (0..model.config().num_classes as u32).collect();
+    let opts = GenerateOptions::new().with_cfg_scale(2.0).with_seed(0);
+    let out =
+        lantern::decode::llamagen::generate(model, None, &Condition::Classes(classes), &opts)?;
+    let side = (model.config().block_size as f64).sqrt() as usize;
+    let flat: Vec<u32> = out.tokens.iter().flatten().copied().collect();
+    let codes = candle_core::Tensor::from_vec(flat, (out.tokens.len(), side * side), vq.device())?;
+    let imgs = vq.decode_codes(&codes, (side, side))?;
+    let (_, c, h, w) = imgs.dims4()?;
+    let pixels = lantern::image::to_u8(&imgs)?;
+    lantern::image::save_grid(png, &pixels, w, h, c, pixels.len(), true)
 }
