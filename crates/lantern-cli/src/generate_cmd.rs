@@ -132,7 +132,16 @@ pub struct GenerateArgs {
     /// Classes to generate, by name or id (repeat or comma-separate).
     #[arg(long = "class", value_delimiter = ',')]
     pub classes: Vec<String>,
-    /// Images per class.
+    /// Text prompts for text-to-image models (repeatable); needs --t5.
+    #[arg(long = "prompt")]
+    pub prompts: Vec<String>,
+    /// flan-T5 folder (Hugging Face layout with tokenizer.json) for --prompt.
+    #[arg(long)]
+    pub t5: Option<PathBuf>,
+    /// Cut prompts longer than 120 T5 tokens instead of failing.
+    #[arg(long)]
+    pub truncate_prompts: bool,
+    /// Images per class (or per prompt).
     #[arg(short = 'n', long, default_value_t = 4)]
     pub num: usize,
     /// Output folder (one PNG per image and grid.png).
@@ -329,6 +338,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         bail!("-n 0: ask for at least one image per class");
     }
     let bundle = a.model.load(&dev)?;
+    if !a.prompts.is_empty() {
+        return run_prompts(&a, &bundle, &dev);
+    }
+    if bundle.gpt.config().model_type == lantern::models::llamagen::ModelType::T2i {
+        bail!("this is a text-to-image model: pass --prompt TEXT and --t5 DIR instead of --class");
+    }
     let classes: Vec<u32> = if a.classes.is_empty() {
         (0..bundle.gpt.config().num_classes as u32).collect()
     } else {
@@ -405,6 +420,103 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         a.decoding,
         tau,
         fwd,
+        a.out.join("grid.png").display()
+    );
+    Ok(())
+}
+
+/// Text-to-image generation: T5-encode the prompts, then decode each prompt `-n` times.
+fn run_prompts(a: &GenerateArgs, bundle: &ModelBundle, dev: &candle_core::Device) -> Result<()> {
+    use lantern::models::t5::TextEncoder;
+    if bundle.gpt.config().model_type != lantern::models::llamagen::ModelType::T2i {
+        bail!("--prompt needs a text-to-image model; this one is class-conditional: use --class");
+    }
+    let t5_dir = a.t5.as_ref().context(
+        "--prompt needs the flan-T5 encoder: pass --t5 DIR (a Hugging Face flan-t5-xl folder)",
+    )?;
+    let mut t5 = TextEncoder::load(t5_dir, candle_core::DType::F32, dev)?;
+    t5.truncate = a.truncate_prompts;
+    if t5.d_model() != bundle.gpt.config().caption_dim {
+        bail!(
+            "the T5 encoder gives {}-wide features but the model expects {}: use the T5 the model was trained with",
+            t5.d_model(),
+            bundle.gpt.config().caption_dim
+        );
+    }
+    let sampling = a.decode.sampling()?;
+    let dec = decoding(
+        a.decoding,
+        &a.tree,
+        a.k,
+        a.delta,
+        a.lambda,
+        a.residual,
+        sampling.is_greedy(),
+        bundle,
+    )?;
+    let prompts: Vec<String> = a
+        .prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), a.num))
+        .collect();
+    check_outputs(a, prompts.len())?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create output folder {}", a.out.display()))?;
+    let pb = progress_bar(prompts.len() as u64, "generate");
+    let start = std::time::Instant::now();
+    let (mut tokens, mut stats) = (Vec::new(), Vec::new());
+    for (bi, chunk) in prompts.chunks(a.batch.max(1)).enumerate() {
+        let enc = t5.encode(chunk)?;
+        let opts = GenerateOptions::new()
+            .with_cfg_scale(a.decode.cfg)
+            .with_sampling(sampling)
+            .with_seed(a.decode.seed + (bi * a.batch.max(1)) as u64)
+            .with_decoding(dec.clone());
+        let cond = Condition::Captions {
+            features: enc.features.to_device(dev)?,
+            mask: enc.mask.to_device(dev)?,
+        };
+        let r = lantern::decode::llamagen::generate(
+            &bundle.gpt,
+            bundle.drafter.as_ref(),
+            &cond,
+            &opts,
+        )?;
+        tokens.extend(r.tokens);
+        stats.extend(r.stats);
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let (pixels, w, h, c) = decode_images(bundle, &tokens)?;
+    for (i, p) in pixels.iter().enumerate() {
+        save_png(&a.out.join(format!("{i:04}.png")), p, w, h, c, a.force)?;
+    }
+    save_grid(
+        &a.out.join("grid.png"),
+        &pixels,
+        w,
+        h,
+        c,
+        a.num.max(1),
+        a.force,
+    )?;
+    if let Some(p) = &a.save_tokens {
+        let side = (bundle.gpt.config().block_size as f64).sqrt() as usize;
+        TokenFile {
+            grid: [side, side],
+            images: tokens.clone(),
+        }
+        .write(p, a.force)?;
+    }
+    if let Some(p) = &a.stats_json {
+        write_json(p, &stats, a.force)?;
+    }
+    println!(
+        "{} images for {} prompts in {:.2} s -> {}",
+        prompts.len(),
+        a.prompts.len(),
+        secs,
         a.out.join("grid.png").display()
     );
     Ok(())

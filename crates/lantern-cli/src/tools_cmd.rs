@@ -6,7 +6,7 @@ use lantern::accept::{Metric, Neighbors};
 use lantern::data::{fashion_mnist, image_folder, Split, FASHION_MNIST_DIR};
 use lantern::eval::{fid, Classifier, FeatureStats};
 use lantern::image::{save_grid, save_png, to_u8, TokenFile};
-use lantern::models::vq::{VqConfig, VqModel};
+use lantern::models::vq::VqModel;
 use std::path::{Path, PathBuf};
 
 /// Options of `lantern inspect`.
@@ -23,13 +23,9 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads a VQ model from our folder layout or an official VQ-16 `.pt`.
+/// Loads a VQ model from our folder layout or a `.pt`.
 pub fn load_vq(path: &Path, dev: &candle_core::Device) -> Result<VqModel> {
-    if path.is_dir() {
-        Ok(VqModel::load_dir(path, dev)?)
-    } else {
-        Ok(VqModel::load_pt(path, &VqConfig::vq16(), dev)?)
-    }
+    Ok(lantern::bundle::load_vq(path, dev)?)
 }
 
 /// Options of `lantern decode`.

@@ -163,3 +163,110 @@ fn bad_input_gives_one_line_errors() {
         assert!(!line.contains("panicked"), "{line}");
     }
 }
+
+#[test]
+fn text_to_image_with_prompts_on_tiny_checkpoints() {
+    let f = concat!(env!("CARGO_MANIFEST_DIR"), "/../lantern/tests/fixtures");
+    let out = tmp("t2i");
+    let gpt = format!("{f}/gpt/t2i_hf");
+    let vq = format!("{f}/vq/tiny_vq.pt");
+    let t5 = format!("{f}/t5");
+    let drafter = format!("{f}/gpt/drafter");
+    let base = [
+        "generate",
+        "--models",
+        "/nonexistent",
+        "--gpt",
+        &gpt,
+        "--vq",
+        &vq,
+        "--t5",
+        &t5,
+        "--device",
+        "cpu",
+    ];
+    let toks = out.join("t.json");
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend([
+        "--prompt",
+        "a photo of a red car",
+        "-n",
+        "2",
+        "--decoding",
+        "sd",
+        "--drafter",
+        &drafter,
+        "--temperature",
+        "0",
+    ]);
+    args.extend([
+        "--out",
+        out.to_str().unwrap(),
+        "--save-tokens",
+        toks.to_str().unwrap(),
+    ]);
+    let (ok, stdout, stderr) = run(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("2 images for 1 prompts"), "{stdout}");
+    // greedy speculative output equals greedy AR output through the CLI too
+    let out2 = tmp("t2i-ar");
+    let toks2 = out2.join("t.json");
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend([
+        "--prompt",
+        "a photo of a red car",
+        "-n",
+        "2",
+        "--decoding",
+        "ar",
+        "--temperature",
+        "0",
+    ]);
+    args.extend([
+        "--out",
+        out2.to_str().unwrap(),
+        "--save-tokens",
+        toks2.to_str().unwrap(),
+    ]);
+    let (ok, _, stderr) = run(&args);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&toks).unwrap(),
+        std::fs::read_to_string(&toks2).unwrap()
+    );
+    // a class on a text model, and a prompt without T5, are clear errors
+    let (ok, _, stderr) = run(&[
+        "generate",
+        "--models",
+        "/nonexistent",
+        "--gpt",
+        &gpt,
+        "--vq",
+        &vq,
+        "--class",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && stderr.contains("--prompt"), "{stderr}");
+    let (ok, _, stderr) = run(&[
+        "generate",
+        "--models",
+        "/nonexistent",
+        "--gpt",
+        &gpt,
+        "--vq",
+        &vq,
+        "--prompt",
+        "x",
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && stderr.contains("--t5"), "{stderr}");
+    std::fs::remove_dir_all(&out).ok();
+    std::fs::remove_dir_all(&out2).ok();
+}

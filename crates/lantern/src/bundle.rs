@@ -68,14 +68,24 @@ impl BundlePaths {
     }
 }
 
-fn load_vq(path: &Path, device: &Device) -> Result<VqModel> {
+/// Loads a VQ tokenizer: our folder layout, or a `.pt` (official VQ-16 unless a `config.json`
+/// beside it says otherwise).
+pub fn load_vq(path: &Path, device: &Device) -> Result<VqModel> {
     if path.is_dir() {
         return VqModel::load_dir(path, device);
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     if matches!(ext, "pt" | "pth" | "bin") {
-        // Official VQ-16 checkpoints carry no config; they are all VQ-16.
-        return VqModel::load_pt(path, &VqConfig::vq16(), device);
+        // Official VQ-16 checkpoints carry no config; they are all VQ-16, unless a
+        // `config.json` (VqConfig) sits next to the file.
+        let side = path.with_file_name("config.json");
+        let cfg = match std::fs::read_to_string(&side) {
+            Ok(text) => {
+                VqConfig::from_json(&text).map_err(|e| Error::load(&side, e.to_string()))?
+            }
+            Err(_) => VqConfig::vq16(),
+        };
+        return VqModel::load_pt(path, &cfg, device);
     }
     Err(Error::load(
         path,
