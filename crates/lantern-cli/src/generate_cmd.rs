@@ -380,30 +380,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     )?;
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    let (pixels, w, h, c) = decode_images(&bundle, &gen.tokens)?;
-    for (i, p) in pixels.iter().enumerate() {
-        save_png(&a.out.join(format!("{i:04}.png")), p, w, h, c, a.force)?;
-    }
-    save_grid(
-        &a.out.join("grid.png"),
-        &pixels,
-        w,
-        h,
-        c,
-        a.num.max(1),
-        a.force,
-    )?;
-    if let Some(p) = &a.save_tokens {
-        let side = (bundle.gpt.config().block_size as f64).sqrt() as usize;
-        TokenFile {
-            grid: [side, side],
-            images: gen.tokens.clone(),
-        }
-        .write(p, a.force)?;
-    }
-    if let Some(p) = &a.stats_json {
-        write_json(p, &gen.stats, a.force)?;
-    }
+    write_outputs(&a, &bundle, &gen.tokens, &gen.stats)?;
     let n = gen.stats.len().max(1) as f64;
     let tau = gen.stats.iter().map(|s| s.tau).sum::<f64>() / n;
     let fwd = gen
@@ -488,7 +465,25 @@ fn run_prompts(a: &GenerateArgs, bundle: &ModelBundle, dev: &candle_core::Device
     }
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    let (pixels, w, h, c) = decode_images(bundle, &tokens)?;
+    write_outputs(a, bundle, &tokens, &stats)?;
+    println!(
+        "{} images for {} prompts in {:.2} s -> {}",
+        prompts.len(),
+        a.prompts.len(),
+        secs,
+        a.out.join("grid.png").display()
+    );
+    Ok(())
+}
+
+/// Writes one PNG per image, the grid (`-n` per row), and the optional token and stats files.
+fn write_outputs(
+    a: &GenerateArgs,
+    bundle: &ModelBundle,
+    tokens: &[Vec<u32>],
+    stats: &[lantern::decode::DecodeStats],
+) -> Result<()> {
+    let (pixels, w, h, c) = decode_images(bundle, tokens)?;
     for (i, p) in pixels.iter().enumerate() {
         save_png(&a.out.join(format!("{i:04}.png")), p, w, h, c, a.force)?;
     }
@@ -505,19 +500,12 @@ fn run_prompts(a: &GenerateArgs, bundle: &ModelBundle, dev: &candle_core::Device
         let side = (bundle.gpt.config().block_size as f64).sqrt() as usize;
         TokenFile {
             grid: [side, side],
-            images: tokens.clone(),
+            images: tokens.to_vec(),
         }
         .write(p, a.force)?;
     }
     if let Some(p) = &a.stats_json {
         write_json(p, &stats, a.force)?;
     }
-    println!(
-        "{} images for {} prompts in {:.2} s -> {}",
-        prompts.len(),
-        a.prompts.len(),
-        secs,
-        a.out.join("grid.png").display()
-    );
     Ok(())
 }

@@ -160,28 +160,7 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
-    /// After token t the drafter proposes `table[t]`; records what was fed.
-    /// What one expand call received.
-    type Fed = (Vec<Vec<u32>>, Vec<Vec<Option<usize>>>);
-
-    struct Table {
-        table: Vec<Vec<f32>>,
-        fed: Vec<Fed>,
-    }
-
-    impl Expand for Table {
-        fn expand(
-            &mut self,
-            tokens: &[Vec<u32>],
-            parents: &[Vec<Option<usize>>],
-        ) -> Result<Vec<Vec<Vec<f32>>>> {
-            self.fed.push((tokens.to_vec(), parents.to_vec()));
-            Ok(tokens
-                .iter()
-                .map(|ts| ts.iter().map(|&t| self.table[t as usize].clone()).collect())
-                .collect())
-        }
-    }
+    use crate::decode::test_util::Table;
 
     #[test]
     fn greedy_static_tree_is_top_k_of_each_node() {

@@ -131,29 +131,7 @@ pub fn draft_dynamic(
 mod tests {
     use super::*;
 
-    /// Drafter whose distribution after a node depends only on the node's token:
-    /// after token t the probabilities are `table[t]`.
-    /// What one expand call received.
-    type Fed = (Vec<Vec<u32>>, Vec<Vec<Option<usize>>>);
-
-    struct Table {
-        table: Vec<Vec<f32>>,
-        calls: Vec<Fed>,
-    }
-
-    impl Expand for Table {
-        fn expand(
-            &mut self,
-            tokens: &[Vec<u32>],
-            parents: &[Vec<Option<usize>>],
-        ) -> Result<Vec<Vec<Vec<f32>>>> {
-            self.calls.push((tokens.to_vec(), parents.to_vec()));
-            Ok(tokens
-                .iter()
-                .map(|ts| ts.iter().map(|&t| self.table[t as usize].clone()).collect())
-                .collect())
-        }
-    }
+    use crate::decode::test_util::Table;
 
     #[test]
     fn hand_worked_dynamic_tree() {
@@ -161,7 +139,7 @@ mod tests {
         let row = vec![0.6, 0.3, 0.1];
         let mut d = Table {
             table: vec![row.clone(); 3],
-            calls: vec![],
+            fed: vec![],
         };
         let p = DynamicParams {
             total_tokens: 5,
@@ -176,9 +154,9 @@ mod tests {
         assert_eq!(t.parents, vec![0, 0, 0, 1, 1]);
         assert_eq!(t.depths, vec![0, 1, 1, 2, 2]);
         t.validate().unwrap();
-        assert_eq!(d.calls.len(), 1);
-        assert_eq!(d.calls[0].0, vec![vec![0, 1]]);
-        assert_eq!(d.calls[0].1, vec![vec![None, None]]);
+        assert_eq!(d.fed.len(), 1);
+        assert_eq!(d.fed[0].0, vec![vec![0, 1]]);
+        assert_eq!(d.fed[0].1, vec![vec![None, None]]);
     }
 
     #[test]
@@ -186,7 +164,7 @@ mod tests {
         let row = vec![0.5, 0.3, 0.2];
         let mut d = Table {
             table: vec![row.clone(); 3],
-            calls: vec![],
+            fed: vec![],
         };
         let p = DynamicParams {
             total_tokens: 8,
@@ -197,8 +175,8 @@ mod tests {
         assert_eq!(trees.len(), 2);
         assert_eq!(trees[0].len(), 8);
         // second call: frontier = 0->0 (.25) and 0->1 (.15) (ties .15 with 1->0: creation order)
-        assert_eq!(d.calls[1].0[0], vec![0, 1]);
-        assert_eq!(d.calls[1].1[0], vec![Some(0), Some(0)]);
+        assert_eq!(d.fed[1].0[0], vec![0, 1]);
+        assert_eq!(d.fed[1].1[0], vec![Some(0), Some(0)]);
         for t in &trees {
             t.validate().unwrap();
         }

@@ -10,6 +10,8 @@ pub mod model;
 pub mod speculative;
 pub mod static_trees;
 pub mod stats;
+#[cfg(test)]
+mod test_util;
 pub mod tree;
 
 pub use self::static_trees::{DynamicParams, TreeShape, TreeSpec};

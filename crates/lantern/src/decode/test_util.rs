@@ -1,0 +1,27 @@
+//! Test helpers shared by the tree builders' unit tests.
+use super::draft::Expand;
+use crate::Result;
+
+/// What one expand call received.
+pub(crate) type Fed = (Vec<Vec<u32>>, Vec<Vec<Option<usize>>>);
+
+/// Drafter whose distribution after a node depends only on the node's token: after token t the
+/// probabilities are `table[t]`. Records what every call was fed.
+pub(crate) struct Table {
+    pub table: Vec<Vec<f32>>,
+    pub fed: Vec<Fed>,
+}
+
+impl Expand for Table {
+    fn expand(
+        &mut self,
+        tokens: &[Vec<u32>],
+        parents: &[Vec<Option<usize>>],
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        self.fed.push((tokens.to_vec(), parents.to_vec()));
+        Ok(tokens
+            .iter()
+            .map(|ts| ts.iter().map(|&t| self.table[t as usize].clone()).collect())
+            .collect())
+    }
+}
