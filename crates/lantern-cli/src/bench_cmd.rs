@@ -28,8 +28,9 @@ pub struct BenchArgs {
     /// LANTERN / LANTERN++ neighbours per draft.
     #[arg(long, default_value_t = 100)]
     k: usize,
-    /// Static tree used by sd-static and the LANTERN++ rows.
-    #[arg(long, default_value = "naive_extend_57")]
+    /// Static tree used by sd-static and the LANTERN++ rows (auto: naive_extend_57 on a GPU,
+    /// chain:3 on the CPU).
+    #[arg(long, default_value = "auto")]
     static_tree: String,
     /// Dynamic tree used by sd-dynamic and the LANTERN rows.
     #[arg(long, default_value = "dynamic")]

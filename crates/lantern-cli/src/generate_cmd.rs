@@ -156,13 +156,14 @@ pub struct GenerateArgs {
     /// Write per-image decoding statistics (tau, forwards, timings, TVD) as JSON.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
-    /// Decoding mode. Default: LANTERN++ (lambda 3) on the static tree, the fastest setting
-    /// measured in docs/BENCHMARKS.md.
+    /// Decoding mode. Default: LANTERN++ (lambda 3) on the `--tree auto` tree, the fastest
+    /// setting measured in docs/BENCHMARKS.md on both GPU and CPU.
     #[arg(long, value_enum, default_value = "lantern++")]
     pub decoding: DecodingArg,
-    /// Draft tree: dynamic[:TOTAL:DEPTH:TOPK], naive_extend_57, mc_sim_7b_63, chain:N, or a
-    /// JSON file / literal list of rank paths.
-    #[arg(long, default_value = "naive_extend_57")]
+    /// Draft tree: auto (naive_extend_57 on a GPU, chain:3 on the CPU, where verifying a wide
+    /// tree is not free), dynamic[:TOTAL:DEPTH:TOPK], naive_extend_57, mc_sim_7b_63, chain:N, or
+    /// a JSON file / literal list of rank paths.
+    #[arg(long, default_value = "auto")]
     pub tree: String,
     /// LANTERN / LANTERN++: neighbours considered per draft.
     #[arg(long, default_value_t = 100)]
@@ -220,7 +221,7 @@ pub fn decoding(
         }
         Some(n)
     };
-    let tree = TreeSpec::parse(tree)?;
+    let tree = TreeSpec::parse(resolve_tree(tree, bundle.gpt.device()))?;
     Ok(Decoding::Speculative {
         tree,
         accept: AcceptConfig {
@@ -508,4 +509,15 @@ fn write_outputs(
         write_json(p, &stats, a.force)?;
     }
     Ok(())
+}
+
+/// The tree `auto` stands for on `device`: measured in docs/BENCHMARKS.md, the 58-node static
+/// tree is fastest on a GPU (verification costs about one decode step there), while on the CPU
+/// verification cost grows with the tree and `chain:3` is fastest.
+pub fn resolve_tree<'a>(tree: &'a str, device: &candle_core::Device) -> &'a str {
+    match (tree, device.is_cpu()) {
+        ("auto", true) => "chain:3",
+        ("auto", false) => "naive_extend_57",
+        (t, _) => t,
+    }
 }
