@@ -26,7 +26,7 @@ fn shipped_bundle_generates_recognisable_classes() -> anyhow::Result<()> {
         .with_sampling(SamplingParams::default())
         .with_seed(0)
         .with_decoding(Decoding::Speculative {
-            tree: TreeSpec::parse("naive_extend_57")?,
+            tree: TreeSpec::parse("chain:3")?,
             accept: AcceptConfig {
                 relaxation: Relaxation::LanternPP {
                     k: 100,
