@@ -189,6 +189,22 @@ pub struct GenerateArgs {
     pub device: DeviceOpts,
 }
 
+impl GenerateArgs {
+    /// The decoding mode these arguments ask for.
+    fn decoding_mode(&self, bundle: &ModelBundle, greedy: bool) -> Result<Decoding> {
+        decoding(
+            self.decoding,
+            &self.tree,
+            self.k,
+            self.delta,
+            self.lambda,
+            self.residual,
+            greedy,
+            bundle,
+        )
+    }
+}
+
 /// Builds the decoding mode from CLI settings.
 #[allow(clippy::too_many_arguments)]
 pub fn decoding(
@@ -355,16 +371,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             .collect::<Result<_, _>>()?
     };
     let sampling = a.decode.sampling()?;
-    let dec = decoding(
-        a.decoding,
-        &a.tree,
-        a.k,
-        a.delta,
-        a.lambda,
-        a.residual,
-        sampling.is_greedy(),
-        &bundle,
-    )?;
+    let dec = a.decoding_mode(&bundle, sampling.is_greedy())?;
     let total = classes.len() * a.num;
     check_outputs(&a, total)?;
     std::fs::create_dir_all(&a.out)
@@ -423,16 +430,7 @@ fn run_prompts(a: &GenerateArgs, bundle: &ModelBundle, dev: &candle_core::Device
         );
     }
     let sampling = a.decode.sampling()?;
-    let dec = decoding(
-        a.decoding,
-        &a.tree,
-        a.k,
-        a.delta,
-        a.lambda,
-        a.residual,
-        sampling.is_greedy(),
-        bundle,
-    )?;
+    let dec = a.decoding_mode(bundle, sampling.is_greedy())?;
     let prompts: Vec<String> = a
         .prompts
         .iter()

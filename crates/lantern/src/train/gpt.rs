@@ -11,7 +11,6 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Settings of a GPT training run.
@@ -62,15 +61,6 @@ pub struct GptCheckpoint {
     pub train_loss: f64,
     /// Test cross-entropy per token (nats).
     pub test_loss: f64,
-}
-
-/// Learning rate at `step`: linear warm-up, then cosine decay to 10% of the peak.
-pub fn lr_at(cfg: &GptTrainConfig, step: usize) -> f64 {
-    if step < cfg.warmup {
-        return cfg.lr * (step + 1) as f64 / cfg.warmup as f64;
-    }
-    let t = (step - cfg.warmup) as f64 / (cfg.steps.saturating_sub(cfg.warmup)).max(1) as f64;
-    cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos()))
 }
 
 /// LlamaGen's initialisation: every weight matrix N(0, 0.02), norms 1, output layer zero.
@@ -234,17 +224,11 @@ pub fn train_gpt(
             weight_decay: tcfg.weight_decay,
         },
     )?;
-    let csv_path = out.join("losses.csv");
-    let new_csv = !csv_path.exists() || start == 0;
-    let mut csv = std::fs::OpenOptions::new()
-        .create(true)
-        .append(!new_csv)
-        .write(true)
-        .truncate(new_csv)
-        .open(&csv_path)?;
-    if new_csv {
-        writeln!(csv, "step,lr,train_loss,test_loss")?;
-    }
+    let mut csv = crate::train::LossLog::open(
+        &out.join("losses.csv"),
+        &["step", "lr", "train_loss", "test_loss"],
+        start > 0,
+    )?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(tcfg.seed.wrapping_add(start as u64));
     let mut order: Vec<usize> = (0..train.len()).collect();
     order.shuffle(&mut rng);
@@ -268,7 +252,7 @@ pub fn train_gpt(
                 }
             })
             .collect();
-        let lr = lr_at(tcfg, step);
+        let lr = crate::train::cosine_lr(step, tcfg.steps, tcfg.lr, tcfg.warmup, 0.1);
         opt.set_learning_rate(lr);
         let loss = batch_loss(&model, train, idx, &labels)?;
         opt.backward_step(&loss)?;
@@ -287,12 +271,7 @@ pub fn train_gpt(
                 train_loss: acc / acc_n.max(1) as f64,
                 test_loss,
             };
-            writeln!(
-                csv,
-                "{},{lr:.3e},{:.5},{:.5}",
-                ck.step, ck.train_loss, ck.test_loss
-            )?;
-            csv.flush()?;
+            csv.row(ck.step, &[lr, ck.train_loss, ck.test_loss])?;
             crate::train::export::save_tensors(
                 &varmap,
                 &out.join("model.safetensors"),
