@@ -14,6 +14,7 @@
 //! - Positions past a model's RoPE table (tree nodes beyond the last image token, which are
 //!   never committed) reuse a fixed row: the target's condition row 0 (zero rotation), the
 //!   drafter's last extra row (zero) or, without extra rows, its row 0.
+use super::graph_step::{graphs_enabled, GraphStep};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::{GenerateOptions, Output};
 use crate::cache::KvCache;
@@ -40,12 +41,24 @@ impl DecodeCache for KvCache {
 }
 
 /// The target's KV cache plus, for t2i, the caption validity of every batch row, which every
-/// forward turns into key padding.
-#[derive(Debug, Clone)]
+/// forward turns into key padding, and the captured AR step once plain AR decoding started on
+/// a GPU.
 pub struct LlamaGenCache {
     kv: KvCache,
     /// `[rows, cls_token_num]` f32, 1 = valid caption position (t2i only).
     valid: Option<Tensor>,
+    /// The AR step as a CUDA graph (created by the first [`Target::ar_step`] on a GPU).
+    graph: Option<GraphStep>,
+}
+
+impl std::fmt::Debug for LlamaGenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaGenCache")
+            .field("kv", &self.kv)
+            .field("valid", &self.valid)
+            .field("graph", &self.graph.as_ref().map(|g| g.is_captured()))
+            .finish()
+    }
 }
 
 impl LlamaGenCache {
@@ -130,6 +143,7 @@ impl Target for LlamaGen {
         Ok(LlamaGenCache {
             kv: LlamaGen::new_cache(self, rows, max_len)?,
             valid: None,
+            graph: None,
         })
     }
 
@@ -221,6 +235,10 @@ impl Target for LlamaGen {
         cache: &mut LlamaGenCache,
     ) -> Result<Tensor> {
         let (rows, s) = tokens.dims2()?;
+        if cache.graph.take().is_some() {
+            // leave the captured AR step's fixed-shape mode
+            cache.kv.set_write_slots(None)?;
+        }
         if let Some(v) = &cache.valid {
             if v.dim(0)? != rows {
                 return Err(Error::invalid(
@@ -242,6 +260,26 @@ impl Target for LlamaGen {
 
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         LlamaGen::lm_head(self, hidden)
+    }
+
+    /// On a GPU (unless `LANTERN_CUDA_GRAPHS=0`) the step is captured once as a CUDA graph
+    /// ([`GraphStep`]) and replayed; elsewhere it is the ordinary forward.
+    fn ar_step(&self, ids: &Tensor, pos: &Tensor, cache: &mut LlamaGenCache) -> Result<Tensor> {
+        if cache.graph.is_none() && graphs_enabled(self.device()) {
+            cache.graph = Some(GraphStep::new(
+                self,
+                &mut cache.kv,
+                cache.valid.as_ref(),
+                true,
+            )?);
+        }
+        match &mut cache.graph {
+            Some(g) => g.step(self, &mut cache.kv, ids, pos),
+            None => {
+                let h = self.forward_tokens(ids, pos, &Visibility::Causal, cache)?;
+                LlamaGen::lm_head(self, &h)
+            }
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod ar;
 pub mod draft;
 pub mod dynamic;
+pub mod graph_step;
 pub mod llamagen;
 pub mod model;
 pub mod speculative;

@@ -16,7 +16,8 @@ pub const PAD_NEG: f32 = -1e30;
 pub enum AttnMask {
     /// Causal over `past + s` keys (query `i` sees keys `0..=past+i`); no mask for `s == 1`.
     Causal,
-    /// Additive f32 mask (0 or -inf) `[s, past + s]` or `[b, 1, s, past + s]`.
+    /// Additive f32 mask (0 or -inf) `[s, past + s]` or `[b, 1, s, past + s]` (`max_len` keys
+    /// instead of `past + s` when the cache is in its fixed-shape mode).
     Custom(Tensor),
 }
 
@@ -119,16 +120,34 @@ impl Attention {
         let (b, s, _) = x.dims3()?;
         let (h, kvh, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let qkv = self.wqkv.forward(x)?;
-        let q = qkv.narrow(D::Minus1, 0, h * hd)?.reshape((b, s, h, hd))?;
-        let k = qkv
-            .narrow(D::Minus1, h * hd, kvh * hd)?
-            .reshape((b, s, kvh, hd))?;
         let v = qkv
             .narrow(D::Minus1, (h + kvh) * hd, kvh * hd)?
-            .reshape((b, s, kvh, hd))?;
-        let q = rope.apply(&q)?.transpose(1, 2)?.contiguous()?;
-        let k = rope.apply(&k)?.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
+            .reshape((b, s, kvh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (q, k) = if qkv.track_op() {
+            // training: the op-by-op rotation has gradients
+            let q = qkv.narrow(D::Minus1, 0, h * hd)?.reshape((b, s, h, hd))?;
+            let k = qkv
+                .narrow(D::Minus1, h * hd, kvh * hd)?
+                .reshape((b, s, kvh, hd))?;
+            (
+                rope.apply(&q)?.transpose(1, 2)?.contiguous()?,
+                rope.apply(&k)?.transpose(1, 2)?.contiguous()?,
+            )
+        } else {
+            // inference: q and k rotated together in f32 by one fused kernel
+            let qk = qkv
+                .narrow(D::Minus1, 0, (h + kvh) * hd)?
+                .reshape((b, s, h + kvh, hd))?
+                .transpose(1, 2)?
+                .to_dtype(DType::F32)?;
+            let qk = rope.apply_heads_first(&qk)?.to_dtype(x.dtype())?;
+            (
+                qk.narrow(1, 0, h)?.contiguous()?,
+                qk.narrow(1, h, kvh)?.contiguous()?,
+            )
+        };
         let (k, v, past) = match cache {
             Some(c) => {
                 let past = c.len();
@@ -140,10 +159,14 @@ impl Attention {
         let (k, v) = (repeat_kv(k, h / kvh)?, repeat_kv(v, h / kvh)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.to_dtype(DType::F32)?;
         let scores = match mask {
+            AttnMask::Causal if k.dim(2)? != past + s => {
+                candle_core::bail!("a fixed-shape KV cache needs an explicit attention mask")
+            }
             AttnMask::Causal if s == 1 => scores,
             AttnMask::Causal => scores.broadcast_add(&causal_mask(s, past, x.device())?)?,
             AttnMask::Custom(m) => {
-                let t = past + s;
+                // keys: past + s, or the whole buffer in the cache's fixed-shape mode
+                let t = k.dim(2)?;
                 if m.dim(D::Minus1)? != t || m.dim(D::Minus2)? != s {
                     candle_core::bail!(
                         "attention mask {:?} does not cover {s} queries over {t} keys",

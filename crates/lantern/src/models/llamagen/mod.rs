@@ -29,30 +29,49 @@ pub enum Condition {
 }
 
 /// RMSNorm as LlamaGen computes it: normalise in f32, cast back, then scale by the weight.
+///
+/// Inference (no gradient tracking) uses candle's fused kernel: one launch for f32 models; for
+/// f16/bf16 the kernel normalises in f32 and rounds once (scale 1), then the weight multiplies
+/// in the model dtype, exactly LlamaGen's `_norm(x.float()).type_as(x) * weight`.
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
     weight: Tensor,
+    /// Ones `[dim]` in the weight's dtype (scale of the fused normalisation).
+    ones: Tensor,
     eps: f64,
 }
 
 impl RmsNorm {
     /// Loads `weight` `[dim]` under `vb` (initialised to ones when training from scratch).
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?,
-            eps,
-        })
+        let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
+        let ones = Tensor::ones(dim, weight.dtype(), weight.device())?;
+        Ok(Self { weight, ones, eps })
     }
-}
 
-impl Module for RmsNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The reference path of several ops (also used while training: it has gradients).
+    fn forward_ops(&self, x: &Tensor) -> Result<Tensor> {
         let xf = x.to_dtype(DType::F32)?;
         let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let y = xf
             .broadcast_div(&(ms + self.eps)?.sqrt()?)?
             .to_dtype(x.dtype())?;
         y.broadcast_mul(&self.weight)
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() || self.weight.track_op() || x.dtype() != self.weight.dtype() {
+            return self.forward_ops(x);
+        }
+        let x = x.contiguous()?;
+        let eps = self.eps as f32;
+        if x.dtype() == DType::F32 {
+            candle_nn::ops::rms_norm(&x, &self.weight, eps)
+        } else {
+            candle_nn::ops::rms_norm(&x, &self.ones, eps)?.broadcast_mul(&self.weight)
+        }
     }
 }
 
@@ -271,9 +290,32 @@ impl LlamaGen {
                 ),
             ));
         }
-        let h = self.run_blocks(x, positions, mask, Some(&mut *cache))?;
+        let h = self.run_blocks(x, positions, mask, Some(&mut *cache), true)?;
         cache.advance(x.dim(1)?);
         Ok(h)
+    }
+
+    /// The fixed-shape step that CUDA graphs capture: `cache` must be in its write-slot mode
+    /// ([`KvCache::set_write_slots`]), `mask` covers all `max_len` cache slots, and nothing is
+    /// read back to the host (positions are not range-checked: keep them below the RoPE table).
+    ///
+    /// # Shapes
+    /// - as [`LlamaGen::forward`]; `mask`: `[b, 1, s, max_len]`
+    pub fn forward_fixed(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> crate::Result<Tensor> {
+        if cache.write_slots().is_none() {
+            return Err(crate::Error::invalid(
+                "KV cache",
+                "forward_fixed needs write slots (KvCache::set_write_slots)",
+            ));
+        }
+        let mask = AttnMask::Custom(mask.clone());
+        Ok(self.run_blocks(x, positions, &mask, Some(cache), false)?)
     }
 
     fn run_blocks(
@@ -282,9 +324,14 @@ impl LlamaGen {
         positions: &Tensor,
         mask: &AttnMask,
         mut cache: Option<&mut KvCache>,
+        check_positions: bool,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let rows = self.rope.select(positions, b, s)?;
+        let rows = if check_positions {
+            self.rope.select(positions, b, s)?
+        } else {
+            self.rope.select_unchecked(positions, b, s)?
+        };
         let mut h = x.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let a = layer.attention.forward(
@@ -331,7 +378,7 @@ impl LlamaGen {
             Some(m) => AttnMask::Custom(m.clone()),
             None => AttnMask::Causal,
         };
-        let h = self.run_blocks(&x, &pos, &mask, None)?;
+        let h = self.run_blocks(&x, &pos, &mask, None, true)?;
         let logits = self.lm_head(&h)?;
         Ok((h, logits))
     }
@@ -353,5 +400,46 @@ impl LlamaGen {
     /// `extra` positions, rounded up to a multiple of 8.
     pub fn cache_len(&self, extra: usize) -> usize {
         config::find_multiple(self.cfg.cls_token_num + self.cfg.block_size + extra, 8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    /// The fused inference norm equals the op-by-op reference (f32 exactly up to rsqrt
+    /// rounding; bf16 within one rounding step).
+    #[test]
+    fn fused_rms_norm_equals_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            let w = (Tensor::randn(0f32, 1.0, 64, &dev)? + 1.0)?.to_dtype(dtype)?;
+            let ones = Tensor::ones(64, dtype, &dev)?;
+            let norm = RmsNorm {
+                weight: w,
+                ones,
+                eps: 1e-5,
+            };
+            let x = Tensor::randn(0f32, 3.0, (2, 5, 64), &dev)?.to_dtype(dtype)?;
+            let got = norm.forward(&x)?.to_dtype(DType::F32)?;
+            let want = norm.forward_ops(&x)?.to_dtype(DType::F32)?;
+            let rel = ((&got - &want)?.abs()? / (want.abs()? + 1e-3)?)?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            // bf16: a one-ulp (2^-7 relative) difference before the weight product can survive it
+            let tol = if dtype == DType::F32 { 1e-6 } else { 2e-2 };
+            assert!(rel < tol, "{dtype:?}: {rel}");
+        }
+        // while training the weight is a variable: the reference path (with gradients) runs
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let norm = RmsNorm::load(vb, 8, 1e-5)?;
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 8), &dev)?;
+        let y = norm.forward(&x)?;
+        assert!(y.track_op());
+        let grads = y.sum_all()?.backward()?;
+        assert!(grads.get(&norm.weight).is_some());
+        Ok(())
     }
 }

@@ -74,13 +74,23 @@ impl Rope {
     /// # Shapes
     /// - `positions`: `[s]` or `[b, s]` u32 (any integer dtype)
     pub fn select(&self, positions: &Tensor, b: usize, s: usize) -> Result<RopeRows> {
-        let pairs = self.cos.dim(1)?;
         let rows = self.rows();
-        let pos = positions.to_dtype(DType::U32)?;
-        let max = pos.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+        let max = positions
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<u32>()? as usize;
         if max >= rows {
             candle_core::bail!("RoPE position {max} is past the table ({rows} rows)");
         }
+        self.select_unchecked(positions, b, s)
+    }
+
+    /// [`Rope::select`] without the range check, which reads the positions back to the host:
+    /// for fixed-shape steps captured in CUDA graphs. Positions must be below [`Rope::rows`].
+    pub fn select_unchecked(&self, positions: &Tensor, b: usize, s: usize) -> Result<RopeRows> {
+        let pairs = self.cos.dim(1)?;
+        let pos = positions.to_dtype(DType::U32)?;
         let (cos, sin) = match pos.rank() {
             1 => {
                 if pos.dim(0)? != s {
@@ -141,6 +151,25 @@ impl RopeRows {
             .reshape((b, s, h, d))?
             .to_dtype(x.dtype())
     }
+
+    /// The same rotation with candle's fused interleaved kernel (`rope_i`), heads first and in
+    /// f32 (one launch instead of a dozen; no gradients, so for inference only).
+    ///
+    /// # Shapes
+    /// - `x`: `[b, heads, s, head_dim]` f32 → same, contiguous
+    pub fn apply_heads_first(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, s, _) = x.dims4()?;
+        let pairs = self.cos.dim(D::Minus1)?;
+        let (cos, sin) = if self.cos.dim(0)? == 1 {
+            (self.cos.reshape((s, pairs))?, self.sin.reshape((s, pairs))?)
+        } else {
+            (
+                self.cos.reshape((b, s, pairs))?,
+                self.sin.reshape((b, s, pairs))?,
+            )
+        };
+        candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+    }
 }
 
 #[cfg(test)]
@@ -160,6 +189,26 @@ mod tests {
         assert!((sin[row + 1] - (0.01f32).sin()).abs() < 1e-7);
         assert_eq!(sin[row + 2], 0.0);
         assert_eq!(cos[row + 3], 1.0);
+    }
+
+    #[test]
+    fn fused_rotation_equals_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        let rope = Rope::new(8, 3, 10000.0, 2, 1, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 3, 8), &dev)?; // [b, s, h, d]
+        for pos in [
+            Tensor::new(&[0u32, 5, 11, 7], &dev)?,
+            Tensor::new(&[[1u32, 2, 3, 4], [9, 10, 0, 11]], &dev)?,
+        ] {
+            let want = rope.apply(&x, &pos)?;
+            let rows = rope.select(&pos, 2, 4)?;
+            let got = rows
+                .apply_heads_first(&x.transpose(1, 2)?.contiguous()?)?
+                .transpose(1, 2)?;
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "{diff}");
+        }
+        Ok(())
     }
 
     #[test]
