@@ -109,7 +109,18 @@ impl GraphStep {
         let Device::Cuda(cuda) = model.device() else {
             return Ok(());
         };
-        // warm-up: loads every kernel module and the cuBLAS workspace outside the capture
+        let debug = std::env::var("LANTERN_GRAPH_DEBUG").is_ok();
+        let say = |what: &str| {
+            if debug {
+                eprintln!("[graph] {what}");
+            }
+        };
+        // candle uploads the dims/strides of every strided op from host memory; with this
+        // guard the warm-up caches those uploads on the device and the capture reuses them (a
+        // captured upload would read freed host memory on replay)
+        let _htod_cache = cuda.enable_cuda_graph_htod_cache();
+        // warm-up: also loads every kernel module and the cuBLAS workspace outside the capture
+        say("warm-up run");
         self.run(model, cache)?;
         model.device().synchronize()?;
         let stream = cuda.cuda_stream();
@@ -119,16 +130,29 @@ impl GraphStep {
                 format!("{e:?}; run with LANTERN_CUDA_GRAPHS=0"),
             )
         };
-        stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-            .map_err(wrap)?;
+        let mode = match std::env::var("LANTERN_GRAPH_MODE").as_deref() {
+            Ok("global") => sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
+            Ok("thread") => sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            _ => sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+        };
+        let flags = if std::env::var("LANTERN_GRAPH_AUTOFREE").as_deref() == Ok("0") {
+            sys::CUgraphInstantiate_flags(0)
+        } else {
+            sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH
+        };
+        say(&format!("begin capture {mode:?}, flags {flags:?}"));
+        stream.begin_capture(mode).map_err(wrap)?;
+        say("capturing");
         let ran = self.run(model, cache);
-        let graph = stream
-            .end_capture(
-                sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
-            )
-            .map_err(wrap)?;
+        say(&format!("captured run: {:?}", ran.as_ref().err()));
+        let graph = stream.end_capture(flags).map_err(wrap);
+        say(&format!("end capture: {:?}", graph.as_ref().map(|g| g.is_some())));
+        let graph = graph?;
         ran?;
+        if let Some(g) = &graph {
+            g.upload().map_err(wrap)?;
+            say("uploaded");
+        }
         self.graph = graph;
         Ok(())
     }
