@@ -500,6 +500,7 @@ fn print_tables(
             "-".into()
         }
     };
+    let times = |x: f64| num(x, 2) + if x.is_finite() { "x" } else { "" };
     let w = rows.iter().map(|r| r.mode.len()).max().unwrap_or(4).max(4);
     let mut head = format!(
         "| {:<w$} | {:>5} | {:>7} | {:>8} | {:>8} | {:>7} | {:<10} |",
@@ -529,14 +530,14 @@ fn print_tables(
             r.target_forwards,
             num(r.latency_median_s, 3),
             num(r.latency_p90_s, 3),
-            num(r.speedup_vs_ar, 2) + "x",
+            times(r.speedup_vs_ar),
             r.speedup_ref.as_deref().unwrap_or("-"),
         );
         if batched {
             line += &format!(
                 " {:>7} | {:>7} |",
                 num(r.throughput_img_s, 2),
-                num(r.throughput_speedup_vs_ar, 2) + "x"
+                times(r.throughput_speedup_vs_ar)
             );
         }
         line += &format!(
@@ -587,4 +588,40 @@ fn steps(a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
     }
     println!("(bench wall time {:.1} s)", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn modes(list: &[&str]) -> Vec<BenchMode> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn greedy_rows_compare_with_greedy_ar_when_present() {
+        let m = modes(&[
+            "sd-static/greedy",
+            "ar",
+            "lantern-0.2",
+            "ar/greedy",
+            "ar/greedy",
+        ]);
+        let refs: Vec<_> = (0..m.len()).map(|i| speedup_reference(&m, i)).collect();
+        assert_eq!(refs, [Some(3), Some(1), Some(1), Some(3), Some(3)]);
+        // without an ar/greedy row greedy rows fall back to the sampled ar row
+        let m = modes(&["ar", "sd-static/greedy"]);
+        assert_eq!(speedup_reference(&m, 1), Some(0));
+        // no AR row at all: no speed-up
+        let m = modes(&["sd-static", "lantern++-2/greedy"]);
+        assert_eq!(speedup_reference(&m, 0), None);
+        assert_eq!(speedup_reference(&m, 1), None);
+    }
+
+    #[test]
+    fn timed_images_go_round_robin_over_classes() {
+        // 3 classes x 2 images: class-major indices 0,1 | 2,3 | 4,5
+        assert_eq!(timed_order(3, 2), [0, 2, 4, 1, 3, 5]);
+        assert_eq!(timed_order(2, 1), [0, 1]);
+    }
 }
