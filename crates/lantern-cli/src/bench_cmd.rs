@@ -395,7 +395,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         pb.set_message(m.to_string());
         let r = run_mode(&bundle, &classes, a.num, dec, decode, a.batch, timed, &pb)?;
         if m.is_ar() && !m.greedy && ambiguity_stats.is_none() {
-            ambiguity_stats = Some(ambiguity(&bundle, &r.labels, &r.tokens, decode.cfg)?);
+            // up to 16 sequences, round-robin over the classes
+            let pick = timed_order(classes.len(), a.num);
+            let labels: Vec<u32> = pick.iter().map(|&i| r.labels[i]).collect();
+            let tokens: Vec<Vec<u32>> = pick.iter().map(|&i| r.tokens[i].clone()).collect();
+            ambiguity_stats = Some(ambiguity(&bundle, &labels, &tokens, decode.cfg)?);
         }
         let (acc, f) = match (&clf, &reference) {
             (Some(c), Some(rf)) => {
