@@ -1,19 +1,24 @@
 //! `lantern bench`: one table comparing decoding modes on the same classes and seeds: tau,
 //! target forwards, latency (median, p90), speed-up vs plain AR measured in the same run, TVD
-//! moved, class accuracy and classifier-FID; plus the model's token-ambiguity statistics.
+//! moved, class accuracy and classifier-FID, plus where the time goes (draft / verify / accept)
+//! and the model's token-ambiguity statistics. Rows are `MODE[@kK][/greedy]` ([`BenchMode`]).
+use crate::bench_mode::{default_modes, BenchMode, TreeChoice};
 use crate::common::{progress_bar, DeviceOpts};
 use crate::generate_cmd::{
-    decode_images, decoding, run_generation, DecodeOpts, DecodingArg, ModelOpts, ResidualArg,
+    decode_images, decoding, resolve_tree, run_generation, DecodeOpts, Generated, ModelOpts,
+    ResidualArg,
 };
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use clap::Args;
 use lantern::bundle::ModelBundle;
 use lantern::data::{fashion_mnist, ImageDataset, Split, FASHION_MNIST_DIR};
+use lantern::decode::{DecodeStats, Decoding};
 use lantern::eval::{fid, Classifier, FeatureStats};
 use lantern::models::llamagen::Condition;
 use serde::Serialize;
 use std::path::PathBuf;
+use std::time::Instant;
 
 /// Options of `lantern bench`.
 #[derive(Args)]
@@ -21,13 +26,24 @@ pub struct BenchArgs {
     /// Images per class for every mode (all classes of the model).
     #[arg(short = 'n', long, default_value_t = 2)]
     num: usize,
-    /// Modes to run, comma-separated, from: ar, sd-dynamic, sd-static, lantern-D (delta D),
-    /// lantern++-L (lambda L). Default: the full table.
+    /// Rows to run, comma-separated: MODE[@kK][/greedy] with MODE one of ar, sd-dynamic,
+    /// sd-static, lantern-DELTA, lantern++-LAMBDA; @kK sets the neighbours per draft of that row
+    /// (at most the proximity table's k), /greedy decodes that row at temperature 0 (its
+    /// speed-up is then against `ar/greedy` when that row is run). Default: the full table of
+    /// issue 6 (17 rows, sampled and greedy).
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
-    /// LANTERN / LANTERN++ neighbours per draft.
+    /// LANTERN / LANTERN++ neighbours per draft for rows without @kK.
     #[arg(long, default_value_t = 100)]
     k: usize,
+    /// Images decoded together for the quality columns (tau, forwards, TVD, accuracy, FID) and
+    /// the throughput column; latency is always measured one image at a time.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Images per mode timed one at a time for the latency and time-split columns, taken
+    /// round-robin over the classes. Default: all images with --batch 1, else 20.
+    #[arg(long)]
+    timed: Option<usize>,
     /// Static tree used by sd-static and the LANTERN++ rows (auto: naive_extend_57 on a GPU,
     /// chain:3 on the CPU).
     #[arg(long, default_value = "auto")]
@@ -35,7 +51,7 @@ pub struct BenchArgs {
     /// Dynamic tree used by sd-dynamic and the LANTERN rows.
     #[arg(long, default_value = "dynamic")]
     dynamic_tree: String,
-    /// Run greedy decoding (temperature 0) instead of sampling.
+    /// Make every row greedy (temperature 0), as if each mode ended in /greedy.
     #[arg(long)]
     greedy: bool,
     /// Evaluation classifier (defaults to the bundle's classifier/).
@@ -70,11 +86,31 @@ pub struct BenchArgs {
 #[derive(Serialize, Debug)]
 struct Row {
     mode: String,
+    greedy: bool,
+    /// Neighbours per draft (LANTERN / LANTERN++ rows only).
+    k: Option<usize>,
+    /// Tree verified (speculative rows only).
+    tree: Option<String>,
     tau: f64,
     target_forwards: f64,
+    /// Images timed one at a time (latency and time-split columns).
+    timed_images: usize,
     latency_median_s: f64,
     latency_p90_s: f64,
+    /// Median AR latency / median latency of this row (AR row named by `speedup_ref`).
     speedup_vs_ar: f64,
+    /// Images per second over the generation of all images in batches of `batch`.
+    throughput_img_s: f64,
+    /// This row's throughput / the AR row's.
+    throughput_speedup_vs_ar: f64,
+    /// The AR row the speed-ups divide by (`ar/greedy` for greedy rows when present).
+    speedup_ref: Option<String>,
+    /// Mean seconds per timed image spent drafting, in target forwards and in acceptance.
+    time_draft_s: f64,
+    time_verify_s: f64,
+    time_accept_s: f64,
+    /// Mean latency minus the three parts (sampling, host-side bookkeeping).
+    time_other_s: f64,
     tvd_mean: f64,
     tvd_max: f64,
     class_accuracy: Option<f64>,
@@ -90,22 +126,33 @@ fn quantile(xs: &[f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-fn default_modes() -> Vec<String> {
-    [
-        "ar",
-        "sd-dynamic",
-        "sd-static",
-        "lantern-0.05",
-        "lantern-0.1",
-        "lantern-0.2",
-        "lantern-0.4",
-        "lantern++-2",
-        "lantern++-3",
-        "lantern++-5",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 {
+        f64::NAN
+    } else {
+        s / n as f64
+    }
+}
+
+/// Image indices (class-major: image `c * n + j` is the `j`-th image of class `c`) in the
+/// order they are timed: round-robin over the classes, so that a few timed images already
+/// cover every class.
+fn timed_order(num_classes: usize, n: usize) -> Vec<usize> {
+    (0..n)
+        .flat_map(|j| (0..num_classes).map(move |c| c * n + j))
+        .collect()
+}
+
+/// Index of the AR row a row's speed-ups divide by: for greedy rows the first `ar/greedy` row
+/// when there is one, else (and for sampled rows) the first sampled `ar` row.
+fn speedup_reference(modes: &[BenchMode], i: usize) -> Option<usize> {
+    let find = |greedy: bool| modes.iter().position(|m| m.is_ar() && m.greedy == greedy);
+    if modes[i].greedy {
+        find(true).or_else(|| find(false))
+    } else {
+        find(false)
+    }
 }
 
 /// Mean top-1 probability and top-10 mass of the CFG-combined target distribution along
@@ -146,19 +193,172 @@ fn ambiguity(
     Ok((top1 / count.max(1) as f64, top10 / count.max(1) as f64))
 }
 
+/// What one mode produced: all images (quality columns) and the images timed one at a time.
+struct ModeRun {
+    tokens: Vec<Vec<u32>>,
+    labels: Vec<u32>,
+    stats: Vec<DecodeStats>,
+    /// Wall seconds of generating all images (batched when `--batch` > 1).
+    all_secs: f64,
+    latencies: Vec<f64>,
+    timed_stats: Vec<DecodeStats>,
+}
+
+/// Generates the `num` images of every class for one mode. Image `i = c * num + j` (the
+/// `j`-th image of class `c`) uses seed `seed + i` in every mode, batched or not:
+/// `run_generation` seeds image `g` of batch `b` with `seed + b * batch + g`.
+#[allow(clippy::too_many_arguments)]
+fn run_mode(
+    bundle: &ModelBundle,
+    classes: &[u32],
+    num: usize,
+    dec: &Decoding,
+    decode: &DecodeOpts,
+    batch: usize,
+    timed: &[usize],
+    pb: &indicatif::ProgressBar,
+) -> Result<ModeRun> {
+    let single = |i: usize| -> Result<(f64, Generated)> {
+        let mut d = decode.clone();
+        d.seed = decode.seed + i as u64;
+        let t0 = Instant::now();
+        let g = run_generation(bundle, &[classes[i / num]], 1, dec, &d, 1, None)?;
+        pb.inc(1);
+        Ok((t0.elapsed().as_secs_f64(), g))
+    };
+    let mut run = ModeRun {
+        tokens: Vec::new(),
+        labels: Vec::new(),
+        stats: Vec::new(),
+        all_secs: 0.0,
+        latencies: Vec::new(),
+        timed_stats: Vec::new(),
+    };
+    if batch == 1 {
+        // every image is generated alone: time them all, report the timed subset
+        let mut secs = Vec::new();
+        for i in 0..classes.len() * num {
+            let (s, g) = single(i)?;
+            secs.push(s);
+            run.tokens.extend(g.tokens);
+            run.labels.extend(g.classes);
+            run.stats.extend(g.stats);
+        }
+        run.all_secs = secs.iter().sum();
+        run.latencies = timed.iter().map(|&i| secs[i]).collect();
+        run.timed_stats = timed.iter().map(|&i| run.stats[i].clone()).collect();
+    } else {
+        let t0 = Instant::now();
+        let g = run_generation(bundle, classes, num, dec, decode, batch, Some(pb))?;
+        run.all_secs = t0.elapsed().as_secs_f64();
+        (run.tokens, run.labels, run.stats) = (g.tokens, g.classes, g.stats);
+        for &i in timed {
+            let (s, g) = single(i)?;
+            run.latencies.push(s);
+            run.timed_stats.extend(g.stats);
+        }
+    }
+    Ok(run)
+}
+
+/// Class accuracy and classifier-FID of generated images.
+fn quality(
+    bundle: &ModelBundle,
+    clf: &Classifier,
+    reference: &FeatureStats,
+    tokens: &[Vec<u32>],
+    labels: &[u32],
+    dev: &candle_core::Device,
+) -> Result<(f64, f64)> {
+    let (pixels, w, h, ch) = decode_images(bundle, tokens)?;
+    let data = ImageDataset {
+        images: pixels.concat(),
+        labels: labels.to_vec(),
+        height: h,
+        width: w,
+        channels: ch,
+        class_names: bundle.class_names.clone(),
+    };
+    let (feats, pred) = clf.predict(&data, dev)?;
+    let acc = pred.iter().zip(labels).filter(|(p, l)| p == l).count() as f64 / labels.len() as f64;
+    let fd = fid(
+        &FeatureStats::from_rows(&feats, clf.config().feature_dim)?,
+        reference,
+    )?;
+    Ok((acc, fd))
+}
+
+/// Parses `--modes` (the default table when empty); `--greedy` makes every row greedy.
+fn parse_modes(a: &BenchArgs) -> Result<Vec<BenchMode>> {
+    let mut modes = if a.modes.is_empty() {
+        default_modes()
+    } else {
+        a.modes
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<Vec<BenchMode>>>()?
+    };
+    if a.greedy {
+        modes.iter_mut().for_each(|m| m.greedy = true);
+    }
+    Ok(modes)
+}
+
 /// Runs `lantern bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     let dev = a.device.device()?;
     if a.random_weights {
         return steps(&a, &dev);
     }
+    if a.num == 0 {
+        bail!("-n 0: ask for at least one image per class");
+    }
+    if a.batch == 0 {
+        bail!("--batch 0: use 1 or more images per batch");
+    }
+    let modes = parse_modes(&a)?;
     let bundle = a.model.load(&dev)?;
     let classes: Vec<u32> = (0..bundle.gpt.config().num_classes as u32).collect();
-    let mut decode = a.decode.clone();
-    if a.greedy {
-        decode.temperature = 0.0;
+    let total = classes.len() * a.num;
+    let timed_n = a
+        .timed
+        .unwrap_or(if a.batch == 1 { total } else { total.min(20) })
+        .min(total);
+    let timed = &timed_order(classes.len(), a.num)[..timed_n];
+    // build (and so validate) every mode before generating anything
+    let k_max = bundle.neighbors.as_ref().map(|n| n.k_max());
+    let mut plans = Vec::with_capacity(modes.len());
+    for m in &modes {
+        let k = m.effective_k(a.k);
+        if let (Some(k), Some(k_max)) = (k, k_max) {
+            if k > k_max {
+                let how = if m.k.is_some() { "@k" } else { "--k " };
+                bail!("mode `{m}`: k {k} exceeds the {k_max} neighbours stored in the proximity table; use {how}{k_max} or less, or rebuild the table with a larger k");
+            }
+        }
+        let tree = match m.tree {
+            TreeChoice::Static => a.static_tree.as_str(),
+            TreeChoice::Dynamic => a.dynamic_tree.as_str(),
+        };
+        let dec = decoding(
+            m.kind,
+            tree,
+            k.unwrap_or(a.k),
+            m.delta,
+            m.lambda,
+            ResidualArg::Standard,
+            m.greedy,
+            &bundle,
+        )
+        .with_context(|| format!("mode `{m}`"))?;
+        let mut decode = a.decode.clone();
+        if m.greedy {
+            decode.temperature = 0.0;
+        }
+        decode.sampling().with_context(|| format!("mode `{m}`"))?;
+        let tree = (!m.is_ar()).then(|| resolve_tree(tree, &dev).to_string());
+        plans.push((dec, decode, k, tree));
     }
-    let sampling = decode.sampling()?;
     let clf_path = a
         .classifier
         .clone()
@@ -187,175 +387,192 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         None => None,
     };
-    let modes = if a.modes.is_empty() {
-        default_modes()
-    } else {
-        a.modes.clone()
-    };
-    let total = (modes.len() * classes.len() * a.num) as u64;
-    let pb = progress_bar(total, "bench");
+    let extra = if a.batch == 1 { 0 } else { timed_n };
+    let pb = progress_bar((modes.len() * (total + extra)) as u64, "bench");
     let mut rows: Vec<Row> = Vec::new();
-    let mut ar_latency = None;
     let mut ambiguity_stats = None;
-    for mode in &modes {
-        let (kind, tree, delta, lambda) = match mode.as_str() {
-            "ar" => (DecodingArg::Ar, a.dynamic_tree.as_str(), 0.0, 1.0),
-            "sd-dynamic" => (DecodingArg::Sd, a.dynamic_tree.as_str(), 0.0, 1.0),
-            "sd-static" => (DecodingArg::Sd, a.static_tree.as_str(), 0.0, 1.0),
-            m if m.starts_with("lantern++-") => {
-                let l: f32 = m["lantern++-".len()..].parse().with_context(|| format!("bad mode `{m}`: use lantern++-LAMBDA"))?;
-                (DecodingArg::LanternPp, a.static_tree.as_str(), 0.0, l)
-            }
-            m if m.starts_with("lantern-") => {
-                let d: f32 = m["lantern-".len()..].parse().with_context(|| format!("bad mode `{m}`: use lantern-DELTA"))?;
-                (DecodingArg::Lantern, a.dynamic_tree.as_str(), d, 1.0)
-            }
-            m => anyhow::bail!("unknown bench mode `{m}`: use ar, sd-dynamic, sd-static, lantern-DELTA or lantern++-LAMBDA"),
-        };
-        let dec = decoding(
-            kind,
-            tree,
-            a.k,
-            delta,
-            lambda,
-            ResidualArg::Standard,
-            sampling.is_greedy(),
-            &bundle,
-        )?;
-        // one image at a time: per-image latency
-        let mut latencies = Vec::new();
-        let mut tokens = Vec::new();
-        let mut labels = Vec::new();
-        let mut stats = Vec::new();
-        for &c in &classes {
-            for j in 0..a.num {
-                let mut d = decode.clone();
-                d.seed = decode.seed + (c as u64) * 1000 + j as u64;
-                let t0 = std::time::Instant::now();
-                let g = run_generation(&bundle, &[c], 1, &dec, &d, 1, None)?;
-                latencies.push(t0.elapsed().as_secs_f64());
-                tokens.extend(g.tokens);
-                labels.extend(g.classes);
-                stats.extend(g.stats);
-                pb.inc(1);
-            }
-        }
-        let n = stats.len().max(1) as f64;
-        let median = quantile(&latencies, 0.5);
-        if kind == DecodingArg::Ar {
-            ar_latency = Some(median);
+    for (m, (dec, decode, k, tree)) in modes.iter().zip(&plans) {
+        pb.set_message(m.to_string());
+        let r = run_mode(&bundle, &classes, a.num, dec, decode, a.batch, timed, &pb)?;
+        if m.is_ar() && !m.greedy && ambiguity_stats.is_none() {
+            // up to 16 sequences, round-robin over the classes
+            let pick = timed_order(classes.len(), a.num);
+            let labels: Vec<u32> = pick.iter().map(|&i| r.labels[i]).collect();
+            let tokens: Vec<Vec<u32>> = pick.iter().map(|&i| r.tokens[i].clone()).collect();
             ambiguity_stats = Some(ambiguity(&bundle, &labels, &tokens, decode.cfg)?);
         }
         let (acc, f) = match (&clf, &reference) {
-            (Some(c), Some(r)) => {
-                let (pixels, w, h, ch) = decode_images(&bundle, &tokens)?;
-                let data = ImageDataset {
-                    images: pixels.concat(),
-                    labels: labels.clone(),
-                    height: h,
-                    width: w,
-                    channels: ch,
-                    class_names: bundle.class_names.clone(),
-                };
-                let (feats, pred) = c.predict(&data, &dev)?;
-                let acc = pred.iter().zip(&labels).filter(|(p, l)| p == l).count() as f64
-                    / labels.len() as f64;
-                let fd = fid(&FeatureStats::from_rows(&feats, c.config().feature_dim)?, r)?;
-                (Some(acc), Some(fd))
+            (Some(c), Some(rf)) => {
+                let (acc, f) = quality(&bundle, c, rf, &r.tokens, &r.labels, &dev)?;
+                (Some(acc), Some(f))
             }
             _ => (None, None),
         };
+        let ts = &r.timed_stats;
+        let (draft, verify, accept) = (
+            mean(ts.iter().map(|s| s.time_draft)),
+            mean(ts.iter().map(|s| s.time_verify)),
+            mean(ts.iter().map(|s| s.time_accept)),
+        );
         rows.push(Row {
-            mode: mode.clone(),
-            tau: stats.iter().map(|s| s.tau).sum::<f64>() / n,
-            target_forwards: stats.iter().map(|s| s.target_forwards as f64).sum::<f64>() / n,
-            latency_median_s: median,
-            latency_p90_s: quantile(&latencies, 0.9),
-            speedup_vs_ar: ar_latency.map_or(f64::NAN, |ar| ar / median),
-            tvd_mean: stats.iter().map(|s| s.tvd_mean).sum::<f64>() / n,
-            tvd_max: stats.iter().map(|s| s.tvd_max).fold(0.0, f64::max),
+            mode: m.to_string(),
+            greedy: m.greedy,
+            k: *k,
+            tree: tree.clone(),
+            tau: mean(r.stats.iter().map(|s| s.tau)),
+            target_forwards: mean(r.stats.iter().map(|s| s.target_forwards as f64)),
+            timed_images: r.latencies.len(),
+            latency_median_s: quantile(&r.latencies, 0.5),
+            latency_p90_s: quantile(&r.latencies, 0.9),
+            speedup_vs_ar: f64::NAN,
+            throughput_img_s: r.tokens.len() as f64 / r.all_secs,
+            throughput_speedup_vs_ar: f64::NAN,
+            speedup_ref: None,
+            time_draft_s: draft,
+            time_verify_s: verify,
+            time_accept_s: accept,
+            time_other_s: mean(r.latencies.iter().copied()) - draft - verify - accept,
+            tvd_mean: mean(r.stats.iter().map(|s| s.tvd_mean)),
+            tvd_max: r.stats.iter().map(|s| s.tvd_max).fold(0.0, f64::max),
             class_accuracy: acc,
             classifier_fid: f,
         });
     }
     pb.finish_and_clear();
+    for i in 0..rows.len() {
+        if let Some(j) = speedup_reference(&modes, i) {
+            rows[i].speedup_vs_ar = rows[j].latency_median_s / rows[i].latency_median_s;
+            rows[i].throughput_speedup_vs_ar = rows[i].throughput_img_s / rows[j].throughput_img_s;
+            rows[i].speedup_ref = Some(rows[j].mode.clone());
+        }
+    }
+    let sampling = a.decode.sampling()?;
     if a.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "rows": rows,
                 "ambiguity": ambiguity_stats.map(|(t1, t10)| serde_json::json!({"mean_top1": t1, "mean_top10": t10})),
-                "images_per_mode": classes.len() * a.num,
+                "images_per_mode": total,
+                "batch": a.batch,
+                "timed_images": timed_n,
+                "seeds": format!("image i = class * {} + j uses seed {} + i in every mode", a.num, a.decode.seed),
                 "fid_test_halves": halves_fid,
                 "sampling": format!("{sampling:?}"),
-                "cfg": decode.cfg,
+                "cfg": a.decode.cfg,
                 "k": a.k,
+                "device": format!("{dev:?}"),
             }))?
         );
         return Ok(());
     }
-    println!(
-        "lantern bench: {} images per mode ({} classes x {}), cfg {}, {:?}, k {}, device {:?}",
-        classes.len() * a.num,
-        classes.len(),
-        a.num,
-        decode.cfg,
-        sampling,
-        a.k,
-        dev
-    );
+    print_tables(&a, &rows, total, timed_n, &sampling, &dev);
     if let Some(h) = halves_fid {
         println!("classifier-FID of the test set's two halves (5000 vs 5000 images): {h:.3}; FID grows as the sample shrinks, so compare rows only with each other");
     }
     if let Some((t1, t10)) = ambiguity_stats {
         println!("token ambiguity (AR samples, teacher-forced): mean top-1 probability {t1:.3}, mean top-10 mass {t10:.3}");
     }
+    Ok(())
+}
+
+/// Prints the main table and the time-split table as Markdown.
+fn print_tables(
+    a: &BenchArgs,
+    rows: &[Row],
+    total: usize,
+    timed_n: usize,
+    sampling: &lantern::sampling::SamplingParams,
+    dev: &candle_core::Device,
+) {
+    let n_cls = total / a.num.max(1);
     println!(
-        "| {:<13} | {:>5} | {:>8} | {:>9} | {:>9} | {:>7} | {:>8} | {:>7} | {:>7} | {:>7} |",
-        "mode",
-        "tau",
-        "fwd/img",
-        "median s",
-        "p90 s",
-        "speedup",
-        "TVD mean",
-        "TVD max",
-        "acc %",
-        "FID"
+        "lantern bench: {total} images per mode ({n_cls} classes x {}, image i = class * {} + j uses seed {} + i in every mode), batch {}, cfg {}, {:?} (rows marked /greedy: temperature 0), k {} unless @kK, device {:?}",
+        a.num, a.num, a.decode.seed, a.batch, a.decode.cfg, sampling, a.k, dev
     );
+    let batched = a.batch > 1;
+    println!(
+        "tau, forwards, TVD, accuracy and FID over all {total} images{}; latency over the first {timed_n} (round-robin over classes) generated one at a time; speed-up = median latency of the AR row in `vs` / this row's{}",
+        if batched { format!(" generated {} at a time", a.batch) } else { String::new() },
+        if batched { "; img/s over the batched generation, x = throughput / the `vs` row's" } else { "" }
+    );
+    let opt = |v: Option<f64>, s: f64| v.map_or("-".to_string(), |x| format!("{:.2}", x * s));
+    let num = |x: f64, p: usize| {
+        if x.is_finite() {
+            format!("{x:.p$}")
+        } else {
+            "-".into()
+        }
+    };
+    let times = |x: f64| num(x, 2) + if x.is_finite() { "x" } else { "" };
+    let w = rows.iter().map(|r| r.mode.len()).max().unwrap_or(4).max(4);
+    let mut head = format!(
+        "| {:<w$} | {:>5} | {:>7} | {:>8} | {:>8} | {:>7} | {:<10} |",
+        "mode", "tau", "fwd/img", "median s", "p90 s", "speedup", "vs"
+    );
+    if batched {
+        head += &format!(" {:>7} | {:>7} |", "img/s", "x");
+    }
+    head += &format!(
+        " {:>8} | {:>7} | {:>6} | {:>7} |",
+        "TVD mean", "TVD max", "acc %", "FID"
+    );
+    println!("{head}");
+    let ncols = head.matches('|').count() - 1;
     println!(
         "|{}|",
-        [
-            "---------------",
-            "-------",
-            "----------",
-            "-----------",
-            "-----------",
-            "---------",
-            "----------",
-            "---------",
-            "---------",
-            "---------"
-        ]
-        .join("|")
+        (0..ncols)
+            .map(|i| if i == 0 { ":--" } else { "--:" })
+            .collect::<Vec<_>>()
+            .join("|")
     );
-    for r in &rows {
-        let opt = |v: Option<f64>, s: f64| v.map_or("-".to_string(), |x| format!("{:.2}", x * s));
-        println!(
-            "| {:<13} | {:>5.2} | {:>8.1} | {:>9.3} | {:>9.3} | {:>6.2}x | {:>8.4} | {:>7.4} | {:>7} | {:>7} |",
+    for r in rows {
+        let mut line = format!(
+            "| {:<w$} | {:>5.2} | {:>7.1} | {:>8} | {:>8} | {:>7} | {:<10} |",
             r.mode,
             r.tau,
             r.target_forwards,
-            r.latency_median_s,
-            r.latency_p90_s,
-            r.speedup_vs_ar,
+            num(r.latency_median_s, 3),
+            num(r.latency_p90_s, 3),
+            times(r.speedup_vs_ar),
+            r.speedup_ref.as_deref().unwrap_or("-"),
+        );
+        if batched {
+            line += &format!(
+                " {:>7} | {:>7} |",
+                num(r.throughput_img_s, 2),
+                times(r.throughput_speedup_vs_ar)
+            );
+        }
+        line += &format!(
+            " {:>8.4} | {:>7.4} | {:>6} | {:>7} |",
             r.tvd_mean,
             r.tvd_max,
             opt(r.class_accuracy, 100.0),
             opt(r.classifier_fid, 1.0)
         );
+        println!("{line}");
     }
-    Ok(())
+    println!();
+    println!("time split: mean seconds per image over the {timed_n} timed images (batch 1); other = latency - draft - verify - accept (sampling, host bookkeeping)");
+    println!(
+        "| {:<w$} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} |",
+        "mode", "total s", "draft s", "verify s", "accept s", "other s", "accept %"
+    );
+    println!("|:--|--:|--:|--:|--:|--:|--:|");
+    for r in rows {
+        let total = r.time_draft_s + r.time_verify_s + r.time_accept_s + r.time_other_s;
+        println!(
+            "| {:<w$} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} | {:>8} |",
+            r.mode,
+            num(total, 3),
+            num(r.time_draft_s, 3),
+            num(r.time_verify_s, 3),
+            num(r.time_accept_s, 4),
+            num(r.time_other_s, 3),
+            num(100.0 * r.time_accept_s / total, 1),
+        );
+    }
 }
 
 fn steps(a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
@@ -375,4 +592,40 @@ fn steps(a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
     }
     println!("(bench wall time {:.1} s)", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn modes(list: &[&str]) -> Vec<BenchMode> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn greedy_rows_compare_with_greedy_ar_when_present() {
+        let m = modes(&[
+            "sd-static/greedy",
+            "ar",
+            "lantern-0.2",
+            "ar/greedy",
+            "ar/greedy",
+        ]);
+        let refs: Vec<_> = (0..m.len()).map(|i| speedup_reference(&m, i)).collect();
+        assert_eq!(refs, [Some(3), Some(1), Some(1), Some(3), Some(3)]);
+        // without an ar/greedy row greedy rows fall back to the sampled ar row
+        let m = modes(&["ar", "sd-static/greedy"]);
+        assert_eq!(speedup_reference(&m, 1), Some(0));
+        // no AR row at all: no speed-up
+        let m = modes(&["sd-static", "lantern++-2/greedy"]);
+        assert_eq!(speedup_reference(&m, 0), None);
+        assert_eq!(speedup_reference(&m, 1), None);
+    }
+
+    #[test]
+    fn timed_images_go_round_robin_over_classes() {
+        // 3 classes x 2 images: class-major indices 0,1 | 2,3 | 4,5
+        assert_eq!(timed_order(3, 2), [0, 2, 4, 1, 3, 5]);
+        assert_eq!(timed_order(2, 1), [0, 1]);
+    }
 }

@@ -1,6 +1,7 @@
 //! `lantern`: generate images with LlamaGen-family models and LANTERN speculative decoding,
 //! train the small models we ship, and measure them.
 mod bench_cmd;
+mod bench_mode;
 mod common;
 mod generate_cmd;
 mod tokenize_cmd;

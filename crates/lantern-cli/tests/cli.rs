@@ -1,5 +1,6 @@
 //! End-to-end tests of the `lantern` binary on the shipped model bundle: generation with the
-//! default (LANTERN++) and AR decoding, token round trip through `decode`, and one-line errors.
+//! default (LANTERN++) and AR decoding, token round trip through `decode`, and one-line errors
+//! (including `bench` row specs).
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -103,7 +104,7 @@ fn generate_decode_round_trip_and_refuse_overwrite() {
 fn bad_input_gives_one_line_errors() {
     let out = tmp("bad");
     let o = out.to_str().unwrap();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 9] = [
         (
             &[
                 "generate", "--class", "unicorn", "--out", o, "--device", "cpu",
@@ -150,6 +151,19 @@ fn bad_input_gives_one_line_errors() {
             "--gpt",
         ),
         (&["inspect", "/nonexistent/model.pt"], "nonexistent"),
+        // bench rows: a k above the shipped table's 200, a malformed @k, an unknown suffix
+        (
+            &["bench", "--modes", "ar,lantern-0.2@k500", "--device", "cpu"],
+            "use @k200 or less",
+        ),
+        (
+            &["bench", "--modes", "lantern++-2@50", "--device", "cpu"],
+            "@kK",
+        ),
+        (
+            &["bench", "--modes", "sd-static/fast", "--device", "cpu"],
+            "/greedy",
+        ),
     ];
     for (args, want) in cases {
         let (ok, _, stderr) = run(args);
