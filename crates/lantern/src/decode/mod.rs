@@ -7,6 +7,7 @@ pub mod draft;
 pub mod dynamic;
 pub mod llamagen;
 pub mod model;
+mod slots;
 pub mod speculative;
 pub mod static_trees;
 pub mod stats;
