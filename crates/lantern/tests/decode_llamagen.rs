@@ -315,7 +315,10 @@ fn check_independent(m: &LlamaGen, d: &Drafter, cond: &Condition, trees: &[&str]
                 let s = generate(m, Some(d), &single(cond, g)?, &one)?;
                 assert_eq!(batch.tokens[g], s.tokens[0], "{mode} {tree} image {g}");
                 let (b, s) = (&batch.stats[g], &s.stats[0]);
-                assert_eq!(b.accepted_per_step, s.accepted_per_step, "{mode} {tree} {g}");
+                assert_eq!(
+                    b.accepted_per_step, s.accepted_per_step,
+                    "{mode} {tree} {g}"
+                );
                 assert_eq!(b.target_forwards, s.target_forwards, "{mode} {tree} {g}");
                 assert_eq!(b.tau, s.tau, "{mode} {tree} {g}");
             }

@@ -21,6 +21,8 @@ pub(crate) fn hole_threshold(valid: usize) -> usize {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Slots {
     valid: Vec<Vec<bool>>,
+    /// Fixed compaction threshold instead of [`hole_threshold`] (tests).
+    fixed: Option<usize>,
 }
 
 impl Slots {
@@ -28,7 +30,19 @@ impl Slots {
     pub fn new(n_img: usize, len: usize) -> Self {
         Self {
             valid: vec![vec![true; len]; n_img],
+            fixed: None,
         }
+    }
+
+    /// Compacts at `holes` removable holes instead of [`hole_threshold`].
+    pub fn with_threshold(mut self, holes: Option<usize>) -> Self {
+        self.fixed = holes.map(|h| h.max(1));
+        self
+    }
+
+    /// Removable holes that trigger a compaction at largest logical length `valid`.
+    pub fn threshold(&self, valid: usize) -> usize {
+        self.fixed.unwrap_or_else(|| hole_threshold(valid))
     }
 
     /// Physical length.
@@ -74,7 +88,7 @@ impl Slots {
     /// Whether the removable holes reached [`hole_threshold`].
     pub fn should_compact(&self) -> bool {
         let r = self.removable();
-        r > 0 && r >= hole_threshold(self.len() - r)
+        r > 0 && r >= self.threshold(self.len() - r)
     }
 
     /// Moves every image's valid slots to the front: returns, per image, the slots to keep in
@@ -143,7 +157,10 @@ mod tests {
         assert_eq!(s.len(), 5);
         assert_eq!((s.count(0), s.count(1), s.count(2)), (5, 3, 2));
         assert!(s.has_holes());
-        assert_eq!(s.mask_row(1)[2..], [0.0, f32::NEG_INFINITY, f32::NEG_INFINITY]);
+        assert_eq!(
+            s.mask_row(1)[2..],
+            [0.0, f32::NEG_INFINITY, f32::NEG_INFINITY]
+        );
         // nothing removable: image 0 has no hole
         assert_eq!(s.removable(), 0);
         assert!(!s.should_compact());
@@ -156,9 +173,9 @@ mod tests {
         assert_eq!(lists[1], vec![0, 1, 2, 5, 6, 7, 8]);
         assert_eq!(lists[2], vec![0, 1, 0, 0, 0, 0, 0]);
         assert_eq!(s.len(), 7);
-        for g in 0..3 {
+        for (g, list) in lists.iter().enumerate() {
             assert_eq!(s.count(g), before.count(g));
-            assert!(lists[g].iter().take(s.count(g)).all(|&i| before.valid[g][i]));
+            assert!(list.iter().take(s.count(g)).all(|&i| before.valid[g][i]));
         }
         assert_eq!(s.removable(), 0);
     }
@@ -176,6 +193,8 @@ mod tests {
         s.push_block(&[0, 0], 4);
         assert_eq!(s.removable(), 13);
         assert!(s.should_compact());
+        let s = s.with_threshold(Some(14));
+        assert!(!s.should_compact());
     }
 
     #[test]

@@ -14,7 +14,7 @@
 use super::draft::{draft_static, Expand};
 use super::dynamic::draft_dynamic;
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
-use super::slots::{block_mask, hole_threshold, row_positions, Slots};
+use super::slots::{block_mask, row_positions, Slots};
 use super::static_trees::TreeSpec;
 use super::tree::DraftTree;
 use super::{cfg_row, token_budget, DecodeStats, GenerateOptions, Output};
@@ -274,6 +274,33 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
     accept: &AcceptConfig,
     neighbors: Option<&Neighbors>,
 ) -> Result<Output> {
+    let plan = Plan {
+        tree_spec,
+        accept,
+        neighbors,
+        fixed_threshold: None,
+    };
+    Ok(run(target, drafter, cond, opts, &plan)?.0)
+}
+
+/// The speculative settings of one run.
+struct Plan<'a> {
+    tree_spec: &'a TreeSpec,
+    accept: &'a AcceptConfig,
+    neighbors: Option<&'a Neighbors>,
+    /// Compaction threshold override (tests).
+    fixed_threshold: Option<usize>,
+}
+
+/// [`generate_speculative`]; also returns the number of compactions.
+fn run<T: Target, D: DraftModel>(
+    target: &T,
+    drafter: &D,
+    cond: &T::Condition,
+    opts: &GenerateOptions,
+    plan: &Plan,
+) -> Result<(Output, usize)> {
+    let (tree_spec, accept, neighbors) = (plan.tree_spec, plan.accept, plan.neighbors);
     tree_spec.validate()?;
     let n_img = target.num_images(cond);
     if n_img == 0 {
@@ -296,8 +323,9 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
     // At a step's start the caches hold at most `cls + budget - 1` committed slots plus fewer
     // holes than the compaction threshold; a step appends at most a tree (target) or the fed
     // nodes (drafter), and the committed block is no longer than a tree.
+    let mut slots = Slots::new(n_img, cls).with_threshold(plan.fixed_threshold);
     let slack = if n_img > 1 {
-        hole_threshold(cls + budget)
+        slots.threshold(cls + budget)
     } else {
         0
     };
@@ -333,7 +361,7 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
     let mut root_feat = out.narrow(1, cls - 1, 1)?;
     t_draft += t.elapsed().as_secs_f64();
 
-    let mut slots = Slots::new(n_img, cls);
+    let mut compactions = 0;
     let mut steps: Vec<Vec<usize>> = vec![Vec::new(); n_img];
     let mut tvds: Vec<Vec<f32>> = vec![Vec::new(); n_img];
     while tokens.iter().any(|t| t.len() < budget) {
@@ -342,6 +370,7 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
             let lists = per_row(&slots.compact(), rows);
             tcache.keep(0, &lists)?;
             dcache.keep(0, &lists)?;
+            compactions += 1;
             t_accept += t.elapsed().as_secs_f64();
         }
         let phys = slots.len();
@@ -390,7 +419,14 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
             TreeSpec::Static(shape) => {
                 let mut r: Vec<&mut dyn RngCore> =
                     rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
-                draft_static(shape, &root_tokens, root_probs, greedy, &mut session, &mut r)?
+                draft_static(
+                    shape,
+                    &root_tokens,
+                    root_probs,
+                    greedy,
+                    &mut session,
+                    &mut r,
+                )?
             }
         };
         drafter_forwards += session.forwards;
@@ -501,5 +537,129 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
             s
         })
         .collect();
-    Ok(Output { tokens, stats })
+    Ok((Output { tokens, stats }, compactions))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Compaction on the tiny LlamaGen fixtures (`tests/fixtures/gpt`): with a threshold of one
+    //! hole every step that leaves holes compacts both caches, and every image must still
+    //! equal its single-image run.
+    use super::*;
+    use crate::decode::{ar::generate_ar, Decoding};
+    use crate::load::{load_drafter, load_llamagen};
+    use crate::models::drafter::{Drafter, DrafterConfig};
+    use crate::models::llamagen::{Condition, Config, LlamaGen};
+    use candle_core::DType;
+    use std::path::PathBuf;
+
+    fn fixtures() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt")
+    }
+
+    fn drafter(c2i: bool) -> Result<Drafter> {
+        let mut cfg = DrafterConfig::from_hf_json(&fixtures().join("drafter/config.json"))?;
+        if c2i {
+            cfg.cls_token_num = 0;
+            cfg.input_type = "c2i".into();
+        }
+        let dir = fixtures().join("drafter");
+        Ok(load_drafter(&dir, Some(&cfg), DType::F32, &Device::Cpu)?.0)
+    }
+
+    fn image(cond: &Condition, g: usize) -> Result<Condition> {
+        Ok(match cond {
+            Condition::Classes(ids) => Condition::Classes(vec![ids[g]]),
+            Condition::Captions { features, mask } => Condition::Captions {
+                features: features.i(g..g + 1)?,
+                mask: mask.i(g..g + 1)?,
+            },
+        })
+    }
+
+    /// Returns the number of compactions over all runs.
+    fn check(m: &LlamaGen, d: &Drafter, cond: &Condition, n: usize) -> Result<usize> {
+        let mut total = 0;
+        let greedy = GenerateOptions::new()
+            .with_sampling(SamplingParams::greedy())
+            .with_seed(3);
+        let sampled = GenerateOptions::new().with_seed(8);
+        for tree in ["dynamic", "naive_extend_57"] {
+            let tree_spec = TreeSpec::parse(tree)?;
+            let accept = AcceptConfig::default();
+            let plan = Plan {
+                tree_spec: &tree_spec,
+                accept: &accept,
+                neighbors: None,
+                fixed_threshold: Some(1),
+            };
+            for opts in [&greedy, &sampled] {
+                // holes are removable only where every image has one (no image always leads)
+                let (batch, compactions) = run(m, d, cond, opts, &plan)?;
+                total += compactions;
+                for g in 0..n {
+                    let one = opts.clone().with_seed(opts.seed + g as u64);
+                    let s = generate_speculative(
+                        m,
+                        d,
+                        &image(cond, g)?,
+                        &one,
+                        &tree_spec,
+                        &accept,
+                        None,
+                    )?;
+                    assert_eq!(batch.tokens[g], s.tokens[0], "{tree} image {g}");
+                    let (b, s) = (&batch.stats[g], &s.stats[0]);
+                    assert_eq!(b.accepted_per_step, s.accepted_per_step, "{tree} {g}");
+                }
+            }
+            let ar = generate_ar(m, cond, &greedy.clone().with_decoding(Decoding::Ar))?;
+            assert_eq!(
+                run(m, d, cond, &greedy, &plan)?.0.tokens,
+                ar.tokens,
+                "{tree}"
+            );
+        }
+        Ok(total)
+    }
+
+    #[test]
+    fn compacted_batches_equal_single_images() -> Result<()> {
+        let cfg = Config {
+            dim: 32,
+            n_layer: 2,
+            n_head: 2,
+            n_kv_head: 2,
+            vocab_size: 64,
+            ffn_hidden: 64,
+            num_classes: 10,
+            block_size: 16,
+            ..Config::gpt_b()
+        };
+        let path = fixtures().join("c2i.pt");
+        let m = load_llamagen(&path, Some(&cfg), DType::F32, &Device::Cpu)?.0;
+        let n = check(
+            &m,
+            &drafter(true)?,
+            &Condition::Classes(vec![7, 3, 1, 5]),
+            4,
+        )?;
+        assert!(n > 0, "c2i: no compaction");
+        // t2i: caption padding (the second caption has 20 valid rows) must survive compaction
+        let m = load_llamagen(&fixtures().join("t2i_hf"), None, DType::F32, &Device::Cpu)?.0;
+        let exp =
+            candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)?;
+        let (f0, v0) = (exp["t2i_features"].i(0..1)?, exp["t2i_valid"].i(0..1)?);
+        let mut v1 = vec![0f32; 100];
+        v1.extend([1f32; 20]);
+        let v1 = Tensor::from_vec(v1, (1, 120), &Device::Cpu)?;
+        let f1 = (&f0 * -0.7)?.broadcast_mul(&v1.unsqueeze(2)?)?;
+        let cond = Condition::Captions {
+            features: Tensor::cat(&[f0.broadcast_mul(&v0.unsqueeze(2)?)?, f1], 0)?,
+            mask: Tensor::cat(&[v0, v1], 0)?,
+        };
+        let n = check(&m, &drafter(false)?, &cond, 2)?;
+        assert!(n > 0, "t2i: no compaction");
+        Ok(())
+    }
 }
