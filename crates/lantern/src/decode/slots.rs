@@ -114,27 +114,46 @@ impl Slots {
     }
 }
 
-/// A `[rows, s, past + s]` additive mask (rows `r` and `r + n_img` identical): for image g and
-/// query i, `prefix[g]` (length `past`) followed by `new(g, i, j)` for new position j.
-pub(crate) fn block_mask(
-    prefix: &[Vec<f32>],
+/// A host-side additive mask `[n_img, s, past + s]` for a block of `s` new positions, sent to
+/// the device once as `[rows, s, past + s]` (rows `r` and `r + n_img` identical).
+pub(crate) struct BlockMask {
+    data: Vec<f32>,
+    n_img: usize,
     s: usize,
-    rows: usize,
-    dev: &Device,
-    new: impl Fn(usize, usize, usize) -> bool,
-) -> Result<Tensor> {
-    let n_img = prefix.len();
-    let past = prefix.first().map_or(0, |p| p.len());
-    let width = past + s;
-    let mut mask = Vec::with_capacity(n_img * s * width);
-    for (g, pre) in prefix.iter().enumerate() {
-        for i in 0..s {
-            mask.extend_from_slice(pre);
-            mask.extend((0..s).map(|j| if new(g, i, j) { 0.0 } else { f32::NEG_INFINITY }));
+    width: usize,
+}
+
+impl BlockMask {
+    /// For image g and query i: `prefix[g]` (length `past`, the same for every image), then new
+    /// position j visible when `new(g, i, j)`.
+    pub fn new(prefix: &[Vec<f32>], s: usize, new: impl Fn(usize, usize, usize) -> bool) -> Self {
+        let n_img = prefix.len();
+        let width = prefix.first().map_or(0, |p| p.len()) + s;
+        let mut data = Vec::with_capacity(n_img * s * width);
+        for (g, pre) in prefix.iter().enumerate() {
+            for i in 0..s {
+                data.extend_from_slice(pre);
+                data.extend((0..s).map(|j| if new(g, i, j) { 0.0 } else { f32::NEG_INFINITY }));
+            }
+        }
+        Self {
+            data,
+            n_img,
+            s,
+            width,
         }
     }
-    let mask = Tensor::from_vec(mask, (n_img, s, width), dev)?;
-    Ok(mask.repeat((rows / n_img.max(1), 1, 1))?)
+
+    /// Makes key column `col` (of `past + s`) visible to query i of image g.
+    pub fn show(&mut self, g: usize, i: usize, col: usize) {
+        self.data[(g * self.s + i) * self.width + col] = 0.0;
+    }
+
+    /// The `[rows, s, past + s]` tensor.
+    pub fn into_tensor(self, rows: usize, dev: &Device) -> Result<Tensor> {
+        let m = Tensor::from_vec(self.data, (self.n_img, self.s, self.width), dev)?;
+        Ok(m.repeat((rows / self.n_img.max(1), 1, 1))?)
+    }
 }
 
 /// Per-row `[rows, s]` u32 positions from per-image ones.
@@ -201,12 +220,16 @@ mod tests {
     fn masks_and_positions() -> Result<()> {
         let dev = Device::Cpu;
         let prefix = vec![vec![0.0, f32::NEG_INFINITY], vec![0.0, 0.0]];
-        let m = block_mask(&prefix, 2, 4, &dev, |g, i, j| j <= i && g == 0)?;
+        let mut m = BlockMask::new(&prefix, 2, |g, i, j| j <= i && g == 0);
+        m.show(1, 1, 1);
+        let m = m.into_tensor(4, &dev)?;
         assert_eq!(m.dims(), [4, 2, 4]);
         let v: Vec<Vec<Vec<f32>>> = m.to_vec3()?;
         let ninf = f32::NEG_INFINITY;
         assert_eq!(v[0][1], vec![0.0, ninf, 0.0, 0.0]);
         assert_eq!(v[1][0], vec![0.0, 0.0, ninf, ninf]);
+        assert_eq!(v[1][1], vec![0.0, 0.0, ninf, ninf]);
+        assert_eq!(v[0][0], vec![0.0, ninf, 0.0, ninf]);
         assert_eq!(v[2], v[0]);
         assert_eq!(v[3], v[1]);
         let p = row_positions(&[vec![3, 4], vec![7, 7]], 4, &dev)?;

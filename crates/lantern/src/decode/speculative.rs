@@ -14,7 +14,7 @@
 use super::draft::{draft_static, Expand};
 use super::dynamic::draft_dynamic;
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
-use super::slots::{block_mask, row_positions, Slots};
+use super::slots::{row_positions, BlockMask, Slots};
 use super::static_trees::TreeSpec;
 use super::tree::DraftTree;
 use super::{cfg_row, token_budget, DecodeStats, GenerateOptions, Output};
@@ -195,20 +195,15 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
                 v
             })
             .collect();
-        let width = past + k;
-        let mut mask = block_mask(&prefix, k, self.n_img, &dev, |_, i, j| j == i)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let mut mask = BlockMask::new(&prefix, k, |_, i, j| j == i);
         for (g, anc) in new_anc.iter().enumerate() {
             for (i, a) in anc.iter().enumerate() {
-                let row = &mut mask[(g * k + i) * width..(g * k + i + 1) * width];
                 for &j in a {
-                    row[self.stable + j] = 0.0;
+                    mask.show(g, i, self.stable + j);
                 }
             }
         }
-        let mask = Tensor::from_vec(mask, (self.n_img, k, width), &dev)?;
-        let mask = mask.repeat((rows / self.n_img, 1, 1))?;
+        let mask = mask.into_tensor(rows, &dev)?;
         let out =
             self.drafter
                 .forward(&ids, &feats, &pos, &Visibility::Custom(mask), self.cache)?;
@@ -238,12 +233,9 @@ fn verify<T: Target>(
     let n_img = trees.len();
     let ncols = trees.iter().map(|t| t.len()).max().unwrap_or(1);
     let past = prefix.first().map_or(0, |p| p.len());
-    let width = past + ncols;
     let mut ids = vec![0u32; n_img * ncols];
     let mut pos = vec![vec![0u32; ncols]; n_img];
-    let mut mask = block_mask(prefix, ncols, n_img, dev, |_, i, j| i == j)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let mut mask = BlockMask::new(prefix, ncols, |_, i, j| i == j);
     for (g, tr) in trees.iter().enumerate() {
         for c in 0..ncols {
             let node = if c < tr.len() { c } else { 0 };
@@ -251,15 +243,14 @@ fn verify<T: Target>(
             pos[g][c] = (roots[g] + tr.depths[node]) as u32;
         }
         for i in 0..tr.len() {
-            let row = &mut mask[(g * ncols + i) * width..(g * ncols + i + 1) * width];
             for a in tr.path_to(i) {
-                row[past + a] = 0.0;
+                mask.show(g, i, past + a);
             }
         }
     }
     let halves = rows / n_img;
     let ids = Tensor::from_vec(ids, (n_img, ncols), dev)?.repeat((halves, 1))?;
-    let mask = Tensor::from_vec(mask, (n_img, ncols, width), dev)?.repeat((halves, 1, 1))?;
+    let mask = mask.into_tensor(rows, dev)?;
     let pos = row_positions(&pos, rows, dev)?;
     target.forward_tokens(&ids, &pos, &Visibility::Custom(mask), cache)
 }
@@ -512,7 +503,9 @@ fn run<T: Target, D: DraftModel>(
         let vis = if !holes {
             Visibility::Causal
         } else {
-            Visibility::Custom(block_mask(&prefix, width, rows, &dev, |_, i, j| j <= i)?)
+            Visibility::Custom(
+                BlockMask::new(&prefix, width, |_, i, j| j <= i).into_tensor(rows, &dev)?,
+            )
         };
         let out = drafter.forward(&ids, &feats, &pos, &vis, &mut dcache)?;
         drafter_forwards += 1;
