@@ -3,8 +3,9 @@
 //!
 //! Batches: every step each image drafts and verifies its own tree (one batched drafter call
 //! per tree level, one batched target forward), then commits its own `accepted + 1` tokens,
-//! capped by its remaining budget. Images thus advance independently: each gets the tokens,
-//! acceptances and tau it would get alone. The caches keep one physical length for all batch
+//! capped by its remaining budget. Images thus advance independently: image g of a batch gets
+//! the tokens, acceptances and tau of a single-image run with seed `seed + g` (its random
+//! stream is its own). The caches keep one physical length for all batch
 //! rows ([`super::slots`]): a step appends `M = max over images of the committed counts` slots
 //! and an image that commits fewer marks the rest as holes. Every forward hides an image's
 //! holes with a custom mask and runs at per-row positions `[rows, s]` (the image's own logical
