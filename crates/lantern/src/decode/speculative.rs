@@ -5,13 +5,15 @@
 //! per tree level, one batched target forward), then commits its own `accepted + 1` tokens,
 //! capped by its remaining budget. Images thus advance independently: image g of a batch gets
 //! the tokens, acceptances and tau of a single-image run with seed `seed + g` (its random
-//! stream is its own). The caches keep one physical length for all batch
-//! rows ([`super::slots`]): a step appends `M = max over images of the committed counts` slots
-//! and an image that commits fewer marks the rest as holes. Every forward hides an image's
-//! holes with a custom mask and runs at per-row positions `[rows, s]` (the image's own logical
-//! positions). When the removable holes reach a threshold (a quarter of the longest image, at
-//! least 8 slots), one gather per cache layer moves each row's valid slots to the front.
-//! Finished images commit nothing (their rows are still computed) until the last one is done.
+//! stream is its own).
+//!
+//! The caches keep one physical length for all batch rows (`slots.rs`): a step appends
+//! `M = max over images of the committed counts` slots and an image that commits fewer marks
+//! the rest as holes. Every forward hides an image's holes with a custom mask and runs at
+//! per-row positions `[rows, s]` (the image's own logical positions). When the removable holes
+//! reach a threshold (a quarter of the longest image, at least 8 slots), one gather per cache
+//! layer moves each row's valid slots to the front. Finished images commit nothing (their rows
+//! are still computed) until the last one is done.
 use super::draft::{draft_static, Expand};
 use super::dynamic::draft_dynamic;
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
