@@ -1,7 +1,7 @@
 //! Speculative sampling must be distribution-exact: on a vocabulary of 4 and 3 tokens (64
 //! sequences) the empirical distribution of many speculative samples (bad drafter, dynamic and
-//! static trees, batched lock-step decoding) must match the exact AR distribution, computed by
-//! enumeration. Pearson chi-square at alpha = 0.001, fixed seeds.
+//! static trees, batches whose images advance independently) must match the exact AR
+//! distribution, computed by enumeration. Pearson chi-square at alpha = 0.001, fixed seeds.
 mod decode_common;
 
 use candle_core::{Device, Tensor};

@@ -136,3 +136,67 @@ fn bad_inputs_give_clear_errors() {
             .is_err()
     );
 }
+
+/// A drafter that agrees with the target only in part (its token table is perturbed), so
+/// images accept paths of different lengths.
+fn partial_drafter(lm: &MockLm, noise: f64) -> MockDrafter {
+    let other = lm.random_drafter(4);
+    MockDrafter {
+        emb: (&lm.emb + (other.emb * noise).unwrap()).unwrap(),
+        pos: lm.pos.clone(),
+        feat_scale: 1.0,
+    }
+}
+
+/// What must not depend on the batch: tokens, acceptances, forwards, TVD.
+fn per_image(out: &lantern::decode::Output, g: usize) -> (Vec<u32>, Vec<usize>, usize, f64, f64) {
+    let s = &out.stats[g];
+    (
+        out.tokens[g].clone(),
+        s.accepted_per_step.clone(),
+        s.target_forwards,
+        s.tau,
+        s.tvd_max,
+    )
+}
+
+#[test]
+fn batched_images_advance_independently() {
+    let lm = MockLm::new(16, 12, 24, 4, 1);
+    let classes = vec![0, 1, 2, 3, 1];
+    let d = partial_drafter(&lm, 0.5);
+    let sampled = GenerateOptions::new()
+        .with_cfg_scale(2.0)
+        .with_sampling(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        })
+        .with_seed(21);
+    for tree in ["dynamic", "[[0],[1],[0,0],[0,1],[1,0],[0,0,0],[0,0,0,0]]"] {
+        for (mode, base) in [("greedy", greedy(2.0)), ("sampled", sampled.clone())] {
+            let opts = base.clone().with_decoding(spec(tree));
+            let batch = generate(&lm, Some(&d), &classes, &opts).unwrap();
+            for (g, &c) in classes.iter().enumerate() {
+                let one = opts.clone().with_seed(opts.seed + g as u64);
+                let single = generate(&lm, Some(&d), &vec![c], &one).unwrap();
+                assert_eq!(
+                    per_image(&batch, g),
+                    per_image(&single, 0),
+                    "{mode} {tree} image {g}"
+                );
+            }
+            let steps: Vec<&Vec<usize>> =
+                batch.stats.iter().map(|s| &s.accepted_per_step).collect();
+            println!("{mode} {tree}: {steps:?}");
+            assert!(
+                steps.iter().any(|s| s != &steps[0]),
+                "{mode} {tree}: images advanced in lock step {steps:?}"
+            );
+            if mode == "greedy" {
+                let ar = generate::<_, MockDrafter>(&lm, None, &classes, &base).unwrap();
+                assert_eq!(batch.tokens, ar.tokens, "{tree}");
+            }
+        }
+    }
+}

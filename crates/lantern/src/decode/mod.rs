@@ -8,6 +8,7 @@ pub mod dynamic;
 pub mod graph_step;
 pub mod llamagen;
 pub mod model;
+mod slots;
 pub mod speculative;
 pub mod static_trees;
 pub mod stats;

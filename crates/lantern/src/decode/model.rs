@@ -19,7 +19,8 @@ pub enum Visibility {
 
 /// A KV cache as the loops use it.
 pub trait DecodeCache {
-    /// Number of filled positions (the same for every batch row).
+    /// Number of filled positions (the same for every batch row; the speculative loop tracks
+    /// which of them are valid per row).
     fn len(&self) -> usize;
     /// Whether the cache is empty.
     fn is_empty(&self) -> bool {
@@ -63,7 +64,8 @@ pub trait Target {
     /// Embeds `tokens` and runs them at rope `positions`, appending them to the cache.
     ///
     /// # Shapes
-    /// - `tokens`: `[rows, s]` u32, `positions`: `[s]` u32 · returns hidden `[rows, s, d]`
+    /// - `tokens`: `[rows, s]` u32, `positions`: `[s]` (shared) or `[rows, s]` (per row) u32
+    /// - returns hidden `[rows, s, d]`
     fn forward_tokens(
         &self,
         tokens: &Tensor,
@@ -95,7 +97,8 @@ pub trait DraftModel {
     /// `j + 1`); `positions` are those `j`.
     ///
     /// # Shapes
-    /// - `ids`: `[rows, s]` u32, `features`: `[rows, s, d]`, `positions`: `[s]` u32
+    /// - `ids`: `[rows, s]` u32, `features`: `[rows, s, d]`, `positions`: `[s]` (shared) or
+    ///   `[rows, s]` (per row) u32
     /// - returns drafter features `[rows, s, d]` (feed them to the target's `lm_head`)
     fn forward(
         &self,

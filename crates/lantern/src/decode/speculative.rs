@@ -1,16 +1,23 @@
 //! Speculative decoding: draft a tree with the drafter, verify it in one target forward with a
 //! tree attention mask, accept a path, compact the target cache, feed the drafter, repeat.
 //!
-//! Batches of images run in lock step: each step every image verifies its own tree (all trees
-//! in one batched forward; columns are grouped by depth so that one `[s]` position vector
-//! serves every image, with padding columns where trees differ), then every image commits the
-//! same number of tokens `m = min over images of (accepted + 1)`. Cutting an image's accepted
-//! path short is still exact: whether a token is kept depends only on earlier acceptances and
-//! on other images. Caches thus keep one length for the whole batch (the price: with several
-//! images, tau is the minimum over images of each step's accepted length).
+//! Batches: every step each image drafts and verifies its own tree (one batched drafter call
+//! per tree level, one batched target forward), then commits its own `accepted + 1` tokens,
+//! capped by its remaining budget. Images thus advance independently: image g of a batch gets
+//! the tokens, acceptances and tau of a single-image run with seed `seed + g` (its random
+//! stream is its own).
+//!
+//! The caches keep one physical length for all batch rows (`slots.rs`): a step appends
+//! `M = max over images of the committed counts` slots and an image that commits fewer marks
+//! the rest as holes. Every forward hides an image's holes with a custom mask and runs at
+//! per-row positions `[rows, s]` (the image's own logical positions). When the removable holes
+//! reach a threshold (a quarter of the longest image, at least 8 slots), one gather per cache
+//! layer moves each row's valid slots to the front. Finished images commit nothing (their rows
+//! are still computed) until the last one is done.
 use super::draft::{draft_static, Expand};
 use super::dynamic::draft_dynamic;
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
+use super::slots::{row_positions, BlockMask, Slots};
 use super::static_trees::TreeSpec;
 use super::tree::DraftTree;
 use super::{cfg_row, token_budget, DecodeStats, GenerateOptions, Output};
@@ -34,11 +41,11 @@ fn row_probs(sampling: &SamplingParams, logits: &[f32]) -> Vec<f32> {
 }
 
 /// Target rows of one image, pulled off the device on demand from the CFG-combined
-/// verification logits `[n_img, cols, V]`.
+/// verification logits `[n_img, cols, V]` (tree node i is column i).
 struct LazyRows<'a> {
     mixed: &'a Tensor,
     g: usize,
-    cols: &'a [usize],
+    nodes: usize,
     sampling: &'a SamplingParams,
     memo: HashMap<usize, Vec<f32>>,
 }
@@ -48,10 +55,13 @@ impl TargetRows for LazyRows<'_> {
         if let Some(r) = self.memo.get(&node) {
             return Ok(r.clone());
         }
-        let col = *self.cols.get(node).ok_or_else(|| {
-            Error::invalid("tree node", format!("{node} is not in the verified tree"))
-        })?;
-        let l: Vec<f32> = self.mixed.i((self.g, col))?.to_vec1()?;
+        if node >= self.nodes {
+            return Err(Error::invalid(
+                "tree node",
+                format!("{node} is not in the verified tree (internal error)"),
+            ));
+        }
+        let l: Vec<f32> = self.mixed.i((self.g, node))?.to_vec1()?;
         let p = row_probs(self.sampling, &l);
         self.memo.insert(node, p.clone());
         Ok(p)
@@ -107,7 +117,13 @@ fn gather_rows(x: &Tensor, idx: &[Vec<usize>], n_img: usize) -> Result<Tensor> {
     Ok(x.contiguous()?.gather(&ix, 1)?)
 }
 
-/// The drafter side of one tree: stable prefix in the drafter cache plus the nodes fed so far.
+/// Repeats per-image lists for every batch row (row r is image `r % n_img`).
+fn per_row(lists: &[Vec<usize>], rows: usize) -> Vec<Vec<usize>> {
+    (0..rows).map(|r| lists[r % lists.len()].clone()).collect()
+}
+
+/// The drafter side of one tree: the committed slots in the drafter cache plus the nodes fed
+/// so far.
 struct DraftSession<'a, T: Target, D: DraftModel> {
     target: &'a T,
     drafter: &'a D,
@@ -115,8 +131,12 @@ struct DraftSession<'a, T: Target, D: DraftModel> {
     n_img: usize,
     cfg: Option<f32>,
     sampling: SamplingParams,
-    /// Drafter cache length of the accepted prefix.
+    /// Mask of every image over the committed slots (physical length `stable`).
+    prefix: &'a [Vec<f32>],
+    /// Drafter cache length of the committed slots.
     stable: usize,
+    /// Logical position of every image's root.
+    roots: &'a [usize],
     /// Drafter output after the root `[rows, 1, d]`, then every fed node.
     feats: Tensor,
     /// For every image and fed node: fed indices of its ancestors and itself.
@@ -154,10 +174,12 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
             .map(|ps| ps.iter().map(|p| p.map_or(0, |i| i + 1)).collect())
             .collect();
         let feats = gather_rows(&self.feats, &src, self.n_img)?;
-        let pos = vec![(self.stable + self.levels) as u32; k];
-        let pos = Tensor::from_vec(pos, k, &dev)?;
-        let width = past + k;
-        let mut mask = vec![f32::NEG_INFINITY; self.n_img * k * width];
+        let pos: Vec<Vec<u32>> = self
+            .roots
+            .iter()
+            .map(|&r| vec![(r + self.levels) as u32; k])
+            .collect();
+        let pos = row_positions(&pos, rows, &dev)?;
         let mut new_anc = vec![Vec::with_capacity(k); self.n_img];
         for (g, (ps, out)) in parents.iter().zip(new_anc.iter_mut()).enumerate() {
             for (i, p) in ps.iter().enumerate() {
@@ -166,17 +188,25 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
                 out.push(a);
             }
         }
+        // prefix: committed slots, then every fed node (visible when an ancestor)
+        let prefix: Vec<Vec<f32>> = self
+            .prefix
+            .iter()
+            .map(|p| {
+                let mut v = p.clone();
+                v.resize(past, f32::NEG_INFINITY);
+                v
+            })
+            .collect();
+        let mut mask = BlockMask::new(&prefix, k, |_, i, j| j == i);
         for (g, anc) in new_anc.iter().enumerate() {
             for (i, a) in anc.iter().enumerate() {
-                let row = &mut mask[(g * k + i) * width..(g * k + i + 1) * width];
-                row[..self.stable].iter_mut().for_each(|x| *x = 0.0);
                 for &j in a {
-                    row[self.stable + j] = 0.0;
+                    mask.show(g, i, self.stable + j);
                 }
             }
         }
-        let mask = Tensor::from_vec(mask, (self.n_img, k, width), &dev)?;
-        let mask = mask.repeat((rows / self.n_img, 1, 1))?;
+        let mask = mask.into_tensor(rows, &dev)?;
         let out =
             self.drafter
                 .forward(&ids, &feats, &pos, &Visibility::Custom(mask), self.cache)?;
@@ -190,47 +220,42 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
     }
 }
 
-/// Verification layout: columns grouped by depth, shared by every image.
-struct Layout {
-    /// Column of every node of every image.
-    cols: Vec<Vec<usize>>,
-    /// Depth of every column.
-    col_depth: Vec<usize>,
-}
-
-fn layout(trees: &[DraftTree]) -> Layout {
-    let max_depth = trees.iter().map(|t| t.max_depth()).max().unwrap_or(0);
-    let mut width = vec![0usize; max_depth + 1];
-    for t in trees {
-        let mut c = vec![0usize; max_depth + 1];
-        for &d in &t.depths {
-            c[d] += 1;
+/// One batched target forward over every image's tree: node i of image g is column i (its
+/// position `roots[g] + depth`, visible: the image's committed slots and the node's path);
+/// columns past a smaller tree repeat the root and see only the committed slots and
+/// themselves. Returns the hidden states `[rows, cols, d]`.
+fn verify<T: Target>(
+    target: &T,
+    trees: &[DraftTree],
+    prefix: &[Vec<f32>],
+    roots: &[usize],
+    rows: usize,
+    cache: &mut T::Cache,
+    dev: &Device,
+) -> Result<Tensor> {
+    let n_img = trees.len();
+    let ncols = trees.iter().map(|t| t.len()).max().unwrap_or(1);
+    let past = prefix.first().map_or(0, |p| p.len());
+    let mut ids = vec![0u32; n_img * ncols];
+    let mut pos = vec![vec![0u32; ncols]; n_img];
+    let mut mask = BlockMask::new(prefix, ncols, |_, i, j| i == j);
+    for (g, tr) in trees.iter().enumerate() {
+        for c in 0..ncols {
+            let node = if c < tr.len() { c } else { 0 };
+            ids[g * ncols + c] = tr.tokens[node];
+            pos[g][c] = (roots[g] + tr.depths[node]) as u32;
         }
-        for d in 0..=max_depth {
-            width[d] = width[d].max(c[d]);
+        for i in 0..tr.len() {
+            for a in tr.path_to(i) {
+                mask.show(g, i, past + a);
+            }
         }
     }
-    let mut offset = vec![0usize; max_depth + 1];
-    for d in 1..=max_depth {
-        offset[d] = offset[d - 1] + width[d - 1];
-    }
-    let col_depth = (0..=max_depth)
-        .flat_map(|d| std::iter::repeat_n(d, width[d]))
-        .collect();
-    let cols = trees
-        .iter()
-        .map(|t| {
-            let mut next = offset.clone();
-            t.depths
-                .iter()
-                .map(|&d| {
-                    next[d] += 1;
-                    next[d] - 1
-                })
-                .collect()
-        })
-        .collect();
-    Layout { cols, col_depth }
+    let halves = rows / n_img;
+    let ids = Tensor::from_vec(ids, (n_img, ncols), dev)?.repeat((halves, 1))?;
+    let mask = mask.into_tensor(rows, dev)?;
+    let pos = row_positions(&pos, rows, dev)?;
+    target.forward_tokens(&ids, &pos, &Visibility::Custom(mask), cache)
 }
 
 /// Runs speculative decoding (see the module docs).
@@ -243,6 +268,33 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
     accept: &AcceptConfig,
     neighbors: Option<&Neighbors>,
 ) -> Result<Output> {
+    let plan = Plan {
+        tree_spec,
+        accept,
+        neighbors,
+        fixed_threshold: None,
+    };
+    Ok(run(target, drafter, cond, opts, &plan)?.0)
+}
+
+/// The speculative settings of one run.
+struct Plan<'a> {
+    tree_spec: &'a TreeSpec,
+    accept: &'a AcceptConfig,
+    neighbors: Option<&'a Neighbors>,
+    /// Compaction threshold override (tests).
+    fixed_threshold: Option<usize>,
+}
+
+/// [`generate_speculative`]; also returns the number of compactions.
+fn run<T: Target, D: DraftModel>(
+    target: &T,
+    drafter: &D,
+    cond: &T::Condition,
+    opts: &GenerateOptions,
+    plan: &Plan,
+) -> Result<(Output, usize)> {
+    let (tree_spec, accept, neighbors) = (plan.tree_spec, plan.accept, plan.neighbors);
     tree_spec.validate()?;
     let n_img = target.num_images(cond);
     if n_img == 0 {
@@ -256,17 +308,23 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
     let mut acc_cfg = *accept;
     acc_cfg.greedy = greedy;
     let (max_cols, max_fed) = match tree_spec {
-        TreeSpec::Dynamic(p) => (
-            n_img.min(p.depth + 2) * p.total_tokens,
-            p.depth * p.top_k.min(target.vocab_size()),
-        ),
+        TreeSpec::Dynamic(p) => (p.total_tokens, p.depth * p.top_k.min(target.vocab_size())),
         TreeSpec::Static(s) => (s.len(), s.len()),
     };
     let mut rngs: Vec<StdRng> = (0..n_img)
         .map(|g| StdRng::seed_from_u64(opts.seed.wrapping_add(g as u64)))
         .collect();
-    let mut tcache = target.new_cache(rows, cls + budget + max_cols)?;
-    let mut dcache = drafter.new_cache(rows, cls + budget + max_fed)?;
+    // At a step's start the caches hold at most `cls + budget - 1` committed slots plus fewer
+    // holes than the compaction threshold; a step appends at most a tree (target) or the fed
+    // nodes (drafter), and the committed block is no longer than a tree.
+    let mut slots = Slots::new(n_img, cls).with_threshold(plan.fixed_threshold);
+    let slack = if n_img > 1 {
+        slots.threshold(cls + budget)
+    } else {
+        0
+    };
+    let mut tcache = target.new_cache(rows, cls + budget + slack + max_cols)?;
+    let mut dcache = drafter.new_cache(rows, cls + budget + slack + max_fed.max(max_cols))?;
     let (mut t_draft, mut t_verify, mut t_accept) = (0.0f64, 0.0f64, 0.0f64);
 
     // prefill and first token
@@ -274,7 +332,6 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
     let hidden = target.prefill(cond, cfg.is_some(), &mut tcache)?;
     let logits = target.lm_head(&hidden.narrow(1, cls - 1, 1)?)?;
     t_verify += t.elapsed().as_secs_f64();
-    let mut target_forwards = 1;
     let mut tokens: Vec<Vec<u32>> = vec![Vec::with_capacity(budget); n_img];
     for (g, toks) in tokens.iter_mut().enumerate() {
         let p = opts.sampling.probs(&cfg_row(&logits, g, n_img, 0, cfg)?);
@@ -298,22 +355,36 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
     let mut root_feat = out.narrow(1, cls - 1, 1)?;
     t_draft += t.elapsed().as_secs_f64();
 
-    let mut steps: Vec<usize> = Vec::new();
+    let mut compactions = 0;
+    let mut steps: Vec<Vec<usize>> = vec![Vec::new(); n_img];
     let mut tvds: Vec<Vec<f32>> = vec![Vec::new(); n_img];
-    while tokens[0].len() < budget {
-        let done = tokens[0].len();
-        let root_pos = cls + done - 1;
-        if tcache.len() != root_pos || dcache.len() != root_pos {
+    while tokens.iter().any(|t| t.len() < budget) {
+        if slots.should_compact() {
+            let t = Instant::now();
+            let lists = per_row(&slots.compact(), rows);
+            tcache.keep(0, &lists)?;
+            dcache.keep(0, &lists)?;
+            compactions += 1;
+            t_accept += t.elapsed().as_secs_f64();
+        }
+        let phys = slots.len();
+        let roots: Vec<usize> = tokens.iter().map(|t| cls + t.len() - 1).collect();
+        if tcache.len() != phys
+            || dcache.len() != phys
+            || (0..n_img).any(|g| slots.count(g) != roots[g])
+        {
             return Err(Error::invalid(
                 "cache",
                 format!(
-                    "target/drafter lengths {}/{} at position {root_pos} (internal error)",
+                    "target/drafter lengths {}/{}, slots {phys} (internal error)",
                     tcache.len(),
                     dcache.len()
                 ),
             ));
         }
-        let roots: Vec<u32> = tokens.iter().map(|t| *t.last().unwrap_or(&0)).collect();
+        let prefix: Vec<Vec<f32>> = (0..n_img).map(|g| slots.mask_row(g)).collect();
+        let holes = slots.has_holes();
+        let root_tokens: Vec<u32> = tokens.iter().map(|t| *t.last().unwrap_or(&0)).collect();
 
         // draft
         let t = Instant::now();
@@ -329,127 +400,130 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
             n_img,
             cfg,
             sampling: opts.sampling,
-            stable: root_pos,
+            prefix: &prefix,
+            stable: phys,
+            roots: &roots,
             feats: root_feat.clone(),
             anc: vec![Vec::new(); n_img],
             levels: 0,
             forwards: 0,
         };
         let trees = match tree_spec {
-            TreeSpec::Dynamic(p) => draft_dynamic(p, &roots, root_probs, &mut session)?,
+            TreeSpec::Dynamic(p) => draft_dynamic(p, &root_tokens, root_probs, &mut session)?,
             TreeSpec::Static(shape) => {
                 let mut r: Vec<&mut dyn RngCore> =
                     rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
-                draft_static(shape, &roots, root_probs, greedy, &mut session, &mut r)?
+                draft_static(
+                    shape,
+                    &root_tokens,
+                    root_probs,
+                    greedy,
+                    &mut session,
+                    &mut r,
+                )?
             }
         };
         drafter_forwards += session.forwards;
-        dcache.truncate(root_pos)?;
+        dcache.truncate(phys)?;
         t_draft += t.elapsed().as_secs_f64();
 
         // verify all trees in one forward
         let t = Instant::now();
-        let lay = layout(&trees);
-        let ncols = lay.col_depth.len();
-        let mut ids = vec![0u32; n_img * ncols];
-        let mut mask = vec![f32::NEG_INFINITY; n_img * ncols * (root_pos + ncols)];
-        let width = root_pos + ncols;
-        for (r, tr) in trees.iter().enumerate() {
-            let cols = &lay.cols[r];
-            for c in 0..ncols {
-                ids[r * ncols + c] = roots[r];
-                let row = &mut mask[(r * ncols + c) * width..(r * ncols + c + 1) * width];
-                row[..root_pos].iter_mut().for_each(|x| *x = 0.0);
-                row[root_pos + c] = 0.0;
-            }
-            for (i, &c) in cols.iter().enumerate() {
-                ids[r * ncols + c] = tr.tokens[i];
-                let row = &mut mask[(r * ncols + c) * width..(r * ncols + c + 1) * width];
-                for a in tr.path_to(i) {
-                    row[root_pos + cols[a]] = 0.0;
-                }
-            }
-        }
-        let halves = rows / n_img;
-        let ids = Tensor::from_vec(ids, (n_img, ncols), &dev)?.repeat((halves, 1))?;
-        let mask = Tensor::from_vec(mask, (n_img, ncols, width), &dev)?.repeat((halves, 1, 1))?;
-        let pos: Vec<u32> = lay
-            .col_depth
-            .iter()
-            .map(|&d| (root_pos + d) as u32)
-            .collect();
-        let pos = Tensor::from_vec(pos, ncols, &dev)?;
-        let hidden = target.forward_tokens(&ids, &pos, &Visibility::Custom(mask), &mut tcache)?;
+        let hidden = verify(target, &trees, &prefix, &roots, rows, &mut tcache, &dev)?;
         let mixed = cfg_mix_device(target.lm_head(&hidden)?, n_img, cfg)?;
-        target_forwards += 1;
         t_verify += t.elapsed().as_secs_f64();
 
-        // accept
+        // accept: every unfinished image commits its own path
         let t = Instant::now();
-        let mut decisions = Vec::with_capacity(n_img);
+        let mut kept: Vec<Vec<usize>> = Vec::with_capacity(n_img);
+        let mut emitted: Vec<Vec<u32>> = Vec::with_capacity(n_img);
         for g in 0..n_img {
+            let left = budget - tokens[g].len();
+            if left == 0 {
+                kept.push(Vec::new());
+                emitted.push(Vec::new());
+                continue;
+            }
             let mut lazy = LazyRows {
                 mixed: &mixed,
                 g,
-                cols: &lay.cols[g],
+                nodes: trees[g].len(),
                 sampling: &opts.sampling,
                 memo: HashMap::new(),
             };
-            decisions.push(accept_tree(
-                &trees[g],
-                &mut lazy,
-                &acc_cfg,
-                neighbors,
-                &mut rngs[g],
-            )?);
-        }
-        let m = decisions
-            .iter()
-            .map(|d| d.accepted.len() + 1)
-            .min()
-            .unwrap_or(1)
-            .min(budget - done);
-        let mut kept: Vec<Vec<usize>> = Vec::with_capacity(n_img);
-        let mut emitted: Vec<Vec<u32>> = Vec::with_capacity(n_img);
-        for (g, d) in decisions.iter().enumerate() {
-            let mut k = vec![lay.cols[g][0]];
-            k.extend(d.accepted[..m - 1].iter().map(|&n| lay.cols[g][n]));
+            let d = accept_tree(&trees[g], &mut lazy, &acc_cfg, neighbors, &mut rngs[g])?;
+            let m = (d.accepted.len() + 1).min(left);
+            let mut k = vec![0];
+            k.extend_from_slice(&d.accepted[..m - 1]);
             let mut seq: Vec<u32> = d.accepted.iter().map(|&n| trees[g].tokens[n]).collect();
             seq.push(d.next_token);
             seq.truncate(m);
             tvds[g].extend(d.tvd.iter().take(m));
+            steps[g].push(m);
             kept.push(k);
             emitted.push(seq);
         }
-        let per_row: Vec<Vec<usize>> = (0..rows).map(|r| kept[r % n_img].clone()).collect();
-        tcache.keep(root_pos, &per_row)?;
+        let counts: Vec<usize> = kept.iter().map(|k| k.len()).collect();
+        let width = counts.iter().copied().max().unwrap_or(0);
+        // pad to one length; the padding slots are holes
+        let padded: Vec<Vec<usize>> = kept
+            .iter()
+            .map(|k| {
+                let mut k = k.clone();
+                k.resize(width, 0);
+                k
+            })
+            .collect();
+        tcache.keep(phys, &per_row(&padded, rows))?;
+        slots.push_block(&counts, width);
         for (toks, e) in tokens.iter_mut().zip(&emitted) {
             toks.extend_from_slice(e);
         }
-        steps.push(m);
         t_accept += t.elapsed().as_secs_f64();
-        if tokens[0].len() >= budget {
+        if tokens.iter().all(|t| t.len() >= budget) {
             break;
         }
 
         // feed the drafter the committed (feature, next token) pairs
         let t = Instant::now();
-        let feats = gather_rows(&hidden, &kept, n_img)?;
-        let ids: Vec<u32> = (0..rows).flat_map(|r| emitted[r % n_img].clone()).collect();
-        let ids = Tensor::from_vec(ids, (rows, m), &dev)?;
-        let pos = Tensor::arange(root_pos as u32, (root_pos + m) as u32, &dev)?;
-        let out = drafter.forward(&ids, &feats, &pos, &Visibility::Causal, &mut dcache)?;
+        let feats = gather_rows(&hidden, &padded, n_img)?;
+        let ids: Vec<u32> = (0..rows)
+            .flat_map(|r| {
+                let mut e = emitted[r % n_img].clone();
+                e.resize(width, 0);
+                e
+            })
+            .collect();
+        let ids = Tensor::from_vec(ids, (rows, width), &dev)?;
+        let pos: Vec<Vec<u32>> = (0..n_img)
+            .map(|g| {
+                (0..width)
+                    .map(|i| (roots[g] + i.min(counts[g].saturating_sub(1))) as u32)
+                    .collect()
+            })
+            .collect();
+        let pos = row_positions(&pos, rows, &dev)?;
+        let vis = if !holes {
+            Visibility::Causal
+        } else {
+            Visibility::Custom(
+                BlockMask::new(&prefix, width, |_, i, j| j <= i).into_tensor(rows, &dev)?,
+            )
+        };
+        let out = drafter.forward(&ids, &feats, &pos, &vis, &mut dcache)?;
         drafter_forwards += 1;
-        root_feat = out.narrow(1, m - 1, 1)?;
+        let last: Vec<Vec<usize>> = counts.iter().map(|&m| vec![m.saturating_sub(1)]).collect();
+        root_feat = gather_rows(&out, &last, n_img)?;
         t_draft += t.elapsed().as_secs_f64();
     }
     let stats = tvds
         .iter()
-        .map(|tv| {
+        .zip(steps)
+        .map(|(tv, steps)| {
             let mut s = DecodeStats {
-                target_forwards,
+                target_forwards: 1 + steps.len(),
                 drafter_forwards,
-                accepted_per_step: steps.clone(),
+                accepted_per_step: steps,
                 time_draft: t_draft,
                 time_verify: t_verify,
                 time_accept: t_accept,
@@ -459,5 +533,129 @@ pub fn generate_speculative<T: Target, D: DraftModel>(
             s
         })
         .collect();
-    Ok(Output { tokens, stats })
+    Ok((Output { tokens, stats }, compactions))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Compaction on the tiny LlamaGen fixtures (`tests/fixtures/gpt`): with a threshold of one
+    //! hole every step that leaves holes compacts both caches, and every image must still
+    //! equal its single-image run.
+    use super::*;
+    use crate::decode::{ar::generate_ar, Decoding};
+    use crate::load::{load_drafter, load_llamagen};
+    use crate::models::drafter::{Drafter, DrafterConfig};
+    use crate::models::llamagen::{Condition, Config, LlamaGen};
+    use candle_core::DType;
+    use std::path::PathBuf;
+
+    fn fixtures() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt")
+    }
+
+    fn drafter(c2i: bool) -> Result<Drafter> {
+        let mut cfg = DrafterConfig::from_hf_json(&fixtures().join("drafter/config.json"))?;
+        if c2i {
+            cfg.cls_token_num = 0;
+            cfg.input_type = "c2i".into();
+        }
+        let dir = fixtures().join("drafter");
+        Ok(load_drafter(&dir, Some(&cfg), DType::F32, &Device::Cpu)?.0)
+    }
+
+    fn image(cond: &Condition, g: usize) -> Result<Condition> {
+        Ok(match cond {
+            Condition::Classes(ids) => Condition::Classes(vec![ids[g]]),
+            Condition::Captions { features, mask } => Condition::Captions {
+                features: features.i(g..g + 1)?,
+                mask: mask.i(g..g + 1)?,
+            },
+        })
+    }
+
+    /// Returns the number of compactions over all runs.
+    fn check(m: &LlamaGen, d: &Drafter, cond: &Condition, n: usize) -> Result<usize> {
+        let mut total = 0;
+        let greedy = GenerateOptions::new()
+            .with_sampling(SamplingParams::greedy())
+            .with_seed(3);
+        let sampled = GenerateOptions::new().with_seed(8);
+        for tree in ["dynamic", "naive_extend_57"] {
+            let tree_spec = TreeSpec::parse(tree)?;
+            let accept = AcceptConfig::default();
+            let plan = Plan {
+                tree_spec: &tree_spec,
+                accept: &accept,
+                neighbors: None,
+                fixed_threshold: Some(1),
+            };
+            for opts in [&greedy, &sampled] {
+                // holes are removable only where every image has one (no image always leads)
+                let (batch, compactions) = run(m, d, cond, opts, &plan)?;
+                total += compactions;
+                for g in 0..n {
+                    let one = opts.clone().with_seed(opts.seed + g as u64);
+                    let s = generate_speculative(
+                        m,
+                        d,
+                        &image(cond, g)?,
+                        &one,
+                        &tree_spec,
+                        &accept,
+                        None,
+                    )?;
+                    assert_eq!(batch.tokens[g], s.tokens[0], "{tree} image {g}");
+                    let (b, s) = (&batch.stats[g], &s.stats[0]);
+                    assert_eq!(b.accepted_per_step, s.accepted_per_step, "{tree} {g}");
+                }
+            }
+            let ar = generate_ar(m, cond, &greedy.clone().with_decoding(Decoding::Ar))?;
+            assert_eq!(
+                run(m, d, cond, &greedy, &plan)?.0.tokens,
+                ar.tokens,
+                "{tree}"
+            );
+        }
+        Ok(total)
+    }
+
+    #[test]
+    fn compacted_batches_equal_single_images() -> Result<()> {
+        let cfg = Config {
+            dim: 32,
+            n_layer: 2,
+            n_head: 2,
+            n_kv_head: 2,
+            vocab_size: 64,
+            ffn_hidden: 64,
+            num_classes: 10,
+            block_size: 16,
+            ..Config::gpt_b()
+        };
+        let path = fixtures().join("c2i.pt");
+        let m = load_llamagen(&path, Some(&cfg), DType::F32, &Device::Cpu)?.0;
+        let n = check(
+            &m,
+            &drafter(true)?,
+            &Condition::Classes(vec![7, 3, 1, 5]),
+            4,
+        )?;
+        assert!(n > 0, "c2i: no compaction");
+        // t2i: caption padding (the second caption has 20 valid rows) must survive compaction
+        let m = load_llamagen(&fixtures().join("t2i_hf"), None, DType::F32, &Device::Cpu)?.0;
+        let exp =
+            candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)?;
+        let (f0, v0) = (exp["t2i_features"].i(0..1)?, exp["t2i_valid"].i(0..1)?);
+        let mut v1 = vec![0f32; 100];
+        v1.extend([1f32; 20]);
+        let v1 = Tensor::from_vec(v1, (1, 120), &Device::Cpu)?;
+        let f1 = (&f0 * -0.7)?.broadcast_mul(&v1.unsqueeze(2)?)?;
+        let cond = Condition::Captions {
+            features: Tensor::cat(&[f0.broadcast_mul(&v0.unsqueeze(2)?)?, f1], 0)?,
+            mask: Tensor::cat(&[v0, v1], 0)?,
+        };
+        let n = check(&m, &drafter(false)?, &cond, 2)?;
+        assert!(n > 0, "t2i: no compaction");
+        Ok(())
+    }
 }

@@ -16,7 +16,8 @@ pub struct DecodeStats {
     pub time_draft: f64,
     /// Seconds spent in target forwards (verification, prefill and AR steps).
     pub time_verify: f64,
-    /// Seconds spent in acceptance (including pulling target rows off the device).
+    /// Seconds spent in acceptance (including pulling target rows off the device and cache
+    /// compaction).
     pub time_accept: f64,
     /// Mean per-token TVD reported by the acceptance rule (0 for exact rules).
     pub tvd_mean: f64,

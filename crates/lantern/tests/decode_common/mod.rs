@@ -142,6 +142,22 @@ impl DecodeCache for MockCache {
     }
 }
 
+/// Rows of a position table for `[s]` (`[1, s, d]`) or `[rows, s]` (`[rows, s, d]`) positions.
+fn pos_rows(table: &Tensor, positions: &Tensor) -> Result<Tensor> {
+    let d = table.dim(1)?;
+    let p = table.index_select(&positions.flatten_all()?, 0)?;
+    Ok(match positions.dims() {
+        [s] => p.reshape((1, *s, d))?,
+        [r, s] => p.reshape((*r, *s, d))?,
+        other => {
+            return Err(Error::invalid(
+                "mock positions",
+                format!("shape {other:?}, expected [s] or [rows, s]"),
+            ))
+        }
+    })
+}
+
 /// 0/1 visibility `[rows, s, past + s]`.
 fn visibility(vis: &Visibility, rows: usize, s: usize, past: usize) -> Result<Tensor> {
     match vis {
@@ -209,8 +225,7 @@ impl Target for MockLm {
             .emb
             .index_select(&tokens.flatten_all()?, 0)?
             .reshape((rows, s, d))?;
-        let p = self.pos.index_select(positions, 0)?.unsqueeze(0)?;
-        let v = e.broadcast_add(&p)?;
+        let v = e.broadcast_add(&pos_rows(&self.pos, positions)?)?;
         let past = cache.len;
         let all = match &cache.v {
             None => v.clone(),
@@ -254,10 +269,7 @@ impl DraftModel for MockDrafter {
             .emb
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((rows, s, d))?;
-        let p = self
-            .pos
-            .index_select(&(positions + 1.0)?, 0)?
-            .unsqueeze(0)?;
+        let p = pos_rows(&self.pos, &(positions + 1.0)?)?;
         let out = ((features * self.feat_scale as f64)? + e)?.broadcast_add(&p)?;
         cache.append(&out)?;
         Ok(out)
