@@ -4,7 +4,6 @@
 set -uo pipefail
 source scripts/gpu/env.sh
 export LANTERN_GRAPH_DEBUG=1
-export LANTERN_GRAPH_DEBUG=1
 xz -dkf "$G/lantern-old.xz" && chmod +x "$G/lantern-old"
 O="$G/lantern-old"
 SECONDS=0
