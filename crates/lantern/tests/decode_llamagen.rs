@@ -351,3 +351,51 @@ fn batched_images_advance_independently() -> Result<()> {
     let d = fixture_drafter(false)?;
     check_independent(&m, &d, &captions()?, &["dynamic"])
 }
+
+/// The fixed-shape path that GPUs replay as CUDA graphs (forced here on the CPU) gives the
+/// tokens of the ordinary forward: AR and speculative decoding with dynamic and static trees,
+/// greedy and sampled LANTERN++, c2i and t2i (caption padding in the full-cache masks), with
+/// batched images advancing independently (holes in the masks).
+#[test]
+fn fixed_shape_path_gives_identical_tokens() -> Result<()> {
+    use lantern::decode::graph_step::force_fixed_shape;
+    let cases = [
+        (
+            c2i()?,
+            fixture_drafter(true)?,
+            Condition::Classes(vec![7, 3, 1]),
+        ),
+        (t2i()?, fixture_drafter(false)?, captions()?),
+    ];
+    let lpp = AcceptConfig {
+        relaxation: Relaxation::LanternPP { k: 4, lambda: 2.0 },
+        ..AcceptConfig::default()
+    };
+    for (m, d, cond) in &cases {
+        let runs = [
+            greedy(4.0),
+            greedy(4.0).with_decoding(spec("dynamic", AcceptConfig::default(), None)?),
+            greedy(4.0).with_decoding(spec("naive_extend_57", AcceptConfig::default(), None)?),
+            greedy(4.0)
+                .with_sampling(SamplingParams::default())
+                .with_decoding(spec("chain:3", lpp, Some(neighbors()?))?),
+        ];
+        for opts in &runs {
+            force_fixed_shape(false);
+            let want = generate(m, Some(d), cond, opts)?;
+            force_fixed_shape(true);
+            let got = generate(m, Some(d), cond, opts);
+            force_fixed_shape(false);
+            let got = got?;
+            assert_eq!(got.tokens, want.tokens, "{:?}", opts.decoding);
+            let steps = |o: &lantern::decode::Output| -> Vec<Vec<usize>> {
+                o.stats
+                    .iter()
+                    .map(|s| s.accepted_per_step.clone())
+                    .collect()
+            };
+            assert_eq!(steps(&got), steps(&want));
+        }
+    }
+    Ok(())
+}

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::cost::{drafter_cost, target_cost, vq_decoder_cost};
 use super::random::random_var_builder;
-use crate::decode::graph_step::{graphs_enabled, GraphStep};
+use crate::decode::graph_step::{graphs_enabled, pad_mask, GraphStep};
 use crate::decode::tree::{DraftKind, DraftTree};
 use crate::models::drafter::{Drafter, DrafterConfig};
 use crate::models::llamagen::{AttnMask, Config, LlamaGen, ModelType};
@@ -361,6 +361,39 @@ fn best_ms(
     Ok(times_ms(device, warmup.max(1), iters, f)?[0])
 }
 
+/// Times the fixed-shape variant of a target step ([`GraphStep`], a CUDA graph on GPUs) at
+/// cache length `p`; returns the median and how it ran.
+fn time_fixed(
+    model: &LlamaGen,
+    cache: &mut crate::cache::KvCache,
+    p: usize,
+    ids: &Tensor,
+    pos: &Tensor,
+    mask: &Tensor,
+    time: &dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<f64>,
+) -> Result<(f64, &'static str)> {
+    let mut step = GraphStep::new(
+        model,
+        ids.dim(0)?,
+        ids.dim(1)?,
+        pos.dims(),
+        cache.max_len(),
+        graphs_enabled(model.device()),
+    )?;
+    let ms = time(&mut || {
+        cache.truncate(p);
+        step.forward(model, cache, ids, pos, mask)?;
+        Ok(())
+    })?;
+    cache.truncate(p);
+    let how = if step.is_captured() {
+        "cuda graph"
+    } else {
+        "fixed shape"
+    };
+    Ok((ms, how))
+}
+
 /// Copy bandwidth in GB/s (read + write bytes), fastest run: the better of an in-place copy into a
 /// preallocated buffer and a fresh `Tensor::copy`.
 fn measure_copy(cfg: &StepBenchConfig, device: &Device) -> Result<f64> {
@@ -508,21 +541,13 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
             })?;
             let (bytes, flops) = target_cost(&tc, b, 1, p, el);
             report.push(format!("decode 1 tok @{p}"), ms, bytes, flops);
-            // the same step with fixed shapes, replayed as a CUDA graph on GPUs (what plain AR
-            // decoding runs there)
-            let mut gcache = model.new_cache(b, p + 1)?;
-            gcache.advance(p);
-            let mut graph = GraphStep::new(&model, &mut gcache, None, graphs_enabled(device))?;
-            let ms = time(&mut || {
-                gcache.truncate(p);
-                graph.step(&model, &mut gcache, &ids, &pos)?;
-                Ok(())
-            })?;
-            let how = if graph.is_captured() {
-                "cuda graph"
-            } else {
-                "fixed shape"
-            };
+            // the same step with fixed shapes, replayed as a CUDA graph on GPUs (what the
+            // decoding loops run there)
+            let mask = pad_mask(
+                &Tensor::zeros((b, 1, 1, p + 1), DType::F32, device)?,
+                cache.max_len(),
+            )?;
+            let (ms, how) = time_fixed(&model, &mut cache, p, &ids, &pos, &mask, &time)?;
             report.push(format!("decode 1 tok @{p} ({how})"), ms, bytes, flops);
         }
         if wants(Step::Verify) {
@@ -539,7 +564,16 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
             })?;
             let (bytes, flops) = target_cost(&tc, b, s, p, el);
             let name = format!("verify {s} tok (depth {}) @{p}", tree.max_depth());
-            report.push(name, ms, bytes, flops);
+            report.push(name.clone(), ms, bytes, flops);
+            let AttnMask::Custom(m) = &mask else {
+                unreachable!("tree masks are custom")
+            };
+            let full = pad_mask(
+                &m.broadcast_as((b, 1, s, p + s))?.contiguous()?,
+                cache.max_len(),
+            )?;
+            let (ms, how) = time_fixed(&model, &mut cache, p, &ids, &pos, &full, &time)?;
+            report.push(format!("{name} ({how})"), ms, bytes, flops);
         }
         if wants(Step::KvCompact) {
             // Accept the root and two drafts (or the deepest path a tiny tree has).
@@ -629,8 +663,8 @@ mod tests {
     fn check_sane(r: &StepReport) {
         assert!(r.copy_gbps.is_finite() && r.copy_gbps > 0.0, "{r}");
         assert!(r.matmul_tflops.is_finite() && r.matmul_tflops > 0.0, "{r}");
-        // decode has two rows: the ordinary step and the fixed-shape (CUDA graph) one
-        assert_eq!(r.rows.len(), Step::ALL.len() + 1, "{r}");
+        // decode and verify have two rows: the ordinary step and the fixed-shape (CUDA graph) one
+        assert_eq!(r.rows.len(), Step::ALL.len() + 2, "{r}");
         assert!(
             r.rows.iter().any(|x| x.name.ends_with("(fixed shape)")),
             "{r}"
@@ -647,7 +681,7 @@ mod tests {
         }
         assert!(r.row(Step::Verify).unwrap().flops > r.row(Step::Decode).unwrap().flops);
         let table = r.to_string();
-        assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 7);
+        assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 8);
     }
 
     #[test]
@@ -672,7 +706,7 @@ mod tests {
             ..tiny(DType::F16)
         };
         let r = run_step_bench(&cfg, &Device::Cpu)?;
-        assert_eq!(r.rows.len(), 5, "{r}");
+        assert_eq!(r.rows.len(), 6, "{r}");
         assert!(r.rows.iter().all(|x| x.measured_ms > 0.0));
         Ok(())
     }

@@ -1,5 +1,5 @@
 //! Plain autoregressive decoding with CFG batch 2 (conditional rows first).
-use super::model::Target;
+use super::model::{Target, Visibility};
 use super::{cfg_row, token_budget, DecodeStats, GenerateOptions, Output};
 use crate::sampling::sample_index;
 use crate::Result;
@@ -46,7 +46,8 @@ pub fn generate_ar<T: Target>(
         let ids = Tensor::from_vec(last, (rows, 1), &device)?;
         let pos = Tensor::new(&[(cls + tokens[0].len() - 1) as u32], &device)?;
         let t = Instant::now();
-        logits = target.ar_step(&ids, &pos, &mut cache)?;
+        let h = target.forward_tokens(&ids, &pos, &Visibility::Causal, &mut cache)?;
+        logits = target.lm_head(&h)?;
         verify_time += t.elapsed().as_secs_f64();
         forwards += 1;
     }

@@ -1,83 +1,88 @@
-//! The one-token decode step as a fixed-shape computation, replayed as a CUDA graph on GPUs.
+//! Target forwards as fixed-shape computations, replayed as CUDA graphs on GPUs.
 //!
-//! A decode step of a 0.8B model at batch 2 is launch-bound: ~1000 small kernels, each costing
-//! more host time than GPU time. Capturing the step once and replaying it removes the host
-//! cost, but a graph replays the same kernels with the same arguments, so everything that
-//! changes from step to step lives in device buffers that are overwritten in place before each
-//! launch: the token ids, the RoPE position, the cache slot the new K/V go to (the cache's
-//! write-slot mode, [`KvCache::set_write_slots`]) and an additive mask over *all* cache slots
-//! (which also carries t2i caption padding). Attention then always spans the whole cache
-//! capacity; the masked slots cost a little compute, no launches.
+//! A decode or tree-verification step of a 0.8B model at batch 2 is launch-bound: ~1000 small
+//! kernels, each costing more host time than GPU time. Capturing a step once and replaying it
+//! removes the host cost, but a graph replays the same kernels with the same arguments, so
+//! everything that changes from call to call lives in device buffers overwritten in place
+//! before each launch: token ids, RoPE positions, the cache slots the new K/V go to (the
+//! cache's write-slot mode, [`KvCache::set_write_slots`]) and an additive mask over *all* cache
+//! slots (which also carries tree structure, holes and caption padding). Attention then always
+//! spans the whole cache capacity; masked slots cost a little compute, no launches.
 //!
-//! On the CPU (and wherever capture is not available) the same fixed-shape step runs eagerly,
-//! which is how the tests check it against the ordinary forward.
+//! One [`GraphStep`] serves one shape (new tokens `s`, position layout); a loop keeps one per
+//! shape it meets ([`GraphSteps`]). The first call of a shape runs eagerly (which also warms
+//! kernels and candle's parameter cache) and then records the graph; later calls replay it.
+//! Where capture is unavailable (CPU) the same fixed-shape path runs eagerly when forced
+//! ([`force_fixed_shape`]), which is how the tests check it against the ordinary forward.
 use crate::cache::KvCache;
-use crate::models::llamagen::{LlamaGen, PAD_NEG};
+use crate::models::llamagen::LlamaGen;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
-/// A captured (or eager) one-token step of [`LlamaGen`] over one [`KvCache`].
+/// Graph replay of target steps is used on CUDA devices unless the environment sets
+/// `LANTERN_CUDA_GRAPHS=0`.
+pub fn graphs_enabled(device: &Device) -> bool {
+    device.is_cuda() && std::env::var("LANTERN_CUDA_GRAPHS").map_or(true, |v| v != "0")
+}
+
+thread_local! {
+    static FORCE_FIXED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes this thread's target forwards take the fixed-shape path even where no graph can be
+/// captured (the CPU), so that tests exercise what GPUs replay.
+pub fn force_fixed_shape(on: bool) {
+    FORCE_FIXED.with(|f| f.set(on));
+}
+
+/// Whether target forwards on `device` take the fixed-shape path (graphs enabled there, or
+/// forced by [`force_fixed_shape`]).
+pub fn fixed_shape_path(device: &Device) -> bool {
+    graphs_enabled(device) || FORCE_FIXED.with(|f| f.get())
+}
+
+/// A fixed-shape forward of `s` new tokens per row: embedding, all blocks, final norm.
 pub struct GraphStep {
     ids: Tensor,
     pos: Tensor,
+    /// Cache slots of the block, `[s]` u32 (`len .. len + s`).
+    slots: Tensor,
     mask: Tensor,
-    logits: Tensor,
-    /// Key padding per row for the first `pad.len() / rows` slots (t2i captions).
-    pad: Vec<f32>,
-    rows: usize,
-    max_len: usize,
+    hidden: Tensor,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    capture: bool,
     #[cfg(feature = "cuda")]
     graph: Option<candle_core::cuda_backend::cudarc::driver::CudaGraph>,
 }
 
 impl GraphStep {
-    /// Puts `cache` (already holding the prefix) into its write-slot mode and prepares the
-    /// step; on a CUDA device with `capture`, records it as a graph (one eager warm-up run
-    /// first, which writes nothing that the next real step does not overwrite).
-    ///
-    /// `caption_valid` (`[rows, n_cap]`, 1 = valid) adds t2i key padding to the mask.
+    /// Buffers for `rows` rows of `s` tokens at positions shaped `pos_dims` (`[s]` or
+    /// `[rows, s]`) over a cache of `max_len` slots; `capture` records a CUDA graph on the
+    /// first call (on CUDA devices).
     pub fn new(
         model: &LlamaGen,
-        cache: &mut KvCache,
-        caption_valid: Option<&Tensor>,
+        rows: usize,
+        s: usize,
+        pos_dims: &[usize],
+        max_len: usize,
         capture: bool,
     ) -> Result<Self> {
         let dev = model.device().clone();
-        let rows = cache.batch();
-        let max_len = cache.max_len();
-        let pad = match caption_valid {
-            Some(v) => v
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?
-                .into_iter()
-                .flatten()
-                .map(|x| if x > 0.5 { 0.0 } else { PAD_NEG })
-                .collect(),
-            None => Vec::new(),
-        };
-        if !pad.is_empty() && pad.len() % rows != 0 {
-            return Err(Error::invalid(
-                "caption mask",
-                format!("{} entries for {rows} rows (internal error)", pad.len()),
-            ));
-        }
-        let slot = Tensor::zeros(1, DType::U32, &dev)?;
-        cache.set_write_slots(Some(&slot))?;
-        let mut step = Self {
-            ids: Tensor::zeros((rows, 1), DType::U32, &dev)?,
-            pos: Tensor::zeros(1, DType::U32, &dev)?,
-            mask: Tensor::zeros((rows, 1, 1, max_len), DType::F32, &dev)?,
-            logits: Tensor::zeros((rows, 1, model.config().vocab_size), DType::F32, &dev)?,
-            pad,
-            rows,
-            max_len,
+        Ok(Self {
+            ids: Tensor::zeros((rows, s), DType::U32, &dev)?,
+            pos: Tensor::zeros(pos_dims, DType::U32, &dev)?,
+            slots: Tensor::zeros(s, DType::U32, &dev)?,
+            mask: Tensor::zeros((rows, 1, s, max_len), DType::F32, &dev)?,
+            hidden: Tensor::zeros((rows, s, model.config().dim), model.dtype(), &dev)?,
+            capture,
             #[cfg(feature = "cuda")]
             graph: None,
-        };
-        if capture {
-            step.capture(model, cache)?;
-        }
-        Ok(step)
+        })
+    }
+
+    /// Whether this step fits a call of these shapes.
+    pub fn fits(&self, ids: &[usize], pos: &[usize], max_len: usize) -> bool {
+        self.ids.dims() == ids && self.pos.dims() == pos && self.mask.dim(3).ok() == Some(max_len)
     }
 
     /// Whether the step replays a captured CUDA graph.
@@ -92,151 +97,185 @@ impl GraphStep {
         }
     }
 
-    /// The fixed-shape computation: reads the input buffers, writes K/V at the slot and the
-    /// logits into the output buffer. Every temporary is dropped before it returns (so that a
-    /// captured graph frees what it allocates).
+    /// The fixed-shape computation over the input buffers; every temporary (the expanded slot
+    /// index included) is dropped before it returns, so a captured graph frees what it
+    /// allocates.
     fn run(&self, model: &LlamaGen, cache: &mut KvCache) -> Result<()> {
+        cache.set_write_slots(Some(&self.slots))?;
         let x = model.embed_tokens(&self.ids)?;
-        let h = model.forward_fixed(&x, &self.pos, &self.mask, cache)?;
-        let l = model.lm_head(&h)?;
-        self.logits.slice_set(&l, 0, 0)?;
+        let h = model.forward_fixed(&x, &self.pos, &self.mask, cache);
+        cache.set_write_slots(None)?;
+        self.hidden.slice_set(&h?, 0, 0)?;
         Ok(())
     }
 
+    /// Runs `ids` `[rows, s]` at RoPE rows `pos` under the full-cache additive `mask`
+    /// (`[rows, 1, s, max_len]` f32), writing K/V at slots `cache.len() ..`; returns the
+    /// post-norm hidden `[rows, s, dim]` and advances the cache length by `s`.
+    pub fn forward(
+        &mut self,
+        model: &LlamaGen,
+        cache: &mut KvCache,
+        ids: &Tensor,
+        pos: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let s = self.slots.dim(0)?;
+        let len = cache.len();
+        if !self.fits(ids.dims(), pos.dims(), cache.max_len())
+            || mask.dims() != self.mask.dims()
+            || len + s > cache.max_len()
+        {
+            return Err(Error::invalid(
+                "fixed-shape step",
+                format!(
+                    "ids {:?}, positions {:?}, mask {:?} at length {len} do not fit buffers {:?}/{:?}/{:?} (internal error)",
+                    ids.dims(),
+                    pos.dims(),
+                    mask.dims(),
+                    self.ids.dims(),
+                    self.pos.dims(),
+                    self.mask.dims()
+                ),
+            ));
+        }
+        let dev = self.ids.device().clone();
+        self.ids.slice_set(&ids.to_dtype(DType::U32)?, 0, 0)?;
+        self.pos.slice_set(&pos.to_dtype(DType::U32)?, 0, 0)?;
+        self.slots
+            .slice_set(&Tensor::arange(len as u32, (len + s) as u32, &dev)?, 0, 0)?;
+        self.mask.slice_set(&mask.to_dtype(DType::F32)?, 0, 0)?;
+        self.launch(model, cache)?;
+        cache.advance(s);
+        Ok(self.hidden.copy()?)
+    }
+
     #[cfg(feature = "cuda")]
-    fn capture(&mut self, model: &LlamaGen, cache: &mut KvCache) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::sys;
+    fn launch(&mut self, model: &LlamaGen, cache: &mut KvCache) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::{sys, DriverError};
+        let wrap = |e: DriverError| {
+            Error::invalid(
+                "CUDA graph",
+                format!("{e:?}; run with LANTERN_CUDA_GRAPHS=0 to decode without graphs"),
+            )
+        };
+        if let Some(g) = &self.graph {
+            return g.launch().map_err(wrap);
+        }
         let Device::Cuda(cuda) = model.device() else {
-            return Ok(());
+            return self.run(model, cache);
         };
-        let debug = std::env::var("LANTERN_GRAPH_DEBUG").is_ok();
-        let say = |what: &str| {
-            if debug {
-                eprintln!("[graph] {what}");
-            }
-        };
-        // candle uploads the dims/strides of every strided op from host memory; with this
-        // guard the warm-up caches those uploads on the device and the capture reuses them (a
-        // captured upload would read freed host memory on replay)
+        if !self.capture {
+            return self.run(model, cache);
+        }
+        // candle uploads the dims/strides of strided ops from host memory; with this guard the
+        // eager run caches them on the device and the capture reuses them (a captured upload
+        // would read freed host memory when replayed)
         let _htod_cache = cuda.enable_cuda_graph_htod_cache();
-        // warm-up: also loads every kernel module and the cuBLAS workspace outside the capture
-        say("warm-up run");
+        // the eager run computes this call's result and loads kernels and cuBLAS workspaces
         self.run(model, cache)?;
         model.device().synchronize()?;
         let stream = cuda.cuda_stream();
-        let wrap = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
-            Error::invalid(
-                "CUDA graph",
-                format!("{e:?}; run with LANTERN_CUDA_GRAPHS=0"),
-            )
-        };
-        let mode = match std::env::var("LANTERN_GRAPH_MODE").as_deref() {
-            Ok("global") => sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
-            Ok("thread") => sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-            _ => sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
-        };
-        let flags = if std::env::var("LANTERN_GRAPH_AUTOFREE").as_deref() == Ok("0") {
-            sys::CUgraphInstantiate_flags(0)
-        } else {
-            sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH
-        };
-        say(&format!("begin capture {mode:?}, flags {flags:?}"));
-        stream.begin_capture(mode).map_err(wrap)?;
-        say("capturing");
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(wrap)?;
+        // recorded, not executed: the cache is not written twice
         let ran = self.run(model, cache);
-        say(&format!("captured run: {:?}", ran.as_ref().err()));
-        let graph = stream.end_capture(flags).map_err(wrap);
-        say(&format!("end capture: {:?}", graph.as_ref().map(|g| g.is_some())));
-        let graph = graph?;
+        let graph = stream
+            .end_capture(
+                sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+            )
+            .map_err(wrap)?;
         ran?;
         if let Some(g) = &graph {
             g.upload().map_err(wrap)?;
-            say("uploaded");
+        }
+        if std::env::var("LANTERN_GRAPH_DEBUG").is_ok() {
+            eprintln!(
+                "[graph] captured {:?} tokens, positions {:?}: {}",
+                self.ids.dims(),
+                self.pos.dims(),
+                graph.is_some()
+            );
         }
         self.graph = graph;
         Ok(())
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn capture(&mut self, _model: &LlamaGen, _cache: &mut KvCache) -> Result<()> {
-        Ok(())
-    }
-
-    /// One step: tokens `ids` `[rows, 1]` u32 at RoPE row `pos` `[1]` u32 (device tensors),
-    /// written to cache slot `cache.len()` (the cache must hold its prefix in slots `0..len`);
-    /// returns the f32 logits `[rows, 1, vocab]` (a view of the output buffer: read it before
-    /// the next step) and advances the cache length by one.
-    pub fn step(
-        &mut self,
-        model: &LlamaGen,
-        cache: &mut KvCache,
-        ids: &Tensor,
-        pos: &Tensor,
-    ) -> Result<Tensor> {
-        let dev = self.ids.device().clone();
-        let slot = cache.len();
-        if ids.dims() != [self.rows, 1] || pos.dims() != [1] || slot >= self.max_len {
-            return Err(Error::invalid(
-                "decode step",
-                format!(
-                    "ids {:?} / position {:?} for {} rows at slot {slot} of {} (internal error)",
-                    ids.dims(),
-                    pos.dims(),
-                    self.rows,
-                    self.max_len
-                ),
-            ));
-        }
-        let idx = cache
-            .write_slots()
-            .ok_or_else(|| Error::invalid("KV cache", "not in write-slot mode (internal error)"))?;
-        idx.slice_set(
-            &Tensor::from_vec(vec![slot as u32; idx.elem_count()], idx.dims(), &dev)?,
-            0,
-            0,
-        )?;
-        self.ids.slice_set(&ids.to_dtype(DType::U32)?, 0, 0)?;
-        self.pos.slice_set(&pos.to_dtype(DType::U32)?, 0, 0)?;
-        let n_pad = self.pad.len() / self.rows.max(1);
-        let mut mask = vec![f32::NEG_INFINITY; self.rows * self.max_len];
-        for (r, row) in mask.chunks_mut(self.max_len).enumerate() {
-            row[..=slot].iter_mut().for_each(|x| *x = 0.0);
-            let n = n_pad.min(slot + 1);
-            row[..n].copy_from_slice(&self.pad[r * n_pad..r * n_pad + n]);
-        }
-        self.mask.slice_set(
-            &Tensor::from_vec(mask, (self.rows, 1, 1, self.max_len), &dev)?,
-            0,
-            0,
-        )?;
-        self.launch(model, cache)?;
-        cache.advance(1);
-        Ok(self.logits.clone())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn launch(&self, model: &LlamaGen, cache: &mut KvCache) -> Result<()> {
-        match &self.graph {
-            Some(g) => g.launch().map_err(|e| {
-                Error::invalid(
-                    "CUDA graph",
-                    format!("{e:?}; run with LANTERN_CUDA_GRAPHS=0"),
-                )
-            }),
-            None => self.run(model, cache),
-        }
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    fn launch(&self, model: &LlamaGen, cache: &mut KvCache) -> Result<()> {
+    fn launch(&mut self, model: &LlamaGen, cache: &mut KvCache) -> Result<()> {
         self.run(model, cache)
     }
 }
 
-/// Whether decoding loops should capture CUDA graphs on `device` (CUDA, unless the environment
-/// sets `LANTERN_CUDA_GRAPHS=0`).
-pub fn graphs_enabled(device: &Device) -> bool {
-    device.is_cuda() && std::env::var("LANTERN_CUDA_GRAPHS").map_or(true, |v| v != "0")
+/// The graph steps of one generation, one per shape met (at most [`MAX_GRAPH_SHAPES`];
+/// further shapes run the ordinary forward).
+#[derive(Default)]
+pub struct GraphSteps {
+    steps: Vec<GraphStep>,
+}
+
+/// Shapes kept per generation before falling back to the ordinary forward.
+pub const MAX_GRAPH_SHAPES: usize = 24;
+
+impl GraphSteps {
+    /// The step for these shapes, created (not yet captured) if there is room.
+    pub fn get(
+        &mut self,
+        model: &LlamaGen,
+        ids: &[usize],
+        pos: &[usize],
+        max_len: usize,
+        capture: bool,
+    ) -> Result<Option<&mut GraphStep>> {
+        let i = match self.steps.iter().position(|g| g.fits(ids, pos, max_len)) {
+            Some(i) => i,
+            None if self.steps.len() < MAX_GRAPH_SHAPES && ids.len() == 2 => {
+                self.steps.push(GraphStep::new(
+                    model, ids[0], ids[1], pos, max_len, capture,
+                )?);
+                self.steps.len() - 1
+            }
+            None => return Ok(None),
+        };
+        Ok(self.steps.get_mut(i))
+    }
+
+    /// Number of shapes held and how many of them replay a captured graph.
+    pub fn counts(&self) -> (usize, usize) {
+        (
+            self.steps.len(),
+            self.steps.iter().filter(|g| g.is_captured()).count(),
+        )
+    }
+}
+
+impl std::fmt::Debug for GraphSteps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (n, c) = self.counts();
+        write!(f, "GraphSteps({n} shapes, {c} captured)")
+    }
+}
+
+/// Pads an additive mask `[rows, 1, s, keys]` with hidden (`-inf`) columns to `max_len` keys.
+pub fn pad_mask(mask: &Tensor, max_len: usize) -> Result<Tensor> {
+    let (rows, one, s, keys) = mask.dims4()?;
+    if keys > max_len {
+        return Err(Error::invalid(
+            "attention mask",
+            format!("{keys} keys exceed the cache's {max_len} slots (internal error)"),
+        ));
+    }
+    let mask = mask.to_dtype(DType::F32)?;
+    if keys == max_len {
+        return Ok(mask);
+    }
+    let hidden = Tensor::full(
+        f32::NEG_INFINITY,
+        (rows, one, s, max_len - keys),
+        mask.device(),
+    )?;
+    Ok(Tensor::cat(&[&mask, &hidden], 3)?)
 }
 
 #[cfg(test)]
@@ -244,10 +283,13 @@ mod tests {
     use super::*;
     use crate::bench::random::random_var_builder;
     use crate::bench::steps::StepPreset;
-    use crate::models::llamagen::{caption_mask, AttnMask, Condition};
+    use crate::models::llamagen::{
+        caption_mask, causal_mask, key_padding_mask, AttnMask, Condition,
+    };
 
-    /// The fixed-shape step (eager here) reproduces the ordinary cached forward token by
-    /// token, with and without key padding, and leaves the cache usable by the ordinary path.
+    /// The fixed-shape step (eager here) reproduces the ordinary cached forward, for one token
+    /// and for a block with a tree mask and per-row positions, with and without key padding,
+    /// and leaves the cache usable by the ordinary path.
     #[test]
     fn fixed_step_matches_forward() -> Result<()> {
         let dev = Device::Cpu;
@@ -256,42 +298,78 @@ mod tests {
         let cls = cfg.cls_token_num;
         let cond = model.embed_condition(&Condition::Classes(vec![1, 2]))?;
         let prefix_pos = Tensor::arange(0u32, cls as u32, &dev)?;
+        let max_len = cls + 12;
         for padded in [false, true] {
             // padding: row 0 may not see the condition position
             let valid = Tensor::new(&[[0f32], [1.]], &dev)?;
             let valid = padded.then_some(&valid);
-            let mask = |s: usize, past: usize| -> Result<AttnMask> {
+            let mask = |s: usize, past: usize| -> Result<Tensor> {
                 Ok(match valid {
-                    Some(v) => AttnMask::Custom(caption_mask(v, s, past, &dev)?),
-                    None => AttnMask::Causal,
+                    Some(v) => caption_mask(v, s, past, &dev)?,
+                    None => causal_mask(s, past, &dev)?
+                        .unsqueeze(0)?
+                        .unsqueeze(0)?
+                        .repeat((2, 1, 1, 1))?,
                 })
             };
-            let mut a = model.new_cache(2, cls + 8)?;
-            let mut b = model.new_cache(2, cls + 8)?;
-            model.forward(&cond, &prefix_pos, &mask(cls, 0)?, &mut a)?;
-            model.forward(&cond, &prefix_pos, &mask(cls, 0)?, &mut b)?;
-            let mut step = GraphStep::new(&model, &mut b, valid, true)?;
-            assert!(!step.is_captured());
-            for t in 0..5u32 {
-                let ids = [3 + t, 7 * t % 5];
-                let pos = cls as u32 + t;
-                let ids_t = Tensor::new(&[[ids[0]], [ids[1]]], &dev)?;
-                let x = model.embed_tokens(&ids_t)?;
+            let mut a = model.new_cache(2, max_len)?;
+            let mut b = model.new_cache(2, max_len)?;
+            let m0 = AttnMask::Custom(mask(cls, 0)?);
+            model.forward(&cond, &prefix_pos, &m0, &mut a)?;
+            model.forward(&cond, &prefix_pos, &m0, &mut b)?;
+            let mut steps = GraphSteps::default();
+            for t in 0..4u32 {
+                let ids = Tensor::new(&[[3 + t], [7 * t % 5]], &dev)?;
                 let past = a.len();
-                let p = Tensor::new(&[pos], &dev)?;
-                let h = model.forward(&x, &p, &mask(1, past)?, &mut a)?;
-                let want = model.lm_head(&h)?;
-                let got = step.step(&model, &mut b, &ids_t, &p)?;
+                let p = Tensor::new(&[past as u32], &dev)?;
+                let m = mask(1, past)?;
+                let x = model.embed_tokens(&ids)?;
+                let want = model.forward(&x, &p, &AttnMask::Custom(m.clone()), &mut a)?;
+                let g = steps
+                    .get(&model, ids.dims(), p.dims(), max_len, true)?
+                    .expect("room for the shape");
+                let got = g.forward(&model, &mut b, &ids, &p, &pad_mask(&m, max_len)?)?;
                 let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(diff < 1e-4, "padded {padded}, step {t}: {diff}");
             }
+            // a 3-token tree block (root, two children) with per-row positions
+            let past = a.len() as u32;
+            let ids = Tensor::new(&[[1u32, 2, 3], [4, 5, 6]], &dev)?;
+            let row = [past, past + 1, past + 1];
+            let p = Tensor::new(&[row, row], &dev)?;
+            let past = past as usize;
+            let tree: Vec<f32> = (0..3)
+                .flat_map(|i| {
+                    (0..past + 3).map(move |j| {
+                        if j <= past || j == past + i {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            let m = Tensor::from_vec(tree, (1, 1, 3, past + 3), &dev)?.repeat((2, 1, 1, 1))?;
+            let m = match valid {
+                Some(v) => m.broadcast_add(&key_padding_mask(v, past + 3)?)?,
+                None => m,
+            };
+            let x = model.embed_tokens(&ids)?;
+            let want = model.forward(&x, &p, &AttnMask::Custom(m.clone()), &mut a)?;
+            let g = steps
+                .get(&model, ids.dims(), p.dims(), max_len, true)?
+                .expect("room for the shape");
+            let got = g.forward(&model, &mut b, &ids, &p, &pad_mask(&m, max_len)?)?;
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "padded {padded}, tree block: {diff}");
+            assert_eq!(steps.counts(), (2, 0));
+            // the ordinary path continues on the same cache
             assert_eq!(a.len(), b.len());
-            b.set_write_slots(None)?;
             let x = model.embed_tokens(&Tensor::new(&[[1u32], [2]], &dev)?)?;
-            let p = Tensor::new(&[(cls + 5) as u32], &dev)?;
-            let past = a.len();
-            let ha = model.forward(&x, &p, &mask(1, past)?, &mut a)?;
-            let hb = model.forward(&x, &p, &mask(1, past)?, &mut b)?;
+            let p = Tensor::new(&[a.len() as u32], &dev)?;
+            let m = AttnMask::Custom(mask(1, a.len())?);
+            let ha = model.forward(&x, &p, &m, &mut a)?;
+            let hb = model.forward(&x, &p, &m, &mut b)?;
             let diff = (ha - hb)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "{diff}");
         }

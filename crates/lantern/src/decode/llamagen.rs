@@ -14,13 +14,13 @@
 //! - Positions past a model's RoPE table (tree nodes beyond the last image token, which are
 //!   never committed) reuse a fixed row: the target's condition row 0 (zero rotation), the
 //!   drafter's last extra row (zero) or, without extra rows, its row 0.
-use super::graph_step::{graphs_enabled, GraphStep};
+use super::graph_step::{fixed_shape_path, graphs_enabled, pad_mask, GraphSteps};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::{GenerateOptions, Output};
 use crate::cache::KvCache;
 use crate::models::drafter::Drafter;
 use crate::models::llamagen::{
-    caption_mask, key_padding_mask, AttnMask, Condition, LlamaGen, ModelType,
+    caption_mask, causal_mask, key_padding_mask, AttnMask, Condition, LlamaGen, ModelType,
 };
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -47,8 +47,8 @@ pub struct LlamaGenCache {
     kv: KvCache,
     /// `[rows, cls_token_num]` f32, 1 = valid caption position (t2i only).
     valid: Option<Tensor>,
-    /// The AR step as a CUDA graph (created by the first [`Target::ar_step`] on a GPU).
-    graph: Option<GraphStep>,
+    /// Target steps as CUDA graphs, one per shape (on GPUs; see [`GraphSteps`]).
+    graphs: GraphSteps,
 }
 
 impl std::fmt::Debug for LlamaGenCache {
@@ -56,7 +56,7 @@ impl std::fmt::Debug for LlamaGenCache {
         f.debug_struct("LlamaGenCache")
             .field("kv", &self.kv)
             .field("valid", &self.valid)
-            .field("graph", &self.graph.as_ref().map(|g| g.is_captured()))
+            .field("graphs", &self.graphs)
             .finish()
     }
 }
@@ -143,7 +143,7 @@ impl Target for LlamaGen {
         Ok(LlamaGenCache {
             kv: LlamaGen::new_cache(self, rows, max_len)?,
             valid: None,
-            graph: None,
+            graphs: GraphSteps::default(),
         })
     }
 
@@ -235,10 +235,6 @@ impl Target for LlamaGen {
         cache: &mut LlamaGenCache,
     ) -> Result<Tensor> {
         let (rows, s) = tokens.dims2()?;
-        if cache.graph.take().is_some() {
-            // leave the captured AR step's fixed-shape mode
-            cache.kv.set_write_slots(None)?;
-        }
         if let Some(v) = &cache.valid {
             if v.dim(0)? != rows {
                 return Err(Error::invalid(
@@ -251,35 +247,35 @@ impl Target for LlamaGen {
             }
         }
         let dev = self.device().clone();
-        let mask = attn_mask(vis, s, cache.kv.len(), cache.valid.as_ref(), &dev)?;
+        let past = cache.kv.len();
+        let mask = attn_mask(vis, s, past, cache.valid.as_ref(), &dev)?;
         // The condition rows (cls >= 1) have zero rotation: row 0 serves past-the-table nodes.
         let pos = clamp_positions(positions, self.config().rope_rows(), 0)?;
+        if past > 0 && fixed_shape_path(&dev) {
+            let max_len = cache.kv.max_len();
+            if let Some(g) = cache.graphs.get(
+                self,
+                tokens.dims(),
+                pos.dims(),
+                max_len,
+                graphs_enabled(&dev),
+            )? {
+                let full = match &mask {
+                    AttnMask::Custom(m) => m.broadcast_as((rows, 1, s, past + s))?,
+                    AttnMask::Causal => causal_mask(s, past, &dev)?
+                        .reshape((1, 1, s, past + s))?
+                        .broadcast_as((rows, 1, s, past + s))?,
+                };
+                let full = pad_mask(&full.contiguous()?, max_len)?;
+                return g.forward(self, &mut cache.kv, tokens, &pos, &full);
+            }
+        }
         let x = self.embed_tokens(tokens)?;
         self.forward(&x, &pos, &mask, &mut cache.kv)
     }
 
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         LlamaGen::lm_head(self, hidden)
-    }
-
-    /// On a GPU (unless `LANTERN_CUDA_GRAPHS=0`) the step is captured once as a CUDA graph
-    /// ([`GraphStep`]) and replayed; elsewhere it is the ordinary forward.
-    fn ar_step(&self, ids: &Tensor, pos: &Tensor, cache: &mut LlamaGenCache) -> Result<Tensor> {
-        if cache.graph.is_none() && graphs_enabled(self.device()) {
-            cache.graph = Some(GraphStep::new(
-                self,
-                &mut cache.kv,
-                cache.valid.as_ref(),
-                true,
-            )?);
-        }
-        match &mut cache.graph {
-            Some(g) => g.step(self, &mut cache.kv, ids, pos),
-            None => {
-                let h = self.forward_tokens(ids, pos, &Visibility::Causal, cache)?;
-                LlamaGen::lm_head(self, &h)
-            }
-        }
     }
 }
 

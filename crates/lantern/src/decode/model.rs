@@ -75,14 +75,6 @@ pub trait Target {
     ) -> Result<Tensor>;
     /// Output head: `[.., d]` hidden to f32 logits `[.., vocab]`.
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor>;
-
-    /// One plain AR step: tokens `ids` `[rows, 1]` at the position `pos` `[1]`, causal over
-    /// the cache; returns f32 logits `[rows, 1, vocab]`. Models may replace this with a faster
-    /// fixed-shape path (LlamaGen: a CUDA graph on GPUs).
-    fn ar_step(&self, ids: &Tensor, pos: &Tensor, cache: &mut Self::Cache) -> Result<Tensor> {
-        let h = self.forward_tokens(ids, pos, &Visibility::Causal, cache)?;
-        self.lm_head(&h)
-    }
 }
 
 /// An EAGLE-style drafter: consumes (target feature, next token) pairs and predicts the next
