@@ -5,12 +5,13 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
-/// Per-layer K and V buffers `[b, n_kv_head, max_len, head_dim]` plus the filled length,
-/// shared by all layers.
+/// K and V buffers of all layers, `[n_layer, b, n_kv_head, max_len, head_dim]` each (one
+/// tensor, so that compaction is a handful of kernels for the whole model, not a few per
+/// layer), plus the filled length shared by all layers.
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    k: Tensor,
+    v: Tensor,
     len: usize,
     max_len: usize,
     /// Fixed-shape mode: device-side slot of every new entry, expanded to
@@ -29,13 +30,9 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let shape = (b, n_kv_head, max_len, head_dim);
-        let mut k = Vec::with_capacity(n_layer);
-        let mut v = Vec::with_capacity(n_layer);
-        for _ in 0..n_layer {
-            k.push(Tensor::zeros(shape, dtype, device)?);
-            v.push(Tensor::zeros(shape, dtype, device)?);
-        }
+        let shape = (n_layer, b, n_kv_head, max_len, head_dim);
+        let k = Tensor::zeros(shape, dtype, device)?;
+        let v = Tensor::zeros(shape, dtype, device)?;
         Ok(Self {
             k,
             v,
@@ -67,11 +64,7 @@ impl KvCache {
 
     /// `[s]` or `[b, s]` slots to the `[b, n_kv_head, s, head_dim]` u32 scatter index.
     pub fn expand_slots(&self, slots: &Tensor) -> Result<Tensor> {
-        let (b, h, _, d) = self
-            .k
-            .first()
-            .ok_or_else(|| Error::invalid("KV cache", "no layers"))?
-            .dims4()?;
+        let (_, b, h, _, d) = self.k.dims5()?;
         let t = slots.to_dtype(DType::U32)?;
         let t = match t.rank() {
             1 => t.reshape((1, 1, t.dim(0)?, 1))?,
@@ -104,12 +97,12 @@ impl KvCache {
 
     /// Number of layers.
     pub fn n_layer(&self) -> usize {
-        self.k.len()
+        self.k.dim(0).unwrap_or(0)
     }
 
     /// Batch size the cache was allocated for.
     pub fn batch(&self) -> usize {
-        self.k.first().and_then(|t| t.dim(0).ok()).unwrap_or(0)
+        self.k.dim(1).unwrap_or(0)
     }
 
     /// Forgets everything after the first `len` positions (no copy).
@@ -134,16 +127,16 @@ impl KvCache {
                 ),
             ));
         }
-        let dev = self.k[0].device().clone();
+        let dev = self.k.device().clone();
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx = Tensor::from_vec(idx, rows.len(), &dev)?;
-        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+        for t in [&self.k, &self.v] {
             // Copy only the block (index_select needs a contiguous source).
             let block = t
-                .narrow(2, start, max_row + 1)?
+                .narrow(3, start, max_row + 1)?
                 .contiguous()?
-                .index_select(&idx, 2)?;
-            t.slice_set(&block, 2, start)?;
+                .index_select(&idx, 3)?;
+            t.slice_set(&block, 3, start)?;
         }
         self.len = start + rows.len();
         Ok(())
@@ -187,15 +180,16 @@ impl KvCache {
                 ),
             ));
         }
-        let dev = self.k[0].device().clone();
+        let dev = self.k.device().clone();
         let idx: Vec<u32> = rows.iter().flatten().map(|&r| r as u32).collect();
-        let idx = Tensor::from_vec(idx, (b, 1, m, 1), &dev)?;
-        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let (_, h, _, d) = t.dims4()?;
-            let block = t.narrow(2, start, max_row + 1)?.contiguous()?;
-            let ix = idx.broadcast_as((b, h, m, d))?.contiguous()?;
-            let kept = block.gather(&ix, 2)?;
-            t.slice_set(&kept, 2, start)?;
+        let (n_layer, _, h, _, d) = self.k.dims5()?;
+        let ix = Tensor::from_vec(idx, (1, b, 1, m, 1), &dev)?
+            .broadcast_as((n_layer, b, h, m, d))?
+            .contiguous()?;
+        for t in [&self.k, &self.v] {
+            let block = t.narrow(3, start, max_row + 1)?.contiguous()?;
+            let kept = block.gather(&ix, 3)?;
+            t.slice_set(&kept, 3, start)?;
         }
         self.len = start + m;
         Ok(())
@@ -217,10 +211,10 @@ impl KvCache {
                 ),
             ));
         }
-        let (ck, cv) = match (self.k.get(layer), self.v.get(layer)) {
-            (Some(ck), Some(cv)) => (ck, cv),
-            _ => return Err(Error::invalid("KV cache", format!("no layer {layer}"))),
-        };
+        if layer >= self.n_layer() {
+            return Err(Error::invalid("KV cache", format!("no layer {layer}")));
+        }
+        let (ck, cv) = (&self.k.get(layer)?, &self.v.get(layer)?);
         if k.dims()[..2] != ck.dims()[..2] {
             return Err(Error::invalid(
                 "KV cache",
@@ -281,9 +275,9 @@ mod tests {
         let mut c = filled(6)?;
         c.keep(2, &[0, 3])?; // positions 2 and 5 -> 2 and 3
         assert_eq!(c.len(), 4);
-        let k = c.k[1].narrow(2, 0, 4)?.flatten_all()?.to_vec1::<f32>()?;
+        let k = c.k.get(1)?.narrow(2, 0, 4)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(k, vec![0., 1., 2., 3., 4., 5., 10., 11.]);
-        let v = c.v[0].narrow(2, 3, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = c.v.get(0)?.narrow(2, 3, 1)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(v, vec![110., 111.]);
         assert!(c.keep(2, &[5]).is_err());
         c.truncate(1);
@@ -301,7 +295,7 @@ mod tests {
         c.advance(5);
         c.keep(1, &[3, 1])?;
         assert_eq!(c.len(), 3);
-        let got = c.k[0].narrow(2, 0, 3)?;
+        let got = c.k.get(0)?.narrow(2, 0, 3)?;
         let idx = Tensor::new(&[0u32, 4, 2], &dev)?;
         let want = t.index_select(&idx, 2)?;
         let diff = (got - want)?.abs()?.sum_all()?.to_scalar::<f32>()?;
@@ -318,11 +312,11 @@ mod tests {
         c.advance(5);
         c.keep_rows(1, &[vec![0, 3], vec![2, 1]])?;
         assert_eq!(c.len(), 3);
-        let k = c.k[0].narrow(2, 0, 3)?.flatten_all()?.to_vec1::<f32>()?;
+        let k = c.k.get(0)?.narrow(2, 0, 3)?.flatten_all()?.to_vec1::<f32>()?;
         // row 0 keeps positions 0, 1, 4; row 1 keeps 0, 3, 2 (two heads each)
         let want = [0., 1., 4., 5., 6., 9., 10., 13., 12., 15., 18., 17.];
         assert_eq!(k, want);
-        let v = c.v[0].i((1, 1, 1, 0))?.to_scalar::<f32>()?;
+        let v = c.v.get(0)?.i((1, 1, 1, 0))?.to_scalar::<f32>()?;
         assert_eq!(v, 118.);
         assert!(c.keep_rows(0, &[vec![0], vec![0, 1]]).is_err());
         assert!(c.keep_rows(0, &[vec![9], vec![0]]).is_err());
