@@ -275,9 +275,17 @@ mod tests {
         let mut c = filled(6)?;
         c.keep(2, &[0, 3])?; // positions 2 and 5 -> 2 and 3
         assert_eq!(c.len(), 4);
-        let k = c.k.get(1)?.narrow(2, 0, 4)?.flatten_all()?.to_vec1::<f32>()?;
+        let k =
+            c.k.get(1)?
+                .narrow(2, 0, 4)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
         assert_eq!(k, vec![0., 1., 2., 3., 4., 5., 10., 11.]);
-        let v = c.v.get(0)?.narrow(2, 3, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        let v =
+            c.v.get(0)?
+                .narrow(2, 3, 1)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
         assert_eq!(v, vec![110., 111.]);
         assert!(c.keep(2, &[5]).is_err());
         c.truncate(1);
@@ -312,7 +320,11 @@ mod tests {
         c.advance(5);
         c.keep_rows(1, &[vec![0, 3], vec![2, 1]])?;
         assert_eq!(c.len(), 3);
-        let k = c.k.get(0)?.narrow(2, 0, 3)?.flatten_all()?.to_vec1::<f32>()?;
+        let k =
+            c.k.get(0)?
+                .narrow(2, 0, 3)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
         // row 0 keeps positions 0, 1, 4; row 1 keeps 0, 3, 2 (two heads each)
         let want = [0., 1., 4., 5., 6., 9., 10., 13., 12., 15., 18., 17.];
         assert_eq!(k, want);

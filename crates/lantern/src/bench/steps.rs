@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::cost::{drafter_cost, target_cost, vq_decoder_cost};
 use super::random::random_var_builder;
-use crate::decode::graph_step::{graphs_enabled, pad_mask, GraphStep};
+use crate::decode::graph_step::{graphs_enabled, pad_mask, FixedForward, GraphStep};
 use crate::decode::tree::{DraftKind, DraftTree};
 use crate::models::drafter::{Drafter, DrafterConfig};
 use crate::models::llamagen::{AttnMask, Config, LlamaGen, ModelType};
@@ -363,11 +363,13 @@ fn best_ms(
 
 /// Times the fixed-shape variant of a target step ([`GraphStep`], a CUDA graph on GPUs) at
 /// cache length `p`; returns the median and how it ran.
+#[allow(clippy::too_many_arguments)]
 fn time_fixed(
-    model: &LlamaGen,
+    model: &dyn FixedForward,
     cache: &mut crate::cache::KvCache,
     p: usize,
     ids: &Tensor,
+    features: Option<&Tensor>,
     pos: &Tensor,
     mask: &Tensor,
     time: &dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<f64>,
@@ -377,12 +379,13 @@ fn time_fixed(
         ids.dim(0)?,
         ids.dim(1)?,
         pos.dims(),
+        features.map(|f| f.dim(2)).transpose()?,
         cache.max_len(),
-        graphs_enabled(model.device()),
+        graphs_enabled(model.fixed_device()),
     )?;
     let ms = time(&mut || {
         cache.truncate(p);
-        step.forward(model, cache, ids, pos, mask)?;
+        step.forward(model, cache, ids, features, pos, mask)?;
         Ok(())
     })?;
     cache.truncate(p);
@@ -547,7 +550,7 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
                 &Tensor::zeros((b, 1, 1, p + 1), DType::F32, device)?,
                 cache.max_len(),
             )?;
-            let (ms, how) = time_fixed(&model, &mut cache, p, &ids, &pos, &mask, &time)?;
+            let (ms, how) = time_fixed(&model, &mut cache, p, &ids, None, &pos, &mask, &time)?;
             report.push(format!("decode 1 tok @{p} ({how})"), ms, bytes, flops);
         }
         if wants(Step::Verify) {
@@ -572,7 +575,7 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
                 &m.broadcast_as((b, 1, s, p + s))?.contiguous()?,
                 cache.max_len(),
             )?;
-            let (ms, how) = time_fixed(&model, &mut cache, p, &ids, &pos, &full, &time)?;
+            let (ms, how) = time_fixed(&model, &mut cache, p, &ids, None, &pos, &full, &time)?;
             report.push(format!("{name} ({how})"), ms, bytes, flops);
         }
         if wants(Step::KvCompact) {
@@ -619,6 +622,24 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
             })?;
             let (bytes, flops) = drafter_cost(&dc, b, n, dp, el);
             report.push(format!("drafter {n} tok @{dp}"), ms, bytes, flops);
+            let AttnMask::Custom(m) = &mask else {
+                unreachable!("the level mask is custom")
+            };
+            let full = pad_mask(
+                &m.broadcast_as((b, 1, n, dp + n))?.contiguous()?,
+                dcache.max_len(),
+            )?;
+            let (ms, how) = time_fixed(
+                &drafter,
+                &mut dcache,
+                dp,
+                &ids,
+                Some(&feats),
+                &pos,
+                &full,
+                &time,
+            )?;
+            report.push(format!("drafter {n} tok @{dp} ({how})"), ms, bytes, flops);
         }
     }
     if wants(Step::VqDecode) {
@@ -663,8 +684,9 @@ mod tests {
     fn check_sane(r: &StepReport) {
         assert!(r.copy_gbps.is_finite() && r.copy_gbps > 0.0, "{r}");
         assert!(r.matmul_tflops.is_finite() && r.matmul_tflops > 0.0, "{r}");
-        // decode and verify have two rows: the ordinary step and the fixed-shape (CUDA graph) one
-        assert_eq!(r.rows.len(), Step::ALL.len() + 2, "{r}");
+        // decode, verify and drafter have two rows: the ordinary step and the fixed-shape
+        // (CUDA graph) one
+        assert_eq!(r.rows.len(), Step::ALL.len() + 3, "{r}");
         assert!(
             r.rows.iter().any(|x| x.name.ends_with("(fixed shape)")),
             "{r}"
@@ -681,7 +703,7 @@ mod tests {
         }
         assert!(r.row(Step::Verify).unwrap().flops > r.row(Step::Decode).unwrap().flops);
         let table = r.to_string();
-        assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 8);
+        assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 9);
     }
 
     #[test]
@@ -706,7 +728,7 @@ mod tests {
             ..tiny(DType::F16)
         };
         let r = run_step_bench(&cfg, &Device::Cpu)?;
-        assert_eq!(r.rows.len(), 6, "{r}");
+        assert_eq!(r.rows.len(), 7, "{r}");
         assert!(r.rows.iter().all(|x| x.measured_ms > 0.0));
         Ok(())
     }

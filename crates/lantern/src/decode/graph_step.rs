@@ -15,6 +15,7 @@
 //! Where capture is unavailable (CPU) the same fixed-shape path runs eagerly when forced
 //! ([`force_fixed_shape`]), which is how the tests check it against the ordinary forward.
 use crate::cache::KvCache;
+use crate::models::drafter::Drafter;
 use crate::models::llamagen::LlamaGen;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -41,9 +42,71 @@ pub fn fixed_shape_path(device: &Device) -> bool {
     graphs_enabled(device) || FORCE_FIXED.with(|f| f.get())
 }
 
-/// A fixed-shape forward of `s` new tokens per row: embedding, all blocks, final norm.
+/// A model whose step can run with fixed shapes (see [`LlamaGen::forward_fixed`]).
+pub trait FixedForward {
+    /// The device the model runs on.
+    fn fixed_device(&self) -> &Device;
+    /// Width and dtype of the step's output `[rows, s, width]`.
+    fn fixed_output(&self) -> (usize, DType);
+    /// One fixed-shape step (the cache in write-slot mode, `mask` over all slots, no host
+    /// synchronisation); `features` only for models that take them (the drafter).
+    fn fixed_step(
+        &self,
+        ids: &Tensor,
+        features: Option<&Tensor>,
+        pos: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor>;
+}
+
+impl FixedForward for LlamaGen {
+    fn fixed_device(&self) -> &Device {
+        self.device()
+    }
+    fn fixed_output(&self) -> (usize, DType) {
+        (self.config().dim, self.dtype())
+    }
+    fn fixed_step(
+        &self,
+        ids: &Tensor,
+        _features: Option<&Tensor>,
+        pos: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let x = self.embed_tokens(ids)?;
+        self.forward_fixed(&x, pos, mask, cache)
+    }
+}
+
+impl FixedForward for Drafter {
+    fn fixed_device(&self) -> &Device {
+        self.device()
+    }
+    fn fixed_output(&self) -> (usize, DType) {
+        (self.config().hidden_size, self.dtype())
+    }
+    fn fixed_step(
+        &self,
+        ids: &Tensor,
+        features: Option<&Tensor>,
+        pos: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let f = features
+            .ok_or_else(|| Error::invalid("drafter step", "no feature buffer (internal error)"))?;
+        self.forward_fixed(ids, f, pos, mask, cache)
+    }
+}
+
+/// A fixed-shape step of `s` new tokens per row (target: embedding, blocks, final norm;
+/// drafter: its layer over (feature, token) pairs).
 pub struct GraphStep {
     ids: Tensor,
+    /// Input features `[rows, s, d]` (drafter only).
+    features: Option<Tensor>,
     pos: Tensor,
     /// Cache slots of the block, `[s]` u32 (`len .. len + s`).
     slots: Tensor,
@@ -59,21 +122,29 @@ impl GraphStep {
     /// Buffers for `rows` rows of `s` tokens at positions shaped `pos_dims` (`[s]` or
     /// `[rows, s]`) over a cache of `max_len` slots; `capture` records a CUDA graph on the
     /// first call (on CUDA devices).
+    /// `features` gives the width of a feature input (the drafter's).
     pub fn new(
-        model: &LlamaGen,
+        model: &dyn FixedForward,
         rows: usize,
         s: usize,
         pos_dims: &[usize],
+        features: Option<usize>,
         max_len: usize,
         capture: bool,
     ) -> Result<Self> {
-        let dev = model.device().clone();
+        let dev = model.fixed_device().clone();
+        let (width, dtype) = model.fixed_output();
+        let features = match features {
+            Some(d) => Some(Tensor::zeros((rows, s, d), dtype, &dev)?),
+            None => None,
+        };
         Ok(Self {
             ids: Tensor::zeros((rows, s), DType::U32, &dev)?,
+            features,
             pos: Tensor::zeros(pos_dims, DType::U32, &dev)?,
             slots: Tensor::zeros(s, DType::U32, &dev)?,
             mask: Tensor::zeros((rows, 1, s, max_len), DType::F32, &dev)?,
-            hidden: Tensor::zeros((rows, s, model.config().dim), model.dtype(), &dev)?,
+            hidden: Tensor::zeros((rows, s, width), dtype, &dev)?,
             capture,
             #[cfg(feature = "cuda")]
             graph: None,
@@ -100,10 +171,15 @@ impl GraphStep {
     /// The fixed-shape computation over the input buffers; every temporary (the expanded slot
     /// index included) is dropped before it returns, so a captured graph frees what it
     /// allocates.
-    fn run(&self, model: &LlamaGen, cache: &mut KvCache) -> Result<()> {
+    fn run(&self, model: &dyn FixedForward, cache: &mut KvCache) -> Result<()> {
         cache.set_write_slots(Some(&self.slots))?;
-        let x = model.embed_tokens(&self.ids)?;
-        let h = model.forward_fixed(&x, &self.pos, &self.mask, cache);
+        let h = model.fixed_step(
+            &self.ids,
+            self.features.as_ref(),
+            &self.pos,
+            &self.mask,
+            cache,
+        );
         cache.set_write_slots(None)?;
         self.hidden.slice_set(&h?, 0, 0)?;
         Ok(())
@@ -114,9 +190,10 @@ impl GraphStep {
     /// post-norm hidden `[rows, s, dim]` and advances the cache length by `s`.
     pub fn forward(
         &mut self,
-        model: &LlamaGen,
+        model: &dyn FixedForward,
         cache: &mut KvCache,
         ids: &Tensor,
+        features: Option<&Tensor>,
         pos: &Tensor,
         mask: &Tensor,
     ) -> Result<Tensor> {
@@ -145,13 +222,25 @@ impl GraphStep {
         self.slots
             .slice_set(&Tensor::arange(len as u32, (len + s) as u32, &dev)?, 0, 0)?;
         self.mask.slice_set(&mask.to_dtype(DType::F32)?, 0, 0)?;
+        match (&self.features, features) {
+            (Some(buf), Some(f)) if buf.dims() == f.dims() => {
+                buf.slice_set(&f.to_dtype(buf.dtype())?.contiguous()?, 0, 0)?
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::invalid(
+                    "fixed-shape step",
+                    "feature input does not match the step's buffer (internal error)",
+                ))
+            }
+        }
         self.launch(model, cache)?;
         cache.advance(s);
         Ok(self.hidden.copy()?)
     }
 
     #[cfg(feature = "cuda")]
-    fn launch(&mut self, model: &LlamaGen, cache: &mut KvCache) -> Result<()> {
+    fn launch(&mut self, model: &dyn FixedForward, cache: &mut KvCache) -> Result<()> {
         use candle_core::cuda_backend::cudarc::driver::{sys, DriverError};
         let wrap = |e: DriverError| {
             Error::invalid(
@@ -162,7 +251,7 @@ impl GraphStep {
         if let Some(g) = &self.graph {
             return g.launch().map_err(wrap);
         }
-        let Device::Cuda(cuda) = model.device() else {
+        let Device::Cuda(cuda) = model.fixed_device() else {
             return self.run(model, cache);
         };
         if !self.capture {
@@ -174,7 +263,7 @@ impl GraphStep {
         let _htod_cache = cuda.enable_cuda_graph_htod_cache();
         // the eager run computes this call's result and loads kernels and cuBLAS workspaces
         self.run(model, cache)?;
-        model.device().synchronize()?;
+        model.fixed_device().synchronize()?;
         let stream = cuda.cuda_stream();
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
@@ -203,7 +292,7 @@ impl GraphStep {
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn launch(&mut self, model: &LlamaGen, cache: &mut KvCache) -> Result<()> {
+    fn launch(&mut self, model: &dyn FixedForward, cache: &mut KvCache) -> Result<()> {
         self.run(model, cache)
     }
 }
@@ -222,9 +311,10 @@ impl GraphSteps {
     /// The step for these shapes, created (not yet captured) if there is room.
     pub fn get(
         &mut self,
-        model: &LlamaGen,
+        model: &dyn FixedForward,
         ids: &[usize],
         pos: &[usize],
+        features: Option<usize>,
         max_len: usize,
         capture: bool,
     ) -> Result<Option<&mut GraphStep>> {
@@ -232,7 +322,7 @@ impl GraphSteps {
             Some(i) => i,
             None if self.steps.len() < MAX_GRAPH_SHAPES && ids.len() == 2 => {
                 self.steps.push(GraphStep::new(
-                    model, ids[0], ids[1], pos, max_len, capture,
+                    model, ids[0], ids[1], pos, features, max_len, capture,
                 )?);
                 self.steps.len() - 1
             }
@@ -326,9 +416,9 @@ mod tests {
                 let x = model.embed_tokens(&ids)?;
                 let want = model.forward(&x, &p, &AttnMask::Custom(m.clone()), &mut a)?;
                 let g = steps
-                    .get(&model, ids.dims(), p.dims(), max_len, true)?
+                    .get(&model, ids.dims(), p.dims(), None, max_len, true)?
                     .expect("room for the shape");
-                let got = g.forward(&model, &mut b, &ids, &p, &pad_mask(&m, max_len)?)?;
+                let got = g.forward(&model, &mut b, &ids, None, &p, &pad_mask(&m, max_len)?)?;
                 let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(diff < 1e-4, "padded {padded}, step {t}: {diff}");
             }
@@ -357,9 +447,9 @@ mod tests {
             let x = model.embed_tokens(&ids)?;
             let want = model.forward(&x, &p, &AttnMask::Custom(m.clone()), &mut a)?;
             let g = steps
-                .get(&model, ids.dims(), p.dims(), max_len, true)?
+                .get(&model, ids.dims(), p.dims(), None, max_len, true)?
                 .expect("room for the shape");
-            let got = g.forward(&model, &mut b, &ids, &p, &pad_mask(&m, max_len)?)?;
+            let got = g.forward(&model, &mut b, &ids, None, &p, &pad_mask(&m, max_len)?)?;
             let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "padded {padded}, tree block: {diff}");
             assert_eq!(steps.counts(), (2, 0));

@@ -257,6 +257,7 @@ impl Target for LlamaGen {
                 self,
                 tokens.dims(),
                 pos.dims(),
+                None,
                 max_len,
                 graphs_enabled(&dev),
             )? {
@@ -267,7 +268,7 @@ impl Target for LlamaGen {
                         .broadcast_as((rows, 1, s, past + s))?,
                 };
                 let full = pad_mask(&full.contiguous()?, max_len)?;
-                return g.forward(self, &mut cache.kv, tokens, &pos, &full);
+                return g.forward(self, &mut cache.kv, tokens, None, &pos, &full);
             }
         }
         let x = self.embed_tokens(tokens)?;
@@ -279,11 +280,43 @@ impl Target for LlamaGen {
     }
 }
 
-impl DraftModel for Drafter {
-    type Cache = KvCache;
+/// The drafter's KV cache plus its steps as CUDA graphs, one per shape (on GPUs).
+#[derive(Debug)]
+pub struct DrafterCache {
+    kv: KvCache,
+    graphs: GraphSteps,
+}
 
-    fn new_cache(&self, rows: usize, max_len: usize) -> Result<KvCache> {
-        Drafter::new_cache(self, rows, max_len)
+impl DrafterCache {
+    /// The key/value buffers.
+    pub fn kv(&self) -> &KvCache {
+        &self.kv
+    }
+}
+
+impl DecodeCache for DrafterCache {
+    fn len(&self) -> usize {
+        self.kv.len()
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        self.kv.truncate(len);
+        Ok(())
+    }
+
+    fn keep(&mut self, start: usize, rows: &[Vec<usize>]) -> Result<()> {
+        self.kv.keep_rows(start, rows)
+    }
+}
+
+impl DraftModel for Drafter {
+    type Cache = DrafterCache;
+
+    fn new_cache(&self, rows: usize, max_len: usize) -> Result<DrafterCache> {
+        Ok(DrafterCache {
+            kv: Drafter::new_cache(self, rows, max_len)?,
+            graphs: GraphSteps::default(),
+        })
     }
 
     /// Drafter positions are the loop's positions (see the module docs for the mapping); the
@@ -294,17 +327,41 @@ impl DraftModel for Drafter {
         features: &Tensor,
         positions: &Tensor,
         vis: &Visibility,
-        cache: &mut KvCache,
+        cache: &mut DrafterCache,
     ) -> Result<Tensor> {
         let c = self.config();
         let rows = c.cls_token_num + c.block_size + c.extra_rope_rows;
         let zero_row = if c.extra_rope_rows > 0 { rows - 1 } else { 0 };
         let pos = clamp_positions(positions, rows, zero_row)?;
+        let (b, s) = ids.dims2()?;
+        let past = cache.kv.len();
+        let dev = features.device().clone();
+        if past > 0 && fixed_shape_path(&dev) {
+            let max_len = cache.kv.max_len();
+            let width = features.dim(2)?;
+            if let Some(g) = cache.graphs.get(
+                self,
+                ids.dims(),
+                pos.dims(),
+                Some(width),
+                max_len,
+                graphs_enabled(&dev),
+            )? {
+                let full = match vis {
+                    Visibility::Custom(m) => m.unsqueeze(1)?.broadcast_as((b, 1, s, past + s))?,
+                    Visibility::Causal => causal_mask(s, past, &dev)?
+                        .reshape((1, 1, s, past + s))?
+                        .broadcast_as((b, 1, s, past + s))?,
+                };
+                let full = pad_mask(&full.contiguous()?, max_len)?;
+                return g.forward(self, &mut cache.kv, ids, Some(features), &pos, &full);
+            }
+        }
         let mask = match vis {
             Visibility::Causal => AttnMask::Causal,
             Visibility::Custom(m) => AttnMask::Custom(m.unsqueeze(1)?),
         };
-        Drafter::forward(self, ids, features, &pos, &mask, cache)
+        Drafter::forward(self, ids, features, &pos, &mask, &mut cache.kv)
     }
 }
 

@@ -213,6 +213,16 @@ impl Drafter {
         })
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.embed_tokens.embeddings().device()
+    }
+
+    /// Weight dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// The drafter's configuration.
     pub fn config(&self) -> &DrafterConfig {
         &self.cfg
@@ -270,9 +280,32 @@ impl Drafter {
         mask: &AttnMask,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let out = self.run(ids, features, positions, mask, Some(&mut *cache))?;
+        let out = self.run(ids, features, positions, mask, Some(&mut *cache), true)?;
         cache.advance(features.dim(1)?);
         Ok(out)
+    }
+
+    /// The fixed-shape step that CUDA graphs capture (see [`LlamaGen::forward_fixed`]):
+    /// `cache` in its write-slot mode, `mask` `[b, 1, s, max_len]` over every slot, positions
+    /// not range-checked, nothing read back to the host; the length is not advanced.
+    ///
+    /// [`LlamaGen::forward_fixed`]: super::llamagen::LlamaGen::forward_fixed
+    pub fn forward_fixed(
+        &self,
+        ids: &Tensor,
+        features: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        if cache.write_slots().is_none() {
+            return Err(Error::invalid(
+                "KV cache",
+                "forward_fixed needs write slots (KvCache::set_write_slots)",
+            ));
+        }
+        let mask = AttnMask::Custom(mask.clone());
+        self.run(ids, features, positions, &mask, Some(cache), false)
     }
 
     /// Teacher-forced forward without a cache (training): causal attention over the `s` pairs,
@@ -286,7 +319,7 @@ impl Drafter {
         features: &Tensor,
         positions: &Tensor,
     ) -> Result<Tensor> {
-        self.run(ids, features, positions, &AttnMask::Causal, None)
+        self.run(ids, features, positions, &AttnMask::Causal, None, true)
     }
 
     fn run(
@@ -296,6 +329,7 @@ impl Drafter {
         positions: &Tensor,
         mask: &AttnMask,
         cache: Option<&mut KvCache>,
+        check_positions: bool,
     ) -> Result<Tensor> {
         let (b, s, _) = features.dims3()?;
         let feats = features.to_dtype(self.dtype)?;
@@ -307,7 +341,11 @@ impl Drafter {
         let x = self
             .fc
             .forward(&Tensor::cat(&[e, feats], D::Minus1)?.contiguous()?)?;
-        let rows = self.rope.select(positions, b, s)?;
+        let rows = if check_positions {
+            self.rope.select(positions, b, s)?
+        } else {
+            self.rope.select_unchecked(positions, b, s)?
+        };
         let a = self.attn.forward(&x, &rows, mask, 0, cache)?;
         let x = (x + a)?;
         let out = (&x
