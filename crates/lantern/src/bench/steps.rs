@@ -363,6 +363,9 @@ fn best_ms(
 
 /// Times the fixed-shape variant of a target step ([`GraphStep`], a CUDA graph on GPUs) at
 /// cache length `p`; returns the median and how it ran.
+/// Times a step closure (median ms).
+type Timer<'a> = dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<f64> + 'a;
+
 #[allow(clippy::too_many_arguments)]
 fn time_fixed(
     model: &dyn FixedForward,
@@ -372,7 +375,7 @@ fn time_fixed(
     features: Option<&Tensor>,
     pos: &Tensor,
     mask: &Tensor,
-    time: &dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<f64>,
+    time: &Timer,
 ) -> Result<(f64, &'static str)> {
     let mut step = GraphStep::new(
         model,
