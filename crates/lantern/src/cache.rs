@@ -42,6 +42,19 @@ impl KvCache {
         })
     }
 
+    /// A cache with no layers and no capacity (a placeholder for moved-out caches).
+    pub fn empty() -> Self {
+        let t = Tensor::zeros((0, 0, 0, 0, 0), DType::F32, &Device::Cpu)
+            .expect("a zero-sized CPU tensor always allocates");
+        Self {
+            k: t.clone(),
+            v: t,
+            len: 0,
+            max_len: 0,
+            slots: None,
+        }
+    }
+
     /// Switches to the fixed-shape mode that CUDA graphs need (or back, with `None`): new
     /// entries are scattered to the device-side cache slots `slots` (`[s]` u32: the same slot
     /// for every row, or `[b, s]`), and [`KvCache::append`] returns the whole buffers

@@ -347,6 +347,52 @@ impl std::fmt::Debug for GraphSteps {
     }
 }
 
+/// What a pooled cache was made for: the model (its embedding table's tensor id, shared by
+/// clones), batch rows and capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolKey {
+    /// Id of a weight tensor of the model.
+    pub model: candle_core::TensorId,
+    /// Batch rows.
+    pub rows: usize,
+    /// Cache capacity in positions.
+    pub max_len: usize,
+}
+
+/// Caches kept per thread for reuse by later generations.
+pub const POOL_SIZE: usize = 4;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<(PoolKey, KvCache, GraphSteps)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A cache (emptied) and its captured graphs from an earlier generation with the same key.
+/// Graphs bake the addresses of the cache and the weights, so they stay valid exactly as long
+/// as both are reused together; capturing costs a few eager runs per shape, which would
+/// otherwise be paid by every generation.
+pub fn take_pooled(key: PoolKey) -> Option<(KvCache, GraphSteps)> {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let i = p.iter().position(|(k, _, _)| *k == key)?;
+        let (_, mut kv, graphs) = p.remove(i);
+        kv.truncate(0);
+        Some((kv, graphs))
+    })
+}
+
+/// Keeps a cache and its graphs for [`take_pooled`] (the oldest entry beyond [`POOL_SIZE`]
+/// is freed).
+pub fn return_pooled(key: PoolKey, kv: KvCache, graphs: GraphSteps) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        p.push((key, kv, graphs));
+        if p.len() > POOL_SIZE {
+            p.remove(0);
+        }
+    });
+}
+
 /// Pads an additive mask `[rows, 1, s, keys]` with hidden (`-inf`) columns to `max_len` keys.
 pub fn pad_mask(mask: &Tensor, max_len: usize) -> Result<Tensor> {
     let (rows, one, s, keys) = mask.dims4()?;
@@ -376,6 +422,35 @@ mod tests {
     use crate::models::llamagen::{
         caption_mask, causal_mask, key_padding_mask, AttnMask, Condition,
     };
+
+    /// Pooled caches come back emptied and only for their own key; the pool stays bounded.
+    #[test]
+    fn pool_returns_caches_by_key() -> Result<()> {
+        let dev = Device::Cpu;
+        let t = Tensor::zeros(1, DType::F32, &dev)?;
+        let key = |rows| PoolKey {
+            model: t.id(),
+            rows,
+            max_len: 8,
+        };
+        let mut kv = KvCache::new(1, 2, 1, 8, 2, DType::F32, &dev)?;
+        kv.advance(5);
+        return_pooled(key(2), kv, GraphSteps::default());
+        assert!(take_pooled(key(4)).is_none());
+        let (kv, _) = take_pooled(key(2)).expect("pooled");
+        assert_eq!((kv.len(), kv.batch()), (0, 2));
+        assert!(take_pooled(key(2)).is_none());
+        for r in 0..POOL_SIZE + 2 {
+            return_pooled(
+                key(r),
+                KvCache::new(1, 1, 1, 8, 2, DType::F32, &dev)?,
+                GraphSteps::default(),
+            );
+        }
+        assert!(take_pooled(key(0)).is_none() && take_pooled(key(1)).is_none());
+        assert!(take_pooled(key(POOL_SIZE + 1)).is_some());
+        Ok(())
+    }
 
     /// The fixed-shape step (eager here) reproduces the ordinary cached forward, for one token
     /// and for a block with a tree mask and per-row positions, with and without key padding,

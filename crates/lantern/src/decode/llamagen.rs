@@ -14,7 +14,9 @@
 //! - Positions past a model's RoPE table (tree nodes beyond the last image token, which are
 //!   never committed) reuse a fixed row: the target's condition row 0 (zero rotation), the
 //!   drafter's last extra row (zero) or, without extra rows, its row 0.
-use super::graph_step::{fixed_shape_path, graphs_enabled, pad_mask, GraphSteps};
+use super::graph_step::{
+    fixed_shape_path, graphs_enabled, pad_mask, return_pooled, take_pooled, GraphSteps, PoolKey,
+};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::{GenerateOptions, Output};
 use crate::cache::KvCache;
@@ -49,6 +51,40 @@ pub struct LlamaGenCache {
     valid: Option<Tensor>,
     /// Target steps as CUDA graphs, one per shape (on GPUs; see [`GraphSteps`]).
     graphs: GraphSteps,
+    /// Where the buffers and graphs go back when the cache is dropped (GPU only).
+    pool: Option<PoolKey>,
+}
+
+impl Drop for LlamaGenCache {
+    fn drop(&mut self) {
+        if let Some(key) = self.pool.take() {
+            let kv = std::mem::replace(&mut self.kv, KvCache::empty());
+            return_pooled(key, kv, std::mem::take(&mut self.graphs));
+        }
+    }
+}
+
+/// A cache for `model` from the thread's pool (with its graphs) or newly allocated; pooled on
+/// drop when graphs are in use.
+fn pooled_cache(
+    model: candle_core::TensorId,
+    device: &candle_core::Device,
+    rows: usize,
+    max_len: usize,
+    alloc: impl FnOnce() -> Result<KvCache>,
+) -> Result<(KvCache, GraphSteps, Option<PoolKey>)> {
+    if !graphs_enabled(device) {
+        return Ok((alloc()?, GraphSteps::default(), None));
+    }
+    let key = PoolKey {
+        model,
+        rows,
+        max_len,
+    };
+    Ok(match take_pooled(key) {
+        Some((kv, graphs)) => (kv, graphs, Some(key)),
+        None => (alloc()?, GraphSteps::default(), Some(key)),
+    })
 }
 
 impl std::fmt::Debug for LlamaGenCache {
@@ -140,10 +176,15 @@ impl Target for LlamaGen {
     }
 
     fn new_cache(&self, rows: usize, max_len: usize) -> Result<LlamaGenCache> {
+        let (kv, graphs, pool) =
+            pooled_cache(self.embeddings_id(), self.device(), rows, max_len, || {
+                LlamaGen::new_cache(self, rows, max_len)
+            })?;
         Ok(LlamaGenCache {
-            kv: LlamaGen::new_cache(self, rows, max_len)?,
+            kv,
             valid: None,
-            graphs: GraphSteps::default(),
+            graphs,
+            pool,
         })
     }
 
@@ -285,6 +326,16 @@ impl Target for LlamaGen {
 pub struct DrafterCache {
     kv: KvCache,
     graphs: GraphSteps,
+    pool: Option<PoolKey>,
+}
+
+impl Drop for DrafterCache {
+    fn drop(&mut self) {
+        if let Some(key) = self.pool.take() {
+            let kv = std::mem::replace(&mut self.kv, KvCache::empty());
+            return_pooled(key, kv, std::mem::take(&mut self.graphs));
+        }
+    }
 }
 
 impl DrafterCache {
@@ -313,10 +364,11 @@ impl DraftModel for Drafter {
     type Cache = DrafterCache;
 
     fn new_cache(&self, rows: usize, max_len: usize) -> Result<DrafterCache> {
-        Ok(DrafterCache {
-            kv: Drafter::new_cache(self, rows, max_len)?,
-            graphs: GraphSteps::default(),
-        })
+        let (kv, graphs, pool) =
+            pooled_cache(self.embeddings_id(), self.device(), rows, max_len, || {
+                Drafter::new_cache(self, rows, max_len)
+            })?;
+        Ok(DrafterCache { kv, graphs, pool })
     }
 
     /// Drafter positions are the loop's positions (see the module docs for the mapping); the

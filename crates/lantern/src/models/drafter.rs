@@ -213,6 +213,12 @@ impl Drafter {
         })
     }
 
+    /// Id of the token embedding tensor: identifies these weights (clones share it), e.g. to
+    /// reuse caches whose CUDA graphs point at them.
+    pub fn embeddings_id(&self) -> candle_core::TensorId {
+        self.embed_tokens.embeddings().id()
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> &candle_core::Device {
         self.embed_tokens.embeddings().device()

@@ -217,6 +217,12 @@ impl LlamaGen {
         &self.cfg
     }
 
+    /// Id of the token embedding tensor: identifies these weights (clones share it), e.g. to
+    /// reuse caches whose CUDA graphs point at them.
+    pub fn embeddings_id(&self) -> candle_core::TensorId {
+        self.tok_embeddings.embeddings().id()
+    }
+
     /// Weight dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
