@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// Shapes for --random-weights: t2i-xl-256, c2i-xl-384 or tiny.
     #[arg(long, default_value = "t2i-xl-256")]
     preset: String,
+    /// Tokens of the verified tree for --random-weights (root included; EAGLE-2 for LlamaGen:
+    /// 59, the default; tiny: 8), to see how verification cost grows with the tree.
+    #[arg(long)]
+    tree_tokens: Option<usize>,
     /// tau of exact SD and of LANTERN used for the expected image latency (--random-weights).
     #[arg(long, num_args = 2, default_values_t = [1.22, 2.10])]
     tau: Vec<f64>,
@@ -578,7 +582,13 @@ fn print_tables(
 fn steps(a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
     use lantern::bench::steps::{expected_latency, run_step_bench, StepBenchConfig, StepPreset};
     let preset: StepPreset = a.preset.parse()?;
-    let cfg = StepBenchConfig::new(preset, dev);
+    let mut cfg = StepBenchConfig::new(preset, dev);
+    if let Some(n) = a.tree_tokens {
+        if n == 0 || n > 512 {
+            anyhow::bail!("--tree-tokens {n} is out of range; give 1 to 512 tree tokens");
+        }
+        cfg.tree_tokens = n;
+    }
     let start = std::time::Instant::now();
     let report = run_step_bench(&cfg, dev)?;
     println!("{report}");
