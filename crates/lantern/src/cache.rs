@@ -14,9 +14,9 @@ pub struct KvCache {
     v: Tensor,
     len: usize,
     max_len: usize,
-    /// Fixed-shape mode: device-side slot of every new entry, expanded to
-    /// `[b, n_kv_head, s, head_dim]` u32 (see [`KvCache::set_write_slots`]).
-    slots: Option<Tensor>,
+    /// Fixed-shape mode: new entries are written at this fixed slot (the staging block, see
+    /// [`KvCache::set_staging`]).
+    staging: Option<usize>,
 }
 
 impl KvCache {
@@ -38,7 +38,7 @@ impl KvCache {
             v,
             len: 0,
             max_len,
-            slots: None,
+            staging: None,
         })
     }
 
@@ -51,46 +51,44 @@ impl KvCache {
             v: t,
             len: 0,
             max_len: 0,
-            slots: None,
+            staging: None,
         }
     }
 
     /// Switches to the fixed-shape mode that CUDA graphs need (or back, with `None`): new
-    /// entries are scattered to the device-side cache slots `slots` (`[s]` u32: the same slot
-    /// for every row, or `[b, s]`), and [`KvCache::append`] returns the whole buffers
-    /// (`max_len` keys), so that attention needs an explicit mask over all of them. The
-    /// expanded index is computed here once; overwrite it in place between steps with
-    /// [`KvCache::write_slots`]. The model does not advance the length in this mode.
-    pub fn set_write_slots(&mut self, slots: Option<&Tensor>) -> Result<()> {
-        self.slots = match slots {
-            None => None,
-            Some(t) => Some(self.expand_slots(t)?),
-        };
+    /// entries are written at slot `at` (a fixed staging block, so that the write has the same
+    /// arguments at every length) and [`KvCache::append`] returns the whole buffers (`max_len`
+    /// keys), so attention needs an explicit mask over all of them. After the step,
+    /// [`KvCache::commit_staging`] moves the block to the filled length. Attention does not
+    /// depend on slot order (keys carry their RoPE rotation), only on the mask.
+    pub fn set_staging(&mut self, at: Option<usize>) {
+        self.staging = at;
+    }
+
+    /// The staging slot of the fixed-shape mode, if on.
+    pub fn staging(&self) -> Option<usize> {
+        self.staging
+    }
+
+    /// Copies the `s` staged entries at slot `from` to the filled length and advances it (two
+    /// copies for the whole model).
+    pub fn commit_staging(&mut self, from: usize, s: usize) -> Result<()> {
+        if self.len + s > from || from + s > self.max_len {
+            return Err(Error::invalid(
+                "KV cache",
+                format!(
+                    "staging block {from}..{} overlaps the filled length {} + {s} (internal error)",
+                    from + s,
+                    self.len
+                ),
+            ));
+        }
+        for t in [&self.k, &self.v] {
+            let block = t.narrow(3, from, s)?.contiguous()?;
+            t.slice_set(&block, 3, self.len)?;
+        }
+        self.len += s;
         Ok(())
-    }
-
-    /// The expanded slot index of the fixed-shape mode (`[b, n_kv_head, s, head_dim]` u32), to
-    /// overwrite in place between graph launches.
-    pub fn write_slots(&self) -> Option<&Tensor> {
-        self.slots.as_ref()
-    }
-
-    /// `[s]` or `[b, s]` slots to the `[b, n_kv_head, s, head_dim]` u32 scatter index.
-    pub fn expand_slots(&self, slots: &Tensor) -> Result<Tensor> {
-        let (_, b, h, _, d) = self.k.dims5()?;
-        let t = slots.to_dtype(DType::U32)?;
-        let t = match t.rank() {
-            1 => t.reshape((1, 1, t.dim(0)?, 1))?,
-            2 if t.dim(0)? == b => t.reshape((b, 1, t.dim(1)?, 1))?,
-            _ => {
-                return Err(Error::invalid(
-                    "KV cache slots",
-                    format!("shape {:?}; give [s] or [{b}, s]", slots.dims()),
-                ))
-            }
-        };
-        let s = t.dim(2)?;
-        Ok(t.broadcast_as((b, h, s, d))?.contiguous()?)
     }
 
     /// Number of filled positions.
@@ -210,12 +208,12 @@ impl KvCache {
 
     /// Writes `k`, `v` (`[b, n_kv_head, s, head_dim]`) of `layer` at the current length and
     /// returns views of all filled entries including them (`[b, n_kv_head, len + s, head_dim]`);
-    /// in the fixed-shape mode ([`KvCache::set_write_slots`]) at the set slots, returning the
+    /// in the fixed-shape mode ([`KvCache::set_staging`]) at the staging slot, returning the
     /// whole buffers.
     /// The length itself advances only with [`KvCache::advance`], after the last layer.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let s = k.dim(2)?;
-        if self.slots.is_none() && self.len + s > self.max_len {
+        if self.staging.is_none() && self.len + s > self.max_len {
             return Err(Error::invalid(
                 "KV cache",
                 format!(
@@ -238,19 +236,9 @@ impl KvCache {
                 ),
             ));
         }
-        if let Some(ix) = &self.slots {
-            if ix.dims() != k.dims() {
-                return Err(Error::invalid(
-                    "KV cache slots",
-                    format!(
-                        "slots for {:?}, step has {:?}; set slots for this step's shape",
-                        ix.dims(),
-                        k.dims()
-                    ),
-                ));
-            }
-            ck.scatter_set(ix, &k.contiguous()?, 2)?;
-            cv.scatter_set(ix, &v.contiguous()?, 2)?;
+        if let Some(at) = self.staging {
+            ck.slice_set(&k.contiguous()?, 2, at)?;
+            cv.slice_set(&v.contiguous()?, 2, at)?;
             return Ok((ck.clone(), cv.clone()));
         }
         ck.slice_set(&k.contiguous()?, 2, self.len)?;
@@ -259,8 +247,8 @@ impl KvCache {
         Ok((ck.narrow(2, 0, n)?, cv.narrow(2, 0, n)?))
     }
 
-    /// Marks `s` freshly appended positions as filled (in the fixed-shape mode the caller
-    /// keeps the length in step with the slots it writes).
+    /// Marks `s` freshly appended positions as filled (not in the fixed-shape mode, where
+    /// [`KvCache::commit_staging`] does it).
     pub fn advance(&mut self, s: usize) {
         self.len = (self.len + s).min(self.max_len);
     }

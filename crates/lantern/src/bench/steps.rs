@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::cost::{drafter_cost, target_cost, vq_decoder_cost};
 use super::random::random_var_builder;
-use crate::decode::graph_step::{graphs_enabled, pad_mask, FixedForward, GraphStep};
+use crate::decode::graph_step::{graphs_enabled, FixedForward, GraphStep};
 use crate::decode::tree::{DraftKind, DraftTree};
 use crate::models::drafter::{Drafter, DrafterConfig};
 use crate::models::llamagen::{AttnMask, Config, LlamaGen, ModelType};
@@ -533,7 +533,8 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
         let vb = random_var_builder(cfg.dtype, device);
         let model = LlamaGen::load(vb, &tc)?;
         let s = cfg.tree_tokens;
-        let mut cache = model.new_cache(b, p + s.max(1))?;
+        // room for the block and for the fixed-shape steps' staging block behind it
+        let mut cache = model.new_cache(b, p + 2 * s.max(1))?;
         cache.advance(p);
         if wants(Step::Decode) {
             let ids = Tensor::zeros((b, 1), DType::U32, device)?;
@@ -549,10 +550,7 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
             report.push(format!("decode 1 tok @{p}"), ms, bytes, flops);
             // the same step with fixed shapes, replayed as a CUDA graph on GPUs (what the
             // decoding loops run there)
-            let mask = pad_mask(
-                &Tensor::zeros((b, 1, 1, p + 1), DType::F32, device)?,
-                cache.max_len(),
-            )?;
+            let mask = Tensor::zeros((b, 1, 1, p + 1), DType::F32, device)?;
             let (ms, how) = time_fixed(&model, &mut cache, p, &ids, None, &pos, &mask, &time)?;
             report.push(format!("decode 1 tok @{p} ({how})"), ms, bytes, flops);
         }
@@ -574,10 +572,7 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
             let AttnMask::Custom(m) = &mask else {
                 unreachable!("tree masks are custom")
             };
-            let full = pad_mask(
-                &m.broadcast_as((b, 1, s, p + s))?.contiguous()?,
-                cache.max_len(),
-            )?;
+            let full = m.broadcast_as((b, 1, s, p + s))?.contiguous()?;
             let (ms, how) = time_fixed(&model, &mut cache, p, &ids, None, &pos, &full, &time)?;
             report.push(format!("{name} ({how})"), ms, bytes, flops);
         }
@@ -602,7 +597,7 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
             let drafter = Drafter::load(random_var_builder(cfg.dtype, device), &dc)?;
             drafter.check_target(&tc)?;
             let (n, dp) = (cfg.drafter_tokens, p - 1);
-            let mut dcache = drafter.new_cache(b, dp + n)?;
+            let mut dcache = drafter.new_cache(b, dp + 2 * n)?;
             dcache.advance(dp);
             let ids = Tensor::zeros((b, n), DType::U32, device)?;
             let feats = Tensor::randn(0f32, 1.0, (b, n, tc.dim), device)?.to_dtype(cfg.dtype)?;
@@ -628,10 +623,7 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
             let AttnMask::Custom(m) = &mask else {
                 unreachable!("the level mask is custom")
             };
-            let full = pad_mask(
-                &m.broadcast_as((b, 1, n, dp + n))?.contiguous()?,
-                dcache.max_len(),
-            )?;
+            let full = m.broadcast_as((b, 1, n, dp + n))?.contiguous()?;
             let (ms, how) = time_fixed(
                 &drafter,
                 &mut dcache,

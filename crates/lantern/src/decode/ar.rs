@@ -23,7 +23,8 @@ pub fn generate_ar<T: Target>(
         .map(|g| StdRng::seed_from_u64(opts.seed.wrapping_add(g as u64)))
         .collect();
     let mut stats = vec![DecodeStats::default(); n_img];
-    let mut cache = target.new_cache(rows, cls + budget)?;
+    // one spare slot: the fixed-shape (CUDA graph) step stages its entry behind the filled ones
+    let mut cache = target.new_cache(rows, cls + budget + 1)?;
     let t0 = Instant::now();
     let hidden = target.prefill(cond, cfg.is_some(), &mut cache)?;
     let mut logits = target.lm_head(&hidden.narrow(1, cls - 1, 1)?)?;

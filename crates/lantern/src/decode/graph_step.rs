@@ -4,10 +4,12 @@
 //! kernels, each costing more host time than GPU time. Capturing a step once and replaying it
 //! removes the host cost, but a graph replays the same kernels with the same arguments, so
 //! everything that changes from call to call lives in device buffers overwritten in place
-//! before each launch: token ids, RoPE positions, the cache slots the new K/V go to (the
-//! cache's write-slot mode, [`KvCache::set_write_slots`]) and an additive mask over *all* cache
-//! slots (which also carries tree structure, holes and caption padding). Attention then always
-//! spans the whole cache capacity; masked slots cost a little compute, no launches.
+//! before each launch: token ids, RoPE positions and an additive mask over *all* cache slots
+//! (which also carries tree structure, holes and caption padding). The new K/V go to a fixed
+//! staging block at the end of the cache (the cache's staging mode, [`KvCache::set_staging`]),
+//! from which two copies after the launch move them to the filled length (a device-side scatter
+//! would loop over the block in every thread). Attention always spans the whole cache
+//! capacity; masked slots cost a little compute, no launches.
 //!
 //! One [`GraphStep`] serves one shape (new tokens `s`, position layout); a loop keeps one per
 //! shape it meets ([`GraphSteps`]). The first call of a shape runs eagerly (which also warms
@@ -48,7 +50,7 @@ pub trait FixedForward {
     fn fixed_device(&self) -> &Device;
     /// Width and dtype of the step's output `[rows, s, width]`.
     fn fixed_output(&self) -> (usize, DType);
-    /// One fixed-shape step (the cache in write-slot mode, `mask` over all slots, no host
+    /// One fixed-shape step (the cache in staging mode, `mask` over all slots, no host
     /// synchronisation); `features` only for models that take them (the drafter).
     fn fixed_step(
         &self,
@@ -108,8 +110,8 @@ pub struct GraphStep {
     /// Input features `[rows, s, d]` (drafter only).
     features: Option<Tensor>,
     pos: Tensor,
-    /// Cache slots of the block, `[s]` u32 (`len .. len + s`).
-    slots: Tensor,
+    /// Tokens per row.
+    s: usize,
     mask: Tensor,
     hidden: Tensor,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -142,7 +144,7 @@ impl GraphStep {
             ids: Tensor::zeros((rows, s), DType::U32, &dev)?,
             features,
             pos: Tensor::zeros(pos_dims, DType::U32, &dev)?,
-            slots: Tensor::zeros(s, DType::U32, &dev)?,
+            s,
             mask: Tensor::zeros((rows, 1, s, max_len), DType::F32, &dev)?,
             hidden: Tensor::zeros((rows, s, width), dtype, &dev)?,
             capture,
@@ -168,11 +170,15 @@ impl GraphStep {
         }
     }
 
-    /// The fixed-shape computation over the input buffers; every temporary (the expanded slot
-    /// index included) is dropped before it returns, so a captured graph frees what it
-    /// allocates.
+    /// Slot of the staging block: the last `s` slots of the cache.
+    fn staging_at(&self) -> Result<usize> {
+        Ok(self.mask.dim(3)? - self.s)
+    }
+
+    /// The fixed-shape computation over the input buffers; every temporary is dropped before
+    /// it returns, so a captured graph frees what it allocates.
     fn run(&self, model: &dyn FixedForward, cache: &mut KvCache) -> Result<()> {
-        cache.set_write_slots(Some(&self.slots))?;
+        cache.set_staging(Some(self.staging_at()?));
         let h = model.fixed_step(
             &self.ids,
             self.features.as_ref(),
@@ -180,14 +186,21 @@ impl GraphStep {
             &self.mask,
             cache,
         );
-        cache.set_write_slots(None)?;
+        cache.set_staging(None);
         self.hidden.slice_set(&h?, 0, 0)?;
         Ok(())
     }
 
-    /// Runs `ids` `[rows, s]` at RoPE rows `pos` under the full-cache additive `mask`
-    /// (`[rows, 1, s, max_len]` f32), writing K/V at slots `cache.len() ..`; returns the
-    /// post-norm hidden `[rows, s, dim]` and advances the cache length by `s`.
+    /// Whether a block fits behind the filled length without reaching the staging block.
+    pub fn has_room(&self, cache: &KvCache) -> bool {
+        self.staging_at()
+            .is_ok_and(|at| cache.len() + self.s <= at && cache.max_len() == at + self.s)
+    }
+
+    /// Runs `ids` `[rows, s]` at RoPE rows `pos` under the additive `mask` `[rows, 1, s,
+    /// len + s]` (the usual layout: filled keys, then the block), appending K/V at the filled
+    /// length; returns the post-norm hidden `[rows, s, dim]`. The caller checks
+    /// [`GraphStep::has_room`] first (near a full cache the staging block would overlap).
     pub fn forward(
         &mut self,
         model: &dyn FixedForward,
@@ -197,11 +210,11 @@ impl GraphStep {
         pos: &Tensor,
         mask: &Tensor,
     ) -> Result<Tensor> {
-        let s = self.slots.dim(0)?;
-        let len = cache.len();
+        let (s, len) = (self.s, cache.len());
+        let (rows, one, ms, keys) = mask.dims4()?;
         if !self.fits(ids.dims(), pos.dims(), cache.max_len())
-            || mask.dims() != self.mask.dims()
-            || len + s > cache.max_len()
+            || !self.has_room(cache)
+            || (rows, one, ms, keys) != (self.ids.dim(0)?, 1, s, len + s)
         {
             return Err(Error::invalid(
                 "fixed-shape step",
@@ -216,12 +229,19 @@ impl GraphStep {
                 ),
             ));
         }
+        let at = self.staging_at()?;
         let dev = self.ids.device().clone();
-        self.ids.slice_set(&ids.to_dtype(DType::U32)?, 0, 0)?;
-        self.pos.slice_set(&pos.to_dtype(DType::U32)?, 0, 0)?;
-        self.slots
-            .slice_set(&Tensor::arange(len as u32, (len + s) as u32, &dev)?, 0, 0)?;
-        self.mask.slice_set(&mask.to_dtype(DType::F32)?, 0, 0)?;
+        let mask = mask.to_dtype(DType::F32)?;
+        let hidden = Tensor::full(f32::NEG_INFINITY, (rows, 1, s, at - len), &dev)?;
+        let full = Tensor::cat(
+            &[&mask.narrow(3, 0, len)?, &hidden, &mask.narrow(3, len, s)?],
+            3,
+        )?;
+        self.mask.slice_set(&full.contiguous()?, 0, 0)?;
+        self.ids
+            .slice_set(&ids.to_dtype(DType::U32)?.contiguous()?, 0, 0)?;
+        self.pos
+            .slice_set(&pos.to_dtype(DType::U32)?.contiguous()?, 0, 0)?;
         match (&self.features, features) {
             (Some(buf), Some(f)) if buf.dims() == f.dims() => {
                 buf.slice_set(&f.to_dtype(buf.dtype())?.contiguous()?, 0, 0)?
@@ -235,7 +255,7 @@ impl GraphStep {
             }
         }
         self.launch(model, cache)?;
-        cache.advance(s);
+        cache.commit_staging(at, s)?;
         Ok(self.hidden.copy()?)
     }
 
@@ -393,27 +413,6 @@ pub fn return_pooled(key: PoolKey, kv: KvCache, graphs: GraphSteps) {
     });
 }
 
-/// Pads an additive mask `[rows, 1, s, keys]` with hidden (`-inf`) columns to `max_len` keys.
-pub fn pad_mask(mask: &Tensor, max_len: usize) -> Result<Tensor> {
-    let (rows, one, s, keys) = mask.dims4()?;
-    if keys > max_len {
-        return Err(Error::invalid(
-            "attention mask",
-            format!("{keys} keys exceed the cache's {max_len} slots (internal error)"),
-        ));
-    }
-    let mask = mask.to_dtype(DType::F32)?;
-    if keys == max_len {
-        return Ok(mask);
-    }
-    let hidden = Tensor::full(
-        f32::NEG_INFINITY,
-        (rows, one, s, max_len - keys),
-        mask.device(),
-    )?;
-    Ok(Tensor::cat(&[&mask, &hidden], 3)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,7 +492,7 @@ mod tests {
                 let g = steps
                     .get(&model, ids.dims(), p.dims(), None, max_len, true)?
                     .expect("room for the shape");
-                let got = g.forward(&model, &mut b, &ids, None, &p, &pad_mask(&m, max_len)?)?;
+                let got = g.forward(&model, &mut b, &ids, None, &p, &m)?;
                 let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(diff < 1e-4, "padded {padded}, step {t}: {diff}");
             }
@@ -524,7 +523,7 @@ mod tests {
             let g = steps
                 .get(&model, ids.dims(), p.dims(), None, max_len, true)?
                 .expect("room for the shape");
-            let got = g.forward(&model, &mut b, &ids, None, &p, &pad_mask(&m, max_len)?)?;
+            let got = g.forward(&model, &mut b, &ids, None, &p, &m)?;
             let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "padded {padded}, tree block: {diff}");
             assert_eq!(steps.counts(), (2, 0));

@@ -15,7 +15,7 @@
 //!   never committed) reuse a fixed row: the target's condition row 0 (zero rotation), the
 //!   drafter's last extra row (zero) or, without extra rows, its row 0.
 use super::graph_step::{
-    fixed_shape_path, graphs_enabled, pad_mask, return_pooled, take_pooled, GraphSteps, PoolKey,
+    fixed_shape_path, graphs_enabled, return_pooled, take_pooled, GraphSteps, PoolKey,
 };
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::{GenerateOptions, Output};
@@ -308,8 +308,9 @@ impl Target for LlamaGen {
                         .reshape((1, 1, s, past + s))?
                         .broadcast_as((rows, 1, s, past + s))?,
                 };
-                let full = pad_mask(&full.contiguous()?, max_len)?;
-                return g.forward(self, &mut cache.kv, tokens, None, &pos, &full);
+                if g.has_room(&cache.kv) {
+                    return g.forward(self, &mut cache.kv, tokens, None, &pos, &full);
+                }
             }
         }
         let x = self.embed_tokens(tokens)?;
@@ -405,8 +406,9 @@ impl DraftModel for Drafter {
                         .reshape((1, 1, s, past + s))?
                         .broadcast_as((b, 1, s, past + s))?,
                 };
-                let full = pad_mask(&full.contiguous()?, max_len)?;
-                return g.forward(self, &mut cache.kv, ids, Some(features), &pos, &full);
+                if g.has_room(&cache.kv) {
+                    return g.forward(self, &mut cache.kv, ids, Some(features), &pos, &full);
+                }
             }
         }
         let mask = match vis {

@@ -292,7 +292,7 @@ impl Drafter {
     }
 
     /// The fixed-shape step that CUDA graphs capture (see [`LlamaGen::forward_fixed`]):
-    /// `cache` in its write-slot mode, `mask` `[b, 1, s, max_len]` over every slot, positions
+    /// `cache` in its staging mode, `mask` `[b, 1, s, max_len]` over every slot, positions
     /// not range-checked, nothing read back to the host; the length is not advanced.
     ///
     /// [`LlamaGen::forward_fixed`]: super::llamagen::LlamaGen::forward_fixed
@@ -304,10 +304,10 @@ impl Drafter {
         mask: &Tensor,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        if cache.write_slots().is_none() {
+        if cache.staging().is_none() {
             return Err(Error::invalid(
                 "KV cache",
-                "forward_fixed needs write slots (KvCache::set_write_slots)",
+                "forward_fixed needs the staging mode (KvCache::set_staging)",
             ));
         }
         let mask = AttnMask::Custom(mask.clone());

@@ -301,8 +301,8 @@ impl LlamaGen {
         Ok(h)
     }
 
-    /// The fixed-shape step that CUDA graphs capture: `cache` must be in its write-slot mode
-    /// ([`KvCache::set_write_slots`]), `mask` covers all `max_len` cache slots, and nothing is
+    /// The fixed-shape step that CUDA graphs capture: `cache` must be in its staging mode
+    /// ([`KvCache::set_staging`]), `mask` covers all `max_len` cache slots, and nothing is
     /// read back to the host (positions are not range-checked: keep them below the RoPE table).
     ///
     /// # Shapes
@@ -314,10 +314,10 @@ impl LlamaGen {
         mask: &Tensor,
         cache: &mut KvCache,
     ) -> crate::Result<Tensor> {
-        if cache.write_slots().is_none() {
+        if cache.staging().is_none() {
             return Err(crate::Error::invalid(
                 "KV cache",
-                "forward_fixed needs write slots (KvCache::set_write_slots)",
+                "forward_fixed needs the staging mode (KvCache::set_staging)",
             ));
         }
         let mask = AttnMask::Custom(mask.clone());
