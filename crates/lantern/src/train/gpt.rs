@@ -199,9 +199,8 @@ pub fn read_state(dir: &Path, seed: u64) -> Result<Option<TrainState>> {
 }
 
 /// Trains (or resumes, when `resume` is set and `out` holds a resume state, see [`read_state`])
-/// a GPT; checkpoints go through [`save_checkpoint`]. `on_checkpoint`
-/// is called after every checkpoint with the model (e.g. to render samples); `progress(step,
-/// loss)` after every step.
+/// a GPT; checkpoints go through [`save_checkpoint`]. `on_checkpoint` is called after every
+/// checkpoint with the model (e.g. to render samples); `progress(step, loss)` after every step.
 #[allow(clippy::too_many_arguments)]
 pub fn train_gpt(
     cfg: &Config,
