@@ -99,7 +99,7 @@ pub struct GptArgs {
     /// Held-out token grids for the test loss.
     #[arg(long)]
     test_tokens: PathBuf,
-    /// Run folder: checkpoints, losses.csv, state.json; the final f16 export goes to OUT/export.
+    /// Run folder: checkpoints, losses.csv, train_state.json; the final f16 export goes to OUT/export.
     #[arg(long)]
     out: PathBuf,
     /// Model width.
@@ -235,9 +235,12 @@ fn classifier(a: ClassifierArgs) -> Result<()> {
 fn gpt(a: GptArgs) -> Result<()> {
     use lantern::data::TokenDataset;
     use lantern::models::llamagen::{Config, ModelType};
-    use lantern::train::gpt::{train_gpt, GptTrainConfig};
+    use lantern::train::gpt::{train_gpt, GptTrainConfig, LEGACY_STATE_FILE};
+    use lantern::train::TrainState;
     if !a.resume {
-        check_new_output(&a.out.join("state.json"), a.force)?;
+        for state in [TrainState::FILE, LEGACY_STATE_FILE] {
+            check_new_output(&a.out.join(state), a.force)?;
+        }
     }
     let dev = a.device.device()?;
     let train = TokenDataset::load(&a.tokens)?;

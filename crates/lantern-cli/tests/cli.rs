@@ -284,3 +284,59 @@ fn text_to_image_with_prompts_on_tiny_checkpoints() {
     std::fs::remove_dir_all(&out).ok();
     std::fs::remove_dir_all(&out2).ok();
 }
+
+#[test]
+fn train_gpt_refuses_an_existing_run_and_resumes_old_and_new_state_files() {
+    let out = tmp("train-gpt");
+    std::fs::create_dir_all(&out).unwrap();
+    let tokens = out.join("tokens.safetensors");
+    lantern::data::TokenDataset {
+        tokens: (0..24).map(|i| (i * 5 % 8) as u32).collect(),
+        labels: vec![0, 1, 0, 1, 0, 1],
+        grid: (2, 2),
+        vocab: 8,
+    }
+    .save(&tokens)
+    .unwrap();
+    let run_dir = out.join("run");
+    let train = |extra: &[&str]| {
+        let t = tokens.to_str().unwrap();
+        let mut args = vec!["train", "gpt", "--tokens", t, "--test-tokens", t];
+        args.extend(["--out", run_dir.to_str().unwrap(), "--device", "cpu"]);
+        args.extend([
+            "--dim",
+            "16",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--batch-size",
+            "2",
+        ]);
+        args.extend(["--warmup", "1", "--ckpt-every", "1"]);
+        args.extend(extra);
+        run(&args)
+    };
+    let state = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join(f)).unwrap()).unwrap()
+    };
+    let (ok, _, stderr) = train(&["--steps", "2"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(state("train_state.json")["step"], 2);
+    assert!(!run_dir.join("state.json").exists());
+    assert!(run_dir.join("export/model.safetensors").exists());
+    let (ok, _, stderr) = train(&["--steps", "2"]);
+    assert!(!ok && stderr.contains("train_state.json"), "{stderr}");
+
+    // a folder of the old GPT trainer (state.json with the step only) is refused and resumed
+    std::fs::remove_file(run_dir.join("train_state.json")).unwrap();
+    std::fs::write(run_dir.join("state.json"), r#"{"step":2}"#).unwrap();
+    let (ok, _, stderr) = train(&["--steps", "3"]);
+    assert!(!ok && stderr.contains("state.json"), "{stderr}");
+    let (ok, _, stderr) = train(&["--steps", "3", "--resume"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(state("train_state.json")["step"], 3);
+    let csv = std::fs::read_to_string(run_dir.join("losses.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 3, "{csv}");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -3,70 +3,19 @@
 //! reproduces greedy AR with any drafter and tree (c2i with CFG, t2i with caption padding),
 //! LANTERN runs within its TVD budget, mismatched drafters give clear errors.
 //! Run: `cargo test -p lantern --test decode_llamagen`
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 
 use anyhow::Result;
 use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{c2i, expected, fixture_drafter, t2i};
 use lantern::accept::{Metric, Neighbors};
 use lantern::decode::llamagen::generate;
 use lantern::decode::{AcceptConfig, Decoding, GenerateOptions, Relaxation, Residual, TreeSpec};
-use lantern::load::{load_drafter, load_llamagen};
 use lantern::models::drafter::{Drafter, DrafterConfig};
-use lantern::models::llamagen::{Condition, Config, LlamaGen};
+use lantern::models::llamagen::{Condition, LlamaGen};
 use lantern::sampling::SamplingParams;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt")
-}
-
-fn expected() -> Result<std::collections::HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(
-        fixtures().join("expected.safetensors"),
-        &Device::Cpu,
-    )?)
-}
-
-fn c2i() -> Result<LlamaGen> {
-    let cfg = Config {
-        dim: 32,
-        n_layer: 2,
-        n_head: 2,
-        n_kv_head: 2,
-        vocab_size: 64,
-        ffn_hidden: 64,
-        num_classes: 10,
-        block_size: 16,
-        ..Config::gpt_b()
-    };
-    Ok(load_llamagen(
-        &fixtures().join("c2i.pt"),
-        Some(&cfg),
-        DType::F32,
-        &Device::Cpu,
-    )?
-    .0)
-}
-
-fn t2i() -> Result<LlamaGen> {
-    Ok(load_llamagen(&fixtures().join("t2i_hf"), None, DType::F32, &Device::Cpu)?.0)
-}
-
-/// The fixture drafter (trained layout t2i; `c2i` reloads its weights with the c2i RoPE table).
-fn fixture_drafter(c2i: bool) -> Result<Drafter> {
-    let mut cfg = DrafterConfig::from_hf_json(&fixtures().join("drafter/config.json"))?;
-    if c2i {
-        cfg.cls_token_num = 0;
-        cfg.input_type = "c2i".into();
-    }
-    Ok(load_drafter(
-        &fixtures().join("drafter"),
-        Some(&cfg),
-        DType::F32,
-        &Device::Cpu,
-    )?
-    .0)
-}
 
 /// A freshly initialised drafter (VarMap init).
 fn random_drafter(input_type: &str, hidden: usize, vocab: usize) -> Result<Drafter> {

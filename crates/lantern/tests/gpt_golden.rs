@@ -1,61 +1,15 @@
 //! Golden tests of the LlamaGen GPT and the drafter against the plain-torch reference in
 //! `tests/fixtures/make_gpt_fixtures.py` (tiny random models; fixtures committed).
 //! Run: `cargo test -p lantern --test gpt_golden`
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::{DType, Device, IndexOp, Tensor};
-use lantern::load::{load_drafter, load_llamagen};
-use lantern::models::llamagen::{caption_mask, AttnMask, Condition, Config, LlamaGen, ModelType};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt")
-}
-
-fn expected() -> Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(
-        fixtures().join("expected.safetensors"),
-        &Device::Cpu,
-    )?)
-}
-
-fn tiny_c2i() -> Config {
-    Config {
-        dim: 32,
-        n_layer: 2,
-        n_head: 2,
-        n_kv_head: 2,
-        vocab_size: 64,
-        ffn_hidden: 64,
-        num_classes: 10,
-        block_size: 16,
-        ..Config::gpt_b()
-    }
-}
-
-fn tiny_t2i() -> Config {
-    Config {
-        n_kv_head: 1,
-        model_type: ModelType::T2i,
-        caption_dim: 32,
-        cls_token_num: 120,
-        ..tiny_c2i()
-    }
-}
-
-/// max |a - b| / max |b|
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let a = a.to_dtype(DType::F32)?;
-    let b = b.to_dtype(DType::F32)?;
-    let diff = (&a - &b)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
-    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    Ok(diff / scale.max(1e-12))
-}
+use common::{expected, fixture_drafter, fixtures, load_c2i, rel_err, t2i, t2i_pt, tiny_t2i};
+use lantern::load::load_llamagen;
+use lantern::models::llamagen::{caption_mask, AttnMask, Condition, Config, LlamaGen};
 
 fn u32s(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::U32)?)
@@ -63,16 +17,6 @@ fn u32s(t: &Tensor) -> Result<Tensor> {
 
 fn arange(a: usize, b: usize) -> Result<Tensor> {
     Ok(Tensor::arange(a as u32, b as u32, &Device::Cpu)?)
-}
-
-fn load_c2i(dtype: DType) -> Result<LlamaGen> {
-    Ok(load_llamagen(
-        &fixtures().join("c2i.pt"),
-        Some(&tiny_c2i()),
-        dtype,
-        &Device::Cpu,
-    )?
-    .0)
 }
 
 fn c2i_inputs(m: &LlamaGen, exp: &HashMap<String, Tensor>) -> Result<Tensor> {
@@ -205,12 +149,7 @@ fn c2i_greedy_cfg_matches_reference() -> Result<()> {
 
 fn t2i_models() -> Result<Vec<LlamaGen>> {
     let dev = Device::Cpu;
-    let (a, _) = load_llamagen(
-        &fixtures().join("t2i.pt"),
-        Some(&tiny_t2i()),
-        DType::F32,
-        &dev,
-    )?;
+    let a = t2i_pt()?;
     let (b, rep) = load_llamagen(&fixtures().join("t2i_hf"), None, DType::F32, &dev)?;
     assert_eq!(rep.format, lantern::load::CheckpointFormat::Safetensors);
     assert_eq!(b.config().n_kv_head, 1);
@@ -285,7 +224,7 @@ fn t2i_both_formats_match_reference_with_padding() -> Result<()> {
 fn t2i_greedy_cfg_matches_reference() -> Result<()> {
     let exp = expected()?;
     let valid = exp["t2i_valid"].clone();
-    let m = load_llamagen(&fixtures().join("t2i_hf"), None, DType::F32, &Device::Cpu)?.0;
+    let m = t2i()?;
     let cond = m.embed_condition(&Condition::Captions {
         features: exp["t2i_features"].clone(),
         mask: valid.clone(),
@@ -306,15 +245,8 @@ fn t2i_greedy_cfg_matches_reference() -> Result<()> {
 #[test]
 fn drafter_matches_reference() -> Result<()> {
     let exp = expected()?;
-    let dev = Device::Cpu;
-    let target = load_llamagen(
-        &fixtures().join("t2i.pt"),
-        Some(&tiny_t2i()),
-        DType::F32,
-        &dev,
-    )?
-    .0;
-    let (d, _) = load_drafter(&fixtures().join("drafter"), None, DType::F32, &dev)?;
+    let target = t2i_pt()?;
+    let d = fixture_drafter(false)?;
     d.check_target(target.config())?;
     let bad = Config {
         dim: 64,

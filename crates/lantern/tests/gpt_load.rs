@@ -1,37 +1,22 @@
 //! Checkpoint loading: formats, dtypes, inspect, and clean errors for damaged, mismatched and
 //! malicious files. Run: `cargo test -p lantern --test gpt_load`
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use common::{fixtures, load_c2i, rel_err, tiny_c2i};
 use lantern::load::{inspect, load_llamagen, open_weights, CheckpointKind};
 use lantern::models::llamagen::{AttnMask, Condition, Config, LlamaGen, ModelType};
 use lantern::Error;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt")
-}
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lantern_gpt_load_{}_{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn tiny_c2i() -> Config {
-    Config {
-        dim: 32,
-        n_layer: 2,
-        n_head: 2,
-        n_kv_head: 2,
-        vocab_size: 64,
-        ffn_hidden: 64,
-        num_classes: 10,
-        block_size: 16,
-        ..Config::gpt_b()
-    }
 }
 
 fn logits(m: &LlamaGen) -> Result<Tensor> {
@@ -41,11 +26,6 @@ fn logits(m: &LlamaGen) -> Result<Tensor> {
     let mut cache = m.new_cache(2, 8)?;
     let pos = Tensor::arange(0u32, 4, &Device::Cpu)?;
     Ok(m.lm_head(&m.forward(&x, &pos, &AttnMask::Causal, &mut cache)?)?)
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    Ok(d / b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
 fn load_err(path: &Path, cfg: Option<&Config>) -> Error {
@@ -64,11 +44,9 @@ fn one_line(e: &Error) -> String {
 
 #[test]
 fn half_precision_loads_and_runs() -> Result<()> {
-    let dev = Device::Cpu;
-    let path = fixtures().join("c2i.pt");
-    let reference = logits(&load_llamagen(&path, Some(&tiny_c2i()), DType::F32, &dev)?.0)?;
+    let reference = logits(&load_c2i(DType::F32)?)?;
     for (dt, tol) in [(DType::F16, 1e-2), (DType::BF16, 6e-2)] {
-        let m = load_llamagen(&path, Some(&tiny_c2i()), dt, &dev)?.0;
+        let m = load_c2i(dt)?;
         assert_eq!(m.dtype(), dt);
         let l = logits(&m)?;
         assert_eq!(l.dtype(), DType::F32);
@@ -91,13 +69,7 @@ fn malicious_pickle_is_not_executed() -> Result<()> {
         &dev,
     )?;
     assert_eq!(rep.state_key.as_deref(), Some("model"));
-    let good = load_llamagen(
-        &fixtures().join("c2i.pt"),
-        Some(&tiny_c2i()),
-        DType::F32,
-        &dev,
-    )?
-    .0;
+    let good = load_c2i(DType::F32)?;
     assert_eq!(rel_err(&logits(&m)?, &logits(&good)?)?, 0.0);
     // A pickle that is only an `os.system` call: a clean error.
     let e = load_err(&fixtures().join("evil_top.pt"), Some(&tiny_c2i()));

@@ -3,6 +3,7 @@
 //! every image token with the class position predicting token 0, weights initialised N(0, 0.02)
 //! with a zero output layer, AdamW (betas 0.9/0.95), linear warm-up then cosine decay.
 //! Not reproduced: token/residual/FFN dropout (our model is small and trained briefly).
+use super::{save_checkpoint, TrainState};
 use crate::data::TokenDataset;
 use crate::models::llamagen::{Condition, Config, LlamaGen};
 use crate::{Error, Result};
@@ -11,7 +12,7 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Settings of a GPT training run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,19 +166,41 @@ pub fn evaluate(
     Ok(total / count.max(1) as f64)
 }
 
-/// Output folder layout of a run: `config.json`, `model.safetensors` (f32, for resume and
-/// export), `state.json` (step), `losses.csv`.
-pub struct RunDir(pub PathBuf);
+/// File name of the resume state written by GPT runs before they used the shared
+/// [`TrainState`] (`{"step": N}` next to f32 `model.safetensors`). Still read, never written.
+pub const LEGACY_STATE_FILE: &str = "state.json";
 
-impl RunDir {
-    fn state(&self) -> PathBuf {
-        self.0.join("state.json")
+/// Reads a run's resume state: `train_state.json`, or else the legacy `state.json`
+/// ([`LEGACY_STATE_FILE`]), whose missing seed and loss are taken as `seed` and NaN.
+/// `Ok(None)` when the folder holds neither.
+pub fn read_state(dir: &Path, seed: u64) -> Result<Option<TrainState>> {
+    if let Some(st) = TrainState::read(dir)? {
+        return Ok(Some(st));
     }
+    let p = dir.join(LEGACY_STATE_FILE);
+    if !p.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::load(&p, e.to_string()))?;
+    let step = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["step"].as_u64())
+        .ok_or_else(|| {
+            Error::load(
+                &p,
+                "no step count in the old-format training state; delete the folder to start afresh",
+            )
+        })?;
+    Ok(Some(TrainState {
+        step: step as usize,
+        seed,
+        loss: f64::NAN,
+    }))
 }
 
-/// Trains (or resumes, when `out/state.json` exists and `resume` is set) a GPT. `on_checkpoint`
-/// is called after every checkpoint with the model (e.g. to render samples); `progress(step,
-/// loss)` after every step.
+/// Trains (or resumes, when `resume` is set and `out` holds a resume state, see [`read_state`])
+/// a GPT; checkpoints go through [`save_checkpoint`]. `on_checkpoint` is called after every
+/// checkpoint with the model (e.g. to render samples); `progress(step, loss)` after every step.
 #[allow(clippy::too_many_arguments)]
 pub fn train_gpt(
     cfg: &Config,
@@ -197,23 +220,27 @@ pub fn train_gpt(
         path: out.to_path_buf(),
         msg: e.to_string(),
     })?;
-    let run = RunDir(out.to_path_buf());
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let model = LlamaGen::load(vb, cfg)?;
     let mut start = 0usize;
-    if resume && run.state().exists() {
-        let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.state())?)
-            .map_err(|e| Error::load(run.state(), e.to_string()))?;
-        start = state["step"].as_u64().unwrap_or(0) as usize;
-        varmap.load(out.join("model.safetensors"))?;
+    let state = if resume {
+        read_state(out, tcfg.seed)?
+    } else {
+        None
+    };
+    if let Some(st) = &state {
+        let weights = out.join("model.safetensors");
+        varmap
+            .load(&weights)
+            .map_err(|e| Error::load(&weights, e.to_string()))?;
+        start = st.step;
     } else {
         init_weights(&varmap, tcfg.seed)?;
     }
-    std::fs::write(
-        out.join("config.json"),
-        serde_json::to_string_pretty(&cfg.to_hf_json()).unwrap_or_default(),
-    )?;
+    let config_json = serde_json::to_string_pretty(&cfg.to_hf_json())
+        .map_err(|e| Error::invalid("config", e.to_string()))?;
+    crate::image::write_atomic(&out.join("config.json"), config_json.as_bytes(), true)?;
     let mut opt = candle_nn::AdamW::new(
         varmap.all_vars(),
         candle_nn::ParamsAdamW {
@@ -272,15 +299,21 @@ pub fn train_gpt(
                 test_loss,
             };
             csv.row(ck.step, &[lr, ck.train_loss, ck.test_loss])?;
-            crate::train::export::save_tensors(
-                &varmap,
-                &out.join("model.safetensors"),
-                DType::F32,
-            )?;
-            std::fs::write(
-                run.state(),
-                serde_json::json!({ "step": step + 1 }).to_string(),
-            )?;
+            if !ck.train_loss.is_finite() {
+                return Err(Error::invalid(
+                    "training",
+                    format!(
+                        "loss became {} by step {}; lower the learning rate",
+                        ck.train_loss, ck.step
+                    ),
+                ));
+            }
+            let st = TrainState {
+                step: ck.step,
+                seed: tcfg.seed,
+                loss: ck.train_loss,
+            };
+            save_checkpoint(out, &varmap, &config_json, &st)?;
             on_checkpoint(&model, &ck)?;
             acc = 0.0;
             acc_n = 0;
@@ -347,41 +380,72 @@ fn tests_cfg() -> Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    fn tiny() -> Config {
-        super::tests_cfg()
-    }
-    #[test]
-    fn a_few_steps_lower_the_loss_and_resume_continues() -> Result<()> {
-        let cfg = tiny();
-        // a learnable pattern: token i of an image of class c is (c + i) mod 16
-        let n = 24;
-        let mut tokens = Vec::new();
-        let mut labels = Vec::new();
-        for k in 0..n {
+
+    /// A learnable pattern: token i of an image of class c is (c + i) mod 16.
+    fn pattern_data() -> TokenDataset {
+        let (mut tokens, mut labels) = (Vec::new(), Vec::new());
+        for k in 0..24 {
             let c = (k % 3) as u32;
             labels.push(c);
             tokens.extend((0..16).map(|i| (c + i as u32) % 16));
         }
-        let data = TokenDataset {
+        TokenDataset {
             tokens,
             labels,
             grid: (4, 4),
             vocab: 16,
-        };
-        let dir = std::env::temp_dir().join(format!("lantern-gpt-train-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let tcfg = GptTrainConfig {
-            steps: 40,
+        }
+    }
+
+    fn quick(steps: usize) -> GptTrainConfig {
+        GptTrainConfig {
+            steps,
             batch_size: 8,
             lr: 3e-3,
             warmup: 5,
             ckpt_every: 20,
             class_dropout: 0.0,
             ..Default::default()
-        };
+        }
+    }
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("lantern-gpt-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// Runs `train_gpt` quietly; returns the model and the (step, loss) progress reports.
+    fn run(
+        tcfg: &GptTrainConfig,
+        dir: &Path,
+        resume: bool,
+    ) -> Result<(LlamaGen, Vec<(usize, f64)>)> {
+        let data = pattern_data();
+        let mut seen = Vec::new();
+        let m = train_gpt(
+            &tests_cfg(),
+            tcfg,
+            &data,
+            &data,
+            dir,
+            resume,
+            &Device::Cpu,
+            &mut |s, l| seen.push((s, l)),
+            &mut |_, _| Ok(()),
+        )?;
+        Ok((m, seen))
+    }
+
+    #[test]
+    fn a_few_steps_lower_the_loss_and_resume_continues() -> Result<()> {
+        let cfg = tests_cfg();
+        let data = pattern_data();
+        let dir = temp_dir("train");
+        let tcfg = quick(40);
         let mut losses = Vec::new();
         let mut cks = Vec::new();
-        train_gpt(
+        let trained = train_gpt(
             &cfg,
             &tcfg,
             &data,
@@ -406,22 +470,21 @@ mod tests {
             cks,
             losses[0]
         );
+        // the shared checkpoint layout, and no legacy state file
+        let st = TrainState::read(&dir)?.expect("train_state.json written");
+        assert_eq!((st.step, st.seed), (40, tcfg.seed));
+        assert!(st.loss.is_finite() && st.loss < losses[0]);
+        assert!(!dir.join(LEGACY_STATE_FILE).exists());
+        // resuming at the saved step trains nothing and holds exactly the saved weights
+        let (loaded, none) = run(&tcfg, &dir, true)?;
+        assert!(none.is_empty(), "{none:?}");
+        let saved = evaluate(&trained, &data, 8, 8)?;
+        assert_eq!(evaluate(&loaded, &data, 8, 8)?, saved);
         // resume for 10 more steps: starts from the saved step, keeps the learned weights
-        let tcfg2 = GptTrainConfig { steps: 50, ..tcfg };
-        let mut resumed = Vec::new();
-        train_gpt(
-            &cfg,
-            &tcfg2,
-            &data,
-            &data,
-            &dir,
-            true,
-            &Device::Cpu,
-            &mut |s, l| resumed.push((s, l)),
-            &mut |_, _| Ok(()),
-        )?;
+        let (_, resumed) = run(&quick(50), &dir, true)?;
         assert_eq!(resumed.first().map(|r| r.0), Some(41));
         assert!(resumed[0].1 < 0.6 * losses[0]);
+        assert_eq!(TrainState::read(&dir)?.map(|s| s.step), Some(50));
         let csv = std::fs::read_to_string(dir.join("losses.csv"))?;
         assert_eq!(csv.lines().count(), 1 + 3, "{csv}");
         // the f16 export loads through the checkpoint loader with its config.json
@@ -431,6 +494,43 @@ mod tests {
         assert_eq!(m.config(), &cfg);
         let l = evaluate(&m, &data, 8, 8)?;
         assert!(l < 0.6 * losses[0], "exported model lost its training: {l}");
+        std::fs::remove_dir_all(&dir).ok();
+        Ok(())
+    }
+
+    #[test]
+    fn resumes_from_a_legacy_state_json_folder() -> Result<()> {
+        let data = pattern_data();
+        let dir = temp_dir("legacy");
+        let mut tcfg = quick(6);
+        tcfg.ckpt_every = 3;
+        tcfg.seed = 7;
+        let (trained, _) = run(&tcfg, &dir, false)?;
+        let fresh_dir = temp_dir("legacy-fresh");
+        let fresh = evaluate(&run(&quick(0), &fresh_dir, false)?.0, &data, 8, 8)?;
+        std::fs::remove_dir_all(&fresh_dir).ok();
+        let saved = evaluate(&trained, &data, 8, 8)?;
+        assert!(
+            saved < fresh,
+            "training did not move the weights: {saved} vs {fresh}"
+        );
+        // turn the folder into what the old trainer wrote: state.json holding only the step
+        std::fs::remove_file(dir.join(TrainState::FILE))?;
+        std::fs::write(dir.join(LEGACY_STATE_FILE), r#"{"step":6}"#)?;
+        let st = read_state(&dir, 7)?.expect("legacy state read");
+        assert_eq!((st.step, st.seed), (6, 7));
+        let (loaded, none) = run(&tcfg, &dir, true)?;
+        assert!(none.is_empty(), "{none:?}");
+        assert_eq!(evaluate(&loaded, &data, 8, 8)?, saved);
+        // continuing writes the new format only; train_state.json wins over the stale file
+        let (_, resumed) = run(&quick(8), &dir, true)?;
+        assert_eq!(resumed.iter().map(|r| r.0).collect::<Vec<_>>(), [7, 8]);
+        assert_eq!(read_state(&dir, 0)?.map(|s| s.step), Some(8));
+        // a legacy file without a step is a one-line load error, not a silent restart
+        std::fs::remove_file(dir.join(TrainState::FILE))?;
+        std::fs::write(dir.join(LEGACY_STATE_FILE), "{}")?;
+        let err = read_state(&dir, 0).unwrap_err().to_string();
+        assert!(err.contains("state.json"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
         Ok(())
     }
