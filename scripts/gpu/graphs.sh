@@ -16,13 +16,7 @@ for p in t2i-xl-256 c2i-xl-384; do
   echo "== this commit, $p"; timeout 100 "$L" bench --random-weights --preset $p --device cuda 2>&1 | tail -17
 done 2>&1 | tee "$OUT/steps.txt"
 # graph replay == ordinary forward: greedy AR, greedy SD (static, dynamic), sampled LANTERN++
-for d in "ar --temperature 0" "sd --tree naive_extend_57 --temperature 0" "sd --tree dynamic --temperature 0" "lantern++ --tree naive_extend_57"; do
-  args="--class 0,7 -n 2 --device cuda --seed 3 --decoding $d"
-  "$L" generate $args --out /tmp/g1 --save-tokens /tmp/g1.json --force 2>&1 | grep -i error | head -3
-  LANTERN_CUDA_GRAPHS=0 "$L" generate $args --out /tmp/g0 --save-tokens /tmp/g0.json --force 2>&1 | grep -i error | head -3
-  if cmp -s /tmp/g1.json /tmp/g0.json; then r=IDENTICAL; else r=DIFFER; fi
-  echo "tokens with vs without graphs, --decoding $d: $r"
-done 2>&1 | tee "$OUT/equal.txt"
+source scripts/gpu/check_tokens.sh 2>&1 | tee "$OUT/equal.txt"
 M="ar,sd-static,sd-dynamic,lantern++-2,lantern-0.2"
 {
 echo "== previous binary"; timeout 150 "$O" bench --data "$G/data" -n 2 --modes $M --device cuda 2>&1 | tail -8

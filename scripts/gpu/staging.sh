@@ -11,12 +11,6 @@ done 2>&1 | tee "$OUT/steps.txt"
 for n in 8 16 32 118; do
   timeout 60 "$L" bench --random-weights --preset t2i-xl-256 --tree-tokens $n --device cuda 2>&1 | grep -E "^\| verify"
 done 2>&1 | tee "$OUT/scaling.txt"
-for d in "ar --temperature 0" "sd --tree naive_extend_57 --temperature 0" "sd --tree dynamic --temperature 0" "lantern++ --tree naive_extend_57"; do
-  args="--class 0,7 -n 2 --device cuda --seed 3 --decoding $d"
-  "$L" generate $args --out /tmp/g1 --save-tokens /tmp/g1.json --force 2>&1 | grep -i error | head -3
-  LANTERN_CUDA_GRAPHS=0 "$L" generate $args --out /tmp/g0 --save-tokens /tmp/g0.json --force 2>&1 | grep -i error | head -3
-  if cmp -s /tmp/g1.json /tmp/g0.json; then r=IDENTICAL; else r=DIFFER; fi
-  echo "tokens with vs without graphs, --decoding $d: $r"
-done 2>&1 | tee "$OUT/equal.txt"
+source scripts/gpu/check_tokens.sh 2>&1 | tee "$OUT/equal.txt"
 timeout 150 "$L" bench --data "$G/data" -n 2 --modes ar,sd-static,lantern++-2 --device cuda 2>&1 | tail -14 | tee "$OUT/bench.txt"
 echo "total ${SECONDS}s"

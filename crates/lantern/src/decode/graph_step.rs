@@ -413,6 +413,138 @@ pub fn return_pooled(key: PoolKey, kv: KvCache, graphs: GraphSteps) {
     });
 }
 
+/// A KV cache with its fixed-shape steps (CUDA graphs on GPUs), taken from and given back to
+/// the thread's pool ([`take_pooled`]) when graphs are in use.
+pub struct GraphCache {
+    kv: KvCache,
+    graphs: GraphSteps,
+    pool: Option<PoolKey>,
+}
+
+impl GraphCache {
+    /// A cache for the model identified by `model` (a weight tensor id): from the pool (with its
+    /// graphs) or newly allocated by `alloc`; pooled again on drop when graphs are enabled.
+    pub fn new(
+        model: candle_core::TensorId,
+        device: &Device,
+        rows: usize,
+        max_len: usize,
+        alloc: impl FnOnce() -> Result<KvCache>,
+    ) -> Result<Self> {
+        if !graphs_enabled(device) {
+            return Ok(Self {
+                kv: alloc()?,
+                graphs: GraphSteps::default(),
+                pool: None,
+            });
+        }
+        let key = PoolKey {
+            model,
+            rows,
+            max_len,
+        };
+        let (kv, graphs) = match take_pooled(key) {
+            Some(found) => found,
+            None => (alloc()?, GraphSteps::default()),
+        };
+        Ok(Self {
+            kv,
+            graphs,
+            pool: Some(key),
+        })
+    }
+
+    /// The key/value buffers.
+    pub fn kv(&self) -> &KvCache {
+        &self.kv
+    }
+
+    /// The key/value buffers, mutably.
+    pub fn kv_mut(&mut self) -> &mut KvCache {
+        &mut self.kv
+    }
+
+    /// Runs a step through the fixed-shape path when it applies (graphs enabled or forced, a
+    /// prefix in the cache, a shape slot free, room for the staging block); `None` means: run
+    /// the ordinary forward. `mask` is the additive mask `[rows, 1, s, len + s]`, or `None` for
+    /// causal attention.
+    pub fn try_fixed(
+        &mut self,
+        model: &dyn FixedForward,
+        ids: &Tensor,
+        features: Option<&Tensor>,
+        pos: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let dev = model.fixed_device().clone();
+        let past = self.kv.len();
+        if past == 0 || !fixed_shape_path(&dev) {
+            return Ok(None);
+        }
+        let (rows, s) = ids.dims2()?;
+        let width = features.map(|f| f.dim(2)).transpose()?;
+        let max_len = self.kv.max_len();
+        let capture = graphs_enabled(&dev);
+        let Some(g) = self
+            .graphs
+            .get(model, ids.dims(), pos.dims(), width, max_len, capture)?
+        else {
+            return Ok(None);
+        };
+        if !g.has_room(&self.kv) {
+            return Ok(None);
+        }
+        let full = match mask {
+            Some(m) => m.broadcast_as((rows, 1, s, past + s))?,
+            None => crate::models::llamagen::causal_mask(s, past, &dev)?
+                .reshape((1, 1, s, past + s))?
+                .broadcast_as((rows, 1, s, past + s))?,
+        };
+        Ok(Some(g.forward(
+            model,
+            &mut self.kv,
+            ids,
+            features,
+            pos,
+            &full,
+        )?))
+    }
+}
+
+impl Drop for GraphCache {
+    fn drop(&mut self) {
+        if let Some(key) = self.pool.take() {
+            let kv = std::mem::replace(&mut self.kv, KvCache::empty());
+            return_pooled(key, kv, std::mem::take(&mut self.graphs));
+        }
+    }
+}
+
+impl std::fmt::Debug for GraphCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphCache")
+            .field("kv", &self.kv)
+            .field("graphs", &self.graphs)
+            .field("pooled", &self.pool.is_some())
+            .finish()
+    }
+}
+
+impl super::model::DecodeCache for GraphCache {
+    fn len(&self) -> usize {
+        self.kv.len()
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        self.kv.truncate(len);
+        Ok(())
+    }
+
+    fn keep(&mut self, start: usize, rows: &[Vec<usize>]) -> Result<()> {
+        self.kv.keep_rows(start, rows)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

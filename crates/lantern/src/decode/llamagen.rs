@@ -14,15 +14,13 @@
 //! - Positions past a model's RoPE table (tree nodes beyond the last image token, which are
 //!   never committed) reuse a fixed row: the target's condition row 0 (zero rotation), the
 //!   drafter's last extra row (zero) or, without extra rows, its row 0.
-use super::graph_step::{
-    fixed_shape_path, graphs_enabled, return_pooled, take_pooled, GraphSteps, PoolKey,
-};
+use super::graph_step::GraphCache;
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::{GenerateOptions, Output};
 use crate::cache::KvCache;
 use crate::models::drafter::Drafter;
 use crate::models::llamagen::{
-    caption_mask, causal_mask, key_padding_mask, AttnMask, Condition, LlamaGen, ModelType,
+    caption_mask, key_padding_mask, AttnMask, Condition, LlamaGen, ModelType,
 };
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -42,65 +40,19 @@ impl DecodeCache for KvCache {
     }
 }
 
-/// The target's KV cache plus, for t2i, the caption validity of every batch row, which every
-/// forward turns into key padding, and the captured AR step once plain AR decoding started on
-/// a GPU.
+/// The target's KV cache (with its CUDA graphs on GPUs, [`GraphCache`]) plus, for t2i, the
+/// caption validity of every batch row, which every forward turns into key padding.
+#[derive(Debug)]
 pub struct LlamaGenCache {
-    kv: KvCache,
+    cache: GraphCache,
     /// `[rows, cls_token_num]` f32, 1 = valid caption position (t2i only).
     valid: Option<Tensor>,
-    /// Target steps as CUDA graphs, one per shape (on GPUs; see [`GraphSteps`]).
-    graphs: GraphSteps,
-    /// Where the buffers and graphs go back when the cache is dropped (GPU only).
-    pool: Option<PoolKey>,
-}
-
-impl Drop for LlamaGenCache {
-    fn drop(&mut self) {
-        if let Some(key) = self.pool.take() {
-            let kv = std::mem::replace(&mut self.kv, KvCache::empty());
-            return_pooled(key, kv, std::mem::take(&mut self.graphs));
-        }
-    }
-}
-
-/// A cache for `model` from the thread's pool (with its graphs) or newly allocated; pooled on
-/// drop when graphs are in use.
-fn pooled_cache(
-    model: candle_core::TensorId,
-    device: &candle_core::Device,
-    rows: usize,
-    max_len: usize,
-    alloc: impl FnOnce() -> Result<KvCache>,
-) -> Result<(KvCache, GraphSteps, Option<PoolKey>)> {
-    if !graphs_enabled(device) {
-        return Ok((alloc()?, GraphSteps::default(), None));
-    }
-    let key = PoolKey {
-        model,
-        rows,
-        max_len,
-    };
-    Ok(match take_pooled(key) {
-        Some((kv, graphs)) => (kv, graphs, Some(key)),
-        None => (alloc()?, GraphSteps::default(), Some(key)),
-    })
-}
-
-impl std::fmt::Debug for LlamaGenCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LlamaGenCache")
-            .field("kv", &self.kv)
-            .field("valid", &self.valid)
-            .field("graphs", &self.graphs)
-            .finish()
-    }
 }
 
 impl LlamaGenCache {
     /// The key/value buffers.
     pub fn kv(&self) -> &KvCache {
-        &self.kv
+        self.cache.kv()
     }
 
     /// Caption validity `[rows, cls_token_num]` set by the prefill (t2i only).
@@ -111,18 +63,20 @@ impl LlamaGenCache {
 
 impl DecodeCache for LlamaGenCache {
     fn len(&self) -> usize {
-        self.kv.len()
+        self.cache.len()
     }
 
     fn truncate(&mut self, len: usize) -> Result<()> {
-        self.kv.truncate(len);
-        Ok(())
+        self.cache.truncate(len)
     }
 
     fn keep(&mut self, start: usize, rows: &[Vec<usize>]) -> Result<()> {
-        self.kv.keep_rows(start, rows)
+        self.cache.keep(start, rows)
     }
 }
+
+/// The drafter's KV cache (with its CUDA graphs on GPUs).
+pub type DrafterCache = GraphCache;
 
 /// Replaces positions `>= rows` (past the RoPE table) with `zero_row`.
 fn clamp_positions(positions: &Tensor, rows: usize, zero_row: usize) -> Result<Tensor> {
@@ -176,16 +130,10 @@ impl Target for LlamaGen {
     }
 
     fn new_cache(&self, rows: usize, max_len: usize) -> Result<LlamaGenCache> {
-        let (kv, graphs, pool) =
-            pooled_cache(self.embeddings_id(), self.device(), rows, max_len, || {
-                LlamaGen::new_cache(self, rows, max_len)
-            })?;
-        Ok(LlamaGenCache {
-            kv,
-            valid: None,
-            graphs,
-            pool,
-        })
+        let cache = GraphCache::new(self.embeddings_id(), self.device(), rows, max_len, || {
+            LlamaGen::new_cache(self, rows, max_len)
+        })?;
+        Ok(LlamaGenCache { cache, valid: None })
     }
 
     fn prefill(
@@ -194,7 +142,7 @@ impl Target for LlamaGen {
         with_uncond: bool,
         cache: &mut LlamaGenCache,
     ) -> Result<Tensor> {
-        if !cache.kv.is_empty() {
+        if !cache.cache.kv().is_empty() {
             return Err(Error::invalid(
                 "KV cache",
                 "prefill needs an empty cache (create a new one per generation)",
@@ -263,7 +211,7 @@ impl Target for LlamaGen {
             Some(v) => AttnMask::Custom(caption_mask(v, cls, 0, &dev)?),
             None => AttnMask::Causal,
         };
-        let h = self.forward(&x, &pos, &mask, &mut cache.kv)?;
+        let h = self.forward(&x, &pos, &mask, cache.cache.kv_mut())?;
         cache.valid = valid;
         Ok(h)
     }
@@ -288,33 +236,19 @@ impl Target for LlamaGen {
             }
         }
         let dev = self.device().clone();
-        let past = cache.kv.len();
+        let past = cache.cache.kv().len();
         let mask = attn_mask(vis, s, past, cache.valid.as_ref(), &dev)?;
         // The condition rows (cls >= 1) have zero rotation: row 0 serves past-the-table nodes.
         let pos = clamp_positions(positions, self.config().rope_rows(), 0)?;
-        if past > 0 && fixed_shape_path(&dev) {
-            let max_len = cache.kv.max_len();
-            if let Some(g) = cache.graphs.get(
-                self,
-                tokens.dims(),
-                pos.dims(),
-                None,
-                max_len,
-                graphs_enabled(&dev),
-            )? {
-                let full = match &mask {
-                    AttnMask::Custom(m) => m.broadcast_as((rows, 1, s, past + s))?,
-                    AttnMask::Causal => causal_mask(s, past, &dev)?
-                        .reshape((1, 1, s, past + s))?
-                        .broadcast_as((rows, 1, s, past + s))?,
-                };
-                if g.has_room(&cache.kv) {
-                    return g.forward(self, &mut cache.kv, tokens, None, &pos, &full);
-                }
-            }
+        let m = match &mask {
+            AttnMask::Custom(m) => Some(m),
+            AttnMask::Causal => None,
+        };
+        if let Some(h) = cache.cache.try_fixed(self, tokens, None, &pos, m)? {
+            return Ok(h);
         }
         let x = self.embed_tokens(tokens)?;
-        self.forward(&x, &pos, &mask, &mut cache.kv)
+        self.forward(&x, &pos, &mask, cache.cache.kv_mut())
     }
 
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -322,54 +256,13 @@ impl Target for LlamaGen {
     }
 }
 
-/// The drafter's KV cache plus its steps as CUDA graphs, one per shape (on GPUs).
-#[derive(Debug)]
-pub struct DrafterCache {
-    kv: KvCache,
-    graphs: GraphSteps,
-    pool: Option<PoolKey>,
-}
-
-impl Drop for DrafterCache {
-    fn drop(&mut self) {
-        if let Some(key) = self.pool.take() {
-            let kv = std::mem::replace(&mut self.kv, KvCache::empty());
-            return_pooled(key, kv, std::mem::take(&mut self.graphs));
-        }
-    }
-}
-
-impl DrafterCache {
-    /// The key/value buffers.
-    pub fn kv(&self) -> &KvCache {
-        &self.kv
-    }
-}
-
-impl DecodeCache for DrafterCache {
-    fn len(&self) -> usize {
-        self.kv.len()
-    }
-
-    fn truncate(&mut self, len: usize) -> Result<()> {
-        self.kv.truncate(len);
-        Ok(())
-    }
-
-    fn keep(&mut self, start: usize, rows: &[Vec<usize>]) -> Result<()> {
-        self.kv.keep_rows(start, rows)
-    }
-}
-
 impl DraftModel for Drafter {
     type Cache = DrafterCache;
 
     fn new_cache(&self, rows: usize, max_len: usize) -> Result<DrafterCache> {
-        let (kv, graphs, pool) =
-            pooled_cache(self.embeddings_id(), self.device(), rows, max_len, || {
-                Drafter::new_cache(self, rows, max_len)
-            })?;
-        Ok(DrafterCache { kv, graphs, pool })
+        GraphCache::new(self.embeddings_id(), self.device(), rows, max_len, || {
+            Drafter::new_cache(self, rows, max_len)
+        })
     }
 
     /// Drafter positions are the loop's positions (see the module docs for the mapping); the
@@ -386,36 +279,18 @@ impl DraftModel for Drafter {
         let rows = c.cls_token_num + c.block_size + c.extra_rope_rows;
         let zero_row = if c.extra_rope_rows > 0 { rows - 1 } else { 0 };
         let pos = clamp_positions(positions, rows, zero_row)?;
-        let (b, s) = ids.dims2()?;
-        let past = cache.kv.len();
-        let dev = features.device().clone();
-        if past > 0 && fixed_shape_path(&dev) {
-            let max_len = cache.kv.max_len();
-            let width = features.dim(2)?;
-            if let Some(g) = cache.graphs.get(
-                self,
-                ids.dims(),
-                pos.dims(),
-                Some(width),
-                max_len,
-                graphs_enabled(&dev),
-            )? {
-                let full = match vis {
-                    Visibility::Custom(m) => m.unsqueeze(1)?.broadcast_as((b, 1, s, past + s))?,
-                    Visibility::Causal => causal_mask(s, past, &dev)?
-                        .reshape((1, 1, s, past + s))?
-                        .broadcast_as((b, 1, s, past + s))?,
-                };
-                if g.has_room(&cache.kv) {
-                    return g.forward(self, &mut cache.kv, ids, Some(features), &pos, &full);
-                }
-            }
-        }
-        let mask = match vis {
-            Visibility::Causal => AttnMask::Causal,
-            Visibility::Custom(m) => AttnMask::Custom(m.unsqueeze(1)?),
+        let m = match vis {
+            Visibility::Custom(m) => Some(m.unsqueeze(1)?),
+            Visibility::Causal => None,
         };
-        Drafter::forward(self, ids, features, &pos, &mask, &mut cache.kv)
+        if let Some(h) = cache.try_fixed(self, ids, Some(features), &pos, m.as_ref())? {
+            return Ok(h);
+        }
+        let mask = match m {
+            None => AttnMask::Causal,
+            Some(m) => AttnMask::Custom(m),
+        };
+        Drafter::forward(self, ids, features, &pos, &mask, cache.kv_mut())
     }
 }
 
