@@ -23,7 +23,7 @@ pub use crate::accept::{AcceptConfig, Neighbors, Relaxation, Residual};
 use self::model::{DraftModel, Target};
 use crate::sampling::{cfg_mix, SamplingParams};
 use crate::{Error, Result};
-use candle_core::{IndexOp, Tensor};
+use candle_core::Tensor;
 
 /// How tokens are produced.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -185,21 +185,33 @@ pub(crate) fn token_budget<T: Target>(target: &T, opts: &GenerateOptions) -> Res
     Ok(n)
 }
 
-/// CFG-combined f32 logits of image `g` at sequence index `pos` of a `[rows, s, V]` logits
-/// tensor (rows `g` and `n + g` when `cfg`).
-pub(crate) fn cfg_row(
+/// CFG-combined f32 logits of every image at sequence index `pos` of a `[rows, s, V]` logits
+/// tensor (image g: rows `g` and `n + g` when `cfg`), in one device transfer.
+pub(crate) fn cfg_rows(
     logits: &Tensor,
-    g: usize,
     n_img: usize,
     pos: usize,
     cfg: Option<f32>,
-) -> Result<Vec<f32>> {
-    let c: Vec<f32> = logits.i((g, pos))?.to_vec1()?;
-    Ok(match cfg {
-        Some(s) => {
-            let u: Vec<f32> = logits.i((n_img + g, pos))?.to_vec1()?;
-            cfg_mix(&c, &u, s)
-        }
-        None => c,
-    })
+) -> Result<Vec<Vec<f32>>> {
+    let (rows, _, v) = logits.dims3()?;
+    let need = if cfg.is_some() { 2 * n_img } else { n_img };
+    if rows < need {
+        return Err(Error::invalid(
+            "logits",
+            format!("{rows} rows for {n_img} images (internal error)"),
+        ));
+    }
+    // a copy of the column first: `to_vec1` of a view of a GPU tensor transfers the whole block
+    let col: Vec<f32> = logits
+        .narrow(1, pos, 1)?
+        .force_contiguous()?
+        .flatten_all()?
+        .to_vec1()?;
+    let row = |r: usize| &col[r * v..(r + 1) * v];
+    Ok((0..n_img)
+        .map(|g| match cfg {
+            Some(s) => cfg_mix(row(g), row(n_img + g), s),
+            None => row(g).to_vec(),
+        })
+        .collect())
 }

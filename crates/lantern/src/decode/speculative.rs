@@ -20,7 +20,7 @@ use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::slots::{row_positions, BlockMask, Slots};
 use super::static_trees::TreeSpec;
 use super::tree::DraftTree;
-use super::{cfg_row, token_budget, DecodeStats, GenerateOptions, Output};
+use super::{cfg_rows, token_budget, DecodeStats, GenerateOptions, Output};
 use crate::accept::{accept_tree, AcceptConfig, Neighbors, TargetRows};
 use crate::sampling::{sample_index, softmax, SamplingParams};
 use crate::{Error, Result};
@@ -78,14 +78,16 @@ impl VerifyLogits {
         }
     }
 
-    /// Logits after column `node` of image g (one device transfer when not on the host).
+    /// Logits after column `node` of image g (one transfer of one row when not on the host).
     fn row(&self, g: usize, node: usize) -> Result<Cow<'_, [f32]>> {
         Ok(match self {
             Self::Host { data, cols, vocab } => {
                 let at = (g * cols + node) * vocab;
                 Cow::Borrowed(&data[at..at + vocab])
             }
-            Self::Device(t) => Cow::Owned(t.i((g, node))?.to_vec1()?),
+            // copy the row to its own storage first: `to_vec1` of a view of a GPU tensor
+            // transfers the whole underlying block
+            Self::Device(t) => Cow::Owned(t.i((g, node))?.force_contiguous()?.to_vec1()?),
         })
     }
 }
@@ -389,8 +391,9 @@ fn run<T: Target, D: DraftModel>(
     let logits = target.lm_head(&hidden.narrow(1, cls - 1, 1)?)?;
     t_verify += t.elapsed().as_secs_f64();
     let mut tokens: Vec<Vec<u32>> = vec![Vec::with_capacity(budget); n_img];
-    for (g, toks) in tokens.iter_mut().enumerate() {
-        let p = opts.sampling.probs(&cfg_row(&logits, g, n_img, 0, cfg)?);
+    let first = cfg_rows(&logits, n_img, 0, cfg)?;
+    for (g, (toks, row)) in tokens.iter_mut().zip(first).enumerate() {
+        let p = opts.sampling.probs(&row);
         toks.push(sample_index(&p, &mut rngs[g]) as u32);
     }
     let dev: Device = hidden.device().clone();
