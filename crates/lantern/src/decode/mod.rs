@@ -185,6 +185,15 @@ pub(crate) fn token_budget<T: Target>(target: &T, opts: &GenerateOptions) -> Res
     Ok(n)
 }
 
+/// The elements of an f32 tensor on the host, in one transfer of exactly those elements.
+///
+/// Candle's `to_vec*` of a GPU tensor copies its whole storage to the host before slicing, so a
+/// view (a row, a column) of a large block would move the block; the view is first copied to
+/// its own storage on the device.
+pub(crate) fn to_host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.force_contiguous()?.flatten_all()?.to_vec1()?)
+}
+
 /// CFG-combined f32 logits of every image at sequence index `pos` of a `[rows, s, V]` logits
 /// tensor (image g: rows `g` and `n + g` when `cfg`), in one device transfer.
 pub(crate) fn cfg_rows(
@@ -201,12 +210,7 @@ pub(crate) fn cfg_rows(
             format!("{rows} rows for {n_img} images (internal error)"),
         ));
     }
-    // a copy of the column first: `to_vec1` of a view of a GPU tensor transfers the whole block
-    let col: Vec<f32> = logits
-        .narrow(1, pos, 1)?
-        .force_contiguous()?
-        .flatten_all()?
-        .to_vec1()?;
+    let col = to_host_f32(&logits.narrow(1, pos, 1)?)?;
     let row = |r: usize| &col[r * v..(r + 1) * v];
     Ok((0..n_img)
         .map(|g| match cfg {
@@ -214,4 +218,23 @@ pub(crate) fn cfg_rows(
             None => row(g).to_vec(),
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+
+    #[test]
+    fn cfg_rows_mix_each_image_at_one_position() -> Result<()> {
+        // [rows 4, s 2, V 3]: images 0 and 1, conditional rows first
+        let t = Tensor::arange(0f32, 24., &Device::Cpu)?.reshape((4, 2, 3))?;
+        let row = |r: usize| -> Result<Vec<f32>> { Ok(t.i((r, 1))?.to_vec1()?) };
+        let mixed = cfg_rows(&t, 2, 1, Some(2.0))?;
+        assert_eq!(mixed[0], cfg_mix(&row(0)?, &row(2)?, 2.0));
+        assert_eq!(mixed[1], cfg_mix(&row(1)?, &row(3)?, 2.0));
+        assert_eq!(cfg_rows(&t, 2, 1, None)?, vec![row(0)?, row(1)?]);
+        assert!(cfg_rows(&t, 3, 0, Some(2.0)).is_err());
+        Ok(())
+    }
 }

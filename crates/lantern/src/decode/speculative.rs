@@ -20,7 +20,7 @@ use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::slots::{row_positions, BlockMask, Slots};
 use super::static_trees::TreeSpec;
 use super::tree::DraftTree;
-use super::{cfg_rows, token_budget, DecodeStats, GenerateOptions, Output};
+use super::{cfg_rows, to_host_f32, token_budget, DecodeStats, GenerateOptions, Output};
 use crate::accept::{accept_tree, AcceptConfig, Neighbors, TargetRows};
 use crate::sampling::{sample_index, softmax, SamplingParams};
 use crate::{Error, Result};
@@ -45,8 +45,8 @@ fn row_probs(sampling: &SamplingParams, logits: &[f32]) -> Vec<f32> {
 /// the host in one transfer per step.
 ///
 /// The trade-off: acceptance reads only a few rows per image (the accepted path and its
-/// tested children), but every separate read is a device synchronisation (tens of
-/// microseconds on a GPU). One transfer of the whole block costs one synchronisation plus its
+/// tested children, about 3-4 on the fashion model), but every separate read is a device
+/// synchronisation (tens of microseconds on a GPU). One transfer of the whole block costs one synchronisation plus its
 /// bytes; it wins while the bytes are small (the 1024-code fashion model: 11.7 MB at batch 50
 /// with 57 nodes; LlamaGen's 16384 codes: 3.8 MB per image). Above this the rows are fetched
 /// one at a time, as the unread bulk would cost more than the saved synchronisations.
@@ -69,7 +69,7 @@ impl VerifyLogits {
         let (n_img, cols, vocab) = mixed.dims3()?;
         if n_img * cols * vocab * std::mem::size_of::<f32>() <= max_bytes {
             Ok(Self::Host {
-                data: mixed.flatten_all()?.to_vec1()?,
+                data: to_host_f32(&mixed)?,
                 cols,
                 vocab,
             })
@@ -85,9 +85,7 @@ impl VerifyLogits {
                 let at = (g * cols + node) * vocab;
                 Cow::Borrowed(&data[at..at + vocab])
             }
-            // copy the row to its own storage first: `to_vec1` of a view of a GPU tensor
-            // transfers the whole underlying block
-            Self::Device(t) => Cow::Owned(t.i((g, node))?.force_contiguous()?.to_vec1()?),
+            Self::Device(t) => Cow::Owned(to_host_f32(&t.i((g, node))?)?),
         })
     }
 }
@@ -141,7 +139,7 @@ fn drafter_probs<T: Target>(
 ) -> Result<Vec<Vec<Vec<f32>>>> {
     let mixed = cfg_mix_device(target.lm_head(feats)?, n_img, cfg)?;
     let (_, s, v) = mixed.dims3()?;
-    let flat: Vec<f32> = mixed.flatten_all()?.to_vec1()?;
+    let flat = to_host_f32(&mixed)?;
     if v == 0 {
         return Ok(vec![vec![Vec::new(); s]; n_img]);
     }
