@@ -14,6 +14,10 @@
 //! reach a threshold (a quarter of the longest image, at least 8 slots), one gather per cache
 //! layer moves each row's valid slots to the front. Finished images commit nothing (their rows
 //! are still computed) until the last one is done.
+//!
+//! Device-to-host transfers per step do not grow with the batch: one per drafter call (the
+//! root's distribution and every drafted level, all images at once) and one of the whole
+//! verification block while it is at most [`HOST_BLOCK_BYTES`] (else one per row read).
 use super::draft::{draft_static, Expand};
 use super::dynamic::draft_dynamic;
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
