@@ -1,6 +1,6 @@
 //! Plain autoregressive decoding with CFG batch 2 (conditional rows first).
 use super::model::{Target, Visibility};
-use super::{cfg_row, token_budget, DecodeStats, GenerateOptions, Output};
+use super::{cfg_rows, token_budget, DecodeStats, GenerateOptions, Output};
 use crate::sampling::sample_index;
 use crate::Result;
 use candle_core::{Device, Tensor};
@@ -33,8 +33,8 @@ pub fn generate_ar<T: Target>(
     let mut tokens: Vec<Vec<u32>> = vec![Vec::with_capacity(budget); n_img];
     let device: Device = logits.device().clone();
     loop {
-        for (g, toks) in tokens.iter_mut().enumerate() {
-            let row = cfg_row(&logits, g, n_img, 0, cfg)?;
+        let rows_now = cfg_rows(&logits, n_img, 0, cfg)?;
+        for (g, (toks, row)) in tokens.iter_mut().zip(rows_now).enumerate() {
             let p = opts.sampling.probs(&row);
             toks.push(sample_index(&p, &mut rngs[g]) as u32);
         }

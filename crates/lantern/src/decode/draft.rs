@@ -24,10 +24,22 @@ pub trait Expand {
 }
 
 /// Indices of the `k` largest values, largest first (ties: lower index first).
+///
+/// Linear in `p.len()` (a selection, then a sort of the `k` picks): called for every drafted
+/// node of every image, so a full sort of the vocabulary would dominate batched drafting.
 pub fn top_k_indices(p: &[f32], k: usize) -> Vec<usize> {
+    // a total order (indices are distinct), so selection + sort equals a full sort's prefix
+    let order = |a: &usize, b: &usize| p[*b].total_cmp(&p[*a]).then(a.cmp(b));
     let mut idx: Vec<usize> = (0..p.len()).collect();
-    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-    idx.truncate(k);
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, order);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(order);
     idx
 }
 
@@ -161,6 +173,27 @@ mod tests {
     use rand::SeedableRng;
 
     use crate::decode::test_util::Table;
+
+    #[test]
+    fn top_k_equals_the_prefix_of_a_full_sort() {
+        use rand::Rng;
+        let mut rng = StdRng::seed_from_u64(5);
+        for v in [1usize, 2, 7, 64, 300] {
+            // few distinct values: many ties, which must go to the lower index
+            let p: Vec<f32> = (0..v)
+                .map(|_| rng.random_range(0..6) as f32 / 5.0)
+                .collect();
+            let mut full: Vec<usize> = (0..v).collect();
+            full.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            for k in [0, 1, 3, v - 1, v, v + 2] {
+                assert_eq!(
+                    top_k_indices(&p, k),
+                    full[..k.min(v)].to_vec(),
+                    "v {v} k {k}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn greedy_static_tree_is_top_k_of_each_node() {

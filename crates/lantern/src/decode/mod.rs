@@ -23,7 +23,7 @@ pub use crate::accept::{AcceptConfig, Neighbors, Relaxation, Residual};
 use self::model::{DraftModel, Target};
 use crate::sampling::{cfg_mix, SamplingParams};
 use crate::{Error, Result};
-use candle_core::{IndexOp, Tensor};
+use candle_core::Tensor;
 
 /// How tokens are produced.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -185,21 +185,56 @@ pub(crate) fn token_budget<T: Target>(target: &T, opts: &GenerateOptions) -> Res
     Ok(n)
 }
 
-/// CFG-combined f32 logits of image `g` at sequence index `pos` of a `[rows, s, V]` logits
-/// tensor (rows `g` and `n + g` when `cfg`).
-pub(crate) fn cfg_row(
+/// The elements of an f32 tensor on the host, in one transfer of exactly those elements.
+///
+/// Candle's `to_vec*` of a GPU tensor copies its whole storage to the host before slicing, so a
+/// view (a row, a column) of a large block would move the block; the view is first copied to
+/// its own storage on the device.
+pub(crate) fn to_host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.force_contiguous()?.flatten_all()?.to_vec1()?)
+}
+
+/// CFG-combined f32 logits of every image at sequence index `pos` of a `[rows, s, V]` logits
+/// tensor (image g: rows `g` and `n + g` when `cfg`), in one device transfer.
+pub(crate) fn cfg_rows(
     logits: &Tensor,
-    g: usize,
     n_img: usize,
     pos: usize,
     cfg: Option<f32>,
-) -> Result<Vec<f32>> {
-    let c: Vec<f32> = logits.i((g, pos))?.to_vec1()?;
-    Ok(match cfg {
-        Some(s) => {
-            let u: Vec<f32> = logits.i((n_img + g, pos))?.to_vec1()?;
-            cfg_mix(&c, &u, s)
-        }
-        None => c,
-    })
+) -> Result<Vec<Vec<f32>>> {
+    let (rows, _, v) = logits.dims3()?;
+    let need = if cfg.is_some() { 2 * n_img } else { n_img };
+    if rows < need {
+        return Err(Error::invalid(
+            "logits",
+            format!("{rows} rows for {n_img} images (internal error)"),
+        ));
+    }
+    let col = to_host_f32(&logits.narrow(1, pos, 1)?)?;
+    let row = |r: usize| &col[r * v..(r + 1) * v];
+    Ok((0..n_img)
+        .map(|g| match cfg {
+            Some(s) => cfg_mix(row(g), row(n_img + g), s),
+            None => row(g).to_vec(),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+
+    #[test]
+    fn cfg_rows_mix_each_image_at_one_position() -> Result<()> {
+        // [rows 4, s 2, V 3]: images 0 and 1, conditional rows first
+        let t = Tensor::arange(0f32, 24., &Device::Cpu)?.reshape((4, 2, 3))?;
+        let row = |r: usize| -> Result<Vec<f32>> { Ok(t.i((r, 1))?.to_vec1()?) };
+        let mixed = cfg_rows(&t, 2, 1, Some(2.0))?;
+        assert_eq!(mixed[0], cfg_mix(&row(0)?, &row(2)?, 2.0));
+        assert_eq!(mixed[1], cfg_mix(&row(1)?, &row(3)?, 2.0));
+        assert_eq!(cfg_rows(&t, 2, 1, None)?, vec![row(0)?, row(1)?]);
+        assert!(cfg_rows(&t, 3, 0, Some(2.0)).is_err());
+        Ok(())
+    }
 }
