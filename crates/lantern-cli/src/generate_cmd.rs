@@ -150,6 +150,10 @@ pub struct GenerateArgs {
     /// Overwrite existing files in the output folder.
     #[arg(long)]
     pub force: bool,
+    /// Write each image into a sub-folder named after its class (`OUT/sneaker/0007.png`), the
+    /// layout `lantern eval` reads (class generation only).
+    #[arg(long)]
+    pub by_class: bool,
     /// Write the token grids as JSON (`{"grid":[h,w],"images":[[...],...]}`).
     #[arg(long)]
     pub save_tokens: Option<PathBuf>,
@@ -326,11 +330,18 @@ pub fn decode_images(
     Ok((all, w, h, c))
 }
 
-fn check_outputs(a: &GenerateArgs, n: usize) -> Result<()> {
+fn check_outputs(
+    a: &GenerateArgs,
+    bundle: &ModelBundle,
+    labels: Option<&[u32]>,
+    n: usize,
+) -> Result<()> {
     if a.force {
         return Ok(());
     }
-    let mut paths: Vec<PathBuf> = (0..n).map(|i| a.out.join(format!("{i:04}.png"))).collect();
+    let mut paths: Vec<PathBuf> = (0..n)
+        .map(|i| image_path(a, bundle, labels, i))
+        .collect::<Result<_>>()?;
     paths.push(a.out.join("grid.png"));
     paths.extend(a.save_tokens.clone());
     paths.extend(a.stats_json.clone());
@@ -373,7 +384,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let sampling = a.decode.sampling()?;
     let dec = a.decoding_mode(&bundle, sampling.is_greedy())?;
     let total = classes.len() * a.num;
-    check_outputs(&a, total)?;
+    let labels: Vec<u32> = classes
+        .iter()
+        .flat_map(|&c| std::iter::repeat_n(c, a.num))
+        .collect();
+    check_outputs(&a, &bundle, Some(&labels), total)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create output folder {}", a.out.display()))?;
     let pb = progress_bar(total as u64, "generate");
@@ -389,7 +404,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     )?;
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    write_outputs(&a, &bundle, &gen.tokens, &gen.stats)?;
+    write_outputs(&a, &bundle, &gen.tokens, &gen.stats, Some(&gen.classes))?;
     let n = gen.stats.len().max(1) as f64;
     let tau = gen.stats.iter().map(|s| s.tau).sum::<f64>() / n;
     let fwd = gen
@@ -436,7 +451,10 @@ fn run_prompts(a: &GenerateArgs, bundle: &ModelBundle, dev: &candle_core::Device
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.clone(), a.num))
         .collect();
-    check_outputs(a, prompts.len())?;
+    if a.by_class {
+        bail!("--by-class sorts images by class; with --prompt there are no classes: drop it");
+    }
+    check_outputs(a, bundle, None, prompts.len())?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create output folder {}", a.out.display()))?;
     let pb = progress_bar(prompts.len() as u64, "generate");
@@ -465,7 +483,7 @@ fn run_prompts(a: &GenerateArgs, bundle: &ModelBundle, dev: &candle_core::Device
     }
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    write_outputs(a, bundle, &tokens, &stats)?;
+    write_outputs(a, bundle, &tokens, &stats, None)?;
     println!(
         "{} images for {} prompts in {:.2} s -> {}",
         prompts.len(),
@@ -482,10 +500,16 @@ fn write_outputs(
     bundle: &ModelBundle,
     tokens: &[Vec<u32>],
     stats: &[lantern::decode::DecodeStats],
+    labels: Option<&[u32]>,
 ) -> Result<()> {
     let (pixels, w, h, c) = decode_images(bundle, tokens)?;
     for (i, p) in pixels.iter().enumerate() {
-        save_png(&a.out.join(format!("{i:04}.png")), p, w, h, c, a.force)?;
+        let path = image_path(a, bundle, labels, i)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+        }
+        save_png(&path, p, w, h, c, a.force)?;
     }
     save_grid(
         &a.out.join("grid.png"),
@@ -508,6 +532,28 @@ fn write_outputs(
         write_json(p, &stats, a.force)?;
     }
     Ok(())
+}
+
+/// Where image `i` goes: `OUT/NNNN.png`, or `OUT/<class>/NNNN.png` with `--by-class`.
+fn image_path(
+    a: &GenerateArgs,
+    bundle: &ModelBundle,
+    labels: Option<&[u32]>,
+    i: usize,
+) -> Result<PathBuf> {
+    let name = format!("{i:04}.png");
+    if !a.by_class {
+        return Ok(a.out.join(name));
+    }
+    let label = labels
+        .and_then(|l| l.get(i))
+        .ok_or_else(|| anyhow::anyhow!("--by-class needs class generation (not --prompt)"))?;
+    let class = bundle
+        .class_names
+        .get(*label as usize)
+        .cloned()
+        .unwrap_or_else(|| format!("class{label}"));
+    Ok(a.out.join(class).join(name))
 }
 
 /// The tree `auto` stands for on `device`: measured in docs/BENCHMARKS.md, the 58-node static

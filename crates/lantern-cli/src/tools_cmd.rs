@@ -3,7 +3,7 @@ use crate::common::{check_new_output, DeviceOpts};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use lantern::accept::{Metric, Neighbors};
-use lantern::data::{fashion_mnist, image_folder, Split, FASHION_MNIST_DIR};
+use lantern::data::{fashion_mnist, image_folder, image_folder_side, Split, FASHION_MNIST_DIR};
 use lantern::eval::{fid, Classifier, FeatureStats};
 use lantern::image::{save_grid, save_png, to_u8, TokenFile};
 use lantern::models::vq::VqModel;
@@ -160,7 +160,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let dev = a.device.device()?;
     let clf = Classifier::load_dir(&a.classifier, &dev)?;
     let cfg = clf.config().clone();
-    let mut gen = image_folder(&a.images, 28, cfg.in_channels)?;
+    // read at the images' own size: the classifier centre-crops or pads them exactly as it did
+    // its training data (resizing 32 px generations to 28 px would shrink every object)
+    let side = image_folder_side(&a.images)?;
+    let mut gen = image_folder(&a.images, side, cfg.in_channels)?;
     // map folder class names onto the classifier's ids
     let ids: Vec<u32> = gen
         .class_names

@@ -101,6 +101,53 @@ fn generate_decode_round_trip_and_refuse_overwrite() {
 }
 
 #[test]
+fn by_class_folders_feed_eval() {
+    let out = tmp("byclass");
+    let o = out.to_str().unwrap();
+    let (ok, _, stderr) = run(&[
+        "generate",
+        "--class",
+        "sneaker,trouser",
+        "-n",
+        "1",
+        "--by-class",
+        "--out",
+        o,
+        "--device",
+        "cpu",
+        "--decoding",
+        "ar",
+    ]);
+    assert!(ok, "{stderr}");
+    for f in ["sneaker/0000.png", "trouser/0001.png", "grid.png"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    assert!(!out.join("0000.png").exists());
+    let clf = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../models/fashion/classifier"
+    );
+    let (ok, stdout, stderr) = run(&["eval", "--classifier", clf, o, "--device", "cpu"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("accuracy"), "{stdout}");
+    // the same outputs again are refused before any work, naming --force
+    let (ok, _, stderr) = run(&[
+        "generate",
+        "--class",
+        "trouser",
+        "-n",
+        "1",
+        "--by-class",
+        "--out",
+        o,
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && stderr.contains("--force"), "{stderr}");
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
 fn bad_input_gives_one_line_errors() {
     let out = tmp("bad");
     let o = out.to_str().unwrap();

@@ -62,6 +62,36 @@ pub fn image_folder(dir: &Path, size: usize, channels: usize) -> Result<ImageDat
     Ok(ds)
 }
 
+/// Side of the first PNG under `dir/<class>/` (sorted order), which must be square: read a
+/// folder at its own resolution with `image_folder(dir, image_folder_side(dir)?, c)` (e.g.
+/// generated images, whose evaluation must not rescale them).
+pub fn image_folder_side(dir: &Path) -> Result<usize> {
+    let classes = sorted_entries(dir, |p| p.is_dir()).map_err(|e| {
+        Error::load(
+            dir,
+            format!("{e} (expected a folder with one sub-folder of PNGs per class)"),
+        )
+    })?;
+    for class_dir in &classes {
+        let files = sorted_entries(class_dir, |p| {
+            p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"))
+        })
+        .map_err(|e| Error::load(class_dir, e.to_string()))?;
+        if let Some(f) = files.first() {
+            let (w, h) = image::image_dimensions(f)
+                .map_err(|e| Error::load(f, format!("unreadable image: {e}")))?;
+            if w != h {
+                return Err(Error::load(
+                    f,
+                    format!("{w}x{h} is not square; give square images"),
+                ));
+            }
+            return Ok(w as usize);
+        }
+    }
+    Err(Error::load(dir, "no PNG images in any class sub-folder"))
+}
+
 fn sorted_entries(dir: &Path, keep: impl Fn(&Path) -> bool) -> std::io::Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -121,6 +151,8 @@ mod tests {
         assert!(ds.image(0).iter().all(|&p| p.abs_diff(50) <= 1));
         assert!(ds.image(1).iter().all(|&p| p.abs_diff(200) <= 1));
         assert!(image_folder(&root.join("missing"), 2, 1).is_err());
+        assert_eq!(image_folder_side(&root)?, 4);
+        assert!(image_folder_side(&root.join("missing")).is_err());
         std::fs::remove_dir_all(&root)?;
         Ok(())
     }

@@ -4,7 +4,7 @@ pub mod folder;
 pub mod idx;
 pub mod tokens;
 
-pub use folder::image_folder;
+pub use folder::{image_folder, image_folder_side};
 pub use idx::{fashion_mnist, Split};
 pub use tokens::TokenDataset;
 
