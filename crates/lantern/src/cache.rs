@@ -121,13 +121,8 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    /// Compacts a verified block: the entries at `start + rows[i]` move to `start + i`, then the
-    /// length becomes `start + rows.len()`. Only the block after `start` is gathered.
-    pub fn keep(&mut self, start: usize, rows: &[usize]) -> Result<()> {
-        let Some(&max_row) = rows.iter().max() else {
-            self.len = self.len.min(start);
-            return Ok(());
-        };
+    /// Rejects a kept row at or past the filled length (rows index the last block only).
+    fn check_block_row(&self, start: usize, max_row: usize) -> Result<()> {
         if start + max_row >= self.len {
             return Err(Error::invalid(
                 "KV cache keep",
@@ -138,6 +133,17 @@ impl KvCache {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Compacts a verified block: the entries at `start + rows[i]` move to `start + i`, then the
+    /// length becomes `start + rows.len()`. Only the block after `start` is gathered.
+    pub fn keep(&mut self, start: usize, rows: &[usize]) -> Result<()> {
+        let Some(&max_row) = rows.iter().max() else {
+            self.len = self.len.min(start);
+            return Ok(());
+        };
+        self.check_block_row(start, max_row)?;
         let dev = self.k.device().clone();
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx = Tensor::from_vec(idx, rows.len(), &dev)?;
@@ -181,16 +187,7 @@ impl KvCache {
             return self.keep(start, first);
         }
         let max_row = rows.iter().flatten().copied().max().unwrap_or(0);
-        if start + max_row >= self.len {
-            return Err(Error::invalid(
-                "KV cache keep",
-                format!(
-                    "row {} past the filled length {} (start {start}); keep rows of the last block only",
-                    start + max_row,
-                    self.len
-                ),
-            ));
-        }
+        self.check_block_row(start, max_row)?;
         let dev = self.k.device().clone();
         let idx: Vec<u32> = rows.iter().flatten().map(|&r| r as u32).collect();
         let (n_layer, _, h, _, d) = self.k.dims5()?;
