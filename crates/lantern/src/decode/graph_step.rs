@@ -38,10 +38,9 @@ pub fn force_fixed_shape(on: bool) {
     FORCE_FIXED.with(|f| f.set(on));
 }
 
-/// Whether target forwards on `device` take the fixed-shape path (graphs enabled there, or
-/// forced by [`force_fixed_shape`]).
-pub fn fixed_shape_path(device: &Device) -> bool {
-    graphs_enabled(device) || FORCE_FIXED.with(|f| f.get())
+/// Whether [`force_fixed_shape`] is on for this thread.
+fn fixed_shape_forced() -> bool {
+    FORCE_FIXED.with(|f| f.get())
 }
 
 /// A model whose step can run with fixed shapes (see [`LlamaGen::forward_fixed`]).
@@ -110,8 +109,6 @@ pub struct GraphStep {
     /// Input features `[rows, s, d]` (drafter only).
     features: Option<Tensor>,
     pos: Tensor,
-    /// Tokens per row.
-    s: usize,
     mask: Tensor,
     hidden: Tensor,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -144,7 +141,6 @@ impl GraphStep {
             ids: Tensor::zeros((rows, s), DType::U32, &dev)?,
             features,
             pos: Tensor::zeros(pos_dims, DType::U32, &dev)?,
-            s,
             mask: Tensor::zeros((rows, 1, s, max_len), DType::F32, &dev)?,
             hidden: Tensor::zeros((rows, s, width), dtype, &dev)?,
             capture,
@@ -170,9 +166,14 @@ impl GraphStep {
         }
     }
 
+    /// Tokens per row.
+    fn tokens(&self) -> usize {
+        self.ids.dims()[1]
+    }
+
     /// Slot of the staging block: the last `s` slots of the cache.
     fn staging_at(&self) -> Result<usize> {
-        Ok(self.mask.dim(3)? - self.s)
+        Ok(self.mask.dim(3)? - self.tokens())
     }
 
     /// The fixed-shape computation over the input buffers; every temporary is dropped before
@@ -191,10 +192,13 @@ impl GraphStep {
         Ok(())
     }
 
-    /// Whether a block fits behind the filled length without reaching the staging block.
+    /// Whether a block fits behind the filled length of `cache` (one this step [`fits`]) without
+    /// reaching the staging block.
+    ///
+    /// [`fits`]: GraphStep::fits
     pub fn has_room(&self, cache: &KvCache) -> bool {
         self.staging_at()
-            .is_ok_and(|at| cache.len() + self.s <= at && cache.max_len() == at + self.s)
+            .is_ok_and(|at| cache.len() + self.tokens() <= at)
     }
 
     /// Runs `ids` `[rows, s]` at RoPE rows `pos` under the additive `mask` `[rows, 1, s,
@@ -210,7 +214,7 @@ impl GraphStep {
         pos: &Tensor,
         mask: &Tensor,
     ) -> Result<Tensor> {
-        let (s, len) = (self.s, cache.len());
+        let (s, len) = (self.tokens(), cache.len());
         let (rows, one, ms, keys) = mask.dims4()?;
         if !self.fits(ids.dims(), pos.dims(), cache.max_len())
             || !self.has_room(cache)
@@ -476,15 +480,16 @@ impl GraphCache {
         pos: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        let dev = model.fixed_device().clone();
+        // graphs are on exactly when the cache came from (and returns to) the pool
+        let capture = self.pool.is_some();
         let past = self.kv.len();
-        if past == 0 || !fixed_shape_path(&dev) {
+        if past == 0 || !(capture || fixed_shape_forced()) {
             return Ok(None);
         }
+        let dev = model.fixed_device().clone();
         let (rows, s) = ids.dims2()?;
         let width = features.map(|f| f.dim(2)).transpose()?;
         let max_len = self.kv.max_len();
-        let capture = graphs_enabled(&dev);
         let Some(g) = self
             .graphs
             .get(model, ids.dims(), pos.dims(), width, max_len, capture)?
