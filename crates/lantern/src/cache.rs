@@ -1,17 +1,17 @@
 //! Preallocated key/value caches written in place, with the two rollback operations that
 //! speculative decoding needs: `truncate` after a rejection and `keep` to compact the accepted
 //! path of a verified draft tree.
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 
 use crate::{Error, Result};
 
-/// K and V buffers of all layers, `[n_layer, b, n_kv_head, max_len, head_dim]` each (one
-/// tensor, so that compaction is a handful of kernels for the whole model, not a few per
-/// layer), plus the filled length shared by all layers.
+/// K and V buffers of all layers in one tensor `[2, n_layer, b, n_kv_head, max_len, head_dim]`
+/// (K at index 0, V at 1; one tensor, so that compaction is a handful of kernels for the whole
+/// model, not a few per layer, and fused kernels write both in one launch), plus the filled
+/// length shared by all layers.
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    k: Tensor,
-    v: Tensor,
+    kv: Tensor,
     len: usize,
     max_len: usize,
     /// Fixed-shape mode: new entries are written at this fixed slot (the staging block, see
@@ -30,12 +30,10 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let shape = (n_layer, b, n_kv_head, max_len, head_dim);
-        let k = Tensor::zeros(shape, dtype, device)?;
-        let v = Tensor::zeros(shape, dtype, device)?;
+        let shape = (2, n_layer, b, n_kv_head, max_len, head_dim);
+        let kv = Tensor::zeros(shape, dtype, device)?;
         Ok(Self {
-            k,
-            v,
+            kv,
             len: 0,
             max_len,
             staging: None,
@@ -44,11 +42,10 @@ impl KvCache {
 
     /// A cache with no layers and no capacity (a placeholder for moved-out caches).
     pub fn empty() -> Self {
-        let t = Tensor::zeros((0, 0, 0, 0, 0), DType::F32, &Device::Cpu)
+        let kv = Tensor::zeros((2, 0, 0, 0, 0, 0), DType::F32, &Device::Cpu)
             .expect("a zero-sized CPU tensor always allocates");
         Self {
-            k: t.clone(),
-            v: t,
+            kv,
             len: 0,
             max_len: 0,
             staging: None,
@@ -83,10 +80,8 @@ impl KvCache {
                 ),
             ));
         }
-        for t in [&self.k, &self.v] {
-            let block = t.narrow(3, from, s)?.contiguous()?;
-            t.slice_set(&block, 3, self.len)?;
-        }
+        let block = self.kv.narrow(4, from, s)?.contiguous()?;
+        self.kv.slice_set(&block, 4, self.len)?;
         self.len += s;
         Ok(())
     }
@@ -108,12 +103,12 @@ impl KvCache {
 
     /// Number of layers.
     pub fn n_layer(&self) -> usize {
-        self.k.dim(0).unwrap_or(0)
+        self.kv.dim(1).unwrap_or(0)
     }
 
     /// Batch size the cache was allocated for.
     pub fn batch(&self) -> usize {
-        self.k.dim(1).unwrap_or(0)
+        self.kv.dim(2).unwrap_or(0)
     }
 
     /// Forgets everything after the first `len` positions (no copy).
@@ -144,17 +139,16 @@ impl KvCache {
             return Ok(());
         };
         self.check_block_row(start, max_row)?;
-        let dev = self.k.device().clone();
+        let dev = self.kv.device().clone();
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx = Tensor::from_vec(idx, rows.len(), &dev)?;
-        for t in [&self.k, &self.v] {
-            // Copy only the block (index_select needs a contiguous source).
-            let block = t
-                .narrow(3, start, max_row + 1)?
-                .contiguous()?
-                .index_select(&idx, 3)?;
-            t.slice_set(&block, 3, start)?;
-        }
+        // Copy only the block (index_select needs a contiguous source).
+        let block = self
+            .kv
+            .narrow(4, start, max_row + 1)?
+            .contiguous()?
+            .index_select(&idx, 4)?;
+        self.kv.slice_set(&block, 4, start)?;
         self.len = start + rows.len();
         Ok(())
     }
@@ -188,17 +182,17 @@ impl KvCache {
         }
         let max_row = rows.iter().flatten().copied().max().unwrap_or(0);
         self.check_block_row(start, max_row)?;
-        let dev = self.k.device().clone();
+        let dev = self.kv.device().clone();
         let idx: Vec<u32> = rows.iter().flatten().map(|&r| r as u32).collect();
-        let (n_layer, _, h, _, d) = self.k.dims5()?;
-        let ix = Tensor::from_vec(idx, (1, b, 1, m, 1), &dev)?
-            .broadcast_as((n_layer, b, h, m, d))?
+        let &[two, n_layer, _, h, _, d] = self.kv.dims() else {
+            unreachable!("the cache tensor has rank 6")
+        };
+        let ix = Tensor::from_vec(idx, (1, 1, b, 1, m, 1), &dev)?
+            .broadcast_as((two, n_layer, b, h, m, d))?
             .contiguous()?;
-        for t in [&self.k, &self.v] {
-            let block = t.narrow(3, start, max_row + 1)?.contiguous()?;
-            let kept = block.gather(&ix, 3)?;
-            t.slice_set(&kept, 3, start)?;
-        }
+        let block = self.kv.narrow(4, start, max_row + 1)?.contiguous()?;
+        let kept = block.gather(&ix, 4)?;
+        self.kv.slice_set(&kept, 4, start)?;
         self.len = start + m;
         Ok(())
     }
@@ -209,7 +203,27 @@ impl KvCache {
     /// whole buffers.
     /// The length itself advances only with [`KvCache::advance`], after the last layer.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let s = k.dim(2)?;
+        let &[b, h, s, _] = k.dims() else {
+            return Err(Error::invalid(
+                "KV cache",
+                format!("new keys {:?} are not [b, heads, s, head_dim]", k.dims()),
+            ));
+        };
+        self.check_write(layer, b, h, s)?;
+        let (ck, cv) = (&self.kv.i((0, layer))?, &self.kv.i((1, layer))?);
+        if let Some(at) = self.staging {
+            ck.slice_set(&k.contiguous()?, 2, at)?;
+            cv.slice_set(&v.contiguous()?, 2, at)?;
+            return Ok((ck.clone(), cv.clone()));
+        }
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        let n = self.len + s;
+        Ok((ck.narrow(2, 0, n)?, cv.narrow(2, 0, n)?))
+    }
+
+    /// Checks that `s` new positions of `layer` for `b` rows of `heads` K/V heads fit.
+    fn check_write(&self, layer: usize, b: usize, heads: usize, s: usize) -> Result<()> {
         if self.staging.is_none() && self.len + s > self.max_len {
             return Err(Error::invalid(
                 "KV cache",
@@ -222,26 +236,36 @@ impl KvCache {
         if layer >= self.n_layer() {
             return Err(Error::invalid("KV cache", format!("no layer {layer}")));
         }
-        let (ck, cv) = (&self.k.get(layer)?, &self.v.get(layer)?);
-        if k.dims()[..2] != ck.dims()[..2] {
+        let dims = self.kv.dims();
+        if [b, heads] != dims[2..4] {
             return Err(Error::invalid(
                 "KV cache",
                 format!(
                     "batch/heads {:?} differ from the cache's {:?}; allocate it for this batch",
-                    &k.dims()[..2],
-                    &ck.dims()[..2]
+                    [b, heads],
+                    &dims[2..4]
                 ),
             ));
         }
-        if let Some(at) = self.staging {
-            ck.slice_set(&k.contiguous()?, 2, at)?;
-            cv.slice_set(&v.contiguous()?, 2, at)?;
-            return Ok((ck.clone(), cv.clone()));
-        }
-        ck.slice_set(&k.contiguous()?, 2, self.len)?;
-        cv.slice_set(&v.contiguous()?, 2, self.len)?;
-        let n = self.len + s;
-        Ok((ck.narrow(2, 0, n)?, cv.narrow(2, 0, n)?))
+        Ok(())
+    }
+
+    /// For kernels that write the cache themselves: checks that `s` new positions of `layer`
+    /// fit and returns the whole buffer tensor (`[2, n_layer, b, heads, max_len, head_dim]`),
+    /// the slot where the new positions go (the filled length, or the staging slot) and the
+    /// number of keys attention then covers (filled length + `s`, or `max_len` when staging).
+    pub fn write_slot(
+        &self,
+        layer: usize,
+        b: usize,
+        heads: usize,
+        s: usize,
+    ) -> Result<(&Tensor, usize, usize)> {
+        self.check_write(layer, b, heads, s)?;
+        Ok(match self.staging {
+            Some(at) => (&self.kv, at, self.max_len),
+            None => (&self.kv, self.len, self.len + s),
+        })
     }
 
     /// Marks `s` freshly appended positions as filled (not in the fixed-shape mode, where
@@ -254,7 +278,6 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::IndexOp;
 
     fn filled(n: usize) -> Result<KvCache> {
         let dev = Device::Cpu;
@@ -274,13 +297,15 @@ mod tests {
         c.keep(2, &[0, 3])?; // positions 2 and 5 -> 2 and 3
         assert_eq!(c.len(), 4);
         let k =
-            c.k.get(1)?
+            c.kv.get(0)?
+                .get(1)?
                 .narrow(2, 0, 4)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
         assert_eq!(k, vec![0., 1., 2., 3., 4., 5., 10., 11.]);
         let v =
-            c.v.get(0)?
+            c.kv.get(1)?
+                .get(0)?
                 .narrow(2, 3, 1)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
@@ -301,7 +326,7 @@ mod tests {
         c.advance(5);
         c.keep(1, &[3, 1])?;
         assert_eq!(c.len(), 3);
-        let got = c.k.get(0)?.narrow(2, 0, 3)?;
+        let got = c.kv.get(0)?.get(0)?.narrow(2, 0, 3)?;
         let idx = Tensor::new(&[0u32, 4, 2], &dev)?;
         let want = t.index_select(&idx, 2)?;
         let diff = (got - want)?.abs()?.sum_all()?.to_scalar::<f32>()?;
@@ -319,14 +344,15 @@ mod tests {
         c.keep_rows(1, &[vec![0, 3], vec![2, 1]])?;
         assert_eq!(c.len(), 3);
         let k =
-            c.k.get(0)?
+            c.kv.get(0)?
+                .get(0)?
                 .narrow(2, 0, 3)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
         // row 0 keeps positions 0, 1, 4; row 1 keeps 0, 3, 2 (two heads each)
         let want = [0., 1., 4., 5., 6., 9., 10., 13., 12., 15., 18., 17.];
         assert_eq!(k, want);
-        let v = c.v.get(0)?.i((1, 1, 1, 0))?.to_scalar::<f32>()?;
+        let v = c.kv.get(1)?.get(0)?.i((1, 1, 1, 0))?.to_scalar::<f32>()?;
         assert_eq!(v, 118.);
         assert!(c.keep_rows(0, &[vec![0], vec![0, 1]]).is_err());
         assert!(c.keep_rows(0, &[vec![9], vec![0]]).is_err());

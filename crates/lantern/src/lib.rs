@@ -18,6 +18,7 @@ pub mod data;
 pub mod decode;
 pub mod error;
 pub mod eval;
+pub mod fused;
 pub mod image;
 pub mod load;
 pub mod models;

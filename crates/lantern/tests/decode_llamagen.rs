@@ -348,3 +348,52 @@ fn fixed_shape_path_gives_identical_tokens() -> Result<()> {
     }
     Ok(())
 }
+
+/// The fused kernels' path (run here by their CPU versions) gives the tokens of the op-by-op
+/// reference: AR and speculative decoding (dynamic and static trees, greedy and sampled
+/// LANTERN++), c2i with CFG and t2i with caption padding and grouped-query attention, with and
+/// without the fixed-shape steps that GPUs capture as graphs.
+#[test]
+fn fused_path_gives_identical_tokens() -> Result<()> {
+    use lantern::decode::graph_step::force_fixed_shape;
+    use lantern::fused::force_on_cpu;
+    let cases = [
+        (
+            c2i()?,
+            fixture_drafter(true)?,
+            Condition::Classes(vec![7, 3, 1]),
+        ),
+        (t2i()?, fixture_drafter(false)?, captions()?),
+    ];
+    let lpp = AcceptConfig {
+        relaxation: Relaxation::LanternPP { k: 4, lambda: 2.0 },
+        ..AcceptConfig::default()
+    };
+    for (m, d, cond) in &cases {
+        let runs = [
+            greedy(4.0),
+            greedy(4.0).with_decoding(spec("dynamic", AcceptConfig::default(), None)?),
+            greedy(4.0).with_decoding(spec("naive_extend_57", AcceptConfig::default(), None)?),
+            greedy(4.0)
+                .with_sampling(SamplingParams::default())
+                .with_decoding(spec("chain:3", lpp, Some(neighbors()?))?),
+        ];
+        for opts in &runs {
+            let want = generate(m, Some(d), cond, opts)?;
+            for fixed in [false, true] {
+                force_fixed_shape(fixed);
+                force_on_cpu(true);
+                let got = generate(m, Some(d), cond, opts);
+                force_on_cpu(false);
+                force_fixed_shape(false);
+                let got = got?;
+                assert_eq!(
+                    got.tokens, want.tokens,
+                    "fixed {fixed}: {:?}",
+                    opts.decoding
+                );
+            }
+        }
+    }
+    Ok(())
+}

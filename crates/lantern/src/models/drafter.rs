@@ -189,7 +189,7 @@ impl Drafter {
             torch_linear(d, f, false, m.pp("gate_proj"))?,
             torch_linear(f, d, false, m.pp("down_proj"))?,
             torch_linear(d, f, false, m.pp("up_proj"))?,
-        );
+        )?;
         Ok(Self {
             embed_tokens: embedding(cfg.vocab_size, d, vb.pp("embed_tokens"))?,
             fc: torch_linear(2 * d, d, true, vb.pp("fc"))?,
@@ -353,11 +353,7 @@ impl Drafter {
             self.rope.select_unchecked(positions, b, s)?
         };
         let a = self.attn.forward(&x, &rows, mask, 0, cache)?;
-        let x = (x + a)?;
-        let out = (&x
-            + self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&x)?)?)?;
-        Ok(out)
+        let (x, n) = self.post_attention_layernorm.add_forward(&x, &a)?;
+        Ok((x + self.mlp.forward(&n)?)?)
     }
 }

@@ -120,6 +120,11 @@ impl Attention {
         let (b, s, _) = x.dims3()?;
         let (h, kvh, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let qkv = self.wqkv.forward(x)?;
+        if let Some(c) = &cache {
+            if crate::fused::active(&qkv) && crate::fused::supports_head_dim(&qkv, hd) {
+                return self.forward_fused(&qkv, rope, mask, layer, c);
+            }
+        }
         let v = qkv
             .narrow(D::Minus1, (h + kvh) * hd, kvh * hd)?
             .reshape((b, s, kvh, hd))?
@@ -178,6 +183,41 @@ impl Attention {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h * hd))?;
+        self.wo.forward(&out)
+    }
+}
+
+impl Attention {
+    /// The fused path: one kernel rotates the new keys and writes K/V into the cache, one
+    /// computes attention (queries rotated on load), then `wo`.
+    fn forward_fused(
+        &self,
+        qkv: &Tensor,
+        rope: &RopeRows,
+        mask: &AttnMask,
+        layer: usize,
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        let (b, s, _) = qkv.dims3()?;
+        let heads = crate::fused::Heads {
+            h: self.n_head,
+            kvh: self.n_kv_head,
+            hd: self.head_dim,
+        };
+        let (kv, at, keys) = cache
+            .write_slot(layer, b, self.n_kv_head, s)
+            .map_err(candle_core::Error::wrap)?;
+        let key_mask = match mask {
+            AttnMask::Causal if cache.staging().is_some() => {
+                candle_core::bail!("a fixed-shape KV cache needs an explicit attention mask")
+            }
+            AttnMask::Causal if s == 1 => crate::fused::KeyMask::None,
+            AttnMask::Causal => crate::fused::KeyMask::Causal { past: at },
+            AttnMask::Custom(m) => crate::fused::KeyMask::Additive(m.clone()),
+        };
+        let packed = rope.packed()?;
+        crate::fused::write_kv(kv, qkv, &packed, layer, at, heads)?;
+        let out = crate::fused::attention(qkv, &packed, kv, layer, keys, &key_mask, heads)?;
         self.wo.forward(&out)
     }
 }

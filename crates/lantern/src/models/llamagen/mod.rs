@@ -60,10 +60,29 @@ impl RmsNorm {
     }
 }
 
+impl RmsNorm {
+    /// `h = x + residual` and the norm of `h`, in one kernel on the fused path.
+    pub fn add_forward(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.fused_ok(x) && !residual.track_op() {
+            return crate::fused::add_rms_norm(x, residual, &self.weight, self.eps as f32);
+        }
+        let h = (x + residual)?;
+        let n = self.forward(&h)?;
+        Ok((h, n))
+    }
+
+    fn fused_ok(&self, x: &Tensor) -> bool {
+        crate::fused::active(x) && !self.weight.track_op() && x.dtype() == self.weight.dtype()
+    }
+}
+
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.track_op() || self.weight.track_op() || x.dtype() != self.weight.dtype() {
             return self.forward_ops(x);
+        }
+        if self.fused_ok(x) {
+            return crate::fused::rms_norm(x, &self.weight, self.eps as f32);
         }
         let x = x.contiguous()?;
         let eps = self.eps as f32;
@@ -76,31 +95,55 @@ impl Module for RmsNorm {
 }
 
 /// SwiGLU feed-forward `w2(silu(w1 x) * w3 x)`.
+///
+/// Loaded (not trained) weights keep `w1` and `w3` as one `[2 * hidden, dim]` matrix, with
+/// `w1`/`w3` views into it, so that the fused path runs one projection and one `silu * up`
+/// kernel.
 #[derive(Clone, Debug)]
 pub struct FeedForward {
     w1: Linear,
     w2: Linear,
     w3: Linear,
+    w13: Option<Linear>,
 }
 
 impl FeedForward {
     /// Loads `w1`, `w2`, `w3` under `vb`.
     pub fn load(vb: VarBuilder, dim: usize, hidden: usize) -> Result<Self> {
-        Ok(Self {
-            w1: linear_no_bias(dim, hidden, vb.pp("w1"))?,
-            w2: linear_no_bias(hidden, dim, vb.pp("w2"))?,
-            w3: linear_no_bias(dim, hidden, vb.pp("w3"))?,
-        })
+        Self::from_parts(
+            linear_no_bias(dim, hidden, vb.pp("w1"))?,
+            linear_no_bias(hidden, dim, vb.pp("w2"))?,
+            linear_no_bias(dim, hidden, vb.pp("w3"))?,
+        )
     }
 
     /// Builds the block from loaded projections (gate, down, up).
-    pub fn from_parts(w1: Linear, w2: Linear, w3: Linear) -> Self {
-        Self { w1, w2, w3 }
+    pub fn from_parts(w1: Linear, w2: Linear, w3: Linear) -> Result<Self> {
+        let (g, u) = (w1.weight(), w3.weight());
+        if g.is_variable() || u.is_variable() || g.dims() != u.dims() {
+            return Ok(Self {
+                w1,
+                w2,
+                w3,
+                w13: None,
+            });
+        }
+        let f = g.dim(0)?;
+        let w13 = Tensor::cat(&[g, u], 0)?;
+        Ok(Self {
+            w1: Linear::new(w13.narrow(0, 0, f)?, None),
+            w2,
+            w3: Linear::new(w13.narrow(0, f, f)?, None),
+            w13: Some(Linear::new(w13, None)),
+        })
     }
 }
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(w13) = self.w13.as_ref().filter(|_| crate::fused::active(x)) {
+            return self.w2.forward(&crate::fused::silu_mul(&w13.forward(x)?)?);
+        }
         let g = candle_nn::ops::silu(&self.w1.forward(x)?)?;
         self.w2.forward(&(g * self.w3.forward(x)?)?)
     }
@@ -338,19 +381,26 @@ impl LlamaGen {
         } else {
             self.rope.select_unchecked(positions, b, s)?
         };
-        let mut h = x.to_dtype(self.dtype)?;
+        let h = x.to_dtype(self.dtype)?;
+        let Some(first) = self.layers.first() else {
+            return self.norm.forward(&h);
+        };
+        // each norm also adds the residual before it (one kernel on the fused path)
+        let mut n = first.attention_norm.forward(&h)?;
+        let mut h = h;
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.attention.forward(
-                &layer.attention_norm.forward(&h)?,
-                &rows,
-                mask,
-                i,
-                cache.as_deref_mut(),
-            )?;
-            h = (h + a)?;
-            h = (&h + layer.feed_forward.forward(&layer.ffn_norm.forward(&h)?)?)?;
+            let a = layer
+                .attention
+                .forward(&n, &rows, mask, i, cache.as_deref_mut())?;
+            (h, n) = layer.ffn_norm.add_forward(&h, &a)?;
+            let f = layer.feed_forward.forward(&n)?;
+            let next = match self.layers.get(i + 1) {
+                Some(l) => &l.attention_norm,
+                None => &self.norm,
+            };
+            (h, n) = next.add_forward(&h, &f)?;
         }
-        self.norm.forward(&h)
+        Ok(n)
     }
 
     /// Output projection, computed in the model dtype and returned as f32.

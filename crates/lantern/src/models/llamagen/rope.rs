@@ -117,7 +117,11 @@ impl Rope {
             }
             r => candle_core::bail!("positions must be [s] or [b, s], got rank {r}"),
         };
-        Ok(RopeRows { cos, sin })
+        Ok(RopeRows {
+            cos,
+            sin,
+            packed: std::cell::OnceCell::new(),
+        })
     }
 
     /// Rotates `x` at table rows `positions` (see [`RopeRows::apply`]).
@@ -132,9 +136,23 @@ impl Rope {
 pub struct RopeRows {
     cos: Tensor,
     sin: Tensor,
+    /// `[rows, s, pairs, 2]` (cos, sin) for the fused kernels, built on first use.
+    packed: std::cell::OnceCell<Tensor>,
 }
 
 impl RopeRows {
+    /// The rows packed for the fused kernels: `[1 or b, s, pairs, 2]` f32, cos then sin
+    /// (computed once per forward, shared by all layers).
+    pub fn packed(&self) -> Result<Tensor> {
+        if let Some(p) = self.packed.get() {
+            return Ok(p.clone());
+        }
+        let p = Tensor::stack(&[self.cos.squeeze(2)?, self.sin.squeeze(2)?], D::Minus1)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        Ok(self.packed.get_or_init(|| p).clone())
+    }
+
     /// Rotates adjacent pairs `(x[2p], x[2p+1])` in f32 and casts back to `x`'s dtype.
     ///
     /// # Shapes

@@ -1,0 +1,294 @@
+//! Launches of the kernels in `kernels.cu` (PTX built by build.rs) on candle's CUDA stream.
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
+
+use super::{AttnDims, WriteDims};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+const MODULE: &str = "lantern_fused";
+/// Shared memory a block may use without opting in to more.
+const SHARED_MAX: usize = 48 * 1024;
+
+fn suffix(dt: DType) -> Result<&'static str> {
+    Ok(match dt {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        d => bail!("fused kernels: unsupported dtype {d:?}"),
+    })
+}
+
+fn offsets(l: &Layout) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("fused op: {:?} not contiguous", l.dims())))
+}
+
+fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(slice, dev.clone())
+}
+
+/// Runs `$body` with type alias `$t` for the storage's float dtype.
+macro_rules! typed {
+    ($dt:expr, $t:ident => $body:expr) => {
+        match $dt {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            d => bail!("fused kernels: unsupported dtype {d:?}"),
+        }
+    };
+}
+
+fn launch_cfg(grid: (u32, u32, u32), block: u32, shared: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: shared as u32,
+    }
+}
+
+pub(super) fn norm(
+    eps: f32,
+    x: &CudaStorage,
+    xl: &Layout,
+    residual: Option<(&CudaStorage, &Layout)>,
+    w: &CudaStorage,
+    wl: &Layout,
+) -> Result<CudaStorage> {
+    let dev = x.device().clone();
+    let dt = x.dtype();
+    let cols = *xl.dims().last().unwrap_or(&1);
+    let n = xl.shape().elem_count();
+    let rows = n / cols.max(1);
+    if cols * 4 > SHARED_MAX {
+        bail!("fused norm: rows of {cols} are too long");
+    }
+    let func = dev.get_or_load_custom_func(&format!("rms_norm_{}", suffix(dt)?), MODULE, PTX)?;
+    typed!(dt, T => {
+        let (a, b) = offsets(xl)?;
+        let xs = x.as_cuda_slice::<T>()?.slice(a..b);
+        let (a, b) = offsets(wl)?;
+        let ws = w.as_cuda_slice::<T>()?.slice(a..b);
+        let out_len = if residual.is_some() { 2 * n } else { n };
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(out_len)? };
+        let cfg = launch_cfg((rows as u32, 1, 1), 256, cols * 4);
+        let (rows, cols) = (rows as i32, cols as i32);
+        let mut builder = func.builder();
+        builder.arg(&xs);
+        let rs;
+        let null = 0u64;
+        match residual {
+            Some((r, rl)) => {
+                let (a, b) = offsets(rl)?;
+                rs = r.as_cuda_slice::<T>()?.slice(a..b);
+                builder.arg(&rs);
+            }
+            None => {
+                builder.arg(&null);
+            }
+        }
+        builder.arg(&ws);
+        builder.arg(&out);
+        builder.arg(&rows);
+        builder.arg(&cols);
+        builder.arg(&eps);
+        // SAFETY: argument list matches the kernel's signature.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(wrap(out, &dev))
+    })
+}
+
+pub(super) fn silu_mul(gu: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    let dev = gu.device().clone();
+    let dt = gu.dtype();
+    let two_f = *l.dims().last().unwrap_or(&0);
+    let f = two_f / 2;
+    let rows = l.shape().elem_count() / two_f.max(1);
+    let func = dev.get_or_load_custom_func(&format!("silu_mul_{}", suffix(dt)?), MODULE, PTX)?;
+    typed!(dt, T => {
+        let (a, b) = offsets(l)?;
+        let src = gu.as_cuda_slice::<T>()?.slice(a..b);
+        let n = rows * f;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let blocks = n.div_ceil(256).clamp(1, 2048) as u32;
+        let (rows, f) = (rows as i32, f as i32);
+        let mut builder = func.builder();
+        builder.arg(&src);
+        builder.arg(&out);
+        builder.arg(&rows);
+        builder.arg(&f);
+        // SAFETY: argument list matches the kernel's signature.
+        unsafe { builder.launch(launch_cfg((blocks, 1, 1), 256, 0)) }.w()?;
+        Ok(wrap(out, &dev))
+    })
+}
+
+pub(super) fn write_kv(
+    d: &WriteDims,
+    kv: &mut CudaStorage,
+    kv_l: &Layout,
+    qkv: &CudaStorage,
+    qkv_l: &Layout,
+    rope: &CudaStorage,
+    rope_l: &Layout,
+) -> Result<()> {
+    let dev = kv.device().clone();
+    let dt = kv.dtype();
+    if qkv.dtype() != dt {
+        bail!("fused K/V write: qkv {:?} vs cache {dt:?}", qkv.dtype());
+    }
+    let func = dev.get_or_load_custom_func(&format!("write_kv_{}", suffix(dt)?), MODULE, PTX)?;
+    let (ra, rb) = offsets(rope_l)?;
+    let rope = rope.as_cuda_slice::<f32>()?.slice(ra..rb);
+    let base = kv_l.start_offset() as u64;
+    let threads = (d.kvh * d.hd / 2).next_multiple_of(32).min(1024) as u32;
+    let cfg = launch_cfg((d.s as u32, d.b as u32, 1), threads, 0);
+    let ints = [
+        d.b,
+        d.s,
+        d.h,
+        d.kvh,
+        d.hd,
+        d.layer,
+        d.n_layer,
+        d.max_len,
+        d.at,
+        d.rope_rows,
+    ]
+    .map(|v| v as i32);
+    typed!(dt, T => {
+        let (a, b) = offsets(qkv_l)?;
+        let qkv = qkv.as_cuda_slice::<T>()?.slice(a..b);
+        let kv = kv.as_cuda_slice_mut::<T>()?;
+        let mut builder = func.builder();
+        builder.arg(kv);
+        builder.arg(&base);
+        builder.arg(&qkv);
+        builder.arg(&rope);
+        for v in &ints {
+            builder.arg(v);
+        }
+        // SAFETY: argument list matches the kernel's signature; dims were checked against
+        // the cache's layout.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(())
+    })
+}
+
+/// The typed CUDA slice of a tensor held by an op (not one of its inputs).
+fn held<'a, T: CudaDType>(g: &'a Storage, what: &str) -> Result<&'a CudaSlice<T>> {
+    match g {
+        Storage::Cuda(c) => c.as_cuda_slice::<T>(),
+        _ => bail!("fused attention: {what} is not on the GPU"),
+    }
+}
+
+/// Queries per block: the largest tile whose shared memory fits.
+fn tile(d: &AttnDims) -> Option<(usize, u32, usize)> {
+    let tiles: &[usize] = if d.s == 1 { &[1] } else { &[8, 4, 1] };
+    tiles.iter().find_map(|&qt| {
+        let threads = if qt == 1 { 256 } else { 128 };
+        let warps = threads / 32;
+        let shared = 4 * (qt * d.keys + qt * d.hd + warps * qt * d.hd);
+        (shared <= SHARED_MAX).then_some((qt, threads as u32, shared))
+    })
+}
+
+pub(super) fn attention(
+    d: &AttnDims,
+    qkv: &CudaStorage,
+    qkv_l: &Layout,
+    rope: &Tensor,
+    kv: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<CudaStorage> {
+    let dev = qkv.device().clone();
+    let dt = qkv.dtype();
+    if kv.dtype() != dt {
+        bail!("fused attention: qkv {dt:?} vs cache {:?}", kv.dtype());
+    }
+    let Some((qt, threads, shared)) = tile(d) else {
+        bail!(
+            "fused attention: {} keys do not fit the kernel's shared memory; set LANTERN_FUSED=0",
+            d.keys
+        );
+    };
+    let name = format!("attention_{}_{qt}_{}", d.hd, suffix(dt)?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let (rope_g, rope_l) = rope.storage_and_layout();
+    let (ra, rb) = offsets(rope_l)?;
+    let rope_s = held::<f32>(&rope_g, "the RoPE table")?.slice(ra..rb);
+    let (kv_g, kv_l) = kv.storage_and_layout();
+    let base = kv_l.start_offset() as u64;
+    let mask_g = mask.map(|m| m.storage_and_layout());
+    let null = 0u64;
+    let cfg = launch_cfg(
+        (d.s.div_ceil(qt) as u32, d.h as u32, d.b as u32),
+        threads,
+        shared,
+    );
+    let ints = [
+        d.b,
+        d.s,
+        d.h,
+        d.kvh,
+        d.layer,
+        d.n_layer,
+        d.max_len,
+        d.keys,
+        d.rope_rows,
+    ]
+    .map(|v| v as i32);
+    let strides = [d.mask_b as i64, d.mask_s as i64];
+    let causal = d.causal_past.map_or(-1, |p| p as i32);
+    typed!(dt, T => {
+        if (base as usize * std::mem::size_of::<T>()) % 16 != 0 {
+            bail!("fused attention: the cache view is not 16-byte aligned");
+        }
+        let (a, b) = offsets(qkv_l)?;
+        let q = qkv.as_cuda_slice::<T>()?.slice(a..b);
+        let kv_s = held::<T>(&kv_g, "the KV cache")?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(d.b * d.s * d.h * d.hd)? };
+        let mask_s = match &mask_g {
+            Some((g, l)) => {
+                let (a, b) = offsets(l)?;
+                Some(held::<f32>(g, "the mask")?.slice(a..b))
+            }
+            None => None,
+        };
+        let mut builder = func.builder();
+        builder.arg(&q);
+        builder.arg(&rope_s);
+        builder.arg(kv_s);
+        builder.arg(&base);
+        match &mask_s {
+            Some(m) => builder.arg(m),
+            None => builder.arg(&null),
+        };
+        builder.arg(&out);
+        for v in &ints {
+            builder.arg(v);
+        }
+        builder.arg(&strides[0]);
+        builder.arg(&strides[1]);
+        builder.arg(&causal);
+        // SAFETY: argument list matches the kernel's signature; dims were checked against
+        // the cache's layout.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(wrap(out, &dev))
+    })
+}

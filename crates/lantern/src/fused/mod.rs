@@ -1,0 +1,505 @@
+//! Fused inference kernels for the transformer blocks (LlamaGen and the drafter): RMSNorm with
+//! the residual add, SwiGLU's `silu(gate) * up`, RoPE + K/V cache write, and masked attention
+//! that reads queries straight from the `wqkv` output and keys from the cache.
+//!
+//! On CUDA these are our own kernels (`kernels.cu`, compiled to PTX at build time); they take
+//! a decode step of GPT-XL from ~29 launches per layer to 9. Each op also has a CPU version of
+//! the same algorithm, so that tests on machines without a GPU check the fused forward
+//! against the op-by-op reference ([`force_on_cpu`]).
+//!
+//! Numerics follow LlamaGen: norms and rotations in f32 with the same roundings to the model
+//! dtype as the reference; attention accumulates in f32 without the reference's intermediate
+//! roundings of the scores and probabilities (like any fused attention).
+//! `LANTERN_FUSED=0` turns the fused path off on CUDA.
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use std::cell::Cell;
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp3, Layout, Result,
+};
+use candle_core::{Shape, Tensor};
+
+thread_local! {
+    static FORCE_CPU: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Makes inference on the CPU take the fused path on this thread (tests compare it with the
+/// reference path; on the CPU the reference ops are faster).
+pub fn force_on_cpu(on: bool) {
+    FORCE_CPU.with(|f| f.set(on));
+}
+
+fn env_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LANTERN_FUSED").map_or(true, |v| v != "0"))
+}
+
+/// Whether inference on `x` takes the fused kernels: no gradient tracking, a float dtype, and
+/// CUDA (unless `LANTERN_FUSED=0`) or a CPU thread under [`force_on_cpu`].
+pub fn active(x: &Tensor) -> bool {
+    if x.track_op() || !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        return false;
+    }
+    match x.device() {
+        Device::Cpu => FORCE_CPU.with(|f| f.get()),
+        Device::Cuda(_) => env_enabled(),
+        _ => false,
+    }
+}
+
+/// Whether the fused attention serves heads of `hd` on `x`'s device (the CUDA kernels are
+/// built for 32, 64 and 128; the CPU version takes any even size).
+pub fn supports_head_dim(x: &Tensor, hd: usize) -> bool {
+    match x.device() {
+        Device::Cuda(_) => matches!(hd, 32 | 64 | 128),
+        _ => hd.is_multiple_of(2),
+    }
+}
+
+/// `rms_norm(x) * weight` (normalised in f32, rounded to the dtype, then scaled), one kernel.
+///
+/// # Shapes
+/// - `x`: `[.., dim]` contiguous; `weight`: `[dim]` → `[.., dim]`
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(weight, &Norm { eps })
+}
+
+/// `h = x + residual` (rounded to the dtype) and `rms_norm(h) * weight`, one kernel.
+///
+/// # Shapes
+/// - `x`, `residual`: `[.., dim]`; `weight`: `[dim]` → (`h`, normed), both `[.., dim]`
+pub fn add_rms_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let out =
+        x.contiguous()?
+            .apply_op3_no_bwd(&residual.contiguous()?, weight, &AddNorm { eps })?;
+    Ok((out.get(0)?, out.get(1)?))
+}
+
+/// `silu(gate) * up` from the fused gate/up projection (`[.., 2f]`, gate first) → `[.., f]`.
+pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
+    gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul)
+}
+
+/// Head layout of a fused `wqkv` output `[b, s, (h + 2 kvh) * hd]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    /// Query heads.
+    pub h: usize,
+    /// K/V heads.
+    pub kvh: usize,
+    /// Head size.
+    pub hd: usize,
+}
+
+/// Rotates the keys of `qkv` with the packed RoPE rows `rope` (`[1 or b, s, pairs, 2]` f32,
+/// cos then sin) and writes keys and values into cache layer `layer` at slots `at..at + s` of
+/// `kv` (`[2, n_layer, b, kvh, max_len, hd]`, see [`crate::cache::KvCache::write_slot`]).
+pub fn write_kv(
+    kv: &Tensor,
+    qkv: &Tensor,
+    rope: &Tensor,
+    layer: usize,
+    at: usize,
+    heads: Heads,
+) -> Result<()> {
+    kv.inplace_op3(
+        &qkv.contiguous()?,
+        &rope.contiguous()?,
+        &KvWrite { layer, at, heads },
+    )
+}
+
+/// Which keys each query sees.
+#[derive(Clone, Debug)]
+pub enum KeyMask {
+    /// All keys.
+    None,
+    /// Query `i` sees keys `0..=past + i`.
+    Causal { past: usize },
+    /// Additive f32 mask `[s, keys]` or `[b, 1, s, keys]`: `-inf` hides a key.
+    Additive(Tensor),
+}
+
+/// Masked attention of the queries in `qkv` (rotated with `rope` on load) over the first
+/// `keys` cache slots of layer `layer` of `kv`, softmax in f32.
+///
+/// # Shapes
+/// - `qkv`: `[b, s, (h + 2 kvh) * hd]`; `rope`: `[1 or b, s, pairs, 2]` → `[b, s, h * hd]`
+pub fn attention(
+    qkv: &Tensor,
+    rope: &Tensor,
+    kv: &Tensor,
+    layer: usize,
+    keys: usize,
+    mask: &KeyMask,
+    heads: Heads,
+) -> Result<Tensor> {
+    let (b, s, _) = qkv.dims3()?;
+    let (additive, causal_past) = match mask {
+        KeyMask::None => (None, None),
+        KeyMask::Causal { past } => (None, Some(*past)),
+        KeyMask::Additive(m) => {
+            let dims = m.dims();
+            let ok = (dims.len() == 2 && dims == [s, keys])
+                || (dims.len() == 4
+                    && (dims[0] == b || dims[0] == 1)
+                    && dims[1] == 1
+                    && dims[2..] == [s, keys]);
+            if !ok {
+                candle_core::bail!(
+                    "attention mask {dims:?} does not cover {s} queries over {keys} keys"
+                );
+            }
+            let batched = dims.len() == 4 && dims[0] == b && b > 1;
+            (Some((m.to_dtype(DType::F32)?.contiguous()?, batched)), None)
+        }
+    };
+    let op = Attention {
+        rope: rope.contiguous()?,
+        kv: kv.clone(),
+        layer,
+        keys,
+        mask: additive,
+        causal_past,
+        heads,
+    };
+    qkv.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+/// Checks the cache tensor and returns its dims `[2, n_layer, b, kvh, max_len, hd]`.
+fn kv_dims(kv: &Layout) -> Result<[usize; 6]> {
+    match kv.dims() {
+        &[two, l, b, kvh, max, hd] if two == 2 && kv.is_contiguous() => {
+            Ok([two, l, b, kvh, max, hd])
+        }
+        d => {
+            candle_core::bail!("KV cache tensor {d:?} is not a contiguous [2, L, b, kvh, max, hd]")
+        }
+    }
+}
+
+struct Norm {
+    eps: f32,
+}
+
+/// Output `[2, ..]`: the sum, then its norm.
+struct AddNorm {
+    eps: f32,
+}
+
+struct SiluMul;
+
+struct KvWrite {
+    layer: usize,
+    at: usize,
+    heads: Heads,
+}
+
+struct Attention {
+    rope: Tensor,
+    kv: Tensor,
+    layer: usize,
+    keys: usize,
+    /// The mask and whether it has one block per batch row.
+    mask: Option<(Tensor, bool)>,
+    causal_past: Option<usize>,
+    heads: Heads,
+}
+
+/// Sizes of one fused attention call, shared by the CPU and CUDA versions.
+#[derive(Clone, Copy, Debug)]
+struct AttnDims {
+    b: usize,
+    s: usize,
+    h: usize,
+    kvh: usize,
+    hd: usize,
+    layer: usize,
+    n_layer: usize,
+    max_len: usize,
+    keys: usize,
+    /// Batch rows of the RoPE table (1 = shared by all rows).
+    rope_rows: usize,
+    /// Element strides of the mask between batch rows (0 = shared) and between queries.
+    mask_b: usize,
+    mask_s: usize,
+    causal_past: Option<usize>,
+}
+
+impl Attention {
+    fn dims(&self, qkv: &Layout) -> Result<AttnDims> {
+        let Heads { h, kvh, hd } = self.heads;
+        let (b, s, w) = qkv.shape().dims3()?;
+        if w != (h + 2 * kvh) * hd || !qkv.is_contiguous() {
+            candle_core::bail!(
+                "fused attention: qkv {:?} does not hold {h}+2x{kvh} heads of {hd}",
+                qkv.dims()
+            );
+        }
+        let [_, n_layer, cb, ckvh, max_len, chd] = kv_dims(self.kv.layout())?;
+        if cb != b || ckvh != kvh || chd != hd || self.layer >= n_layer || self.keys > max_len {
+            candle_core::bail!(
+                "fused attention: cache {:?} does not fit layer {} / {b} rows / {kvh}x{hd} heads / {} keys",
+                self.kv.dims(),
+                self.layer,
+                self.keys
+            );
+        }
+        let rope_rows = rope_rows(self.rope.dims(), b, s, hd)?;
+        let (mask_b, mask_s) = match &self.mask {
+            Some((_, batched)) => (if *batched { s * self.keys } else { 0 }, self.keys),
+            None => (0, 0),
+        };
+        Ok(AttnDims {
+            b,
+            s,
+            h,
+            kvh,
+            hd,
+            layer: self.layer,
+            n_layer,
+            max_len,
+            keys: self.keys,
+            rope_rows,
+            mask_b,
+            mask_s,
+            causal_past: self.causal_past,
+        })
+    }
+}
+
+/// Checks a packed RoPE table `[1 or b, s, pairs, 2]` and returns its batch rows.
+fn rope_rows(dims: &[usize], b: usize, s: usize, hd: usize) -> Result<usize> {
+    match dims {
+        &[r, rs, p, 2] if (r == 1 || r == b) && rs == s && p * 2 == hd => Ok(r),
+        d => candle_core::bail!(
+            "packed RoPE rows {d:?} do not fit [1 or {b}, {s}, {}, 2]",
+            hd / 2
+        ),
+    }
+}
+
+impl CustomOp2 for Norm {
+    fn name(&self) -> &'static str {
+        "lantern-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu::norm(self.eps, s1, l1, None, s2, l2).map(|s| (s, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::norm(self.eps, s1, l1, None, s2, l2).map(|s| (s, l1.shape().clone()))
+    }
+}
+
+fn stacked(l: &Layout) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(l.dims());
+    Shape::from(dims)
+}
+
+impl CustomOp3 for AddNorm {
+    fn name(&self) -> &'static str {
+        "lantern-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu::norm(self.eps, s1, l1, Some((s2, l2)), s3, l3).map(|s| (s, stacked(l1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::norm(self.eps, s1, l1, Some((s2, l2)), s3, l3).map(|s| (s, stacked(l1)))
+    }
+}
+
+impl CustomOp1 for SiluMul {
+    fn name(&self) -> &'static str {
+        "lantern-silu-mul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let shape = half_last(l)?;
+        cpu::silu_mul(s, l).map(|st| (st, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let shape = half_last(l)?;
+        cuda::silu_mul(s, l).map(|st| (st, shape))
+    }
+}
+
+fn half_last(l: &Layout) -> Result<Shape> {
+    let mut dims = l.dims().to_vec();
+    match dims.last_mut() {
+        Some(d) if *d % 2 == 0 && l.is_contiguous() => *d /= 2,
+        _ => candle_core::bail!(
+            "silu_mul needs a contiguous [.., 2f] input, got {:?}",
+            l.dims()
+        ),
+    }
+    Ok(Shape::from(dims))
+}
+
+/// Sizes of one K/V write, shared by the CPU and CUDA versions.
+#[derive(Clone, Copy, Debug)]
+struct WriteDims {
+    b: usize,
+    s: usize,
+    h: usize,
+    kvh: usize,
+    hd: usize,
+    layer: usize,
+    n_layer: usize,
+    max_len: usize,
+    at: usize,
+    rope_rows: usize,
+}
+
+impl KvWrite {
+    fn dims(&self, kv: &Layout, qkv: &Layout, rope: &Layout) -> Result<WriteDims> {
+        let Heads { h, kvh, hd } = self.heads;
+        let [_, n_layer, cb, ckvh, max_len, chd] = kv_dims(kv)?;
+        let (b, s, w) = qkv.shape().dims3()?;
+        if w != (h + 2 * kvh) * hd || !qkv.is_contiguous() {
+            candle_core::bail!(
+                "fused K/V write: qkv {:?} does not hold {h}+2x{kvh} heads of {hd}",
+                qkv.dims()
+            );
+        }
+        if cb != b || ckvh != kvh || chd != hd || self.layer >= n_layer || self.at + s > max_len {
+            candle_core::bail!(
+                "fused K/V write: cache {:?} has no room for layer {} slots {}..{}",
+                kv.dims(),
+                self.layer,
+                self.at,
+                self.at + s
+            );
+        }
+        Ok(WriteDims {
+            b,
+            s,
+            h,
+            kvh,
+            hd,
+            layer: self.layer,
+            n_layer,
+            max_len,
+            at: self.at,
+            rope_rows: rope_rows(rope.dims(), b, s, hd)?,
+        })
+    }
+}
+
+impl InplaceOp3 for KvWrite {
+    fn name(&self) -> &'static str {
+        "lantern-kv-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        kv: &mut CpuStorage,
+        kv_l: &Layout,
+        qkv: &CpuStorage,
+        qkv_l: &Layout,
+        rope: &CpuStorage,
+        rope_l: &Layout,
+    ) -> Result<()> {
+        let d = self.dims(kv_l, qkv_l, rope_l)?;
+        cpu::write_kv(&d, kv, kv_l, qkv, qkv_l, rope, rope_l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        kv: &mut candle_core::CudaStorage,
+        kv_l: &Layout,
+        qkv: &candle_core::CudaStorage,
+        qkv_l: &Layout,
+        rope: &candle_core::CudaStorage,
+        rope_l: &Layout,
+    ) -> Result<()> {
+        let d = self.dims(kv_l, qkv_l, rope_l)?;
+        cuda::write_kv(&d, kv, kv_l, qkv, qkv_l, rope, rope_l)
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "lantern-attention"
+    }
+
+    fn cpu_fwd(&self, qkv: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(l)?;
+        let out = cpu::attention(
+            &d,
+            qkv,
+            l,
+            &self.rope,
+            &self.kv,
+            self.mask.as_ref().map(|m| &m.0),
+        )?;
+        Ok((out, Shape::from((d.b, d.s, d.h * d.hd))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qkv: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = self.dims(l)?;
+        let out = cuda::attention(
+            &d,
+            qkv,
+            l,
+            &self.rope,
+            &self.kv,
+            self.mask.as_ref().map(|m| &m.0),
+        )?;
+        Ok((out, Shape::from((d.b, d.s, d.h * d.hd))))
+    }
+}
