@@ -592,6 +592,10 @@ fn steps(a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
     let start = std::time::Instant::now();
     let report = run_step_bench(&cfg, dev)?;
     println!("{report}");
+    if dev.is_cuda() {
+        let kernels = lantern::bench::kernels::run_kernel_bench(&cfg, report.copy_gbps, dev)?;
+        println!("{kernels}");
+    }
     let tokens = cfg.preset.target().block_size;
     println!(
         "expected image latency ({tokens} tokens; tau SD {}, tau LANTERN {}):",

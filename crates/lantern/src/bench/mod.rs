@@ -2,6 +2,7 @@
 //! copy-bandwidth and matmul ceilings ([`steps`]), the steps' analytic bytes and FLOPs
 //! ([`cost`]), and random weights at real shapes ([`random`]) so that no checkpoint is needed.
 pub mod cost;
+pub mod kernels;
 pub mod random;
 pub mod steps;
 

@@ -10,9 +10,13 @@ use lantern::load::{load_drafter, load_llamagen};
 use lantern::models::drafter::{Drafter, DrafterConfig};
 use lantern::models::llamagen::{Config, LlamaGen, ModelType};
 
-/// The GPT fixture folder.
+/// The GPT fixture folder (`LANTERN_FIXTURES` overrides it, e.g. for a test binary copied to
+/// a GPU machine).
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt")
+    match std::env::var_os("LANTERN_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt"),
+    }
 }
 
 /// The reference outputs (`expected.safetensors`) by name.

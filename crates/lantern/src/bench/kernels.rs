@@ -1,0 +1,215 @@
+//! Where a step's time goes: GPU time of each kernel of one transformer layer at a preset's
+//! shapes (batch rows x 1 token and x the tree's tokens), next to its bandwidth bound. Each op
+//! is captured `REPS` times into one CUDA graph and replayed, so the figure is GPU time per
+//! launch inside a graph (what the decoding loops replay), without host launch costs.
+use std::fmt;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::steps::StepBenchConfig;
+use crate::fused::{self, Heads, KeyMask};
+use crate::Result;
+
+/// Repetitions of an op inside the timed graph.
+const REPS: usize = 64;
+
+/// One op's time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelRow {
+    /// What ran.
+    pub name: String,
+    /// Tokens per batch row.
+    pub tokens: usize,
+    /// GPU time per launch in a graph, µs.
+    pub us: f64,
+    /// Compulsory bytes read + written.
+    pub bytes: f64,
+    /// `bytes / copy bandwidth`, µs.
+    pub bound_us: f64,
+}
+
+/// Result of [`run_kernel_bench`]: per-op rows for one layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelReport {
+    pub layers: usize,
+    pub rows: Vec<KernelRow>,
+}
+
+impl fmt::Display for KernelReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "one layer's kernels ({} layers per step; GPU time per launch in a CUDA graph of {REPS}):",
+            self.layers
+        )?;
+        writeln!(
+            f,
+            "| op | tokens | µs | MB moved | bandwidth bound µs | efficiency |"
+        )?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|")?;
+        for r in &self.rows {
+            writeln!(
+                f,
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.1}% |",
+                r.name,
+                r.tokens,
+                r.us,
+                r.bytes / 1e6,
+                r.bound_us,
+                100.0 * r.bound_us / r.us
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// GPU µs per repetition of `f`, captured `REPS` times into one graph (best of 5 replays).
+#[cfg(feature = "cuda")]
+fn graph_us(device: &Device, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use std::time::Instant;
+    let Device::Cuda(cuda) = device else {
+        return Err(crate::Error::invalid("kernel bench", "needs a CUDA device"));
+    };
+    let wrap = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+        crate::Error::invalid("kernel bench", format!("{e:?}"))
+    };
+    let _htod = cuda.enable_cuda_graph_htod_cache();
+    f()?;
+    device.synchronize()?;
+    let stream = cuda.cuda_stream();
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .map_err(wrap)?;
+    let ran = (0..REPS).try_for_each(|_| f());
+    let graph = stream
+        .end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+        .map_err(wrap)?;
+    ran?;
+    let Some(graph) = graph else {
+        return Err(crate::Error::invalid("kernel bench", "empty capture"));
+    };
+    graph.launch().map_err(wrap)?;
+    device.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        graph.launch().map_err(wrap)?;
+        device.synchronize()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(best * 1e6 / REPS as f64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn graph_us(_device: &Device, _f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    Err(crate::Error::invalid(
+        "kernel bench",
+        "needs a CUDA build (--features cuda)",
+    ))
+}
+
+/// Times every kernel of one target layer at 1 token and at `cfg.tree_tokens` tokens per row
+/// (CUDA only; `copy_gbps` from the step bench's ceiling).
+pub fn run_kernel_bench(
+    cfg: &StepBenchConfig,
+    copy_gbps: f64,
+    device: &Device,
+) -> Result<KernelReport> {
+    let t = cfg.preset.target();
+    let (b, d, f) = (cfg.batch, t.dim, t.ffn_hidden);
+    let heads = Heads {
+        h: t.n_head,
+        kvh: t.n_kv_head,
+        hd: t.head_dim(),
+    };
+    let dt = cfg.dtype;
+    let el = dt.size_in_bytes() as f64;
+    let w = |rows: usize, cols: usize| -> Result<Tensor> {
+        Ok((Tensor::randn(0f32, 0.02, (rows, cols), device)?).to_dtype(dt)?)
+    };
+    let qkv_w = (heads.h + 2 * heads.kvh) * heads.hd;
+    let (wqkv, wo, w13, w2) = (w(qkv_w, d)?, w(d, d)?, w(2 * f, d)?, w(d, f)?);
+    let norm_w = Tensor::ones(d, dt, device)?;
+    let s_max = cfg.tree_tokens;
+    let max_len = cfg.prefix_len + 2 * s_max;
+    let kv = Tensor::zeros((2, 1, b, heads.kvh, max_len, heads.hd), dt, device)?;
+    let mut rows = Vec::new();
+    let bw = copy_gbps * 1e3; // bytes per µs
+    for s in [1, s_max] {
+        let n = b * s;
+        let x = Tensor::randn(0f32, 1.0, (b, s, d), device)?.to_dtype(dt)?;
+        let r = Tensor::randn(0f32, 1.0, (b, s, d), device)?.to_dtype(dt)?;
+        let qkv = Tensor::randn(0f32, 1.0, (b, s, qkv_w), device)?.to_dtype(dt)?;
+        let gu = Tensor::randn(0f32, 1.0, (b, s, 2 * f), device)?.to_dtype(dt)?;
+        let hmid = Tensor::randn(0f32, 1.0, (b, s, f), device)?.to_dtype(dt)?;
+        let rope = Tensor::ones((1, s, heads.hd / 2, 2), DType::F32, device)?;
+        let mask = KeyMask::Additive(Tensor::zeros((b, 1, s, max_len), DType::F32, device)?);
+        let at = max_len - s_max;
+        let act = |cols: usize| (n * cols) as f64 * el;
+        let mm = |name: &str, wt: &Tensor, input: &Tensor| -> Result<KernelRow> {
+            let (o, i) = wt.dims2()?;
+            let x2 = input.reshape((n, i))?;
+            let wtt = wt.t()?;
+            let us = graph_us(device, &mut || {
+                x2.matmul(&wtt)?;
+                Ok(())
+            })?;
+            let bytes = (o * i) as f64 * el + act(i) + act(o);
+            Ok(KernelRow {
+                name: format!("{name} matmul {}x{}", o, i),
+                tokens: s,
+                us,
+                bytes,
+                bound_us: bytes / bw,
+            })
+        };
+        let mut row = |name: &str, bytes: f64, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+            let us = graph_us(device, f)?;
+            rows.push(KernelRow {
+                name: name.to_string(),
+                tokens: s,
+                us,
+                bytes,
+                bound_us: bytes / bw,
+            });
+            Ok(())
+        };
+        row("norm + residual", act(d) * 4.0, &mut || {
+            fused::add_rms_norm(&x, &r, &norm_w, 1e-5)?;
+            Ok(())
+        })?;
+        let kv_bytes = (b * heads.kvh * heads.hd * 2) as f64 * el;
+        row(
+            "rope + K/V write",
+            act(qkv_w) + kv_bytes * s as f64,
+            &mut || {
+                fused::write_kv(&kv, &qkv, &rope, 0, at, heads)?;
+                Ok(())
+            },
+        )?;
+        row(
+            &format!("attention over {max_len} keys"),
+            act(qkv_w) + kv_bytes * max_len as f64 + act(d),
+            &mut || {
+                fused::attention(&qkv, &rope, &kv, 0, max_len, &mask, heads)?;
+                Ok(())
+            },
+        )?;
+        row("silu * up", act(2 * f) + act(f), &mut || {
+            fused::silu_mul(&gu)?;
+            Ok(())
+        })?;
+        let mms = [
+            mm("wqkv", &wqkv, &x)?,
+            mm("wo", &wo, &x)?,
+            mm("w1|w3", &w13, &x)?,
+            mm("w2", &w2, &hmid)?,
+        ];
+        rows.extend(mms);
+    }
+    Ok(KernelReport {
+        layers: t.n_layer,
+        rows,
+    })
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# GPU run: the CUDA-vs-CPU kernel test and the per-kernel breakdown of one XL layer
+# (bench --random-weights prints it after the step table on CUDA). Outputs under $OUT.
+set -uo pipefail
+source scripts/gpu/env.sh
+SECONDS=0
+xz -dkf "$G/fused_forward.xz" && chmod +x "$G/fused_forward"
+"$L" bench --random-weights --preset tiny --device cuda 2>&1 | grep -i "error" | head -5
+LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt "$G/fused_forward" --nocapture 2>&1 | grep -E "rel err|test result|panicked" | tee "$OUT/kernel_test.txt"
+for p in ${PRESETS:-t2i-xl-256}; do
+  echo "== $p"; timeout 100 "$L" bench --random-weights --preset $p --device cuda 2>&1 | tail -42
+done 2>&1 | tee "$OUT/steps.txt"
+echo "total ${SECONDS}s"
