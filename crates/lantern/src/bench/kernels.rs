@@ -7,11 +7,13 @@ use std::fmt;
 use candle_core::{DType, Device, Tensor};
 
 use super::steps::StepBenchConfig;
-use crate::fused::{self, Heads, KeyMask};
+use crate::fused::{self, Epilogue, Heads, KeyMask};
 use crate::Result;
 
 /// Repetitions of an op inside the timed graph.
 const REPS: usize = 64;
+/// Bytes the copies of a weight span together (over the H100's 50 MB L2).
+const L2_SPAN: f64 = 200e6;
 
 /// One op's time.
 #[derive(Clone, Debug, PartialEq)]
@@ -129,11 +131,24 @@ pub fn run_kernel_bench(
         Ok((Tensor::randn(0f32, 0.02, (rows, cols), device)?).to_dtype(dt)?)
     };
     let qkv_w = (heads.h + 2 * heads.kvh) * heads.hd;
-    let (wqkv, wo, w13, w2) = (w(qkv_w, d)?, w(d, d)?, w(2 * f, d)?, w(d, f)?);
+    // weights cycle through copies larger than the L2 cache together, like a model's layers
+    let copies = |rows: usize, cols: usize| -> Result<Vec<Tensor>> {
+        let n = (L2_SPAN / ((rows * cols) as f64 * el))
+            .ceil()
+            .clamp(1.0, 16.0) as usize;
+        (0..n).map(|_| w(rows, cols)).collect()
+    };
+    let (wqkv, wo, w13, w2) = (
+        copies(qkv_w, d)?,
+        copies(d, d)?,
+        copies(2 * f, d)?,
+        copies(d, f)?,
+    );
     let norm_w = Tensor::ones(d, dt, device)?;
     let s_max = cfg.tree_tokens;
     let max_len = cfg.prefix_len + 2 * s_max;
     let kv = Tensor::zeros((2, 1, b, heads.kvh, max_len, heads.hd), dt, device)?;
+    let attention_ok = fused::supports_head_dim(&kv, heads.hd);
     let mut rows = Vec::new();
     let bw = copy_gbps * 1e3; // bytes per µs
     for s in [1, s_max] {
@@ -147,66 +162,100 @@ pub fn run_kernel_bench(
         let mask = KeyMask::Additive(Tensor::zeros((b, 1, s, max_len), DType::F32, device)?);
         let at = max_len - s_max;
         let act = |cols: usize| (n * cols) as f64 * el;
-        let mm = |name: &str, wt: &Tensor, input: &Tensor| -> Result<KernelRow> {
-            let (o, i) = wt.dims2()?;
-            let x2 = input.reshape((n, i))?;
-            let wtt = wt.t()?;
-            let us = graph_us(device, &mut || {
-                x2.matmul(&wtt)?;
+        let mut row =
+            |name: &str, bytes: f64, f: &mut dyn FnMut(usize) -> Result<()>| -> Result<()> {
+                let mut i = 0;
+                let us = graph_us(device, &mut || {
+                    i += 1;
+                    f(i)
+                })?;
+                rows.push(KernelRow {
+                    name: name.to_string(),
+                    tokens: s,
+                    us,
+                    bytes,
+                    bound_us: bytes / bw,
+                });
                 Ok(())
-            })?;
-            let bytes = (o * i) as f64 * el + act(i) + act(o);
-            Ok(KernelRow {
-                name: format!("{name} matmul {}x{}", o, i),
-                tokens: s,
-                us,
-                bytes,
-                bound_us: bytes / bw,
-            })
-        };
-        let mut row = |name: &str, bytes: f64, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
-            let us = graph_us(device, f)?;
-            rows.push(KernelRow {
-                name: name.to_string(),
-                tokens: s,
-                us,
-                bytes,
-                bound_us: bytes / bw,
-            });
-            Ok(())
-        };
-        row("norm + residual", act(d) * 4.0, &mut || {
+            };
+        row("norm + residual", act(d) * 4.0, &mut |_| {
             fused::add_rms_norm(&x, &r, &norm_w, 1e-5)?;
             Ok(())
         })?;
         let kv_bytes = (b * heads.kvh * heads.hd * 2) as f64 * el;
-        row(
-            "rope + K/V write",
-            act(qkv_w) + kv_bytes * s as f64,
-            &mut || {
-                fused::write_kv(&kv, &qkv, &rope, 0, at, heads)?;
-                Ok(())
-            },
-        )?;
-        row(
-            &format!("attention over {max_len} keys"),
-            act(qkv_w) + kv_bytes * max_len as f64 + act(d),
-            &mut || {
-                fused::attention(&qkv, &rope, &kv, 0, max_len, &mask, heads)?;
-                Ok(())
-            },
-        )?;
-        row("silu * up", act(2 * f) + act(f), &mut || {
+        if attention_ok {
+            row(
+                "rope + K/V write",
+                act(qkv_w) + kv_bytes * s as f64,
+                &mut |_| {
+                    fused::write_kv(&kv, &qkv, &rope, 0, at, heads)?;
+                    Ok(())
+                },
+            )?;
+            row(
+                &format!("attention over {max_len} keys"),
+                act(qkv_w) + kv_bytes * max_len as f64 + act(d),
+                &mut |_| {
+                    fused::attention(&qkv, &rope, &kv, 0, max_len, &mask, heads)?;
+                    Ok(())
+                },
+            )?;
+        }
+        row("silu * up", act(2 * f) + act(f), &mut |_| {
             fused::silu_mul(&gu)?;
             Ok(())
         })?;
-        let mms = [
-            mm("wqkv", &wqkv, &x)?,
-            mm("wo", &wo, &x)?,
-            mm("w1|w3", &w13, &x)?,
-            mm("w2", &w2, &hmid)?,
+        let wbytes = |ws: &[Tensor]| ws[0].elem_count() as f64 * el;
+        let mms: [(&str, &[Tensor], &Tensor); 4] = [
+            ("wqkv", &wqkv, &x),
+            ("wo", &wo, &x),
+            ("w1|w3", &w13, &x),
+            ("w2", &w2, &hmid),
         ];
-        rows.extend(mms);
+        for (name, ws, input) in mms {
+            let (o, i) = ws[0].dims2()?;
+            let x2 = input.reshape((n, i))?;
+            let bytes = wbytes(ws) + act(i) + act(o);
+            row(&format!("{name} matmul {o}x{i}"), bytes, &mut |k| {
+                x2.matmul(&ws[k % ws.len()].t()?)?;
+                Ok(())
+            })?;
+        }
+        if fused::small_linear_fits(n, d) && fused::small_linear_fits(n, f) {
+            let nw = Some((&norm_w, 1e-5f32));
+            row(
+                "small wqkv + norm",
+                wbytes(&wqkv) + act(d) + act(qkv_w),
+                &mut |k| {
+                    fused::small_linear(&x, &wqkv[k % wqkv.len()], nw, Epilogue::None)?;
+                    Ok(())
+                },
+            )?;
+            row(
+                "small wo + residual",
+                wbytes(&wo) + act(d) * 3.0,
+                &mut |k| {
+                    fused::small_linear(&x, &wo[k % wo.len()], None, Epilogue::Residual(&r))?;
+                    Ok(())
+                },
+            )?;
+            row(
+                "small w1|w3 + norm + swiglu",
+                wbytes(&w13) + act(d) + act(f),
+                &mut |k| {
+                    fused::small_linear(&x, &w13[k % w13.len()], nw, Epilogue::SwiGlu)?;
+                    Ok(())
+                },
+            )?;
+            row(
+                "small w2 + residual",
+                wbytes(&w2) + act(f) + act(d) * 2.0,
+                &mut |k| {
+                    fused::small_linear(&hmid, &w2[k % w2.len()], None, Epilogue::Residual(&r))?;
+                    Ok(())
+                },
+            )?;
+        }
     }
     Ok(KernelReport {
         layers: t.n_layer,

@@ -3,7 +3,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor, WithDType};
 
-use super::{AttnDims, WriteDims};
+use super::{AttnDims, LinearDims, WriteDims};
 
 fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -50,7 +50,9 @@ fn typed<'a, T: WithDType>(s: &'a CpuStorage, what: &str) -> Result<&'a [T]> {
 }
 
 fn f32_of(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
+    t.flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()
 }
 
 pub(super) fn norm(
@@ -259,4 +261,61 @@ impl AttnDims {
     pub(super) fn layer_plane(&self) -> usize {
         self.n_layer * self.b * self.kvh * self.max_len * self.hd
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn small_linear(
+    d: &LinearDims,
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+    norm: Option<&(Tensor, f32)>,
+    residual: Option<&Tensor>,
+    swiglu: bool,
+) -> Result<CpuStorage> {
+    let norm = match norm {
+        Some((t, eps)) => Some((f32_of(t)?, *eps)),
+        None => None,
+    };
+    let res = residual.map(f32_of).transpose()?;
+    Ok(float_dispatch!(x, |x: T| {
+        let x = contiguous(x, xl)?;
+        let w = contiguous(typed::<T>(w, "weight")?, wl)?;
+        let (m, k, n) = (d.m, d.k, d.n);
+        let mut xs: Vec<f32> = x.iter().map(|v| f(*v)).collect();
+        if let Some((nw, eps)) = &norm {
+            for row in xs.chunks_mut(k) {
+                let ss: f32 = row.iter().map(|v| v * v).sum();
+                let inv = 1.0 / (ss / k as f32 + eps).sqrt();
+                for (v, wi) in row.iter_mut().zip(nw) {
+                    *v = rnd::<T>(rnd::<T>(*v * inv) * wi);
+                }
+            }
+        }
+        let dot = |r: usize, o: usize| -> f32 {
+            let wr = &w[o * k..][..k];
+            xs[r * k..][..k]
+                .iter()
+                .zip(wr)
+                .map(|(a, b)| a * f(*b))
+                .sum()
+        };
+        let mut out = Vec::with_capacity(m * n);
+        for r in 0..m {
+            for o in 0..n {
+                let a = dot(r, o);
+                let y = if swiglu {
+                    let g = rnd::<T>(a);
+                    rnd::<T>(g / (1.0 + (-g).exp())) * rnd::<T>(dot(r, n + o))
+                } else if let Some(res) = &res {
+                    res[r * n + o] + rnd::<T>(a)
+                } else {
+                    a
+                };
+                out.push(T::from_f64(y as f64));
+            }
+        }
+        out
+    }))
 }

@@ -4,7 +4,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKer
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
-use super::{AttnDims, WriteDims};
+use super::{AttnDims, LinearDims, WriteDims, SMALL_SHARED};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const MODULE: &str = "lantern_fused";
@@ -288,6 +288,94 @@ pub(super) fn attention(
         builder.arg(&causal);
         // SAFETY: argument list matches the kernel's signature; dims were checked against
         // the cache's layout.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(wrap(out, &dev))
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn small_linear(
+    d: &LinearDims,
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    norm: Option<&(Tensor, f32)>,
+    residual: Option<&Tensor>,
+    swiglu: bool,
+) -> Result<CudaStorage> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+    let dev = x.device().clone();
+    let dt = x.dtype();
+    if w.dtype() != dt {
+        bail!("small_linear: input {dt:?} vs weight {:?}", w.dtype());
+    }
+    let name = format!("small_linear_{}_{}", d.m, suffix(dt)?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let shared = d.m * d.k * 4;
+    if shared > SHARED_MAX {
+        func.set_attribute(
+            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            SMALL_SHARED as i32,
+        )
+        .w()?;
+    }
+    let warps = 8;
+    let blocks = d.n.div_ceil(warps) as u32;
+    let cfg = launch_cfg((blocks, 1, 1), 32 * warps as u32, shared);
+    let norm_g = norm.map(|(t, e)| (t.storage_and_layout(), *e));
+    let res_g = residual.map(|t| t.storage_and_layout());
+    let null = 0u64;
+    let mode: i32 = if swiglu {
+        2
+    } else if residual.is_some() {
+        1
+    } else {
+        0
+    };
+    let (k, n) = (d.k as i32, d.n as i32);
+    typed!(dt, T => {
+        let (a, b) = offsets(xl)?;
+        let xs = x.as_cuda_slice::<T>()?.slice(a..b);
+        let (a, b) = offsets(wl)?;
+        if (a * std::mem::size_of::<T>()) % 16 != 0 {
+            bail!("small_linear: the weight view is not 16-byte aligned");
+        }
+        let ws = w.as_cuda_slice::<T>()?.slice(a..b);
+        let ns = match &norm_g {
+            Some(((g, l), _)) => {
+                let (a, b) = offsets(l)?;
+                Some(held::<T>(g, "the norm weight")?.slice(a..b))
+            }
+            None => None,
+        };
+        let eps = norm_g.as_ref().map_or(0f32, |(_, e)| *e);
+        let rs = match &res_g {
+            Some((g, l)) => {
+                let (a, b) = offsets(l)?;
+                Some(held::<T>(g, "the residual")?.slice(a..b))
+            }
+            None => None,
+        };
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(d.m * d.n)? };
+        let mut builder = func.builder();
+        builder.arg(&xs);
+        builder.arg(&ws);
+        match &ns {
+            Some(v) => builder.arg(v),
+            None => builder.arg(&null),
+        };
+        builder.arg(&eps);
+        match &rs {
+            Some(v) => builder.arg(v),
+            None => builder.arg(&null),
+        };
+        builder.arg(&out);
+        builder.arg(&k);
+        builder.arg(&n);
+        builder.arg(&mode);
+        // SAFETY: argument list matches the kernel's signature; shapes checked by the caller.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(wrap(out, &dev))
     })

@@ -196,33 +196,55 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
         if (lane == 0) inv_sum[qq] = sum > 0.f ? 1.f / sum : 0.f;
     }
     __syncthreads();
-    // weighted values: warp per key subset, lane per HD/32 dims
-    constexpr int PER = HD / 32;
-    float acc[QT][PER];
+    // weighted values: a key row is read by LPK lanes, 16 bytes each, so a warp covers KPW
+    // keys per load and keeps UNR loads in flight; partial sums meet in shared memory
+    constexpr int VEC = 16 / sizeof(T), LPK = HD / VEC, KPW = 32 / LPK, UNR = 4;
+    const int sub = lane / LPK, col = (lane % LPK) * VEC;
+    float acc[QT][VEC];
 #pragma unroll
     for (int qq = 0; qq < QT; ++qq)
 #pragma unroll
-        for (int e = 0; e < PER; ++e) acc[qq][e] = 0.f;
-    for (int j = warp; j < keys; j += nw) {
-        bool any = false;
+        for (int e = 0; e < VEC; ++e) acc[qq][e] = 0.f;
+    const int stride = nw * KPW;
+    for (int j0 = warp * KPW + sub; j0 < keys; j0 += UNR * stride) {
+        uint4 u[UNR];
+        float p[UNR][QT];
 #pragma unroll
-        for (int qq = 0; qq < QT; ++qq) any |= sc[qq * keys + j] != 0.f;
-        if (!any) continue;
-        float vr[PER];
-        const T *vrow = vp + (size_t)j * HD + lane * PER;
+        for (int r = 0; r < UNR; ++r) {
+            const int j = j0 + r * stride;
+            bool any = false;
 #pragma unroll
-        for (int e = 0; e < PER; ++e) vr[e] = tof(vrow[e]);
+            for (int qq = 0; qq < QT; ++qq) {
+                p[r][qq] = j < keys ? sc[qq * keys + j] : 0.f;
+                any |= p[r][qq] != 0.f;
+            }
+            u[r] = any ? *reinterpret_cast<const uint4 *>(vp + (size_t)j * HD + col)
+                       : make_uint4(0, 0, 0, 0);
+        }
 #pragma unroll
-        for (int qq = 0; qq < QT; ++qq) {
-            const float p = sc[qq * keys + j];
+        for (int r = 0; r < UNR; ++r) {
+            const T *t = reinterpret_cast<const T *>(&u[r]);
 #pragma unroll
-            for (int e = 0; e < PER; ++e) acc[qq][e] += p * vr[e];
+            for (int e = 0; e < VEC; ++e) {
+                const float v = tof(t[e]);
+#pragma unroll
+                for (int qq = 0; qq < QT; ++qq) acc[qq][e] += p[r][qq] * v;
+            }
         }
     }
+    // lanes with the same columns hold different keys: sum them
 #pragma unroll
-    for (int qq = 0; qq < QT; ++qq)
+    for (int o = LPK; o < 32; o <<= 1)
 #pragma unroll
-        for (int e = 0; e < PER; ++e) part[(warp * QT + qq) * HD + lane * PER + e] = acc[qq][e];
+        for (int qq = 0; qq < QT; ++qq)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[qq][e] += __shfl_xor_sync(0xffffffff, acc[qq][e], o);
+    if (sub == 0) {
+#pragma unroll
+        for (int qq = 0; qq < QT; ++qq)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) part[(warp * QT + qq) * HD + col + e] = acc[qq][e];
+    }
     __syncthreads();
     for (int i = threadIdx.x; i < nq * HD; i += blockDim.x) {
         const int qq = i / HD, e = i % HD;
@@ -275,3 +297,102 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
 ALL(float, f32)
 ALL(__nv_bfloat16, bf16)
 ALL(__half, f16)
+
+// y = x w^T for a few rows (M <= 8: decode steps), weight-bandwidth bound: one warp per output
+// row (or gate/up row pair), 16-byte weight loads, x staged in shared memory as f32.
+// Prologue: with norm_w, x rows are first RMS-normalised exactly like add_rms_norm's output.
+// Epilogue: mode 0 y = round(acc); mode 1 y = round(res + round(acc)) (residual add);
+// mode 2 (SwiGLU, w has 2N rows: gate then up) y = round(round(silu(round(g))) * round(u)).
+template <typename T, int M>
+__device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps, const T *res,
+                             T *y, int K, int N, int mode) {
+    extern __shared__ float xs[];  // [M][K]
+    __shared__ float red[32];
+    for (int i = threadIdx.x; i < M * K; i += blockDim.x) xs[i] = tof(x[i]);
+    __syncthreads();
+    if (norm_w) {
+        for (int m = 0; m < M; ++m) {
+            float ss = 0.f;
+            for (int k = threadIdx.x; k < K; k += blockDim.x) ss += xs[m * K + k] * xs[m * K + k];
+            ss = block_sum(ss, red);
+            const float inv = rsqrtf(ss / K + eps);
+            for (int k = threadIdx.x; k < K; k += blockDim.x)
+                xs[m * K + k] = rnd<T>(rnd<T>(xs[m * K + k] * inv) * tof(norm_w[k]));
+        }
+        __syncthreads();
+    }
+    constexpr int VEC = 16 / sizeof(T);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    const bool glu = mode == 2;
+    for (int n = blockIdx.x * nw + warp; n < N; n += gridDim.x * nw) {
+        float acc[M], acc2[M];
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[m] = acc2[m] = 0.f;
+        const T *wr = w + (size_t)n * K;
+        const T *wr2 = w + (size_t)(n + N) * K;
+#pragma unroll 4
+        for (int k = lane * VEC; k < K; k += 32 * VEC) {
+            const uint4 u = *reinterpret_cast<const uint4 *>(wr + k);
+            uint4 u2 = make_uint4(0, 0, 0, 0);
+            if (glu) u2 = *reinterpret_cast<const uint4 *>(wr2 + k);
+            const T *t = reinterpret_cast<const T *>(&u);
+            const T *t2 = reinterpret_cast<const T *>(&u2);
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                // 16-byte shared loads (K is a multiple of 8)
+                float xv[VEC];
+                const float4 *x4 = reinterpret_cast<const float4 *>(xs + m * K + k);
+#pragma unroll
+                for (int q = 0; q < VEC / 4; ++q) {
+                    const float4 f = x4[q];
+                    xv[4 * q] = f.x; xv[4 * q + 1] = f.y; xv[4 * q + 2] = f.z; xv[4 * q + 3] = f.w;
+                }
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                    acc[m] += xv[e] * tof(t[e]);
+                    if (glu) acc2[m] += xv[e] * tof(t2[e]);
+                }
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            for (int o = 16; o > 0; o >>= 1) {
+                acc[m] += __shfl_xor_sync(0xffffffff, acc[m], o);
+                acc2[m] += __shfl_xor_sync(0xffffffff, acc2[m], o);
+            }
+        }
+        if (lane < M) {
+            float a = 0.f, a2 = 0.f;
+#pragma unroll
+            for (int m = 0; m < M; ++m)
+                if (m == lane) { a = acc[m]; a2 = acc2[m]; }
+            const size_t o = (size_t)lane * N + n;
+            if (mode == 1) {
+                y[o] = fromf<T>(tof(res[o]) + rnd<T>(a));
+            } else if (glu) {
+                const float g = rnd<T>(a);
+                y[o] = fromf<T>(rnd<T>(g / (1.f + __expf(-g))) * rnd<T>(a2));
+            } else {
+                y[o] = fromf<T>(a);
+            }
+        }
+    }
+}
+
+#define SMALL(T, M, NAME)                                                                       \
+    extern "C" __global__ void NAME(const T *x, const T *w, const T *norm_w, float eps,        \
+                                    const T *res, T *y, int K, int N, int mode) {               \
+        small_linear<T, M>(x, w, norm_w, eps, res, y, K, N, mode);                              \
+    }
+#define SMALLS(T, SUF)                                                                          \
+    SMALL(T, 1, small_linear_1_##SUF)                                                           \
+    SMALL(T, 2, small_linear_2_##SUF)                                                           \
+    SMALL(T, 3, small_linear_3_##SUF)                                                           \
+    SMALL(T, 4, small_linear_4_##SUF)                                                           \
+    SMALL(T, 5, small_linear_5_##SUF)                                                           \
+    SMALL(T, 6, small_linear_6_##SUF)                                                           \
+    SMALL(T, 7, small_linear_7_##SUF)                                                           \
+    SMALL(T, 8, small_linear_8_##SUF)
+SMALLS(float, f32)
+SMALLS(__nv_bfloat16, bf16)
+SMALLS(__half, f16)

@@ -88,6 +88,51 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul)
 }
 
+/// Most rows [`small_linear`] serves (decode steps: batch rows x one token).
+pub const SMALL_ROWS: usize = 8;
+/// Shared memory [`small_linear`] may use for its f32 copy of the input rows.
+const SMALL_SHARED: usize = 96 * 1024;
+
+/// What [`small_linear`] does after the product.
+#[derive(Clone, Copy, Debug)]
+pub enum Epilogue<'a> {
+    /// `y = x wᵀ`.
+    None,
+    /// `y = residual + x wᵀ` (the product rounded to the dtype first, like two ops).
+    Residual(&'a Tensor),
+    /// SwiGLU: `w` holds gate rows then up rows; `y = silu(x w_gateᵀ) * x w_upᵀ`.
+    SwiGlu,
+}
+
+/// Whether [`small_linear`] serves `rows` input rows of width `k` (few rows, `k` a multiple
+/// of 8, the rows' f32 copy within its shared memory).
+pub fn small_linear_fits(rows: usize, k: usize) -> bool {
+    (1..=SMALL_ROWS).contains(&rows) && k.is_multiple_of(8) && rows * k * 4 <= SMALL_SHARED
+}
+
+/// `x wᵀ` for a few rows as one weight-streaming kernel, with an optional RMSNorm of `x` first
+/// (`norm`: weight and eps, exactly [`rms_norm`]'s numerics) and an [`Epilogue`].
+///
+/// # Shapes
+/// - `x`: `[.., k]` (at most [`SMALL_ROWS`] rows); `w`: `[n, k]` (`[2n, k]` for SwiGLU) →
+///   `[.., n]`; a residual is `[.., n]`
+pub fn small_linear(
+    x: &Tensor,
+    w: &Tensor,
+    norm: Option<(&Tensor, f32)>,
+    epilogue: Epilogue,
+) -> Result<Tensor> {
+    let op = SmallLinear {
+        norm: norm.map(|(t, e)| (t.clone(), e)),
+        residual: match epilogue {
+            Epilogue::Residual(r) => Some(r.contiguous()?),
+            _ => None,
+        },
+        swiglu: matches!(epilogue, Epilogue::SwiGlu),
+    };
+    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
+}
+
 /// Head layout of a fused `wqkv` output `[b, s, (h + 2 kvh) * hd]`.
 #[derive(Clone, Copy, Debug)]
 pub struct Heads {
@@ -196,6 +241,99 @@ struct AddNorm {
 }
 
 struct SiluMul;
+
+struct SmallLinear {
+    norm: Option<(Tensor, f32)>,
+    residual: Option<Tensor>,
+    swiglu: bool,
+}
+
+/// Sizes of one [`small_linear`] call.
+#[derive(Clone, Copy, Debug)]
+struct LinearDims {
+    m: usize,
+    k: usize,
+    /// Output columns (gate rows for SwiGLU).
+    n: usize,
+}
+
+impl SmallLinear {
+    fn dims(&self, x: &Layout, w: &Layout) -> Result<(LinearDims, Shape)> {
+        let k = *x.dims().last().unwrap_or(&0);
+        let m = x.shape().elem_count() / k.max(1);
+        let (wn, wk) = w.shape().dims2()?;
+        let n = if self.swiglu { wn / 2 } else { wn };
+        if wk != k || (self.swiglu && wn % 2 != 0) || !small_linear_fits(m, k) {
+            candle_core::bail!(
+                "small_linear: input {:?} and weight {:?} do not fit (at most {SMALL_ROWS} rows, width a multiple of 8)",
+                x.dims(),
+                w.dims()
+            );
+        }
+        if let Some((nw, _)) = &self.norm {
+            if nw.dims() != [k] {
+                candle_core::bail!("small_linear: norm weight {:?} for rows of {k}", nw.dims());
+            }
+        }
+        let mut out = x.dims().to_vec();
+        *out.last_mut().expect("rank >= 1") = n;
+        if let Some(r) = &self.residual {
+            if r.dims() != out.as_slice() {
+                candle_core::bail!("small_linear: residual {:?} for output {out:?}", r.dims());
+            }
+        }
+        Ok((LinearDims { m, k, n }, Shape::from(out)))
+    }
+}
+
+impl CustomOp2 for SmallLinear {
+    fn name(&self) -> &'static str {
+        "lantern-small-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (d, shape) = self.dims(xl, wl)?;
+        let out = cpu::small_linear(
+            &d,
+            x,
+            xl,
+            w,
+            wl,
+            self.norm.as_ref(),
+            self.residual.as_ref(),
+            self.swiglu,
+        )?;
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (d, shape) = self.dims(xl, wl)?;
+        let out = cuda::small_linear(
+            &d,
+            x,
+            xl,
+            w,
+            wl,
+            self.norm.as_ref(),
+            self.residual.as_ref(),
+            self.swiglu,
+        )?;
+        Ok((out, shape))
+    }
+}
 
 struct KvWrite {
     layer: usize,

@@ -188,9 +188,25 @@ impl Attention {
 }
 
 impl Attention {
-    /// The fused path: one kernel rotates the new keys and writes K/V into the cache, one
-    /// computes attention (queries rotated on load), then `wo`.
+    /// The fused path: [`Attention::attend_fused`], then `wo`.
     fn forward_fused(
+        &self,
+        qkv: &Tensor,
+        rope: &RopeRows,
+        mask: &AttnMask,
+        layer: usize,
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        self.wo
+            .forward(&self.attend_fused(qkv, rope, mask, layer, cache)?)
+    }
+
+    /// Fused attention before the output projection: one kernel rotates the new keys of `qkv`
+    /// and writes K/V into the cache, one attends (queries rotated on load).
+    ///
+    /// # Shapes
+    /// - `qkv`: `[b, s, (h + 2 kvh) * hd]` → `[b, s, h * hd]`
+    pub(crate) fn attend_fused(
         &self,
         qkv: &Tensor,
         rope: &RopeRows,
@@ -217,8 +233,22 @@ impl Attention {
         };
         let packed = rope.packed()?;
         crate::fused::write_kv(kv, qkv, &packed, layer, at, heads)?;
-        let out = crate::fused::attention(qkv, &packed, kv, layer, keys, &key_mask, heads)?;
-        self.wo.forward(&out)
+        crate::fused::attention(qkv, &packed, kv, layer, keys, &key_mask, heads)
+    }
+
+    /// Whether the fused kernels serve this block's heads for `x` (see [`crate::fused`]).
+    pub(crate) fn fused_ok(&self, x: &Tensor) -> bool {
+        crate::fused::active(x) && crate::fused::supports_head_dim(x, self.head_dim)
+    }
+
+    /// The `[q | k | v]` projection weight `[(h + 2 kvh) hd, dim]`.
+    pub(crate) fn wqkv_weight(&self) -> &Tensor {
+        self.wqkv.weight()
+    }
+
+    /// The output projection weight `[dim, h hd]`.
+    pub(crate) fn wo_weight(&self) -> &Tensor {
+        self.wo.weight()
     }
 }
 

@@ -74,6 +74,11 @@ impl RmsNorm {
     fn fused_ok(&self, x: &Tensor) -> bool {
         crate::fused::active(x) && !self.weight.track_op() && x.dtype() == self.weight.dtype()
     }
+
+    /// The weight and eps, for kernels that normalise their input themselves.
+    fn parts(&self) -> (&Tensor, f32) {
+        (&self.weight, self.eps as f32)
+    }
 }
 
 impl Module for RmsNorm {
@@ -139,6 +144,13 @@ impl FeedForward {
     }
 }
 
+impl FeedForward {
+    /// `[w1 | w3]` when the weights were loaded (not trained).
+    fn gate_up(&self) -> Option<&Tensor> {
+        self.w13.as_ref().map(|l| l.weight())
+    }
+}
+
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(w13) = self.w13.as_ref().filter(|_| crate::fused::active(x)) {
@@ -170,6 +182,49 @@ impl Block {
             attention_norm: RmsNorm::load(vb.pp("attention_norm"), cfg.dim, cfg.norm_eps)?,
             ffn_norm: RmsNorm::load(vb.pp("ffn_norm"), cfg.dim, cfg.norm_eps)?,
         })
+    }
+}
+
+impl Block {
+    /// Whether the few-row kernels serve this block for `rows` rows of hidden state `h`.
+    fn small_ok(&self, h: &Tensor, rows: usize) -> bool {
+        let d = h.dim(D::Minus1).unwrap_or(0);
+        let f = self.feed_forward.w2.weight().dim(1).unwrap_or(0);
+        self.attention.fused_ok(h)
+            && self.feed_forward.gate_up().is_some()
+            && crate::fused::small_linear_fits(rows, d)
+            && crate::fused::small_linear_fits(rows, f)
+    }
+
+    /// A decode step of the block in five weight-streaming kernels plus two for attention:
+    /// `wqkv` with the attention norm first, K/V write, attention, `wo` with the residual add,
+    /// `[w1 | w3]` with the FFN norm first and SwiGLU after, `w2` with the residual add.
+    fn forward_small(
+        &self,
+        h: &Tensor,
+        rope: &rope::RopeRows,
+        mask: &AttnMask,
+        layer: usize,
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        use crate::fused::{small_linear, Epilogue};
+        let att = &self.attention;
+        let qkv = small_linear(
+            h,
+            att.wqkv_weight(),
+            Some(self.attention_norm.parts()),
+            Epilogue::None,
+        )?;
+        let a = att.attend_fused(&qkv, rope, mask, layer, cache)?;
+        let h = small_linear(&a, att.wo_weight(), None, Epilogue::Residual(h))?;
+        let gate_up = self.feed_forward.gate_up().expect("checked by small_ok");
+        let m = small_linear(&h, gate_up, Some(self.ffn_norm.parts()), Epilogue::SwiGlu)?;
+        small_linear(
+            &m,
+            self.feed_forward.w2.weight(),
+            None,
+            Epilogue::Residual(&h),
+        )
     }
 }
 
@@ -385,6 +440,15 @@ impl LlamaGen {
         let Some(first) = self.layers.first() else {
             return self.norm.forward(&h);
         };
+        if let Some(c) = cache.as_deref() {
+            if first.small_ok(&h, b * s) {
+                let mut h = h;
+                for (i, layer) in self.layers.iter().enumerate() {
+                    h = layer.forward_small(&h, &rows, mask, i, c)?;
+                }
+                return self.norm.forward(&h);
+            }
+        }
         // each norm also adds the residual before it (one kernel on the fused path)
         let mut n = first.attention_norm.forward(&h)?;
         let mut h = h;
