@@ -221,7 +221,7 @@ pub fn run_kernel_bench(
                 Ok(())
             })?;
         }
-        if fused::small_linear_fits(n, d) && fused::small_linear_fits(n, f) {
+        if fused::small_linear_fits(n, d, dt) && fused::small_linear_fits(n, f, dt) {
             let nw = Some((&norm_w, 1e-5f32));
             row(
                 "small wqkv + norm",

@@ -1,6 +1,8 @@
 //! Launches of the kernels in `kernels.cu` (PTX built by build.rs) on candle's CUDA stream.
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
@@ -188,6 +190,37 @@ pub(super) fn write_kv(
     })
 }
 
+/// Blocks of `func` (with `threads` threads and `shared` bytes) resident on the whole device
+/// at once, cached per kernel and shared size.
+fn resident_blocks(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    name: &str,
+    threads: u32,
+    shared: usize,
+) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as Attr;
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<(String, usize), usize>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (name.to_string(), shared);
+    if let Some(&n) = cache.lock().expect("not poisoned").get(&key) {
+        return Ok(n);
+    }
+    let per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor(threads, shared, None)
+        .w()?;
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    let n = (per_sm.max(1) as usize) * (sms.max(1) as usize);
+    cache.lock().expect("not poisoned").insert(key, n);
+    Ok(n)
+}
+
 /// The typed CUDA slice of a tensor held by an op (not one of its inputs).
 fn held<'a, T: CudaDType>(g: &'a Storage, what: &str) -> Result<&'a CudaSlice<T>> {
     match g {
@@ -196,14 +229,18 @@ fn held<'a, T: CudaDType>(g: &'a Storage, what: &str) -> Result<&'a CudaSlice<T>
     }
 }
 
-/// Queries per block: the largest tile whose shared memory fits.
+/// Shared memory the attention kernel may opt in to.
+const ATTN_SHARED_MAX: usize = 160 * 1024;
+
+/// Queries per block and threads: the largest tile whose shared memory fits (one query: a
+/// block of 1024 threads, so that a decode step's few blocks still keep many loads in flight).
 fn tile(d: &AttnDims) -> Option<(usize, u32, usize)> {
     let tiles: &[usize] = if d.s == 1 { &[1] } else { &[8, 4, 1] };
     tiles.iter().find_map(|&qt| {
-        let threads = if qt == 1 { 256 } else { 128 };
+        let threads = if d.s == 1 { 1024 } else { 128 };
         let warps = threads / 32;
         let shared = 4 * (qt * d.keys + qt * d.hd + warps * qt * d.hd);
-        (shared <= SHARED_MAX).then_some((qt, threads as u32, shared))
+        (shared <= ATTN_SHARED_MAX).then_some((qt, threads as u32, shared))
     })
 }
 
@@ -220,14 +257,34 @@ pub(super) fn attention(
     if kv.dtype() != dt {
         bail!("fused attention: qkv {dt:?} vs cache {:?}", kv.dtype());
     }
-    let Some((qt, threads, shared)) = tile(d) else {
-        bail!(
-            "fused attention: {} keys do not fit the kernel's shared memory; set LANTERN_FUSED=0",
-            d.keys
-        );
+    // many queries in bf16/f16: the tensor-core kernel (16 queries per block)
+    let kp = d.keys.next_multiple_of(16);
+    let mma_shared = 16 * kp * 6 + 16 * d.hd * (2 + 4 * 2 + 4);
+    let mma = d.s > 1 && dt != DType::F32 && mma_shared <= ATTN_SHARED_MAX;
+    let (name, grid, threads, shared) = if mma {
+        let name = format!("attention_mma_{}_{}", d.hd, suffix(dt)?);
+        let grid = (d.s.div_ceil(16) as u32, d.h as u32, d.b as u32);
+        (name, grid, 128, mma_shared)
+    } else {
+        let Some((qt, threads, shared)) = tile(d) else {
+            bail!(
+                "fused attention: {} keys do not fit the kernel's shared memory; set LANTERN_FUSED=0",
+                d.keys
+            );
+        };
+        let name = format!("attention_{}_{qt}_{}", d.hd, suffix(dt)?);
+        let grid = (d.s.div_ceil(qt) as u32, d.h as u32, d.b as u32);
+        (name, grid, threads, shared)
     };
-    let name = format!("attention_{}_{qt}_{}", d.hd, suffix(dt)?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    if shared > SHARED_MAX {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+        func.set_attribute(
+            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            ATTN_SHARED_MAX as i32,
+        )
+        .w()?;
+    }
     let (rope_g, rope_l) = rope.storage_and_layout();
     let (ra, rb) = offsets(rope_l)?;
     let rope_s = held::<f32>(&rope_g, "the RoPE table")?.slice(ra..rb);
@@ -235,11 +292,7 @@ pub(super) fn attention(
     let base = kv_l.start_offset() as u64;
     let mask_g = mask.map(|m| m.storage_and_layout());
     let null = 0u64;
-    let cfg = launch_cfg(
-        (d.s.div_ceil(qt) as u32, d.h as u32, d.b as u32),
-        threads,
-        shared,
-    );
+    let cfg = launch_cfg(grid, threads, shared);
     let ints = [
         d.b,
         d.s,
@@ -310,9 +363,10 @@ pub(super) fn small_linear(
     if w.dtype() != dt {
         bail!("small_linear: input {dt:?} vs weight {:?}", w.dtype());
     }
-    let name = format!("small_linear_{}_{}", d.m, suffix(dt)?);
+    let glu = if swiglu { "g" } else { "p" };
+    let name = format!("small_linear_{}_{glu}_{}", d.m, suffix(dt)?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-    let shared = d.m * d.k * 4;
+    let shared = (d.m + 1) * d.k * 4;
     if shared > SHARED_MAX {
         func.set_attribute(
             Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -320,8 +374,11 @@ pub(super) fn small_linear(
         )
         .w()?;
     }
-    let warps = 8;
-    let blocks = d.n.div_ceil(warps) as u32;
+    // a persistent grid: as many blocks as stay resident (each stages and normalises x once,
+    // then its warps stream rows, fetching the next row while reducing the current one)
+    let warps = 4;
+    let resident = resident_blocks(&dev, &func, &name, 32 * warps as u32, shared)?;
+    let blocks = d.n.div_ceil(warps).min(resident).max(1) as u32;
     let cfg = launch_cfg((blocks, 1, 1), 32 * warps as u32, shared);
     let norm_g = norm.map(|(t, e)| (t.storage_and_layout(), *e));
     let res_g = residual.map(|t| t.storage_and_layout());

@@ -2,6 +2,7 @@
 // and cpu.rs for the same algorithms on the CPU). Compiled to PTX by build.rs (`cuda` feature).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 #include <stdint.h>
 
 __device__ __forceinline__ float tof(float x) { return x; }
@@ -44,6 +45,19 @@ __device__ __forceinline__ float block_sum(float v, float *red) {
     return v;
 }
 
+// Max over the block; every thread gets it. `red` holds 32 floats.
+__device__ __forceinline__ float block_max(float v, float *red) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    __syncthreads();
+    if (l == 0) red[w] = v;
+    __syncthreads();
+    const int nw = (blockDim.x + 31) >> 5;
+    v = l < nw ? red[l] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
 // One block per row. h = x (+ res, rounded); y = round(round(h * rsqrt(mean(h^2) + eps)) * w).
 // With a residual, out holds [h; y] (h first, rows * cols each), else y.
 template <typename T>
@@ -53,6 +67,31 @@ __device__ void add_rms_norm(const T *x, const T *res, const T *w, T *out, int r
     __shared__ float red[32];
     const size_t r0 = (size_t)blockIdx.x * cols;
     float ss = 0.f;
+    constexpr int VEC = 16 / sizeof(T);
+    if (cols % VEC == 0 && cols / VEC <= (int)blockDim.x) {
+        // one 16-byte load of x (and of res) per thread, all in flight at once
+        const int i = threadIdx.x * VEC;
+        if (i < cols) {
+            const uint4 xv = *reinterpret_cast<const uint4 *>(x + r0 + i);
+            uint4 rv = make_uint4(0, 0, 0, 0);
+            if (res) rv = *reinterpret_cast<const uint4 *>(res + r0 + i);
+            const T *xt = reinterpret_cast<const T *>(&xv);
+            const T *rt = reinterpret_cast<const T *>(&rv);
+            uint4 hv;
+            T *ht = reinterpret_cast<T *>(&hv);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                float v = tof(xt[e]);
+                if (res) {
+                    ht[e] = fromf<T>(v + tof(rt[e]));
+                    v = tof(ht[e]);
+                }
+                buf[i + e] = v;
+                ss += v * v;
+            }
+            if (res) *reinterpret_cast<uint4 *>(out + r0 + i) = hv;
+        }
+    } else {
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
         float v = tof(x[r0 + i]);
         if (res) {
@@ -62,6 +101,7 @@ __device__ void add_rms_norm(const T *x, const T *res, const T *w, T *out, int r
         }
         buf[i] = v;
         ss += v * v;
+    }
     }
     ss = block_sum(ss, red);
     const float inv = rsqrtf(ss / cols + eps);
@@ -149,8 +189,12 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
     const T *kp = kv + head, *vp = kv + plane + head;
     // scores: one key row per thread, reused for the tile's queries
     for (int j = threadIdx.x; j < keys; j += blockDim.x) {
+        // the key row and the mask entries are loaded together (no load waits on another)
+        float kr[HD];
+        load_row<T, HD>(kp + (size_t)j * HD, kr);
         float m[QT];
         bool any = false;
+#pragma unroll
         for (int qq = 0; qq < QT; ++qq) {
             float mv = 0.f;
             bool vis = qq < nq;
@@ -166,8 +210,6 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
             for (int qq = 0; qq < QT; ++qq) sc[qq * keys + j] = -INFINITY;
             continue;
         }
-        float kr[HD];
-        load_row<T, HD>(kp + (size_t)j * HD, kr);
         for (int qq = 0; qq < QT; ++qq) {
             float acc = -INFINITY;
             if (m[qq] != -INFINITY) {
@@ -180,20 +222,37 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
         }
     }
     __syncthreads();
-    // softmax per query row (one warp per row), probabilities left unnormalised
-    for (int qq = warp; qq < QT; qq += nw) {
+    // softmax, probabilities left unnormalised: one query uses the whole block, a tile one
+    // warp per query row
+    if (QT == 1) {
+        __shared__ float red[32];
         float mx = -INFINITY;
-        for (int j = lane; j < keys; j += 32) mx = fmaxf(mx, sc[qq * keys + j]);
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+        for (int j = threadIdx.x; j < keys; j += blockDim.x) mx = fmaxf(mx, sc[j]);
+        mx = block_max(mx, red);
         float sum = 0.f;
-        for (int j = lane; j < keys; j += 32) {
-            const float v = sc[qq * keys + j];
+        for (int j = threadIdx.x; j < keys; j += blockDim.x) {
+            const float v = sc[j];
             const float e = (v == -INFINITY) ? 0.f : __expf(v - mx);
-            sc[qq * keys + j] = e;
+            sc[j] = e;
             sum += e;
         }
-        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-        if (lane == 0) inv_sum[qq] = sum > 0.f ? 1.f / sum : 0.f;
+        sum = block_sum(sum, red);
+        if (threadIdx.x == 0) inv_sum[0] = sum > 0.f ? 1.f / sum : 0.f;
+    } else {
+        for (int qq = warp; qq < QT; qq += nw) {
+            float mx = -INFINITY;
+            for (int j = lane; j < keys; j += 32) mx = fmaxf(mx, sc[qq * keys + j]);
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+            float sum = 0.f;
+            for (int j = lane; j < keys; j += 32) {
+                const float v = sc[qq * keys + j];
+                const float e = (v == -INFINITY) ? 0.f : __expf(v - mx);
+                sc[qq * keys + j] = e;
+                sum += e;
+            }
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+            if (lane == 0) inv_sum[qq] = sum > 0.f ? 1.f / sum : 0.f;
+        }
     }
     __syncthreads();
     // weighted values: a key row is read by LPK lanes, 16 bytes each, so a warp covers KPW
@@ -299,16 +358,63 @@ ALL(__nv_bfloat16, bf16)
 ALL(__half, f16)
 
 // y = x w^T for a few rows (M <= 8: decode steps), weight-bandwidth bound: one warp per output
-// row (or gate/up row pair), 16-byte weight loads, x staged in shared memory as f32.
-// Prologue: with norm_w, x rows are first RMS-normalised exactly like add_rms_norm's output.
-// Epilogue: mode 0 y = round(acc); mode 1 y = round(res + round(acc)) (residual add);
-// mode 2 (SwiGLU, w has 2N rows: gate then up) y = round(round(silu(round(g))) * round(u)).
-template <typename T, int M>
+// row (or gate/up row pair). A warp first issues all 16-byte loads of its weight row(s) into
+// registers (K <= 32 * VEC * CH), then the block stages x in shared memory as f32 while they
+// are in flight. Prologue: with norm_w, x rows are first RMS-normalised exactly like
+// add_rms_norm's output. Epilogue: mode 0 y = round(acc); mode 1 y = round(res + round(acc))
+// (residual add); mode 2 (SwiGLU, w has 2N rows: gate then up)
+// y = round(round(silu(round(g))) * round(u)).
+constexpr int SMALL_CH = 16;
+template <typename T, int M, bool GLU>
 __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps, const T *res,
                              T *y, int K, int N, int mode) {
     extern __shared__ float xs[];  // [M][K]
     __shared__ float red[32];
-    for (int i = threadIdx.x; i < M * K; i += blockDim.x) xs[i] = tof(x[i]);
+    constexpr int VEC = 16 / sizeof(T);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    constexpr bool glu = GLU;
+    const int nch = K / (32 * VEC) + ((lane * VEC) < (K % (32 * VEC)) ? 1 : 0);
+    uint4 wa[SMALL_CH], wb[GLU ? SMALL_CH : 1];
+    int n = blockIdx.x * nw + warp;
+    auto fetch = [&](int row) {
+#pragma unroll
+        for (int c = 0; c < SMALL_CH; ++c) {
+            const size_t k = (size_t)c * 32 * VEC + lane * VEC;
+            wa[c] = make_uint4(0, 0, 0, 0);
+            if (GLU) wb[GLU ? c : 0] = make_uint4(0, 0, 0, 0);
+            if (row < N && c < nch) {
+                wa[c] = *reinterpret_cast<const uint4 *>(w + (size_t)row * K + k);
+                if (GLU)
+                    wb[GLU ? c : 0] =
+                        *reinterpret_cast<const uint4 *>(w + (size_t)(row + N) * K + k);
+            }
+        }
+    };
+    fetch(n);
+    // stage x and the norm weight (16-byte loads, all issued before any is used), then
+    // normalise
+    const uint4 *x4 = reinterpret_cast<const uint4 *>(x);
+    const uint4 *n4 = reinterpret_cast<const uint4 *>(norm_w);
+    float *ns = xs + M * K;  // [K] norm weight
+    const int rows = norm_w ? M + 1 : M;
+    for (int i0 = threadIdx.x; i0 < rows * K / VEC; i0 += 4 * blockDim.x) {
+        uint4 u[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int i = i0 + r * blockDim.x;
+            if (i < M * K / VEC) u[r] = x4[i];
+            else if (i < rows * K / VEC) u[r] = n4[i - M * K / VEC];
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int i = i0 + r * blockDim.x;
+            if (i < rows * K / VEC) {
+                const T *t = reinterpret_cast<const T *>(&u[r]);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) xs[i * VEC + e] = tof(t[e]);
+            }
+        }
+    }
     __syncthreads();
     if (norm_w) {
         for (int m = 0; m < M; ++m) {
@@ -317,48 +423,45 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
             ss = block_sum(ss, red);
             const float inv = rsqrtf(ss / K + eps);
             for (int k = threadIdx.x; k < K; k += blockDim.x)
-                xs[m * K + k] = rnd<T>(rnd<T>(xs[m * K + k] * inv) * tof(norm_w[k]));
+                xs[m * K + k] = rnd<T>(rnd<T>(xs[m * K + k] * inv) * ns[k]);
         }
         __syncthreads();
     }
-    constexpr int VEC = 16 / sizeof(T);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    const bool glu = mode == 2;
-    for (int n = blockIdx.x * nw + warp; n < N; n += gridDim.x * nw) {
+    while (n < N) {
         float acc[M], acc2[M];
 #pragma unroll
         for (int m = 0; m < M; ++m) acc[m] = acc2[m] = 0.f;
-        const T *wr = w + (size_t)n * K;
-        const T *wr2 = w + (size_t)(n + N) * K;
-#pragma unroll 4
-        for (int k = lane * VEC; k < K; k += 32 * VEC) {
-            const uint4 u = *reinterpret_cast<const uint4 *>(wr + k);
-            uint4 u2 = make_uint4(0, 0, 0, 0);
-            if (glu) u2 = *reinterpret_cast<const uint4 *>(wr2 + k);
-            const T *t = reinterpret_cast<const T *>(&u);
-            const T *t2 = reinterpret_cast<const T *>(&u2);
 #pragma unroll
-            for (int m = 0; m < M; ++m) {
-                // 16-byte shared loads (K is a multiple of 8)
-                float xv[VEC];
-                const float4 *x4 = reinterpret_cast<const float4 *>(xs + m * K + k);
+        for (int c = 0; c < SMALL_CH; ++c) {
+            if (c < nch) {
+                const int k = c * 32 * VEC + lane * VEC;
+                const T *t = reinterpret_cast<const T *>(&wa[c]);
+                const T *t2 = reinterpret_cast<const T *>(&wb[GLU ? c : 0]);
 #pragma unroll
-                for (int q = 0; q < VEC / 4; ++q) {
-                    const float4 f = x4[q];
-                    xv[4 * q] = f.x; xv[4 * q + 1] = f.y; xv[4 * q + 2] = f.z; xv[4 * q + 3] = f.w;
-                }
+                for (int m = 0; m < M; ++m) {
+                    float xv[VEC];
+                    const float4 *xf = reinterpret_cast<const float4 *>(xs + m * K + k);
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) {
-                    acc[m] += xv[e] * tof(t[e]);
-                    if (glu) acc2[m] += xv[e] * tof(t2[e]);
+                    for (int q = 0; q < VEC / 4; ++q) {
+                        const float4 f = xf[q];
+                        xv[4 * q] = f.x; xv[4 * q + 1] = f.y; xv[4 * q + 2] = f.z; xv[4 * q + 3] = f.w;
+                    }
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) {
+                        acc[m] += xv[e] * tof(t[e]);
+                        if (GLU) acc2[m] += xv[e] * tof(t2[e]);
+                    }
                 }
             }
         }
+        const int row = n;
+        n += gridDim.x * nw;
+        fetch(n);
 #pragma unroll
         for (int m = 0; m < M; ++m) {
             for (int o = 16; o > 0; o >>= 1) {
                 acc[m] += __shfl_xor_sync(0xffffffff, acc[m], o);
-                acc2[m] += __shfl_xor_sync(0xffffffff, acc2[m], o);
+                if (GLU) acc2[m] += __shfl_xor_sync(0xffffffff, acc2[m], o);
             }
         }
         if (lane < M) {
@@ -366,7 +469,7 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
 #pragma unroll
             for (int m = 0; m < M; ++m)
                 if (m == lane) { a = acc[m]; a2 = acc2[m]; }
-            const size_t o = (size_t)lane * N + n;
+            const size_t o = (size_t)lane * N + row;
             if (mode == 1) {
                 y[o] = fromf<T>(tof(res[o]) + rnd<T>(a));
             } else if (glu) {
@@ -379,20 +482,172 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
     }
 }
 
-#define SMALL(T, M, NAME)                                                                       \
+#define SMALL(T, M, G, NAME)                                                                    \
     extern "C" __global__ void NAME(const T *x, const T *w, const T *norm_w, float eps,        \
                                     const T *res, T *y, int K, int N, int mode) {               \
-        small_linear<T, M>(x, w, norm_w, eps, res, y, K, N, mode);                              \
+        small_linear<T, M, G>(x, w, norm_w, eps, res, y, K, N, mode);                           \
     }
+#define SMALL2(T, M, SUF)                                                                       \
+    SMALL(T, M, false, small_linear_##M##_p_##SUF)                                              \
+    SMALL(T, M, true, small_linear_##M##_g_##SUF)
 #define SMALLS(T, SUF)                                                                          \
-    SMALL(T, 1, small_linear_1_##SUF)                                                           \
-    SMALL(T, 2, small_linear_2_##SUF)                                                           \
-    SMALL(T, 3, small_linear_3_##SUF)                                                           \
-    SMALL(T, 4, small_linear_4_##SUF)                                                           \
-    SMALL(T, 5, small_linear_5_##SUF)                                                           \
-    SMALL(T, 6, small_linear_6_##SUF)                                                           \
-    SMALL(T, 7, small_linear_7_##SUF)                                                           \
-    SMALL(T, 8, small_linear_8_##SUF)
+    SMALL2(T, 1, SUF)                                                                           \
+    SMALL2(T, 2, SUF)                                                                           \
+    SMALL2(T, 3, SUF)                                                                           \
+    SMALL2(T, 4, SUF)                                                                           \
+    SMALL2(T, 5, SUF)                                                                           \
+    SMALL2(T, 6, SUF)                                                                           \
+    SMALL2(T, 7, SUF)                                                                           \
+    SMALL2(T, 8, SUF)
 SMALLS(float, f32)
 SMALLS(__nv_bfloat16, bf16)
 SMALLS(__half, f16)
+
+// Attention of many queries (tree verification, prefill) on tensor cores, bf16/f16: a block
+// serves 16 queries of one head with 4 warps. Scores S = Q Kᵀ (16-key tiles, f32 accumulate)
+// go to shared memory; the softmax (scale, mask, causal limit) writes probabilities rounded to
+// T like the reference; O = P V per 16-column tile. Tiles past the last key are staged with
+// zeros. Shared memory: S [16][kp] f32, P [16][kp] T, Q [16][HD] T, per-warp staging
+// [4][16][HD] T, O [16][HD] f32 (kp = keys rounded up to 16).
+template <typename T, int HD>
+__device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size_t base,
+                              const float *mask, T *out, int b, int s, int h, int kvh, int layer,
+                              int n_layer, int max_len, int keys, int rope_rows,
+                              long long mask_b, long long mask_s, int causal_past) {
+    using namespace nvcuda;
+    constexpr int QT = 16, NW = 4, DT = HD / 16;
+    const int kp = (keys + 15) / 16 * 16, nt = kp / 16;
+    extern __shared__ __align__(128) unsigned char smraw[];
+    float *sc = reinterpret_cast<float *>(smraw);
+    T *pb = reinterpret_cast<T *>(sc + QT * kp);
+    T *qs = pb + QT * kp;
+    T *stage = qs + QT * HD;
+    float *os = reinterpret_cast<float *>(stage + NW * 16 * HD);
+    __shared__ float inv_sum[QT];
+    const int tile = blockIdx.x, hh = blockIdx.y, bb = blockIdx.z;
+    const int q0 = tile * QT, nq = min(QT, s - q0);
+    const int w = (h + 2 * kvh) * HD, pairs = HD / 2, kh = hh / (h / kvh);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float scale = rsqrtf((float)HD);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < QT * pairs; i += blockDim.x) {
+        const int qq = i / pairs, p = i % pairs;
+        float o0 = 0.f, o1 = 0.f;
+        if (qq < nq) {
+            const int si = q0 + qq;
+            const T *src = qkv + ((size_t)bb * s + si) * w + hh * HD;
+            const float *cs = rope + ((size_t)(rope_rows == 1 ? 0 : bb) * s + si) * pairs * 2;
+            const float x0 = tof(src[2 * p]), x1 = tof(src[2 * p + 1]);
+            o0 = x0 * cs[2 * p] - x1 * cs[2 * p + 1];
+            o1 = x1 * cs[2 * p] + x0 * cs[2 * p + 1];
+        }
+        qs[qq * HD + 2 * p] = fromf<T>(o0);
+        qs[qq * HD + 2 * p + 1] = fromf<T>(o1);
+    }
+    __syncthreads();
+    const size_t head = base + (((size_t)layer * b + bb) * kvh + kh) * max_len * HD;
+    const size_t plane = (size_t)n_layer * b * kvh * max_len * HD;
+    const T *kp_ = kv + head, *vp = kv + plane + head;
+    T *st = stage + warp * 16 * HD;
+    // a 16-key tile of K or V: straight from the cache, or staged with zero rows past the end
+    auto tile_ptr = [&](const T *src, int t) -> const T * {
+        if ((t + 1) * 16 <= keys) return src + (size_t)t * 16 * HD;
+        for (int i = lane; i < 16 * HD; i += 32) {
+            const int j = t * 16 + i / HD;
+            st[i] = j < keys ? src[(size_t)j * HD + i % HD] : fromf<T>(0.f);
+        }
+        __syncwarp();
+        return st;
+    };
+    {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa[DT];
+#pragma unroll
+        for (int d = 0; d < DT; ++d) wmma::load_matrix_sync(qa[d], qs + d * 16, HD);
+        for (int t = warp; t < nt; t += NW) {
+            const T *kt = tile_ptr(kp_, t);
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+            for (int d = 0; d < DT; ++d) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kb;
+                wmma::load_matrix_sync(kb, kt + d * 16, HD);
+                wmma::mma_sync(acc, qa[d], kb, acc);
+            }
+            wmma::store_matrix_sync(sc + t * 16, acc, kp, wmma::mem_row_major);
+            __syncwarp();
+        }
+    }
+    __syncthreads();
+    // scale and mask the scores, 8 mask loads in flight per thread
+    for (int i0 = threadIdx.x; i0 < QT * kp; i0 += 8 * blockDim.x) {
+        float m[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int i = i0 + u * blockDim.x, qq = i / kp, j = i % kp;
+            m[u] = (mask && i < QT * kp && qq < nq && j < keys)
+                       ? mask[bb * mask_b + (q0 + qq) * mask_s + j]
+                       : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int i = i0 + u * blockDim.x, qq = i / kp, j = i % kp;
+            if (i < QT * kp) {
+                bool vis = qq < nq && j < keys && !(isinf(m[u]) && m[u] < 0.f);
+                if (causal_past >= 0 && j > causal_past + q0 + qq) vis = false;
+                sc[i] = vis ? sc[i] * scale + m[u] : -INFINITY;
+            }
+        }
+    }
+    __syncthreads();
+    for (int qq = warp; qq < QT; qq += NW) {
+        float mx = -INFINITY;
+        for (int j = lane; j < kp; j += 32) mx = fmaxf(mx, sc[qq * kp + j]);
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+        float sum = 0.f;
+        for (int j = lane; j < kp; j += 32) {
+            const float v = sc[qq * kp + j];
+            const float e = (v == -INFINITY) ? 0.f : __expf(v - mx);
+            const T pe = fromf<T>(e);
+            pb[qq * kp + j] = pe;
+            sum += tof(pe);
+        }
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+        if (lane == 0) inv_sum[qq] = sum > 0.f ? 1.f / sum : 0.f;
+    }
+    __syncthreads();
+    for (int dc = warp; dc < DT; dc += NW) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.f);
+        for (int t = 0; t < nt; ++t) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa;
+            wmma::load_matrix_sync(pa, pb + t * 16, kp);
+            const T *vt = tile_ptr(vp, t);
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;
+            wmma::load_matrix_sync(vb, vt + dc * 16, HD);
+            wmma::mma_sync(acc, pa, vb, acc);
+            __syncwarp();
+        }
+        wmma::store_matrix_sync(os + dc * 16, acc, HD, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nq * HD; i += blockDim.x) {
+        const int qq = i / HD, e = i % HD;
+        out[(((size_t)bb * s + q0 + qq) * h + hh) * HD + e] = fromf<T>(os[i] * inv_sum[qq]);
+    }
+}
+
+#define ATTN_MMA(T, HD, NAME)                                                                   \
+    extern "C" __global__ void NAME(const T *qkv, const float *rope, const T *kv,              \
+                                    unsigned long long base, const float *mask, T *out, int b, \
+                                    int s, int h, int kvh, int layer, int n_layer,              \
+                                    int max_len, int keys, int rope_rows, long long mask_b,     \
+                                    long long mask_s, int causal_past) {                        \
+        attention_mma<T, HD>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,      \
+                             max_len, keys, rope_rows, mask_b, mask_s, causal_past);            \
+    }
+ATTN_MMA(__nv_bfloat16, 32, attention_mma_32_bf16)
+ATTN_MMA(__nv_bfloat16, 64, attention_mma_64_bf16)
+ATTN_MMA(__nv_bfloat16, 128, attention_mma_128_bf16)
+ATTN_MMA(__half, 32, attention_mma_32_f16)
+ATTN_MMA(__half, 64, attention_mma_64_f16)
+ATTN_MMA(__half, 128, attention_mma_128_f16)

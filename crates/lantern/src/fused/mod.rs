@@ -64,7 +64,17 @@ pub fn supports_head_dim(x: &Tensor, hd: usize) -> bool {
 /// # Shapes
 /// - `x`: `[.., dim]` contiguous; `weight`: `[dim]` → `[.., dim]`
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(weight, &Norm { eps })
+    aligned(x)?.apply_op2_no_bwd(weight, &Norm { eps })
+}
+
+/// `x` contiguous and starting on a 16-byte boundary (the kernels' vector loads), copied if
+/// needed.
+fn aligned(x: &Tensor) -> Result<Tensor> {
+    if x.is_contiguous() && x.layout().start_offset().is_multiple_of(8) {
+        Ok(x.clone())
+    } else {
+        x.copy()
+    }
 }
 
 /// `h = x + residual` (rounded to the dtype) and `rms_norm(h) * weight`, one kernel.
@@ -104,11 +114,17 @@ pub enum Epilogue<'a> {
     SwiGlu,
 }
 
-/// Whether [`small_linear`] serves `rows` input rows of width `k` (few rows, `k` a multiple
-/// of 8, the rows' f32 copy within its shared memory).
-pub fn small_linear_fits(rows: usize, k: usize) -> bool {
-    (1..=SMALL_ROWS).contains(&rows) && k.is_multiple_of(8) && rows * k * 4 <= SMALL_SHARED
+/// Whether [`small_linear`] serves `rows` input rows of width `k` in `dtype` (few rows, `k` a
+/// multiple of 8 that a warp's registers hold, the rows' f32 copy within shared memory).
+pub fn small_linear_fits(rows: usize, k: usize, dtype: DType) -> bool {
+    (1..=SMALL_ROWS).contains(&rows)
+        && k.is_multiple_of(8)
+        && (rows + 1) * k * 4 <= SMALL_SHARED
+        && k <= SMALL_CHUNKS * 32 * 16 / dtype.size_in_bytes()
 }
+
+/// 16-byte loads per lane a [`small_linear`] warp keeps in registers (`SMALL_CH` in the kernel).
+const SMALL_CHUNKS: usize = 16;
 
 /// `x wᵀ` for a few rows as one weight-streaming kernel, with an optional RMSNorm of `x` first
 /// (`norm`: weight and eps, exactly [`rms_norm`]'s numerics) and an [`Epilogue`].
@@ -122,7 +138,9 @@ pub fn small_linear(
     norm: Option<(&Tensor, f32)>,
     epilogue: Epilogue,
 ) -> Result<Tensor> {
+    let x = aligned(x)?;
     let op = SmallLinear {
+        dtype: x.dtype(),
         norm: norm.map(|(t, e)| (t.clone(), e)),
         residual: match epilogue {
             Epilogue::Residual(r) => Some(r.contiguous()?),
@@ -130,7 +148,7 @@ pub fn small_linear(
         },
         swiglu: matches!(epilogue, Epilogue::SwiGlu),
     };
-    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
+    x.apply_op2_no_bwd(&w.contiguous()?, &op)
 }
 
 /// Head layout of a fused `wqkv` output `[b, s, (h + 2 kvh) * hd]`.
@@ -243,6 +261,7 @@ struct AddNorm {
 struct SiluMul;
 
 struct SmallLinear {
+    dtype: DType,
     norm: Option<(Tensor, f32)>,
     residual: Option<Tensor>,
     swiglu: bool,
@@ -263,7 +282,7 @@ impl SmallLinear {
         let m = x.shape().elem_count() / k.max(1);
         let (wn, wk) = w.shape().dims2()?;
         let n = if self.swiglu { wn / 2 } else { wn };
-        if wk != k || (self.swiglu && wn % 2 != 0) || !small_linear_fits(m, k) {
+        if wk != k || (self.swiglu && wn % 2 != 0) || !small_linear_fits(m, k, self.dtype) {
             candle_core::bail!(
                 "small_linear: input {:?} and weight {:?} do not fit (at most {SMALL_ROWS} rows, width a multiple of 8)",
                 x.dims(),

@@ -192,8 +192,8 @@ impl Block {
         let f = self.feed_forward.w2.weight().dim(1).unwrap_or(0);
         self.attention.fused_ok(h)
             && self.feed_forward.gate_up().is_some()
-            && crate::fused::small_linear_fits(rows, d)
-            && crate::fused::small_linear_fits(rows, f)
+            && crate::fused::small_linear_fits(rows, d, h.dtype())
+            && crate::fused::small_linear_fits(rows, f, h.dtype())
     }
 
     /// A decode step of the block in five weight-streaming kernels plus two for attention:
