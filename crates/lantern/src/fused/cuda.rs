@@ -259,7 +259,7 @@ pub(super) fn attention(
     }
     // many queries in bf16/f16: the tensor-core kernel (16 queries per block)
     let kp = d.keys.next_multiple_of(16);
-    let mma_shared = 16 * kp * 6 + 16 * d.hd * (2 + 4 * 2 + 4);
+    let mma_shared = 16 * kp * 6 + 16 * d.hd * (2 + 4 * 2 * 2 + 4 * 4);
     let mma = d.s > 1 && dt != DType::F32 && mma_shared <= ATTN_SHARED_MAX;
     let (name, grid, threads, shared) = if mma {
         let name = format!("attention_mma_{}_{}", d.hd, suffix(dt)?);
@@ -364,7 +364,10 @@ pub(super) fn small_linear(
         bail!("small_linear: input {dt:?} vs weight {:?}", w.dtype());
     }
     let glu = if swiglu { "g" } else { "p" };
-    let name = format!("small_linear_{}_{glu}_{}", d.m, suffix(dt)?);
+    // 16-byte loads a lane keeps in registers: 8 when the row fits (more warps resident)
+    let per_load = 16 / dt.size_in_bytes();
+    let chunks = if d.k <= 8 * 32 * per_load { 8 } else { 16 };
+    let name = format!("small_linear_{}_{glu}_{chunks}_{}", d.m, suffix(dt)?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let shared = (d.m + 1) * d.k * 4;
     if shared > SHARED_MAX {

@@ -364,8 +364,7 @@ ALL(__half, f16)
 // add_rms_norm's output. Epilogue: mode 0 y = round(acc); mode 1 y = round(res + round(acc))
 // (residual add); mode 2 (SwiGLU, w has 2N rows: gate then up)
 // y = round(round(silu(round(g))) * round(u)).
-constexpr int SMALL_CH = 16;
-template <typename T, int M, bool GLU>
+template <typename T, int M, bool GLU, int SMALL_CH>
 __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps, const T *res,
                              T *y, int K, int N, int mode) {
     extern __shared__ float xs[];  // [M][K]
@@ -482,14 +481,16 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
     }
 }
 
-#define SMALL(T, M, G, NAME)                                                                    \
+#define SMALL(T, M, G, CH, NAME)                                                                \
     extern "C" __global__ void NAME(const T *x, const T *w, const T *norm_w, float eps,        \
                                     const T *res, T *y, int K, int N, int mode) {               \
-        small_linear<T, M, G>(x, w, norm_w, eps, res, y, K, N, mode);                           \
+        small_linear<T, M, G, CH>(x, w, norm_w, eps, res, y, K, N, mode);                       \
     }
 #define SMALL2(T, M, SUF)                                                                       \
-    SMALL(T, M, false, small_linear_##M##_p_##SUF)                                              \
-    SMALL(T, M, true, small_linear_##M##_g_##SUF)
+    SMALL(T, M, false, 8, small_linear_##M##_p_8_##SUF)                                         \
+    SMALL(T, M, true, 8, small_linear_##M##_g_8_##SUF)                                          \
+    SMALL(T, M, false, 16, small_linear_##M##_p_16_##SUF)                                       \
+    SMALL(T, M, true, 16, small_linear_##M##_g_16_##SUF)
 #define SMALLS(T, SUF)                                                                          \
     SMALL2(T, 1, SUF)                                                                           \
     SMALL2(T, 2, SUF)                                                                           \
@@ -508,7 +509,7 @@ SMALLS(__half, f16)
 // go to shared memory; the softmax (scale, mask, causal limit) writes probabilities rounded to
 // T like the reference; O = P V per 16-column tile. Tiles past the last key are staged with
 // zeros. Shared memory: S [16][kp] f32, P [16][kp] T, Q [16][HD] T, per-warp staging
-// [4][16][HD] T, O [16][HD] f32 (kp = keys rounded up to 16).
+// [4][2][16][HD] T, per-warp O [4][16][HD] f32 (kp = keys rounded up to 16).
 template <typename T, int HD>
 __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size_t base,
                               const float *mask, T *out, int b, int s, int h, int kvh, int layer,
@@ -522,7 +523,7 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
     T *pb = reinterpret_cast<T *>(sc + QT * kp);
     T *qs = pb + QT * kp;
     T *stage = qs + QT * HD;
-    float *os = reinterpret_cast<float *>(stage + NW * 16 * HD);
+    float *os = reinterpret_cast<float *>(stage + NW * 2 * 16 * HD);
     __shared__ float inv_sum[QT];
     const int tile = blockIdx.x, hh = blockIdx.y, bb = blockIdx.z;
     const int q0 = tile * QT, nq = min(QT, s - q0);
@@ -548,10 +549,11 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
     const size_t head = base + (((size_t)layer * b + bb) * kvh + kh) * max_len * HD;
     const size_t plane = (size_t)n_layer * b * kvh * max_len * HD;
     const T *kp_ = kv + head, *vp = kv + plane + head;
-    T *st = stage + warp * 16 * HD;
-    // a 16-key tile of K or V: straight from the cache, or staged with zero rows past the end
-    auto tile_ptr = [&](const T *src, int t) -> const T * {
+    // a 16-key tile of K or V: straight from the cache, or staged (slot r of this warp) with
+    // zero rows past the end
+    auto tile_ptr = [&](const T *src, int t, int r) -> const T * {
         if ((t + 1) * 16 <= keys) return src + (size_t)t * 16 * HD;
+        T *st = stage + (warp * 2 + r) * 16 * HD;
         for (int i = lane; i < 16 * HD; i += 32) {
             const int j = t * 16 + i / HD;
             st[i] = j < keys ? src[(size_t)j * HD + i % HD] : fromf<T>(0.f);
@@ -563,17 +565,29 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa[DT];
 #pragma unroll
         for (int d = 0; d < DT; ++d) wmma::load_matrix_sync(qa[d], qs + d * 16, HD);
-        for (int t = warp; t < nt; t += NW) {
-            const T *kt = tile_ptr(kp_, t);
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.f);
+        // two tiles per round: all their K fragments are loaded before either is used
+        for (int t0 = warp; t0 < nt; t0 += 2 * NW) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kb[2][DT];
+            bool has[2];
 #pragma unroll
-            for (int d = 0; d < DT; ++d) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kb;
-                wmma::load_matrix_sync(kb, kt + d * 16, HD);
-                wmma::mma_sync(acc, qa[d], kb, acc);
+            for (int r = 0; r < 2; ++r) {
+                const int t = t0 + r * NW;
+                has[r] = t < nt;
+                if (has[r]) {
+                    const T *kt = tile_ptr(kp_, t, r);
+#pragma unroll
+                    for (int d = 0; d < DT; ++d) wmma::load_matrix_sync(kb[r][d], kt + d * 16, HD);
+                }
             }
-            wmma::store_matrix_sync(sc + t * 16, acc, kp, wmma::mem_row_major);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                if (!has[r]) continue;
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+                wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+                for (int d = 0; d < DT; ++d) wmma::mma_sync(acc, qa[d], kb[r][d], acc);
+                wmma::store_matrix_sync(sc + (t0 + r * NW) * 16, acc, kp, wmma::mem_row_major);
+            }
             __syncwarp();
         }
     }
@@ -615,24 +629,46 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
         if (lane == 0) inv_sum[qq] = sum > 0.f ? 1.f / sum : 0.f;
     }
     __syncthreads();
-    for (int dc = warp; dc < DT; dc += NW) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.f);
-        for (int t = 0; t < nt; ++t) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa;
-            wmma::load_matrix_sync(pa, pb + t * 16, kp);
-            const T *vt = tile_ptr(vp, t);
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;
-            wmma::load_matrix_sync(vb, vt + dc * 16, HD);
-            wmma::mma_sync(acc, pa, vb, acc);
+    // O = P V: each warp takes every NW-th key tile for all columns (two tiles' V fragments
+    // in flight), partial sums per warp meet in shared memory
+    {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[DT];
+#pragma unroll
+        for (int d = 0; d < DT; ++d) wmma::fill_fragment(acc[d], 0.f);
+        for (int t0 = warp; t0 < nt; t0 += 2 * NW) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb[2][DT];
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa[2];
+            bool has[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int t = t0 + r * NW;
+                has[r] = t < nt;
+                if (has[r]) {
+                    const T *vt = tile_ptr(vp, t, r);
+#pragma unroll
+                    for (int d = 0; d < DT; ++d) wmma::load_matrix_sync(vb[r][d], vt + d * 16, HD);
+                    wmma::load_matrix_sync(pa[r], pb + t * 16, kp);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                if (!has[r]) continue;
+#pragma unroll
+                for (int d = 0; d < DT; ++d) wmma::mma_sync(acc[d], pa[r], vb[r][d], acc[d]);
+            }
             __syncwarp();
         }
-        wmma::store_matrix_sync(os + dc * 16, acc, HD, wmma::mem_row_major);
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+            wmma::store_matrix_sync(os + warp * 16 * HD + d * 16, acc[d], HD, wmma::mem_row_major);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < nq * HD; i += blockDim.x) {
         const int qq = i / HD, e = i % HD;
-        out[(((size_t)bb * s + q0 + qq) * h + hh) * HD + e] = fromf<T>(os[i] * inv_sum[qq]);
+        float v = 0.f;
+#pragma unroll
+        for (int ww = 0; ww < NW; ++ww) v += os[ww * 16 * HD + i];
+        out[(((size_t)bb * s + q0 + qq) * h + hh) * HD + e] = fromf<T>(v * inv_sum[qq]);
     }
 }
 
