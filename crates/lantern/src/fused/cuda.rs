@@ -259,12 +259,13 @@ pub(super) fn attention(
     }
     // many queries in bf16/f16: the tensor-core kernel (16 queries per block)
     let kp = d.keys.next_multiple_of(16);
-    let mma_shared = 16 * kp * 6 + 16 * d.hd * (2 + 4 * 2 * 2 + 4 * 4);
+    let mma_warps = if d.hd <= 64 { 8 } else { 4 };
+    let mma_shared = 16 * kp * 6 + 16 * d.hd * (2 + mma_warps * 2 * 2 + mma_warps * 4);
     let mma = d.s > 1 && dt != DType::F32 && mma_shared <= ATTN_SHARED_MAX;
     let (name, grid, threads, shared) = if mma {
         let name = format!("attention_mma_{}_{}", d.hd, suffix(dt)?);
         let grid = (d.s.div_ceil(16) as u32, d.h as u32, d.b as u32);
-        (name, grid, 128, mma_shared)
+        (name, grid, 32 * mma_warps as u32, mma_shared)
     } else {
         let Some((qt, threads, shared)) = tile(d) else {
             bail!(
@@ -316,9 +317,12 @@ pub(super) fn attention(
         let kv_s = held::<T>(&kv_g, "the KV cache")?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(d.b * d.s * d.h * d.hd)? };
+        let mut mask_vec = 1i32;
         let mask_s = match &mask_g {
             Some((g, l)) => {
                 let (a, b) = offsets(l)?;
+                let aligned = a % 4 == 0 && d.keys % 4 == 0 && d.mask_s % 4 == 0 && d.mask_b % 4 == 0;
+                mask_vec = aligned as i32;
                 Some(held::<f32>(g, "the mask")?.slice(a..b))
             }
             None => None,
@@ -339,6 +343,9 @@ pub(super) fn attention(
         builder.arg(&strides[0]);
         builder.arg(&strides[1]);
         builder.arg(&causal);
+        if mma {
+            builder.arg(&mask_vec);
+        }
         // SAFETY: argument list matches the kernel's signature; dims were checked against
         // the cache's layout.
         unsafe { builder.launch(cfg) }.w()?;

@@ -514,9 +514,10 @@ template <typename T, int HD>
 __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size_t base,
                               const float *mask, T *out, int b, int s, int h, int kvh, int layer,
                               int n_layer, int max_len, int keys, int rope_rows,
-                              long long mask_b, long long mask_s, int causal_past) {
+                              long long mask_b, long long mask_s, int causal_past,
+                              int mask_vec) {
     using namespace nvcuda;
-    constexpr int QT = 16, NW = 4, DT = HD / 16;
+    constexpr int QT = 16, NW = HD <= 64 ? 8 : 4, DT = HD / 16;
     const int kp = (keys + 15) / 16 * 16, nt = kp / 16;
     extern __shared__ __align__(128) unsigned char smraw[];
     float *sc = reinterpret_cast<float *>(smraw);
@@ -592,23 +593,50 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
         }
     }
     __syncthreads();
-    // scale and mask the scores, 8 mask loads in flight per thread
-    for (int i0 = threadIdx.x; i0 < QT * kp; i0 += 8 * blockDim.x) {
-        float m[8];
+    // scale and mask the scores: 16-byte mask loads (4 keys) when aligned, 4 in flight
+    if (mask_vec) {
+        const int n4 = QT * kp / 4;
+        for (int i0 = threadIdx.x; i0 < n4; i0 += 4 * blockDim.x) {
+            float4 m[4];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-            const int i = i0 + u * blockDim.x, qq = i / kp, j = i % kp;
-            m[u] = (mask && i < QT * kp && qq < nq && j < keys)
-                       ? mask[bb * mask_b + (q0 + qq) * mask_s + j]
-                       : 0.f;
+            for (int u = 0; u < 4; ++u) {
+                const int i = i0 + u * blockDim.x, qq = 4 * i / kp, j = 4 * i % kp;
+                m[u] = (mask && i < n4 && qq < nq && j < keys)
+                           ? *reinterpret_cast<const float4 *>(
+                                 mask + bb * mask_b + (q0 + qq) * mask_s + j)
+                           : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int i = i0 + u * blockDim.x, qq = 4 * i / kp, j = 4 * i % kp;
+                if (i >= n4) continue;
+                const float mv[4] = {m[u].x, m[u].y, m[u].z, m[u].w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    bool vis = qq < nq && j + e < keys && !(isinf(mv[e]) && mv[e] < 0.f);
+                    if (causal_past >= 0 && j + e > causal_past + q0 + qq) vis = false;
+                    sc[4 * i + e] = vis ? sc[4 * i + e] * scale + mv[e] : -INFINITY;
+                }
+            }
         }
+    } else {
+        for (int i0 = threadIdx.x; i0 < QT * kp; i0 += 8 * blockDim.x) {
+            float m[8];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-            const int i = i0 + u * blockDim.x, qq = i / kp, j = i % kp;
-            if (i < QT * kp) {
-                bool vis = qq < nq && j < keys && !(isinf(m[u]) && m[u] < 0.f);
-                if (causal_past >= 0 && j > causal_past + q0 + qq) vis = false;
-                sc[i] = vis ? sc[i] * scale + m[u] : -INFINITY;
+            for (int u = 0; u < 8; ++u) {
+                const int i = i0 + u * blockDim.x, qq = i / kp, j = i % kp;
+                m[u] = (mask && i < QT * kp && qq < nq && j < keys)
+                           ? mask[bb * mask_b + (q0 + qq) * mask_s + j]
+                           : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int i = i0 + u * blockDim.x, qq = i / kp, j = i % kp;
+                if (i < QT * kp) {
+                    bool vis = qq < nq && j < keys && !(isinf(m[u]) && m[u] < 0.f);
+                    if (causal_past >= 0 && j > causal_past + q0 + qq) vis = false;
+                    sc[i] = vis ? sc[i] * scale + m[u] : -INFINITY;
+                }
             }
         }
     }
@@ -677,9 +705,9 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
                                     unsigned long long base, const float *mask, T *out, int b, \
                                     int s, int h, int kvh, int layer, int n_layer,              \
                                     int max_len, int keys, int rope_rows, long long mask_b,     \
-                                    long long mask_s, int causal_past) {                        \
+                                    long long mask_s, int causal_past, int mask_vec) {          \
         attention_mma<T, HD>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,      \
-                             max_len, keys, rope_rows, mask_b, mask_s, causal_past);            \
+                             max_len, keys, rope_rows, mask_b, mask_s, causal_past, mask_vec);  \
     }
 ATTN_MMA(__nv_bfloat16, 32, attention_mma_32_bf16)
 ATTN_MMA(__nv_bfloat16, 64, attention_mma_64_bf16)
