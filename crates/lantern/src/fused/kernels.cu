@@ -555,9 +555,20 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
     auto tile_ptr = [&](const T *src, int t, int r) -> const T * {
         if ((t + 1) * 16 <= keys) return src + (size_t)t * 16 * HD;
         T *st = stage + (warp * 2 + r) * 16 * HD;
-        for (int i = lane; i < 16 * HD; i += 32) {
-            const int j = t * 16 + i / HD;
-            st[i] = j < keys ? src[(size_t)j * HD + i % HD] : fromf<T>(0.f);
+        // 16-byte loads, all issued before the first store
+        constexpr int VEC = 16 / sizeof(T), ROW = HD / VEC, PER = 16 * ROW / 32;
+        uint4 u[PER];
+#pragma unroll
+        for (int q = 0; q < PER; ++q) {
+            const int idx = lane + q * 32, j = t * 16 + idx / ROW;
+            u[q] = j < keys ? *reinterpret_cast<const uint4 *>(src + (size_t)j * HD +
+                                                                (idx % ROW) * VEC)
+                            : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int q = 0; q < PER; ++q) {
+            const int idx = lane + q * 32;
+            *reinterpret_cast<uint4 *>(st + (idx / ROW) * HD + (idx % ROW) * VEC) = u[q];
         }
         __syncwarp();
         return st;
