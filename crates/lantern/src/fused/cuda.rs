@@ -309,7 +309,7 @@ pub(super) fn attention(
     let strides = [d.mask_b as i64, d.mask_s as i64];
     let causal = d.causal_past.map_or(-1, |p| p as i32);
     typed!(dt, T => {
-        if (base as usize * std::mem::size_of::<T>()) % 16 != 0 {
+        if !(base as usize * std::mem::size_of::<T>()).is_multiple_of(16) {
             bail!("fused attention: the cache view is not 16-byte aligned");
         }
         let (a, b) = offsets(qkv_l)?;
@@ -321,7 +321,9 @@ pub(super) fn attention(
         let mask_s = match &mask_g {
             Some((g, l)) => {
                 let (a, b) = offsets(l)?;
-                let aligned = a % 4 == 0 && d.keys % 4 == 0 && d.mask_s % 4 == 0 && d.mask_b % 4 == 0;
+                let aligned = [a, d.keys, d.mask_s, d.mask_b]
+                    .iter()
+                    .all(|v| v.is_multiple_of(4));
                 mask_vec = aligned as i32;
                 Some(held::<f32>(g, "the mask")?.slice(a..b))
             }
@@ -405,7 +407,7 @@ pub(super) fn small_linear(
         let (a, b) = offsets(xl)?;
         let xs = x.as_cuda_slice::<T>()?.slice(a..b);
         let (a, b) = offsets(wl)?;
-        if (a * std::mem::size_of::<T>()) % 16 != 0 {
+        if !(a * std::mem::size_of::<T>()).is_multiple_of(16) {
             bail!("small_linear: the weight view is not 16-byte aligned");
         }
         let ws = w.as_cuda_slice::<T>()?.slice(a..b);
