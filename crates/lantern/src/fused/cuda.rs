@@ -190,6 +190,31 @@ pub(super) fn write_kv(
     })
 }
 
+/// Lets `func` use more than 48 KB of dynamic shared memory and asks for the largest shared
+/// memory carve-out of the SM's L1 (so that several such blocks stay resident), once per kernel.
+fn allow_shared(func: &CudaFunction, name: &str, max: usize) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static DONE: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let done = DONE.get_or_init(Default::default);
+    if done.lock().expect("not poisoned").contains(name) {
+        return Ok(());
+    }
+    func.set_attribute(
+        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        max as i32,
+    )
+    .w()?;
+    func.set_attribute(
+        Attr::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+        100,
+    )
+    .w()?;
+    done.lock().expect("not poisoned").insert(name.to_string());
+    Ok(())
+}
+
 /// Blocks of `func` (with `threads` threads and `shared` bytes) resident on the whole device
 /// at once, cached per kernel and shared size.
 fn resident_blocks(
@@ -260,7 +285,7 @@ pub(super) fn attention(
     // many queries in bf16/f16: the tensor-core kernel (16 queries per block)
     let kp = d.keys.next_multiple_of(16);
     let mma_warps = if d.hd <= 64 { 8 } else { 4 };
-    let mma_shared = 16 * kp * 6 + 16 * d.hd * (2 + mma_warps * 2 * 2 + mma_warps * 4);
+    let mma_shared = 16 * kp * 6 + 16 * d.hd * (2 + mma_warps * 2 + mma_warps * 4);
     let mma = d.s > 1 && dt != DType::F32 && mma_shared <= ATTN_SHARED_MAX;
     let (name, grid, threads, shared) = if mma {
         let name = format!("attention_mma_{}_{}", d.hd, suffix(dt)?);
@@ -278,14 +303,7 @@ pub(super) fn attention(
         (name, grid, threads, shared)
     };
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-    if shared > SHARED_MAX {
-        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
-        func.set_attribute(
-            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            ATTN_SHARED_MAX as i32,
-        )
-        .w()?;
-    }
+    allow_shared(&func, &name, ATTN_SHARED_MAX)?;
     let (rope_g, rope_l) = rope.storage_and_layout();
     let (ra, rb) = offsets(rope_l)?;
     let rope_s = held::<f32>(&rope_g, "the RoPE table")?.slice(ra..rb);
@@ -366,7 +384,6 @@ pub(super) fn small_linear(
     residual: Option<&Tensor>,
     swiglu: bool,
 ) -> Result<CudaStorage> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
     let dev = x.device().clone();
     let dt = x.dtype();
     if w.dtype() != dt {
@@ -379,13 +396,7 @@ pub(super) fn small_linear(
     let name = format!("small_linear_{}_{glu}_{chunks}_{}", d.m, suffix(dt)?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let shared = (d.m + 1) * d.k * 4;
-    if shared > SHARED_MAX {
-        func.set_attribute(
-            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            SMALL_SHARED as i32,
-        )
-        .w()?;
-    }
+    allow_shared(&func, &name, SMALL_SHARED)?;
     // a persistent grid: as many blocks as stay resident (each stages and normalises x once,
     // then its warps stream rows, fetching the next row while reducing the current one)
     let warps = 4;

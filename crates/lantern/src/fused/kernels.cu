@@ -509,7 +509,7 @@ SMALLS(__half, f16)
 // go to shared memory; the softmax (scale, mask, causal limit) writes probabilities rounded to
 // T like the reference; O = P V per 16-column tile. Tiles past the last key are staged with
 // zeros. Shared memory: S [16][kp] f32, P [16][kp] T, Q [16][HD] T, per-warp staging
-// [4][2][16][HD] T, per-warp O [4][16][HD] f32 (kp = keys rounded up to 16).
+// [warps][16][HD] T, per-warp O [warps][16][HD] f32 (kp = keys rounded up to 16).
 template <typename T, int HD>
 __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size_t base,
                               const float *mask, T *out, int b, int s, int h, int kvh, int layer,
@@ -524,7 +524,7 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
     T *pb = reinterpret_cast<T *>(sc + QT * kp);
     T *qs = pb + QT * kp;
     T *stage = qs + QT * HD;
-    float *os = reinterpret_cast<float *>(stage + NW * 2 * 16 * HD);
+    float *os = reinterpret_cast<float *>(stage + NW * 16 * HD);
     __shared__ float inv_sum[QT];
     const int tile = blockIdx.x, hh = blockIdx.y, bb = blockIdx.z;
     const int q0 = tile * QT, nq = min(QT, s - q0);
@@ -554,7 +554,9 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
     // zero rows past the end
     auto tile_ptr = [&](const T *src, int t, int r) -> const T * {
         if ((t + 1) * 16 <= keys) return src + (size_t)t * 16 * HD;
-        T *st = stage + (warp * 2 + r) * 16 * HD;
+        // only the last tile is partial, so one slot per warp serves both tiles of a round
+        (void)r;
+        T *st = stage + warp * 16 * HD;
         // 16-byte loads, all issued before the first store
         constexpr int VEC = 16 / sizeof(T), ROW = HD / VEC, PER = 16 * ROW / 32;
         uint4 u[PER];
