@@ -301,6 +301,36 @@ fn batched_images_advance_independently() -> Result<()> {
     check_independent(&m, &d, &captions()?, &["dynamic"])
 }
 
+/// A target, its drafter, a batch condition and the decoding runs to compare.
+type PathCase = (LlamaGen, Drafter, Condition, Vec<GenerateOptions>);
+
+/// The cases the alternative forward paths must reproduce token for token: c2i with CFG and
+/// three batched classes, t2i with caption padding; AR, SD on dynamic and static trees, and
+/// sampled LANTERN++ on a chain.
+fn path_cases() -> Result<Vec<PathCase>> {
+    let lpp = AcceptConfig {
+        relaxation: Relaxation::LanternPP { k: 4, lambda: 2.0 },
+        ..AcceptConfig::default()
+    };
+    let runs = vec![
+        greedy(4.0),
+        greedy(4.0).with_decoding(spec("dynamic", AcceptConfig::default(), None)?),
+        greedy(4.0).with_decoding(spec("naive_extend_57", AcceptConfig::default(), None)?),
+        greedy(4.0)
+            .with_sampling(SamplingParams::default())
+            .with_decoding(spec("chain:3", lpp, Some(neighbors()?))?),
+    ];
+    Ok(vec![
+        (
+            c2i()?,
+            fixture_drafter(true)?,
+            Condition::Classes(vec![7, 3, 1]),
+            runs.clone(),
+        ),
+        (t2i()?, fixture_drafter(false)?, captions()?, runs),
+    ])
+}
+
 /// The fixed-shape path that GPUs replay as CUDA graphs (forced here on the CPU) gives the
 /// tokens of the ordinary forward: AR and speculative decoding with dynamic and static trees,
 /// greedy and sampled LANTERN++, c2i and t2i (caption padding in the full-cache masks), with
@@ -308,28 +338,8 @@ fn batched_images_advance_independently() -> Result<()> {
 #[test]
 fn fixed_shape_path_gives_identical_tokens() -> Result<()> {
     use lantern::decode::graph_step::force_fixed_shape;
-    let cases = [
-        (
-            c2i()?,
-            fixture_drafter(true)?,
-            Condition::Classes(vec![7, 3, 1]),
-        ),
-        (t2i()?, fixture_drafter(false)?, captions()?),
-    ];
-    let lpp = AcceptConfig {
-        relaxation: Relaxation::LanternPP { k: 4, lambda: 2.0 },
-        ..AcceptConfig::default()
-    };
-    for (m, d, cond) in &cases {
-        let runs = [
-            greedy(4.0),
-            greedy(4.0).with_decoding(spec("dynamic", AcceptConfig::default(), None)?),
-            greedy(4.0).with_decoding(spec("naive_extend_57", AcceptConfig::default(), None)?),
-            greedy(4.0)
-                .with_sampling(SamplingParams::default())
-                .with_decoding(spec("chain:3", lpp, Some(neighbors()?))?),
-        ];
-        for opts in &runs {
+    for (m, d, cond, runs) in &path_cases()? {
+        for opts in runs {
             force_fixed_shape(false);
             let want = generate(m, Some(d), cond, opts)?;
             force_fixed_shape(true);
@@ -357,28 +367,8 @@ fn fixed_shape_path_gives_identical_tokens() -> Result<()> {
 fn fused_path_gives_identical_tokens() -> Result<()> {
     use lantern::decode::graph_step::force_fixed_shape;
     use lantern::fused::force_on_cpu;
-    let cases = [
-        (
-            c2i()?,
-            fixture_drafter(true)?,
-            Condition::Classes(vec![7, 3, 1]),
-        ),
-        (t2i()?, fixture_drafter(false)?, captions()?),
-    ];
-    let lpp = AcceptConfig {
-        relaxation: Relaxation::LanternPP { k: 4, lambda: 2.0 },
-        ..AcceptConfig::default()
-    };
-    for (m, d, cond) in &cases {
-        let runs = [
-            greedy(4.0),
-            greedy(4.0).with_decoding(spec("dynamic", AcceptConfig::default(), None)?),
-            greedy(4.0).with_decoding(spec("naive_extend_57", AcceptConfig::default(), None)?),
-            greedy(4.0)
-                .with_sampling(SamplingParams::default())
-                .with_decoding(spec("chain:3", lpp, Some(neighbors()?))?),
-        ];
-        for opts in &runs {
+    for (m, d, cond, runs) in &path_cases()? {
+        for opts in runs {
             let want = generate(m, Some(d), cond, opts)?;
             for fixed in [false, true] {
                 force_fixed_shape(fixed);
