@@ -3,7 +3,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor, WithDType};
 
-use super::{AttnDims, LinearDims, WriteDims};
+use super::{AttnDims, LinearDims, SmallLinear, WriteDims};
 
 fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -263,22 +263,20 @@ impl AttnDims {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn small_linear(
+    op: &SmallLinear,
     d: &LinearDims,
     x: &CpuStorage,
     xl: &Layout,
     w: &CpuStorage,
     wl: &Layout,
-    norm: Option<&(Tensor, f32)>,
-    residual: Option<&Tensor>,
-    swiglu: bool,
 ) -> Result<CpuStorage> {
-    let norm = match norm {
+    let norm = match &op.norm {
         Some((t, eps)) => Some((f32_of(t)?, *eps)),
         None => None,
     };
-    let res = residual.map(f32_of).transpose()?;
+    let res = op.residual.as_ref().map(f32_of).transpose()?;
+    let swiglu = op.swiglu;
     Ok(float_dispatch!(x, |x: T| {
         let x = contiguous(x, xl)?;
         let w = contiguous(typed::<T>(w, "weight")?, wl)?;

@@ -6,7 +6,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
-use super::{AttnDims, LinearDims, WriteDims, SMALL_SHARED};
+use super::{AttnDims, LinearDims, SmallLinear, WriteDims, SMALL_SHARED};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const MODULE: &str = "lantern_fused";
@@ -373,17 +373,15 @@ pub(super) fn attention(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn small_linear(
+    op: &SmallLinear,
     d: &LinearDims,
     x: &CudaStorage,
     xl: &Layout,
     w: &CudaStorage,
     wl: &Layout,
-    norm: Option<&(Tensor, f32)>,
-    residual: Option<&Tensor>,
-    swiglu: bool,
 ) -> Result<CudaStorage> {
+    let (norm, residual, swiglu) = (op.norm.as_ref(), op.residual.as_ref(), op.swiglu);
     let dev = x.device().clone();
     let dt = x.dtype();
     if w.dtype() != dt {

@@ -320,16 +320,7 @@ impl CustomOp2 for SmallLinear {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (d, shape) = self.dims(xl, wl)?;
-        let out = cpu::small_linear(
-            &d,
-            x,
-            xl,
-            w,
-            wl,
-            self.norm.as_ref(),
-            self.residual.as_ref(),
-            self.swiglu,
-        )?;
+        let out = cpu::small_linear(self, &d, x, xl, w, wl)?;
         Ok((out, shape))
     }
 
@@ -342,16 +333,7 @@ impl CustomOp2 for SmallLinear {
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (d, shape) = self.dims(xl, wl)?;
-        let out = cuda::small_linear(
-            &d,
-            x,
-            xl,
-            w,
-            wl,
-            self.norm.as_ref(),
-            self.residual.as_ref(),
-            self.swiglu,
-        )?;
+        let out = cuda::small_linear(self, &d, x, xl, w, wl)?;
         Ok((out, shape))
     }
 }
