@@ -117,11 +117,6 @@ pub(super) fn silu_mul(gu: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
     }))
 }
 
-/// Element offset of cache entry (`plane` 0 = K, 1 = V, layer, batch row, head, slot).
-fn slot(d: &WriteDims, plane: usize, bb: usize, kh: usize, pos: usize) -> usize {
-    ((((plane * d.n_layer + d.layer) * d.b + bb) * d.kvh + kh) * d.max_len + pos) * d.hd
-}
-
 pub(super) fn write_kv(
     d: &WriteDims,
     kv: &mut CpuStorage,
@@ -136,25 +131,25 @@ pub(super) fn write_kv(
     macro_rules! go {
         ($kv:ident, $t:ty) => {{
             let qkv = contiguous(typed::<$t>(qkv, "qkv")?, qkv_l)?;
-            let w = (d.h + 2 * d.kvh) * d.hd;
-            let pairs = d.hd / 2;
-            for bb in 0..d.b {
+            let w = (d.h + 2 * d.cache.kvh) * d.cache.hd;
+            let pairs = d.cache.hd / 2;
+            for bb in 0..d.cache.b {
                 for si in 0..d.s {
                     let src = &qkv[(bb * d.s + si) * w..][..w];
                     let rr = if d.rope_rows == 1 { 0 } else { bb };
                     let cs = &rope[(rr * d.s + si) * pairs * 2..][..pairs * 2];
-                    for kh in 0..d.kvh {
-                        let k = &src[(d.h + kh) * d.hd..][..d.hd];
-                        let v = &src[(d.h + d.kvh + kh) * d.hd..][..d.hd];
-                        let ko = base + slot(d, 0, bb, kh, d.at + si);
-                        let vo = base + slot(d, 1, bb, kh, d.at + si);
+                    for kh in 0..d.cache.kvh {
+                        let k = &src[(d.h + kh) * d.cache.hd..][..d.cache.hd];
+                        let v = &src[(d.h + d.cache.kvh + kh) * d.cache.hd..][..d.cache.hd];
+                        let ko = base + d.cache.offset(0, bb, kh, d.at + si);
+                        let vo = base + d.cache.offset(1, bb, kh, d.at + si);
                         for p in 0..pairs {
                             let (k0, k1) = (f(k[2 * p]), f(k[2 * p + 1]));
                             let (c, sn) = (cs[2 * p], cs[2 * p + 1]);
                             $kv[ko + 2 * p] = <$t>::from_f64((k0 * c - k1 * sn) as f64);
                             $kv[ko + 2 * p + 1] = <$t>::from_f64((k1 * c + k0 * sn) as f64);
                         }
-                        $kv[vo..vo + d.hd].copy_from_slice(v);
+                        $kv[vo..vo + d.cache.hd].copy_from_slice(v);
                     }
                 }
             }
@@ -187,20 +182,19 @@ pub(super) fn attention(
     Ok(float_dispatch!(qkv, |qkv: T| {
         let qkv = contiguous(qkv, qkv_l)?;
         let kv = &typed::<T>(kv_s, "KV cache")?[base..];
-        let w = (d.h + 2 * d.kvh) * d.hd;
-        let pairs = d.hd / 2;
-        let group = d.h / d.kvh;
-        let scale = 1.0 / (d.hd as f32).sqrt();
-        let plane = d.layer_plane();
-        let mut out = vec![T::from_f64(0.0); d.b * d.s * d.h * d.hd];
-        let mut q = vec![0f32; d.hd];
+        let w = (d.h + 2 * d.cache.kvh) * d.cache.hd;
+        let pairs = d.cache.hd / 2;
+        let group = d.h / d.cache.kvh;
+        let scale = 1.0 / (d.cache.hd as f32).sqrt();
+        let mut out = vec![T::from_f64(0.0); d.cache.b * d.s * d.h * d.cache.hd];
+        let mut q = vec![0f32; d.cache.hd];
         let mut sc = vec![0f32; d.keys];
-        for bb in 0..d.b {
+        for bb in 0..d.cache.b {
             for si in 0..d.s {
                 let rr = if d.rope_rows == 1 { 0 } else { bb };
                 let cs = &rope[(rr * d.s + si) * pairs * 2..][..pairs * 2];
                 for hh in 0..d.h {
-                    let src = &qkv[(bb * d.s + si) * w + hh * d.hd..][..d.hd];
+                    let src = &qkv[(bb * d.s + si) * w + hh * d.cache.hd..][..d.cache.hd];
                     for p in 0..pairs {
                         let (x0, x1) = (f(src[2 * p]), f(src[2 * p + 1]));
                         let (c, sn) = (cs[2 * p], cs[2 * p + 1]);
@@ -219,7 +213,7 @@ pub(super) fn attention(
                         *scj = if hidden {
                             f32::NEG_INFINITY
                         } else {
-                            let k = &kv[d.entry(bb, kh, j)..][..d.hd];
+                            let k = &kv[d.cache.offset(0, bb, kh, j)..][..d.cache.hd];
                             q.iter().zip(k).map(|(a, b)| a * f(*b)).sum::<f32>() + m
                         };
                         mx = mx.max(*scj);
@@ -233,12 +227,12 @@ pub(super) fn attention(
                         };
                         sum += *scj;
                     }
-                    let o = &mut out[((bb * d.s + si) * d.h + hh) * d.hd..][..d.hd];
+                    let o = &mut out[((bb * d.s + si) * d.h + hh) * d.cache.hd..][..d.cache.hd];
                     for (e, oe) in o.iter_mut().enumerate() {
                         let mut acc = 0f32;
                         for (j, p) in sc.iter().enumerate() {
                             if *p != 0.0 {
-                                acc += p * f(kv[plane + d.entry(bb, kh, j) + e]);
+                                acc += p * f(kv[d.cache.offset(1, bb, kh, j) + e]);
                             }
                         }
                         *oe = T::from_f64((acc / sum) as f64);
@@ -248,19 +242,6 @@ pub(super) fn attention(
         }
         out
     }))
-}
-
-impl AttnDims {
-    /// Element offset of K entry (batch row, head, slot) of this layer; V is
-    /// [`AttnDims::layer_plane`] further.
-    pub(super) fn entry(&self, bb: usize, kh: usize, pos: usize) -> usize {
-        (((self.layer * self.b + bb) * self.kvh + kh) * self.max_len + pos) * self.hd
-    }
-
-    /// Elements between the K and the V plane of the cache tensor.
-    pub(super) fn layer_plane(&self) -> usize {
-        self.n_layer * self.b * self.kvh * self.max_len * self.hd
-    }
 }
 
 pub(super) fn small_linear(

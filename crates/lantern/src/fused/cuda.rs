@@ -156,17 +156,19 @@ pub(super) fn write_kv(
     let (ra, rb) = offsets(rope_l)?;
     let rope = rope.as_cuda_slice::<f32>()?.slice(ra..rb);
     let base = kv_l.start_offset() as u64;
-    let threads = (d.kvh * d.hd / 2).next_multiple_of(32).min(1024) as u32;
-    let cfg = launch_cfg((d.s as u32, d.b as u32, 1), threads, 0);
+    let threads = (d.cache.kvh * d.cache.hd / 2)
+        .next_multiple_of(32)
+        .min(1024) as u32;
+    let cfg = launch_cfg((d.s as u32, d.cache.b as u32, 1), threads, 0);
     let ints = [
-        d.b,
+        d.cache.b,
         d.s,
         d.h,
-        d.kvh,
-        d.hd,
-        d.layer,
-        d.n_layer,
-        d.max_len,
+        d.cache.kvh,
+        d.cache.hd,
+        d.cache.layer,
+        d.cache.n_layer,
+        d.cache.max_len,
         d.at,
         d.rope_rows,
     ]
@@ -264,7 +266,7 @@ fn tile(d: &AttnDims) -> Option<(usize, u32, usize)> {
     tiles.iter().find_map(|&qt| {
         let threads = if d.s == 1 { 1024 } else { 128 };
         let warps = threads / 32;
-        let shared = 4 * (qt * d.keys + qt * d.hd + warps * qt * d.hd);
+        let shared = 4 * (qt * d.keys + qt * d.cache.hd + warps * qt * d.cache.hd);
         (shared <= ATTN_SHARED_MAX).then_some((qt, threads as u32, shared))
     })
 }
@@ -284,12 +286,12 @@ pub(super) fn attention(
     }
     // many queries in bf16/f16: the tensor-core kernel (16 queries per block)
     let kp = d.keys.next_multiple_of(16);
-    let mma_warps = if d.hd <= 64 { 8 } else { 4 };
-    let mma_shared = 16 * kp * 6 + 16 * d.hd * (2 + mma_warps * 2 + mma_warps * 4);
+    let mma_warps = if d.cache.hd <= 64 { 8 } else { 4 };
+    let mma_shared = 16 * kp * 6 + 16 * d.cache.hd * (2 + mma_warps * 2 + mma_warps * 4);
     let mma = d.s > 1 && dt != DType::F32 && mma_shared <= ATTN_SHARED_MAX;
     let (name, grid, threads, shared) = if mma {
-        let name = format!("attention_mma_{}_{}", d.hd, suffix(dt)?);
-        let grid = (d.s.div_ceil(16) as u32, d.h as u32, d.b as u32);
+        let name = format!("attention_mma_{}_{}", d.cache.hd, suffix(dt)?);
+        let grid = (d.s.div_ceil(16) as u32, d.h as u32, d.cache.b as u32);
         (name, grid, 32 * mma_warps as u32, mma_shared)
     } else {
         let Some((qt, threads, shared)) = tile(d) else {
@@ -298,8 +300,8 @@ pub(super) fn attention(
                 d.keys
             );
         };
-        let name = format!("attention_{}_{qt}_{}", d.hd, suffix(dt)?);
-        let grid = (d.s.div_ceil(qt) as u32, d.h as u32, d.b as u32);
+        let name = format!("attention_{}_{qt}_{}", d.cache.hd, suffix(dt)?);
+        let grid = (d.s.div_ceil(qt) as u32, d.h as u32, d.cache.b as u32);
         (name, grid, threads, shared)
     };
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
@@ -313,13 +315,13 @@ pub(super) fn attention(
     let null = 0u64;
     let cfg = launch_cfg(grid, threads, shared);
     let ints = [
-        d.b,
+        d.cache.b,
         d.s,
         d.h,
-        d.kvh,
-        d.layer,
-        d.n_layer,
-        d.max_len,
+        d.cache.kvh,
+        d.cache.layer,
+        d.cache.n_layer,
+        d.cache.max_len,
         d.keys,
         d.rope_rows,
     ]
@@ -334,7 +336,7 @@ pub(super) fn attention(
         let q = qkv.as_cuda_slice::<T>()?.slice(a..b);
         let kv_s = held::<T>(&kv_g, "the KV cache")?;
         // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<T>(d.b * d.s * d.h * d.hd)? };
+        let out = unsafe { dev.alloc::<T>(d.cache.b * d.s * d.h * d.cache.hd)? };
         let mut mask_vec = 1i32;
         let mask_s = match &mask_g {
             Some((g, l)) => {

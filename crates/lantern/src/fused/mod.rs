@@ -239,15 +239,72 @@ pub fn attention(
     qkv.contiguous()?.apply_op1_no_bwd(&op)
 }
 
-/// Checks the cache tensor and returns its dims `[2, n_layer, b, kvh, max_len, hd]`.
-fn kv_dims(kv: &Layout) -> Result<[usize; 6]> {
-    match kv.dims() {
-        &[two, l, b, kvh, max, hd] if two == 2 && kv.is_contiguous() => {
-            Ok([two, l, b, kvh, max, hd])
+/// One layer of a cache tensor `[2, n_layer, b, kvh, max_len, hd]` (K at 0, V at 1), as the
+/// K/V write and attention address it.
+#[derive(Clone, Copy, Debug)]
+struct CacheLayer {
+    n_layer: usize,
+    b: usize,
+    kvh: usize,
+    max_len: usize,
+    hd: usize,
+    layer: usize,
+}
+
+impl CacheLayer {
+    /// Checks that the cache tensor `kv` is contiguous, holds `b` rows of `heads` and layer
+    /// `layer`, and has `slots` slots; `op` names the caller in the error.
+    fn check(
+        op: &str,
+        kv: &Layout,
+        layer: usize,
+        b: usize,
+        heads: Heads,
+        slots: usize,
+    ) -> Result<Self> {
+        match kv.dims() {
+            &[2, n_layer, cb, kvh, max_len, hd]
+                if kv.is_contiguous()
+                    && (cb, kvh, hd) == (b, heads.kvh, heads.hd)
+                    && layer < n_layer
+                    && slots <= max_len =>
+            {
+                Ok(Self {
+                    n_layer,
+                    b,
+                    kvh,
+                    max_len,
+                    hd,
+                    layer,
+                })
+            }
+            d => candle_core::bail!(
+                "{op}: cache tensor {d:?} is not a contiguous [2, L, {b}, {}, >= {slots}, {}] with layer {layer}",
+                heads.kvh,
+                heads.hd
+            ),
         }
-        d => {
-            candle_core::bail!("KV cache tensor {d:?} is not a contiguous [2, L, b, kvh, max, hd]")
+    }
+
+    /// Element offset of the entry (`plane` 0 = K, 1 = V, batch row, head, slot) of this layer.
+    fn offset(&self, plane: usize, bb: usize, kh: usize, pos: usize) -> usize {
+        let rows = ((plane * self.n_layer + self.layer) * self.b + bb) * self.kvh + kh;
+        (rows * self.max_len + pos) * self.hd
+    }
+}
+
+impl Heads {
+    /// Checks a `wqkv` output layout `[b, s, (h + 2 kvh) hd]` (contiguous) and returns `(b, s)`.
+    fn rows(&self, op: &str, qkv: &Layout) -> Result<(usize, usize)> {
+        let Heads { h, kvh, hd } = *self;
+        let (b, s, w) = qkv.shape().dims3()?;
+        if w != (h + 2 * kvh) * hd || !qkv.is_contiguous() {
+            candle_core::bail!(
+                "{op}: qkv {:?} does not hold {h}+2x{kvh} heads of {hd}",
+                qkv.dims()
+            );
         }
+        Ok((b, s))
     }
 }
 
@@ -358,14 +415,9 @@ struct Attention {
 /// Sizes of one fused attention call, shared by the CPU and CUDA versions.
 #[derive(Clone, Copy, Debug)]
 struct AttnDims {
-    b: usize,
     s: usize,
     h: usize,
-    kvh: usize,
-    hd: usize,
-    layer: usize,
-    n_layer: usize,
-    max_len: usize,
+    cache: CacheLayer,
     keys: usize,
     /// Batch rows of the RoPE table (1 = shared by all rows).
     rope_rows: usize,
@@ -377,39 +429,19 @@ struct AttnDims {
 
 impl Attention {
     fn dims(&self, qkv: &Layout) -> Result<AttnDims> {
-        let Heads { h, kvh, hd } = self.heads;
-        let (b, s, w) = qkv.shape().dims3()?;
-        if w != (h + 2 * kvh) * hd || !qkv.is_contiguous() {
-            candle_core::bail!(
-                "fused attention: qkv {:?} does not hold {h}+2x{kvh} heads of {hd}",
-                qkv.dims()
-            );
-        }
-        let [_, n_layer, cb, ckvh, max_len, chd] = kv_dims(self.kv.layout())?;
-        if cb != b || ckvh != kvh || chd != hd || self.layer >= n_layer || self.keys > max_len {
-            candle_core::bail!(
-                "fused attention: cache {:?} does not fit layer {} / {b} rows / {kvh}x{hd} heads / {} keys",
-                self.kv.dims(),
-                self.layer,
-                self.keys
-            );
-        }
-        let rope_rows = rope_rows(self.rope.dims(), b, s, hd)?;
+        const OP: &str = "fused attention";
+        let (b, s) = self.heads.rows(OP, qkv)?;
+        let cache = CacheLayer::check(OP, self.kv.layout(), self.layer, b, self.heads, self.keys)?;
         let (mask_b, mask_s) = match &self.mask {
             Some((_, batched)) => (if *batched { s * self.keys } else { 0 }, self.keys),
             None => (0, 0),
         };
         Ok(AttnDims {
-            b,
             s,
-            h,
-            kvh,
-            hd,
-            layer: self.layer,
-            n_layer,
-            max_len,
+            h: self.heads.h,
+            cache,
             keys: self.keys,
-            rope_rows,
+            rope_rows: rope_rows(self.rope.dims(), b, s, self.heads.hd)?,
             mask_b,
             mask_s,
             causal_past: self.causal_past,
@@ -528,49 +560,24 @@ fn half_last(l: &Layout) -> Result<Shape> {
 /// Sizes of one K/V write, shared by the CPU and CUDA versions.
 #[derive(Clone, Copy, Debug)]
 struct WriteDims {
-    b: usize,
     s: usize,
     h: usize,
-    kvh: usize,
-    hd: usize,
-    layer: usize,
-    n_layer: usize,
-    max_len: usize,
+    cache: CacheLayer,
     at: usize,
     rope_rows: usize,
 }
 
 impl KvWrite {
     fn dims(&self, kv: &Layout, qkv: &Layout, rope: &Layout) -> Result<WriteDims> {
-        let Heads { h, kvh, hd } = self.heads;
-        let [_, n_layer, cb, ckvh, max_len, chd] = kv_dims(kv)?;
-        let (b, s, w) = qkv.shape().dims3()?;
-        if w != (h + 2 * kvh) * hd || !qkv.is_contiguous() {
-            candle_core::bail!(
-                "fused K/V write: qkv {:?} does not hold {h}+2x{kvh} heads of {hd}",
-                qkv.dims()
-            );
-        }
-        if cb != b || ckvh != kvh || chd != hd || self.layer >= n_layer || self.at + s > max_len {
-            candle_core::bail!(
-                "fused K/V write: cache {:?} has no room for layer {} slots {}..{}",
-                kv.dims(),
-                self.layer,
-                self.at,
-                self.at + s
-            );
-        }
+        const OP: &str = "fused K/V write";
+        let (b, s) = self.heads.rows(OP, qkv)?;
+        let cache = CacheLayer::check(OP, kv, self.layer, b, self.heads, self.at + s)?;
         Ok(WriteDims {
-            b,
             s,
-            h,
-            kvh,
-            hd,
-            layer: self.layer,
-            n_layer,
-            max_len,
+            h: self.heads.h,
+            cache,
             at: self.at,
-            rope_rows: rope_rows(rope.dims(), b, s, hd)?,
+            rope_rows: rope_rows(rope.dims(), b, s, self.heads.hd)?,
         })
     }
 }
@@ -623,7 +630,7 @@ impl CustomOp1 for Attention {
             &self.kv,
             self.mask.as_ref().map(|m| &m.0),
         )?;
-        Ok((out, Shape::from((d.b, d.s, d.h * d.hd))))
+        Ok((out, Shape::from((d.cache.b, d.s, d.h * d.cache.hd))))
     }
 
     #[cfg(feature = "cuda")]
@@ -641,6 +648,6 @@ impl CustomOp1 for Attention {
             &self.kv,
             self.mask.as_ref().map(|m| &m.0),
         )?;
-        Ok((out, Shape::from((d.b, d.s, d.h * d.hd))))
+        Ok((out, Shape::from((d.cache.b, d.s, d.h * d.cache.hd))))
     }
 }
