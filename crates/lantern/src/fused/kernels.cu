@@ -19,6 +19,16 @@ template <> __device__ __forceinline__ __half fromf<__half>(float x) { return __
 // x rounded to T and back
 template <typename T> __device__ __forceinline__ float rnd(float x) { return tof(fromf<T>(x)); }
 
+// The cache tensor is [2, n_layer, b, kvh, max_len, hd] (K plane, then V plane). Element
+// offset of slot 0 of (layer, batch row, head) in the K plane, and the distance to the V plane.
+__device__ __forceinline__ size_t cache_head(int layer, int b, int bb, int kvh, int kh,
+                                             int max_len, int hd) {
+    return (((size_t)layer * b + bb) * kvh + kh) * max_len * hd;
+}
+__device__ __forceinline__ size_t cache_plane(int n_layer, int b, int kvh, int max_len, int hd) {
+    return (size_t)n_layer * b * kvh * max_len * hd;
+}
+
 // Row of HD elements (16-byte aligned) to f32 registers, 16 bytes per load.
 template <typename T, int HD> __device__ __forceinline__ void load_row(const T *p, float *r) {
     constexpr int VEC = 16 / sizeof(T);
@@ -133,11 +143,11 @@ __device__ void write_kv(T *kv, size_t base, const T *qkv, const float *rope, in
     const int pairs = hd / 2, w = (h + 2 * kvh) * hd;
     const T *src = qkv + ((size_t)bb * s + si) * w;
     const float *cs = rope + ((size_t)(rope_rows == 1 ? 0 : bb) * s + si) * pairs * 2;
-    const size_t plane = (size_t)n_layer * b * kvh * max_len * hd;
+    const size_t plane = cache_plane(n_layer, b, kvh, max_len, hd);
     for (int i = threadIdx.x; i < kvh * pairs; i += blockDim.x) {
         const int kh = i / pairs, p = i % pairs;
-        const size_t o =
-            base + ((((size_t)layer * b + bb) * kvh + kh) * max_len + at + si) * hd + 2 * p;
+        const size_t o = base + cache_head(layer, b, bb, kvh, kh, max_len, hd) +
+                         (size_t)(at + si) * hd + 2 * p;
         const float k0 = tof(src[(h + kh) * hd + 2 * p]), k1 = tof(src[(h + kh) * hd + 2 * p + 1]);
         const float c = cs[2 * p], sn = cs[2 * p + 1];
         kv[o] = fromf<T>(k0 * c - k1 * sn);
@@ -184,8 +194,8 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
         qs[qq * HD + 2 * p + 1] = o1;
     }
     __syncthreads();
-    const size_t head = base + (((size_t)layer * b + bb) * kvh + kh) * max_len * HD;
-    const size_t plane = (size_t)n_layer * b * kvh * max_len * HD;
+    const size_t head = base + cache_head(layer, b, bb, kvh, kh, max_len, HD);
+    const size_t plane = cache_plane(n_layer, b, kvh, max_len, HD);
     const T *kp = kv + head, *vp = kv + plane + head;
     // scores: one key row per thread, reused for the tile's queries
     for (int j = threadIdx.x; j < keys; j += blockDim.x) {
@@ -547,15 +557,13 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
         qs[qq * HD + 2 * p + 1] = fromf<T>(o1);
     }
     __syncthreads();
-    const size_t head = base + (((size_t)layer * b + bb) * kvh + kh) * max_len * HD;
-    const size_t plane = (size_t)n_layer * b * kvh * max_len * HD;
+    const size_t head = base + cache_head(layer, b, bb, kvh, kh, max_len, HD);
+    const size_t plane = cache_plane(n_layer, b, kvh, max_len, HD);
     const T *kp_ = kv + head, *vp = kv + plane + head;
-    // a 16-key tile of K or V: straight from the cache, or staged (slot r of this warp) with
-    // zero rows past the end
-    auto tile_ptr = [&](const T *src, int t, int r) -> const T * {
+    // a 16-key tile of K or V: straight from the cache, or staged in this warp's slot with zero
+    // rows past the end (only the last tile is partial, so one slot serves a round's two tiles)
+    auto tile_ptr = [&](const T *src, int t) -> const T * {
         if ((t + 1) * 16 <= keys) return src + (size_t)t * 16 * HD;
-        // only the last tile is partial, so one slot per warp serves both tiles of a round
-        (void)r;
         T *st = stage + warp * 16 * HD;
         // 16-byte loads, all issued before the first store
         constexpr int VEC = 16 / sizeof(T), ROW = HD / VEC, PER = 16 * ROW / 32;
@@ -588,7 +596,7 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
                 const int t = t0 + r * NW;
                 has[r] = t < nt;
                 if (has[r]) {
-                    const T *kt = tile_ptr(kp_, t, r);
+                    const T *kt = tile_ptr(kp_, t);
 #pragma unroll
                     for (int d = 0; d < DT; ++d) wmma::load_matrix_sync(kb[r][d], kt + d * 16, HD);
                 }
@@ -685,7 +693,7 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
                 const int t = t0 + r * NW;
                 has[r] = t < nt;
                 if (has[r]) {
-                    const T *vt = tile_ptr(vp, t, r);
+                    const T *vt = tile_ptr(vp, t);
 #pragma unroll
                     for (int d = 0; d < DT; ++d) wmma::load_matrix_sync(vb[r][d], vt + d * 16, HD);
                     wmma::load_matrix_sync(pa[r], pb + t * 16, kp);
