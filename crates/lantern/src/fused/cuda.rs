@@ -229,10 +229,15 @@ fn resident_blocks(
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as Attr;
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<(String, usize), usize>>> = OnceLock::new();
+    // kernel name -> shared bytes -> blocks (looked up by &str: no allocation per launch)
+    static CACHE: OnceLock<Mutex<HashMap<String, HashMap<usize, usize>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let key = (name.to_string(), shared);
-    if let Some(&n) = cache.lock().expect("not poisoned").get(&key) {
+    let hit = cache
+        .lock()
+        .expect("not poisoned")
+        .get(name)
+        .and_then(|m| m.get(&shared).copied());
+    if let Some(n) = hit {
         return Ok(n);
     }
     let per_sm = func
@@ -244,7 +249,12 @@ fn resident_blocks(
         .attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .w()?;
     let n = (per_sm.max(1) as usize) * (sms.max(1) as usize);
-    cache.lock().expect("not poisoned").insert(key, n);
+    cache
+        .lock()
+        .expect("not poisoned")
+        .entry(name.to_string())
+        .or_default()
+        .insert(shared, n);
     Ok(n)
 }
 
