@@ -1,11 +1,10 @@
 //! Launches of the kernels in `kernels.cu` (PTX built by build.rs) on candle's CUDA stream.
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
+use super::launch::Launch;
 use super::{AttnDims, LinearDims, SmallLinear, WriteDims, SMALL_SHARED};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -87,7 +86,8 @@ pub(super) fn norm(
         let out = unsafe { dev.alloc::<T>(out_len)? };
         let cfg = launch_cfg((rows as u32, 1, 1), 256, cols * 4);
         let (rows, cols) = (rows as i32, cols as i32);
-        let mut builder = func.builder();
+        let stream = dev.cuda_stream();
+        let mut builder = Launch::new(&func, &stream);
         builder.arg(&xs);
         let rs;
         let null = 0u64;
@@ -107,7 +107,7 @@ pub(super) fn norm(
         builder.arg(&cols);
         builder.arg(&eps);
         // SAFETY: argument list matches the kernel's signature.
-        unsafe { builder.launch(cfg) }.w()?;
+        unsafe { builder.launch(cfg) }?;
         Ok(wrap(out, &dev))
     })
 }
@@ -127,13 +127,14 @@ pub(super) fn silu_mul(gu: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
         let out = unsafe { dev.alloc::<T>(n)? };
         let blocks = n.div_ceil(256).clamp(1, 2048) as u32;
         let (rows, f) = (rows as i32, f as i32);
-        let mut builder = func.builder();
+        let stream = dev.cuda_stream();
+        let mut builder = Launch::new(&func, &stream);
         builder.arg(&src);
         builder.arg(&out);
         builder.arg(&rows);
         builder.arg(&f);
         // SAFETY: argument list matches the kernel's signature.
-        unsafe { builder.launch(launch_cfg((blocks, 1, 1), 256, 0)) }.w()?;
+        unsafe { builder.launch(launch_cfg((blocks, 1, 1), 256, 0)) }?;
         Ok(wrap(out, &dev))
     })
 }
@@ -177,7 +178,8 @@ pub(super) fn write_kv(
         let (a, b) = offsets(qkv_l)?;
         let qkv = qkv.as_cuda_slice::<T>()?.slice(a..b);
         let kv = kv.as_cuda_slice_mut::<T>()?;
-        let mut builder = func.builder();
+        let stream = dev.cuda_stream();
+        let mut builder = Launch::new(&func, &stream);
         builder.arg(kv);
         builder.arg(&base);
         builder.arg(&qkv);
@@ -187,7 +189,7 @@ pub(super) fn write_kv(
         }
         // SAFETY: argument list matches the kernel's signature; dims were checked against
         // the cache's layout.
-        unsafe { builder.launch(cfg) }.w()?;
+        unsafe { builder.launch(cfg) }?;
         Ok(())
     })
 }
@@ -359,7 +361,8 @@ pub(super) fn attention(
             }
             None => None,
         };
-        let mut builder = func.builder();
+        let stream = dev.cuda_stream();
+        let mut builder = Launch::new(&func, &stream);
         builder.arg(&q);
         builder.arg(&rope_s);
         builder.arg(kv_s);
@@ -380,7 +383,7 @@ pub(super) fn attention(
         }
         // SAFETY: argument list matches the kernel's signature; dims were checked against
         // the cache's layout.
-        unsafe { builder.launch(cfg) }.w()?;
+        unsafe { builder.launch(cfg) }?;
         Ok(wrap(out, &dev))
     })
 }
@@ -449,7 +452,8 @@ pub(super) fn small_linear(
         };
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(d.m * d.n)? };
-        let mut builder = func.builder();
+        let stream = dev.cuda_stream();
+        let mut builder = Launch::new(&func, &stream);
         builder.arg(&xs);
         builder.arg(&ws);
         match &ns {
@@ -466,7 +470,7 @@ pub(super) fn small_linear(
         builder.arg(&n);
         builder.arg(&mode);
         // SAFETY: argument list matches the kernel's signature; shapes checked by the caller.
-        unsafe { builder.launch(cfg) }.w()?;
+        unsafe { builder.launch(cfg) }?;
         Ok(wrap(out, &dev))
     })
 }

@@ -5,6 +5,21 @@
 #include <mma.h>
 #include <stdint.h>
 
+// Programmatic dependent launch (launch.rs): let the next kernel on the stream be scheduled
+// now, and wait until the previous kernel has finished and its writes are visible. Both are
+// no-ops for a plain launch. Every kernel triggers first and waits before its first read of
+// another kernel's output and before any write.
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float tof(float x) { return x; }
 __device__ __forceinline__ float tof(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float tof(__half x) { return __half2float(x); }
@@ -326,10 +341,12 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
 #define NORM(T, NAME)                                                                           \
     extern "C" __global__ void NAME(const T *x, const T *res, const T *w, T *out, int rows,    \
                                     int cols, float eps) {                                      \
+        pdl_trigger(); pdl_wait();                                                              \
         add_rms_norm<T>(x, res, w, out, rows, cols, eps);                                       \
     }
 #define SILU(T, NAME)                                                                           \
     extern "C" __global__ void NAME(const T *gu, T *out, int rows, int f) {                     \
+        pdl_trigger(); pdl_wait();                                                              \
         silu_mul<T>(gu, out, rows, f);                                                          \
     }
 #define WRITE(T, NAME)                                                                          \
@@ -337,6 +354,7 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
                                     const float *rope, int b, int s, int h, int kvh, int hd,    \
                                     int layer, int n_layer, int max_len, int at,                \
                                     int rope_rows) {                                            \
+        pdl_trigger(); pdl_wait();                                                              \
         write_kv<T>(kv, base, qkv, rope, b, s, h, kvh, hd, layer, n_layer, max_len, at,         \
                     rope_rows);                                                                 \
     }
@@ -346,6 +364,7 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
                                     int s, int h, int kvh, int layer, int n_layer,              \
                                     int max_len, int keys, int rope_rows, long long mask_b,     \
                                     long long mask_s, int causal_past) {                        \
+        pdl_trigger(); pdl_wait();                                                              \
         attention<T, HD, QT>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,      \
                              max_len, keys, rope_rows, mask_b, mask_s, causal_past);            \
     }
@@ -400,6 +419,8 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
         }
     };
     fetch(n);
+    // the weight loads above do not depend on the previous kernel; x and res do
+    pdl_wait();
     // stage x and the norm weight (16-byte loads, all issued before any is used), then
     // normalise
     const uint4 *x4 = reinterpret_cast<const uint4 *>(x);
@@ -494,6 +515,7 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
 #define SMALL(T, M, G, CH, NAME)                                                                \
     extern "C" __global__ void NAME(const T *x, const T *w, const T *norm_w, float eps,        \
                                     const T *res, T *y, int K, int N, int mode) {               \
+        pdl_trigger();                                                                          \
         small_linear<T, M, G, CH>(x, w, norm_w, eps, res, y, K, N, mode);                       \
     }
 #define SMALL2(T, M, SUF)                                                                       \
@@ -727,6 +749,7 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
                                     int s, int h, int kvh, int layer, int n_layer,              \
                                     int max_len, int keys, int rope_rows, long long mask_b,     \
                                     long long mask_s, int causal_past, int mask_vec) {          \
+        pdl_trigger(); pdl_wait();                                                              \
         attention_mma<T, HD>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,      \
                              max_len, keys, rope_rows, mask_b, mask_s, causal_past, mask_vec);  \
     }

@@ -18,6 +18,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod launch;
 
 use std::cell::Cell;
 

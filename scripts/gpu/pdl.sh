@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# GPU run (session 4): programmatic dependent launch of our kernels. The same binary with
+# LANTERN_PDL=0 (plain launches, session 3's behaviour) and with PDL, back to back; plus the
+# CUDA-vs-CPU kernel test and the token checks (graphs vs none, PDL vs plain). Tables under $OUT.
+set -uo pipefail
+source scripts/gpu/env.sh
+SECONDS=0
+xz -dkf "$G/fused_forward.xz" && chmod +x "$G/fused_forward"
+"$L" bench --random-weights --preset tiny --device cuda 2>&1 | grep -i "error" | head -5 | tee "$OUT/tiny_errors.txt"
+echo "warm-up done ${SECONDS}s"
+LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt "$G/fused_forward" --nocapture 2>&1 | grep -E "rel err|test result|panicked" | tee "$OUT/kernel_test.txt"
+for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
+  echo "== LANTERN_PDL=0, $p"; LANTERN_PDL=0 timeout 100 "$L" bench --random-weights --preset $p --device cuda 2>&1 | tail -60
+  echo "== PDL, $p"; timeout 100 "$L" bench --random-weights --preset $p --device cuda 2>&1 | tail -60
+done 2>&1 | tee "$OUT/steps.txt"
+echo "steps done ${SECONDS}s"
+source scripts/gpu/check_tokens.sh 2>&1 | tee "$OUT/equal.txt"
+for d in "ar --temperature 0" "sd --tree dynamic --temperature 0" "lantern++ --tree naive_extend_57"; do
+  args="--class 0,7 -n 2 --device cuda --seed 3 --decoding $d"
+  "$L" generate $args --out /tmp/p1 --save-tokens /tmp/p1.json --force 2>&1 | grep -i error | head -3
+  LANTERN_PDL=0 "$L" generate $args --out /tmp/p0 --save-tokens /tmp/p0.json --force 2>&1 | grep -i error | head -3
+  if cmp -s /tmp/p1.json /tmp/p0.json; then r=IDENTICAL; else r=DIFFER; fi
+  echo "tokens with vs without PDL, --decoding $d: $r"
+done 2>&1 | tee -a "$OUT/equal.txt"
+if [ -n "${SHIPPED:-}" ]; then
+  M="ar,sd-static,lantern++-2"
+  { echo "== LANTERN_PDL=0"; LANTERN_PDL=0 timeout 150 "$L" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | tail -12
+    echo "== PDL"; timeout 150 "$L" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | tail -22
+  } 2>&1 | tee "$OUT/bench.txt"
+fi
+echo "total ${SECONDS}s"
