@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU run (session 4): programmatic dependent launch of our kernels. The same binary with
-# LANTERN_PDL=0 (plain launches, session 3's behaviour) and with PDL, back to back; plus the
+# GPU run (session 4): programmatic dependent launch of our kernels and cudarc's event
+# tracking. The same binary with LANTERN_PDL=0 / 1 and LANTERN_EVENT_TRACKING=1 / 0 (plain
+# launches with tracking = session 3's behaviour), back to back; plus the
 # CUDA-vs-CPU kernel test and the token checks (graphs vs none, PDL vs plain). Tables under $OUT.
 set -uo pipefail
 source scripts/gpu/env.sh
@@ -9,9 +10,11 @@ xz -dkf "$G/fused_forward.xz" && chmod +x "$G/fused_forward"
 "$L" bench --random-weights --preset tiny --device cuda 2>&1 | grep -i "error" | head -5 | tee "$OUT/tiny_errors.txt"
 echo "warm-up done ${SECONDS}s"
 LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt "$G/fused_forward" --nocapture 2>&1 | grep -E "rel err|test result|panicked" | tee "$OUT/kernel_test.txt"
+# four variants: plain launches / PDL, with cudarc's event tracking (session 3) / without
 for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
-  echo "== LANTERN_PDL=0, $p"; LANTERN_PDL=0 timeout 100 "$L" bench --random-weights --preset $p --device cuda 2>&1 | tail -60
-  echo "== PDL, $p"; timeout 100 "$L" bench --random-weights --preset $p --device cuda 2>&1 | tail -60
+  for v in "LANTERN_PDL=0 LANTERN_EVENT_TRACKING=1" "LANTERN_PDL=1 LANTERN_EVENT_TRACKING=1" "LANTERN_PDL=0 LANTERN_EVENT_TRACKING=0" "LANTERN_PDL=1 LANTERN_EVENT_TRACKING=0"; do
+    echo "== $v, $p"; env $v timeout 100 "$L" bench --random-weights --preset $p --device cuda 2>&1 | tail -60
+  done
 done 2>&1 | tee "$OUT/steps.txt"
 echo "steps done ${SECONDS}s"
 source scripts/gpu/check_tokens.sh 2>&1 | tee "$OUT/equal.txt"

@@ -32,11 +32,11 @@ impl DeviceOpts {
                 if !candle_core::utils::cuda_is_available() {
                     bail!("--device cuda: this lantern was built without CUDA; rebuild with `cargo build --release --features cuda`");
                 }
-                Ok(Device::new_cuda(0)?)
+                Ok(lantern::fused::cuda_device(0)?)
             }
             DeviceArg::Auto => {
                 if candle_core::utils::cuda_is_available() {
-                    if let Ok(d) = Device::new_cuda(0) {
+                    if let Ok(d) = lantern::fused::cuda_device(0) {
                         return Ok(d);
                     }
                 }

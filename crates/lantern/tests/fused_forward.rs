@@ -114,7 +114,7 @@ fn fused_t2i_forward_matches_reference() -> Result<()> {
 fn cuda_fused_forward_matches_cpu_reference() -> Result<()> {
     use lantern::models::llamagen::{Config, ModelType};
     use std::collections::HashMap;
-    let gpu = Device::new_cuda(0)?;
+    let gpu = lantern::fused::cuda_device(0)?;
     let c2i = Config {
         dim: 128,
         n_layer: 2,

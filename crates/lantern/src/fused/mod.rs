@@ -43,6 +43,24 @@ fn env_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("LANTERN_FUSED").map_or(true, |v| v != "0"))
 }
 
+/// Opens CUDA device `ordinal` for lantern. All of lantern's GPU work runs on candle's one
+/// stream, so cudarc's cross-stream bookkeeping (an event wait before and an event record after
+/// every kernel, per buffer argument) is turned off: it costs host time per launch, and inside
+/// a captured CUDA graph its waits become full dependencies that keep our kernels from
+/// overlapping their predecessors (see `launch.rs`). `LANTERN_EVENT_TRACKING=1` keeps it.
+pub fn cuda_device(ordinal: usize) -> Result<Device> {
+    let dev = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &dev {
+        if std::env::var("LANTERN_EVENT_TRACKING").map_or(true, |v| v != "1") {
+            // SAFETY: every buffer of this device is created after this call and used on the
+            // device's single stream, so stream order alone orders all accesses.
+            unsafe { d.disable_event_tracking() };
+        }
+    }
+    Ok(dev)
+}
+
 /// Whether inference on `x` takes the fused kernels: no gradient tracking, a float dtype, and
 /// CUDA (unless `LANTERN_FUSED=0`) or a CPU thread under [`force_on_cpu`].
 pub fn active(x: &Tensor) -> bool {
