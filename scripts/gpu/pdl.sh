@@ -12,11 +12,12 @@ echo "warm-up done ${SECONDS}s"
 LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt "$G/fused_forward" --nocapture 2>&1 | grep -E "rel err|test result|panicked" | tee "$OUT/kernel_test.txt"
 # four variants: plain launches / PDL, with cudarc's event tracking (session 3) / without
 for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
-  for v in "LANTERN_PDL=0 LANTERN_EVENT_TRACKING=1" "LANTERN_PDL=1 LANTERN_EVENT_TRACKING=1" "LANTERN_PDL=0 LANTERN_EVENT_TRACKING=0" "LANTERN_PDL=1 LANTERN_EVENT_TRACKING=0"; do
+  for v in ${VARIANTS:-"LANTERN_PDL=0 LANTERN_EVENT_TRACKING=1" "LANTERN_PDL=1 LANTERN_EVENT_TRACKING=0"}; do
     echo "== $v, $p"; env $v timeout 100 "$L" bench --random-weights --preset $p --device cuda 2>&1 | tail -60
   done
 done 2>&1 | tee "$OUT/steps.txt"
 echo "steps done ${SECONDS}s"
+LANTERN_GRAPH_DEBUG=1 "$L" generate --class 0 -n 1 --device cuda --decoding lantern++ --tree naive_extend_57 --out /tmp/dbg --force 2>&1 | grep "\[graph\]" | sort | uniq -c | head -8 | tee "$OUT/graph_edges.txt"
 source scripts/gpu/check_tokens.sh 2>&1 | tee "$OUT/equal.txt"
 for d in "ar --temperature 0" "sd --tree dynamic --temperature 0" "lantern++ --tree naive_extend_57"; do
   args="--class 0,7 -n 2 --device cuda --seed 3 --decoding $d"

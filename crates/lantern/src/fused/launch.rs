@@ -10,13 +10,26 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::WrapErr;
 use candle_core::Result;
+use std::collections::HashSet;
 use std::ffi::c_void;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Whether launches ask for programmatic stream serialisation (`LANTERN_PDL`, default on).
 pub(super) fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("LANTERN_PDL").map_or(true, |v| v != "0"))
+}
+
+/// Functions launched through [`Launch`] (addresses of their driver handles): the kernels that
+/// honour the programmatic-launch protocol, whose incoming graph edges `graph.rs` may relax.
+fn ours() -> &'static Mutex<HashSet<usize>> {
+    static OURS: OnceLock<Mutex<HashSet<usize>>> = OnceLock::new();
+    OURS.get_or_init(Default::default)
+}
+
+/// Whether `f` is one of our kernels (launched through [`Launch`]).
+pub(super) fn is_ours(f: sys::CUfunction) -> bool {
+    ours().lock().expect("not poisoned").contains(&(f as usize))
 }
 
 /// One kernel launch being assembled: the arguments (each stored in 8 bytes: the driver reads
@@ -115,19 +128,16 @@ impl<'a> Launch<'a> {
             attrs: &mut attr,
             numAttrs: u32::from(enabled()),
         };
+        let f = self.func.cu_function();
+        if enabled() {
+            ours().lock().expect("not poisoned").insert(f as usize);
+        }
         self.stream.context().bind_to_thread().w()?;
         // SAFETY: the caller vouches for the arguments; `ptrs` points into `self.vals`, which
         // lives until the call returns (the driver copies the parameters at launch).
-        unsafe {
-            sys::cuLaunchKernelEx(
-                &conf,
-                self.func.cu_function(),
-                ptrs.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        }
-        .result()
-        .w()?;
+        unsafe { sys::cuLaunchKernelEx(&conf, f, ptrs.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .w()?;
         // the guards record the buffers' use after the launch
         drop(std::mem::take(&mut self.guards));
         Ok(())

@@ -19,7 +19,12 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
+mod graph;
+#[cfg(feature = "cuda")]
 mod launch;
+
+#[cfg(feature = "cuda")]
+pub use graph::CapturedGraph;
 
 use std::cell::Cell;
 
