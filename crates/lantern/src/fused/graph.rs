@@ -130,13 +130,20 @@ unsafe fn make_programmatic(graph: sys::CUgraph) -> Result<(usize, usize), Drive
             continue;
         }
         if !is_kernel(from[i])? || !is_kernel(to[i])? {
+            if std::env::var("LANTERN_GRAPH_DEBUG").is_ok() {
+                eprintln!("[graph] edge with a node that is not a kernel kept");
+            }
             continue;
         }
         // SAFETY: plain C struct filled by the driver.
         let mut params: sys::CUDA_KERNEL_NODE_PARAMS = unsafe { std::mem::zeroed() };
         // SAFETY: `to[i]` is a kernel node of this graph.
         unsafe { sys::cuGraphKernelNodeGetParams_v2(to[i], &mut params) }.result()?;
-        if !launch::is_ours(params.func) {
+        let name = launch::kernel_name(params.func, params.kern);
+        if !name.as_deref().is_some_and(launch::is_ours) {
+            if std::env::var("LANTERN_GRAPH_DEBUG").is_ok() {
+                eprintln!("[graph] edge into {name:?} kept");
+            }
             continue;
         }
         let edge = sys::CUgraphEdgeData {

@@ -20,16 +20,57 @@ pub(super) fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("LANTERN_PDL").map_or(true, |v| v != "0"))
 }
 
-/// Functions launched through [`Launch`] (addresses of their driver handles): the kernels that
-/// honour the programmatic-launch protocol, whose incoming graph edges `graph.rs` may relax.
-fn ours() -> &'static Mutex<HashSet<usize>> {
-    static OURS: OnceLock<Mutex<HashSet<usize>>> = OnceLock::new();
+/// Names of the kernels launched through [`Launch`] (by driver handle, and the names): the
+/// kernels that honour the programmatic-launch protocol, whose incoming graph edges `graph.rs`
+/// may relax. Graph nodes are matched by name: a captured node's handle need not be the one
+/// that was launched.
+#[derive(Default)]
+struct Ours {
+    handles: HashSet<usize>,
+    names: HashSet<String>,
+}
+
+fn ours() -> &'static Mutex<Ours> {
+    static OURS: OnceLock<Mutex<Ours>> = OnceLock::new();
     OURS.get_or_init(Default::default)
 }
 
-/// Whether `f` is one of our kernels (launched through [`Launch`]).
-pub(super) fn is_ours(f: sys::CUfunction) -> bool {
-    ours().lock().expect("not poisoned").contains(&(f as usize))
+/// The name of a kernel, from its function or (when that is null) its library kernel handle.
+pub(super) fn kernel_name(f: sys::CUfunction, k: sys::CUkernel) -> Option<String> {
+    let mut p: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: valid handles from the driver; the name is a driver-owned C string.
+    let r = unsafe {
+        if !f.is_null() {
+            sys::cuFuncGetName(&mut p, f)
+        } else if !k.is_null() {
+            sys::cuKernelGetName(&mut p, k)
+        } else {
+            return None;
+        }
+    };
+    if r.result().is_err() || p.is_null() {
+        return None;
+    }
+    // SAFETY: non-null, NUL-terminated, owned by the driver for the module's lifetime.
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// Whether a kernel named `name` is one of ours (launched through [`Launch`]).
+pub(super) fn is_ours(name: &str) -> bool {
+    ours().lock().expect("not poisoned").names.contains(name)
+}
+
+fn note_ours(f: sys::CUfunction) {
+    let mut o = ours().lock().expect("not poisoned");
+    if o.handles.insert(f as usize) {
+        if let Some(n) = kernel_name(f, std::ptr::null_mut()) {
+            o.names.insert(n);
+        }
+    }
 }
 
 /// One kernel launch being assembled: the arguments (each stored in 8 bytes: the driver reads
@@ -130,7 +171,7 @@ impl<'a> Launch<'a> {
         };
         let f = self.func.cu_function();
         if enabled() {
-            ours().lock().expect("not poisoned").insert(f as usize);
+            note_ours(f);
         }
         self.stream.context().bind_to_thread().w()?;
         // SAFETY: the caller vouches for the arguments; `ptrs` points into `self.vals`, which
