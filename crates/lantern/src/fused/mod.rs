@@ -22,6 +22,7 @@ mod cuda;
 mod graph;
 #[cfg(feature = "cuda")]
 mod launch;
+mod pdl_plan;
 
 #[cfg(feature = "cuda")]
 pub use graph::CapturedGraph;
