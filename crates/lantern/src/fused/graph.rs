@@ -38,28 +38,35 @@ impl CapturedGraph {
         if graph.is_null() {
             return Ok(None);
         }
-        // the rewrite works on a copy: if the driver refuses it, the captured graph is used
-        let mut chosen = None;
+        // the rewrite is undone when the driver refuses the relaxed graph (graphs with memory
+        // nodes cannot be cloned, so it edits the captured graph itself)
+        let debug = std::env::var("LANTERN_GRAPH_DEBUG").is_ok();
+        let mut done = None;
         if launch::enabled() {
-            // SAFETY: `graph` is valid; the clone is ours.
-            if let Ok((clone, edges)) = unsafe { relaxed_copy(graph) } {
-                match instantiate(clone) {
-                    Ok(exec) => {
-                        // SAFETY: the original is no longer needed.
-                        unsafe { sys::cuGraphDestroy(graph) };
-                        chosen = Some((clone, exec, edges));
+            // SAFETY: `graph` is valid and not instantiated.
+            match unsafe { make_programmatic(graph) } {
+                Ok(Some((old, new, counts))) => match instantiate(graph) {
+                    Ok(exec) => done = Some((exec, counts)),
+                    Err(e) => {
+                        if debug {
+                            eprintln!("[graph] relaxed graph refused: {e:?}");
+                        }
+                        // SAFETY: restores the captured edges of this graph.
+                        unsafe {
+                            let _ = new.apply(graph, false);
+                            let _ = old.apply(graph, true);
+                        }
                     }
-                    // SAFETY: the clone is ours and not used after this.
-                    Err(_) => unsafe {
-                        sys::cuGraphDestroy(clone);
-                    },
-                }
+                },
+                Ok(None) => {}
+                Err(e) if debug => eprintln!("[graph] edges not relaxed: {e:?}"),
+                Err(_) => {}
             }
         }
-        let (graph, exec, edges) = match chosen {
-            Some(c) => c,
+        let (exec, edges) = match done {
+            Some(d) => d,
             None => match instantiate(graph) {
-                Ok(exec) => (graph, exec, (0, 0)),
+                Ok(exec) => (exec, (0, 0)),
                 Err(e) => {
                     // SAFETY: the graph is ours and not used after this.
                     unsafe { sys::cuGraphDestroy(graph) };
@@ -107,25 +114,35 @@ fn instantiate(graph: sys::CUgraph) -> Result<sys::CUgraphExec, DriverError> {
     Ok(exec)
 }
 
-/// A copy of `graph` with programmatic edges into our kernels (see [`make_programmatic`]),
-/// with (programmatic edges, all edges); an error when there is nothing to relax.
-///
-/// # Safety
-/// `graph` must be a valid graph.
-unsafe fn relaxed_copy(graph: sys::CUgraph) -> Result<(sys::CUgraph, (usize, usize)), DriverError> {
-    let mut clone: sys::CUgraph = null_mut();
-    // SAFETY: valid graph; the clone is written on success.
-    unsafe { sys::cuGraphClone(&mut clone, graph) }.result()?;
-    // SAFETY: the clone is valid and not instantiated.
-    match unsafe { make_programmatic(clone) } {
-        Ok(edges) if edges.0 > 0 => Ok((clone, edges)),
-        r => {
-            // SAFETY: the clone is ours and not used after this.
-            unsafe { sys::cuGraphDestroy(clone) };
-            Err(r
-                .err()
-                .unwrap_or(DriverError(sys::cudaError_enum::CUDA_ERROR_NOT_SUPPORTED)))
+/// Edges of a graph, as the driver's parallel arrays.
+#[derive(Default)]
+struct EdgeList {
+    from: Vec<sys::CUgraphNode>,
+    to: Vec<sys::CUgraphNode>,
+    data: Vec<sys::CUgraphEdgeData>,
+}
+
+impl EdgeList {
+    /// Adds (`add`) or removes the edges in `graph`.
+    ///
+    /// # Safety
+    /// The nodes must belong to `graph`, which must not be instantiating or running.
+    unsafe fn apply(&self, graph: sys::CUgraph, add: bool) -> Result<(), DriverError> {
+        let (f, t, d, n) = (
+            self.from.as_ptr(),
+            self.to.as_ptr(),
+            self.data.as_ptr(),
+            self.from.len(),
+        );
+        // SAFETY: the arrays hold `n` entries each; the caller vouches for the nodes.
+        unsafe {
+            if add {
+                sys::cuGraphAddDependencies_v2(graph, f, t, d, n)
+            } else {
+                sys::cuGraphRemoveDependencies_v2(graph, f, t, d, n)
+            }
         }
+        .result()
     }
 }
 
@@ -162,47 +179,64 @@ fn zero_edge() -> sys::CUgraphEdgeData {
     }
 }
 
+/// A rewrite applied to a graph: the edges removed, the edges added, and (programmatic edges,
+/// all edges).
+type Rewrite = (EdgeList, EdgeList, (usize, usize));
+
 /// Gives a captured graph programmatic edges into our kernels (see [`relaxed_edges`]); only a
-/// single chain (one stream, no forks) is rewritten. Returns (programmatic edges, all edges).
+/// single chain (one stream, no forks) is rewritten. Returns the edges removed and added
+/// (to undo it) and (programmatic edges, all edges), or `None` when nothing changed.
 ///
 /// # Safety
 /// `graph` must be a valid graph that is not being instantiated or launched.
-unsafe fn make_programmatic(graph: sys::CUgraph) -> Result<(usize, usize), DriverError> {
+unsafe fn make_programmatic(graph: sys::CUgraph) -> Result<Option<Rewrite>, DriverError> {
     let mut n = 0usize;
     // SAFETY: null arrays ask for the count only.
     unsafe { sys::cuGraphGetEdges_v2(graph, null_mut(), null_mut(), null_mut(), &mut n) }
         .result()?;
-    let mut from = vec![null_mut(); n];
-    let mut to = vec![null_mut(); n];
-    let mut data = vec![zero_edge(); n];
+    let mut old = EdgeList {
+        from: vec![null_mut(); n],
+        to: vec![null_mut(); n],
+        data: vec![zero_edge(); n],
+    };
     // SAFETY: the arrays hold `n` entries each.
     unsafe {
         sys::cuGraphGetEdges_v2(
             graph,
-            from.as_mut_ptr(),
-            to.as_mut_ptr(),
-            data.as_mut_ptr(),
+            old.from.as_mut_ptr(),
+            old.to.as_mut_ptr(),
+            old.data.as_mut_ptr(),
             &mut n,
         )
     }
     .result()?;
+    let debug = std::env::var("LANTERN_GRAPH_DEBUG").is_ok();
     // a chain: one successor per node, one root
-    use std::collections::HashMap;
-    let next: HashMap<usize, usize> = (0..n).map(|i| (from[i] as usize, i)).collect();
-    let has_pred: std::collections::HashSet<usize> = to.iter().map(|&t| t as usize).collect();
-    let roots: Vec<sys::CUgraphNode> = from
+    use std::collections::{HashMap, HashSet};
+    let next: HashMap<usize, usize> = (0..n).map(|i| (old.from[i] as usize, i)).collect();
+    let has_pred: HashSet<usize> = old.to.iter().map(|&t| t as usize).collect();
+    let roots: Vec<sys::CUgraphNode> = old
+        .from
         .iter()
         .copied()
         .filter(|&f| !has_pred.contains(&(f as usize)))
         .collect();
-    if next.len() != n || has_pred.len() != n || roots.len() != 1 {
-        return Ok((0, n));
+    if n == 0 || next.len() != n || has_pred.len() != n || roots.len() != 1 {
+        if debug {
+            eprintln!(
+                "[graph] not a chain: {n} edges, {} sources, {} targets, {} roots",
+                next.len(),
+                has_pred.len(),
+                roots.len()
+            );
+        }
+        return Ok(None);
     }
     let mut order = vec![roots[0]];
     while let Some(&i) = next.get(&(*order.last().expect("non-empty") as usize)) {
-        order.push(to[i]);
+        order.push(old.to[i]);
         if order.len() > n + 1 {
-            return Ok((0, n));
+            return Ok(None);
         }
     }
     let kinds = order
@@ -210,29 +244,39 @@ unsafe fn make_programmatic(graph: sys::CUgraph) -> Result<(usize, usize), Drive
         .map(|&v| kind(v))
         .collect::<Result<Vec<_>, _>>()?;
     let (plan, made) = relaxed_edges(&kinds);
-    if made == 0 {
-        return Ok((0, n));
+    if debug {
+        let count = |k: Kind| kinds.iter().filter(|&&x| x == k).count();
+        eprintln!(
+            "[graph] chain of {}: ours {}, other kernels {}, allocs {}, frees {}, other {}; {made} programmatic",
+            kinds.len(),
+            count(Kind::Kernel(true)),
+            count(Kind::Kernel(false)),
+            count(Kind::Memory(true)),
+            count(Kind::Memory(false)),
+            count(Kind::Other)
+        );
     }
-    let mut f = Vec::with_capacity(plan.len());
-    let mut t = Vec::with_capacity(plan.len());
-    let mut d = Vec::with_capacity(plan.len());
+    if made == 0 {
+        return Ok(None);
+    }
+    let mut new = EdgeList::default();
     for e in &plan {
-        f.push(order[e.from]);
-        t.push(order[e.to]);
+        new.from.push(order[e.from]);
+        new.to.push(order[e.to]);
         let mut data = zero_edge();
         if e.programmatic {
             data.from_port = sys::CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC as u8;
             data.type_ = sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8;
         }
-        d.push(data);
+        new.data.push(data);
     }
-    // SAFETY: removes exactly the listed edges, then adds the new ones between nodes of this
-    // graph.
+    // SAFETY: the listed edges exist in this graph; the new ones join its nodes.
     unsafe {
-        sys::cuGraphRemoveDependencies_v2(graph, from.as_ptr(), to.as_ptr(), data.as_ptr(), n)
-            .result()?;
-        sys::cuGraphAddDependencies_v2(graph, f.as_ptr(), t.as_ptr(), d.as_ptr(), f.len())
-            .result()?;
+        old.apply(graph, false)?;
+        if let Err(e) = new.apply(graph, true) {
+            let _ = old.apply(graph, true);
+            return Err(e);
+        }
     }
-    Ok((made, plan.len()))
+    Ok(Some((old, new, (made, plan.len()))))
 }
