@@ -84,7 +84,9 @@ fn graph_us(device: &Device, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .map_err(wrap)?;
     let ran = (0..REPS).try_for_each(|_| f());
-    let graph = crate::fused::CapturedGraph::end_capture(&stream).map_err(wrap)?;
+    let graph = stream
+        .end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+        .map_err(wrap)?;
     ran?;
     let Some(graph) = graph else {
         return Err(crate::Error::invalid("kernel bench", "empty capture"));

@@ -114,7 +114,7 @@ pub struct GraphStep {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     capture: bool,
     #[cfg(feature = "cuda")]
-    graph: Option<crate::fused::CapturedGraph>,
+    graph: Option<candle_core::cuda_backend::cudarc::driver::CudaGraph>,
 }
 
 impl GraphStep {
@@ -294,15 +294,21 @@ impl GraphStep {
             .map_err(wrap)?;
         // recorded, not executed: the cache is not written twice
         let ran = self.run(model, cache);
-        let graph = crate::fused::CapturedGraph::end_capture(&stream).map_err(wrap)?;
+        let graph = stream
+            .end_capture(
+                sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+            )
+            .map_err(wrap)?;
         ran?;
+        if let Some(g) = &graph {
+            g.upload().map_err(wrap)?;
+        }
         if std::env::var("LANTERN_GRAPH_DEBUG").is_ok() {
             eprintln!(
-                "[graph] captured {:?} tokens, positions {:?}: {} (programmatic edges, all edges: {:?})",
+                "[graph] captured {:?} tokens, positions {:?}: {}",
                 self.ids.dims(),
                 self.pos.dims(),
-                graph.is_some(),
-                graph.as_ref().map(|g| g.edges)
+                graph.is_some()
             );
         }
         self.graph = graph;

@@ -4,73 +4,24 @@
 //! `kernels.cu` starts with `griddepcontrol.launch_dependents` and waits before its first
 //! dependent read or any write, so the overlap is safe; kernels of others (cuBLAS, candle) never
 //! trigger early and are serialised as usual. `LANTERN_PDL=0` launches plainly.
+//!
+//! Measured (docs/BENCHMARKS.md §000): it shortens steps launched one kernel at a time (the
+//! launch latency hides behind the previous kernel); inside replayed CUDA graphs, even with
+//! every edge into our kernels made programmatic (tried at commit `9292dc7`, reverted), it
+//! changed nothing: there the kernels' own dependent phases, not the gaps, set the pace.
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig,
     SyncOnDrop,
 };
 use candle_core::cuda_backend::WrapErr;
 use candle_core::Result;
-use std::collections::HashSet;
 use std::ffi::c_void;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// Whether launches ask for programmatic stream serialisation (`LANTERN_PDL`, default on).
 pub(super) fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("LANTERN_PDL").map_or(true, |v| v != "0"))
-}
-
-/// Names of the kernels launched through [`Launch`] (by driver handle, and the names): the
-/// kernels that honour the programmatic-launch protocol, whose incoming graph edges `graph.rs`
-/// may relax. Graph nodes are matched by name: a captured node's handle need not be the one
-/// that was launched.
-#[derive(Default)]
-struct Ours {
-    handles: HashSet<usize>,
-    names: HashSet<String>,
-}
-
-fn ours() -> &'static Mutex<Ours> {
-    static OURS: OnceLock<Mutex<Ours>> = OnceLock::new();
-    OURS.get_or_init(Default::default)
-}
-
-/// The name of a kernel, from its function or (when that is null) its library kernel handle.
-pub(super) fn kernel_name(f: sys::CUfunction, k: sys::CUkernel) -> Option<String> {
-    let mut p: *const std::ffi::c_char = std::ptr::null();
-    // SAFETY: valid handles from the driver; the name is a driver-owned C string.
-    let r = unsafe {
-        if !f.is_null() {
-            sys::cuFuncGetName(&mut p, f)
-        } else if !k.is_null() {
-            sys::cuKernelGetName(&mut p, k)
-        } else {
-            return None;
-        }
-    };
-    if r.result().is_err() || p.is_null() {
-        return None;
-    }
-    // SAFETY: non-null, NUL-terminated, owned by the driver for the module's lifetime.
-    Some(
-        unsafe { std::ffi::CStr::from_ptr(p) }
-            .to_string_lossy()
-            .into_owned(),
-    )
-}
-
-/// Whether a kernel named `name` is one of ours (launched through [`Launch`]).
-pub(super) fn is_ours(name: &str) -> bool {
-    ours().lock().expect("not poisoned").names.contains(name)
-}
-
-fn note_ours(f: sys::CUfunction) {
-    let mut o = ours().lock().expect("not poisoned");
-    if o.handles.insert(f as usize) {
-        if let Some(n) = kernel_name(f, std::ptr::null_mut()) {
-            o.names.insert(n);
-        }
-    }
 }
 
 /// One kernel launch being assembled: the arguments (each stored in 8 bytes: the driver reads
@@ -169,16 +120,19 @@ impl<'a> Launch<'a> {
             attrs: &mut attr,
             numAttrs: u32::from(enabled()),
         };
-        let f = self.func.cu_function();
-        if enabled() {
-            note_ours(f);
-        }
         self.stream.context().bind_to_thread().w()?;
         // SAFETY: the caller vouches for the arguments; `ptrs` points into `self.vals`, which
         // lives until the call returns (the driver copies the parameters at launch).
-        unsafe { sys::cuLaunchKernelEx(&conf, f, ptrs.as_mut_ptr(), std::ptr::null_mut()) }
-            .result()
-            .w()?;
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &conf,
+                self.func.cu_function(),
+                ptrs.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .w()?;
         // the guards record the buffers' use after the launch
         drop(std::mem::take(&mut self.guards));
         Ok(())

@@ -19,13 +19,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
-mod graph;
-#[cfg(feature = "cuda")]
 mod launch;
-mod pdl_plan;
-
-#[cfg(feature = "cuda")]
-pub use graph::CapturedGraph;
 
 use std::cell::Cell;
 
@@ -51,9 +45,8 @@ fn env_enabled() -> bool {
 
 /// Opens CUDA device `ordinal` for lantern. All of lantern's GPU work runs on candle's one
 /// stream, so cudarc's cross-stream bookkeeping (an event wait before and an event record after
-/// every kernel, per buffer argument) is turned off: it costs host time per launch, and inside
-/// a captured CUDA graph its waits become full dependencies that keep our kernels from
-/// overlapping their predecessors (see `launch.rs`). `LANTERN_EVENT_TRACKING=1` keeps it.
+/// every kernel, per buffer argument) is turned off: it only costs host time per launch.
+/// `LANTERN_EVENT_TRACKING=1` keeps it.
 pub fn cuda_device(ordinal: usize) -> Result<Device> {
     let dev = Device::new_cuda(ordinal)?;
     #[cfg(feature = "cuda")]
