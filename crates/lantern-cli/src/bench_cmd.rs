@@ -78,6 +78,14 @@ pub struct BenchArgs {
     /// tau of exact SD and of LANTERN used for the expected image latency (--random-weights).
     #[arg(long, num_args = 2, default_values_t = [1.22, 2.10])]
     tau: Vec<f64>,
+    /// With --random-weights: images generated end to end per speculative mode (SD static,
+    /// LANTERN++, SD dynamic) to split each step into drafting, verification and acceptance
+    /// (0 = skip; default 3 on a GPU, 0 on the CPU, where XL images take hours).
+    #[arg(long)]
+    loop_images: Option<usize>,
+    /// Tokens per image for --loop-images.
+    #[arg(long, default_value_t = 64)]
+    loop_tokens: usize,
     #[command(flatten)]
     model: ModelOpts,
     #[command(flatten)]
@@ -595,6 +603,12 @@ fn steps(a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
     if dev.is_cuda() {
         let kernels = lantern::bench::kernels::run_kernel_bench(&cfg, report.copy_gbps, dev)?;
         println!("{kernels}");
+    }
+    let loop_images = a.loop_images.unwrap_or(if dev.is_cuda() { 3 } else { 0 });
+    if loop_images > 0 {
+        let r =
+            lantern::bench::run_loop_bench(cfg.preset, cfg.dtype, dev, a.loop_tokens, loop_images)?;
+        println!("{r}");
     }
     let tokens = cfg.preset.target().block_size;
     println!(

@@ -1,0 +1,205 @@
+//! The speculative loop's own cost at real model shapes: images generated end to end by
+//! [`generate`] with random GPT and drafter weights of a [`StepPreset`], split per
+//! verification step into drafting, the target forward, and acceptance (which includes
+//! reading target rows off the device and compacting the KV cache). With random weights the
+//! drafts are almost never accepted (tau about 1), so every step drafts a full tree: the split
+//! shows what the loop costs around each target forward, which is what the 15% overhead
+//! target is about. Tokens are meaningless; only times are reported.
+use super::random::random_var_builder;
+use super::steps::StepPreset;
+use crate::accept::{AcceptConfig, Metric, Neighbors, Relaxation};
+use crate::decode::{generate, Decoding, GenerateOptions, TreeSpec};
+use crate::models::drafter::Drafter;
+use crate::models::llamagen::{Condition, LlamaGen, ModelType};
+use crate::sampling::SamplingParams;
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+use std::fmt;
+use std::sync::Arc;
+
+/// One decoding mode's per-step split (milliseconds per verification step, median image).
+#[derive(Clone, Debug)]
+pub struct LoopRow {
+    pub mode: String,
+    /// Verification steps of the image.
+    pub steps: usize,
+    pub tau: f64,
+    pub draft_ms: f64,
+    /// Target forward per step (prefill excluded).
+    pub verify_ms: f64,
+    /// Acceptance, target-row reads and KV compaction per step.
+    pub accept_ms: f64,
+}
+
+impl LoopRow {
+    /// Drafting + acceptance + compaction as a share of the whole step.
+    pub fn overhead_share(&self) -> f64 {
+        let total = self.draft_ms + self.verify_ms + self.accept_ms;
+        if total > 0.0 {
+            (self.draft_ms + self.accept_ms) / total
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The split of every mode, with what was run.
+#[derive(Clone, Debug)]
+pub struct LoopReport {
+    pub header: String,
+    pub rows: Vec<LoopRow>,
+}
+
+impl fmt::Display for LoopReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}", self.header)?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "| mode | steps | tau | draft ms/step | verify ms/step | accept + compact ms/step | loop overhead (share of step) |"
+        )?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|---:|")?;
+        for r in &self.rows {
+            writeln!(
+                f,
+                "| {} | {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.1}% |",
+                r.mode,
+                r.steps,
+                r.tau,
+                r.draft_ms,
+                r.verify_ms,
+                r.accept_ms,
+                100.0 * r.overhead_share()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A random codebook's neighbour table (`k` nearest codes of `vocab` random 8-d codes).
+fn random_neighbors(vocab: usize, k: usize) -> Result<Neighbors> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let d = 8;
+    let codebook: Vec<f32> = (0..vocab * d)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    Neighbors::build(&codebook, vocab, d, k.min(vocab - 1), Metric::L2)
+}
+
+/// Generates `images` single images of `tokens` tokens (CFG batch 2) per mode, after one
+/// untimed image that captures the CUDA graphs, and reports the median image's split.
+///
+/// Modes: exact SD on the `naive_extend_57` static tree (sampled), LANTERN++ (lambda 2,
+/// k 100) on the same tree, and exact SD on an EAGLE-2 dynamic tree (`dynamic`).
+pub fn run_loop_bench(
+    preset: StepPreset,
+    dtype: DType,
+    device: &Device,
+    tokens: usize,
+    images: usize,
+) -> Result<LoopReport> {
+    let tc = preset.target();
+    let model = LlamaGen::load(random_var_builder(dtype, device), &tc)?;
+    let dc = preset.drafter();
+    let drafter = Drafter::load(random_var_builder(dtype, device), &dc)?;
+    drafter.check_target(&tc)?;
+    let cond = match tc.model_type {
+        ModelType::C2i => Condition::Classes(vec![1]),
+        ModelType::T2i => Condition::Captions {
+            features: Tensor::randn(0f32, 1.0, (1, tc.cls_token_num, tc.caption_dim), device)?
+                .to_dtype(dtype)?,
+            mask: Tensor::ones((1, tc.cls_token_num), DType::F32, device)?,
+        },
+    };
+    let neighbors = Arc::new(random_neighbors(tc.vocab_size, 100)?);
+    let tokens = tokens.clamp(1, tc.block_size);
+    let modes: Vec<(&str, &str, Relaxation, bool)> = vec![
+        ("sd static", "naive_extend_57", Relaxation::Exact, false),
+        (
+            "lantern++ static",
+            "naive_extend_57",
+            Relaxation::LanternPP {
+                k: 100,
+                lambda: 2.0,
+            },
+            true,
+        ),
+        ("sd dynamic", "dynamic", Relaxation::Exact, false),
+    ];
+    let mut rows = Vec::new();
+    for (name, tree, relaxation, relaxed) in modes {
+        let decoding = Decoding::Speculative {
+            tree: TreeSpec::parse(tree)?,
+            accept: AcceptConfig {
+                relaxation,
+                ..AcceptConfig::default()
+            },
+            neighbors: relaxed.then(|| neighbors.clone()),
+        };
+        let opts = GenerateOptions::new()
+            .with_sampling(SamplingParams::default())
+            .with_decoding(decoding)
+            .with_max_tokens(tokens);
+        let mut split = Vec::new();
+        for i in 0..=images {
+            let out = generate(
+                &model,
+                Some(&drafter),
+                &cond,
+                &opts.clone().with_seed(i as u64),
+            )?;
+            if i == 0 {
+                continue;
+            }
+            let s = &out.stats[0];
+            let steps = s.accepted_per_step.len().max(1);
+            // the target forward count includes the prefill: take its share out of verify
+            let fwd = s.target_forwards.max(1);
+            let per = 1e3 / steps as f64;
+            split.push(LoopRow {
+                mode: format!("{name} ({tree})"),
+                steps,
+                tau: s.tau,
+                draft_ms: s.time_draft * per,
+                verify_ms: s.time_verify * (fwd - 1).max(1) as f64 / fwd as f64 * per,
+                accept_ms: s.time_accept * per,
+            });
+        }
+        split.sort_by(|a, b| {
+            let t = |r: &LoopRow| r.draft_ms + r.verify_ms + r.accept_ms;
+            t(a).total_cmp(&t(b))
+        });
+        if let Some(r) = split.get(split.len() / 2) {
+            rows.push(r.clone());
+        }
+    }
+    Ok(LoopReport {
+        header: format!(
+            "speculative loop on {:?} ({dtype:?}, CFG batch 2, preset {}, random weights, {tokens} tokens per image, median of {images} images)",
+            device.location(),
+            preset.name()
+        ),
+        rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_loop_reports_every_mode() -> Result<()> {
+        let r = run_loop_bench(StepPreset::Tiny, DType::F32, &Device::Cpu, 8, 1)?;
+        assert_eq!(r.rows.len(), 3);
+        for row in &r.rows {
+            assert!(row.steps >= 1 && row.tau >= 1.0, "{row:?}");
+            assert!(row.draft_ms > 0.0 && row.verify_ms > 0.0, "{row:?}");
+            let share = row.overhead_share();
+            assert!(share > 0.0 && share < 1.0, "{row:?}");
+        }
+        let text = r.to_string();
+        assert!(text.contains("lantern++ static") && text.contains("loop overhead"));
+        Ok(())
+    }
+}
