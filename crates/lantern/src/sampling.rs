@@ -137,10 +137,28 @@ pub fn argmax(xs: &[f32]) -> usize {
     best
 }
 
+/// Probabilities of a CFG-combined logit row as the speculative loop uses them: the sampling
+/// distribution ([`SamplingParams::probs`]), or plain softmax when greedy (so that drafters can
+/// rank and relaxed greedy rules see real probabilities).
+pub fn row_probs(sampling: &SamplingParams, logits: &[f32]) -> Vec<f32> {
+    if sampling.is_greedy() {
+        softmax(logits)
+    } else {
+        sampling.probs(logits)
+    }
+}
+
 /// Draws an index from a probability row (need not be exactly normalised).
 pub fn sample_index<R: Rng + ?Sized>(p: &[f32], rng: &mut R) -> usize {
+    sample_index_at(p, rng.random::<f64>())
+}
+
+/// [`sample_index`] with its uniform `u` in `[0, 1)` given: the first index whose cumulative
+/// mass (in f64, in index order) exceeds `u` times the total; the last positive index when
+/// rounding leaves none.
+pub fn sample_index_at(p: &[f32], u: f64) -> usize {
     let total: f64 = p.iter().map(|&x| x as f64).sum();
-    let mut u = rng.random::<f64>() * total;
+    let mut u = u * total;
     let mut last = 0;
     for (i, &x) in p.iter().enumerate() {
         if x > 0.0 {

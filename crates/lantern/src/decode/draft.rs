@@ -3,9 +3,9 @@
 //! replacement when sampling); the EAGLE-2 dynamic tree is in [`super::dynamic`].
 use super::static_trees::TreeShape;
 use super::tree::{DraftKind, DraftTree};
-use crate::sampling::sample_index;
+use crate::sampling::sample_index_at;
 use crate::Result;
-use rand::RngCore;
+use rand::{Rng, RngCore};
 
 /// Drafter access for the tree builders.
 pub trait Expand {
@@ -147,8 +147,22 @@ pub fn draft_static(
 }
 
 /// Draws up to `k` distinct indices from `p` without replacement; each with its conditional
-/// probability `p_j / (1 - sum of earlier draws)`. Stops early when no mass is left.
+/// probability `p_j / (1 - sum of earlier draws)`. Stops early when no mass is left (then
+/// without drawing a uniform from `rng`: one uniform per returned index, except after a draw
+/// that lands on no mass).
 pub fn draw_without_replacement(p: &[f32], k: usize, rng: &mut dyn RngCore) -> Vec<(usize, f32)> {
+    draws(p, k, || rng.random::<f64>())
+}
+
+/// [`draw_without_replacement`] with its uniforms given: draws until `us` or the mass runs
+/// out, the i-th draw taking `us[i]` (so `us` = the rng's next `min(k, positive entries)`
+/// uniforms gives the same result).
+pub fn draw_with_uniforms(p: &[f32], us: &[f64]) -> Vec<(usize, f32)> {
+    let mut it = us.iter();
+    draws(p, us.len(), || it.next().copied().unwrap_or(0.0))
+}
+
+fn draws(p: &[f32], k: usize, mut uniform: impl FnMut() -> f64) -> Vec<(usize, f32)> {
     let mut rem = p.to_vec();
     let mut out = Vec::with_capacity(k);
     for _ in 0..k {
@@ -156,7 +170,7 @@ pub fn draw_without_replacement(p: &[f32], k: usize, rng: &mut dyn RngCore) -> V
         if total <= 0.0 {
             break;
         }
-        let x = sample_index(&rem, rng);
+        let x = sample_index_at(&rem, uniform());
         if rem[x] <= 0.0 {
             break;
         }

@@ -7,8 +7,8 @@ use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage,
 use super::launch::Launch;
 use super::{AttnDims, LinearDims, SmallLinear, WriteDims, SMALL_SHARED};
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
-const MODULE: &str = "lantern_fused";
+pub(super) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+pub(super) const MODULE: &str = "lantern_fused";
 /// Shared memory a block may use without opting in to more.
 const SHARED_MAX: usize = 48 * 1024;
 

@@ -759,3 +759,190 @@ ATTN_MMA(__nv_bfloat16, 128, attention_mma_128_bf16)
 ATTN_MMA(__half, 32, attention_mma_32_f16)
 ATTN_MMA(__half, 64, attention_mma_64_f16)
 ATTN_MMA(__half, 128, attention_mma_128_f16)
+
+// ---------------------------------------------------------------------------------------------
+// Drafting picks (fused/picks.rs, launched from fused/picks_cuda.rs): the drafter's probability
+// rows, then per row its top-k or k draws without replacement. One block of PK_THREADS per row;
+// rows are read from global memory in every pass (V up to ~16k does not fit shared memory).
+// ---------------------------------------------------------------------------------------------
+#define PK_THREADS 512
+#define PK_MAX 64
+
+// Unsigned key with the order of f32 total_cmp (larger float, larger key).
+__device__ __forceinline__ unsigned pk_key(float x) {
+    const unsigned u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Whether (ka, ia) precedes (kb, ib) in the pick order: larger value first, then lower index;
+// index -1 = no candidate (last).
+__device__ __forceinline__ bool pk_before(unsigned ka, int ia, unsigned kb, int ib) {
+    if (ia < 0) return false;
+    if (ib < 0) return true;
+    return ka > kb || (ka == kb && ia < ib);
+}
+
+// First candidate over the block in the pick order; every thread gets it.
+__device__ __forceinline__ void pk_block_first(unsigned &k, int &i, unsigned *rk, int *ri) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned k2 = __shfl_xor_sync(0xffffffff, k, o);
+        const int i2 = __shfl_xor_sync(0xffffffff, i, o);
+        if (pk_before(k2, i2, k, i)) { k = k2; i = i2; }
+    }
+    const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    __syncthreads();
+    if (l == 0) { rk[w] = k; ri[w] = i; }
+    __syncthreads();
+    const int nw = (blockDim.x + 31) >> 5;
+    k = l < nw ? rk[l] : 0u;
+    i = l < nw ? ri[l] : -1;
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned k2 = __shfl_xor_sync(0xffffffff, k, o);
+        const int i2 = __shfl_xor_sync(0xffffffff, i, o);
+        if (pk_before(k2, i2, k, i)) { k = k2; i = i2; }
+    }
+}
+
+// Probabilities of logit rows [n, v]: l = x / temp; with 0 < top_k < v the logits below the
+// top_k-th largest are dropped (ties with it kept); softmax (all dropped: uniform).
+extern "C" __global__ void draft_probs_f32(const float *x, float *out, int v, float temp,
+                                           int top_k) {
+    __shared__ float red[32];
+    const float *row = x + (size_t)blockIdx.x * v;
+    float *o = out + (size_t)blockIdx.x * v;
+    const bool filter = top_k > 0 && top_k < v;
+    // key of the top_k-th largest: the largest t with count(key >= t) >= top_k, bit by bit
+    unsigned kth = 0u;
+    if (filter) {
+        for (int bit = 31; bit >= 0; --bit) {
+            const unsigned cand = kth | (1u << bit);
+            float c = 0.f;
+            for (int i = threadIdx.x; i < v; i += blockDim.x)
+                c += pk_key(row[i] / temp) >= cand ? 1.f : 0.f;
+            if (block_sum(c, red) >= (float)top_k) kth = cand;
+        }
+    }
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < v; i += blockDim.x) {
+        const float l = row[i] / temp;
+        if (!filter || pk_key(l) >= kth) m = fmaxf(m, l);
+    }
+    m = block_max(m, red);
+    if (m == -INFINITY) {
+        for (int i = threadIdx.x; i < v; i += blockDim.x) o[i] = 1.f / (float)v;
+        return;
+    }
+    float s = 0.f;
+    for (int i = threadIdx.x; i < v; i += blockDim.x) {
+        const float l = row[i] / temp;
+        if (!filter || pk_key(l) >= kth) s += expf(l - m);
+    }
+    s = block_sum(s, red);
+    for (int i = threadIdx.x; i < v; i += blockDim.x) {
+        const float l = row[i] / temp;
+        o[i] = (!filter || pk_key(l) >= kth) ? expf(l - m) / s : 0.f;
+    }
+}
+
+// Top k of rows [n, v] → out [n, k, 2] (index, value; -1 past the row's end): k passes, each
+// taking the first element after the previous pick in the pick order.
+extern "C" __global__ void draft_top_k_f32(const float *p, float *out, int v, int k) {
+    __shared__ unsigned rk[32];
+    __shared__ int ri[32];
+    const float *row = p + (size_t)blockIdx.x * v;
+    float *o = out + (size_t)blockIdx.x * k * 2;
+    unsigned lk = 0u;
+    int li = -1;
+    for (int j = 0; j < k; ++j) {
+        unsigned bk = 0u;
+        int bi = -1;
+        for (int i = threadIdx.x; i < v; i += blockDim.x) {
+            const unsigned key = pk_key(row[i]);
+            if ((li < 0 || pk_before(lk, li, key, i)) && pk_before(key, i, bk, bi)) {
+                bk = key;
+                bi = i;
+            }
+        }
+        pk_block_first(bk, bi, rk, ri);
+        if (threadIdx.x == 0) {
+            o[2 * j] = bi < 0 ? -1.f : (float)bi;
+            o[2 * j + 1] = bi < 0 ? 0.f : row[bi];
+        }
+        lk = bk;
+        li = bi;
+    }
+}
+
+// Draws without replacement from rows [n, v] with uniforms us [n, k] (a negative one ends the
+// row) → out [n, k, 2] (index, conditional probability; -1 past the last draw). Draw j: the
+// first index whose cumulative remaining mass exceeds us[j] * total (the block's contiguous
+// chunks, scanned in f64), the last positive index when rounding leaves none.
+extern "C" __global__ void draft_draw_f32(const float *p, const double *us, float *out, int v,
+                                          int k) {
+    __shared__ double scan[PK_THREADS];
+    __shared__ int drawn[PK_MAX];
+    __shared__ float red[32];
+    __shared__ int found;
+    const int tid = threadIdx.x;
+    const float *row = p + (size_t)blockIdx.x * v;
+    const double *u = us + (size_t)blockIdx.x * k;
+    float *o = out + (size_t)blockIdx.x * k * 2;
+    for (int j = tid; j < k; j += blockDim.x) {
+        o[2 * j] = -1.f;
+        o[2 * j + 1] = 0.f;
+    }
+    const int chunk = (v + blockDim.x - 1) / blockDim.x;
+    const int lo = min(v, tid * chunk), hi = min(v, lo + chunk);
+    for (int j = 0; j < k && j < PK_MAX; ++j) {
+        const double uj = u[j];
+        if (uj < 0.0) break;
+        double part = 0.0;
+        int last = -1;
+        for (int i = lo; i < hi; ++i) {
+            float x = row[i];
+            for (int d = 0; d < j; ++d) x = drawn[d] == i ? 0.f : x;
+            if (x > 0.f) {
+                part += (double)x;
+                last = i;
+            }
+        }
+        scan[tid] = part;
+        __syncthreads();
+        for (int off = 1; off < (int)blockDim.x; off <<= 1) {
+            const double add = tid >= off ? scan[tid - off] : 0.0;
+            __syncthreads();
+            scan[tid] += add;
+            __syncthreads();
+        }
+        const double total = scan[blockDim.x - 1];
+        const double excl = scan[tid] - part;
+        if (tid == 0) found = 0x7fffffff;
+        const float last_all = block_max((float)last, red);
+        if (!(total > 0.0)) break;
+        const double t = uj * total;
+        if (part > 0.0 && t >= excl && t < excl + part) {
+            double r = t - excl;
+            int hit = last;
+            for (int i = lo; i < hi; ++i) {
+                float x = row[i];
+                for (int d = 0; d < j; ++d) x = drawn[d] == i ? 0.f : x;
+                if (x > 0.f) {
+                    r -= (double)x;
+                    if (r < 0.0) {
+                        hit = i;
+                        break;
+                    }
+                }
+            }
+            atomicMin(&found, hit);
+        }
+        __syncthreads();
+        const int x = found == 0x7fffffff ? (int)last_all : found;
+        if (tid == 0) {
+            drawn[j] = x;
+            o[2 * j] = (float)x;
+            o[2 * j + 1] = fminf(fmaxf(row[x] / (float)total, 0.f), 1.f);
+        }
+        __syncthreads();
+    }
+}

@@ -20,6 +20,9 @@ mod cpu;
 mod cuda;
 #[cfg(feature = "cuda")]
 mod launch;
+pub mod picks;
+#[cfg(feature = "cuda")]
+mod picks_cuda;
 
 use std::cell::Cell;
 

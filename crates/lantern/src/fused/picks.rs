@@ -1,0 +1,324 @@
+//! Drafting picks on the device: the drafter's probability rows are made where the logits are
+//! ([`draft_probs`]) and only what a tree builder takes from a row comes back to the host: its
+//! top-k ([`top_k`]) or k draws without replacement ([`draw`]), as `[n, k, 2]` f32 pairs
+//! (token, probability; token `-1` where a row has no more picks).
+//!
+//! The CPU versions call the host functions ([`row_probs`], [`top_k_indices`],
+//! [`draw_with_uniforms`]), so they are exact; the CUDA kernels (`kernels.cu`, section
+//! "drafting picks") follow the same rules with another summation order.
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape};
+use candle_core::{Tensor, D};
+
+use crate::decode::draft::{draw_with_uniforms, top_k_indices};
+use crate::sampling::{row_probs, SamplingParams};
+
+/// Most picks per row [`top_k`] and [`draw`] serve.
+pub const MAX_PICKS: usize = 64;
+
+/// Whether [`draft_probs`] serves `sampling` on `dev`: always on the CPU; on CUDA every
+/// setting but top-p < 1 (the nucleus needs a sort; callers compute those rows on the host).
+pub fn probs_on_device(sampling: &SamplingParams, dev: &Device) -> bool {
+    match dev {
+        Device::Cpu => true,
+        Device::Cuda(_) => sampling.is_greedy() || sampling.top_p >= 1.0,
+        _ => false,
+    }
+}
+
+/// Probabilities of every row of CFG-combined logits `[n, V]` (f32) as the speculative loop
+/// uses them ([`row_probs`]: softmax when greedy, else temperature, top-k, top-p, softmax).
+pub fn draft_probs(logits: &Tensor, sampling: &SamplingParams) -> Result<Tensor> {
+    if !probs_on_device(sampling, logits.device()) {
+        bail!("draft_probs: top-p {} is not served on this device", sampling.top_p);
+    }
+    let x = logits.to_dtype(DType::F32)?.contiguous()?;
+    x.apply_op1_no_bwd(&Probs {
+        sampling: *sampling,
+    })
+}
+
+/// Top `k` of every row of `probs` `[n, V]` (ties: lower index first) → `[n, k, 2]`.
+pub fn top_k(probs: &Tensor, k: usize) -> Result<Tensor> {
+    check_k(k)?;
+    probs
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&TopK { k })
+}
+
+/// Draws without replacement from every row of `probs` `[n, V]` with the uniforms `[n, k]`
+/// (f64 in `[0, 1)`; a negative uniform ends the row's draws) → `[n, k, 2]` (token, conditional
+/// probability), as [`draw_with_uniforms`] of the row's uniforms up to the first negative.
+pub fn draw(probs: &Tensor, uniforms: &Tensor) -> Result<Tensor> {
+    check_k(uniforms.dim(D::Minus1)?)?;
+    probs.to_dtype(DType::F32)?.contiguous()?.apply_op2_no_bwd(
+        &uniforms.to_dtype(DType::F64)?.contiguous()?,
+        &Draw,
+    )
+}
+
+fn check_k(k: usize) -> Result<()> {
+    if !(1..=MAX_PICKS).contains(&k) {
+        bail!("drafting picks: {k} per row (1 to {MAX_PICKS} are served)");
+    }
+    Ok(())
+}
+
+/// `[n, V]` of a contiguous layout.
+fn rows_of(l: &Layout) -> Result<(usize, usize)> {
+    match l.dims() {
+        [n, v] if l.is_contiguous() && *v > 0 => Ok((*n, *v)),
+        d => bail!("drafting picks: a contiguous [n, V] input expected, got {d:?}"),
+    }
+}
+
+fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("drafting picks: not contiguous".into()))?;
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// Writes `picks` into the `k` pairs of one output row, `-1` past the end.
+fn put_pairs(out: &mut [f32], picks: impl Iterator<Item = (usize, f32)>) {
+    out.iter_mut().for_each(|x| *x = 0.0);
+    out.chunks_exact_mut(2).for_each(|p| p[0] = -1.0);
+    for (pair, (i, v)) in out.chunks_exact_mut(2).zip(picks) {
+        pair[0] = i as f32;
+        pair[1] = v;
+    }
+}
+
+pub(super) struct Probs {
+    pub(super) sampling: SamplingParams,
+}
+
+impl CustomOp1 for Probs {
+    fn name(&self) -> &'static str {
+        "lantern-draft-probs"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, v) = rows_of(l)?;
+        let x = cpu_slice::<f32>(s, l)?;
+        let out: Vec<f32> = x
+            .chunks_exact(v)
+            .flat_map(|r| row_probs(&self.sampling, r))
+            .collect();
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, v) = rows_of(l)?;
+        super::picks_cuda::probs(&self.sampling, s, l, n, v).map(|st| (st, l.shape().clone()))
+    }
+}
+
+pub(super) struct TopK {
+    pub(super) k: usize,
+}
+
+impl CustomOp1 for TopK {
+    fn name(&self) -> &'static str {
+        "lantern-draft-top-k"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = rows_of(l)?;
+        let x = cpu_slice::<f32>(s, l)?;
+        let mut out = vec![0f32; n * self.k * 2];
+        for (row, o) in x.chunks_exact(v).zip(out.chunks_exact_mut(self.k * 2)) {
+            put_pairs(
+                o,
+                top_k_indices(row, self.k).into_iter().map(|i| (i, row[i])),
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, self.k, 2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, v) = rows_of(l)?;
+        super::picks_cuda::top_k(s, l, n, v, self.k).map(|st| (st, Shape::from((n, self.k, 2))))
+    }
+}
+
+pub(super) struct Draw;
+
+/// Rows and picks per row of a draw: probabilities `[n, V]`, uniforms `[n, k]`.
+fn draw_dims(pl: &Layout, ul: &Layout) -> Result<(usize, usize, usize)> {
+    let (n, v) = rows_of(pl)?;
+    match ul.dims() {
+        [un, k] if *un == n && ul.is_contiguous() => Ok((n, v, *k)),
+        d => bail!("drafting picks: uniforms [{n}, k] expected, got {d:?}"),
+    }
+}
+
+impl CustomOp2 for Draw {
+    fn name(&self) -> &'static str {
+        "lantern-draft-draw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v, k) = draw_dims(l, ul)?;
+        let x = cpu_slice::<f32>(s, l)?;
+        let u = cpu_slice::<f64>(us, ul)?;
+        let mut out = vec![0f32; n * k * 2];
+        for ((row, u), o) in x
+            .chunks_exact(v)
+            .zip(u.chunks_exact(k))
+            .zip(out.chunks_exact_mut(k * 2))
+        {
+            let m = u.iter().position(|&x| x < 0.0).unwrap_or(k);
+            put_pairs(o, draw_with_uniforms(row, &u[..m]).into_iter());
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, k, 2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        us: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, v, k) = draw_dims(l, ul)?;
+        super::picks_cuda::draw(s, l, us, ul, n, v, k).map(|st| (st, Shape::from((n, k, 2))))
+    }
+}
+
+/// The `[n, k, 2]` output of [`top_k`] or [`draw`] on the host: per row, its picks as
+/// (token, probability), up to the first `-1`.
+pub fn picks_to_host(picks: &Tensor) -> Result<Vec<Vec<(usize, f32)>>> {
+    let (n, k, two) = picks.dims3()?;
+    if two != 2 {
+        bail!("drafting picks: [n, k, 2] expected, got {:?}", picks.dims());
+    }
+    let flat: Vec<f32> = picks.flatten_all()?.to_vec1()?;
+    Ok((0..n)
+        .map(|r| {
+            flat[r * k * 2..(r + 1) * k * 2]
+                .chunks_exact(2)
+                .take_while(|p| p[0] >= 0.0)
+                .map(|p| (p[0] as usize, p[1]))
+                .collect()
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::draft::draw_without_replacement;
+    use rand::rngs::StdRng;
+    use rand::{Rng, RngCore, SeedableRng};
+
+    /// Random rows with many ties, zero entries and one all-zero row.
+    fn rows(rng: &mut StdRng, n: usize, v: usize) -> Vec<Vec<f32>> {
+        (0..n)
+            .map(|r| {
+                (0..v)
+                    .map(|_| {
+                        if r == 0 {
+                            0.0
+                        } else if r % 3 == 1 {
+                            rng.random_range(0..4) as f32 / 8.0
+                        } else {
+                            rng.random::<f32>() * rng.random_range(0..2) as f32
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn tensor(rows: &[Vec<f32>]) -> Tensor {
+        let v = rows[0].len();
+        Tensor::from_vec(rows.concat(), (rows.len(), v), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn top_k_op_equals_host_top_k_with_probabilities() -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(11);
+        for (v, k) in [(1, 1), (5, 3), (5, 8), (300, 10), (1024, 64)] {
+            let r = rows(&mut rng, 7, v);
+            let got = picks_to_host(&top_k(&tensor(&r), k)?)?;
+            for (row, g) in r.iter().zip(&got) {
+                let want: Vec<(usize, f32)> = top_k_indices(row, k)
+                    .into_iter()
+                    .map(|i| (i, row[i]))
+                    .collect();
+                assert_eq!(*g, want, "v {v} k {k}");
+            }
+        }
+        assert!(top_k(&tensor(&[vec![1.0]]), 0).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn draw_op_equals_draws_without_replacement_from_the_same_stream() -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(12);
+        for (v, k) in [(1, 1), (4, 4), (6, 10), (500, 9)] {
+            let r = rows(&mut rng, 9, v);
+            // the stream consumed as the host function consumes it: one uniform per draw
+            let mut host = StdRng::seed_from_u64(v as u64);
+            let mut dev = host.clone();
+            let mut us = vec![-1f64; r.len() * k];
+            for (row, u) in r.iter().zip(us.chunks_exact_mut(k)) {
+                let positive = row.iter().filter(|&&x| x > 0.0).count();
+                for x in u.iter_mut().take(k.min(positive)) {
+                    *x = dev.random::<f64>();
+                }
+            }
+            let ut = Tensor::from_vec(us, (r.len(), k), &Device::Cpu)?;
+            let got = picks_to_host(&draw(&tensor(&r), &ut)?)?;
+            for (row, g) in r.iter().zip(&got) {
+                let want = draw_without_replacement(row, k, &mut host as &mut dyn RngCore);
+                assert_eq!(*g, want, "v {v} k {k}");
+            }
+            assert_eq!(got[0], vec![], "an all-zero row draws nothing");
+            assert_eq!(host.next_u64(), dev.next_u64(), "streams in step");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn probs_op_equals_host_rows() -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(13);
+        let logits: Vec<Vec<f32>> = (0..5)
+            .map(|_| (0..40).map(|_| rng.random_range(-4.0..4.0f32)).collect())
+            .collect();
+        for s in [
+            SamplingParams::greedy(),
+            SamplingParams::default(),
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 5,
+                top_p: 0.8,
+            },
+        ] {
+            let p: Vec<f32> = draft_probs(&tensor(&logits), &s)?
+                .flatten_all()?
+                .to_vec1()?;
+            let want: Vec<f32> = logits.iter().flat_map(|l| row_probs(&s, l)).collect();
+            assert_eq!(p, want, "{s:?}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,111 @@
+//! Launches of the drafting-pick kernels (`kernels.cu`, section "drafting picks") for
+//! [`super::picks`]: one block of `PK_THREADS` per row.
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{bail, CudaStorage, Layout, Result};
+
+use super::cuda::{MODULE, PTX};
+use crate::sampling::SamplingParams;
+
+/// `PK_THREADS` in the kernels.
+const THREADS: u32 = 512;
+
+fn range(l: &Layout) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("drafting picks: not contiguous".into()))
+}
+
+fn per_row(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+pub(super) fn probs(
+    sampling: &SamplingParams,
+    x: &CudaStorage,
+    l: &Layout,
+    n: usize,
+    v: usize,
+) -> Result<CudaStorage> {
+    if !sampling.is_greedy() && sampling.top_p < 1.0 {
+        bail!("draft_probs: top-p is computed on the host");
+    }
+    let dev = x.device().clone();
+    let func = dev.get_or_load_custom_func("draft_probs_f32", MODULE, PTX)?;
+    let (a, b) = range(l)?;
+    let src = x.as_cuda_slice::<f32>()?.slice(a..b);
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<f32>(n * v)? };
+    let (temp, top_k) = if sampling.is_greedy() {
+        (1f32, 0i32)
+    } else {
+        (sampling.temperature.max(1e-5), sampling.top_k.min(v) as i32)
+    };
+    let v = v as i32;
+    let mut builder = func.builder();
+    builder.arg(&src);
+    builder.arg(&out);
+    builder.arg(&v);
+    builder.arg(&temp);
+    builder.arg(&top_k);
+    // SAFETY: argument list matches the kernel's signature.
+    unsafe { builder.launch(per_row(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+pub(super) fn top_k(
+    p: &CudaStorage,
+    l: &Layout,
+    n: usize,
+    v: usize,
+    k: usize,
+) -> Result<CudaStorage> {
+    let dev = p.device().clone();
+    let func = dev.get_or_load_custom_func("draft_top_k_f32", MODULE, PTX)?;
+    let (a, b) = range(l)?;
+    let src = p.as_cuda_slice::<f32>()?.slice(a..b);
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<f32>(n * k * 2)? };
+    let (v, k) = (v as i32, k as i32);
+    let mut builder = func.builder();
+    builder.arg(&src);
+    builder.arg(&out);
+    builder.arg(&v);
+    builder.arg(&k);
+    // SAFETY: argument list matches the kernel's signature.
+    unsafe { builder.launch(per_row(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+pub(super) fn draw(
+    p: &CudaStorage,
+    l: &Layout,
+    us: &CudaStorage,
+    ul: &Layout,
+    n: usize,
+    v: usize,
+    k: usize,
+) -> Result<CudaStorage> {
+    let dev = p.device().clone();
+    let func = dev.get_or_load_custom_func("draft_draw_f32", MODULE, PTX)?;
+    let (a, b) = range(l)?;
+    let src = p.as_cuda_slice::<f32>()?.slice(a..b);
+    let (a, b) = range(ul)?;
+    let uni = us.as_cuda_slice::<f64>()?.slice(a..b);
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<f32>(n * k * 2)? };
+    let (v, k) = (v as i32, k as i32);
+    let mut builder = func.builder();
+    builder.arg(&src);
+    builder.arg(&uni);
+    builder.arg(&out);
+    builder.arg(&v);
+    builder.arg(&k);
+    // SAFETY: argument list matches the kernel's signature; k <= PK_MAX (checked in picks.rs).
+    unsafe { builder.launch(per_row(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
