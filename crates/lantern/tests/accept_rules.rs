@@ -140,7 +140,7 @@ fn random_tree(rng: &mut StdRng, v: usize, kind: DraftKind) -> DraftTree {
                 next.push(t.len() - 1);
             }
             if kind == DraftKind::WithoutReplacement {
-                t.q_dists[n] = Some(qd);
+                t.q_dists[n] = Some(qd.into());
             }
         }
         frontier = next;

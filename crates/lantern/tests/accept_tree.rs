@@ -53,7 +53,7 @@ fn chi2_ok(counts: &[usize], expected: &[f32], what: &str) {
 fn star(tokens: &[u32], q: &[f32], kind: DraftKind, qd: Option<Vec<f32>>) -> DraftTree {
     let n = tokens.len() + 1;
     let mut q_dists = vec![None; n];
-    q_dists[0] = qd;
+    q_dists[0] = qd.map(Into::into);
     DraftTree {
         tokens: std::iter::once(0).chain(tokens.iter().copied()).collect(),
         parents: vec![0; n],

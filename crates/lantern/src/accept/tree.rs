@@ -148,6 +148,7 @@ pub fn sibling_chain(
                     ),
                 )
             })?;
+        let qd = qd.values()?;
         if qd.len() != v {
             return Err(Error::invalid(
                 "draft tree",
@@ -157,7 +158,7 @@ pub fn sibling_chain(
                 ),
             ));
         }
-        let mut q = qd.clone();
+        let mut q = qd.to_vec();
         normalize(&mut q);
         q
     } else {

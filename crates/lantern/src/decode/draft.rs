@@ -1,6 +1,7 @@
 //! Drafting a tree for every image of a batch, level by level, through an [`Expand`] callback
 //! that runs the drafter. Static shapes are filled here (top-k when greedy, draws without
 //! replacement when sampling); the EAGLE-2 dynamic tree is in [`super::dynamic`].
+use super::level::{DraftLevel, Want};
 use super::static_trees::TreeShape;
 use super::tree::{DraftKind, DraftTree};
 use crate::sampling::sample_index_at;
@@ -9,18 +10,19 @@ use rand::{Rng, RngCore};
 
 /// Drafter access for the tree builders.
 pub trait Expand {
-    /// Feeds one level of nodes for every image and returns the drafter distribution (after
-    /// CFG and the sampling filters) of the token after each.
+    /// Feeds one level of nodes for every image and returns the drafter distributions (after
+    /// CFG and the sampling filters) of the token after each, as a [`DraftLevel`] whose row i
+    /// of image g follows the i-th node fed for it.
     ///
     /// `tokens[g][i]` is the token of the i-th node fed for image g; `parents[g][i]` is the
     /// index of its parent among all nodes fed earlier for image g in this tree (in feeding
     /// order), or `None` when the parent is the root. Every image feeds the same number of
-    /// nodes per call, all at the same depth. Returns `probs[g][i]` (length vocab).
+    /// nodes per call, all at the same depth.
     fn expand(
         &mut self,
         tokens: &[Vec<u32>],
         parents: &[Vec<Option<usize>>],
-    ) -> Result<Vec<Vec<Vec<f32>>>>;
+    ) -> Result<Box<dyn DraftLevel>>;
 }
 
 /// Indices of the `k` largest values, largest first (ties: lower index first).
@@ -43,16 +45,17 @@ pub fn top_k_indices(p: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-/// Fills a static shape for every image. `root_tokens[g]` is image g's root, `root_probs[g]`
-/// the drafter distribution after it. Greedy: the children of a node are its drafter top-k
-/// (q = 1, [`DraftKind::Deterministic`]). Sampling: they are drawn without replacement, q is the
-/// conditional probability and the node's distribution is kept
+/// Fills a static shape for every image. `root_tokens[g]` is image g's root, row 0 of image g
+/// in `root` the drafter distribution after it. Greedy: the children of a node are its drafter
+/// top-k (q = 1, [`DraftKind::Deterministic`]). Sampling: they are drawn without replacement,
+/// q is the conditional probability and the node's distribution is kept
 /// ([`DraftKind::WithoutReplacement`]). Children that cannot be drawn (no mass left) are
-/// dropped with their subtrees, so trees may be smaller than the shape.
+/// dropped with their subtrees, so trees may be smaller than the shape. Each level asks its
+/// [`DraftLevel`] once for the picks of every image.
 pub fn draft_static(
     shape: &TreeShape,
     root_tokens: &[u32],
-    root_probs: Vec<Vec<f32>>,
+    root: Box<dyn DraftLevel>,
     greedy: bool,
     expand: &mut dyn Expand,
     rngs: &mut [&mut dyn RngCore],
@@ -83,37 +86,44 @@ pub fn draft_static(
     let mut fed_of: Vec<Option<usize>> = vec![None; shape.len()];
     let mut n_fed = 0;
     let max_depth = shape.depths.iter().copied().max().unwrap_or(0);
-    // probs[g][shape node] of nodes whose children are drawn at the next level
-    let mut level_probs: Vec<Vec<(usize, Vec<f32>)>> =
-        root_probs.into_iter().map(|p| vec![(0, p)]).collect();
+    // the level whose rows hold the distributions after `level_nodes` (shape nodes)
+    let mut level = root;
+    let mut level_nodes: Vec<usize> = vec![0];
     for depth in 1..=max_depth {
-        for g in 0..n_img {
-            for (parent, probs) in std::mem::take(&mut level_probs[g]) {
-                let Some(tp) = map[g][parent] else { continue };
+        let mut want = Vec::new();
+        let mut owners = Vec::new();
+        for (g, m) in map.iter().enumerate() {
+            for (row, &parent) in level_nodes.iter().enumerate() {
+                let Some(tp) = m[parent] else { continue };
                 let children = shape.children(parent);
                 if children.is_empty() {
                     continue;
                 }
-                let picks: Vec<(usize, f32)> = if greedy {
-                    top_k_indices(&probs, children.len())
-                        .into_iter()
-                        .map(|x| (x, 1.0))
-                        .collect()
-                } else {
-                    draw_without_replacement(&probs, children.len(), &mut *rngs[g])
-                };
-                if !greedy {
-                    trees[g].q_dists[tp] = Some(probs);
-                }
-                for (&c, (tok, q)) in children.iter().zip(picks) {
-                    let t = &mut trees[g];
-                    t.tokens.push(tok as u32);
-                    t.parents.push(tp);
-                    t.depths.push(depth);
-                    t.q.push(q);
-                    t.q_dists.push(None);
-                    map[g][c] = Some(t.len() - 1);
-                }
+                want.push(Want {
+                    g,
+                    row,
+                    k: children.len(),
+                });
+                owners.push((tp, children));
+            }
+        }
+        let picks = if greedy {
+            level.top_k(&want)?
+        } else {
+            level.draw(&want, rngs)?
+        };
+        for ((w, (tp, children)), picks) in want.iter().zip(owners).zip(picks) {
+            if !greedy {
+                trees[w.g].q_dists[tp] = Some(level.dist(w.g, w.row)?);
+            }
+            for (&c, (tok, q)) in children.iter().zip(picks) {
+                let t = &mut trees[w.g];
+                t.tokens.push(tok as u32);
+                t.parents.push(tp);
+                t.depths.push(depth);
+                t.q.push(if greedy { 1.0 } else { q });
+                t.q_dists.push(None);
+                map[w.g][c] = Some(t.len() - 1);
             }
         }
         if depth == max_depth {
@@ -138,10 +148,8 @@ pub fn draft_static(
             fed_of[s] = Some(n_fed);
             n_fed += 1;
         }
-        let probs = expand.expand(&tokens, &parents)?;
-        for (g, rows) in probs.into_iter().enumerate() {
-            level_probs[g] = feed.iter().copied().zip(rows).collect();
-        }
+        level = expand.expand(&tokens, &parents)?;
+        level_nodes = feed;
     }
     Ok(trees)
 }
@@ -186,6 +194,7 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
+    use crate::decode::level::HostLevel;
     use crate::decode::test_util::Table;
 
     #[test]
@@ -232,7 +241,7 @@ mod tests {
         let t = draft_static(
             &shape,
             &[0],
-            vec![table[0].clone()],
+            Box::new(HostLevel::roots(vec![table[0].clone()])),
             true,
             &mut d,
             &mut rngs,
@@ -259,7 +268,8 @@ mod tests {
         };
         let mut rng = StdRng::seed_from_u64(1);
         let mut rngs: Vec<&mut dyn RngCore> = vec![&mut rng];
-        let t = draft_static(&shape, &[2], vec![root.clone()], false, &mut d, &mut rngs)
+        let roots = Box::new(HostLevel::roots(vec![root.clone()]));
+        let t = draft_static(&shape, &[2], roots, false, &mut d, &mut rngs)
             .unwrap()
             .remove(0);
         // only two tokens have mass: rank 2 and its child are dropped
@@ -267,7 +277,7 @@ mod tests {
         assert_ne!(t.tokens[1], t.tokens[2]);
         assert_eq!(t.q[1], 0.5);
         assert_eq!(t.q[2], 1.0);
-        assert_eq!(t.q_dists[0], Some(root));
+        assert_eq!(t.q_dists[0], Some(root.into()));
         assert_eq!(t.kind, DraftKind::WithoutReplacement);
         t.validate().unwrap();
     }

@@ -6,7 +6,8 @@
 //! `total_tokens - 1` best of all scored candidates form the tree (ordered by score, then by
 //! creation order, so every selected node's parent, which scores at least as high and was
 //! created earlier, is selected too), sorted back into creation order.
-use super::draft::{top_k_indices, Expand};
+use super::draft::Expand;
+use super::level::{DraftLevel, Want};
 use super::static_trees::DynamicParams;
 use super::tree::{DraftKind, DraftTree};
 use crate::Result;
@@ -27,29 +28,30 @@ fn ln(p: f32) -> f32 {
     }
 }
 
-/// Builds one EAGLE-2 tree per image. `root_probs[g]` is the drafter distribution after image
-/// g's root token `root_tokens[g]`; `expand` runs the drafter on each frontier.
+/// Builds one EAGLE-2 tree per image. Row 0 of image g in `root` is the drafter distribution
+/// after image g's root token `root_tokens[g]`; `expand` runs the drafter on each frontier.
+/// Each level asks its [`DraftLevel`] once for the top-k of every frontier node.
 pub fn draft_dynamic(
     params: &DynamicParams,
     root_tokens: &[u32],
-    root_probs: Vec<Vec<f32>>,
+    mut root: Box<dyn DraftLevel>,
     expand: &mut dyn Expand,
 ) -> Result<Vec<DraftTree>> {
     params.validate()?;
     let n_img = root_tokens.len();
-    let vocab = root_probs.first().map(|p| p.len()).unwrap_or(0);
-    let k = params.top_k.min(vocab.max(1));
+    let k = params.top_k.min(root.vocab().max(1));
     let mut cands: Vec<Vec<Cand>> = vec![Vec::new(); n_img];
     // candidate index of each frontier node, per image
     let mut frontier: Vec<Vec<usize>> = vec![Vec::new(); n_img];
-    for (g, p) in root_probs.iter().enumerate() {
-        for x in top_k_indices(p, k) {
-            cands[g].push(Cand {
+    let want: Vec<Want> = (0..n_img).map(|g| Want { g, row: 0, k }).collect();
+    for (w, picks) in want.iter().zip(root.top_k(&want)?) {
+        for (x, p) in picks {
+            cands[w.g].push(Cand {
                 token: x as u32,
-                score: ln(p[x]),
+                score: ln(p),
                 parent: None,
             });
-            frontier[g].push(cands[g].len() - 1);
+            frontier[w.g].push(cands[w.g].len() - 1);
         }
     }
     // candidate index -> index among fed nodes
@@ -67,15 +69,19 @@ pub fn draft_dynamic(
             }
         }
         n_fed += k;
-        let probs = expand.expand(&tokens, &parents)?;
-        for (g, rows) in probs.into_iter().enumerate() {
+        let mut level = expand.expand(&tokens, &parents)?;
+        let want: Vec<Want> = (0..n_img)
+            .flat_map(|g| (0..frontier[g].len()).map(move |row| Want { g, row, k }))
+            .collect();
+        let mut picks = level.top_k(&want)?.into_iter();
+        for g in 0..n_img {
             let mut level: Vec<usize> = Vec::with_capacity(k * k);
-            for (&f, p) in frontier[g].iter().zip(rows) {
+            for &f in &frontier[g] {
                 let base = cands[g][f].score;
-                for x in top_k_indices(&p, k) {
+                for (x, p) in picks.next().unwrap_or_default() {
                     cands[g].push(Cand {
                         token: x as u32,
-                        score: base + ln(p[x]),
+                        score: base + ln(p),
                         parent: Some(f),
                     });
                     level.push(cands[g].len() - 1);
@@ -131,6 +137,7 @@ pub fn draft_dynamic(
 mod tests {
     use super::*;
 
+    use crate::decode::level::HostLevel;
     use crate::decode::test_util::Table;
 
     #[test]
@@ -146,7 +153,8 @@ mod tests {
             depth: 1,
             top_k: 2,
         };
-        let trees = draft_dynamic(&p, &[7], vec![row], &mut d).unwrap();
+        let root = Box::new(HostLevel::roots(vec![row]));
+        let trees = draft_dynamic(&p, &[7], root, &mut d).unwrap();
         let t = &trees[0];
         // candidates: L1 tokens 0 (ln .6), 1 (ln .3); expansion: 0->0 (.36), 0->1 (.18),
         // 1->0 (.18), 1->1 (.09). Best 4: 0(.6), 0->0(.36), 1(.3), then .18 tie -> 0->1 first.
@@ -171,7 +179,8 @@ mod tests {
             depth: 2,
             top_k: 2,
         };
-        let trees = draft_dynamic(&p, &[1, 2], vec![row.clone(), row], &mut d).unwrap();
+        let root = Box::new(HostLevel::roots(vec![row.clone(), row]));
+        let trees = draft_dynamic(&p, &[1, 2], root, &mut d).unwrap();
         assert_eq!(trees.len(), 2);
         assert_eq!(trees[0].len(), 8);
         // second call: frontier = 0->0 (.25) and 0->1 (.15) (ties .15 with 1->0: creation order)

@@ -4,6 +4,7 @@
 //! and [`model::DraftModel`] traits.
 pub mod ar;
 pub mod draft;
+pub mod level;
 pub mod dynamic;
 pub mod graph_step;
 pub mod llamagen;

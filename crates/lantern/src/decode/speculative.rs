@@ -15,10 +15,16 @@
 //! layer moves each row's valid slots to the front. Finished images commit nothing (their rows
 //! are still computed) until the last one is done.
 //!
-//! Device-to-host transfers per step do not grow with the batch: one per drafter call (the
-//! root's distribution and every drafted level, all images at once) and one of the whole
-//! verification block while it is at most [`HOST_BLOCK_BYTES`] (else one per row read).
+//! Device-to-host transfers per step do not grow with the batch. The drafter's distributions
+//! (the root's and every drafted level's, all images at once) stay on the device; per level the
+//! host gets only the picks of every image's nodes (one small transfer; two when sampling: the
+//! positive counts that fix how many uniforms each draw takes, then the draws), and acceptance
+//! copies a sampled node's distribution only when it visits the node. Where the device does not
+//! serve the sampling filters (top-p < 1 on CUDA) each drafter call copies its logits instead.
+//! The verification block is copied in one transfer while it is at most [`HOST_BLOCK_BYTES`]
+//! (else one per row read).
 use super::draft::{draft_static, Expand};
+use super::level::{DeviceLevel, DraftLevel, HostLevel};
 use super::dynamic::draft_dynamic;
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::slots::{row_positions, BlockMask, Slots};
@@ -26,7 +32,8 @@ use super::static_trees::TreeSpec;
 use super::tree::DraftTree;
 use super::{cfg_rows, to_host_f32, token_budget, DecodeStats, GenerateOptions, Output};
 use crate::accept::{accept_tree, AcceptConfig, Neighbors, TargetRows};
-use crate::sampling::{sample_index, softmax, SamplingParams};
+use crate::fused::picks;
+use crate::sampling::{row_probs, sample_index, SamplingParams};
 use crate::{Error, Result};
 use candle_core::{Device, IndexOp, Tensor};
 use rand::rngs::StdRng;
@@ -34,16 +41,6 @@ use rand::{RngCore, SeedableRng};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
-
-/// Probabilities of a CFG-combined logit row: the sampling distribution, or plain softmax when
-/// greedy (so that drafters can rank and relaxed greedy rules see real probabilities).
-fn row_probs(sampling: &SamplingParams, logits: &[f32]) -> Vec<f32> {
-    if sampling.is_greedy() {
-        softmax(logits)
-    } else {
-        sampling.probs(logits)
-    }
-}
 
 /// Largest CFG-combined verification block `[n_img, cols, V]` f32, in bytes, that is copied to
 /// the host in one transfer per step.
@@ -132,25 +129,33 @@ fn cfg_mix_device(logits: Tensor, n_img: usize, cfg: Option<f32>) -> Result<Tens
     })
 }
 
-/// Per-image CFG'd drafter probabilities of drafter features `[rows, s, d]` (CFG on the
-/// device, then one transfer).
-fn drafter_probs<T: Target>(
+/// Per-image CFG'd drafter distributions of drafter features `[rows, s, d]` as a level of
+/// `s` rows per image: made and kept on the device (CFG, then the sampling filters, see
+/// [`picks::draft_probs`]) so that builders fetch only their picks; on the host (one transfer
+/// of the logits) where the device does not serve the filters.
+fn drafter_level<T: Target>(
     target: &T,
     feats: &Tensor,
     n_img: usize,
     cfg: Option<f32>,
     sampling: &SamplingParams,
-) -> Result<Vec<Vec<Vec<f32>>>> {
+) -> Result<Box<dyn DraftLevel>> {
     let mixed = cfg_mix_device(target.lm_head(feats)?, n_img, cfg)?;
     let (_, s, v) = mixed.dims3()?;
+    if v > 0 && picks::probs_on_device(sampling, mixed.device()) {
+        let probs = picks::draft_probs(&mixed.reshape((n_img * s, v))?, sampling)?;
+        return Ok(Box::new(DeviceLevel::new(probs, s)?));
+    }
     let flat = to_host_f32(&mixed)?;
     if v == 0 {
-        return Ok(vec![vec![Vec::new(); s]; n_img]);
+        return Ok(Box::new(HostLevel::new(vec![vec![Vec::new(); s]; n_img])));
     }
     let mut rows = flat.chunks_exact(v).map(|l| row_probs(sampling, l));
-    Ok((0..n_img)
-        .map(|_| rows.by_ref().take(s).collect())
-        .collect())
+    Ok(Box::new(HostLevel::new(
+        (0..n_img)
+            .map(|_| rows.by_ref().take(s).collect())
+            .collect(),
+    )))
 }
 
 /// Gathers, for every batch row r, the entries `idx[r % n_img]` along dim 1 (one device
@@ -206,7 +211,7 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
         &mut self,
         tokens: &[Vec<u32>],
         parents: &[Vec<Option<usize>>],
-    ) -> Result<Vec<Vec<Vec<f32>>>> {
+    ) -> Result<Box<dyn DraftLevel>> {
         let dev = self.feats.device().clone();
         let rows = self.feats.dim(0)?;
         let k = tokens.first().map_or(0, |t| t.len());
@@ -272,7 +277,7 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
             self.anc[g].extend(a);
         }
         self.feats = Tensor::cat(&[&self.feats, &out], 1)?;
-        drafter_probs(self.target, &out, self.n_img, self.cfg, &self.sampling)
+        drafter_level(self.target, &out, self.n_img, self.cfg, &self.sampling)
     }
 }
 
@@ -449,11 +454,7 @@ fn run<T: Target, D: DraftModel>(
 
         // draft
         let t = Instant::now();
-        let root_probs: Vec<Vec<f32>> =
-            drafter_probs(target, &root_feat, n_img, cfg, &opts.sampling)?
-                .into_iter()
-                .map(|mut v| v.swap_remove(0))
-                .collect();
+        let root = drafter_level(target, &root_feat, n_img, cfg, &opts.sampling)?;
         let mut session = DraftSession {
             target,
             drafter,
@@ -470,14 +471,14 @@ fn run<T: Target, D: DraftModel>(
             forwards: 0,
         };
         let trees = match tree_spec {
-            TreeSpec::Dynamic(p) => draft_dynamic(p, &root_tokens, root_probs, &mut session)?,
+            TreeSpec::Dynamic(p) => draft_dynamic(p, &root_tokens, root, &mut session)?,
             TreeSpec::Static(shape) => {
                 let mut r: Vec<&mut dyn RngCore> =
                     rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
                 draft_static(
                     shape,
                     &root_tokens,
-                    root_probs,
+                    root,
                     greedy,
                     &mut session,
                     &mut r,

@@ -1,5 +1,6 @@
 //! Test helpers shared by the tree builders' unit tests.
 use super::draft::Expand;
+use super::level::{DraftLevel, HostLevel};
 use crate::Result;
 
 /// What one expand call received.
@@ -17,11 +18,13 @@ impl Expand for Table {
         &mut self,
         tokens: &[Vec<u32>],
         parents: &[Vec<Option<usize>>],
-    ) -> Result<Vec<Vec<Vec<f32>>>> {
+    ) -> Result<Box<dyn DraftLevel>> {
         self.fed.push((tokens.to_vec(), parents.to_vec()));
-        Ok(tokens
-            .iter()
-            .map(|ts| ts.iter().map(|&t| self.table[t as usize].clone()).collect())
-            .collect())
+        Ok(Box::new(HostLevel::new(
+            tokens
+                .iter()
+                .map(|ts| ts.iter().map(|&t| self.table[t as usize].clone()).collect())
+                .collect(),
+        )))
     }
 }

@@ -2,6 +2,8 @@
 //!
 //! Node 0 is the root: the last token already committed (its target row predicts the depth-1
 //! drafts). Every other node is a drafted token whose parent precedes it.
+use candle_core::Tensor;
+use std::sync::OnceLock;
 
 /// How the drafter produced the children of a node, which fixes the acceptance test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,6 +14,69 @@ pub enum DraftKind {
     /// sampling): `q[i]` is the conditional probability of drawing node i after its earlier
     /// siblings.
     WithoutReplacement,
+}
+
+/// A drafter distribution kept by a sampled tree: a host row, or a row of a device tensor that
+/// is copied to the host the first time acceptance reads it.
+#[derive(Debug, Clone)]
+pub enum QDist {
+    /// The probabilities on the host.
+    Host(Vec<f32>),
+    /// Row `row` of the probabilities `[n, V]` (any device).
+    Device {
+        /// The level's probabilities.
+        probs: Tensor,
+        /// Row of this distribution.
+        row: usize,
+        /// The row once copied.
+        host: OnceLock<Vec<f32>>,
+    },
+}
+
+impl QDist {
+    /// Row `row` of `probs` `[n, V]`, left where it is until read.
+    pub fn device(probs: Tensor, row: usize) -> Self {
+        Self::Device {
+            probs,
+            row,
+            host: OnceLock::new(),
+        }
+    }
+
+    /// The probabilities (one device transfer on the first read of a device row).
+    pub fn values(&self) -> crate::Result<&[f32]> {
+        match self {
+            Self::Host(v) => Ok(v),
+            Self::Device { probs, row, host } => {
+                if host.get().is_none() {
+                    let v: Vec<f32> = probs.get(*row)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+                    // a concurrent reader may have set it first: same values
+                    let _ = host.set(v);
+                }
+                Ok(host.get().map(|v| v.as_slice()).unwrap_or(&[]))
+            }
+        }
+    }
+}
+
+impl From<Vec<f32>> for QDist {
+    fn from(v: Vec<f32>) -> Self {
+        Self::Host(v)
+    }
+}
+
+impl PartialEq for QDist {
+    /// Host rows by value; device rows by tensor and row.
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Host(a), Self::Host(b)) => a == b,
+            (
+                Self::Device { probs: a, row: i, .. },
+                Self::Device { probs: b, row: j, .. },
+            ) => a.id() == b.id() && i == j,
+            _ => false,
+        }
+    }
 }
 
 /// A tree of drafted tokens verified by one target forward.
@@ -28,7 +93,7 @@ pub struct DraftTree {
     pub q: Vec<f32>,
     /// For `WithoutReplacement` trees: the drafter's full distribution at each node that has
     /// children (the distribution its children were drawn from); `None` elsewhere.
-    pub q_dists: Vec<Option<Vec<f32>>>,
+    pub q_dists: Vec<Option<QDist>>,
     /// How the children were drawn.
     pub kind: DraftKind,
 }

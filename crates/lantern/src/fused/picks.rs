@@ -321,4 +321,60 @@ mod tests {
         }
         Ok(())
     }
+
+    /// The CUDA kernels against the CPU versions (top-k exactly; probabilities and draws up to
+    /// summation order).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_picks_agree_with_cpu() -> Result<()> {
+        let gpu = Device::new_cuda(0)?;
+        let mut rng = StdRng::seed_from_u64(14);
+        for v in [5usize, 1024, 16384] {
+            let mut r = rows(&mut rng, 12, v);
+            r.push((0..v).map(|i| (i % 7) as f32).collect());
+            let cpu = tensor(&r);
+            let dev = cpu.to_device(&gpu)?;
+            for k in [1, 10, 64] {
+                let a = picks_to_host(&top_k(&cpu, k)?)?;
+                let b = picks_to_host(&top_k(&dev, k)?)?;
+                assert_eq!(a, b, "top-k v {v} k {k}");
+            }
+            for s in [
+                SamplingParams::greedy(),
+                SamplingParams::default(),
+                SamplingParams {
+                    temperature: 0.7,
+                    top_k: 3.min(v),
+                    top_p: 1.0,
+                },
+                SamplingParams {
+                    temperature: 1.3,
+                    top_k: 100,
+                    top_p: 1.0,
+                },
+            ] {
+                let logits = (cpu.clone() * 9.0)?;
+                let a: Vec<f32> = draft_probs(&logits, &s)?.flatten_all()?.to_vec1()?;
+                let b: Vec<f32> = draft_probs(&logits.to_device(&gpu)?, &s)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    assert!((x - y).abs() <= 1e-6 + 1e-4 * x.abs(), "{s:?} {i}: {x} vs {y}");
+                }
+            }
+            let k = 10;
+            let us: Vec<f64> = (0..r.len() * k).map(|_| rng.random::<f64>()).collect();
+            let ut = Tensor::from_vec(us, (r.len(), k), &Device::Cpu)?;
+            let a = picks_to_host(&draw(&cpu, &ut)?)?;
+            let b = picks_to_host(&draw(&dev, &ut.to_device(&gpu)?)?)?;
+            for (x, y) in a.iter().zip(&b) {
+                assert_eq!(x.len(), y.len(), "draw v {v}");
+                for (p, q) in x.iter().zip(y) {
+                    assert_eq!(p.0, q.0, "draw v {v}");
+                    assert!((p.1 - q.1).abs() <= 1e-5, "draw v {v}: {p:?} vs {q:?}");
+                }
+            }
+        }
+        Ok(())
+    }
 }
