@@ -204,6 +204,7 @@ impl DraftLevel for DeviceLevel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::picks;
     use candle_core::Device;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
@@ -275,6 +276,80 @@ mod tests {
             .map(|i| (i, row[i]))
             .collect();
         assert_eq!(d.top_k(&w)?, vec![want]);
+        Ok(())
+    }
+
+    /// GPT-XL drafting shapes (10 nodes per image, 2 images, 16384 codes), on CUDA when built
+    /// with it: the picks of a device level equal those of the host rows it replaces, and the
+    /// time of both per level is printed (`--ignored --nocapture`).
+    #[test]
+    #[ignore = "timing; run with --ignored --nocapture (on a GPU with --features cuda)"]
+    fn xl_level_picks_match_host_rows_and_time() -> Result<()> {
+        use crate::sampling::{row_probs, SamplingParams};
+        use std::time::Instant;
+        let dev = Device::cuda_if_available(0)?;
+        let (n_img, s, v, k) = (2usize, 10usize, 16384usize, 4usize);
+        let logits = Tensor::randn(0f32, 3.0, (n_img * s, v), &dev)?;
+        let want: Vec<Want> = (0..n_img)
+            .flat_map(|g| (0..s).map(move |row| Want { g, row, k }))
+            .collect();
+        for sampling in [SamplingParams::greedy(), SamplingParams::default()] {
+            let reps = 20;
+            let mut host_s = 0.0;
+            let mut dev_s = 0.0;
+            for r in 0..reps {
+                let mut a = StdRng::seed_from_u64(r);
+                let mut b = StdRng::seed_from_u64(r + 100);
+                let (mut a2, mut b2) = (a.clone(), b.clone());
+                let t = Instant::now();
+                let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+                let rows: Vec<Vec<Vec<f32>>> = (0..n_img)
+                    .map(|g| {
+                        (0..s)
+                            .map(|i| {
+                                let at = (g * s + i) * v;
+                                row_probs(&sampling, &flat[at..at + v])
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let mut h = HostLevel::new(rows);
+                let hp = if sampling.is_greedy() {
+                    h.top_k(&want)?
+                } else {
+                    h.draw(&want, &mut [&mut a, &mut b])?
+                };
+                // the first repetition warms up (kernel loading)
+                if r > 0 {
+                    host_s += t.elapsed().as_secs_f64();
+                }
+                let t = Instant::now();
+                let mut d = DeviceLevel::new(picks::draft_probs(&logits, &sampling)?, s)?;
+                let dp = if sampling.is_greedy() {
+                    d.top_k(&want)?
+                } else {
+                    d.draw(&want, &mut [&mut a2, &mut b2])?
+                };
+                if r > 0 {
+                    dev_s += t.elapsed().as_secs_f64();
+                }
+                for (x, y) in hp.iter().zip(&dp) {
+                    let tx: Vec<usize> = x.iter().map(|p| p.0).collect();
+                    let ty: Vec<usize> = y.iter().map(|p| p.0).collect();
+                    assert_eq!(tx, ty, "{sampling:?}");
+                    for (p, q) in x.iter().zip(y) {
+                        assert!((p.1 - q.1).abs() <= 1e-4 * p.1.max(1e-3), "{p:?} vs {q:?}");
+                    }
+                }
+            }
+            println!(
+                "{:?} {} rows x {v}: host rows {:.3} ms, device picks {:.3} ms per level",
+                sampling,
+                n_img * s,
+                host_s * 1e3 / (reps - 1) as f64,
+                dev_s * 1e3 / (reps - 1) as f64
+            );
+        }
         Ok(())
     }
 }

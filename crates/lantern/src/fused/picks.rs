@@ -101,10 +101,10 @@ impl CustomOp1 for Probs {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, v) = rows_of(l)?;
         let x = cpu_slice::<f32>(s, l)?;
-        let out: Vec<f32> = x
-            .chunks_exact(v)
-            .flat_map(|r| row_probs(&self.sampling, r))
-            .collect();
+        let mut out = Vec::with_capacity(x.len());
+        for r in x.chunks_exact(v) {
+            out.extend(row_probs(&self.sampling, r));
+        }
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
