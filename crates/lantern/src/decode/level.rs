@@ -82,14 +82,23 @@ impl DraftLevel for HostLevel {
         want.iter()
             .map(|w| {
                 let r = self.row(w.g, w.row)?;
-                Ok(top_k_indices(r, w.k).into_iter().map(|i| (i, r[i])).collect())
+                Ok(top_k_indices(r, w.k)
+                    .into_iter()
+                    .map(|i| (i, r[i]))
+                    .collect())
             })
             .collect()
     }
 
     fn draw(&mut self, want: &[Want], rngs: &mut [&mut dyn RngCore]) -> Result<Vec<Picks>> {
         want.iter()
-            .map(|w| Ok(draw_without_replacement(self.row(w.g, w.row)?, w.k, &mut *rngs[w.g])))
+            .map(|w| {
+                Ok(draw_without_replacement(
+                    self.row(w.g, w.row)?,
+                    w.k,
+                    &mut *rngs[w.g],
+                ))
+            })
             .collect()
     }
 
@@ -245,7 +254,10 @@ mod tests {
         let (mut h, mut d) = both();
         let w = wants();
         assert_eq!(d.top_k(&w)?, h.top_k(&w)?);
-        assert_eq!(h.top_k(&w)?[1], vec![(1, 0.3), (2, 0.3), (4, 0.2), (0, 0.1)]);
+        assert_eq!(
+            h.top_k(&w)?[1],
+            vec![(1, 0.3), (2, 0.3), (4, 0.2), (0, 0.1)]
+        );
         let (mut a, mut b) = (StdRng::seed_from_u64(4), StdRng::seed_from_u64(5));
         let (mut a2, mut b2) = (a.clone(), b.clone());
         for _ in 0..20 {
@@ -256,8 +268,16 @@ mod tests {
             assert_eq!(got[0].len(), 2);
             assert_eq!(got[3].len(), 2);
         }
-        assert_eq!(a.random::<u64>(), a2.random::<u64>(), "image 0 streams in step");
-        assert_eq!(b.random::<u64>(), b2.random::<u64>(), "image 1 streams in step");
+        assert_eq!(
+            a.random::<u64>(),
+            a2.random::<u64>(),
+            "image 0 streams in step"
+        );
+        assert_eq!(
+            b.random::<u64>(),
+            b2.random::<u64>(),
+            "image 1 streams in step"
+        );
         for (g, r) in [(0, 0), (1, 2)] {
             assert_eq!(d.dist(g, r)?.values()?, h.dist(g, r)?.values()?);
         }

@@ -4,9 +4,9 @@
 //! and [`model::DraftModel`] traits.
 pub mod ar;
 pub mod draft;
-pub mod level;
 pub mod dynamic;
 pub mod graph_step;
+pub mod level;
 pub mod llamagen;
 pub mod model;
 mod slots;

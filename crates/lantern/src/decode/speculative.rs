@@ -24,8 +24,8 @@
 //! The verification block is copied in one transfer while it is at most [`HOST_BLOCK_BYTES`]
 //! (else one per row read).
 use super::draft::{draft_static, Expand};
-use super::level::{DeviceLevel, DraftLevel, HostLevel};
 use super::dynamic::draft_dynamic;
+use super::level::{DeviceLevel, DraftLevel, HostLevel};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::slots::{row_positions, BlockMask, Slots};
 use super::static_trees::TreeSpec;
@@ -475,14 +475,7 @@ fn run<T: Target, D: DraftModel>(
             TreeSpec::Static(shape) => {
                 let mut r: Vec<&mut dyn RngCore> =
                     rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
-                draft_static(
-                    shape,
-                    &root_tokens,
-                    root,
-                    greedy,
-                    &mut session,
-                    &mut r,
-                )?
+                draft_static(shape, &root_tokens, root, greedy, &mut session, &mut r)?
             }
         };
         drafter_forwards += session.forwards;

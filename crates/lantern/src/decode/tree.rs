@@ -49,7 +49,10 @@ impl QDist {
             Self::Host(v) => Ok(v),
             Self::Device { probs, row, host } => {
                 if host.get().is_none() {
-                    let v: Vec<f32> = probs.get(*row)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+                    let v: Vec<f32> = probs
+                        .get(*row)?
+                        .to_dtype(candle_core::DType::F32)?
+                        .to_vec1()?;
                     // a concurrent reader may have set it first: same values
                     let _ = host.set(v);
                 }
@@ -71,8 +74,12 @@ impl PartialEq for QDist {
         match (self, other) {
             (Self::Host(a), Self::Host(b)) => a == b,
             (
-                Self::Device { probs: a, row: i, .. },
-                Self::Device { probs: b, row: j, .. },
+                Self::Device {
+                    probs: a, row: i, ..
+                },
+                Self::Device {
+                    probs: b, row: j, ..
+                },
             ) => a.id() == b.id() && i == j,
             _ => false,
         }

@@ -29,7 +29,10 @@ pub fn probs_on_device(sampling: &SamplingParams, dev: &Device) -> bool {
 /// uses them ([`row_probs`]: softmax when greedy, else temperature, top-k, top-p, softmax).
 pub fn draft_probs(logits: &Tensor, sampling: &SamplingParams) -> Result<Tensor> {
     if !probs_on_device(sampling, logits.device()) {
-        bail!("draft_probs: top-p {} is not served on this device", sampling.top_p);
+        bail!(
+            "draft_probs: top-p {} is not served on this device",
+            sampling.top_p
+        );
     }
     let x = logits.to_dtype(DType::F32)?.contiguous()?;
     x.apply_op1_no_bwd(&Probs {
@@ -51,10 +54,10 @@ pub fn top_k(probs: &Tensor, k: usize) -> Result<Tensor> {
 /// probability), as [`draw_with_uniforms`] of the row's uniforms up to the first negative.
 pub fn draw(probs: &Tensor, uniforms: &Tensor) -> Result<Tensor> {
     check_k(uniforms.dim(D::Minus1)?)?;
-    probs.to_dtype(DType::F32)?.contiguous()?.apply_op2_no_bwd(
-        &uniforms.to_dtype(DType::F64)?.contiguous()?,
-        &Draw,
-    )
+    probs
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op2_no_bwd(&uniforms.to_dtype(DType::F64)?.contiguous()?, &Draw)
 }
 
 fn check_k(k: usize) -> Result<()> {
@@ -359,7 +362,10 @@ mod tests {
                     .flatten_all()?
                     .to_vec1()?;
                 for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-                    assert!((x - y).abs() <= 1e-6 + 1e-4 * x.abs(), "{s:?} {i}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() <= 1e-6 + 1e-4 * x.abs(),
+                        "{s:?} {i}: {x} vs {y}"
+                    );
                 }
             }
             let k = 10;
