@@ -15,6 +15,9 @@
 //! dtype as the reference; attention accumulates in f32 without the reference's intermediate
 //! roundings of the scores and probabilities (like any fused attention).
 //! `LANTERN_FUSED=0` turns the fused path off on CUDA.
+//!
+//! [`picks`] serves speculative drafting rather than the blocks: the drafter's probability rows
+//! and the few picks per row a tree builder needs, made on the device (always on, any device).
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
