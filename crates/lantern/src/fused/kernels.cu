@@ -764,6 +764,8 @@ ATTN_MMA(__half, 128, attention_mma_128_f16)
 // Drafting picks (fused/picks.rs, launched from fused/picks_cuda.rs): the drafter's probability
 // rows, then per row its top-k or k draws without replacement. One block of PK_THREADS per row;
 // rows are read from global memory in every pass (V up to ~16k does not fit shared memory).
+// They are launched plainly (picks_cuda.rs) but keep the PDL protocol: trigger, then wait
+// before the first read.
 // ---------------------------------------------------------------------------------------------
 #define PK_THREADS 512
 #define PK_MAX 64
@@ -807,6 +809,8 @@ __device__ __forceinline__ void pk_block_first(unsigned &k, int &i, unsigned *rk
 // top_k-th largest are dropped (ties with it kept); softmax (all dropped: uniform).
 extern "C" __global__ void draft_probs_f32(const float *x, float *out, int v, float temp,
                                            int top_k) {
+    pdl_trigger();
+    pdl_wait();
     __shared__ float red[32];
     const float *row = x + (size_t)blockIdx.x * v;
     float *o = out + (size_t)blockIdx.x * v;
@@ -847,6 +851,8 @@ extern "C" __global__ void draft_probs_f32(const float *x, float *out, int v, fl
 // Top k of rows [n, v] → out [n, k, 2] (index, value; -1 past the row's end): k passes, each
 // taking the first element after the previous pick in the pick order.
 extern "C" __global__ void draft_top_k_f32(const float *p, float *out, int v, int k) {
+    pdl_trigger();
+    pdl_wait();
     __shared__ unsigned rk[32];
     __shared__ int ri[32];
     const float *row = p + (size_t)blockIdx.x * v;
@@ -879,6 +885,8 @@ extern "C" __global__ void draft_top_k_f32(const float *p, float *out, int v, in
 // chunks, scanned in f64), the last positive index when rounding leaves none.
 extern "C" __global__ void draft_draw_f32(const float *p, const double *us, float *out, int v,
                                           int k) {
+    pdl_trigger();
+    pdl_wait();
     __shared__ double scan[PK_THREADS];
     __shared__ int drawn[PK_MAX];
     __shared__ float red[32];
