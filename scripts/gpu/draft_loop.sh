@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU run (session 4): device-side drafting picks. Two CUDA binaries in one run: $G/lantern-base
+# (main before the change: host rows per drafting level) and $G/lantern (picks on the device).
+# Per preset: step table + the speculative loop split (--loop-images) of both; the kernel test;
+# token checks (graphs vs none; base vs new binary); the shipped-model bench of both.
+set -uo pipefail
+source scripts/gpu/env.sh
+B="$G/lantern-base"; xz -dkf "$B.xz" && chmod +x "$B"
+xz -dkf "$G/fused_forward.xz" && chmod +x "$G/fused_forward"
+SECONDS=0
+for bin in "$B" "$L"; do "$bin" bench --random-weights --preset tiny --device cuda --loop-images 1 --loop-tokens 8 2>&1 | grep -i "error" | head -5; done
+echo "warm-up done ${SECONDS}s"
+LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt "$G/fused_forward" --nocapture 2>&1 | grep -E "rel err|test result|panicked" | tee "$OUT/kernel_test.txt"
+for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
+  for bin in "$B" "$L"; do
+    echo "== $bin, $p"; timeout 200 "$bin" bench --random-weights --preset $p --device cuda --loop-images 3 --loop-tokens 64 2>&1 | grep -v "^| \(norm\|rope\|attention\|silu\|wqkv\|wo \|w1\|w2\|small\)"
+  done
+done 2>&1 | tee "$OUT/steps.txt"
+echo "steps done ${SECONDS}s"
+source scripts/gpu/check_tokens.sh 2>&1 | tee "$OUT/equal.txt"
+for d in "sd --tree dynamic --temperature 0" "sd --tree dynamic" "lantern++ --tree naive_extend_57" "lantern --tree dynamic"; do
+  args="--class 0,7 -n 2 --device cuda --seed 3 --decoding $d"
+  "$L" generate $args --out /tmp/p1 --save-tokens /tmp/p1.json --force 2>&1 | grep -i error | head -3
+  "$B" generate $args --out /tmp/p0 --save-tokens /tmp/p0.json --force 2>&1 | grep -i error | head -3
+  if cmp -s /tmp/p1.json /tmp/p0.json; then r=IDENTICAL; else r=DIFFER; fi
+  echo "tokens new vs base binary, --decoding $d: $r"
+done 2>&1 | tee -a "$OUT/equal.txt"
+M="ar,sd-static,lantern++-2"
+{ echo "== base"; timeout 150 "$B" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | tail -12
+  echo "== new"; timeout 150 "$L" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | tail -22
+} 2>&1 | tee "$OUT/bench.txt"
+echo "total ${SECONDS}s"
