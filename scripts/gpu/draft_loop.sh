@@ -2,7 +2,8 @@
 # GPU run (session 4): device-side drafting picks. Two CUDA binaries in one run: $G/lantern-base
 # (main before the change: host rows per drafting level) and $G/lantern (picks on the device).
 # Per preset: step table + the speculative loop split (--loop-images) of both; the kernel test;
-# token checks (graphs vs none; base vs new binary); the shipped-model bench of both.
+# token checks (graphs vs none; base vs new binary); the shipped-model bench of both (unless
+# SKIP_SHIPPED is set). Also used for later A/B runs of two binaries (PRESETS to narrow).
 set -uo pipefail
 source scripts/gpu/env.sh
 B="$G/lantern-base"; xz -dkf "$B.xz" && chmod +x "$B"
@@ -25,6 +26,7 @@ for d in "sd --tree dynamic --temperature 0" "sd --tree dynamic" "lantern++ --tr
   if cmp -s /tmp/p1.json /tmp/p0.json; then r=IDENTICAL; else r=DIFFER; fi
   echo "tokens new vs base binary, --decoding $d: $r"
 done 2>&1 | tee -a "$OUT/equal.txt"
+[ -n "${SKIP_SHIPPED:-}" ] && { echo "total ${SECONDS}s"; exit 0; }
 M="ar,sd-static,lantern++-2"
 { echo "== base"; timeout 150 "$B" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | tail -12
   echo "== new"; timeout 150 "$L" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | tail -22

@@ -22,7 +22,7 @@
 //! copies a sampled node's distribution only when it visits the node. Where the device does not
 //! serve the sampling filters (top-p < 1 on CUDA) each drafter call copies its logits instead.
 //! The verification block is copied in one transfer while it is at most [`HOST_BLOCK_BYTES`]
-//! (else one per row read).
+//! per image (else one transfer per row read).
 use super::draft::{draft_static, Expand};
 use super::dynamic::draft_dynamic;
 use super::level::{DeviceLevel, DraftLevel, HostLevel};
@@ -42,20 +42,21 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
 
-/// Largest CFG-combined verification block `[n_img, cols, V]` f32, in bytes, that is copied to
-/// the host in one transfer per step.
+/// Largest CFG-combined verification block per image (`[cols, V]` f32, in bytes) for which
+/// the whole `[n_img, cols, V]` block is copied to the host in one transfer per step.
 ///
-/// The trade-off: acceptance reads only a few rows per image (the accepted path and its
-/// tested children, about 3-4 on the fashion model), but every separate read is a device
-/// synchronisation (tens of microseconds on a GPU). One transfer of the whole block costs one synchronisation plus its
-/// bytes; it wins while the bytes are small (the 1024-code fashion model: 11.7 MB at batch 50
-/// with 57 nodes; LlamaGen's 16384 codes: 3.8 MB per image). Above this the rows are fetched
-/// one at a time, as the unread bulk would cost more than the saved synchronisations.
-const HOST_BLOCK_BYTES: usize = 16 << 20;
+/// The trade-off is per image, since both sides grow with the batch: acceptance reads only a
+/// few rows of an image (the accepted path and its tested children, about 1-4), and every
+/// separate read is a device synchronisation (tens of microseconds on a GPU), while one
+/// transfer of the block costs one synchronisation plus every row's bytes. The 1024-code
+/// fashion model (57 nodes: 0.23 MB per image) copies its block; LlamaGen's 16384 codes
+/// (59 nodes: 3.9 MB per image, about 1.5 ms of acceptance per step on an H100, see
+/// docs/BENCHMARKS.md) read their rows one at a time.
+const HOST_BLOCK_BYTES: usize = 1 << 20;
 
 /// The CFG-combined verification logits `[n_img, cols, V]` (tree node i is column i): copied
-/// to the host in one transfer when at most `max_bytes`, else left on the device and read one
-/// row at a time.
+/// to the host in one transfer when an image's `[cols, V]` is at most `max_bytes`, else left
+/// on the device and read one row at a time.
 enum VerifyLogits {
     Host {
         data: Vec<f32>,
@@ -68,7 +69,7 @@ enum VerifyLogits {
 impl VerifyLogits {
     fn new(mixed: Tensor, max_bytes: usize) -> Result<Self> {
         let (n_img, cols, vocab) = mixed.dims3()?;
-        if n_img * cols * vocab * std::mem::size_of::<f32>() <= max_bytes {
+        if cols * vocab * std::mem::size_of::<f32>() <= max_bytes {
             Ok(Self::Host {
                 data: to_host_f32(&mixed)?,
                 cols,
@@ -346,7 +347,7 @@ struct Plan<'a> {
     neighbors: Option<&'a Neighbors>,
     /// Compaction threshold override (tests).
     fixed_threshold: Option<usize>,
-    /// Largest verification block copied to the host at once ([`HOST_BLOCK_BYTES`]; tests
+    /// Largest verification block per image copied to the host at once ([`HOST_BLOCK_BYTES`]; tests
     /// lower it to exercise the per-row path).
     host_block_bytes: usize,
 }
@@ -686,7 +687,8 @@ mod tests {
     #[test]
     fn verify_logits_on_host_and_device_give_the_same_rows() -> Result<()> {
         let t = Tensor::arange(0f32, 24., &Device::Cpu)?.reshape((2, 3, 4))?;
-        let bytes = 24 * std::mem::size_of::<f32>();
+        // per image: 3 columns of 4
+        let bytes = 12 * std::mem::size_of::<f32>();
         let host = VerifyLogits::new(t.clone(), bytes)?;
         let dev = VerifyLogits::new(t.clone(), bytes - 1)?;
         assert!(matches!(host, VerifyLogits::Host { .. }));
