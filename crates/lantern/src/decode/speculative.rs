@@ -68,7 +68,7 @@ enum VerifyLogits {
 
 impl VerifyLogits {
     fn new(mixed: Tensor, max_bytes: usize) -> Result<Self> {
-        let (n_img, cols, vocab) = mixed.dims3()?;
+        let (_, cols, vocab) = mixed.dims3()?;
         if cols * vocab * std::mem::size_of::<f32>() <= max_bytes {
             Ok(Self::Host {
                 data: to_host_f32(&mixed)?,
