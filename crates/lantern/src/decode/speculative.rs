@@ -50,8 +50,8 @@ use std::time::Instant;
 /// separate read is a device synchronisation (tens of microseconds on a GPU), while one
 /// transfer of the block costs one synchronisation plus every row's bytes. The 1024-code
 /// fashion model (57 nodes: 0.23 MB per image) copies its block; LlamaGen's 16384 codes
-/// (59 nodes: 3.9 MB per image, about 1.5 ms of acceptance per step on an H100, see
-/// docs/BENCHMARKS.md) read their rows one at a time.
+/// (59 nodes: 3.9 MB per image) read their rows one at a time (acceptance per GPT-XL step on
+/// an H100: 1.7-2.0 -> 0.7-1.2 ms, docs/BENCHMARKS.md section 000b).
 const HOST_BLOCK_BYTES: usize = 1 << 20;
 
 /// The CFG-combined verification logits `[n_img, cols, V]` (tree node i is column i): copied
