@@ -9,6 +9,7 @@ pub mod graph_step;
 pub mod level;
 pub mod llamagen;
 pub mod model;
+pub mod profile;
 mod slots;
 pub mod speculative;
 pub mod static_trees;

@@ -27,6 +27,7 @@ use super::draft::{draft_static, Expand};
 use super::dynamic::draft_dynamic;
 use super::level::{DeviceLevel, DraftLevel, HostLevel};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
+use super::profile::LoopProfile;
 use super::slots::{row_positions, BlockMask, Slots};
 use super::static_trees::TreeSpec;
 use super::tree::DraftTree;
@@ -40,6 +41,7 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::Instant;
 
 /// Largest CFG-combined verification block per image (`[cols, V]` f32, in bytes) for which
@@ -167,6 +169,52 @@ fn drafter_level<T: Target>(
     )))
 }
 
+/// A drafting level whose pick requests are marked in the loop profile.
+struct ProfiledLevel {
+    inner: Box<dyn DraftLevel>,
+    prof: Rc<LoopProfile>,
+}
+
+impl DraftLevel for ProfiledLevel {
+    fn vocab(&self) -> usize {
+        self.inner.vocab()
+    }
+
+    fn top_k(&mut self, want: &[super::level::Want]) -> Result<Vec<super::level::Picks>> {
+        self.prof.mark("draft: tree building")?;
+        let r = self.inner.top_k(want)?;
+        self.prof.mark("draft: picks to host")?;
+        Ok(r)
+    }
+
+    fn draw(
+        &mut self,
+        want: &[super::level::Want],
+        rngs: &mut [&mut dyn RngCore],
+    ) -> Result<Vec<super::level::Picks>> {
+        self.prof.mark("draft: tree building")?;
+        let r = self.inner.draw(want, rngs)?;
+        self.prof.mark("draft: picks to host")?;
+        Ok(r)
+    }
+
+    fn dist(&self, g: usize, row: usize) -> Result<super::tree::QDist> {
+        self.inner.dist(g, row)
+    }
+}
+
+/// `level`, marked in `prof` when the profile is on.
+fn profiled(level: Box<dyn DraftLevel>, prof: &Rc<LoopProfile>) -> Box<dyn DraftLevel> {
+    if prof.is_on() {
+        Box::new(ProfiledLevel {
+            inner: level,
+            prof: prof.clone(),
+        })
+    } else {
+        level
+    }
+}
+
 /// Gathers, for every batch row r, the entries `idx[r % n_img]` along dim 1 (one device
 /// gather; every list has the same length).
 fn gather_rows(x: &Tensor, idx: &[Vec<usize>], n_img: usize) -> Result<Tensor> {
@@ -213,6 +261,7 @@ struct DraftSession<'a, T: Target, D: DraftModel> {
     anc: Vec<Vec<Vec<usize>>>,
     levels: usize,
     forwards: usize,
+    prof: Rc<LoopProfile>,
 }
 
 impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
@@ -277,32 +326,35 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
             }
         }
         let mask = mask.into_tensor(rows, &dev)?;
+        self.prof
+            .mark("draft: level inputs (ids, features, positions, mask)")?;
         let out =
             self.drafter
                 .forward(&ids, &feats, &pos, &Visibility::Custom(mask), self.cache)?;
+        self.prof.mark("draft: drafter forward")?;
         self.forwards += 1;
         self.levels += 1;
         for (g, a) in new_anc.into_iter().enumerate() {
             self.anc[g].extend(a);
         }
         self.feats = Tensor::cat(&[&self.feats, &out], 1)?;
-        drafter_level(self.target, &out, self.n_img, self.cfg, &self.sampling)
+        let level = drafter_level(self.target, &out, self.n_img, self.cfg, &self.sampling)?;
+        self.prof.mark("draft: LM head, CFG, probabilities")?;
+        Ok(profiled(level, &self.prof))
     }
 }
 
-/// One batched target forward over every image's tree: node i of image g is column i (its
-/// position `roots[g] + depth`, visible: the image's committed slots and the node's path);
-/// columns past a smaller tree repeat the root and see only the committed slots and
-/// themselves. Returns the hidden states `[rows, cols, d]`.
-fn verify<T: Target>(
-    target: &T,
+/// The inputs of one batched target forward over every image's tree: node i of image g is
+/// column i (its position `roots[g] + depth`, visible: the image's committed slots and the
+/// node's path); columns past a smaller tree repeat the root and see only the committed slots
+/// and themselves. Returns ids `[rows, cols]`, per-row positions and the visibility.
+fn verify_inputs(
     trees: &[DraftTree],
     prefix: &[Vec<f32>],
     roots: &[usize],
     rows: usize,
-    cache: &mut T::Cache,
     dev: &Device,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Tensor, Visibility)> {
     let n_img = trees.len();
     let ncols = trees.iter().map(|t| t.len()).max().unwrap_or(1);
     let past = prefix.first().map_or(0, |p| p.len());
@@ -325,7 +377,7 @@ fn verify<T: Target>(
     let ids = Tensor::from_vec(ids, (n_img, ncols), dev)?.repeat((halves, 1))?;
     let mask = mask.into_tensor(rows, dev)?;
     let pos = row_positions(&pos, rows, dev)?;
-    target.forward_tokens(&ids, &pos, &Visibility::Custom(mask), cache)
+    Ok((ids, pos, Visibility::Custom(mask)))
 }
 
 /// Runs speculative decoding (see the module docs).
@@ -436,6 +488,8 @@ fn run<T: Target, D: DraftModel>(
     let mut compactions = 0;
     let mut steps: Vec<Vec<usize>> = vec![Vec::new(); n_img];
     let mut tvds: Vec<Vec<f32>> = vec![Vec::new(); n_img];
+    let prof = Rc::new(LoopProfile::from_env(&dev));
+    prof.restart()?;
     while tokens.iter().any(|t| t.len() < budget) {
         if slots.should_compact() {
             let t = Instant::now();
@@ -443,6 +497,7 @@ fn run<T: Target, D: DraftModel>(
             tcache.keep(0, &lists)?;
             dcache.keep(0, &lists)?;
             compactions += 1;
+            prof.mark("accept: hole compaction")?;
             phase_sync(sync_phases, &dev)?;
             t_accept += t.elapsed().as_secs_f64();
         }
@@ -467,7 +522,12 @@ fn run<T: Target, D: DraftModel>(
 
         // draft
         let t = Instant::now();
-        let root = drafter_level(target, &root_feat, n_img, cfg, &opts.sampling)?;
+        prof.mark("step inputs (slots, prefix masks)")?;
+        let root = profiled(
+            drafter_level(target, &root_feat, n_img, cfg, &opts.sampling)?,
+            &prof,
+        );
+        prof.mark("draft: LM head, CFG, probabilities")?;
         let mut session = DraftSession {
             target,
             drafter,
@@ -482,6 +542,7 @@ fn run<T: Target, D: DraftModel>(
             anc: vec![Vec::new(); n_img],
             levels: 0,
             forwards: 0,
+            prof: prof.clone(),
         };
         let trees = match tree_spec {
             TreeSpec::Dynamic(p) => draft_dynamic(p, &root_tokens, root, &mut session)?,
@@ -493,17 +554,23 @@ fn run<T: Target, D: DraftModel>(
         };
         drafter_forwards += session.forwards;
         dcache.truncate(phys)?;
+        prof.mark("draft: tree building")?;
         phase_sync(sync_phases, &dev)?;
         t_draft += t.elapsed().as_secs_f64();
 
         // verify all trees in one forward
         let t = Instant::now();
-        let hidden = verify(target, &trees, &prefix, &roots, rows, &mut tcache, &dev)?;
+        let (ids, pos, vis) = verify_inputs(&trees, &prefix, &roots, rows, &dev)?;
+        prof.mark("verify: inputs (ids, positions, tree mask)")?;
+        let hidden = target.forward_tokens(&ids, &pos, &vis, &mut tcache)?;
+        prof.mark("verify: target forward")?;
         let mixed = cfg_mix_device(target.lm_head(&hidden)?, n_img, cfg)?;
+        prof.mark("verify: LM head, CFG")?;
         phase_sync(sync_phases, &dev)?;
         t_verify += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let logits = VerifyLogits::new(mixed, plan.host_block_bytes)?;
+        prof.mark("accept: verification block to host")?;
 
         // accept: every unfinished image commits its own path
         let mut kept: Vec<Vec<usize>> = Vec::with_capacity(n_img);
@@ -534,6 +601,7 @@ fn run<T: Target, D: DraftModel>(
             kept.push(k);
             emitted.push(seq);
         }
+        prof.mark("accept: rules and row reads")?;
         let counts: Vec<usize> = kept.iter().map(|k| k.len()).collect();
         let width = counts.iter().copied().max().unwrap_or(0);
         // pad to one length; the padding slots are holes
@@ -550,6 +618,7 @@ fn run<T: Target, D: DraftModel>(
         for (toks, e) in tokens.iter_mut().zip(&emitted) {
             toks.extend_from_slice(e);
         }
+        prof.mark("accept: KV compaction of the accepted path")?;
         phase_sync(sync_phases, &dev)?;
         t_accept += t.elapsed().as_secs_f64();
         if tokens.iter().all(|t| t.len() >= budget) {
@@ -575,6 +644,7 @@ fn run<T: Target, D: DraftModel>(
             })
             .collect();
         let pos = row_positions(&pos, rows, &dev)?;
+        prof.mark("feed: inputs (features, ids, positions)")?;
         let vis = if !holes {
             Visibility::Causal
         } else {
@@ -586,8 +656,13 @@ fn run<T: Target, D: DraftModel>(
         drafter_forwards += 1;
         let last: Vec<Vec<usize>> = counts.iter().map(|&m| vec![m.saturating_sub(1)]).collect();
         root_feat = gather_rows(&out, &last, n_img)?;
+        prof.mark("feed: drafter forward over the committed tokens")?;
         phase_sync(sync_phases, &dev)?;
         t_draft += t.elapsed().as_secs_f64();
+    }
+    if prof.is_on() {
+        let n = steps.iter().map(|s| s.len()).max().unwrap_or(0);
+        eprintln!("{}", prof.report(n));
     }
     let stats = tvds
         .iter()

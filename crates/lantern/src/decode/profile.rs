@@ -1,0 +1,132 @@
+//! An optional phase profile of the speculative loop (`LANTERN_LOOP_PROFILE=1`): the loop marks
+//! the end of each of its segments (building a level's inputs, the drafter forward, the pick
+//! transfer, the target forward, acceptance, compaction, ...); every mark waits for the device
+//! and charges the time since the previous mark to the segment, so that host work and GPU work
+//! are told apart (at the price of all overlap). At the end of a generation the table of
+//! milliseconds per verification step goes to stderr. Off, a mark costs a branch.
+use crate::Result;
+use candle_core::Device;
+use std::cell::RefCell;
+use std::fmt::Write;
+use std::time::Instant;
+
+struct Inner {
+    dev: Device,
+    last: Instant,
+    /// Segment name, seconds, marks; in first-mark order.
+    acc: Vec<(&'static str, f64, usize)>,
+}
+
+/// Segment timers shared by the loop and its drafting levels (see the module docs).
+pub struct LoopProfile {
+    inner: Option<RefCell<Inner>>,
+}
+
+impl LoopProfile {
+    /// On when `LANTERN_LOOP_PROFILE=1`.
+    pub fn from_env(dev: &Device) -> Self {
+        let on = std::env::var("LANTERN_LOOP_PROFILE").is_ok_and(|v| v == "1");
+        Self::new(on, dev)
+    }
+
+    /// A profile that is on or off.
+    pub fn new(on: bool, dev: &Device) -> Self {
+        Self {
+            inner: on.then(|| {
+                RefCell::new(Inner {
+                    dev: dev.clone(),
+                    last: Instant::now(),
+                    acc: Vec::new(),
+                })
+            }),
+        }
+    }
+
+    /// Whether marks are recorded.
+    pub fn is_on(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Ends a segment: waits for the device and charges the time since the last mark to
+    /// `name`.
+    pub fn mark(&self, name: &'static str) -> Result<()> {
+        let Some(inner) = &self.inner else {
+            return Ok(());
+        };
+        let mut p = inner.borrow_mut();
+        p.dev.synchronize()?;
+        let now = Instant::now();
+        let dt = (now - p.last).as_secs_f64();
+        p.last = now;
+        match p.acc.iter_mut().find(|(n, _, _)| *n == name) {
+            Some(e) => {
+                e.1 += dt;
+                e.2 += 1;
+            }
+            None => p.acc.push((name, dt, 1)),
+        }
+        Ok(())
+    }
+
+    /// Restarts the clock without charging anything (after work that is not profiled).
+    pub fn restart(&self) -> Result<()> {
+        if let Some(inner) = &self.inner {
+            let mut p = inner.borrow_mut();
+            p.dev.synchronize()?;
+            p.last = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// The table of every segment: ms per step (over `steps` verification steps), marks per
+    /// step, share of the profiled time.
+    pub fn report(&self, steps: usize) -> String {
+        let Some(inner) = &self.inner else {
+            return String::new();
+        };
+        let p = inner.borrow();
+        let total: f64 = p.acc.iter().map(|e| e.1).sum();
+        let per = 1e3 / steps.max(1) as f64;
+        let mut out = format!(
+            "loop profile ({steps} steps, device synchronised at every mark)\n| segment | ms/step | marks/step | share |\n|---|---:|---:|---:|\n"
+        );
+        for (name, secs, n) in &p.acc {
+            let _ = writeln!(
+                out,
+                "| {name} | {:.3} | {:.1} | {:.1}% |",
+                secs * per,
+                *n as f64 / steps.max(1) as f64,
+                100.0 * secs / total.max(1e-12)
+            );
+        }
+        let _ = writeln!(out, "| total | {:.3} | | |", total * per);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_charge_segments_in_order_and_off_records_nothing() -> Result<()> {
+        let p = LoopProfile::new(true, &Device::Cpu);
+        p.mark("a")?;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        p.mark("b")?;
+        p.mark("a")?;
+        let r = p.report(2);
+        let a = r.find("| a |").expect("a listed");
+        let b = r.find("| b |").expect("b listed");
+        assert!(a < b, "{r}");
+        // b holds the sleep: at least 5 ms over 2 steps
+        let line = r.lines().find(|l| l.starts_with("| b |")).expect("b line");
+        let ms: f64 = line.split('|').nth(2).unwrap().trim().parse().unwrap();
+        assert!(ms >= 2.5, "{r}");
+        assert!(r.contains("| a | ") && r.contains("| 1.0 |"), "{r}");
+        let off = LoopProfile::new(false, &Device::Cpu);
+        off.mark("a")?;
+        assert!(!off.is_on() && off.report(1).is_empty());
+        Ok(())
+    }
+}
