@@ -29,6 +29,10 @@ pub struct LoopRow {
     pub verify_ms: f64,
     /// Acceptance, target-row reads and KV compaction per step.
     pub accept_ms: f64,
+    /// Wall time of the whole generation per image token (prefill included).
+    pub wall_ms_per_token: f64,
+    /// Plain AR (no drafting or acceptance: the split columns do not apply).
+    pub ar: bool,
 }
 
 impl LoopRow {
@@ -56,22 +60,25 @@ impl fmt::Display for LoopReport {
         writeln!(f)?;
         writeln!(
             f,
-            "| mode | steps | tau | draft ms/step | verify ms/step | accept + compact ms/step | loop overhead (share of step) |"
+            "| mode | steps | tau | draft ms/step | verify ms/step | accept + compact ms/step | loop overhead (share of step) | wall ms/token |"
         )?;
-        writeln!(f, "|---|---:|---:|---:|---:|---:|---:|")?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
         for r in &self.rows {
+            let share = if r.ar {
+                "-".to_string()
+            } else {
+                format!("{:.1}%", 100.0 * r.overhead_share())
+            };
             writeln!(
                 f,
-                "| {} | {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.1}% |",
-                r.mode,
-                r.steps,
-                r.tau,
-                r.draft_ms,
-                r.verify_ms,
-                r.accept_ms,
-                100.0 * r.overhead_share()
+                "| {} | {} | {:.2} | {:.3} | {:.3} | {:.3} | {share} | {:.3} |",
+                r.mode, r.steps, r.tau, r.draft_ms, r.verify_ms, r.accept_ms, r.wall_ms_per_token
             )?;
         }
+        writeln!(
+            f,
+            "(random weights accept almost nothing, so speculative rows show the loop's cost per step, not a speed-up)"
+        )?;
         Ok(())
     }
 }
@@ -90,8 +97,9 @@ fn random_neighbors(vocab: usize, k: usize) -> Result<Neighbors> {
 /// Generates `images` single images of `tokens` tokens (CFG batch 2) per mode, after one
 /// untimed image that captures the CUDA graphs, and reports the median image's split.
 ///
-/// Modes: exact SD on the `naive_extend_57` static tree (sampled), LANTERN++ (lambda 2,
-/// k 100) on the same tree, and exact SD on an EAGLE-2 dynamic tree (`dynamic`).
+/// Modes: plain AR (its wall time per token is the reference), exact SD on the
+/// `naive_extend_57` static tree (sampled), LANTERN++ (lambda 2, k 100) on the same tree, and
+/// exact SD on an EAGLE-2 dynamic tree (`dynamic`).
 pub fn run_loop_bench(
     preset: StepPreset,
     dtype: DType,
@@ -115,6 +123,7 @@ pub fn run_loop_bench(
     let neighbors = Arc::new(random_neighbors(tc.vocab_size, 100)?);
     let tokens = tokens.clamp(1, tc.block_size);
     let modes: Vec<(&str, &str, Relaxation, bool)> = vec![
+        ("ar", "", Relaxation::Exact, false),
         ("sd static", "naive_extend_57", Relaxation::Exact, false),
         (
             "lantern++ static",
@@ -129,13 +138,18 @@ pub fn run_loop_bench(
     ];
     let mut rows = Vec::new();
     for (name, tree, relaxation, relaxed) in modes {
-        let decoding = Decoding::Speculative {
-            tree: TreeSpec::parse(tree)?,
-            accept: AcceptConfig {
-                relaxation,
-                ..AcceptConfig::default()
-            },
-            neighbors: relaxed.then(|| neighbors.clone()),
+        let ar = tree.is_empty();
+        let decoding = if ar {
+            Decoding::Ar
+        } else {
+            Decoding::Speculative {
+                tree: TreeSpec::parse(tree)?,
+                accept: AcceptConfig {
+                    relaxation,
+                    ..AcceptConfig::default()
+                },
+                neighbors: relaxed.then(|| neighbors.clone()),
+            }
         };
         let opts = GenerateOptions::new()
             .with_sampling(SamplingParams::default())
@@ -143,12 +157,14 @@ pub fn run_loop_bench(
             .with_max_tokens(tokens);
         let mut split = Vec::new();
         for i in 0..=images {
+            let t0 = std::time::Instant::now();
             let out = generate(
                 &model,
                 Some(&drafter),
                 &cond,
                 &opts.clone().with_seed(i as u64),
             )?;
+            let wall = t0.elapsed().as_secs_f64();
             if i == 0 {
                 continue;
             }
@@ -158,18 +174,21 @@ pub fn run_loop_bench(
             let fwd = s.target_forwards.max(1);
             let per = 1e3 / steps as f64;
             split.push(LoopRow {
-                mode: format!("{name} ({tree})"),
+                mode: if ar {
+                    name.to_string()
+                } else {
+                    format!("{name} ({tree})")
+                },
                 steps,
                 tau: s.tau,
                 draft_ms: s.time_draft * per,
                 verify_ms: s.time_verify * (fwd - 1).max(1) as f64 / fwd as f64 * per,
                 accept_ms: s.time_accept * per,
+                wall_ms_per_token: wall * 1e3 / out.tokens[0].len().max(1) as f64,
+                ar,
             });
         }
-        split.sort_by(|a, b| {
-            let t = |r: &LoopRow| r.draft_ms + r.verify_ms + r.accept_ms;
-            t(a).total_cmp(&t(b))
-        });
+        split.sort_by(|a, b| a.wall_ms_per_token.total_cmp(&b.wall_ms_per_token));
         if let Some(r) = split.get(split.len() / 2) {
             rows.push(r.clone());
         }
@@ -191,8 +210,15 @@ mod tests {
     #[test]
     fn tiny_loop_reports_every_mode() -> Result<()> {
         let r = run_loop_bench(StepPreset::Tiny, DType::F32, &Device::Cpu, 8, 1)?;
-        assert_eq!(r.rows.len(), 3);
-        for row in &r.rows {
+        assert_eq!(r.rows.len(), 4);
+        let ar = &r.rows[0];
+        assert!(
+            ar.ar && ar.steps == 8 && ar.tau == 1.0 && ar.wall_ms_per_token > 0.0,
+            "{ar:?}"
+        );
+        assert_eq!((ar.draft_ms, ar.accept_ms), (0.0, 0.0));
+        for row in &r.rows[1..] {
+            assert!(!row.ar && row.wall_ms_per_token > 0.0, "{row:?}");
             assert!(row.steps >= 1 && row.tau >= 1.0, "{row:?}");
             assert!(row.draft_ms > 0.0 && row.verify_ms > 0.0, "{row:?}");
             let share = row.overhead_share();
