@@ -5,7 +5,7 @@ use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor, WithDType};
 
 use super::{AttnDims, LinearDims, SmallLinear, WriteDims};
 
-fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
+pub(super) fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
         None => bail!("fused op: input {:?} is not contiguous", l.dims()),

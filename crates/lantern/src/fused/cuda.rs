@@ -21,7 +21,7 @@ fn suffix(dt: DType) -> Result<&'static str> {
     })
 }
 
-fn offsets(l: &Layout) -> Result<(usize, usize)> {
+pub(super) fn offsets(l: &Layout) -> Result<(usize, usize)> {
     l.contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("fused op: {:?} not contiguous", l.dims())))
 }
@@ -51,7 +51,7 @@ macro_rules! typed {
     };
 }
 
-fn launch_cfg(grid: (u32, u32, u32), block: u32, shared: usize) -> LaunchConfig {
+pub(super) fn launch_cfg(grid: (u32, u32, u32), block: u32, shared: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: grid,
         block_dim: (block, 1, 1),

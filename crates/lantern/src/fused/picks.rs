@@ -76,10 +76,7 @@ fn rows_of(l: &Layout) -> Result<(usize, usize)> {
 }
 
 fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("drafting picks: not contiguous".into()))?;
-    Ok(&s.as_slice::<T>()?[a..b])
+    super::cpu::contiguous(s.as_slice::<T>()?, l)
 }
 
 /// Writes `picks` into the `k` pairs of one output row, `-1` past the end.
@@ -92,8 +89,9 @@ fn put_pairs(out: &mut [f32], picks: impl Iterator<Item = (usize, f32)>) {
     }
 }
 
-pub(super) struct Probs {
-    pub(super) sampling: SamplingParams,
+/// Built only by [`draft_probs`], which checks that the device serves `sampling`.
+struct Probs {
+    sampling: SamplingParams,
 }
 
 impl CustomOp1 for Probs {

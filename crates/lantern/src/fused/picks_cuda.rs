@@ -3,25 +3,17 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{bail, CudaStorage, Layout, Result};
+use candle_core::{CudaStorage, Layout, Result};
 
-use super::cuda::{MODULE, PTX};
+use super::cuda::{launch_cfg, offsets, MODULE, PTX};
 use crate::sampling::SamplingParams;
 
 /// `PK_THREADS` in the kernels.
 const THREADS: u32 = 512;
 
-fn range(l: &Layout) -> Result<(usize, usize)> {
-    l.contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("drafting picks: not contiguous".into()))
-}
-
+/// One block per row.
 fn per_row(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    launch_cfg((n as u32, 1, 1), THREADS, 0)
 }
 
 pub(super) fn probs(
@@ -31,12 +23,9 @@ pub(super) fn probs(
     n: usize,
     v: usize,
 ) -> Result<CudaStorage> {
-    if !sampling.is_greedy() && sampling.top_p < 1.0 {
-        bail!("draft_probs: top-p is computed on the host");
-    }
     let dev = x.device().clone();
     let func = dev.get_or_load_custom_func("draft_probs_f32", MODULE, PTX)?;
-    let (a, b) = range(l)?;
+    let (a, b) = offsets(l)?;
     let src = x.as_cuda_slice::<f32>()?.slice(a..b);
     // SAFETY: every element is written by the kernel.
     let out = unsafe { dev.alloc::<f32>(n * v)? };
@@ -66,7 +55,7 @@ pub(super) fn top_k(
 ) -> Result<CudaStorage> {
     let dev = p.device().clone();
     let func = dev.get_or_load_custom_func("draft_top_k_f32", MODULE, PTX)?;
-    let (a, b) = range(l)?;
+    let (a, b) = offsets(l)?;
     let src = p.as_cuda_slice::<f32>()?.slice(a..b);
     // SAFETY: every element is written by the kernel.
     let out = unsafe { dev.alloc::<f32>(n * k * 2)? };
@@ -92,9 +81,9 @@ pub(super) fn draw(
 ) -> Result<CudaStorage> {
     let dev = p.device().clone();
     let func = dev.get_or_load_custom_func("draft_draw_f32", MODULE, PTX)?;
-    let (a, b) = range(l)?;
+    let (a, b) = offsets(l)?;
     let src = p.as_cuda_slice::<f32>()?.slice(a..b);
-    let (a, b) = range(ul)?;
+    let (a, b) = offsets(ul)?;
     let uni = us.as_cuda_slice::<f64>()?.slice(a..b);
     // SAFETY: every element is written by the kernel.
     let out = unsafe { dev.alloc::<f32>(n * k * 2)? };
