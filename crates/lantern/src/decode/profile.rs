@@ -1,4 +1,8 @@
-//! An optional phase profile of the speculative loop (`LANTERN_LOOP_PROFILE=1`): the loop marks
+//! Diagnostics of the speculative loop's time. `LANTERN_LOOP_SYNC=1` waits for the device at
+//! the end of every phase ([`LoopProfile::end_phase`]), so that the draft / verify / accept
+//! timers of `DecodeStats` hold each phase's GPU time too.
+//!
+//! `LANTERN_LOOP_PROFILE=1` is a finer phase profile: the loop marks
 //! the end of each of its segments (building a level's inputs, the drafter forward, the pick
 //! transfer, the target forward, acceptance, compaction, ...); every mark waits for the device
 //! and charges the time since the previous mark to the segment, so that host work and GPU work
@@ -11,7 +15,6 @@ use std::fmt::Write;
 use std::time::Instant;
 
 struct Inner {
-    dev: Device,
     last: Instant,
     /// Segment name, seconds, marks; in first-mark order.
     acc: Vec<(&'static str, f64, usize)>,
@@ -19,27 +22,42 @@ struct Inner {
 
 /// Segment timers shared by the loop and its drafting levels (see the module docs).
 pub struct LoopProfile {
+    dev: Device,
+    /// Wait for the device at every phase end.
+    sync_phases: bool,
     inner: Option<RefCell<Inner>>,
 }
 
 impl LoopProfile {
-    /// On when `LANTERN_LOOP_PROFILE=1`.
+    /// Segment marks on when `LANTERN_LOOP_PROFILE=1`, phase syncs when `LANTERN_LOOP_SYNC=1`.
     pub fn from_env(dev: &Device) -> Self {
-        let on = std::env::var("LANTERN_LOOP_PROFILE").is_ok_and(|v| v == "1");
-        Self::new(on, dev)
+        let set = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
+        let mut p = Self::new(set("LANTERN_LOOP_PROFILE"), dev);
+        p.sync_phases = set("LANTERN_LOOP_SYNC");
+        p
     }
 
-    /// A profile that is on or off.
+    /// A profile that is on or off (no phase syncs).
     pub fn new(on: bool, dev: &Device) -> Self {
         Self {
+            dev: dev.clone(),
+            sync_phases: false,
             inner: on.then(|| {
                 RefCell::new(Inner {
-                    dev: dev.clone(),
                     last: Instant::now(),
                     acc: Vec::new(),
                 })
             }),
         }
+    }
+
+    /// Ends a loop phase (drafting, verification, acceptance): waits for the device when
+    /// `LANTERN_LOOP_SYNC=1`.
+    pub fn end_phase(&self) -> Result<()> {
+        if self.sync_phases {
+            self.dev.synchronize()?;
+        }
+        Ok(())
     }
 
     /// Whether marks are recorded.
@@ -53,8 +71,8 @@ impl LoopProfile {
         let Some(inner) = &self.inner else {
             return Ok(());
         };
+        self.dev.synchronize()?;
         let mut p = inner.borrow_mut();
-        p.dev.synchronize()?;
         let now = Instant::now();
         let dt = (now - p.last).as_secs_f64();
         p.last = now;
@@ -71,9 +89,8 @@ impl LoopProfile {
     /// Restarts the clock without charging anything (after work that is not profiled).
     pub fn restart(&self) -> Result<()> {
         if let Some(inner) = &self.inner {
-            let mut p = inner.borrow_mut();
-            p.dev.synchronize()?;
-            p.last = Instant::now();
+            self.dev.synchronize()?;
+            inner.borrow_mut().last = Instant::now();
         }
         Ok(())
     }

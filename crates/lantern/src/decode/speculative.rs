@@ -120,14 +120,6 @@ impl TargetRows for LazyRows<'_> {
     }
 }
 
-/// Waits for `dev` when `on` (phase timing with `LANTERN_LOOP_SYNC=1`).
-fn phase_sync(on: bool, dev: &Device) -> Result<()> {
-    if on {
-        dev.synchronize()?;
-    }
-    Ok(())
-}
-
 /// CFG on the device: `[rows, s, V]` logits to `[n_img, s, V]` (`u + scale (c - u)`).
 fn cfg_mix_device(logits: Tensor, n_img: usize, cfg: Option<f32>) -> Result<Tensor> {
     Ok(match cfg {
@@ -451,9 +443,6 @@ fn run<T: Target, D: DraftModel>(
     };
     let mut tcache = target.new_cache(rows, cls + budget + slack + max_cols)?;
     let mut dcache = drafter.new_cache(rows, cls + budget + slack + max_fed.max(max_cols))?;
-    // LANTERN_LOOP_SYNC=1: wait for the device at the end of every phase, so that the phase
-    // timers hold each phase's GPU time too (diagnostics; it removes any overlap)
-    let sync_phases = std::env::var("LANTERN_LOOP_SYNC").is_ok_and(|v| v == "1");
     let (mut t_draft, mut t_verify, mut t_accept) = (0.0f64, 0.0f64, 0.0f64);
 
     // prefill and first token
@@ -498,7 +487,7 @@ fn run<T: Target, D: DraftModel>(
             dcache.keep(0, &lists)?;
             compactions += 1;
             prof.mark("accept: hole compaction")?;
-            phase_sync(sync_phases, &dev)?;
+            prof.end_phase()?;
             t_accept += t.elapsed().as_secs_f64();
         }
         let phys = slots.len();
@@ -555,7 +544,7 @@ fn run<T: Target, D: DraftModel>(
         drafter_forwards += session.forwards;
         dcache.truncate(phys)?;
         prof.mark("draft: tree building")?;
-        phase_sync(sync_phases, &dev)?;
+        prof.end_phase()?;
         t_draft += t.elapsed().as_secs_f64();
 
         // verify all trees in one forward
@@ -566,7 +555,7 @@ fn run<T: Target, D: DraftModel>(
         prof.mark("verify: target forward")?;
         let mixed = cfg_mix_device(target.lm_head(&hidden)?, n_img, cfg)?;
         prof.mark("verify: LM head, CFG")?;
-        phase_sync(sync_phases, &dev)?;
+        prof.end_phase()?;
         t_verify += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let logits = VerifyLogits::new(mixed, plan.host_block_bytes)?;
@@ -619,7 +608,7 @@ fn run<T: Target, D: DraftModel>(
             toks.extend_from_slice(e);
         }
         prof.mark("accept: KV compaction of the accepted path")?;
-        phase_sync(sync_phases, &dev)?;
+        prof.end_phase()?;
         t_accept += t.elapsed().as_secs_f64();
         if tokens.iter().all(|t| t.len() >= budget) {
             break;
@@ -657,7 +646,7 @@ fn run<T: Target, D: DraftModel>(
         let last: Vec<Vec<usize>> = counts.iter().map(|&m| vec![m.saturating_sub(1)]).collect();
         root_feat = gather_rows(&out, &last, n_img)?;
         prof.mark("feed: drafter forward over the committed tokens")?;
-        phase_sync(sync_phases, &dev)?;
+        prof.end_phase()?;
         t_draft += t.elapsed().as_secs_f64();
     }
     if prof.is_on() {
