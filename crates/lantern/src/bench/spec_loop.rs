@@ -122,34 +122,29 @@ pub fn run_loop_bench(
     };
     let neighbors = Arc::new(random_neighbors(tc.vocab_size, 100)?);
     let tokens = tokens.clamp(1, tc.block_size);
-    let modes: Vec<(&str, &str, Relaxation, bool)> = vec![
-        ("ar", "", Relaxation::Exact, false),
-        ("sd static", "naive_extend_57", Relaxation::Exact, false),
-        (
-            "lantern++ static",
-            "naive_extend_57",
-            Relaxation::LanternPP {
-                k: 100,
-                lambda: 2.0,
-            },
-            true,
-        ),
-        ("sd dynamic", "dynamic", Relaxation::Exact, false),
+    // name, then the tree and rule of a speculative mode (none: plain AR)
+    let lantern_pp = Relaxation::LanternPP {
+        k: 100,
+        lambda: 2.0,
+    };
+    let modes: Vec<(&str, Option<(&str, Relaxation)>)> = vec![
+        ("ar", None),
+        ("sd static", Some(("naive_extend_57", Relaxation::Exact))),
+        ("lantern++ static", Some(("naive_extend_57", lantern_pp))),
+        ("sd dynamic", Some(("dynamic", Relaxation::Exact))),
     ];
     let mut rows = Vec::new();
-    for (name, tree, relaxation, relaxed) in modes {
-        let ar = tree.is_empty();
-        let decoding = if ar {
-            Decoding::Ar
-        } else {
-            Decoding::Speculative {
+    for (name, spec) in modes {
+        let decoding = match spec {
+            None => Decoding::Ar,
+            Some((tree, relaxation)) => Decoding::Speculative {
                 tree: TreeSpec::parse(tree)?,
                 accept: AcceptConfig {
                     relaxation,
                     ..AcceptConfig::default()
                 },
-                neighbors: relaxed.then(|| neighbors.clone()),
-            }
+                neighbors: (!relaxation.is_exact()).then(|| neighbors.clone()),
+            },
         };
         let opts = GenerateOptions::new()
             .with_sampling(SamplingParams::default())
@@ -174,10 +169,9 @@ pub fn run_loop_bench(
             let fwd = s.target_forwards.max(1);
             let per = 1e3 / steps as f64;
             split.push(LoopRow {
-                mode: if ar {
-                    name.to_string()
-                } else {
-                    format!("{name} ({tree})")
+                mode: match spec {
+                    None => name.to_string(),
+                    Some((tree, _)) => format!("{name} ({tree})"),
                 },
                 steps,
                 tau: s.tau,
@@ -185,7 +179,7 @@ pub fn run_loop_bench(
                 verify_ms: s.time_verify * (fwd - 1).max(1) as f64 / fwd as f64 * per,
                 accept_ms: s.time_accept * per,
                 wall_ms_per_token: wall * 1e3 / out.tokens[0].len().max(1) as f64,
-                ar,
+                ar: spec.is_none(),
             });
         }
         split.sort_by(|a, b| a.wall_ms_per_token.total_cmp(&b.wall_ms_per_token));
