@@ -19,13 +19,7 @@ for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
 done 2>&1 | tee "$OUT/steps.txt"
 echo "steps done ${SECONDS}s"
 source scripts/gpu/check_tokens.sh 2>&1 | tee "$OUT/equal.txt"
-for d in "sd --tree dynamic --temperature 0" "sd --tree dynamic" "lantern++ --tree naive_extend_57" "lantern --tree dynamic"; do
-  args="--class 0,7 -n 2 --device cuda --seed 3 --decoding $d"
-  "$L" generate $args --out /tmp/p1 --save-tokens /tmp/p1.json --force 2>&1 | grep -i error | head -3
-  "$B" generate $args --out /tmp/p0 --save-tokens /tmp/p0.json --force 2>&1 | grep -i error | head -3
-  if cmp -s /tmp/p1.json /tmp/p0.json; then r=IDENTICAL; else r=DIFFER; fi
-  echo "tokens new vs base binary, --decoding $d: $r"
-done 2>&1 | tee -a "$OUT/equal.txt"
+same_tokens "new vs base binary" "$L" "$B" "sd --tree dynamic --temperature 0" "sd --tree dynamic" "lantern++ --tree naive_extend_57" "lantern --tree dynamic" 2>&1 | tee -a "$OUT/equal.txt"
 [ -n "${SKIP_SHIPPED:-}" ] && { echo "total ${SECONDS}s"; exit 0; }
 M="ar,sd-static,lantern++-2"
 { echo "== base"; timeout 150 "$B" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | tail -12

@@ -6,3 +6,17 @@ xz -dkf "$G/lantern.xz" && chmod +x "$G/lantern"
 L="$G/lantern"
 mkdir -p /tmp/cuda-cache && export CUDA_CACHE_PATH=/tmp/cuda-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+# same_tokens LABEL "CMD_A" "CMD_B" DECODING...: generates the same images (classes 0 and 7,
+# seed 3) with both command prefixes (a binary, optionally behind `env VAR=...`) for every
+# --decoding value and prints whether the token files are identical.
+same_tokens() {
+  local label=$1 a=$2 b=$3 d args r; shift 3
+  for d in "$@"; do
+    args="--class 0,7 -n 2 --device cuda --seed 3 --decoding $d"
+    $a generate $args --out /tmp/t1 --save-tokens /tmp/t1.json --force 2>&1 | grep -i error | head -3
+    $b generate $args --out /tmp/t0 --save-tokens /tmp/t0.json --force 2>&1 | grep -i error | head -3
+    if cmp -s /tmp/t1.json /tmp/t0.json; then r=IDENTICAL; else r=DIFFER; fi
+    echo "tokens $label, --decoding $d: $r"
+  done
+}

@@ -11,6 +11,7 @@ xz -dkf "$G/fused_forward.xz" && chmod +x "$G/fused_forward"
 echo "warm-up done ${SECONDS}s"
 LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt "$G/fused_forward" --nocapture 2>&1 | grep -E "rel err|test result|panicked" | tee "$OUT/kernel_test.txt"
 # four variants: plain launches / PDL, with cudarc's event tracking (session 3) / without
+# (VARIANTS overrides them: space-separated, one VAR=value each)
 for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
   for v in ${VARIANTS:-"LANTERN_PDL=0 LANTERN_EVENT_TRACKING=1" "LANTERN_PDL=1 LANTERN_EVENT_TRACKING=0"}; do
     echo "== $v, $p"; env $v timeout 100 "$L" bench --random-weights --preset $p --device cuda 2>&1 | tail -60
@@ -19,13 +20,7 @@ done 2>&1 | tee "$OUT/steps.txt"
 echo "steps done ${SECONDS}s"
 LANTERN_GRAPH_DEBUG=1 "$L" generate --class 0 -n 1 --device cuda --decoding lantern++ --tree naive_extend_57 --out /tmp/dbg --force 2>&1 | grep "\[graph\]" | sort | uniq -c | head -8 | tee "$OUT/graph_edges.txt"
 source scripts/gpu/check_tokens.sh 2>&1 | tee "$OUT/equal.txt"
-for d in "ar --temperature 0" "sd --tree dynamic --temperature 0" "lantern++ --tree naive_extend_57"; do
-  args="--class 0,7 -n 2 --device cuda --seed 3 --decoding $d"
-  "$L" generate $args --out /tmp/p1 --save-tokens /tmp/p1.json --force 2>&1 | grep -i error | head -3
-  LANTERN_PDL=0 "$L" generate $args --out /tmp/p0 --save-tokens /tmp/p0.json --force 2>&1 | grep -i error | head -3
-  if cmp -s /tmp/p1.json /tmp/p0.json; then r=IDENTICAL; else r=DIFFER; fi
-  echo "tokens with vs without PDL, --decoding $d: $r"
-done 2>&1 | tee -a "$OUT/equal.txt"
+same_tokens "with vs without PDL" "$L" "env LANTERN_PDL=0 $L" "ar --temperature 0" "sd --tree dynamic --temperature 0" "lantern++ --tree naive_extend_57" 2>&1 | tee -a "$OUT/equal.txt"
 if [ -n "${SHIPPED:-}" ]; then
   M="ar,sd-static,lantern++-2"
   { echo "== LANTERN_PDL=0"; LANTERN_PDL=0 timeout 150 "$L" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | tail -12
