@@ -10,8 +10,8 @@ xz -dkf "$G/fused_forward.xz" && chmod +x "$G/fused_forward"
 "$L" bench --random-weights --preset tiny --device cuda 2>&1 | grep -i "error" | head -5 | tee "$OUT/tiny_errors.txt"
 echo "warm-up done ${SECONDS}s"
 LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt "$G/fused_forward" --nocapture 2>&1 | grep -E "rel err|test result|panicked" | tee "$OUT/kernel_test.txt"
-# four variants: plain launches / PDL, with cudarc's event tracking (session 3) / without
-# (VARIANTS overrides them: space-separated, one VAR=value each)
+# two variants: plain launches with cudarc's event tracking (session 3's behaviour) and the
+# default (PDL, no tracking); VARIANTS overrides them: space-separated, one VAR=value each
 for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
   for v in ${VARIANTS:-"LANTERN_PDL=0 LANTERN_EVENT_TRACKING=1" "LANTERN_PDL=1 LANTERN_EVENT_TRACKING=0"}; do
     echo "== $v, $p"; env $v timeout 100 "$L" bench --random-weights --preset $p --device cuda 2>&1 | tail -60
