@@ -49,10 +49,9 @@ impl QDist {
             Self::Host(v) => Ok(v),
             Self::Device { probs, row, host } => {
                 if host.get().is_none() {
-                    let v: Vec<f32> = probs
-                        .get(*row)?
-                        .to_dtype(candle_core::DType::F32)?
-                        .to_vec1()?;
+                    // a view's to_vec would move the whole level: one row's transfer
+                    let v =
+                        super::to_host_f32(&probs.get(*row)?.to_dtype(candle_core::DType::F32)?)?;
                     // a concurrent reader may have set it first: same values
                     let _ = host.set(v);
                 }
