@@ -83,6 +83,11 @@ pub struct BenchArgs {
     /// (0 = skip; default 3 on a GPU, 0 on the CPU, where XL images take hours).
     #[arg(long)]
     loop_images: Option<usize>,
+    /// With --random-weights on a GPU: also time read-only probe kernels (ordinary loads and
+    /// bulk asynchronous copies) over buffers the size of each weight matrix, to see what a
+    /// weight-streaming kernel of that size could reach.
+    #[arg(long)]
+    read_probes: bool,
     /// Tokens per image for --loop-images.
     #[arg(long, default_value_t = 64)]
     loop_tokens: usize,
@@ -603,6 +608,12 @@ fn steps(a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
     if dev.is_cuda() {
         let kernels = lantern::bench::kernels::run_kernel_bench(&cfg, report.copy_gbps, dev)?;
         println!("{kernels}");
+        if a.read_probes {
+            let probes = lantern::bench::kernels::run_read_probes(&cfg, report.copy_gbps, dev)?;
+            println!("{probes}");
+        }
+    } else if a.read_probes {
+        anyhow::bail!("--read-probes needs a CUDA device (--device cuda)");
     }
     let loop_images = a.loop_images.unwrap_or(if dev.is_cuda() { 3 } else { 0 });
     if loop_images > 0 {

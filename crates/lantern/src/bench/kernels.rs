@@ -262,3 +262,89 @@ pub fn run_kernel_bench(
         rows,
     })
 }
+
+/// The probes [`run_read_probes`] times against each weight size.
+pub const READ_PROBES: [fused::probe::ReadProbe; 7] = {
+    use fused::probe::ReadProbe::{Bulk, Loads};
+    [
+        Loads {
+            unroll: 1,
+            blocks_per_sm: 8,
+        },
+        Loads {
+            unroll: 4,
+            blocks_per_sm: 4,
+        },
+        Loads {
+            unroll: 8,
+            blocks_per_sm: 8,
+        },
+        Bulk {
+            chunk: 16 * 1024,
+            stages: 12,
+            blocks_per_sm: 1,
+        },
+        Bulk {
+            chunk: 32 * 1024,
+            stages: 6,
+            blocks_per_sm: 1,
+        },
+        Bulk {
+            chunk: 8 * 1024,
+            stages: 12,
+            blocks_per_sm: 2,
+        },
+        Bulk {
+            chunk: 4 * 1024,
+            stages: 12,
+            blocks_per_sm: 4,
+        },
+    ]
+};
+
+/// What a weight-streaming kernel could reach: each of [`READ_PROBES`] reads buffers the size
+/// of one layer's weight matrices (cycling through copies larger than the L2 cache), timed
+/// like [`run_kernel_bench`]'s rows (CUDA only).
+pub fn run_read_probes(
+    cfg: &StepBenchConfig,
+    copy_gbps: f64,
+    device: &Device,
+) -> Result<KernelReport> {
+    let t = cfg.preset.target();
+    let (d, f) = (t.dim, t.ffn_hidden);
+    let qkv_w = (t.n_head + 2 * t.n_kv_head) * t.head_dim();
+    let el = cfg.dtype.size_in_bytes();
+    let bw = copy_gbps * 1e3;
+    let mut rows = Vec::new();
+    for (name, elems) in [
+        ("wo", d * d),
+        ("w2", d * f),
+        ("wqkv", qkv_w * d),
+        ("w1|w3", 2 * f * d),
+    ] {
+        let bytes = (elems * el) as f64;
+        let n = (L2_SPAN / bytes).ceil().clamp(1.0, 16.0) as usize;
+        let bufs = (0..n)
+            .map(|_| Tensor::zeros(elems, cfg.dtype, device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        for probe in READ_PROBES {
+            let mut i = 0;
+            let us = graph_us(device, &mut || {
+                i += 1;
+                fused::probe::read_probe(&bufs[i % n], probe)?;
+                Ok(())
+            })?;
+            rows.push(KernelRow {
+                name: format!("read {name} ({:.1} MB): {probe}", bytes / 1e6),
+                tokens: 0,
+                us,
+                bytes,
+                bound_us: bytes / bw,
+            });
+        }
+    }
+    Ok(KernelReport {
+        layers: t.n_layer,
+        rows,
+    })
+}

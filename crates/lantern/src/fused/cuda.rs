@@ -388,6 +388,19 @@ pub(super) fn attention(
     })
 }
 
+/// Warps per block of the few-row linear kernels: 4, or `LANTERN_SMALL_WARPS` (1 to 32; a
+/// diagnostic for the kernel bench).
+fn small_warps() -> usize {
+    static W: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *W.get_or_init(|| {
+        std::env::var("LANTERN_SMALL_WARPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|w| (1..=32).contains(w))
+            .unwrap_or(4)
+    })
+}
+
 pub(super) fn small_linear(
     op: &SmallLinear,
     d: &LinearDims,
@@ -412,7 +425,7 @@ pub(super) fn small_linear(
     allow_shared(&func, &name, SMALL_SHARED)?;
     // a persistent grid: as many blocks as stay resident (each stages and normalises x once,
     // then its warps stream rows, fetching the next row while reducing the current one)
-    let warps = 4;
+    let warps = small_warps();
     let resident = resident_blocks(&dev, &func, &name, 32 * warps as u32, shared)?;
     let blocks = d.n.div_ceil(warps).min(resident).max(1) as u32;
     let cfg = launch_cfg((blocks, 1, 1), 32 * warps as u32, shared);
@@ -472,5 +485,60 @@ pub(super) fn small_linear(
         // SAFETY: argument list matches the kernel's signature; shapes checked by the caller.
         unsafe { builder.launch(cfg) }?;
         Ok(wrap(out, &dev))
+    })
+}
+
+/// See [`super::probe::read_probe`].
+pub(super) fn read_probe(buf: &Tensor, probe: super::probe::ReadProbe) -> Result<()> {
+    use super::probe::ReadProbe;
+    let (g, l) = buf.storage_and_layout();
+    let Storage::Cuda(c) = &*g else {
+        bail!("read probe: the buffer is not on the GPU");
+    };
+    let dev = c.device().clone();
+    let (a, b) = offsets(l)?;
+    let el = buf.dtype().size_in_bytes();
+    let bytes = ((b - a) * el) as u64 & !15;
+    if !(a * el).is_multiple_of(16) {
+        bail!("read probe: the buffer is not 16-byte aligned");
+    }
+    let stream = dev.cuda_stream();
+    let sms = stream
+        .context()
+        .attribute(
+            candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .w()? as u32;
+    typed!(buf.dtype(), T => {
+        let src = c.as_cuda_slice::<T>()?.slice(a..b);
+        match probe {
+            ReadProbe::Loads { unroll, blocks_per_sm } => {
+                let name = format!("probe_loads_{unroll}");
+                let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+                let blocks = sms * blocks_per_sm as u32;
+                let out = dev.alloc_zeros::<u32>(blocks as usize)?;
+                let n16 = bytes / 16;
+                let mut l = Launch::new(&func, &stream);
+                l.arg(&src).arg(&n16).arg(&out);
+                // SAFETY: matches probe_loads_U(const uint4 *, u64, unsigned *); reads < n16.
+                unsafe { l.launch(launch_cfg((blocks, 1, 1), 256, 0)) }
+            }
+            ReadProbe::Bulk { chunk, stages, blocks_per_sm } => {
+                if stages > 32 || !chunk.is_multiple_of(16) {
+                    bail!("read probe: at most 32 stages of a multiple of 16 bytes");
+                }
+                let func = dev.get_or_load_custom_func("probe_bulk", MODULE, PTX)?;
+                let shared = chunk * stages;
+                allow_shared(&func, "probe_bulk", 200 * 1024)?;
+                let blocks = sms * blocks_per_sm as u32;
+                let per = bytes.div_ceil(blocks as u64).next_multiple_of(16);
+                let out = dev.alloc_zeros::<u32>(blocks as usize)?;
+                let (chunk, stages) = (chunk as i32, stages as i32);
+                let mut l = Launch::new(&func, &stream);
+                l.arg(&src).arg(&bytes).arg(&per).arg(&out).arg(&chunk).arg(&stages);
+                // SAFETY: matches probe_bulk's signature; each block stays inside its share.
+                unsafe { l.launch(launch_cfg((blocks, 1, 1), 256, shared)) }
+            }
+        }
     })
 }

@@ -954,3 +954,123 @@ extern "C" __global__ void draft_draw_f32(const float *p, const double *us, floa
         __syncthreads();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Read-bandwidth probes (bench only, fused/probe.rs): how fast one kernel streams a buffer of a
+// weight matrix's size, with ordinary 16-byte loads (U per thread in flight) or with bulk
+// asynchronous copies (cp.async.bulk, Hopper's TMA engine) into a ring of shared-memory stages.
+// A block writes one word only if its checksum hits a magic value, so the reads stay.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ unsigned smem_u32(const void *p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void mbar_init(uint64_t *b, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count));
+}
+// Arrives on the barrier and tells it that `bytes` more bytes will land in this phase.
+__device__ __forceinline__ void mbar_expect(uint64_t *b, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)),
+                 "r"(bytes)
+                 : "memory");
+}
+// Waits until the barrier's phase `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t *b, unsigned parity) {
+    unsigned ok = 0;
+    do {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
+            "selp.u32 %0, 1, 0, p; }"
+            : "=r"(ok)
+            : "r"(smem_u32(b)), "r"(parity)
+            : "memory");
+    } while (!ok);
+}
+// Bulk copy of `bytes` (a multiple of 16, both ends 16-byte aligned) from global to shared
+// memory, completing on barrier `b`.
+__device__ __forceinline__ void bulk_g2s(void *dst, const void *src, unsigned bytes,
+                                         uint64_t *b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+        "[%3];" ::"r"(smem_u32(dst)),
+        "l"(src), "r"(bytes), "r"(smem_u32(b))
+        : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_fence_init() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+template <int U>
+__device__ void probe_loads(const uint4 *p, unsigned long long n, unsigned *out) {
+    unsigned acc = 0;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += U * stride) {
+        uint4 u[U];
+#pragma unroll
+        for (int r = 0; r < U; ++r) {
+            const unsigned long long j = i + r * stride;
+            u[r] = j < n ? p[j] : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int r = 0; r < U; ++r) acc ^= u[r].x ^ u[r].y ^ u[r].z ^ u[r].w;
+    }
+    if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
+}
+#define PROBE_LOADS(U)                                                                          \
+    extern "C" __global__ void probe_loads_##U(const uint4 *p, unsigned long long n,           \
+                                               unsigned *out) {                                 \
+        pdl_trigger(); pdl_wait();                                                              \
+        probe_loads<U>(p, n, out);                                                              \
+    }
+PROBE_LOADS(1)
+PROBE_LOADS(4)
+PROBE_LOADS(8)
+
+// Block b streams bytes [b * per, (b + 1) * per) (per a multiple of 16) in chunks of `chunk`
+// bytes through `stages` shared-memory stages; thread 0 issues, every thread reads its part
+// of each landed chunk.
+extern "C" __global__ void probe_bulk(const char *p, unsigned long long bytes,
+                                      unsigned long long per, unsigned *out, int chunk,
+                                      int stages) {
+    pdl_trigger();
+    extern __shared__ __align__(128) unsigned char ring[];
+    __shared__ __align__(8) uint64_t bar[32];
+    const unsigned long long lo = (unsigned long long)blockIdx.x * per;
+    const unsigned long long hi = min(bytes, lo + per);
+    const int nch = lo < hi ? (int)((hi - lo + chunk - 1) / chunk) : 0;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) mbar_init(&bar[s], 1);
+        mbar_fence_init();
+    }
+    __syncthreads();
+    pdl_wait();
+    auto issue = [&](int c) {
+        const int s = c % stages;
+        const unsigned long long at = lo + (unsigned long long)c * chunk;
+        const unsigned len = (unsigned)min((unsigned long long)chunk, hi - at);
+        mbar_expect(&bar[s], len);
+        bulk_g2s(ring + (size_t)s * chunk, p + at, len, &bar[s]);
+    };
+    if (threadIdx.x == 0)
+        for (int c = 0; c < min(stages, nch); ++c) issue(c);
+    unsigned acc = 0;
+    for (int c = 0; c < nch; ++c) {
+        const int s = c % stages;
+        mbar_wait(&bar[s], (c / stages) & 1);
+        const unsigned long long at = lo + (unsigned long long)c * chunk;
+        const int len = (int)min((unsigned long long)chunk, hi - at);
+        const uint4 *r4 = reinterpret_cast<const uint4 *>(ring + (size_t)s * chunk);
+        for (int i = threadIdx.x; i < len / 16; i += blockDim.x) {
+            const uint4 u = r4[i];
+            acc ^= u.x ^ u.y ^ u.z ^ u.w;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0 && c + stages < nch) issue(c + stages);
+    }
+    if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
+}

@@ -26,6 +26,7 @@ mod launch;
 pub mod picks;
 #[cfg(feature = "cuda")]
 mod picks_cuda;
+pub mod probe;
 
 use std::cell::Cell;
 
