@@ -198,11 +198,12 @@ impl Attention {
         cache: &KvCache,
     ) -> Result<Tensor> {
         self.wo
-            .forward(&self.attend_fused(qkv, rope, mask, layer, cache)?)
+            .forward(&self.attend_fused(qkv, rope, mask, layer, cache, None)?)
     }
 
     /// Fused attention before the output projection: one kernel rotates the new keys of `qkv`
-    /// and writes K/V into the cache, one attends (queries rotated on load).
+    /// and writes K/V into the cache, one attends (queries rotated on load and handing
+    /// `prefetch` to the L2 cache, see [`crate::fused::prefetch_on`]).
     ///
     /// # Shapes
     /// - `qkv`: `[b, s, (h + 2 kvh) * hd]` → `[b, s, h * hd]`
@@ -213,6 +214,7 @@ impl Attention {
         mask: &AttnMask,
         layer: usize,
         cache: &KvCache,
+        prefetch: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, s, _) = qkv.dims3()?;
         let heads = crate::fused::Heads {
@@ -233,7 +235,8 @@ impl Attention {
         };
         let packed = rope.packed()?;
         crate::fused::write_kv(kv, qkv, &packed, layer, at, heads)?;
-        crate::fused::attention(qkv, &packed, kv, layer, keys, &key_mask, heads)
+        let keys = crate::fused::CacheKeys { kv, layer, keys };
+        crate::fused::attention(qkv, &packed, keys, &key_mask, heads, prefetch)
     }
 
     /// Whether the fused kernels serve this block's heads for `x` (see [`crate::fused`]).
