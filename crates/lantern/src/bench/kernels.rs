@@ -196,12 +196,7 @@ pub fn run_kernel_bench(
                 &format!("attention over {max_len} keys"),
                 act(qkv_w) + kv_bytes * max_len as f64 + act(d),
                 &mut |_| {
-                    let keys = fused::CacheKeys {
-                        kv: &kv,
-                        layer: 0,
-                        keys: max_len,
-                    };
-                    fused::attention(&qkv, &rope, keys, &mask, heads, None)?;
+                    fused::attention(&qkv, &rope, &kv, 0, max_len, &mask, heads)?;
                     Ok(())
                 },
             )?;
@@ -228,20 +223,11 @@ pub fn run_kernel_bench(
         }
         if fused::small_linear_fits(n, d, dt) && fused::small_linear_fits(n, f, dt) {
             let nw = Some((&norm_w, 1e-5f32));
-            // each launch hands the L2 cache the copy the next launch reads, as a decode step
-            // hands it the next linear's weights (unless LANTERN_PREFETCH=0)
-
             row(
                 "small wqkv + norm",
                 wbytes(&wqkv) + act(d) + act(qkv_w),
                 &mut |k| {
-                    fused::small_linear(
-                        &x,
-                        &wqkv[k % wqkv.len()],
-                        nw,
-                        Epilogue::None,
-                        next(&wqkv, k),
-                    )?;
+                    fused::small_linear(&x, &wqkv[k % wqkv.len()], nw, Epilogue::None)?;
                     Ok(())
                 },
             )?;
@@ -249,13 +235,7 @@ pub fn run_kernel_bench(
                 "small wo + residual",
                 wbytes(&wo) + act(d) * 3.0,
                 &mut |k| {
-                    fused::small_linear(
-                        &x,
-                        &wo[k % wo.len()],
-                        None,
-                        Epilogue::Residual(&r),
-                        next(&wo, k),
-                    )?;
+                    fused::small_linear(&x, &wo[k % wo.len()], None, Epilogue::Residual(&r))?;
                     Ok(())
                 },
             )?;
@@ -263,13 +243,7 @@ pub fn run_kernel_bench(
                 "small w1|w3 + norm + swiglu",
                 wbytes(&w13) + act(d) + act(f),
                 &mut |k| {
-                    fused::small_linear(
-                        &x,
-                        &w13[k % w13.len()],
-                        nw,
-                        Epilogue::SwiGlu,
-                        next(&w13, k),
-                    )?;
+                    fused::small_linear(&x, &w13[k % w13.len()], nw, Epilogue::SwiGlu)?;
                     Ok(())
                 },
             )?;
@@ -277,13 +251,7 @@ pub fn run_kernel_bench(
                 "small w2 + residual",
                 wbytes(&w2) + act(f) + act(d) * 2.0,
                 &mut |k| {
-                    fused::small_linear(
-                        &hmid,
-                        &w2[k % w2.len()],
-                        None,
-                        Epilogue::Residual(&r),
-                        next(&w2, k),
-                    )?;
+                    fused::small_linear(&hmid, &w2[k % w2.len()], None, Epilogue::Residual(&r))?;
                     Ok(())
                 },
             )?;
@@ -293,11 +261,6 @@ pub fn run_kernel_bench(
         layers: t.n_layer,
         rows,
     })
-}
-
-/// The copy after copy `k` (cycling), which launch `k` hands to the L2 cache.
-fn next(ws: &[Tensor], k: usize) -> Option<&Tensor> {
-    ws.get((k + 1) % ws.len())
 }
 
 /// The probes [`run_read_probes`] times against each weight size.

@@ -1,6 +1,6 @@
 //! Launches of the kernels in `kernels.cu` (PTX built by build.rs) on candle's CUDA stream.
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
@@ -260,46 +260,6 @@ fn resident_blocks(
     Ok(n)
 }
 
-/// The buffer a kernel hands to the L2 cache (see [`super::prefetch_on`]): the tensor's storage
-/// guard while it is a contiguous, 16-byte aligned `dt` tensor and prefetching is on.
-fn prefetch_guard(
-    t: Option<&Tensor>,
-    dt: DType,
-) -> Option<(impl std::ops::Deref<Target = Storage> + '_, (usize, usize))> {
-    let t = t.filter(|t| super::prefetch_on() && t.dtype() == dt)?;
-    let (g, l) = t.storage_and_layout();
-    let (a, b) = l.contiguous_offsets()?;
-    (a * dt.size_in_bytes())
-        .is_multiple_of(16)
-        .then_some((g, (a, b)))
-}
-
-/// Appends the prefetch arguments (pointer, bytes rounded down to 16; null and 0 for none).
-fn push_prefetch<'a, T: CudaDType>(
-    builder: &mut Launch<'a>,
-    view: &'a Option<(CudaView<'a, T>, u64)>,
-    null: &'a u64,
-) {
-    match view {
-        Some((v, bytes)) => builder.arg(v).arg(bytes),
-        None => builder.arg(null).arg(null),
-    };
-}
-
-/// The typed view of a [`prefetch_guard`].
-fn prefetch_view<'a, T: CudaDType, G: std::ops::Deref<Target = Storage>>(
-    g: &'a Option<(G, (usize, usize))>,
-) -> Result<Option<(CudaView<'a, T>, u64)>> {
-    let Some((g, (a, b))) = g else {
-        return Ok(None);
-    };
-    let bytes = (((b - a) * std::mem::size_of::<T>()) as u64) & !15;
-    Ok(Some((
-        held::<T>(g, "the prefetched buffer")?.slice(*a..*b),
-        bytes,
-    )))
-}
-
 /// The typed CUDA slice of a tensor held by an op (not one of its inputs).
 fn held<'a, T: CudaDType>(g: &'a Storage, what: &str) -> Result<&'a CudaSlice<T>> {
     match g {
@@ -330,7 +290,6 @@ pub(super) fn attention(
     rope: &Tensor,
     kv: &Tensor,
     mask: Option<&Tensor>,
-    prefetch: Option<&Tensor>,
 ) -> Result<CudaStorage> {
     let dev = qkv.device().clone();
     let dt = qkv.dtype();
@@ -365,7 +324,6 @@ pub(super) fn attention(
     let (kv_g, kv_l) = kv.storage_and_layout();
     let base = kv_l.start_offset() as u64;
     let mask_g = mask.map(|m| m.storage_and_layout());
-    let pf_g = prefetch_guard(prefetch, dt);
     let null = 0u64;
     let cfg = launch_cfg(grid, threads, shared);
     let ints = [
@@ -404,7 +362,6 @@ pub(super) fn attention(
             None => None,
         };
         let stream = dev.cuda_stream();
-        let pf = prefetch_view::<T, _>(&pf_g)?;
         let mut builder = Launch::new(&func, &stream);
         builder.arg(&q);
         builder.arg(&rope_s);
@@ -424,7 +381,6 @@ pub(super) fn attention(
         if mma {
             builder.arg(&mask_vec);
         }
-        push_prefetch(&mut builder, &pf, &null);
         // SAFETY: argument list matches the kernel's signature; dims were checked against
         // the cache's layout.
         unsafe { builder.launch(cfg) }?;
@@ -432,18 +388,17 @@ pub(super) fn attention(
     })
 }
 
-/// Warps per block of the few-row linear kernels for `n` output rows: 8 for wide outputs
-/// (GPT-XL's wqkv and gate/up rows), 4 otherwise (measured on an H100, docs/BENCHMARKS.md §0000);
-/// `LANTERN_SMALL_WARPS` (1 to 32) overrides it, a diagnostic for the kernel bench.
-fn small_warps(n: usize) -> usize {
-    static W: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = *W.get_or_init(|| {
+/// Warps per block of the few-row linear kernels: 4, or `LANTERN_SMALL_WARPS` (1 to 32; a
+/// diagnostic for the kernel bench).
+fn small_warps() -> usize {
+    static W: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *W.get_or_init(|| {
         std::env::var("LANTERN_SMALL_WARPS")
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|w| (1..=32).contains(w))
-    });
-    forced.unwrap_or(if n >= 2048 { 8 } else { 4 })
+            .unwrap_or(4)
+    })
 }
 
 pub(super) fn small_linear(
@@ -470,13 +425,12 @@ pub(super) fn small_linear(
     allow_shared(&func, &name, SMALL_SHARED)?;
     // a persistent grid: as many blocks as stay resident (each stages and normalises x once,
     // then its warps stream rows, fetching the next row while reducing the current one)
-    let warps = small_warps(d.n);
+    let warps = small_warps();
     let resident = resident_blocks(&dev, &func, &name, 32 * warps as u32, shared)?;
     let blocks = d.n.div_ceil(warps).min(resident).max(1) as u32;
     let cfg = launch_cfg((blocks, 1, 1), 32 * warps as u32, shared);
     let norm_g = norm.map(|(t, e)| (t.storage_and_layout(), *e));
     let res_g = residual.map(|t| t.storage_and_layout());
-    let pf_g = prefetch_guard(op.prefetch.as_ref(), dt);
     let null = 0u64;
     let mode: i32 = if swiglu {
         2
@@ -512,7 +466,6 @@ pub(super) fn small_linear(
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(d.m * d.n)? };
         let stream = dev.cuda_stream();
-        let pf = prefetch_view::<T, _>(&pf_g)?;
         let mut builder = Launch::new(&func, &stream);
         builder.arg(&xs);
         builder.arg(&ws);
@@ -529,7 +482,6 @@ pub(super) fn small_linear(
         builder.arg(&k);
         builder.arg(&n);
         builder.arg(&mode);
-        push_prefetch(&mut builder, &pf, &null);
         // SAFETY: argument list matches the kernel's signature; shapes checked by the caller.
         unsafe { builder.launch(cfg) }?;
         Ok(wrap(out, &dev))

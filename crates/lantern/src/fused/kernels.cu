@@ -20,25 +20,6 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// Asks the L2 cache to fetch this block's share of `pf` (`bytes`, a multiple of 16; null: none),
-// typically the next kernel's weights, so that DRAM keeps streaming across kernel boundaries.
-// One thread issues bulk prefetches (no registers held, no completion awaited).
-__device__ __forceinline__ void l2_prefetch_share(const char *pf, unsigned long long bytes) {
-#if __CUDA_ARCH__ >= 900
-    if (!pf || bytes == 0 || threadIdx.x != 0) return;
-    const unsigned long long nb = (unsigned long long)gridDim.x * gridDim.y * gridDim.z;
-    const unsigned long long b =
-        blockIdx.x + (unsigned long long)gridDim.x * (blockIdx.y + (unsigned long long)gridDim.y * blockIdx.z);
-    const unsigned long long per = ((bytes + nb - 1) / nb + 15) & ~15ull;
-    const unsigned long long lo = b * per, hi = min(bytes, lo + per);
-    for (unsigned long long at = lo; at < hi; at += 65536) {
-        const unsigned len = (unsigned)min(65536ull, hi - at);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(pf + at), "r"(len)
-                     : "memory");
-    }
-#endif
-}
-
 __device__ __forceinline__ float tof(float x) { return x; }
 __device__ __forceinline__ float tof(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float tof(__half x) { return __half2float(x); }
@@ -382,9 +363,8 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
                                     unsigned long long base, const float *mask, T *out, int b, \
                                     int s, int h, int kvh, int layer, int n_layer,              \
                                     int max_len, int keys, int rope_rows, long long mask_b,     \
-                                    long long mask_s, int causal_past, const char *pf,          \
-                                    unsigned long long pf_bytes) {                              \
-        pdl_trigger(); l2_prefetch_share(pf, pf_bytes); pdl_wait();                             \
+                                    long long mask_s, int causal_past) {                        \
+        pdl_trigger(); pdl_wait();                                                              \
         attention<T, HD, QT>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,      \
                              max_len, keys, rope_rows, mask_b, mask_s, causal_past);            \
     }
@@ -415,8 +395,7 @@ ALL(__half, f16)
 // y = round(round(silu(round(g))) * round(u)).
 template <typename T, int M, bool GLU, int SMALL_CH>
 __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps, const T *res,
-                             T *y, int K, int N, int mode, const char *pf,
-                             unsigned long long pf_bytes) {
+                             T *y, int K, int N, int mode) {
     extern __shared__ float xs[];  // [M][K]
     __shared__ float red[32];
     constexpr int VEC = 16 / sizeof(T);
@@ -440,7 +419,6 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
         }
     };
     fetch(n);
-    l2_prefetch_share(pf, pf_bytes);
     // the weight loads above do not depend on the previous kernel; x and res do
     pdl_wait();
     // stage x and the norm weight (16-byte loads, all issued before any is used), then
@@ -536,10 +514,9 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
 
 #define SMALL(T, M, G, CH, NAME)                                                                \
     extern "C" __global__ void NAME(const T *x, const T *w, const T *norm_w, float eps,        \
-                                    const T *res, T *y, int K, int N, int mode, const char *pf, \
-                                    unsigned long long pf_bytes) {                              \
+                                    const T *res, T *y, int K, int N, int mode) {               \
         pdl_trigger();                                                                          \
-        small_linear<T, M, G, CH>(x, w, norm_w, eps, res, y, K, N, mode, pf, pf_bytes);         \
+        small_linear<T, M, G, CH>(x, w, norm_w, eps, res, y, K, N, mode);                       \
     }
 #define SMALL2(T, M, SUF)                                                                       \
     SMALL(T, M, false, 8, small_linear_##M##_p_8_##SUF)                                         \
@@ -771,9 +748,8 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
                                     unsigned long long base, const float *mask, T *out, int b, \
                                     int s, int h, int kvh, int layer, int n_layer,              \
                                     int max_len, int keys, int rope_rows, long long mask_b,     \
-                                    long long mask_s, int causal_past, int mask_vec,            \
-                                    const char *pf, unsigned long long pf_bytes) {              \
-        pdl_trigger(); l2_prefetch_share(pf, pf_bytes); pdl_wait();                             \
+                                    long long mask_s, int causal_past, int mask_vec) {          \
+        pdl_trigger(); pdl_wait();                                                              \
         attention_mma<T, HD>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,      \
                              max_len, keys, rope_rows, mask_b, mask_s, causal_past, mask_vec);  \
     }

@@ -50,14 +50,6 @@ fn env_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("LANTERN_FUSED").map_or(true, |v| v != "0"))
 }
 
-/// Whether the decode kernels ask the L2 cache to fetch the next kernel's weights while they run
-/// (`LANTERN_PREFETCH=0` turns it off): DRAM then keeps streaming across kernel boundaries
-/// instead of idling through each launch, prologue and tail.
-pub fn prefetch_on() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LANTERN_PREFETCH").map_or(true, |v| v != "0"))
-}
-
 /// Opens CUDA device `ordinal` for lantern. All of lantern's GPU work runs on candle's one
 /// stream, so cudarc's cross-stream bookkeeping (an event wait before and an event record after
 /// every kernel, per buffer argument) is turned off: it only costs host time per launch.
@@ -163,9 +155,7 @@ pub fn small_linear_fits(rows: usize, k: usize, dtype: DType) -> bool {
 const SMALL_CHUNKS: usize = 16;
 
 /// `x wᵀ` for a few rows as one weight-streaming kernel, with an optional RMSNorm of `x` first
-/// (`norm`: weight and eps, exactly [`rms_norm`]'s numerics) and an [`Epilogue`]. `prefetch`
-/// (the next kernel's weights) is handed to the L2 cache while the kernel runs (CUDA; see
-/// [`prefetch_on`]).
+/// (`norm`: weight and eps, exactly [`rms_norm`]'s numerics) and an [`Epilogue`].
 ///
 /// # Shapes
 /// - `x`: `[.., k]` (at most [`SMALL_ROWS`] rows); `w`: `[n, k]` (`[2n, k]` for SwiGLU) →
@@ -175,11 +165,9 @@ pub fn small_linear(
     w: &Tensor,
     norm: Option<(&Tensor, f32)>,
     epilogue: Epilogue,
-    prefetch: Option<&Tensor>,
 ) -> Result<Tensor> {
     let x = aligned(x)?;
     let op = SmallLinear {
-        prefetch: prefetch.cloned(),
         dtype: x.dtype(),
         norm: norm.map(|(t, e)| (t.clone(), e)),
         residual: match epilogue {
@@ -231,29 +219,20 @@ pub enum KeyMask {
     Additive(Tensor),
 }
 
-/// The keys an [`attention`] call reads: the first `keys` slots of layer `layer` of the cache
-/// tensor `kv` (`[2, n_layer, b, kvh, max_len, hd]`).
-#[derive(Clone, Copy, Debug)]
-pub struct CacheKeys<'a> {
-    pub kv: &'a Tensor,
-    pub layer: usize,
-    pub keys: usize,
-}
-
-/// Masked attention of the queries in `qkv` (rotated with `rope` on load) over `cache`'s keys,
-/// softmax in f32. `prefetch` as for [`small_linear`].
+/// Masked attention of the queries in `qkv` (rotated with `rope` on load) over the first
+/// `keys` cache slots of layer `layer` of `kv`, softmax in f32.
 ///
 /// # Shapes
 /// - `qkv`: `[b, s, (h + 2 kvh) * hd]`; `rope`: `[1 or b, s, pairs, 2]` → `[b, s, h * hd]`
 pub fn attention(
     qkv: &Tensor,
     rope: &Tensor,
-    cache: CacheKeys,
+    kv: &Tensor,
+    layer: usize,
+    keys: usize,
     mask: &KeyMask,
     heads: Heads,
-    prefetch: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let CacheKeys { kv, layer, keys } = cache;
     let (b, s, _) = qkv.dims3()?;
     let (additive, causal_past) = match mask {
         KeyMask::None => (None, None),
@@ -275,7 +254,6 @@ pub fn attention(
         }
     };
     let op = Attention {
-        prefetch: prefetch.cloned(),
         rope: rope.contiguous()?,
         kv: kv.clone(),
         layer,
@@ -368,9 +346,6 @@ struct AddNorm {
 struct SiluMul;
 
 struct SmallLinear {
-    /// Handed to the L2 cache by the CUDA kernel (nothing to do on the CPU).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    prefetch: Option<Tensor>,
     dtype: DType,
     norm: Option<(Tensor, f32)>,
     residual: Option<Tensor>,
@@ -453,9 +428,6 @@ struct KvWrite {
 }
 
 struct Attention {
-    /// Handed to the L2 cache by the CUDA kernel (nothing to do on the CPU).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    prefetch: Option<Tensor>,
     rope: Tensor,
     kv: Tensor,
     layer: usize,
@@ -701,7 +673,6 @@ impl CustomOp1 for Attention {
             &self.rope,
             &self.kv,
             self.mask.as_ref().map(|m| &m.0),
-            self.prefetch.as_ref(),
         )?;
         Ok((out, Shape::from((d.cache.b, d.s, d.h * d.cache.hd))))
     }

@@ -198,12 +198,11 @@ impl Attention {
         cache: &KvCache,
     ) -> Result<Tensor> {
         self.wo
-            .forward(&self.attend_fused(qkv, rope, mask, layer, cache, None)?)
+            .forward(&self.attend_fused(qkv, rope, mask, layer, cache)?)
     }
 
     /// Fused attention before the output projection: one kernel rotates the new keys of `qkv`
-    /// and writes K/V into the cache, one attends (queries rotated on load and handing
-    /// `prefetch` to the L2 cache, see [`crate::fused::prefetch_on`]).
+    /// and writes K/V into the cache, one attends (queries rotated on load).
     ///
     /// # Shapes
     /// - `qkv`: `[b, s, (h + 2 kvh) * hd]` → `[b, s, h * hd]`
@@ -214,7 +213,6 @@ impl Attention {
         mask: &AttnMask,
         layer: usize,
         cache: &KvCache,
-        prefetch: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, s, _) = qkv.dims3()?;
         let heads = crate::fused::Heads {
@@ -235,8 +233,7 @@ impl Attention {
         };
         let packed = rope.packed()?;
         crate::fused::write_kv(kv, qkv, &packed, layer, at, heads)?;
-        let keys = crate::fused::CacheKeys { kv, layer, keys };
-        crate::fused::attention(qkv, &packed, keys, &key_mask, heads, prefetch)
+        crate::fused::attention(qkv, &packed, kv, layer, keys, &key_mask, heads)
     }
 
     /// Whether the fused kernels serve this block's heads for `x` (see [`crate::fused`]).

@@ -198,10 +198,7 @@ impl Block {
 
     /// A decode step of the block in five weight-streaming kernels plus two for attention:
     /// `wqkv` with the attention norm first, K/V write, attention, `wo` with the residual add,
-    /// `[w1 | w3]` with the FFN norm first and SwiGLU after, `w2` with the residual add. While
-    /// a kernel streams its weights it hands the L2 cache the weights of the next linear (the
-    /// attention those of `[w1 | w3]`; `w2` those of `next_wqkv`, the next block's), so that
-    /// DRAM keeps streaming through launches, attention and tails.
+    /// `[w1 | w3]` with the FFN norm first and SwiGLU after, `w2` with the residual add.
     fn forward_small(
         &self,
         h: &Tensor,
@@ -209,29 +206,25 @@ impl Block {
         mask: &AttnMask,
         layer: usize,
         cache: &KvCache,
-        next_wqkv: Option<&Tensor>,
     ) -> Result<Tensor> {
         use crate::fused::{small_linear, Epilogue};
         let att = &self.attention;
-        let gate_up = self.feed_forward.gate_up().expect("checked by small_ok");
-        let w2 = self.feed_forward.w2.weight();
         let qkv = small_linear(
             h,
             att.wqkv_weight(),
             Some(self.attention_norm.parts()),
             Epilogue::None,
-            Some(att.wo_weight()),
         )?;
-        let a = att.attend_fused(&qkv, rope, mask, layer, cache, Some(gate_up))?;
-        let h = small_linear(&a, att.wo_weight(), None, Epilogue::Residual(h), None)?;
-        let m = small_linear(
-            &h,
-            gate_up,
-            Some(self.ffn_norm.parts()),
-            Epilogue::SwiGlu,
-            Some(w2),
-        )?;
-        small_linear(&m, w2, None, Epilogue::Residual(&h), next_wqkv)
+        let a = att.attend_fused(&qkv, rope, mask, layer, cache)?;
+        let h = small_linear(&a, att.wo_weight(), None, Epilogue::Residual(h))?;
+        let gate_up = self.feed_forward.gate_up().expect("checked by small_ok");
+        let m = small_linear(&h, gate_up, Some(self.ffn_norm.parts()), Epilogue::SwiGlu)?;
+        small_linear(
+            &m,
+            self.feed_forward.w2.weight(),
+            None,
+            Epilogue::Residual(&h),
+        )
     }
 }
 
@@ -451,8 +444,7 @@ impl LlamaGen {
             if first.small_ok(&h, b * s) {
                 let mut h = h;
                 for (i, layer) in self.layers.iter().enumerate() {
-                    let next = self.layers.get(i + 1).map(|l| l.attention.wqkv_weight());
-                    h = layer.forward_small(&h, &rows, mask, i, c, next)?;
+                    h = layer.forward_small(&h, &rows, mask, i, c)?;
                 }
                 return self.norm.forward(&h);
             }
