@@ -388,17 +388,18 @@ pub(super) fn attention(
     })
 }
 
-/// Warps per block of the few-row linear kernels: 4, or `LANTERN_SMALL_WARPS` (1 to 32; a
-/// diagnostic for the kernel bench).
-fn small_warps() -> usize {
-    static W: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *W.get_or_init(|| {
+/// Warps per block of the few-row linear kernels for `n` output rows: 8 for wide outputs
+/// (GPT-XL's wqkv and gate/up rows), 4 otherwise, as measured on an H100 (docs/BENCHMARKS.md
+/// §0000); `LANTERN_SMALL_WARPS` (1 to 32) overrides it, a diagnostic for the kernel bench.
+fn small_warps(n: usize) -> usize {
+    static W: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *W.get_or_init(|| {
         std::env::var("LANTERN_SMALL_WARPS")
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|w| (1..=32).contains(w))
-            .unwrap_or(4)
-    })
+    });
+    forced.unwrap_or(if n >= 2048 { 8 } else { 4 })
 }
 
 pub(super) fn small_linear(
@@ -425,7 +426,7 @@ pub(super) fn small_linear(
     allow_shared(&func, &name, SMALL_SHARED)?;
     // a persistent grid: as many blocks as stay resident (each stages and normalises x once,
     // then its warps stream rows, fetching the next row while reducing the current one)
-    let warps = small_warps();
+    let warps = small_warps(d.n);
     let resident = resident_blocks(&dev, &func, &name, 32 * warps as u32, shared)?;
     let blocks = d.n.div_ceil(warps).min(resident).max(1) as u32;
     let cfg = launch_cfg((blocks, 1, 1), 32 * warps as u32, shared);
