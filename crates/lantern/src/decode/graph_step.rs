@@ -233,6 +233,10 @@ impl GraphStep {
                 ),
             ));
         }
+        let drafter = features.is_some();
+        let seg = |target: &'static str, draft: &'static str| {
+            crate::decode::profile::mark_here(if drafter { draft } else { target })
+        };
         let at = self.staging_at()?;
         let dev = self.ids.device().clone();
         let mask = mask.to_dtype(DType::F32)?;
@@ -258,9 +262,20 @@ impl GraphStep {
                 ))
             }
         }
+        seg(
+            "target step: graph inputs (mask, ids, positions)",
+            "drafter step: graph inputs (mask, ids, positions, features)",
+        )?;
         self.launch(model, cache)?;
+        seg("target step: graph replay", "drafter step: graph replay")?;
         cache.commit_staging(at, s)?;
-        Ok(self.hidden.copy()?)
+        seg(
+            "target step: KV staging commit",
+            "drafter step: KV staging commit",
+        )?;
+        let out = self.hidden.copy()?;
+        seg("target step: output copy", "drafter step: output copy")?;
+        Ok(out)
     }
 
     #[cfg(feature = "cuda")]

@@ -238,6 +238,7 @@ impl Target for LlamaGen {
         let dev = self.device().clone();
         let past = cache.cache.kv().len();
         let mask = attn_mask(vis, s, past, cache.valid.as_ref(), &dev)?;
+        super::profile::mark_here("target step: attention mask (built on the host)")?;
         // The condition rows (cls >= 1) have zero rotation: row 0 serves past-the-table nodes.
         let pos = clamp_positions(positions, self.config().rope_rows(), 0)?;
         let m = match &mask {

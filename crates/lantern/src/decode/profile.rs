@@ -8,11 +8,47 @@
 //! and charges the time since the previous mark to the segment, so that host work and GPU work
 //! are told apart (at the price of all overlap). At the end of a generation the table of
 //! milliseconds per verification step goes to stderr. Off, a mark costs a branch.
+//!
+//! Code below the loop (the fixed-shape steps, the models' input building) marks its own
+//! segments with [`mark_here`], which charges the profile of the loop running on this thread.
 use crate::Result;
 use candle_core::Device;
 use std::cell::RefCell;
 use std::fmt::Write;
+use std::rc::Rc;
 use std::time::Instant;
+
+thread_local! {
+    /// The profile of the loop running on this thread, while it is on.
+    static CURRENT: RefCell<Option<(Device, Rc<RefCell<Inner>>)>> = const { RefCell::new(None) };
+}
+
+/// Ends a segment of the profile of the loop running on this thread (see
+/// [`LoopProfile::mark`]); nothing when there is none or it is off.
+pub fn mark_here(name: &'static str) -> Result<()> {
+    let cur = CURRENT.with(|c| c.borrow().clone());
+    match cur {
+        Some((dev, inner)) => charge(&dev, &inner, name),
+        None => Ok(()),
+    }
+}
+
+/// Waits for `dev` and charges the time since the last mark to `name`.
+fn charge(dev: &Device, inner: &RefCell<Inner>, name: &'static str) -> Result<()> {
+    dev.synchronize()?;
+    let mut p = inner.borrow_mut();
+    let now = Instant::now();
+    let dt = (now - p.last).as_secs_f64();
+    p.last = now;
+    match p.acc.iter_mut().find(|(n, _, _)| *n == name) {
+        Some(e) => {
+            e.1 += dt;
+            e.2 += 1;
+        }
+        None => p.acc.push((name, dt, 1)),
+    }
+    Ok(())
+}
 
 struct Inner {
     last: Instant,
@@ -25,7 +61,7 @@ pub struct LoopProfile {
     dev: Device,
     /// Wait for the device at every phase end.
     sync_phases: bool,
-    inner: Option<RefCell<Inner>>,
+    inner: Option<Rc<RefCell<Inner>>>,
 }
 
 impl LoopProfile {
@@ -38,16 +74,21 @@ impl LoopProfile {
     }
 
     /// A profile that is on or off (no phase syncs).
+    /// While on, it is also the profile [`mark_here`] charges on this thread.
     pub fn new(on: bool, dev: &Device) -> Self {
+        let inner = on.then(|| {
+            Rc::new(RefCell::new(Inner {
+                last: Instant::now(),
+                acc: Vec::new(),
+            }))
+        });
+        if let Some(i) = &inner {
+            CURRENT.with(|c| *c.borrow_mut() = Some((dev.clone(), i.clone())));
+        }
         Self {
             dev: dev.clone(),
             sync_phases: false,
-            inner: on.then(|| {
-                RefCell::new(Inner {
-                    last: Instant::now(),
-                    acc: Vec::new(),
-                })
-            }),
+            inner,
         }
     }
 
@@ -68,22 +109,10 @@ impl LoopProfile {
     /// Ends a segment: waits for the device and charges the time since the last mark to
     /// `name`.
     pub fn mark(&self, name: &'static str) -> Result<()> {
-        let Some(inner) = &self.inner else {
-            return Ok(());
-        };
-        self.dev.synchronize()?;
-        let mut p = inner.borrow_mut();
-        let now = Instant::now();
-        let dt = (now - p.last).as_secs_f64();
-        p.last = now;
-        match p.acc.iter_mut().find(|(n, _, _)| *n == name) {
-            Some(e) => {
-                e.1 += dt;
-                e.2 += 1;
-            }
-            None => p.acc.push((name, dt, 1)),
+        match &self.inner {
+            Some(inner) => charge(&self.dev, inner, name),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Restarts the clock without charging anything (after work that is not profiled).
@@ -121,6 +150,19 @@ impl LoopProfile {
     }
 }
 
+impl Drop for LoopProfile {
+    fn drop(&mut self) {
+        if let Some(mine) = &self.inner {
+            CURRENT.with(|c| {
+                let mut c = c.borrow_mut();
+                if c.as_ref().is_some_and(|(_, i)| Rc::ptr_eq(i, mine)) {
+                    *c = None;
+                }
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,8 +183,14 @@ mod tests {
         let ms: f64 = line.split('|').nth(2).unwrap().trim().parse().unwrap();
         assert!(ms >= 2.5, "{r}");
         assert!(r.contains("| a | ") && r.contains("| 1.0 |"), "{r}");
+        // code below the loop charges the running profile
+        mark_here("c")?;
+        assert!(p.report(1).contains("| c |"));
+        drop(p);
+        mark_here("d")?; // no profile: nothing to charge, no error
         let off = LoopProfile::new(false, &Device::Cpu);
         off.mark("a")?;
+        mark_here("a")?;
         assert!(!off.is_on() && off.report(1).is_empty());
         Ok(())
     }
