@@ -434,15 +434,19 @@ fn run<T: Target, D: DraftModel>(
         .collect();
     // At a step's start the caches hold at most `cls + budget - 1` committed slots plus fewer
     // holes than the compaction threshold; a step appends at most a tree (target) or the fed
-    // nodes (drafter), and the committed block is no longer than a tree.
+    // nodes (drafter), and the committed block is no longer than a tree. One more block of
+    // room lets the fixed-shape steps keep their staging block (graph_step.rs) behind the
+    // filled slots until the last step, so that every step replays its CUDA graph (without it
+    // the last `tree` tokens of an image fell back to the ordinary forward).
     let mut slots = Slots::new(n_img, cls).with_threshold(plan.fixed_threshold);
     let slack = if n_img > 1 {
         slots.threshold(cls + budget)
     } else {
         0
     };
-    let mut tcache = target.new_cache(rows, cls + budget + slack + max_cols)?;
-    let mut dcache = drafter.new_cache(rows, cls + budget + slack + max_fed.max(max_cols))?;
+    let fed = max_fed.max(max_cols);
+    let mut tcache = target.new_cache(rows, cls + budget + slack + 2 * max_cols)?;
+    let mut dcache = drafter.new_cache(rows, cls + budget + slack + 2 * fed)?;
     let (mut t_draft, mut t_verify, mut t_accept) = (0.0f64, 0.0f64, 0.0f64);
 
     // prefill and first token
