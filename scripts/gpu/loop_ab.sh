@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU run (session 5): the speculative loop and the shipped model, two binaries in one run:
+# $G/lantern-base (session start) and $G/lantern; then the loop profile of the new binary.
+set -uo pipefail
+source scripts/gpu/env.sh
+B="$G/lantern-base"; xz -dkf "$B.xz" && chmod +x "$B"
+SECONDS=0
+for bin in "$B" "$L"; do "$bin" bench --random-weights --preset tiny --device cuda --loop-images 1 --loop-tokens 8 2>&1 | grep -i "error" | head -5; done
+echo "warm-up done ${SECONDS}s"
+for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
+  for bin in "$B" "$L"; do
+    echo "== $bin, $p"; timeout 200 "$bin" bench --random-weights --preset $p --device cuda --loop-images 3 --loop-tokens ${TOKENS:-64} 2>&1 | grep -E "^\| (ar|sd|lantern|mode)|decode 1 tok|verify 59|drafter 10"
+  done
+done 2>&1 | tee "$OUT/loop.txt"
+echo "loop done ${SECONDS}s"
+same_tokens "new vs base binary" "$L" "$B" "sd --tree dynamic --temperature 0" "lantern++ --tree naive_extend_57" "lantern --tree dynamic" 2>&1 | tee "$OUT/equal.txt"
+M="ar,sd-static,lantern++-2"
+{ echo "== base"; timeout 150 "$B" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | tail -8
+  echo "== new"; timeout 150 "$L" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | tail -8
+} 2>&1 | tee "$OUT/bench.txt"
+echo "shipped done ${SECONDS}s"
+LANTERN_LOOP_PROFILE=1 timeout 200 "$L" bench --random-weights --preset t2i-xl-256 --device cuda --loop-images 1 --loop-tokens 64 > "$OUT/loop_profile.txt" 2>&1
+grep -B2 -A30 "^loop profile" "$OUT/loop_profile.txt" | tail -32
+echo "total ${SECONDS}s"
