@@ -80,8 +80,12 @@ impl KvCache {
                 ),
             ));
         }
-        let block = self.kv.narrow(4, from, s)?.contiguous()?;
-        self.kv.slice_set(&block, 4, self.len)?;
+        // one pitched copy on CUDA (the tensor-op path below costs a strided gather of the
+        // whole block of every layer, then a copy back)
+        if !crate::fused::move_slots(&self.kv, from, self.len, s)? {
+            let block = self.kv.narrow(4, from, s)?.contiguous()?;
+            self.kv.slice_set(&block, 4, self.len)?;
+        }
         self.len += s;
         Ok(())
     }

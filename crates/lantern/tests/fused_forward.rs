@@ -204,3 +204,29 @@ fn cuda_fused_forward_matches_cpu_reference() -> Result<()> {
     }
     Ok(())
 }
+
+/// The pitched slot move of the KV-cache staging commit equals the tensor-op copy.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_move_slots_matches_tensor_copy() -> Result<()> {
+    let gpu = lantern::fused::cuda_device(0)?;
+    let (from, to, s) = (40, 7, 9);
+    for dt in [DType::F32, DType::BF16] {
+        let kv = Tensor::randn(0f32, 1.0, (2, 3, 2, 4, 64, 32), &gpu)?.to_dtype(dt)?;
+        let want = kv.copy()?;
+        let block = want.narrow(4, from, s)?.contiguous()?;
+        want.slice_set(&block, 4, to)?;
+        assert!(lantern::fused::move_slots(&kv, from, to, s)?);
+        let diff = (kv.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "{dt:?}");
+        assert!(
+            lantern::fused::move_slots(&kv, 10, 12, 5).is_err(),
+            "overlap refused"
+        );
+    }
+    Ok(())
+}

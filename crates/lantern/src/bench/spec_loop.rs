@@ -5,6 +5,12 @@
 //! drafts are almost never accepted (tau about 1), so every step drafts a full tree: the split
 //! shows what the loop costs around each target forward, which is what the 15% overhead
 //! target is about. Tokens are meaningless; only times are reported.
+//!
+//! The loop waits for the device at the end of each phase while the bench runs
+//! ([`crate::decode::profile::sync_phases_on_this_thread`]): graph replays are asynchronous, so
+//! an unsynchronised verify timer would stop before the target's GPU work and acceptance's
+//! first row read would be charged for it. The syncs cost a little overlap (in the wall time
+//! too).
 use super::random::random_var_builder;
 use super::steps::StepPreset;
 use crate::accept::{AcceptConfig, Metric, Neighbors, Relaxation};
@@ -107,6 +113,20 @@ pub fn run_loop_bench(
     tokens: usize,
     images: usize,
 ) -> Result<LoopReport> {
+    let was = crate::decode::profile::sync_phases_on_this_thread(true);
+    let report = loop_bench(preset, dtype, device, tokens, images);
+    crate::decode::profile::sync_phases_on_this_thread(was);
+    report
+}
+
+/// [`run_loop_bench`] with phase syncs on.
+fn loop_bench(
+    preset: StepPreset,
+    dtype: DType,
+    device: &Device,
+    tokens: usize,
+    images: usize,
+) -> Result<LoopReport> {
     let tc = preset.target();
     let model = LlamaGen::load(random_var_builder(dtype, device), &tc)?;
     let dc = preset.drafter();
@@ -189,7 +209,7 @@ pub fn run_loop_bench(
     }
     Ok(LoopReport {
         header: format!(
-            "speculative loop on {:?} ({dtype:?}, CFG batch 2, preset {}, random weights, {tokens} tokens per image, median of {images} images)",
+            "speculative loop on {:?} ({dtype:?}, CFG batch 2, preset {}, random weights, {tokens} tokens per image, median of {images} images; device synchronised at each phase end)",
             device.location(),
             preset.name()
         ),

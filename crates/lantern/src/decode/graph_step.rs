@@ -238,14 +238,8 @@ impl GraphStep {
             crate::decode::profile::mark_here(if drafter { draft } else { target })
         };
         let at = self.staging_at()?;
-        let dev = self.ids.device().clone();
-        let mask = mask.to_dtype(DType::F32)?;
-        let hidden = Tensor::full(f32::NEG_INFINITY, (rows, 1, s, at - len), &dev)?;
-        let full = Tensor::cat(
-            &[&mask.narrow(3, 0, len)?, &hidden, &mask.narrow(3, len, s)?],
-            3,
-        )?;
-        self.mask.slice_set(&full.contiguous()?, 0, 0)?;
+        // filled keys, -inf up to the staging slots at `at`, then the block: one kernel
+        crate::fused::place_mask(&self.mask, mask, len)?;
         self.ids
             .slice_set(&ids.to_dtype(DType::U32)?.contiguous()?, 0, 0)?;
         self.pos

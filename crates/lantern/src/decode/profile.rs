@@ -21,6 +21,16 @@ use std::time::Instant;
 thread_local! {
     /// The profile of the loop running on this thread, while it is on.
     static CURRENT: RefCell<Option<(Device, Rc<RefCell<Inner>>)>> = const { RefCell::new(None) };
+    /// Phase syncs asked for by code on this thread (the loop bench), besides the variable.
+    static SYNC_PHASES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes loops started on this thread wait for the device at every phase end, as
+/// `LANTERN_LOOP_SYNC=1` does (the loop bench: with asynchronous graph replays, a phase's
+/// timer would otherwise end before its GPU work and the next phase's first read would pay
+/// for it). Returns the previous setting.
+pub fn sync_phases_on_this_thread(on: bool) -> bool {
+    SYNC_PHASES.with(|c| c.replace(on))
 }
 
 /// Ends a segment of the profile of the loop running on this thread (see
@@ -65,11 +75,12 @@ pub struct LoopProfile {
 }
 
 impl LoopProfile {
-    /// Segment marks on when `LANTERN_LOOP_PROFILE=1`, phase syncs when `LANTERN_LOOP_SYNC=1`.
+    /// Segment marks on when `LANTERN_LOOP_PROFILE=1`, phase syncs when `LANTERN_LOOP_SYNC=1`
+    /// or [`sync_phases_on_this_thread`].
     pub fn from_env(dev: &Device) -> Self {
         let set = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
         let mut p = Self::new(set("LANTERN_LOOP_PROFILE"), dev);
-        p.sync_phases = set("LANTERN_LOOP_SYNC");
+        p.sync_phases = set("LANTERN_LOOP_SYNC") || SYNC_PHASES.with(|c| c.get());
         p
     }
 

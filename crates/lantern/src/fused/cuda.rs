@@ -543,3 +543,89 @@ pub(super) fn read_probe(buf: &Tensor, probe: super::probe::ReadProbe) -> Result
         }
     })
 }
+
+/// See [`super::move_slots`]: one pitched device-to-device copy (`cuMemcpy2DAsync`), a row per
+/// (plane, layer, batch row, head) of the cache tensor.
+pub(super) fn move_slots(kv: &Tensor, from: usize, to: usize, s: usize) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{sys, DevicePtr};
+    let &[planes, layers, b, kvh, max_len, hd] = kv.dims() else {
+        bail!(
+            "move_slots: {:?} is not a [2, L, b, kvh, max_len, hd] cache",
+            kv.dims()
+        );
+    };
+    if from.max(to) + s > max_len || (from < to + s && to < from + s) {
+        bail!("move_slots: slots {from}..+{s} -> {to} overlap or leave the cache ({max_len})");
+    }
+    let (g, l) = kv.storage_and_layout();
+    let Storage::Cuda(c) = &*g else {
+        bail!("move_slots: the cache is not on the GPU");
+    };
+    let (a, _) = offsets(l)?;
+    let dev = c.device().clone();
+    let stream = dev.cuda_stream();
+    let el = kv.dtype().size_in_bytes();
+    typed!(kv.dtype(), T => {
+        let slice = c.as_cuda_slice::<T>()?;
+        let (ptr, _guard) = slice.device_ptr(&stream);
+        let base = ptr + (a * el) as u64;
+        let pitch = max_len * hd * el;
+        let copy = sys::CUDA_MEMCPY2D {
+            srcXInBytes: from * hd * el,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: base,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: pitch,
+            dstXInBytes: to * hd * el,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: base,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: pitch,
+            WidthInBytes: s * hd * el,
+            Height: planes * layers * b * kvh,
+        };
+        stream.context().bind_to_thread().w()?;
+        // SAFETY: both ranges lie inside the cache tensor (checked above) and do not overlap;
+        // the copy is ordered on candle's stream like every other use of the cache.
+        unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream.cu_stream()) }
+            .result()
+            .w()?;
+        Ok(())
+    })
+}
+
+/// See [`super::place_mask`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn place_mask(
+    rows: usize,
+    len: usize,
+    s: usize,
+    max_len: usize,
+    d: &mut CudaStorage,
+    dl: &Layout,
+    src: &CudaStorage,
+    sl: &Layout,
+) -> Result<()> {
+    let dev = d.device().clone();
+    let func = dev.get_or_load_custom_func("place_mask_f32", MODULE, PTX)?;
+    let (a, b) = offsets(sl)?;
+    let src = src.as_cuda_slice::<f32>()?.slice(a..b);
+    let (da, db) = offsets(dl)?;
+    let mut dst = d.as_cuda_slice_mut::<f32>()?.slice_mut(da..db);
+    let n = rows * max_len;
+    let blocks = n.div_ceil(256).clamp(1, 1024) as u32;
+    let ints = [rows, len, s, max_len].map(|v| v as i32);
+    let stream = dev.cuda_stream();
+    let mut l = Launch::new(&func, &stream);
+    l.arg(&src).arg(&mut dst);
+    for v in &ints {
+        l.arg(v);
+    }
+    // SAFETY: matches place_mask_f32(const float *, float *, int x4); both views cover the
+    // masks' elements (checked by the caller).
+    unsafe { l.launch(launch_cfg((blocks, 1, 1), 256, 0)) }
+}

@@ -1074,3 +1074,26 @@ extern "C" __global__ void probe_bulk(const char *p, unsigned long long bytes,
     }
     if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
 }
+
+// ---------------------------------------------------------------------------------------------
+// A fixed-shape step's mask (mod.rs place_mask): the additive mask src [rows, len + s] of the
+// usual layout (filled keys, then the block) placed into dst [rows, max_len]: the filled keys
+// first, -inf up to the staging slots at max_len - s, then the block's keys.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void place_mask_f32(const float *src, float *dst, int rows, int len, int s,
+                                          int max_len) {
+    pdl_trigger();
+    pdl_wait();
+    const int at = max_len - s, w = len + s;
+    const size_t n = (size_t)rows * max_len;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / max_len;
+        const int j = (int)(i % max_len);
+        float v;
+        if (j < len) v = src[r * w + j];
+        else if (j < at) v = -INFINITY;
+        else v = src[r * w + len + (j - at)];
+        dst[i] = v;
+    }
+}

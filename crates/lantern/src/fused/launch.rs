@@ -10,8 +10,8 @@
 //! every edge into our kernels made programmatic (tried at commit `9292dc7`, reverted), it
 //! changed nothing: there the kernels' own dependent phases, not the gaps, set the pace.
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig,
-    SyncOnDrop,
+    sys, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    LaunchConfig, SyncOnDrop,
 };
 use candle_core::cuda_backend::WrapErr;
 use candle_core::Result;
@@ -56,6 +56,14 @@ impl<'a, 'c: 'a, T> KernelArg<'a> for &'a CudaView<'c, T> {
 }
 
 impl<'a, T> KernelArg<'a> for &'a mut CudaSlice<T> {
+    fn push(self, l: &mut Launch<'a>) {
+        let (p, g) = self.device_ptr_mut(l.stream);
+        l.vals.push(p);
+        l.guards.push(g);
+    }
+}
+
+impl<'a, 'c: 'a, T> KernelArg<'a> for &'a mut CudaViewMut<'c, T> {
     fn push(self, l: &mut Launch<'a>) {
         let (p, g) = self.device_ptr_mut(l.stream);
         l.vals.push(p);

@@ -208,6 +208,46 @@ pub fn write_kv(
     )
 }
 
+/// Copies cache slots `from..from + s` to `to..to + s` (not overlapping) in every plane, layer,
+/// batch row and head of a cache tensor `[2, n_layer, b, kvh, max_len, hd]`, in one pitched
+/// copy on CUDA. Returns `false` (nothing done) on other devices, where the caller copies
+/// with tensor ops.
+pub fn move_slots(kv: &Tensor, from: usize, to: usize, s: usize) -> Result<bool> {
+    #[cfg(feature = "cuda")]
+    if kv.device().is_cuda() {
+        cuda::move_slots(kv, from, to, s)?;
+        return Ok(true);
+    }
+    let _ = (kv, from, to, s);
+    Ok(false)
+}
+
+/// Writes the additive f32 mask `src` (`[.., len + s]`: `len` filled keys, then a block of
+/// `s`) into `dst` (`[.., max_len]`, same leading dims) as a fixed-shape step reads it: the
+/// filled keys, `-inf` up to the staging slots `max_len - s..`, then the block's keys. One
+/// kernel instead of a fill, a concatenation and a copy.
+pub fn place_mask(dst: &Tensor, src: &Tensor, len: usize) -> Result<()> {
+    let (w, max_len) = (
+        src.dim(candle_core::D::Minus1)?,
+        dst.dim(candle_core::D::Minus1)?,
+    );
+    let rows = dst.elem_count() / max_len.max(1);
+    if w < len || w - len > max_len.saturating_sub(len) || src.elem_count() != rows * w {
+        candle_core::bail!(
+            "place_mask: mask {:?} with {len} filled keys does not fit {:?}",
+            src.dims(),
+            dst.dims()
+        );
+    }
+    let op = PlaceMask {
+        rows,
+        len,
+        s: w - len,
+        max_len,
+    };
+    dst.inplace_op2(&src.to_dtype(DType::F32)?.contiguous()?, &op)
+}
+
 /// Which keys each query sees.
 #[derive(Clone, Debug)]
 pub enum KeyMask {
@@ -675,5 +715,75 @@ impl CustomOp1 for Attention {
             self.mask.as_ref().map(|m| &m.0),
         )?;
         Ok((out, Shape::from((d.cache.b, d.s, d.h * d.cache.hd))))
+    }
+}
+
+/// See [`place_mask`].
+struct PlaceMask {
+    /// Mask rows (the CPU version walks the slices instead).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    rows: usize,
+    len: usize,
+    s: usize,
+    max_len: usize,
+}
+
+impl candle_core::InplaceOp2 for PlaceMask {
+    fn name(&self) -> &'static str {
+        "lantern-place-mask"
+    }
+
+    fn cpu_fwd(&self, d: &mut CpuStorage, dl: &Layout, s: &CpuStorage, sl: &Layout) -> Result<()> {
+        let (CpuStorage::F32(d), CpuStorage::F32(s)) = (d, s) else {
+            candle_core::bail!("place_mask: f32 masks only");
+        };
+        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
+        else {
+            candle_core::bail!("place_mask: masks must be contiguous");
+        };
+        let (d, s) = (&mut d[d0..d1], &s[s0..s1]);
+        let (len, w, at) = (self.len, self.len + self.s, self.max_len - self.s);
+        for (dr, sr) in d.chunks_mut(self.max_len).zip(s.chunks(w)) {
+            dr[..len].copy_from_slice(&sr[..len]);
+            dr[len..at].fill(f32::NEG_INFINITY);
+            dr[at..].copy_from_slice(&sr[len..]);
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        d: &mut candle_core::CudaStorage,
+        dl: &Layout,
+        s: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        cuda::place_mask(self.rows, self.len, self.s, self.max_len, d, dl, s, sl)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn place_mask_puts_filled_keys_first_and_the_block_at_the_staging_slots() -> Result<()> {
+        let dev = Device::Cpu;
+        // 2 rows, 3 filled keys, a block of 2, 8 slots: staging at 6
+        let src = Tensor::arange(0f32, 10.0, &dev)?.reshape((2, 5))?;
+        let dst = Tensor::zeros((2, 8), DType::F32, &dev)?;
+        place_mask(&dst, &src, 3)?;
+        let ninf = f32::NEG_INFINITY;
+        assert_eq!(
+            dst.to_vec2::<f32>()?,
+            [
+                [0.0, 1.0, 2.0, ninf, ninf, ninf, 3.0, 4.0],
+                [5.0, 6.0, 7.0, ninf, ninf, ninf, 8.0, 9.0]
+            ]
+        );
+        // a block longer than the room left is refused
+        assert!(place_mask(&dst, &Tensor::zeros((2, 9), DType::F32, &dev)?, 3).is_err());
+        Ok(())
     }
 }
