@@ -4,9 +4,11 @@
 set -uo pipefail
 source scripts/gpu/env.sh
 B="$G/lantern-base"; xz -dkf "$B.xz" && chmod +x "$B"
+xz -dkf "$G/fused_forward.xz" && chmod +x "$G/fused_forward"
 SECONDS=0
 for bin in "$B" "$L"; do "$bin" bench --random-weights --preset tiny --device cuda --loop-images 1 --loop-tokens 8 2>&1 | grep -i "error" | head -5; done
 echo "warm-up done ${SECONDS}s"
+LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt "$G/fused_forward" --nocapture 2>&1 | grep -E "rel err|test result|panicked|^test " | tee "$OUT/kernel_test.txt"
 for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
   for bin in "$B" "$L"; do
     echo "== $bin, $p"; timeout 200 "$bin" bench --random-weights --preset $p --device cuda --loop-images 3 --loop-tokens ${TOKENS:-64} 2>&1 | grep -E "^\| (ar|sd|lantern|mode)|decode 1 tok|verify 59|drafter 10"
