@@ -142,10 +142,17 @@ fn cuda_fused_forward_matches_cpu_reference() -> Result<()> {
         ],
         0,
     )?;
+    // seeded weights (uniform, std 0.2): the bf16 comparison below is about rounding noise,
+    // which with fresh random weights per run sometimes crossed its margin (a flaky test)
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
     for cfg in [c2i, t2i] {
         let mut weights = HashMap::new();
         for (name, shape) in LlamaGen::expected_tensors(&cfg) {
-            let t = (Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)? * 0.2)?;
+            let n: usize = shape.iter().product();
+            let a = 0.2 * 3f32.sqrt();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-a..a)).collect();
+            let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu)?;
             let t = if name.ends_with("norm.weight") {
                 (t + 1.0)?
             } else {
