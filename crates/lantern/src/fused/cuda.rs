@@ -302,7 +302,10 @@ pub(super) fn attention(
     let mma_shared = 16 * kp * 6 + 16 * d.cache.hd * (2 + mma_warps * 2 + mma_warps * 4);
     let mma = d.s > 1 && dt != DType::F32 && mma_shared <= ATTN_SHARED_MAX;
     let (name, grid, threads, shared) = if mma {
-        let name = format!("attention_mma_{}_{}", d.cache.hd, suffix(dt)?);
+        let mut name = format!("attention_mma_{}_{}", d.cache.hd, suffix(dt)?);
+        if let Some(v) = mma_variant().filter(|_| d.cache.hd == 64 && dt == DType::BF16) {
+            name = format!("{name}_v{v}");
+        }
         let grid = (d.s.div_ceil(16) as u32, d.h as u32, d.cache.b as u32);
         (name, grid, 32 * mma_warps as u32, mma_shared)
     } else {
@@ -312,7 +315,10 @@ pub(super) fn attention(
                 d.keys
             );
         };
-        let name = format!("attention_{}_{qt}_{}", d.cache.hd, suffix(dt)?);
+        let mut name = format!("attention_{}_{qt}_{}", d.cache.hd, suffix(dt)?);
+        if qt == 1 && d.cache.hd == 64 && dt == DType::BF16 && attn_prefetch() {
+            name.push_str("_pf");
+        }
         let grid = (d.s.div_ceil(qt) as u32, d.h as u32, d.cache.b as u32);
         (name, grid, threads, shared)
     };
@@ -385,6 +391,26 @@ pub(super) fn attention(
         // the cache's layout.
         unsafe { builder.launch(cfg) }?;
         Ok(wrap(out, &dev))
+    })
+}
+
+/// `LANTERN_ATTN_PREFETCH=1` (head size 64, bf16, one query per block): a bench experiment
+/// that asks the L2 cache for the V rows before the scores (see kernels.cu).
+fn attn_prefetch() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("LANTERN_ATTN_PREFETCH").is_ok_and(|v| v == "1"))
+}
+
+/// `LANTERN_MMA_VARIANT` (1, 3, 5 or 15; head size 64, bf16): a bench experiment that runs
+/// only some phases of the tensor-core attention (1 scores, 3 + softmax, 5 scores + P V) or
+/// all of them after asking the L2 cache for V and the mask (15); see kernels.cu.
+fn mma_variant() -> Option<u32> {
+    static V: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("LANTERN_MMA_VARIANT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|v| [1, 3, 5, 15].contains(v))
     })
 }
 

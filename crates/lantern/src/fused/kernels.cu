@@ -178,7 +178,9 @@ __device__ void write_kv(T *kv, size_t base, const T *qkv, const float *rope, in
 // and the weighted sum stay in f32. mask: additive f32 (element [bb * mask_b + q * mask_s + j],
 // -inf hides a key) or null; causal_past >= 0 hides keys j > causal_past + q.
 // Shared memory: scores [QT][keys], queries [QT][HD], partial sums [warps][QT][HD].
-template <typename T, int HD, int QT>
+// PF (bench experiment, LANTERN_ATTN_PREFETCH=1): each thread first asks the L2 cache for the
+// V rows of its keys, so that the weighted sum after the softmax does not wait for DRAM.
+template <typename T, int HD, int QT, bool PF = false>
 __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t base,
                           const float *mask, T *out, int b, int s, int h, int kvh, int layer,
                           int n_layer, int max_len, int keys, int rope_rows, long long mask_b,
@@ -212,6 +214,12 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
     const size_t head = base + cache_head(layer, b, bb, kvh, kh, max_len, HD);
     const size_t plane = cache_plane(n_layer, b, kvh, max_len, HD);
     const T *kp = kv + head, *vp = kv + plane + head;
+    if (PF) {
+        constexpr int LINES = HD * (int)sizeof(T) / 128 > 0 ? HD * (int)sizeof(T) / 128 : 1;
+        for (int i = threadIdx.x; i < keys * LINES; i += blockDim.x)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(vp + (size_t)(i / LINES) * HD +
+                                                          (i % LINES) * (128 / sizeof(T))));
+    }
     // scores: one key row per thread, reused for the tile's queries
     for (int j = threadIdx.x; j < keys; j += blockDim.x) {
         // the key row and the mask entries are loaded together (no load waits on another)
@@ -358,14 +366,15 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
         write_kv<T>(kv, base, qkv, rope, b, s, h, kvh, hd, layer, n_layer, max_len, at,         \
                     rope_rows);                                                                 \
     }
-#define ATTN(T, HD, QT, NAME)                                                                   \
+#define ATTN(T, HD, QT, NAME) ATTN_PF(T, HD, QT, false, NAME)
+#define ATTN_PF(T, HD, QT, PF, NAME)                                                            \
     extern "C" __global__ void NAME(const T *qkv, const float *rope, const T *kv,              \
                                     unsigned long long base, const float *mask, T *out, int b, \
                                     int s, int h, int kvh, int layer, int n_layer,              \
                                     int max_len, int keys, int rope_rows, long long mask_b,     \
                                     long long mask_s, int causal_past) {                        \
         pdl_trigger(); pdl_wait();                                                              \
-        attention<T, HD, QT>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,      \
+        attention<T, HD, QT, PF>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,  \
                              max_len, keys, rope_rows, mask_b, mask_s, causal_past);            \
     }
 #define ALL(T, SUF)                                                                             \
@@ -384,6 +393,7 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
 
 ALL(float, f32)
 ALL(__nv_bfloat16, bf16)
+ATTN_PF(__nv_bfloat16, 64, 1, true, attention_64_1_bf16_pf)
 ALL(__half, f16)
 
 // y = x w^T for a few rows (M <= 8: decode steps), weight-bandwidth bound: one warp per output
@@ -542,7 +552,10 @@ SMALLS(__half, f16)
 // T like the reference; O = P V per 16-column tile. Tiles past the last key are staged with
 // zeros. Shared memory: S [16][kp] f32, P [16][kp] T, Q [16][HD] T, per-warp staging
 // [warps][16][HD] T, per-warp O [warps][16][HD] f32 (kp = keys rounded up to 16).
-template <typename T, int HD>
+// VAR (bench experiments, fused/cuda.rs LANTERN_MMA_VARIANT): bit 1 scores, 2 mask + softmax,
+// 4 P V (7: the kernel as used); bit 8 first asks the L2 cache for the head's V rows and the
+// tile's mask rows, so that their loads after the scores do not wait for DRAM.
+template <typename T, int HD, int VAR = 7>
 __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size_t base,
                               const float *mask, T *out, int b, int s, int h, int kvh, int layer,
                               int n_layer, int max_len, int keys, int rope_rows,
@@ -582,6 +595,18 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
     const size_t head = base + cache_head(layer, b, bb, kvh, kh, max_len, HD);
     const size_t plane = cache_plane(n_layer, b, kvh, max_len, HD);
     const T *kp_ = kv + head, *vp = kv + plane + head;
+    if (VAR & 8) {
+        constexpr int LINES = HD * (int)sizeof(T) / 128 > 0 ? HD * (int)sizeof(T) / 128 : 1;
+        for (int i = threadIdx.x; i < keys * LINES; i += blockDim.x)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(vp + (size_t)(i / LINES) * HD +
+                                                          (i % LINES) * (128 / sizeof(T))));
+        if (mask) {
+            const int per = (keys * 4 + 127) / 128;
+            for (int i = threadIdx.x; i < nq * per; i += blockDim.x)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(
+                    mask + bb * mask_b + (q0 + i / per) * mask_s + (i % per) * 32));
+        }
+    }
     // a 16-key tile of K or V: straight from the cache, or staged in this warp's slot with zero
     // rows past the end (only the last tile is partial, so one slot serves a round's two tiles)
     auto tile_ptr = [&](const T *src, int t) -> const T * {
@@ -605,7 +630,7 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
         __syncwarp();
         return st;
     };
-    {
+    if (VAR & 1) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa[DT];
 #pragma unroll
         for (int d = 0; d < DT; ++d) wmma::load_matrix_sync(qa[d], qs + d * 16, HD);
@@ -637,7 +662,8 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
     }
     __syncthreads();
     // scale and mask the scores: 16-byte mask loads (4 keys) when aligned, 4 in flight
-    if (mask_vec) {
+    if (!(VAR & 2)) {
+    } else if (mask_vec) {
         const int n4 = QT * kp / 4;
         for (int i0 = threadIdx.x; i0 < n4; i0 += 4 * blockDim.x) {
             float4 m[4];
@@ -684,7 +710,7 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
         }
     }
     __syncthreads();
-    for (int qq = warp; qq < QT; qq += NW) {
+    for (int qq = warp; qq < QT && (VAR & 2); qq += NW) {
         float mx = -INFINITY;
         for (int j = lane; j < kp; j += 32) mx = fmaxf(mx, sc[qq * kp + j]);
         for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
@@ -706,7 +732,7 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[DT];
 #pragma unroll
         for (int d = 0; d < DT; ++d) wmma::fill_fragment(acc[d], 0.f);
-        for (int t0 = warp; t0 < nt; t0 += 2 * NW) {
+        for (int t0 = warp; t0 < nt && (VAR & 4); t0 += 2 * NW) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb[2][DT];
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa[2];
             bool has[2];
@@ -743,16 +769,22 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
     }
 }
 
-#define ATTN_MMA(T, HD, NAME)                                                                   \
+#define ATTN_MMA_V(T, HD, VAR, NAME)                                                            \
     extern "C" __global__ void NAME(const T *qkv, const float *rope, const T *kv,              \
                                     unsigned long long base, const float *mask, T *out, int b, \
                                     int s, int h, int kvh, int layer, int n_layer,              \
                                     int max_len, int keys, int rope_rows, long long mask_b,     \
                                     long long mask_s, int causal_past, int mask_vec) {          \
         pdl_trigger(); pdl_wait();                                                              \
-        attention_mma<T, HD>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,      \
-                             max_len, keys, rope_rows, mask_b, mask_s, causal_past, mask_vec);  \
+        attention_mma<T, HD, VAR>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer, \
+                                  max_len, keys, rope_rows, mask_b, mask_s, causal_past,        \
+                                  mask_vec);                                                    \
     }
+#define ATTN_MMA(T, HD, NAME) ATTN_MMA_V(T, HD, 7, NAME)
+ATTN_MMA_V(__nv_bfloat16, 64, 1, attention_mma_64_bf16_v1)
+ATTN_MMA_V(__nv_bfloat16, 64, 3, attention_mma_64_bf16_v3)
+ATTN_MMA_V(__nv_bfloat16, 64, 5, attention_mma_64_bf16_v5)
+ATTN_MMA_V(__nv_bfloat16, 64, 15, attention_mma_64_bf16_v15)
 ATTN_MMA(__nv_bfloat16, 32, attention_mma_32_bf16)
 ATTN_MMA(__nv_bfloat16, 64, attention_mma_64_bf16)
 ATTN_MMA(__nv_bfloat16, 128, attention_mma_128_bf16)
