@@ -401,16 +401,17 @@ fn attn_prefetch() -> bool {
     *V.get_or_init(|| std::env::var("LANTERN_ATTN_PREFETCH").is_ok_and(|v| v == "1"))
 }
 
-/// `LANTERN_MMA_VARIANT` (1, 3, 5 or 15; head size 64, bf16): a bench experiment that runs
-/// only some phases of the tensor-core attention (1 scores, 3 + softmax, 5 scores + P V) or
-/// all of them after asking the L2 cache for V and the mask (15); see kernels.cu.
+/// `LANTERN_MMA_VARIANT` (0, 1, 3, 5, 15 or 23; head size 64, bf16): a bench experiment that
+/// runs only some phases of the tensor-core attention (0 none, 1 scores, 3 + softmax, 5 scores
+/// + P V), all of them after asking the L2 cache for V and the mask (15), or with the mask
+/// applied in the softmax warps (23); see kernels.cu.
 fn mma_variant() -> Option<u32> {
     static V: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
     *V.get_or_init(|| {
         std::env::var("LANTERN_MMA_VARIANT")
             .ok()
             .and_then(|v| v.parse().ok())
-            .filter(|v| [1, 3, 5, 15].contains(v))
+            .filter(|v| [0, 1, 3, 5, 15, 23].contains(v))
     })
 }
 

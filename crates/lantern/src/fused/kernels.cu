@@ -554,7 +554,8 @@ SMALLS(__half, f16)
 // [warps][16][HD] T, per-warp O [warps][16][HD] f32 (kp = keys rounded up to 16).
 // VAR (bench experiments, fused/cuda.rs LANTERN_MMA_VARIANT): bit 1 scores, 2 mask + softmax,
 // 4 P V (7: the kernel as used); bit 8 first asks the L2 cache for the head's V rows and the
-// tile's mask rows, so that their loads after the scores do not wait for DRAM.
+// tile's mask rows, so that their loads after the scores do not wait for DRAM; bit 16 scales
+// and masks each query row in its softmax warp (no separate block-wide pass and barrier).
 template <typename T, int HD, int VAR = 7>
 __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size_t base,
                               const float *mask, T *out, int b, int s, int h, int kvh, int layer,
@@ -662,7 +663,7 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
     }
     __syncthreads();
     // scale and mask the scores: 16-byte mask loads (4 keys) when aligned, 4 in flight
-    if (!(VAR & 2)) {
+    if (!(VAR & 2) || (VAR & 16)) {
     } else if (mask_vec) {
         const int n4 = QT * kp / 4;
         for (int i0 = threadIdx.x; i0 < n4; i0 += 4 * blockDim.x) {
@@ -712,7 +713,22 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
     __syncthreads();
     for (int qq = warp; qq < QT && (VAR & 2); qq += NW) {
         float mx = -INFINITY;
-        for (int j = lane; j < kp; j += 32) mx = fmaxf(mx, sc[qq * kp + j]);
+        if (VAR & 16) {
+            // one warp per query row: scale, mask (coalesced loads, 8 in flight) and the
+            // row maximum in one pass
+            const float *mrow = mask ? mask + bb * mask_b + (q0 + qq) * mask_s : nullptr;
+#pragma unroll 8
+            for (int j = lane; j < kp; j += 32) {
+                const float m = (mrow && j < keys && qq < nq) ? mrow[j] : 0.f;
+                bool vis = qq < nq && j < keys && !(isinf(m) && m < 0.f);
+                if (causal_past >= 0 && j > causal_past + q0 + qq) vis = false;
+                const float v = vis ? sc[qq * kp + j] * scale + m : -INFINITY;
+                sc[qq * kp + j] = v;
+                mx = fmaxf(mx, v);
+            }
+        } else {
+            for (int j = lane; j < kp; j += 32) mx = fmaxf(mx, sc[qq * kp + j]);
+        }
         for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
         float sum = 0.f;
         for (int j = lane; j < kp; j += 32) {
@@ -785,6 +801,8 @@ ATTN_MMA_V(__nv_bfloat16, 64, 1, attention_mma_64_bf16_v1)
 ATTN_MMA_V(__nv_bfloat16, 64, 3, attention_mma_64_bf16_v3)
 ATTN_MMA_V(__nv_bfloat16, 64, 5, attention_mma_64_bf16_v5)
 ATTN_MMA_V(__nv_bfloat16, 64, 15, attention_mma_64_bf16_v15)
+ATTN_MMA_V(__nv_bfloat16, 64, 0, attention_mma_64_bf16_v0)
+ATTN_MMA_V(__nv_bfloat16, 64, 23, attention_mma_64_bf16_v23)
 ATTN_MMA(__nv_bfloat16, 32, attention_mma_32_bf16)
 ATTN_MMA(__nv_bfloat16, 64, attention_mma_64_bf16)
 ATTN_MMA(__nv_bfloat16, 128, attention_mma_128_bf16)
