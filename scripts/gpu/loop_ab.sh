@@ -11,11 +11,14 @@ echo "warm-up done ${SECONDS}s"
 LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt "$G/fused_forward" --nocapture 2>&1 | grep -E "rel err|test result|panicked|^test " | tee "$OUT/kernel_test.txt"
 for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
   for bin in "$B" "$L"; do
-    echo "== $bin, $p"; timeout 200 "$bin" bench --random-weights --preset $p --device cuda --loop-images 3 --loop-tokens ${TOKENS:-64} 2>&1 | grep -E "^\| (ar|sd|lantern|mode)|decode 1 tok|verify 59|drafter 10"
+    f="$OUT/bench_$(basename $bin)_$p.txt"
+    echo "== $bin, $p"; timeout 200 "$bin" bench --random-weights --preset $p --device cuda --loop-images 3 --loop-tokens ${TOKENS:-64} > "$f" 2>&1
+    grep -E "^\| (ar|sd|lantern|mode)|decode 1 tok|verify 59|drafter 10|attention" "$f"
   done
 done 2>&1 | tee "$OUT/loop.txt"
 echo "loop done ${SECONDS}s"
 same_tokens "new vs base binary" "$L" "$B" "sd --tree dynamic --temperature 0" "lantern++ --tree naive_extend_57" "lantern --tree dynamic" 2>&1 | tee "$OUT/equal.txt"
+same_tokens "graphs vs none" "$L" "env LANTERN_CUDA_GRAPHS=0 $L" "ar" "sd --tree dynamic --temperature 0" "lantern++ --tree naive_extend_57" 2>&1 | tee -a "$OUT/equal.txt"
 M="ar,sd-static,lantern++-2"
 { echo "== base"; timeout 150 "$B" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | tail -8
   echo "== new"; timeout 150 "$L" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | tail -8

@@ -315,10 +315,7 @@ pub(super) fn attention(
                 d.keys
             );
         };
-        let mut name = format!("attention_{}_{qt}_{}", d.cache.hd, suffix(dt)?);
-        if qt == 1 && d.cache.hd == 64 && dt == DType::BF16 && attn_prefetch() {
-            name.push_str("_pf");
-        }
+        let name = format!("attention_{}_{qt}_{}", d.cache.hd, suffix(dt)?);
         let grid = (d.s.div_ceil(qt) as u32, d.h as u32, d.cache.b as u32);
         (name, grid, threads, shared)
     };
@@ -355,14 +352,9 @@ pub(super) fn attention(
         let kv_s = held::<T>(&kv_g, "the KV cache")?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(d.cache.b * d.s * d.h * d.cache.hd)? };
-        let mut mask_vec = 1i32;
         let mask_s = match &mask_g {
             Some((g, l)) => {
                 let (a, b) = offsets(l)?;
-                let aligned = [a, d.keys, d.mask_s, d.mask_b]
-                    .iter()
-                    .all(|v| v.is_multiple_of(4));
-                mask_vec = aligned as i32;
                 Some(held::<f32>(g, "the mask")?.slice(a..b))
             }
             None => None,
@@ -384,9 +376,6 @@ pub(super) fn attention(
         builder.arg(&strides[0]);
         builder.arg(&strides[1]);
         builder.arg(&causal);
-        if mma {
-            builder.arg(&mask_vec);
-        }
         // SAFETY: argument list matches the kernel's signature; dims were checked against
         // the cache's layout.
         unsafe { builder.launch(cfg) }?;
@@ -394,24 +383,16 @@ pub(super) fn attention(
     })
 }
 
-/// `LANTERN_ATTN_PREFETCH=1` (head size 64, bf16, one query per block): a bench experiment
-/// that asks the L2 cache for the V rows before the scores (see kernels.cu).
-fn attn_prefetch() -> bool {
-    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *V.get_or_init(|| std::env::var("LANTERN_ATTN_PREFETCH").is_ok_and(|v| v == "1"))
-}
-
-/// `LANTERN_MMA_VARIANT` (0, 1, 3, 5, 15 or 23; head size 64, bf16): a bench experiment that
-/// runs only some phases of the tensor-core attention (0 none, 1 scores, 3 + softmax, 5 scores
-/// + P V), all of them after asking the L2 cache for V and the mask (15), or with the mask
-/// applied in the softmax warps (23); see kernels.cu.
+/// `LANTERN_MMA_VARIANT` (0, 1, 3 or 5; head size 64, bf16): a kernel-bench diagnostic that
+/// runs only some phases of the tensor-core attention (0 none: queries in, output out;
+/// 1 scores; 3 scores + softmax; 5 scores + P V), to split its time; see kernels.cu.
 fn mma_variant() -> Option<u32> {
     static V: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
     *V.get_or_init(|| {
         std::env::var("LANTERN_MMA_VARIANT")
             .ok()
             .and_then(|v| v.parse().ok())
-            .filter(|v| [0, 1, 3, 5, 15, 23].contains(v))
+            .filter(|v| [0, 1, 3, 5].contains(v))
     })
 }
 

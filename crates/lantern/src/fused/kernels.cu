@@ -178,9 +178,7 @@ __device__ void write_kv(T *kv, size_t base, const T *qkv, const float *rope, in
 // and the weighted sum stay in f32. mask: additive f32 (element [bb * mask_b + q * mask_s + j],
 // -inf hides a key) or null; causal_past >= 0 hides keys j > causal_past + q.
 // Shared memory: scores [QT][keys], queries [QT][HD], partial sums [warps][QT][HD].
-// PF (bench experiment, LANTERN_ATTN_PREFETCH=1): each thread first asks the L2 cache for the
-// V rows of its keys, so that the weighted sum after the softmax does not wait for DRAM.
-template <typename T, int HD, int QT, bool PF = false>
+template <typename T, int HD, int QT>
 __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t base,
                           const float *mask, T *out, int b, int s, int h, int kvh, int layer,
                           int n_layer, int max_len, int keys, int rope_rows, long long mask_b,
@@ -214,12 +212,6 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
     const size_t head = base + cache_head(layer, b, bb, kvh, kh, max_len, HD);
     const size_t plane = cache_plane(n_layer, b, kvh, max_len, HD);
     const T *kp = kv + head, *vp = kv + plane + head;
-    if (PF) {
-        constexpr int LINES = HD * (int)sizeof(T) / 128 > 0 ? HD * (int)sizeof(T) / 128 : 1;
-        for (int i = threadIdx.x; i < keys * LINES; i += blockDim.x)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(vp + (size_t)(i / LINES) * HD +
-                                                          (i % LINES) * (128 / sizeof(T))));
-    }
     // scores: one key row per thread, reused for the tile's queries
     for (int j = threadIdx.x; j < keys; j += blockDim.x) {
         // the key row and the mask entries are loaded together (no load waits on another)
@@ -366,15 +358,14 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
         write_kv<T>(kv, base, qkv, rope, b, s, h, kvh, hd, layer, n_layer, max_len, at,         \
                     rope_rows);                                                                 \
     }
-#define ATTN(T, HD, QT, NAME) ATTN_PF(T, HD, QT, false, NAME)
-#define ATTN_PF(T, HD, QT, PF, NAME)                                                            \
+#define ATTN(T, HD, QT, NAME)                                                                   \
     extern "C" __global__ void NAME(const T *qkv, const float *rope, const T *kv,              \
                                     unsigned long long base, const float *mask, T *out, int b, \
                                     int s, int h, int kvh, int layer, int n_layer,              \
                                     int max_len, int keys, int rope_rows, long long mask_b,     \
                                     long long mask_s, int causal_past) {                        \
         pdl_trigger(); pdl_wait();                                                              \
-        attention<T, HD, QT, PF>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,  \
+        attention<T, HD, QT>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,      \
                              max_len, keys, rope_rows, mask_b, mask_s, causal_past);            \
     }
 #define ALL(T, SUF)                                                                             \
@@ -393,7 +384,6 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
 
 ALL(float, f32)
 ALL(__nv_bfloat16, bf16)
-ATTN_PF(__nv_bfloat16, 64, 1, true, attention_64_1_bf16_pf)
 ALL(__half, f16)
 
 // y = x w^T for a few rows (M <= 8: decode steps), weight-bandwidth bound: one warp per output
@@ -552,16 +542,13 @@ SMALLS(__half, f16)
 // T like the reference; O = P V per 16-column tile. Tiles past the last key are staged with
 // zeros. Shared memory: S [16][kp] f32, P [16][kp] T, Q [16][HD] T, per-warp staging
 // [warps][16][HD] T, per-warp O [warps][16][HD] f32 (kp = keys rounded up to 16).
-// VAR (bench experiments, fused/cuda.rs LANTERN_MMA_VARIANT): bit 1 scores, 2 mask + softmax,
-// 4 P V (7: the kernel as used); bit 8 first asks the L2 cache for the head's V rows and the
-// tile's mask rows, so that their loads after the scores do not wait for DRAM; bit 16 scales
-// and masks each query row in its softmax warp (no separate block-wide pass and barrier).
+// VAR splits the kernel's time by phase in the kernel bench (fused/cuda.rs
+// LANTERN_MMA_VARIANT): bit 1 scores, 2 mask + softmax, 4 P V; 7 is the kernel as used.
 template <typename T, int HD, int VAR = 7>
 __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size_t base,
                               const float *mask, T *out, int b, int s, int h, int kvh, int layer,
                               int n_layer, int max_len, int keys, int rope_rows,
-                              long long mask_b, long long mask_s, int causal_past,
-                              int mask_vec) {
+                              long long mask_b, long long mask_s, int causal_past) {
     using namespace nvcuda;
     constexpr int QT = 16, NW = HD <= 64 ? 8 : 4, DT = HD / 16;
     const int kp = (keys + 15) / 16 * 16, nt = kp / 16;
@@ -596,18 +583,6 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
     const size_t head = base + cache_head(layer, b, bb, kvh, kh, max_len, HD);
     const size_t plane = cache_plane(n_layer, b, kvh, max_len, HD);
     const T *kp_ = kv + head, *vp = kv + plane + head;
-    if (VAR & 8) {
-        constexpr int LINES = HD * (int)sizeof(T) / 128 > 0 ? HD * (int)sizeof(T) / 128 : 1;
-        for (int i = threadIdx.x; i < keys * LINES; i += blockDim.x)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(vp + (size_t)(i / LINES) * HD +
-                                                          (i % LINES) * (128 / sizeof(T))));
-        if (mask) {
-            const int per = (keys * 4 + 127) / 128;
-            for (int i = threadIdx.x; i < nq * per; i += blockDim.x)
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(
-                    mask + bb * mask_b + (q0 + i / per) * mask_s + (i % per) * 32));
-        }
-    }
     // a 16-key tile of K or V: straight from the cache, or staged in this warp's slot with zero
     // rows past the end (only the last tile is partial, so one slot serves a round's two tiles)
     auto tile_ptr = [&](const T *src, int t) -> const T * {
@@ -662,72 +637,20 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
         }
     }
     __syncthreads();
-    // scale and mask the scores: 16-byte mask loads (4 keys) when aligned, 4 in flight
-    if (!(VAR & 2) || (VAR & 16)) {
-    } else if (mask_vec) {
-        const int n4 = QT * kp / 4;
-        for (int i0 = threadIdx.x; i0 < n4; i0 += 4 * blockDim.x) {
-            float4 m[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const int i = i0 + u * blockDim.x, qq = 4 * i / kp, j = 4 * i % kp;
-                m[u] = (mask && i < n4 && qq < nq && j < keys)
-                           ? *reinterpret_cast<const float4 *>(
-                                 mask + bb * mask_b + (q0 + qq) * mask_s + j)
-                           : make_float4(0.f, 0.f, 0.f, 0.f);
-            }
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const int i = i0 + u * blockDim.x, qq = 4 * i / kp, j = 4 * i % kp;
-                if (i >= n4) continue;
-                const float mv[4] = {m[u].x, m[u].y, m[u].z, m[u].w};
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    bool vis = qq < nq && j + e < keys && !(isinf(mv[e]) && mv[e] < 0.f);
-                    if (causal_past >= 0 && j + e > causal_past + q0 + qq) vis = false;
-                    sc[4 * i + e] = vis ? sc[4 * i + e] * scale + mv[e] : -INFINITY;
-                }
-            }
-        }
-    } else {
-        for (int i0 = threadIdx.x; i0 < QT * kp; i0 += 8 * blockDim.x) {
-            float m[8];
-#pragma unroll
-            for (int u = 0; u < 8; ++u) {
-                const int i = i0 + u * blockDim.x, qq = i / kp, j = i % kp;
-                m[u] = (mask && i < QT * kp && qq < nq && j < keys)
-                           ? mask[bb * mask_b + (q0 + qq) * mask_s + j]
-                           : 0.f;
-            }
-#pragma unroll
-            for (int u = 0; u < 8; ++u) {
-                const int i = i0 + u * blockDim.x, qq = i / kp, j = i % kp;
-                if (i < QT * kp) {
-                    bool vis = qq < nq && j < keys && !(isinf(m[u]) && m[u] < 0.f);
-                    if (causal_past >= 0 && j > causal_past + q0 + qq) vis = false;
-                    sc[i] = vis ? sc[i] * scale + m[u] : -INFINITY;
-                }
-            }
-        }
-    }
-    __syncthreads();
+    // softmax, one warp per query row: scale, mask (coalesced loads, 8 in flight) and the row
+    // maximum in one pass (a separate block-wide masking pass and barrier cost 0.9-1.6 µs
+    // more per call at GPT-XL shapes, docs/BENCHMARKS.md §0000)
     for (int qq = warp; qq < QT && (VAR & 2); qq += NW) {
         float mx = -INFINITY;
-        if (VAR & 16) {
-            // one warp per query row: scale, mask (coalesced loads, 8 in flight) and the
-            // row maximum in one pass
-            const float *mrow = mask ? mask + bb * mask_b + (q0 + qq) * mask_s : nullptr;
+        const float *mrow = mask ? mask + bb * mask_b + (q0 + qq) * mask_s : nullptr;
 #pragma unroll 8
-            for (int j = lane; j < kp; j += 32) {
-                const float m = (mrow && j < keys && qq < nq) ? mrow[j] : 0.f;
-                bool vis = qq < nq && j < keys && !(isinf(m) && m < 0.f);
-                if (causal_past >= 0 && j > causal_past + q0 + qq) vis = false;
-                const float v = vis ? sc[qq * kp + j] * scale + m : -INFINITY;
-                sc[qq * kp + j] = v;
-                mx = fmaxf(mx, v);
-            }
-        } else {
-            for (int j = lane; j < kp; j += 32) mx = fmaxf(mx, sc[qq * kp + j]);
+        for (int j = lane; j < kp; j += 32) {
+            const float m = (mrow && j < keys && qq < nq) ? mrow[j] : 0.f;
+            bool vis = qq < nq && j < keys && !(isinf(m) && m < 0.f);
+            if (causal_past >= 0 && j > causal_past + q0 + qq) vis = false;
+            const float v = vis ? sc[qq * kp + j] * scale + m : -INFINITY;
+            sc[qq * kp + j] = v;
+            mx = fmaxf(mx, v);
         }
         for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
         float sum = 0.f;
@@ -790,19 +713,16 @@ __device__ void attention_mma(const T *qkv, const float *rope, const T *kv, size
                                     unsigned long long base, const float *mask, T *out, int b, \
                                     int s, int h, int kvh, int layer, int n_layer,              \
                                     int max_len, int keys, int rope_rows, long long mask_b,     \
-                                    long long mask_s, int causal_past, int mask_vec) {          \
+                                    long long mask_s, int causal_past) {                        \
         pdl_trigger(); pdl_wait();                                                              \
         attention_mma<T, HD, VAR>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer, \
-                                  max_len, keys, rope_rows, mask_b, mask_s, causal_past,        \
-                                  mask_vec);                                                    \
+                                  max_len, keys, rope_rows, mask_b, mask_s, causal_past);       \
     }
 #define ATTN_MMA(T, HD, NAME) ATTN_MMA_V(T, HD, 7, NAME)
 ATTN_MMA_V(__nv_bfloat16, 64, 1, attention_mma_64_bf16_v1)
 ATTN_MMA_V(__nv_bfloat16, 64, 3, attention_mma_64_bf16_v3)
 ATTN_MMA_V(__nv_bfloat16, 64, 5, attention_mma_64_bf16_v5)
-ATTN_MMA_V(__nv_bfloat16, 64, 15, attention_mma_64_bf16_v15)
 ATTN_MMA_V(__nv_bfloat16, 64, 0, attention_mma_64_bf16_v0)
-ATTN_MMA_V(__nv_bfloat16, 64, 23, attention_mma_64_bf16_v23)
 ATTN_MMA(__nv_bfloat16, 32, attention_mma_32_bf16)
 ATTN_MMA(__nv_bfloat16, 64, attention_mma_64_bf16)
 ATTN_MMA(__nv_bfloat16, 128, attention_mma_128_bf16)
