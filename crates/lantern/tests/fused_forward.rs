@@ -237,3 +237,35 @@ fn cuda_move_slots_matches_tensor_copy() -> Result<()> {
     }
     Ok(())
 }
+
+/// On the GPU the probabilities kernel with CFG folded in equals the kernel on the logits
+/// mixed by tensor ops, bit for bit (the speculative loop's drafting levels used the latter).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_cfg_probs_equal_probs_of_mixed_logits() -> Result<()> {
+    use lantern::fused::picks::{draft_probs, draft_probs_cfg};
+    use lantern::sampling::SamplingParams;
+    let gpu = lantern::fused::cuda_device(0)?;
+    let logits = (Tensor::randn(0f32, 3.0, (4, 10, 16384), &gpu)? * 1.0)?;
+    for s in [
+        SamplingParams::greedy(),
+        SamplingParams::default(),
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 100,
+            top_p: 1.0,
+        },
+    ] {
+        let got: Vec<f32> = draft_probs_cfg(&logits, 2, Some(4.0), &s)?
+            .flatten_all()?
+            .to_vec1()?;
+        let (c, u) = (logits.narrow(0, 0, 2)?, logits.narrow(0, 2, 2)?);
+        let mixed = (&u + ((&c - &u)? * 4.0)?)?.reshape((20, 16384))?;
+        let want: Vec<f32> = draft_probs(&mixed, &s)?.flatten_all()?.to_vec1()?;
+        assert!(
+            got == want,
+            "{s:?}: CFG folded into the kernel changed the probabilities"
+        );
+    }
+    Ok(())
+}

@@ -143,12 +143,14 @@ fn drafter_level<T: Target>(
     cfg: Option<f32>,
     sampling: &SamplingParams,
 ) -> Result<Box<dyn DraftLevel>> {
-    let mixed = cfg_mix_device(target.lm_head(feats)?, n_img, cfg)?;
-    let (_, s, v) = mixed.dims3()?;
-    if v > 0 && picks::probs_on_device(sampling, mixed.device()) {
-        let probs = picks::draft_probs(&mixed.reshape((n_img * s, v))?, sampling)?;
+    let logits = target.lm_head(feats)?;
+    let (_, s, v) = logits.dims3()?;
+    if v > 0 && picks::probs_on_device(sampling, logits.device()) {
+        // CFG combined inside the probabilities kernel (no mixed logits materialised)
+        let probs = picks::draft_probs_cfg(&logits, n_img, cfg, sampling)?;
         return Ok(Box::new(DeviceLevel::new(probs, s)?));
     }
+    let mixed = cfg_mix_device(logits, n_img, cfg)?;
     let flat = to_host_f32(&mixed)?;
     if v == 0 {
         return Ok(Box::new(HostLevel::new(vec![vec![Vec::new(); s]; n_img])));

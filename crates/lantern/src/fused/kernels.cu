@@ -775,14 +775,28 @@ __device__ __forceinline__ void pk_block_first(unsigned &k, int &i, unsigned *rk
     }
 }
 
-// Probabilities of logit rows [n, v]: l = x / temp; with 0 < top_k < v the logits below the
-// top_k-th largest are dropped (ties with it kept); softmax (all dropped: uniform).
+// Logit i of a row, CFG-combined with the unconditional row when there is one (rounded after
+// each operation, like the separate tensor ops it replaces), over the temperature.
+__device__ __forceinline__ float pk_logit(const float *row, const float *urow, float scale,
+                                          int i, float temp) {
+    float x = row[i];
+    if (urow) {
+        const float u = urow[i];
+        x = __fadd_rn(u, __fmul_rn(__fsub_rn(x, u), scale));
+    }
+    return x / temp;
+}
+
+// Probabilities of logit rows [n, v] (with xu, the unconditional rows [n, v]: of
+// u + (x - u) * scale): l = x / temp; with 0 < top_k < v the logits below the top_k-th largest
+// are dropped (ties with it kept); softmax (all dropped: uniform).
 extern "C" __global__ void draft_probs_f32(const float *x, float *out, int v, float temp,
-                                           int top_k) {
+                                           int top_k, const float *xu, float scale) {
     pdl_trigger();
     pdl_wait();
     __shared__ float red[32];
     const float *row = x + (size_t)blockIdx.x * v;
+    const float *urow = xu ? xu + (size_t)blockIdx.x * v : nullptr;
     float *o = out + (size_t)blockIdx.x * v;
     const bool filter = top_k > 0 && top_k < v;
     // key of the top_k-th largest: the largest t with count(key >= t) >= top_k, bit by bit
@@ -792,13 +806,13 @@ extern "C" __global__ void draft_probs_f32(const float *x, float *out, int v, fl
             const unsigned cand = kth | (1u << bit);
             float c = 0.f;
             for (int i = threadIdx.x; i < v; i += blockDim.x)
-                c += pk_key(row[i] / temp) >= cand ? 1.f : 0.f;
+                c += pk_key(pk_logit(row, urow, scale, i, temp)) >= cand ? 1.f : 0.f;
             if (block_sum(c, red) >= (float)top_k) kth = cand;
         }
     }
     float m = -INFINITY;
     for (int i = threadIdx.x; i < v; i += blockDim.x) {
-        const float l = row[i] / temp;
+        const float l = pk_logit(row, urow, scale, i, temp);
         if (!filter || pk_key(l) >= kth) m = fmaxf(m, l);
     }
     m = block_max(m, red);
@@ -808,12 +822,12 @@ extern "C" __global__ void draft_probs_f32(const float *x, float *out, int v, fl
     }
     float s = 0.f;
     for (int i = threadIdx.x; i < v; i += blockDim.x) {
-        const float l = row[i] / temp;
+        const float l = pk_logit(row, urow, scale, i, temp);
         if (!filter || pk_key(l) >= kth) s += expf(l - m);
     }
     s = block_sum(s, red);
     for (int i = threadIdx.x; i < v; i += blockDim.x) {
-        const float l = row[i] / temp;
+        const float l = pk_logit(row, urow, scale, i, temp);
         o[i] = (!filter || pk_key(l) >= kth) ? expf(l - m) / s : 0.f;
     }
 }

@@ -40,6 +40,40 @@ pub fn draft_probs(logits: &Tensor, sampling: &SamplingParams) -> Result<Tensor>
     })
 }
 
+/// [`draft_probs`] of CFG-combined logits, combined in the same kernel: `logits` `[rows, s, V]`
+/// f32 holds `n_img` conditional images first and, with `cfg`, their unconditional halves
+/// (`u + (c - u) * scale`, rounded after each operation like the tensor ops it replaces)
+/// → `[n_img * s, V]`.
+pub fn draft_probs_cfg(
+    logits: &Tensor,
+    n_img: usize,
+    cfg: Option<f32>,
+    sampling: &SamplingParams,
+) -> Result<Tensor> {
+    let (rows, s, v) = logits.dims3()?;
+    let Some(scale) = cfg else {
+        return draft_probs(&logits.reshape((rows * s, v))?, sampling);
+    };
+    if rows != 2 * n_img {
+        bail!("draft_probs_cfg: {rows} rows for {n_img} images with CFG");
+    }
+    if !probs_on_device(sampling, logits.device()) {
+        bail!(
+            "draft_probs: top-p {} is not served on this device",
+            sampling.top_p
+        );
+    }
+    let x = logits.to_dtype(DType::F32)?.contiguous()?;
+    let half = |i: usize| x.narrow(0, i * n_img, n_img)?.reshape((n_img * s, v));
+    half(0)?.apply_op2_no_bwd(
+        &half(1)?,
+        &ProbsCfg {
+            sampling: *sampling,
+            scale,
+        },
+    )
+}
+
 /// Top `k` of every row of `probs` `[n, V]` (ties: lower index first) → `[n, k, 2]`.
 pub fn top_k(probs: &Tensor, k: usize) -> Result<Tensor> {
     check_k(k)?;
@@ -116,7 +150,69 @@ impl CustomOp1 for Probs {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, v) = rows_of(l)?;
-        super::picks_cuda::probs(&self.sampling, s, l, n, v).map(|st| (st, l.shape().clone()))
+        super::picks_cuda::probs(&self.sampling, s, l, n, v, None).map(|st| (st, l.shape().clone()))
+    }
+}
+
+/// Built only by [`draft_probs_cfg`]: conditional rows, then the unconditional rows as the
+/// second input.
+struct ProbsCfg {
+    sampling: SamplingParams,
+    scale: f32,
+}
+
+impl CustomOp2 for ProbsCfg {
+    fn name(&self) -> &'static str {
+        "lantern-draft-probs-cfg"
+    }
+
+    fn cpu_fwd(
+        &self,
+        c: &CpuStorage,
+        cl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, v) = rows_of(cl)?;
+        if rows_of(ul)? != rows_of(cl)? {
+            bail!(
+                "draft_probs_cfg: halves {:?} and {:?}",
+                cl.dims(),
+                ul.dims()
+            );
+        }
+        let (c, u) = (cpu_slice::<f32>(c, cl)?, cpu_slice::<f32>(u, ul)?);
+        let mut out = Vec::with_capacity(c.len());
+        let mut mixed = vec![0f32; v];
+        for (cr, ur) in c.chunks_exact(v).zip(u.chunks_exact(v)) {
+            for ((m, &c), &u) in mixed.iter_mut().zip(cr).zip(ur) {
+                // as the tensor ops: sub, affine (scale), add, each rounded to f32
+                let e = (c - u) * self.scale;
+                *m = u + e;
+            }
+            out.extend(row_probs(&self.sampling, &mixed));
+        }
+        Ok((CpuStorage::F32(out), cl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        c: &candle_core::CudaStorage,
+        cl: &Layout,
+        u: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, v) = rows_of(cl)?;
+        if rows_of(ul)? != (n, v) {
+            bail!(
+                "draft_probs_cfg: halves {:?} and {:?}",
+                cl.dims(),
+                ul.dims()
+            );
+        }
+        super::picks_cuda::probs(&self.sampling, c, cl, n, v, Some((u, ul, self.scale)))
+            .map(|st| (st, cl.shape().clone()))
     }
 }
 
@@ -320,6 +416,32 @@ mod tests {
             let want: Vec<f32> = logits.iter().flat_map(|l| row_probs(&s, l)).collect();
             assert_eq!(p, want, "{s:?}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn cfg_probs_op_equals_probs_of_the_mixed_logits() -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(15);
+        // 2 images x 3 rows, conditional halves first
+        let rows: Vec<Vec<f32>> = (0..12)
+            .map(|_| (0..40).map(|_| rng.random_range(-4.0..4.0f32)).collect())
+            .collect();
+        let logits = tensor(&rows).reshape((4, 3, 40))?;
+        for s in [SamplingParams::greedy(), SamplingParams::default()] {
+            let got: Vec<f32> = draft_probs_cfg(&logits, 2, Some(2.5), &s)?
+                .flatten_all()?
+                .to_vec1()?;
+            let (c, u) = (logits.narrow(0, 0, 2)?, logits.narrow(0, 2, 2)?);
+            let mixed = (&u + ((&c - &u)? * 2.5)?)?.reshape((6, 40))?;
+            let want: Vec<f32> = draft_probs(&mixed, &s)?.flatten_all()?.to_vec1()?;
+            assert_eq!(got, want, "{s:?}");
+            let plain: Vec<f32> = draft_probs_cfg(&c, 2, None, &s)?.flatten_all()?.to_vec1()?;
+            let want: Vec<f32> = draft_probs(&c.reshape((6, 40))?, &s)?
+                .flatten_all()?
+                .to_vec1()?;
+            assert_eq!(plain, want);
+        }
+        assert!(draft_probs_cfg(&logits, 3, Some(2.0), &SamplingParams::default()).is_err());
         Ok(())
     }
 

@@ -16,17 +16,29 @@ fn per_row(n: usize) -> LaunchConfig {
     launch_cfg((n as u32, 1, 1), THREADS, 0)
 }
 
+/// Probabilities of the rows of `x`, CFG-combined with `uncond` (storage, layout, scale) first
+/// when given.
 pub(super) fn probs(
     sampling: &SamplingParams,
     x: &CudaStorage,
     l: &Layout,
     n: usize,
     v: usize,
+    uncond: Option<(&CudaStorage, &Layout, f32)>,
 ) -> Result<CudaStorage> {
     let dev = x.device().clone();
     let func = dev.get_or_load_custom_func("draft_probs_f32", MODULE, PTX)?;
     let (a, b) = offsets(l)?;
     let src = x.as_cuda_slice::<f32>()?.slice(a..b);
+    let usrc = match uncond {
+        Some((u, ul, _)) => {
+            let (a, b) = offsets(ul)?;
+            Some(u.as_cuda_slice::<f32>()?.slice(a..b))
+        }
+        None => None,
+    };
+    let scale = uncond.map_or(1f32, |(_, _, s)| s);
+    let null = 0u64;
     // SAFETY: every element is written by the kernel.
     let out = unsafe { dev.alloc::<f32>(n * v)? };
     let (temp, top_k) = if sampling.is_greedy() {
@@ -41,7 +53,12 @@ pub(super) fn probs(
     builder.arg(&v);
     builder.arg(&temp);
     builder.arg(&top_k);
-    // SAFETY: argument list matches the kernel's signature.
+    match &usrc {
+        Some(u) => builder.arg(u),
+        None => builder.arg(&null),
+    };
+    builder.arg(&scale);
+    // SAFETY: argument list matches the kernel's signature; both row sets are [n, v].
     unsafe { builder.launch(per_row(n)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
