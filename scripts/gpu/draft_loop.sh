@@ -6,10 +6,8 @@
 # SKIP_SHIPPED is set). Also used for later A/B runs of two binaries (PRESETS to narrow).
 set -uo pipefail
 source scripts/gpu/env.sh
-B="$G/lantern-base"; xz -dkf "$B.xz" && chmod +x "$B"
-xz -dkf "$G/fused_forward.xz" && chmod +x "$G/fused_forward"
 SECONDS=0
-for bin in "$B" "$L"; do "$bin" bench --random-weights --preset tiny --device cuda --loop-images 1 --loop-tokens 8 2>&1 | grep -i "error" | head -5; done
+with_base
 echo "warm-up done ${SECONDS}s"
 LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt "$G/fused_forward" --nocapture 2>&1 | grep -E "rel err|test result|panicked" | tee "$OUT/kernel_test.txt"
 for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do

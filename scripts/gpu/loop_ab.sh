@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # GPU run (session 5): the speculative loop and the shipped model, two binaries in one run:
-# $G/lantern-base (session start) and $G/lantern; then the loop profile of the new binary.
+# $G/lantern-base (the binary to compare against) and $G/lantern; kernel test, token checks,
+# then the loop profile of the new binary. PRESETS and TOKENS narrow it.
 set -uo pipefail
 source scripts/gpu/env.sh
-B="$G/lantern-base"; xz -dkf "$B.xz" && chmod +x "$B"
-xz -dkf "$G/fused_forward.xz" && chmod +x "$G/fused_forward"
 SECONDS=0
-for bin in "$B" "$L"; do "$bin" bench --random-weights --preset tiny --device cuda --loop-images 1 --loop-tokens 8 2>&1 | grep -i "error" | head -5; done
+with_base
 echo "warm-up done ${SECONDS}s"
 LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt "$G/fused_forward" --nocapture 2>&1 | grep -E "rel err|test result|panicked|^test " | tee "$OUT/kernel_test.txt"
 for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
