@@ -25,15 +25,21 @@ pub fn probs_on_device(sampling: &SamplingParams, dev: &Device) -> bool {
     }
 }
 
-/// Probabilities of every row of CFG-combined logits `[n, V]` (f32) as the speculative loop
-/// uses them ([`row_probs`]: softmax when greedy, else temperature, top-k, top-p, softmax).
-pub fn draft_probs(logits: &Tensor, sampling: &SamplingParams) -> Result<Tensor> {
-    if !probs_on_device(sampling, logits.device()) {
+/// The error for sampling filters [`probs_on_device`] does not serve on `dev`.
+fn check_served(sampling: &SamplingParams, dev: &Device) -> Result<()> {
+    if !probs_on_device(sampling, dev) {
         bail!(
             "draft_probs: top-p {} is not served on this device",
             sampling.top_p
         );
     }
+    Ok(())
+}
+
+/// Probabilities of every row of CFG-combined logits `[n, V]` (f32) as the speculative loop
+/// uses them ([`row_probs`]: softmax when greedy, else temperature, top-k, top-p, softmax).
+pub fn draft_probs(logits: &Tensor, sampling: &SamplingParams) -> Result<Tensor> {
+    check_served(sampling, logits.device())?;
     let x = logits.to_dtype(DType::F32)?.contiguous()?;
     x.apply_op1_no_bwd(&Probs {
         sampling: *sampling,
@@ -57,12 +63,7 @@ pub fn draft_probs_cfg(
     if rows != 2 * n_img {
         bail!("draft_probs_cfg: {rows} rows for {n_img} images with CFG");
     }
-    if !probs_on_device(sampling, logits.device()) {
-        bail!(
-            "draft_probs: top-p {} is not served on this device",
-            sampling.top_p
-        );
-    }
+    check_served(sampling, logits.device())?;
     let x = logits.to_dtype(DType::F32)?.contiguous()?;
     let half = |i: usize| x.narrow(0, i * n_img, n_img)?.reshape((n_img * s, v));
     half(0)?.apply_op2_no_bwd(
