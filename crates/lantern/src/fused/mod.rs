@@ -18,6 +18,8 @@
 //!
 //! [`picks`] serves speculative drafting rather than the blocks: the drafter's probability rows
 //! and the few picks per row a tree builder needs, made on the device (always on, any device).
+//! [`place_mask`] and [`move_slots`] serve the fixed-shape (CUDA graph) steps' bookkeeping;
+//! [`probe`] holds the kernel bench's read-bandwidth probes.
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
