@@ -21,7 +21,7 @@
 //! positive counts that fix how many uniforms each draw takes, then the draws), and acceptance
 //! copies a sampled node's distribution only when it visits the node. Where the device does not
 //! serve the sampling filters (top-p < 1 on CUDA) each drafter call copies its logits instead.
-//! The verification block is copied in one transfer while it is at most [`HOST_BLOCK_BYTES`]
+//! The verification block is copied in one transfer while it is at most `HOST_BLOCK_BYTES` (1 MiB)
 //! per image (else one transfer per row read).
 use super::draft::{draft_static, Expand};
 use super::dynamic::draft_dynamic;
