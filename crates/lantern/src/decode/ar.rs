@@ -1,11 +1,12 @@
 //! Plain autoregressive decoding with CFG batch 2 (conditional rows first).
 use super::model::{Target, Visibility};
 use super::{cfg_rows, token_budget, DecodeStats, GenerateOptions, Output};
+use crate::fused::picks;
 use crate::sampling::sample_index;
-use crate::Result;
+use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
 /// One target forward per token; image g samples with seed `opts.seed + g`.
@@ -32,11 +33,25 @@ pub fn generate_ar<T: Target>(
     let mut forwards = 1;
     let mut tokens: Vec<Vec<u32>> = vec![Vec::with_capacity(budget); n_img];
     let device: Device = logits.device().clone();
+    // sampled tokens are drawn where the logits are (CFG, filters and the draw in two small
+    // kernels on a GPU; one transfer of a token per image instead of the vocabulary rows), with
+    // the same uniform per image and token as the host path; greedy decoding keeps the host
+    // argmax (the reference for speculative decoding's exactness)
+    let on_device = !opts.sampling.is_greedy() && picks::probs_on_device(&opts.sampling, &device);
     loop {
-        let rows_now = cfg_rows(&logits, n_img, 0, cfg)?;
-        for (g, (toks, row)) in tokens.iter_mut().zip(rows_now).enumerate() {
-            let p = opts.sampling.probs(&row);
-            toks.push(sample_index(&p, &mut rngs[g]) as u32);
+        if on_device {
+            for (g, t) in sample_on_device(&logits, n_img, cfg, opts, &mut rngs)?
+                .into_iter()
+                .enumerate()
+            {
+                tokens[g].push(t);
+            }
+        } else {
+            let rows_now = cfg_rows(&logits, n_img, 0, cfg)?;
+            for (g, (toks, row)) in tokens.iter_mut().zip(rows_now).enumerate() {
+                let p = opts.sampling.probs(&row);
+                toks.push(sample_index(&p, &mut rngs[g]) as u32);
+            }
         }
         if tokens[0].len() >= budget {
             break;
@@ -59,4 +74,73 @@ pub fn generate_ar<T: Target>(
         s.finish(&[]);
     }
     Ok(Output { tokens, stats })
+}
+
+/// One token per image drawn from logits `[rows, 1, V]` by the picks ops (see
+/// [`crate::fused::picks`]): CFG-combined probabilities, then one draw per image with a uniform
+/// from the image's stream, which is [`sample_index`] of the host row.
+fn sample_on_device(
+    logits: &Tensor,
+    n_img: usize,
+    cfg: Option<f32>,
+    opts: &GenerateOptions,
+    rngs: &mut [StdRng],
+) -> Result<Vec<u32>> {
+    let probs = picks::draft_probs_cfg(logits, n_img, cfg, &opts.sampling)?;
+    let us: Vec<f64> = rngs.iter_mut().map(|r| r.random::<f64>()).collect();
+    let us = Tensor::from_vec(us, (n_img, 1), logits.device())?;
+    let drawn = super::to_host_f32(&picks::draw(&probs, &us)?)?;
+    drawn
+        .chunks_exact(2)
+        .map(|d| {
+            if d[0] < 0.0 {
+                Err(Error::invalid(
+                    "sampling",
+                    "a probability row had no mass (internal error)",
+                ))
+            } else {
+                Ok(d[0] as u32)
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::SamplingParams;
+
+    #[test]
+    fn device_draws_equal_host_draws_from_the_same_streams() -> Result<()> {
+        let dev = Device::Cpu;
+        let logits = (Tensor::randn(0f32, 2.0, (6, 1, 50), &dev)? * 1.0)?;
+        for (cfg, n_img) in [(Some(3.0f32), 3), (None, 6)] {
+            for sampling in [
+                SamplingParams::default(),
+                SamplingParams {
+                    temperature: 0.7,
+                    top_k: 5,
+                    top_p: 0.9,
+                },
+            ] {
+                let opts = GenerateOptions::new().with_sampling(sampling);
+                let seeds = |_: ()| -> Vec<StdRng> {
+                    (0..n_img)
+                        .map(|g| StdRng::seed_from_u64(40 + g as u64))
+                        .collect()
+                };
+                let (mut a, mut b) = (seeds(()), seeds(()));
+                for _ in 0..20 {
+                    let dev_tokens = sample_on_device(&logits, n_img, cfg, &opts, &mut a)?;
+                    let host: Vec<u32> = cfg_rows(&logits, n_img, 0, cfg)?
+                        .iter()
+                        .zip(b.iter_mut())
+                        .map(|(row, r)| sample_index(&sampling.probs(row), r) as u32)
+                        .collect();
+                    assert_eq!(dev_tokens, host, "{cfg:?} {sampling:?}");
+                }
+            }
+        }
+        Ok(())
+    }
 }
