@@ -67,8 +67,8 @@ impl KvCache {
         self.staging
     }
 
-    /// Copies the `s` staged entries at slot `from` to the filled length and advances it (two
-    /// copies for the whole model).
+    /// Copies the `s` staged entries at slot `from` to the filled length and advances it (one
+    /// copy for the whole model, [`crate::fused::move_slots`]).
     pub fn commit_staging(&mut self, from: usize, s: usize) -> Result<()> {
         if self.len + s > from || from + s > self.max_len {
             return Err(Error::invalid(
@@ -80,12 +80,7 @@ impl KvCache {
                 ),
             ));
         }
-        // one pitched copy on CUDA (the tensor-op path below costs a strided gather of the
-        // whole block of every layer, then a copy back)
-        if !crate::fused::move_slots(&self.kv, from, self.len, s)? {
-            let block = self.kv.narrow(4, from, s)?.contiguous()?;
-            self.kv.slice_set(&block, 4, self.len)?;
-        }
+        crate::fused::move_slots(&self.kv, from, self.len, s)?;
         self.len += s;
         Ok(())
     }

@@ -65,6 +65,11 @@ impl fmt::Display for KernelReport {
     }
 }
 
+/// Copies of a `bytes`-sized buffer that together span [`L2_SPAN`] (1 to 16).
+fn l2_copies(bytes: f64) -> usize {
+    (L2_SPAN / bytes).ceil().clamp(1.0, 16.0) as usize
+}
+
 /// GPU µs per repetition of `f`, captured `REPS` times into one graph (best of 5 replays).
 #[cfg(feature = "cuda")]
 fn graph_us(device: &Device, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
@@ -133,10 +138,9 @@ pub fn run_kernel_bench(
     let qkv_w = (heads.h + 2 * heads.kvh) * heads.hd;
     // weights cycle through copies larger than the L2 cache together, like a model's layers
     let copies = |rows: usize, cols: usize| -> Result<Vec<Tensor>> {
-        let n = (L2_SPAN / ((rows * cols) as f64 * el))
-            .ceil()
-            .clamp(1.0, 16.0) as usize;
-        (0..n).map(|_| w(rows, cols)).collect()
+        (0..l2_copies((rows * cols) as f64 * el))
+            .map(|_| w(rows, cols))
+            .collect()
     };
     let (wqkv, wo, w13, w2) = (
         copies(qkv_w, d)?,
@@ -323,7 +327,7 @@ pub fn run_read_probes(
         ("w1|w3", 2 * f * d),
     ] {
         let bytes = (elems * el) as f64;
-        let n = (L2_SPAN / bytes).ceil().clamp(1.0, 16.0) as usize;
+        let n = l2_copies(bytes);
         let bufs = (0..n)
             .map(|_| Tensor::zeros(elems, cfg.dtype, device))
             .collect::<candle_core::Result<Vec<_>>>()?;

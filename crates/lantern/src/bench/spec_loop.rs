@@ -113,20 +113,7 @@ pub fn run_loop_bench(
     tokens: usize,
     images: usize,
 ) -> Result<LoopReport> {
-    let was = crate::decode::profile::sync_phases_on_this_thread(true);
-    let report = loop_bench(preset, dtype, device, tokens, images);
-    crate::decode::profile::sync_phases_on_this_thread(was);
-    report
-}
-
-/// [`run_loop_bench`] with phase syncs on.
-fn loop_bench(
-    preset: StepPreset,
-    dtype: DType,
-    device: &Device,
-    tokens: usize,
-    images: usize,
-) -> Result<LoopReport> {
+    let _syncs = crate::decode::profile::sync_phases_on_this_thread();
     let tc = preset.target();
     let model = LlamaGen::load(random_var_builder(dtype, device), &tc)?;
     let dc = preset.drafter();

@@ -25,12 +25,25 @@ thread_local! {
     static SYNC_PHASES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Makes loops started on this thread wait for the device at every phase end, as
+/// While alive, loops started on this thread wait for the device at every phase end, as
 /// `LANTERN_LOOP_SYNC=1` does (the loop bench: with asynchronous graph replays, a phase's
 /// timer would otherwise end before its GPU work and the next phase's first read would pay
-/// for it). Returns the previous setting.
-pub fn sync_phases_on_this_thread(on: bool) -> bool {
-    SYNC_PHASES.with(|c| c.replace(on))
+/// for it). Made by [`sync_phases_on_this_thread`]; dropping it restores the previous setting.
+pub struct PhaseSyncs {
+    was: bool,
+}
+
+/// Phase syncs for loops on this thread until the returned guard is dropped.
+pub fn sync_phases_on_this_thread() -> PhaseSyncs {
+    PhaseSyncs {
+        was: SYNC_PHASES.with(|c| c.replace(true)),
+    }
+}
+
+impl Drop for PhaseSyncs {
+    fn drop(&mut self) {
+        SYNC_PHASES.with(|c| c.set(self.was));
+    }
 }
 
 /// Ends a segment of the profile of the loop running on this thread (see

@@ -5,7 +5,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
 use super::launch::Launch;
-use super::{AttnDims, LinearDims, SmallLinear, WriteDims, SMALL_SHARED};
+use super::{AttnDims, LinearDims, PlaceMask, SmallLinear, WriteDims, SMALL_SHARED};
 
 pub(super) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 pub(super) const MODULE: &str = "lantern_fused";
@@ -228,7 +228,6 @@ fn resident_blocks(
     threads: u32,
     shared: usize,
 ) -> Result<usize> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as Attr;
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     // kernel name -> shared bytes -> blocks (looked up by &str: no allocation per launch)
@@ -245,12 +244,7 @@ fn resident_blocks(
     let per_sm = func
         .occupancy_max_active_blocks_per_multiprocessor(threads, shared, None)
         .w()?;
-    let sms = dev
-        .cuda_stream()
-        .context()
-        .attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .w()?;
-    let n = (per_sm.max(1) as usize) * (sms.max(1) as usize);
+    let n = (per_sm.max(1) as usize) * sm_count(dev)?;
     cache
         .lock()
         .expect("not poisoned")
@@ -258,6 +252,17 @@ fn resident_blocks(
         .or_default()
         .insert(shared, n);
     Ok(n)
+}
+
+/// Multiprocessors of `dev` (at least 1).
+fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as Attr;
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    Ok(sms.max(1) as usize)
 }
 
 /// The typed CUDA slice of a tensor held by an op (not one of its inputs).
@@ -512,40 +517,31 @@ pub(super) fn read_probe(buf: &Tensor, probe: super::probe::ReadProbe) -> Result
         bail!("read probe: the buffer is not 16-byte aligned");
     }
     let stream = dev.cuda_stream();
-    let sms = stream
-        .context()
-        .attribute(
-            candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-        )
-        .w()? as u32;
+    let (ReadProbe::Loads { blocks_per_sm, .. } | ReadProbe::Bulk { blocks_per_sm, .. }) = probe;
+    let blocks = (sm_count(&dev)? * blocks_per_sm) as u32;
+    // SAFETY: never read; a block writes its word only on a checksum hit (run 1 of §0000 used
+    // alloc_zeros, whose memset node added to the probes' fixed cost).
+    let out = unsafe { dev.alloc::<u32>(blocks as usize)? };
     typed!(buf.dtype(), T => {
         let src = c.as_cuda_slice::<T>()?.slice(a..b);
         match probe {
-            ReadProbe::Loads { unroll, blocks_per_sm } => {
+            ReadProbe::Loads { unroll, .. } => {
                 let name = format!("probe_loads_{unroll}");
                 let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-                let blocks = sms * blocks_per_sm as u32;
-                // SAFETY: never read; a block writes its word only on a checksum hit (run 1 of
-                // §0000 used alloc_zeros, whose memset node added to the probes' fixed cost).
-                let out = unsafe { dev.alloc::<u32>(blocks as usize)? };
                 let n16 = bytes / 16;
                 let mut l = Launch::new(&func, &stream);
                 l.arg(&src).arg(&n16).arg(&out);
                 // SAFETY: matches probe_loads_U(const uint4 *, u64, unsigned *); reads < n16.
                 unsafe { l.launch(launch_cfg((blocks, 1, 1), 256, 0)) }
             }
-            ReadProbe::Bulk { chunk, stages, blocks_per_sm } => {
+            ReadProbe::Bulk { chunk, stages, .. } => {
                 if stages > 32 || !chunk.is_multiple_of(16) {
                     bail!("read probe: at most 32 stages of a multiple of 16 bytes");
                 }
                 let func = dev.get_or_load_custom_func("probe_bulk", MODULE, PTX)?;
                 let shared = chunk * stages;
                 allow_shared(&func, "probe_bulk", 200 * 1024)?;
-                let blocks = sms * blocks_per_sm as u32;
                 let per = bytes.div_ceil(blocks as u64).next_multiple_of(16);
-                // SAFETY: never read; a block writes its word only on a checksum hit (run 1 of
-                // §0000 used alloc_zeros, whose memset node added to the probes' fixed cost).
-                let out = unsafe { dev.alloc::<u32>(blocks as usize)? };
                 let (chunk, stages) = (chunk as i32, stages as i32);
                 let mut l = Launch::new(&func, &stream);
                 l.arg(&src).arg(&bytes).arg(&per).arg(&out).arg(&chunk).arg(&stages);
@@ -556,19 +552,13 @@ pub(super) fn read_probe(buf: &Tensor, probe: super::probe::ReadProbe) -> Result
     })
 }
 
-/// See [`super::move_slots`]: one pitched device-to-device copy (`cuMemcpy2DAsync`), a row per
-/// (plane, layer, batch row, head) of the cache tensor.
+/// See [`super::move_slots`] (which checks the dims and slots): one pitched device-to-device
+/// copy (`cuMemcpy2DAsync`), a row per (plane, layer, batch row, head) of the cache tensor.
 pub(super) fn move_slots(kv: &Tensor, from: usize, to: usize, s: usize) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::{sys, DevicePtr};
     let &[planes, layers, b, kvh, max_len, hd] = kv.dims() else {
-        bail!(
-            "move_slots: {:?} is not a [2, L, b, kvh, max_len, hd] cache",
-            kv.dims()
-        );
+        bail!("move_slots: {:?} is not a cache tensor", kv.dims());
     };
-    if from.max(to) + s > max_len || (from < to + s && to < from + s) {
-        bail!("move_slots: slots {from}..+{s} -> {to} overlap or leave the cache ({max_len})");
-    }
     let (g, l) = kv.storage_and_layout();
     let Storage::Cuda(c) = &*g else {
         bail!("move_slots: the cache is not on the GPU");
@@ -611,17 +601,19 @@ pub(super) fn move_slots(kv: &Tensor, from: usize, to: usize, s: usize) -> Resul
 }
 
 /// See [`super::place_mask`].
-#[allow(clippy::too_many_arguments)]
 pub(super) fn place_mask(
-    rows: usize,
-    len: usize,
-    s: usize,
-    max_len: usize,
+    op: &PlaceMask,
     d: &mut CudaStorage,
     dl: &Layout,
     src: &CudaStorage,
     sl: &Layout,
 ) -> Result<()> {
+    let PlaceMask {
+        rows,
+        len,
+        s,
+        max_len,
+    } = *op;
     let dev = d.device().clone();
     let func = dev.get_or_load_custom_func("place_mask_f32", MODULE, PTX)?;
     let (a, b) = offsets(sl)?;

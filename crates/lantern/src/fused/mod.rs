@@ -211,17 +211,26 @@ pub fn write_kv(
 }
 
 /// Copies cache slots `from..from + s` to `to..to + s` (not overlapping) in every plane, layer,
-/// batch row and head of a cache tensor `[2, n_layer, b, kvh, max_len, hd]`, in one pitched
-/// copy on CUDA. Returns `false` (nothing done) on other devices, where the caller copies
-/// with tensor ops.
-pub fn move_slots(kv: &Tensor, from: usize, to: usize, s: usize) -> Result<bool> {
+/// batch row and head of a cache tensor `[2, n_layer, b, kvh, max_len, hd]`: one pitched copy
+/// on CUDA (tensor ops would gather the block of every layer, then copy it back, which is what
+/// the CPU does).
+pub fn move_slots(kv: &Tensor, from: usize, to: usize, s: usize) -> Result<()> {
+    let &[_, _, _, _, max_len, _] = kv.dims() else {
+        candle_core::bail!(
+            "move_slots: {:?} is not a [2, L, b, kvh, max_len, hd] cache",
+            kv.dims()
+        );
+    };
+    if from.max(to) + s > max_len || (from < to + s && to < from + s) {
+        candle_core::bail!(
+            "move_slots: slots {from}..+{s} -> {to} overlap or leave the cache ({max_len})"
+        );
+    }
     #[cfg(feature = "cuda")]
     if kv.device().is_cuda() {
-        cuda::move_slots(kv, from, to, s)?;
-        return Ok(true);
+        return cuda::move_slots(kv, from, to, s);
     }
-    let _ = (kv, from, to, s);
-    Ok(false)
+    kv.slice_set(&kv.narrow(4, from, s)?.contiguous()?, 4, to)
 }
 
 /// Writes the additive f32 mask `src` (`[.., len + s]`: `len` filled keys, then a block of
@@ -721,6 +730,7 @@ impl CustomOp1 for Attention {
 }
 
 /// See [`place_mask`].
+#[derive(Clone, Copy)]
 struct PlaceMask {
     /// Mask rows (the CPU version walks the slices instead).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -761,7 +771,7 @@ impl candle_core::InplaceOp2 for PlaceMask {
         s: &candle_core::CudaStorage,
         sl: &Layout,
     ) -> Result<()> {
-        cuda::place_mask(self.rows, self.len, self.s, self.max_len, d, dl, s, sl)
+        cuda::place_mask(self, d, dl, s, sl)
     }
 }
 

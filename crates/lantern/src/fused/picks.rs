@@ -10,7 +10,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout,
 use candle_core::{Tensor, D};
 
 use crate::decode::draft::{draw_with_uniforms, top_k_indices};
-use crate::sampling::{row_probs, SamplingParams};
+use crate::sampling::{cfg_mix, row_probs, SamplingParams};
 
 /// Most picks per row [`top_k`] and [`draw`] serve.
 pub const MAX_PICKS: usize = 64;
@@ -48,7 +48,7 @@ pub fn draft_probs(logits: &Tensor, sampling: &SamplingParams) -> Result<Tensor>
 
 /// [`draft_probs`] of CFG-combined logits, combined in the same kernel: `logits` `[rows, s, V]`
 /// f32 holds `n_img` conditional images first and, with `cfg`, their unconditional halves
-/// (`u + (c - u) * scale`, rounded after each operation like the tensor ops it replaces)
+/// (`u + (c - u) * scale`, rounded after each operation like [`cfg_mix`] and the tensor ops)
 /// → `[n_img * s, V]`.
 pub fn draft_probs_cfg(
     logits: &Tensor,
@@ -155,6 +155,19 @@ impl CustomOp1 for Probs {
     }
 }
 
+/// `[n, V]` of both halves of a CFG batch (conditional rows, unconditional rows).
+fn halves(cl: &Layout, ul: &Layout) -> Result<(usize, usize)> {
+    let (c, u) = (rows_of(cl)?, rows_of(ul)?);
+    if c != u {
+        bail!(
+            "draft_probs_cfg: halves {:?} and {:?}",
+            cl.dims(),
+            ul.dims()
+        );
+    }
+    Ok(c)
+}
+
 /// Built only by [`draft_probs_cfg`]: conditional rows, then the unconditional rows as the
 /// second input.
 struct ProbsCfg {
@@ -174,24 +187,12 @@ impl CustomOp2 for ProbsCfg {
         u: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, v) = rows_of(cl)?;
-        if rows_of(ul)? != rows_of(cl)? {
-            bail!(
-                "draft_probs_cfg: halves {:?} and {:?}",
-                cl.dims(),
-                ul.dims()
-            );
-        }
+        let (_, v) = halves(cl, ul)?;
         let (c, u) = (cpu_slice::<f32>(c, cl)?, cpu_slice::<f32>(u, ul)?);
         let mut out = Vec::with_capacity(c.len());
-        let mut mixed = vec![0f32; v];
         for (cr, ur) in c.chunks_exact(v).zip(u.chunks_exact(v)) {
-            for ((m, &c), &u) in mixed.iter_mut().zip(cr).zip(ur) {
-                // as the tensor ops: sub, affine (scale), add, each rounded to f32
-                let e = (c - u) * self.scale;
-                *m = u + e;
-            }
-            out.extend(row_probs(&self.sampling, &mixed));
+            // the host's mix: sub, scale, add, each rounded to f32 like the tensor ops
+            out.extend(row_probs(&self.sampling, &cfg_mix(cr, ur, self.scale)));
         }
         Ok((CpuStorage::F32(out), cl.shape().clone()))
     }
@@ -204,14 +205,7 @@ impl CustomOp2 for ProbsCfg {
         u: &candle_core::CudaStorage,
         ul: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, v) = rows_of(cl)?;
-        if rows_of(ul)? != (n, v) {
-            bail!(
-                "draft_probs_cfg: halves {:?} and {:?}",
-                cl.dims(),
-                ul.dims()
-            );
-        }
+        let (n, v) = halves(cl, ul)?;
         super::picks_cuda::probs(&self.sampling, c, cl, n, v, Some((u, ul, self.scale)))
             .map(|st| (st, cl.shape().clone()))
     }
@@ -396,12 +390,17 @@ mod tests {
         Ok(())
     }
 
+    /// `n` rows of 40 logits uniform in [-4, 4).
+    fn logit_rows(seed: u64, n: usize) -> Vec<Vec<f32>> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| (0..40).map(|_| rng.random_range(-4.0..4.0f32)).collect())
+            .collect()
+    }
+
     #[test]
     fn probs_op_equals_host_rows() -> Result<()> {
-        let mut rng = StdRng::seed_from_u64(13);
-        let logits: Vec<Vec<f32>> = (0..5)
-            .map(|_| (0..40).map(|_| rng.random_range(-4.0..4.0f32)).collect())
-            .collect();
+        let logits = logit_rows(13, 5);
         for s in [
             SamplingParams::greedy(),
             SamplingParams::default(),
@@ -422,12 +421,8 @@ mod tests {
 
     #[test]
     fn cfg_probs_op_equals_probs_of_the_mixed_logits() -> Result<()> {
-        let mut rng = StdRng::seed_from_u64(15);
         // 2 images x 3 rows, conditional halves first
-        let rows: Vec<Vec<f32>> = (0..12)
-            .map(|_| (0..40).map(|_| rng.random_range(-4.0..4.0f32)).collect())
-            .collect();
-        let logits = tensor(&rows).reshape((4, 3, 40))?;
+        let logits = tensor(&logit_rows(15, 12)).reshape((4, 3, 40))?;
         for s in [SamplingParams::greedy(), SamplingParams::default()] {
             let got: Vec<f32> = draft_probs_cfg(&logits, 2, Some(2.5), &s)?
                 .flatten_all()?
