@@ -1,11 +1,15 @@
 //! Drafting a tree for every image of a batch, level by level, through an [`Expand`] callback
 //! that runs the drafter. Static shapes are filled here (top-k when greedy, draws without
-//! replacement when sampling); the EAGLE-2 dynamic tree is in [`super::dynamic`].
-use super::level::{DraftLevel, Want};
+//! replacement when sampling) without a host round trip per level: each level's picks stay
+//! where the drafter's rows are, the next level's tokens are gathered from them there, and the
+//! host reads every level's picks in one transfer at the end. The EAGLE-2 dynamic tree is in
+//! [`super::dynamic`].
+use super::level::{level_uniforms, widest, DraftLevel, Want};
 use super::static_trees::TreeShape;
 use super::tree::{DraftKind, DraftTree};
 use crate::sampling::sample_index_at;
 use crate::Result;
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, RngCore};
 
 /// Drafter access for the tree builders.
@@ -14,15 +18,22 @@ pub trait Expand {
     /// CFG and the sampling filters) of the token after each, as a [`DraftLevel`] whose row i
     /// of image g follows the i-th node fed for it.
     ///
-    /// `tokens[g][i]` is the token of the i-th node fed for image g; `parents[g][i]` is the
-    /// index of its parent among all nodes fed earlier for image g in this tree (in feeding
-    /// order), or `None` when the parent is the root. Every image feeds the same number of
-    /// nodes per call, all at the same depth.
+    /// `tokens` `[n_img, k]` (u32, on any device) holds in row g the tokens of the nodes fed
+    /// for image g; `parents[g][i]` is the index of node i's parent among all nodes fed earlier
+    /// for image g in this tree (in feeding order), or `None` when the parent is the root.
+    /// Every image feeds the same number of nodes per call, all at the same depth.
     fn expand(
         &mut self,
-        tokens: &[Vec<u32>],
+        tokens: &Tensor,
         parents: &[Vec<Option<usize>>],
     ) -> Result<Box<dyn DraftLevel>>;
+}
+
+/// Host token lists `[n_img][k]` as the `tokens` of [`Expand::expand`] (a CPU tensor).
+pub fn token_tensor(tokens: &[Vec<u32>]) -> Result<Tensor> {
+    let k = tokens.first().map_or(0, |t| t.len());
+    let flat: Vec<u32> = tokens.concat();
+    Ok(Tensor::from_vec(flat, (tokens.len(), k), &Device::Cpu)?)
 }
 
 /// Indices of the `k` largest values, largest first (ties: lower index first).
@@ -45,13 +56,56 @@ pub fn top_k_indices(p: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// One depth of a static shape: the shape nodes asked for children at this depth (every node
+/// of the previous depth that has children, in feeding order: its row in the level) and the
+/// nodes of this depth fed to the drafter afterwards (those with children of their own).
+struct Depth {
+    /// `(shape node, its row in the level, its children in rank order)`.
+    requests: Vec<(usize, usize, Vec<usize>)>,
+    /// Fed shape nodes: `(node, request of its parent, its rank among the parent's children)`.
+    feed: Vec<(usize, usize, usize)>,
+}
+
+/// The depths of a static shape, depth 1 first.
+fn plan(shape: &TreeShape) -> Vec<Depth> {
+    let max_depth = shape.depths.iter().copied().max().unwrap_or(0);
+    let mut rows: Vec<usize> = vec![0];
+    let mut out = Vec::with_capacity(max_depth);
+    for _ in 1..=max_depth {
+        let requests: Vec<(usize, usize, Vec<usize>)> = rows
+            .iter()
+            .enumerate()
+            .map(|(row, &n)| (n, row, shape.children(n)))
+            .filter(|(_, _, c)| !c.is_empty())
+            .collect();
+        let mut feed = Vec::new();
+        for (r, (_, _, children)) in requests.iter().enumerate() {
+            for (rank, &c) in children.iter().enumerate() {
+                if !shape.children(c).is_empty() {
+                    feed.push((c, r, rank));
+                }
+            }
+        }
+        // feeding order: shape order (the order the drafter cache holds the nodes in)
+        feed.sort_unstable();
+        rows = feed.iter().map(|f| f.0).collect();
+        out.push(Depth { requests, feed });
+    }
+    out
+}
+
 /// Fills a static shape for every image. `root_tokens[g]` is image g's root, row 0 of image g
 /// in `root` the drafter distribution after it. Greedy: the children of a node are its drafter
-/// top-k (q = 1, [`DraftKind::Deterministic`]). Sampling: they are drawn without replacement,
-/// q is the conditional probability and the node's distribution is kept
-/// ([`DraftKind::WithoutReplacement`]). Children that cannot be drawn (no mass left) are
-/// dropped with their subtrees, so trees may be smaller than the shape. Each level asks its
-/// [`DraftLevel`] once for the picks of every image.
+/// top-k (q = 1, [`DraftKind::Deterministic`]). Sampling: they are drawn without replacement
+/// (each request takes exactly as many uniforms from its image's stream as the node has
+/// children, see [`level_uniforms`]), q is the conditional probability and the node's
+/// distribution is kept ([`DraftKind::WithoutReplacement`]). Children that cannot be drawn (no
+/// mass left) are dropped with their subtrees, so trees may be smaller than the shape.
+///
+/// Every level asks its [`DraftLevel`] once for a pick block of every image's nodes; the next
+/// level's tokens are gathered from it where it lies (a dropped child is fed as token 0: its
+/// outputs are never read), so the levels run without waiting for the host, which reads all
+/// pick blocks in one transfer after the last level and builds the trees.
 pub fn draft_static(
     shape: &TreeShape,
     root_tokens: &[u32],
@@ -61,110 +115,160 @@ pub fn draft_static(
     rngs: &mut [&mut dyn RngCore],
 ) -> Result<Vec<DraftTree>> {
     let n_img = root_tokens.len();
+    let depths = plan(shape);
+    // shape node -> index among fed nodes
+    let mut fed_of: Vec<Option<usize>> = vec![None; shape.len()];
+    let mut n_fed = 0;
+    let mut level = root;
+    // per depth: its level (kept for the sampled nodes' distributions), block width, block
+    let mut done: Vec<(Box<dyn DraftLevel>, usize, Tensor)> = Vec::with_capacity(depths.len());
+    for (i, d) in depths.iter().enumerate() {
+        let want: Vec<Want> = (0..n_img)
+            .flat_map(|g| {
+                d.requests
+                    .iter()
+                    .map(move |&(_, row, ref c)| Want { g, row, k: c.len() })
+            })
+            .collect();
+        let k = widest(&want, level.vocab());
+        let uniforms = (!greedy).then(|| level_uniforms(&want, k, rngs));
+        let block = level.pick_block(&want, uniforms)?;
+        let next = if i + 1 < depths.len() && !d.feed.is_empty() && k > 0 {
+            // tokens of the fed nodes, gathered from the block's token column
+            let n_req = d.requests.len();
+            let at: Vec<u32> = (0..n_img)
+                .flat_map(|g| {
+                    d.feed
+                        .iter()
+                        .map(move |&(_, r, rank)| ((g * n_req + r) * k + rank) as u32)
+                })
+                .collect();
+            let at = Tensor::from_vec(at, n_img * d.feed.len(), block.device())?;
+            let tokens = block
+                .narrow(2, 0, 1)?
+                .flatten_all()?
+                .index_select(&at, 0)?
+                .maximum(0f32)?
+                .to_dtype(DType::U32)?
+                .reshape((n_img, d.feed.len()))?;
+            let parents: Vec<Option<usize>> = d
+                .feed
+                .iter()
+                .map(|&(s, _, _)| {
+                    let p = shape.parents[s];
+                    if p == 0 {
+                        None
+                    } else {
+                        fed_of[p]
+                    }
+                })
+                .collect();
+            for &(s, _, _) in &d.feed {
+                fed_of[s] = Some(n_fed);
+                n_fed += 1;
+            }
+            Some(expand.expand(&tokens, &vec![parents; n_img])?)
+        } else {
+            None
+        };
+        done.push((level, k, block));
+        match next {
+            Some(l) => level = l,
+            None => break,
+        }
+    }
+    let picks = blocks_to_host(done.iter().map(|d| &d.2))?;
+    build_trees(shape, &depths, root_tokens, greedy, &done, &picks)
+}
+
+/// Every pick block's values on the host: one transfer when they share a device.
+fn blocks_to_host<'a>(blocks: impl Iterator<Item = &'a Tensor>) -> Result<Vec<Vec<f32>>> {
+    let blocks: Vec<&Tensor> = blocks.collect();
+    let flat: Vec<Tensor> = blocks
+        .iter()
+        .map(|b| b.flatten_all())
+        .collect::<candle_core::Result<_>>()?;
+    let one_device = flat
+        .windows(2)
+        .all(|w| w[0].device().same_device(w[1].device()));
+    if flat.is_empty() || !one_device {
+        return flat.iter().map(|t| Ok(t.to_vec1()?)).collect();
+    }
+    let all: Vec<f32> = Tensor::cat(&flat, 0)?.to_vec1()?;
+    let mut out = Vec::with_capacity(flat.len());
+    let mut at = 0;
+    for t in &flat {
+        let n = t.elem_count();
+        out.push(all[at..at + n].to_vec());
+        at += n;
+    }
+    Ok(out)
+}
+
+/// The trees of [`draft_static`] from every depth's picks (`picks[i]`: depth i+1's block).
+fn build_trees(
+    shape: &TreeShape,
+    depths: &[Depth],
+    root_tokens: &[u32],
+    greedy: bool,
+    done: &[(Box<dyn DraftLevel>, usize, Tensor)],
+    picks: &[Vec<f32>],
+) -> Result<Vec<DraftTree>> {
     let kind = if greedy {
         DraftKind::Deterministic
     } else {
         DraftKind::WithoutReplacement
     };
-    let mut trees: Vec<DraftTree> = root_tokens
-        .iter()
-        .map(|&t| DraftTree {
-            tokens: vec![t],
+    let mut trees = Vec::with_capacity(root_tokens.len());
+    for (g, &root) in root_tokens.iter().enumerate() {
+        let mut t = DraftTree {
+            tokens: vec![root],
             parents: vec![0],
             depths: vec![0],
             q: vec![1.0],
             q_dists: vec![None],
             kind,
-        })
-        .collect();
-    // shape node -> tree node, per image
-    let mut map: Vec<Vec<Option<usize>>> = vec![vec![None; shape.len()]; n_img];
-    for m in map.iter_mut() {
-        m[0] = Some(0);
-    }
-    // shape node -> index among fed nodes
-    let mut fed_of: Vec<Option<usize>> = vec![None; shape.len()];
-    let mut n_fed = 0;
-    let max_depth = shape.depths.iter().copied().max().unwrap_or(0);
-    // the level whose rows hold the distributions after `level_nodes` (shape nodes)
-    let mut level = root;
-    let mut level_nodes: Vec<usize> = vec![0];
-    for depth in 1..=max_depth {
-        let mut want = Vec::new();
-        let mut owners = Vec::new();
-        for (g, m) in map.iter().enumerate() {
-            for (row, &parent) in level_nodes.iter().enumerate() {
-                let Some(tp) = m[parent] else { continue };
-                let children = shape.children(parent);
-                if children.is_empty() {
-                    continue;
-                }
-                want.push(Want {
-                    g,
-                    row,
-                    k: children.len(),
-                });
-                owners.push((tp, children));
-            }
-        }
-        let picks = if greedy {
-            level.top_k(&want)?
-        } else {
-            level.draw(&want, rngs)?
         };
-        for ((w, (tp, children)), picks) in want.iter().zip(owners).zip(picks) {
-            if !greedy {
-                trees[w.g].q_dists[tp] = Some(level.dist(w.g, w.row)?);
-            }
-            for (&c, (tok, q)) in children.iter().zip(picks) {
-                let t = &mut trees[w.g];
-                t.tokens.push(tok as u32);
-                t.parents.push(tp);
-                t.depths.push(depth);
-                t.q.push(if greedy { 1.0 } else { q });
-                t.q_dists.push(None);
-                map[w.g][c] = Some(t.len() - 1);
-            }
-        }
-        if depth == max_depth {
-            break;
-        }
-        // feed the nodes at this depth that have children in the shape
-        let feed: Vec<usize> = (1..shape.len())
-            .filter(|&i| shape.depths[i] == depth && !shape.children(i).is_empty())
-            .collect();
-        let mut tokens = vec![Vec::with_capacity(feed.len()); n_img];
-        let mut parents = vec![Vec::with_capacity(feed.len()); n_img];
-        for (g, m) in map.iter().enumerate() {
-            for &s in &feed {
-                // a dropped node is fed as a copy of the root (its output is ignored)
-                let tok = m[s].map(|t| trees[g].tokens[t]).unwrap_or(root_tokens[g]);
-                tokens[g].push(tok);
-                let p = shape.parents[s];
-                parents[g].push(if p == 0 { None } else { fed_of[p] });
+        // shape node -> tree node
+        let mut map: Vec<Option<usize>> = vec![None; shape.len()];
+        map[0] = Some(0);
+        for (((d, (level, k, _)), block), depth) in depths.iter().zip(done).zip(picks).zip(1..) {
+            let n_req = d.requests.len();
+            for (r, (parent, row, children)) in d.requests.iter().enumerate() {
+                let Some(tp) = map[*parent] else { continue };
+                if !greedy {
+                    t.q_dists[tp] = Some(level.dist(g, *row)?);
+                }
+                let row = &block[(g * n_req + r) * k * 2..(g * n_req + r + 1) * k * 2];
+                for (&c, pair) in children.iter().zip(row.chunks_exact(2)) {
+                    if pair[0] < 0.0 {
+                        break;
+                    }
+                    t.tokens.push(pair[0] as u32);
+                    t.parents.push(tp);
+                    t.depths.push(depth);
+                    t.q.push(if greedy { 1.0 } else { pair[1] });
+                    t.q_dists.push(None);
+                    map[c] = Some(t.len() - 1);
+                }
             }
         }
-        for &s in &feed {
-            fed_of[s] = Some(n_fed);
-            n_fed += 1;
-        }
-        level = expand.expand(&tokens, &parents)?;
-        level_nodes = feed;
+        trees.push(t);
     }
     Ok(trees)
 }
 
 /// Draws up to `k` distinct indices from `p` without replacement; each with its conditional
-/// probability `p_j / (1 - sum of earlier draws)`. Stops early when no mass is left (then
-/// without drawing a uniform from `rng`: one uniform per returned index, except after a draw
-/// that lands on no mass).
+/// probability `p_j / (1 - sum of earlier draws)`. Takes exactly `k` uniforms from `rng` (as a
+/// level's draws do, [`level_uniforms`]) and stops early when no mass is left.
 pub fn draw_without_replacement(p: &[f32], k: usize, rng: &mut dyn RngCore) -> Vec<(usize, f32)> {
-    draws(p, k, || rng.random::<f64>())
+    let us: Vec<f64> = (0..k).map(|_| rng.random::<f64>()).collect();
+    draw_with_uniforms(p, &us)
 }
 
 /// [`draw_without_replacement`] with its uniforms given: draws until `us` or the mass runs
-/// out, the i-th draw taking `us[i]` (so `us` = the rng's next `min(k, positive entries)`
-/// uniforms gives the same result).
+/// out, the i-th draw taking `us[i]` (so `us` = the rng's next `k` uniforms gives the same
+/// result).
 pub fn draw_with_uniforms(p: &[f32], us: &[f64]) -> Vec<(usize, f32)> {
     let mut it = us.iter();
     draws(p, us.len(), || it.next().copied().unwrap_or(0.0))

@@ -6,7 +6,7 @@
 //! `total_tokens - 1` best of all scored candidates form the tree (ordered by score, then by
 //! creation order, so every selected node's parent, which scores at least as high and was
 //! created earlier, is selected too), sorted back into creation order.
-use super::draft::Expand;
+use super::draft::{token_tensor, Expand};
 use super::level::{DraftLevel, Want};
 use super::static_trees::DynamicParams;
 use super::tree::{DraftKind, DraftTree};
@@ -69,7 +69,7 @@ pub fn draft_dynamic(
             }
         }
         n_fed += k;
-        let mut level = expand.expand(&tokens, &parents)?;
+        let mut level = expand.expand(&token_tensor(&tokens)?, &parents)?;
         let want: Vec<Want> = (0..n_img)
             .flat_map(|g| (0..frontier[g].len()).map(move |row| Want { g, row, k }))
             .collect();

@@ -1,13 +1,14 @@
 //! The drafter distributions of one tree level (the rows after every image's fed nodes) and the
 //! picks tree builders take from them. [`DeviceLevel`] keeps the rows where the logits were
-//! made and sends the host only the picks (one small transfer per batched request);
-//! [`HostLevel`] holds host rows (tests; top-p sampling on CUDA, see
-//! [`crate::fused::picks::probs_on_device`]).
-use super::draft::{draw_without_replacement, top_k_indices};
+//! made, and its pick blocks stay there too: static trees feed the next level from them on the
+//! device and fetch every level's picks in one transfer after the last level, dynamic trees
+//! fetch each level's top-k (they rank them on the host). [`HostLevel`] holds host rows (tests;
+//! top-p sampling on CUDA, see [`crate::fused::picks::probs_on_device`]).
+use super::draft::{draw_with_uniforms, top_k_indices};
 use super::tree::QDist;
 use crate::fused::picks::{self, MAX_PICKS};
 use crate::Result;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, RngCore};
 
 /// One request of a level: `k` picks from row `row` of image `g`.
@@ -29,17 +30,62 @@ pub trait DraftLevel {
     /// Vocabulary size of the rows.
     fn vocab(&self) -> usize;
 
-    /// Per request: the top `k` tokens of the row with their probabilities, largest first
-    /// (ties: lower token first), as [`top_k_indices`].
-    fn top_k(&mut self, want: &[Want]) -> Result<Vec<Picks>>;
-
-    /// Per request, in order: up to `k` tokens drawn without replacement with their
-    /// conditional probabilities, the uniforms taken from `rngs[g]` as
-    /// [`draw_without_replacement`] takes them.
-    fn draw(&mut self, want: &[Want], rngs: &mut [&mut dyn RngCore]) -> Result<Vec<Picks>>;
+    /// The picks of every request as a block `[want.len(), k, 2]` of (token, probability)
+    /// pairs, token `-1` past a request's picks, `k` = [`widest`] of the requests; left where
+    /// the rows are (no transfer, no synchronisation). Without `uniforms`: each row's top `k`,
+    /// largest first (ties: lower token first), as [`top_k_indices`]. With `uniforms` (`[want.len()
+    /// * k]`, from [`level_uniforms`]): draws without replacement, request i taking its row of
+    /// uniforms up to the first negative, as [`draw_with_uniforms`].
+    fn pick_block(&mut self, want: &[Want], uniforms: Option<Vec<f64>>) -> Result<Tensor>;
 
     /// Row `row` of image `g` as a tree's drafter distribution (left on the device if there).
     fn dist(&self, g: usize, row: usize) -> Result<QDist>;
+
+    /// Per request: the top `k` tokens of the row with their probabilities on the host (one
+    /// transfer of the [`DraftLevel::pick_block`]).
+    fn top_k(&mut self, want: &[Want]) -> Result<Vec<Picks>> {
+        let block = self.pick_block(want, None)?;
+        Ok(cut(picks::picks_to_host(&block)?, want))
+    }
+}
+
+/// Most picks of any request, capped by the vocabulary: the width of a level's pick block.
+pub fn widest(want: &[Want], vocab: usize) -> usize {
+    want.iter().map(|w| w.k).max().unwrap_or(0).min(vocab)
+}
+
+/// The uniforms of one level's draws: request i takes exactly `min(want[i].k, k)` uniforms
+/// from `rngs[g]` (in request order), whatever the row's mass (so that no count has to come
+/// back from the device first); the rest of its `k` entries are `-1`.
+pub fn level_uniforms(want: &[Want], k: usize, rngs: &mut [&mut dyn RngCore]) -> Vec<f64> {
+    let mut us = vec![-1f64; want.len() * k];
+    for (w, u) in want.iter().zip(us.chunks_exact_mut(k.max(1))) {
+        for x in u.iter_mut().take(w.k) {
+            *x = rngs[w.g].random::<f64>();
+        }
+    }
+    us
+}
+
+/// Picks cut to each request's `k`.
+fn cut(mut picks: Vec<Picks>, want: &[Want]) -> Vec<Picks> {
+    for (p, w) in picks.iter_mut().zip(want) {
+        p.truncate(w.k);
+    }
+    picks
+}
+
+/// Host picks as a CPU pick block `[n, k, 2]` (`-1` past each request's picks).
+fn block_of(picks: &[Picks], k: usize) -> Result<Tensor> {
+    let mut flat = vec![0f32; picks.len() * k * 2];
+    for (p, out) in picks.iter().zip(flat.chunks_exact_mut((2 * k).max(1))) {
+        out.chunks_exact_mut(2).for_each(|pair| pair[0] = -1.0);
+        for (pair, &(i, v)) in out.chunks_exact_mut(2).zip(p) {
+            pair[0] = i as f32;
+            pair[1] = v;
+        }
+    }
+    Ok(Tensor::from_vec(flat, (picks.len(), k, 2), &Device::Cpu)?)
 }
 
 /// Host rows: `rows[g][i]` is the distribution after image g's i-th fed node.
@@ -78,28 +124,24 @@ impl DraftLevel for HostLevel {
             .map_or(0, |r| r.len())
     }
 
-    fn top_k(&mut self, want: &[Want]) -> Result<Vec<Picks>> {
-        want.iter()
-            .map(|w| {
+    fn pick_block(&mut self, want: &[Want], uniforms: Option<Vec<f64>>) -> Result<Tensor> {
+        let k = widest(want, self.vocab());
+        let picks = want
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
                 let r = self.row(w.g, w.row)?;
-                Ok(top_k_indices(r, w.k)
-                    .into_iter()
-                    .map(|i| (i, r[i]))
-                    .collect())
+                Ok(match &uniforms {
+                    None => top_k_indices(r, k).into_iter().map(|i| (i, r[i])).collect(),
+                    Some(us) => {
+                        let u = &us[i * k..(i + 1) * k];
+                        let n = u.iter().take_while(|&&x| x >= 0.0).count();
+                        draw_with_uniforms(r, &u[..n])
+                    }
+                })
             })
-            .collect()
-    }
-
-    fn draw(&mut self, want: &[Want], rngs: &mut [&mut dyn RngCore]) -> Result<Vec<Picks>> {
-        want.iter()
-            .map(|w| {
-                Ok(draw_without_replacement(
-                    self.row(w.g, w.row)?,
-                    w.k,
-                    &mut *rngs[w.g],
-                ))
-            })
-            .collect()
+            .collect::<Result<Vec<Picks>>>()?;
+        block_of(&picks, k)
     }
 
     fn dist(&self, g: usize, row: usize) -> Result<QDist> {
@@ -152,57 +194,24 @@ impl DeviceLevel {
     }
 }
 
-/// Most picks of any request, capped by the vocabulary.
-fn widest(want: &[Want], vocab: usize) -> usize {
-    want.iter().map(|w| w.k).max().unwrap_or(0).min(vocab)
-}
-
-/// Picks cut to each request's `k`.
-fn cut(mut picks: Vec<Picks>, want: &[Want]) -> Vec<Picks> {
-    for (p, w) in picks.iter_mut().zip(want) {
-        p.truncate(w.k);
-    }
-    picks
-}
-
 impl DraftLevel for DeviceLevel {
     fn vocab(&self) -> usize {
         self.probs.dims().get(1).copied().unwrap_or(0)
     }
 
-    fn top_k(&mut self, want: &[Want]) -> Result<Vec<Picks>> {
+    fn pick_block(&mut self, want: &[Want], uniforms: Option<Vec<f64>>) -> Result<Tensor> {
         let k = widest(want, self.vocab());
-        if k == 0 {
-            return Ok(vec![Vec::new(); want.len()]);
-        }
-        if k > MAX_PICKS {
-            return self.host(want)?.top_k(want);
-        }
-        let picks = picks::picks_to_host(&picks::top_k(&self.select(want)?, k)?)?;
-        Ok(cut(picks, want))
-    }
-
-    fn draw(&mut self, want: &[Want], rngs: &mut [&mut dyn RngCore]) -> Result<Vec<Picks>> {
-        let k = widest(want, self.vocab());
-        if k == 0 {
-            return Ok(vec![Vec::new(); want.len()]);
-        }
-        if k > MAX_PICKS {
-            return self.host(want)?.draw(want, rngs);
+        if k == 0 || k > MAX_PICKS {
+            return self.host(want)?.pick_block(want, uniforms);
         }
         let sel = self.select(want)?;
-        // the host function takes one uniform per draw and draws while mass is left: the
-        // positive entries of each row say how many (one small transfer)
-        let positive: Vec<u32> = sel.gt(0f32)?.to_dtype(DType::U32)?.sum(1)?.to_vec1()?;
-        let mut us = vec![-1f64; want.len() * k];
-        for ((w, &n), u) in want.iter().zip(&positive).zip(us.chunks_exact_mut(k)) {
-            for x in u.iter_mut().take(w.k.min(n as usize)) {
-                *x = rngs[w.g].random::<f64>();
+        Ok(match uniforms {
+            None => picks::top_k(&sel, k)?,
+            Some(us) => {
+                let us = Tensor::from_vec(us, (want.len(), k), sel.device())?;
+                picks::draw(&sel, &us)?
             }
-        }
-        let us = Tensor::from_vec(us, (want.len(), k), sel.device())?;
-        let picks = picks::picks_to_host(&picks::draw(&sel, &us)?)?;
-        Ok(cut(picks, want))
+        })
     }
 
     fn dist(&self, g: usize, row: usize) -> Result<QDist> {
@@ -249,6 +258,19 @@ mod tests {
         w
     }
 
+    /// Both levels' pick blocks on the host.
+    fn blocks(
+        h: &mut HostLevel,
+        d: &mut DeviceLevel,
+        w: &[Want],
+        us: Option<Vec<f64>>,
+    ) -> Result<(Vec<Picks>, Vec<Picks>)> {
+        Ok((
+            picks::picks_to_host(&h.pick_block(w, us.clone())?)?,
+            picks::picks_to_host(&d.pick_block(w, us)?)?,
+        ))
+    }
+
     #[test]
     fn device_level_picks_equal_host_level_picks() -> Result<()> {
         let (mut h, mut d) = both();
@@ -260,24 +282,25 @@ mod tests {
         );
         let (mut a, mut b) = (StdRng::seed_from_u64(4), StdRng::seed_from_u64(5));
         let (mut a2, mut b2) = (a.clone(), b.clone());
+        let k = widest(&w, 6);
         for _ in 0..20 {
-            let got = d.draw(&w, &mut [&mut a, &mut b])?;
-            let want = h.draw(&w, &mut [&mut a2, &mut b2])?;
-            assert_eq!(got, want);
+            let us = level_uniforms(&w, k, &mut [&mut a, &mut b]);
+            let (hp, dp) = blocks(&mut h, &mut d, &w, Some(us))?;
+            assert_eq!(dp, hp);
             // a request larger than the row's mass stops at the mass
-            assert_eq!(got[0].len(), 2);
-            assert_eq!(got[3].len(), 2);
+            assert_eq!(hp[0].len(), 2);
+            assert_eq!(hp[3].len(), 2);
+            assert!(hp.iter().zip(&w).all(|(p, w)| p.len() <= w.k));
         }
-        assert_eq!(
-            a.random::<u64>(),
-            a2.random::<u64>(),
-            "image 0 streams in step"
-        );
-        assert_eq!(
-            b.random::<u64>(),
-            b2.random::<u64>(),
-            "image 1 streams in step"
-        );
+        // exactly k uniforms per request, whatever the mass: 20 * (3 + 4 + 1) for image 0
+        for _ in 0..20 * 8 {
+            a2.random::<f64>();
+        }
+        for _ in 0..20 * 7 {
+            b2.random::<f64>();
+        }
+        assert_eq!(a.random::<u64>(), a2.random::<u64>(), "image 0 stream");
+        assert_eq!(b.random::<u64>(), b2.random::<u64>(), "image 1 stream");
         for (g, r) in [(0, 0), (1, 2)] {
             assert_eq!(d.dist(g, r)?.values()?, h.dist(g, r)?.values()?);
         }
@@ -320,7 +343,7 @@ mod tests {
             for r in 0..reps {
                 let mut a = StdRng::seed_from_u64(r);
                 let mut b = StdRng::seed_from_u64(r + 100);
-                let (mut a2, mut b2) = (a.clone(), b.clone());
+                let us = level_uniforms(&want, k, &mut [&mut a, &mut b]);
                 let t = Instant::now();
                 let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
                 let rows: Vec<Vec<Vec<f32>>> = (0..n_img)
@@ -337,7 +360,7 @@ mod tests {
                 let hp = if sampling.is_greedy() {
                     h.top_k(&want)?
                 } else {
-                    h.draw(&want, &mut [&mut a, &mut b])?
+                    picks::picks_to_host(&h.pick_block(&want, Some(us.clone()))?)?
                 };
                 // the first repetition warms up (kernel loading)
                 if r > 0 {
@@ -348,7 +371,7 @@ mod tests {
                 let dp = if sampling.is_greedy() {
                     d.top_k(&want)?
                 } else {
-                    d.draw(&want, &mut [&mut a2, &mut b2])?
+                    picks::picks_to_host(&d.pick_block(&want, Some(us.clone()))?)?
                 };
                 if r > 0 {
                     dev_s += t.elapsed().as_secs_f64();

@@ -25,7 +25,7 @@
 //! per image (else one transfer per row read).
 use super::draft::{draft_static, Expand};
 use super::dynamic::draft_dynamic;
-use super::level::{DeviceLevel, DraftLevel, HostLevel};
+use super::level::{DeviceLevel, DraftLevel, HostLevel, Want};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::profile::LoopProfile;
 use super::slots::{row_positions, BlockMask, Slots};
@@ -36,7 +36,7 @@ use crate::accept::{accept_tree, AcceptConfig, Neighbors, TargetRows};
 use crate::fused::picks;
 use crate::sampling::{row_probs, sample_index, SamplingParams};
 use crate::{Error, Result};
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use std::borrow::Cow;
@@ -174,21 +174,10 @@ impl DraftLevel for ProfiledLevel {
         self.inner.vocab()
     }
 
-    fn top_k(&mut self, want: &[super::level::Want]) -> Result<Vec<super::level::Picks>> {
+    fn pick_block(&mut self, want: &[Want], uniforms: Option<Vec<f64>>) -> Result<Tensor> {
         self.prof.mark("draft: tree building")?;
-        let r = self.inner.top_k(want)?;
-        self.prof.mark("draft: picks to host")?;
-        Ok(r)
-    }
-
-    fn draw(
-        &mut self,
-        want: &[super::level::Want],
-        rngs: &mut [&mut dyn RngCore],
-    ) -> Result<Vec<super::level::Picks>> {
-        self.prof.mark("draft: tree building")?;
-        let r = self.inner.draw(want, rngs)?;
-        self.prof.mark("draft: picks to host")?;
+        let r = self.inner.pick_block(want, uniforms)?;
+        self.prof.mark("draft: picks")?;
         Ok(r)
     }
 
@@ -261,12 +250,12 @@ struct DraftSession<'a, T: Target, D: DraftModel> {
 impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
     fn expand(
         &mut self,
-        tokens: &[Vec<u32>],
+        tokens: &Tensor,
         parents: &[Vec<Option<usize>>],
     ) -> Result<Box<dyn DraftLevel>> {
         let dev = self.feats.device().clone();
         let rows = self.feats.dim(0)?;
-        let k = tokens.first().map_or(0, |t| t.len());
+        let k = tokens.dim(1)?;
         let n_fed = self.anc.first().map_or(0, |a| a.len());
         let past = self.cache.len();
         if past != self.stable + n_fed {
@@ -278,10 +267,11 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
                 ),
             ));
         }
-        let ids: Vec<u32> = (0..rows)
-            .flat_map(|r| tokens[r % self.n_img].clone())
-            .collect();
-        let ids = Tensor::from_vec(ids, (rows, k), &dev)?;
+        // every image's tokens for each of its rows (the CFG halves repeat the images)
+        let ids = tokens
+            .to_device(&dev)?
+            .to_dtype(DType::U32)?
+            .repeat((rows / self.n_img, 1))?;
         let src: Vec<Vec<usize>> = parents
             .iter()
             .map(|ps| ps.iter().map(|p| p.map_or(0, |i| i + 1)).collect())

@@ -16,10 +16,11 @@ pub(crate) struct Table {
 impl Expand for Table {
     fn expand(
         &mut self,
-        tokens: &[Vec<u32>],
+        tokens: &candle_core::Tensor,
         parents: &[Vec<Option<usize>>],
     ) -> Result<Box<dyn DraftLevel>> {
-        self.fed.push((tokens.to_vec(), parents.to_vec()));
+        let tokens: Vec<Vec<u32>> = tokens.to_vec2()?;
+        self.fed.push((tokens.clone(), parents.to_vec()));
         Ok(Box::new(HostLevel::new(
             tokens
                 .iter()

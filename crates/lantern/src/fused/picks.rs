@@ -368,21 +368,21 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(12);
         for (v, k) in [(1, 1), (4, 4), (6, 10), (500, 9)] {
             let r = rows(&mut rng, 9, v);
-            // the stream consumed as the host function consumes it: one uniform per draw
+            // the stream consumed as the host function consumes it: k uniforms per row
             let mut host = StdRng::seed_from_u64(v as u64);
             let mut dev = host.clone();
-            let mut us = vec![-1f64; r.len() * k];
-            for (row, u) in r.iter().zip(us.chunks_exact_mut(k)) {
-                let positive = row.iter().filter(|&&x| x > 0.0).count();
-                for x in u.iter_mut().take(k.min(positive)) {
-                    *x = dev.random::<f64>();
-                }
-            }
+            let mut us: Vec<f64> = (0..r.len() * k).map(|_| dev.random::<f64>()).collect();
+            // a negative uniform ends a row's draws
+            us[k * 2..k * 3].iter_mut().skip(1).for_each(|u| *u = -1.0);
             let ut = Tensor::from_vec(us, (r.len(), k), &Device::Cpu)?;
             let got = picks_to_host(&draw(&tensor(&r), &ut)?)?;
-            for (row, g) in r.iter().zip(&got) {
+            for (i, (row, g)) in r.iter().zip(&got).enumerate() {
                 let want = draw_without_replacement(row, k, &mut host as &mut dyn RngCore);
-                assert_eq!(*g, want, "v {v} k {k}");
+                if i == 2 {
+                    assert_eq!(*g, want[..want.len().min(1)], "v {v} k {k}: cut at -1");
+                } else {
+                    assert_eq!(*g, want, "v {v} k {k}");
+                }
             }
             assert_eq!(got[0], vec![], "an all-zero row draws nothing");
             assert_eq!(host.next_u64(), dev.next_u64(), "streams in step");
