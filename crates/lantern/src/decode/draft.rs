@@ -6,7 +6,7 @@
 //! [`super::dynamic`].
 use super::level::{level_uniforms, widest, DraftLevel, Want};
 use super::static_trees::TreeShape;
-use super::tree::{DraftKind, DraftTree};
+use super::tree::{DraftKind, DraftTree, QDist};
 use crate::sampling::sample_index_at;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -59,15 +59,28 @@ pub fn top_k_indices(p: &[f32], k: usize) -> Vec<usize> {
 /// One depth of a static shape: the shape nodes asked for children at this depth (every node
 /// of the previous depth that has children, in feeding order: its row in the level) and the
 /// nodes of this depth fed to the drafter afterwards (those with children of their own).
-struct Depth {
+pub(super) struct Depth {
     /// `(shape node, its row in the level, its children in rank order)`.
-    requests: Vec<(usize, usize, Vec<usize>)>,
+    pub requests: Vec<(usize, usize, Vec<usize>)>,
     /// Fed shape nodes: `(node, request of its parent, its rank among the parent's children)`.
-    feed: Vec<(usize, usize, usize)>,
+    pub feed: Vec<(usize, usize, usize)>,
+}
+
+impl Depth {
+    /// The requests of every image (image-major), as the level is asked for them.
+    pub fn want(&self, n_img: usize) -> Vec<Want> {
+        (0..n_img)
+            .flat_map(|g| {
+                self.requests
+                    .iter()
+                    .map(move |&(_, row, ref c)| Want { g, row, k: c.len() })
+            })
+            .collect()
+    }
 }
 
 /// The depths of a static shape, depth 1 first.
-fn plan(shape: &TreeShape) -> Vec<Depth> {
+pub(super) fn plan(shape: &TreeShape) -> Vec<Depth> {
     let max_depth = shape.depths.iter().copied().max().unwrap_or(0);
     let mut rows: Vec<usize> = vec![0];
     let mut out = Vec::with_capacity(max_depth);
@@ -123,13 +136,7 @@ pub fn draft_static(
     // per depth: its level (kept for the sampled nodes' distributions), block width, block
     let mut done: Vec<(Box<dyn DraftLevel>, usize, Tensor)> = Vec::with_capacity(depths.len());
     for (i, d) in depths.iter().enumerate() {
-        let want: Vec<Want> = (0..n_img)
-            .flat_map(|g| {
-                d.requests
-                    .iter()
-                    .map(move |&(_, row, ref c)| Want { g, row, k: c.len() })
-            })
-            .collect();
+        let want = d.want(n_img);
         let k = widest(&want, level.vocab());
         let uniforms = (!greedy).then(|| level_uniforms(&want, k, rngs));
         let block = level.pick_block(&want, uniforms)?;
@@ -178,11 +185,15 @@ pub fn draft_static(
         }
     }
     let picks = blocks_to_host(done.iter().map(|d| &d.2))?;
-    build_trees(shape, &depths, root_tokens, greedy, &done, &picks)
+    let ks: Vec<usize> = done.iter().map(|d| d.1).collect();
+    let dist = |i: usize, g: usize, row: usize| done[i].0.dist(g, row);
+    build_trees(shape, &depths, root_tokens, greedy, &ks, &dist, &picks)
 }
 
 /// Every pick block's values on the host: one transfer when they share a device.
-fn blocks_to_host<'a>(blocks: impl Iterator<Item = &'a Tensor>) -> Result<Vec<Vec<f32>>> {
+pub(super) fn blocks_to_host<'a>(
+    blocks: impl Iterator<Item = &'a Tensor>,
+) -> Result<Vec<Vec<f32>>> {
     let blocks: Vec<&Tensor> = blocks.collect();
     let flat: Vec<Tensor> = blocks
         .iter()
@@ -205,13 +216,16 @@ fn blocks_to_host<'a>(blocks: impl Iterator<Item = &'a Tensor>) -> Result<Vec<Ve
     Ok(out)
 }
 
-/// The trees of [`draft_static`] from every depth's picks (`picks[i]`: depth i+1's block).
-fn build_trees(
+/// The trees of [`draft_static`] from every depth's pick block on the host (`picks[i]`: depth
+/// i+1's, `ks[i]` wide); `dist(i, g, row)` is row `row` of image g of the level depth i+1 was
+/// picked from (kept for sampled nodes).
+pub(super) fn build_trees(
     shape: &TreeShape,
     depths: &[Depth],
     root_tokens: &[u32],
     greedy: bool,
-    done: &[(Box<dyn DraftLevel>, usize, Tensor)],
+    ks: &[usize],
+    dist: &dyn Fn(usize, usize, usize) -> Result<QDist>,
     picks: &[Vec<f32>],
 ) -> Result<Vec<DraftTree>> {
     let kind = if greedy {
@@ -232,12 +246,12 @@ fn build_trees(
         // shape node -> tree node
         let mut map: Vec<Option<usize>> = vec![None; shape.len()];
         map[0] = Some(0);
-        for (((d, (level, k, _)), block), depth) in depths.iter().zip(done).zip(picks).zip(1..) {
-            let n_req = d.requests.len();
+        for (i, ((d, &k), block)) in depths.iter().zip(ks).zip(picks).enumerate() {
+            let (n_req, depth) = (d.requests.len(), i + 1);
             for (r, (parent, row, children)) in d.requests.iter().enumerate() {
                 let Some(tp) = map[*parent] else { continue };
                 if !greedy {
-                    t.q_dists[tp] = Some(level.dist(g, *row)?);
+                    t.q_dists[tp] = Some(dist(i, g, *row)?);
                 }
                 let row = &block[(g * n_req + r) * k * 2..(g * n_req + r + 1) * k * 2];
                 for (&c, pair) in children.iter().zip(row.chunks_exact(2)) {

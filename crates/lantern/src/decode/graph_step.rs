@@ -111,10 +111,9 @@ pub struct GraphStep {
     pos: Tensor,
     mask: Tensor,
     hidden: Tensor,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     capture: bool,
-    #[cfg(feature = "cuda")]
-    graph: Option<candle_core::cuda_backend::cudarc::driver::CudaGraph>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    graph: Captured,
 }
 
 impl GraphStep {
@@ -144,8 +143,7 @@ impl GraphStep {
             mask: Tensor::zeros((rows, 1, s, max_len), DType::F32, &dev)?,
             hidden: Tensor::zeros((rows, s, width), dtype, &dev)?,
             capture,
-            #[cfg(feature = "cuda")]
-            graph: None,
+            graph: Default::default(),
         })
     }
 
@@ -272,8 +270,50 @@ impl GraphStep {
         Ok(out)
     }
 
-    #[cfg(feature = "cuda")]
     fn launch(&mut self, model: &dyn FixedForward, cache: &mut KvCache) -> Result<()> {
+        let label = format!(
+            "{:?} tokens, positions {:?}",
+            self.ids.dims(),
+            self.pos.dims()
+        );
+        let mut graph = std::mem::take(&mut self.graph);
+        let r = replay_or_capture(
+            model.fixed_device(),
+            self.capture,
+            &mut graph,
+            &label,
+            &mut || self.run(model, cache),
+        );
+        self.graph = graph;
+        r
+    }
+}
+
+/// A captured computation: a CUDA graph on CUDA builds, nothing otherwise.
+#[cfg(feature = "cuda")]
+pub type Captured = Option<candle_core::cuda_backend::cudarc::driver::CudaGraph>;
+/// A captured computation: a CUDA graph on CUDA builds, nothing otherwise.
+#[cfg(not(feature = "cuda"))]
+pub type Captured = NoGraph;
+
+/// What builds without CUDA capture: nothing.
+#[derive(Debug, Default)]
+pub struct NoGraph;
+
+/// Runs `run` through `graph`: replays it when captured; otherwise runs `run` eagerly (which
+/// computes this call's result and loads kernels and cuBLAS workspaces) and, when `capture` is
+/// set on a CUDA device, records a second run as the graph (recorded, not executed: nothing is
+/// written twice). `run` must not synchronise with the host or upload host data beyond
+/// candle's dims/strides (which the capture caches on the device).
+pub fn replay_or_capture(
+    dev: &Device,
+    capture: bool,
+    graph: &mut Captured,
+    label: &str,
+    run: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
         use candle_core::cuda_backend::cudarc::driver::{sys, DriverError};
         let wrap = |e: DriverError| {
             Error::invalid(
@@ -281,52 +321,45 @@ impl GraphStep {
                 format!("{e:?}; run with LANTERN_CUDA_GRAPHS=0 to decode without graphs"),
             )
         };
-        if let Some(g) = &self.graph {
+        if let Some(g) = graph {
             return g.launch().map_err(wrap);
         }
-        let Device::Cuda(cuda) = model.fixed_device() else {
-            return self.run(model, cache);
+        let Device::Cuda(cuda) = dev else {
+            return run();
         };
-        if !self.capture {
-            return self.run(model, cache);
+        if !capture {
+            return run();
         }
         // candle uploads the dims/strides of strided ops from host memory; with this guard the
         // eager run caches them on the device and the capture reuses them (a captured upload
         // would read freed host memory when replayed)
         let _htod_cache = cuda.enable_cuda_graph_htod_cache();
-        // the eager run computes this call's result and loads kernels and cuBLAS workspaces
-        self.run(model, cache)?;
-        model.fixed_device().synchronize()?;
+        run()?;
+        dev.synchronize()?;
         let stream = cuda.cuda_stream();
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(wrap)?;
-        // recorded, not executed: the cache is not written twice
-        let ran = self.run(model, cache);
-        let graph = stream
+        let ran = run();
+        let g = stream
             .end_capture(
                 sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
             )
             .map_err(wrap)?;
         ran?;
-        if let Some(g) = &graph {
+        if let Some(g) = &g {
             g.upload().map_err(wrap)?;
         }
         if std::env::var("LANTERN_GRAPH_DEBUG").is_ok() {
-            eprintln!(
-                "[graph] captured {:?} tokens, positions {:?}: {}",
-                self.ids.dims(),
-                self.pos.dims(),
-                graph.is_some()
-            );
+            eprintln!("[graph] captured {label}: {}", g.is_some());
         }
-        self.graph = graph;
+        *graph = g;
         Ok(())
     }
-
     #[cfg(not(feature = "cuda"))]
-    fn launch(&mut self, model: &dyn FixedForward, cache: &mut KvCache) -> Result<()> {
-        self.run(model, cache)
+    {
+        let _ = (dev, capture, graph, label);
+        run()
     }
 }
 
@@ -335,6 +368,8 @@ impl GraphStep {
 #[derive(Default)]
 pub struct GraphSteps {
     steps: Vec<GraphStep>,
+    /// Whole-tree drafting computations (drafter caches only).
+    drafting: Vec<super::draft_graph::StaticDrafting>,
 }
 
 /// Shapes kept per generation before falling back to the ordinary forward.
@@ -475,6 +510,22 @@ impl GraphCache {
     /// The key/value buffers, mutably.
     pub fn kv_mut(&mut self) -> &mut KvCache {
         &mut self.kv
+    }
+
+    /// The cache, its drafting computations and whether they are captured, when the
+    /// fixed-shape path is on (graphs enabled, or forced on this thread); `None` otherwise.
+    pub fn fixed_drafting(
+        &mut self,
+    ) -> Option<(
+        &mut KvCache,
+        &mut Vec<super::draft_graph::StaticDrafting>,
+        bool,
+    )> {
+        let capture = self.pool.is_some();
+        if !(capture || fixed_shape_forced()) {
+            return None;
+        }
+        Some((&mut self.kv, &mut self.graphs.drafting, capture))
     }
 
     /// Runs a step through the fixed-shape path when it applies (graphs enabled or forced, a

@@ -14,6 +14,7 @@
 //! - Positions past a model's RoPE table (tree nodes beyond the last image token, which are
 //!   never committed) reuse a fixed row: the target's condition row 0 (zero rotation), the
 //!   drafter's last extra row (zero) or, without extra rows, its row 0.
+use super::draft_graph::FixedDrafting;
 use super::graph_step::GraphCache;
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::{GenerateOptions, Output};
@@ -255,6 +256,10 @@ impl Target for LlamaGen {
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         LlamaGen::lm_head(self, hidden)
     }
+
+    fn lm_head_id(&self) -> Option<candle_core::TensorId> {
+        Some(LlamaGen::lm_head_id(self))
+    }
 }
 
 impl DraftModel for Drafter {
@@ -276,9 +281,7 @@ impl DraftModel for Drafter {
         vis: &Visibility,
         cache: &mut DrafterCache,
     ) -> Result<Tensor> {
-        let c = self.config();
-        let rows = c.cls_token_num + c.block_size + c.extra_rope_rows;
-        let zero_row = if c.extra_rope_rows > 0 { rows - 1 } else { 0 };
+        let (rows, zero_row) = rope_clamp(self);
         let pos = clamp_positions(positions, rows, zero_row)?;
         let m = match vis {
             Visibility::Custom(m) => Some(m.unsqueeze(1)?),
@@ -293,6 +296,26 @@ impl DraftModel for Drafter {
         };
         Drafter::forward(self, ids, features, &pos, &mask, cache.kv_mut())
     }
+
+    fn fixed_drafting<'a>(&'a self, cache: &'a mut DrafterCache) -> Option<FixedDrafting<'a>> {
+        let (rope_rows, zero_row) = rope_clamp(self);
+        let (kv, graphs, capture) = cache.fixed_drafting()?;
+        Some(FixedDrafting {
+            model: self,
+            kv,
+            graphs,
+            capture,
+            rope_rows,
+            zero_row,
+        })
+    }
+}
+
+/// The drafter's RoPE rows and the row positions past them read.
+fn rope_clamp(d: &Drafter) -> (usize, usize) {
+    let c = d.config();
+    let rows = c.cls_token_num + c.block_size + c.extra_rope_rows;
+    (rows, if c.extra_rope_rows > 0 { rows - 1 } else { 0 })
 }
 
 /// Checks that `drafter` fits `target`: width, vocabulary, grid ([`Drafter::check_target`]) and

@@ -4,6 +4,7 @@
 //! and [`model::DraftModel`] traits.
 pub mod ar;
 pub mod draft;
+pub mod draft_graph;
 pub mod dynamic;
 pub mod graph_step;
 pub mod level;

@@ -75,6 +75,11 @@ pub trait Target {
     ) -> Result<Tensor>;
     /// Output head: `[.., d]` hidden to f32 logits `[.., vocab]`.
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor>;
+    /// Id of the output head's weights, where whole-tree drafting computations may read the
+    /// head ([`super::draft_graph`]); `None` (the default) keeps drafting level by level.
+    fn lm_head_id(&self) -> Option<candle_core::TensorId> {
+        None
+    }
 }
 
 /// An EAGLE-style drafter: consumes (target feature, next token) pairs and predicts the next
@@ -100,4 +105,13 @@ pub trait DraftModel {
         vis: &Visibility,
         cache: &mut Self::Cache,
     ) -> Result<Tensor>;
+    /// The drafter's side of whole-tree drafting ([`super::draft_graph`]) with `cache`, where
+    /// it has one; `None` (the default) keeps drafting level by level.
+    fn fixed_drafting<'a>(
+        &'a self,
+        cache: &'a mut Self::Cache,
+    ) -> Option<super::draft_graph::FixedDrafting<'a>> {
+        let _ = cache;
+        None
+    }
 }

@@ -24,6 +24,7 @@
 //! The verification block is copied in one transfer while it is at most `HOST_BLOCK_BYTES` (1 MiB)
 //! per image (else one transfer per row read).
 use super::draft::{draft_static, Expand};
+use super::draft_graph::{draft_static_fixed, DraftStep, DraftingKey};
 use super::dynamic::draft_dynamic;
 use super::level::{DeviceLevel, DraftLevel, HostLevel, Want};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
@@ -505,39 +506,76 @@ fn run<T: Target, D: DraftModel>(
         let holes = slots.has_holes();
         let root_tokens: Vec<u32> = tokens.iter().map(|t| *t.last().unwrap_or(&0)).collect();
 
-        // draft
+        // draft: a static tree in one fixed-shape computation where the models have one,
+        // else level by level
         let t = Instant::now();
         prof.mark("step inputs (slots, prefix masks)")?;
-        let root = profiled(
-            drafter_level(target, &root_feat, n_img, cfg, &opts.sampling)?,
-            &prof,
-        );
-        prof.mark("draft: LM head, CFG, probabilities")?;
-        let mut session = DraftSession {
-            target,
-            drafter,
-            cache: &mut dcache,
-            n_img,
-            cfg,
-            sampling: opts.sampling,
-            prefix: &prefix,
-            stable: phys,
-            roots: &roots,
-            feats: root_feat.clone(),
-            anc: vec![Vec::new(); n_img],
-            levels: 0,
-            forwards: 0,
-            prof: prof.clone(),
-        };
-        let trees = match tree_spec {
-            TreeSpec::Dynamic(p) => draft_dynamic(p, &root_tokens, root, &mut session)?,
-            TreeSpec::Static(shape) => {
-                let mut r: Vec<&mut dyn RngCore> =
-                    rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
-                draft_static(shape, &root_tokens, root, greedy, &mut session, &mut r)?
+        let fixed = match tree_spec {
+            TreeSpec::Static(shape) if picks::probs_on_device(&opts.sampling, &dev) => {
+                match (target.lm_head_id(), drafter.fixed_drafting(&mut dcache)) {
+                    (Some(lm_head), Some(fx)) => {
+                        let key = DraftingKey {
+                            paths: shape.paths.clone(),
+                            n_img,
+                            cfg,
+                            sampling: opts.sampling,
+                            lm_head,
+                        };
+                        let step = DraftStep {
+                            shape,
+                            root_tokens: &root_tokens,
+                            root_feat: &root_feat,
+                            prefix: &prefix,
+                            roots: &roots,
+                            vocab: target.vocab_size(),
+                        };
+                        let mut r: Vec<&mut dyn RngCore> =
+                            rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
+                        let head = |h: &Tensor| target.lm_head(h);
+                        draft_static_fixed(fx, &head, key, &step, &mut r)?
+                            .map(|t| (t, shape.depths.iter().max().map_or(0, |d| d - 1)))
+                    }
+                    _ => None,
+                }
             }
+            _ => None,
         };
-        drafter_forwards += session.forwards;
+        let trees = if let Some((trees, forwards)) = fixed {
+            drafter_forwards += forwards;
+            trees
+        } else {
+            let root = profiled(
+                drafter_level(target, &root_feat, n_img, cfg, &opts.sampling)?,
+                &prof,
+            );
+            prof.mark("draft: LM head, CFG, probabilities")?;
+            let mut session = DraftSession {
+                target,
+                drafter,
+                cache: &mut dcache,
+                n_img,
+                cfg,
+                sampling: opts.sampling,
+                prefix: &prefix,
+                stable: phys,
+                roots: &roots,
+                feats: root_feat.clone(),
+                anc: vec![Vec::new(); n_img],
+                levels: 0,
+                forwards: 0,
+                prof: prof.clone(),
+            };
+            let trees = match tree_spec {
+                TreeSpec::Dynamic(p) => draft_dynamic(p, &root_tokens, root, &mut session)?,
+                TreeSpec::Static(shape) => {
+                    let mut r: Vec<&mut dyn RngCore> =
+                        rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
+                    draft_static(shape, &root_tokens, root, greedy, &mut session, &mut r)?
+                }
+            };
+            drafter_forwards += session.forwards;
+            trees
+        };
         dcache.truncate(phys)?;
         prof.mark("draft: tree building")?;
         prof.end_phase()?;

@@ -467,6 +467,11 @@ impl LlamaGen {
         Ok(n)
     }
 
+    /// Id of the output head's weight tensor (shared by clones).
+    pub fn lm_head_id(&self) -> candle_core::TensorId {
+        self.output.weight().id()
+    }
+
     /// Output projection, computed in the model dtype and returned as f32.
     ///
     /// # Shapes

@@ -1,0 +1,474 @@
+//! A static tree's whole drafting phase as one fixed-shape computation, replayed as one CUDA
+//! graph per step on GPUs.
+//!
+//! Level-by-level drafting ([`super::draft::draft_static`]) already keeps every pick on the
+//! device, but each level still costs the host a dozen launches and uploads (its ids, features,
+//! positions and mask, the drafter step, the output head, the probabilities and the picks) for
+//! ~0.1 ms of GPU work, so the host, not the GPU, sets the pace. A static shape fixes every
+//! level's size and structure, so the whole phase can be recorded once: the root features go
+//! through the target's output head, the CFG'd probabilities and the picks; each level's tokens
+//! are gathered from the picks and its features from earlier outputs by fixed indices; the
+//! drafter runs with its K/V written into a scratch block at the end of its cache (one slot per
+//! fed node of the shape, never committed: drafted nodes are dropped after the step) and a mask
+//! over the whole cache (the committed slots as the step's prefix says, then in the scratch
+//! block each node's ancestors and itself). Per step the host writes four small buffers (root
+//! features, prefix mask, positions, and the draws' uniforms), replays, and reads every level's
+//! picks in one transfer.
+//!
+//! The computation equals the level-by-level path's (same ops, same ids, features, positions
+//! and visible keys); only masked cache slots differ, which add nothing. Tests compare the two
+//! on the CPU, where the same fixed-shape path runs eagerly.
+use super::draft::{build_trees, plan, Depth};
+use super::graph_step::{replay_or_capture, Captured, FixedForward};
+use super::level::{level_uniforms, widest};
+use super::static_trees::TreeShape;
+use super::tree::{DraftTree, QDist};
+use crate::cache::KvCache;
+use crate::fused::picks::{self, MAX_PICKS};
+use crate::sampling::SamplingParams;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, TensorId};
+use rand::RngCore;
+
+/// Drafting graphs kept per cache (one per tree shape and sampling setting met).
+pub const MAX_DRAFTING_GRAPHS: usize = 4;
+
+/// What a drafting computation was built for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DraftingKey {
+    /// Rank paths of the shape.
+    pub paths: Vec<Vec<usize>>,
+    /// Images (the cache has `n_img` or `2 n_img` rows).
+    pub n_img: usize,
+    /// CFG scale, if CFG is on.
+    pub cfg: Option<f32>,
+    /// Sampling filters of the drafter's rows.
+    pub sampling: SamplingParams,
+    /// The output head's weight tensor (the computation reads it).
+    pub lm_head: TensorId,
+}
+
+/// The drafter side of the fixed-shape drafting: the model, its cache and graphs, and its
+/// position clamp (positions at or past `rope_rows` read row `zero_row`).
+pub struct FixedDrafting<'a> {
+    /// The drafter.
+    pub model: &'a dyn FixedForward,
+    /// Its cache.
+    pub kv: &'a mut KvCache,
+    /// Its drafting computations (kept with the cache, see [`super::graph_step::GraphSteps`]).
+    pub graphs: &'a mut Vec<StaticDrafting>,
+    /// Whether to capture CUDA graphs (else the computation runs eagerly: CPU tests).
+    pub capture: bool,
+    /// RoPE table rows of the drafter.
+    pub rope_rows: usize,
+    /// Row read by positions past the table.
+    pub zero_row: usize,
+}
+
+/// One step's inputs of [`draft_static_fixed`].
+pub struct DraftStep<'a> {
+    /// Shape of every image's tree.
+    pub shape: &'a TreeShape,
+    /// Root token of every image.
+    pub root_tokens: &'a [u32],
+    /// Drafter output after every row's root `[rows, 1, d]`.
+    pub root_feat: &'a Tensor,
+    /// Additive mask of every image over the committed slots (one length: the cache's).
+    pub prefix: &'a [Vec<f32>],
+    /// Logical position of every image's root.
+    pub roots: &'a [usize],
+    /// Vocabulary size.
+    pub vocab: usize,
+}
+
+/// One shape's drafting computation: its fixed indices, masks and buffers, and its graph.
+pub struct StaticDrafting {
+    key: DraftingKey,
+    depths: Vec<Depth>,
+    /// Width of each depth's pick block.
+    ks: Vec<usize>,
+    /// Probability rows per image of the level each depth is picked from.
+    level_rows: Vec<usize>,
+    /// Start of each expansion's nodes among the fed nodes; the fed count last.
+    offsets: Vec<usize>,
+    /// First slot of the scratch block (the cache's last `fed` slots).
+    scratch: usize,
+    rows: usize,
+    // inputs, written before each run
+    /// `[rows, 1 + fed, d]`: the root's drafter output, then every fed node's.
+    feats: Tensor,
+    /// `[rows, 1, 1, max_len]` f32: the committed slots' mask, `-inf` from the filled length to
+    /// the scratch block, 0 over it.
+    prefix: Tensor,
+    /// `[rows, fed]` u32: every fed node's (clamped) position.
+    pos: Tensor,
+    /// Every depth's uniforms, flat (sampling only).
+    uniforms: Option<Tensor>,
+    // fixed, built once
+    zero: Tensor,
+    /// Per expansion: `[1, 1, k, max_len]` f32, `-inf` on scratch slots that are not the
+    /// node's ancestors or itself.
+    tree_masks: Vec<Tensor>,
+    /// Per expansion: indices of the fed tokens in the previous depth's flat pick block.
+    token_at: Vec<Tensor>,
+    /// Per expansion: indices of the parents' features in `feats` as `[rows * (1 + fed), d]`.
+    feat_at: Vec<Tensor>,
+    /// Per depth: the requested rows of its level when not all rows in order.
+    select_at: Vec<Option<Tensor>>,
+    // outputs
+    /// Every depth's pick block, flat, one after the other.
+    picks: Tensor,
+    /// Per depth: its level's probabilities (sampling only; the trees keep rows of them).
+    probs: Vec<Tensor>,
+    graph: Captured,
+}
+
+impl StaticDrafting {
+    /// The computation for `key` on a cache of `rows` rows and `max_len` slots; `None` where a
+    /// pick block is wider than the picks ops serve or the shape feeds nothing.
+    fn new(
+        key: DraftingKey,
+        shape: &TreeShape,
+        model: &dyn FixedForward,
+        rows: usize,
+        max_len: usize,
+        vocab: usize,
+    ) -> Result<Option<Self>> {
+        let dev = model.fixed_device().clone();
+        let (d, dtype) = model.fixed_output();
+        let n_img = key.n_img;
+        let greedy = key.sampling.is_greedy();
+        let depths = plan(shape);
+        let ks: Vec<usize> = depths
+            .iter()
+            .map(|dp| widest(&dp.want(n_img), vocab))
+            .collect();
+        // expansions: every depth but the last feeds its nodes with children
+        let n_exp = depths.len().saturating_sub(1);
+        if n_exp == 0 || ks.iter().any(|&k| k == 0 || k > MAX_PICKS) {
+            return Ok(None);
+        }
+        let mut offsets = vec![0];
+        for dp in &depths[..n_exp] {
+            offsets.push(offsets.last().copied().unwrap_or(0) + dp.feed.len());
+        }
+        let fed = offsets[n_exp];
+        if fed == 0 || fed >= max_len {
+            return Ok(None);
+        }
+        let scratch = max_len - fed;
+        let mut level_rows = vec![1];
+        level_rows.extend(depths[..n_exp].iter().map(|dp| dp.feed.len()));
+        // fed index of every shape node fed, and each fed node's ancestors (fed indices)
+        let mut fed_of = vec![None; shape.len()];
+        let mut anc: Vec<Vec<usize>> = Vec::with_capacity(fed);
+        let (mut tree_masks, mut token_at, mut feat_at) = (vec![], vec![], vec![]);
+        for (e, dp) in depths[..n_exp].iter().enumerate() {
+            let (k, kb, n_req) = (dp.feed.len(), ks[e], dp.requests.len());
+            let mut at = Vec::with_capacity(n_img * k);
+            for g in 0..n_img {
+                for &(_, r, rank) in &dp.feed {
+                    at.push((((g * n_req + r) * kb + rank) * 2) as u32);
+                }
+            }
+            token_at.push(Tensor::from_vec(at, n_img * k, &dev)?);
+            let mut src = Vec::with_capacity(k);
+            let mut mask = vec![0f32; k * max_len];
+            for (j, &(s, _, _)) in dp.feed.iter().enumerate() {
+                let p = shape.parents[s];
+                let parent = if p == 0 { None } else { fed_of[p] };
+                let mut a: Vec<usize> = parent.map_or_else(Vec::new, |p: usize| anc[p].clone());
+                a.push(offsets[e] + j);
+                let row = &mut mask[j * max_len..(j + 1) * max_len];
+                row[scratch..]
+                    .iter_mut()
+                    .for_each(|x| *x = f32::NEG_INFINITY);
+                for &m in &a {
+                    row[scratch + m] = 0.0;
+                }
+                src.push(parent.map_or(0, |p| p + 1));
+                anc.push(a);
+            }
+            for (j, &(s, _, _)) in dp.feed.iter().enumerate() {
+                fed_of[s] = Some(offsets[e] + j);
+            }
+            tree_masks.push(Tensor::from_vec(mask, (1, 1, k, max_len), &dev)?);
+            let at: Vec<u32> = (0..rows)
+                .flat_map(|r| src.iter().map(move |&s| (r * (1 + fed) + s) as u32))
+                .collect();
+            feat_at.push(Tensor::from_vec(at, rows * k, &dev)?);
+        }
+        let mut select_at = Vec::with_capacity(depths.len());
+        for (dp, &lr) in depths.iter().zip(&level_rows) {
+            let all =
+                dp.requests.len() == lr && dp.requests.iter().enumerate().all(|(i, r)| r.1 == i);
+            select_at.push(if all {
+                None
+            } else {
+                let ix: Vec<u32> = (0..n_img)
+                    .flat_map(|g| dp.requests.iter().map(move |r| (g * lr + r.1) as u32))
+                    .collect();
+                Some(Tensor::from_vec(ix, n_img * dp.requests.len(), &dev)?)
+            });
+        }
+        let n_picks: usize = depths
+            .iter()
+            .zip(&ks)
+            .map(|(dp, &k)| n_img * dp.requests.len() * k * 2)
+            .sum();
+        let n_uniforms: usize = depths
+            .iter()
+            .zip(&ks)
+            .map(|(dp, &k)| n_img * dp.requests.len() * k)
+            .sum();
+        let probs = if greedy {
+            Vec::new()
+        } else {
+            level_rows
+                .iter()
+                .map(|&lr| Tensor::zeros((n_img * lr, vocab), DType::F32, &dev))
+                .collect::<candle_core::Result<_>>()?
+        };
+        Ok(Some(Self {
+            depths,
+            ks,
+            level_rows,
+            offsets,
+            scratch,
+            rows,
+            feats: Tensor::zeros((rows, 1 + fed, d), dtype, &dev)?,
+            prefix: Tensor::zeros((rows, 1, 1, max_len), DType::F32, &dev)?,
+            pos: Tensor::zeros((rows, fed), DType::U32, &dev)?,
+            uniforms: (!greedy)
+                .then(|| Tensor::zeros(n_uniforms, DType::F64, &dev))
+                .transpose()?,
+            zero: Tensor::zeros(1, DType::F32, &dev)?,
+            tree_masks,
+            token_at,
+            feat_at,
+            select_at,
+            picks: Tensor::zeros(n_picks, DType::F32, &dev)?,
+            probs,
+            graph: Default::default(),
+            key,
+        }))
+    }
+
+    /// The computation (see the module docs); writes `picks` and `probs`, drops every
+    /// temporary before it returns (so a captured graph frees what it allocates).
+    fn run(
+        &self,
+        model: &dyn FixedForward,
+        lm_head: &dyn Fn(&Tensor) -> Result<Tensor>,
+        kv: &mut KvCache,
+    ) -> Result<()> {
+        let (n_img, cfg, sampling) = (self.key.n_img, self.key.cfg, &self.key.sampling);
+        let fed = *self.offsets.last().unwrap_or(&0);
+        let d = self.feats.dim(2)?;
+        let probs_of = |h: &Tensor| -> Result<Tensor> {
+            Ok(picks::draft_probs_cfg(&lm_head(h)?, n_img, cfg, sampling)?)
+        };
+        let mut level = probs_of(&self.feats.narrow(1, 0, 1)?.contiguous()?)?;
+        let (mut at_pick, mut at_u) = (0, 0);
+        for (i, dp) in self.depths.iter().enumerate() {
+            let (k, n_want) = (self.ks[i], n_img * dp.requests.len());
+            let sel = match &self.select_at[i] {
+                Some(ix) => level.index_select(ix, 0)?,
+                None => level.clone(),
+            };
+            let block = match &self.uniforms {
+                None => picks::top_k(&sel, k)?,
+                Some(u) => {
+                    let us = u.narrow(0, at_u, n_want * k)?.reshape((n_want, k))?;
+                    at_u += n_want * k;
+                    picks::draw(&sel, &us)?
+                }
+            }
+            .flatten_all()?;
+            self.picks.slice_set(&block, 0, at_pick)?;
+            at_pick += block.elem_count();
+            if let Some(p) = self.probs.get(i) {
+                p.slice_set(&level, 0, 0)?;
+            }
+            if i + 1 == self.depths.len() {
+                break;
+            }
+            let (off, kf) = (self.offsets[i], dp.feed.len());
+            let ids = block
+                .index_select(&self.token_at[i], 0)?
+                .broadcast_maximum(&self.zero)?
+                .to_dtype(DType::U32)?
+                .reshape((n_img, kf))?
+                .repeat((self.rows / n_img, 1))?;
+            let feats = self
+                .feats
+                .reshape((self.rows * (1 + fed), d))?
+                .index_select(&self.feat_at[i], 0)?
+                .reshape((self.rows, kf, d))?;
+            let pos = self.pos.narrow(1, off, kf)?.contiguous()?;
+            let mask = self
+                .prefix
+                .broadcast_add(&self.tree_masks[i])?
+                .contiguous()?;
+            kv.set_staging(Some(self.scratch + off));
+            let out = model.fixed_step(&ids, Some(&feats), &pos, &mask, kv);
+            kv.set_staging(None);
+            let out = out?;
+            self.feats.slice_set(&out, 1, 1 + off)?;
+            level = probs_of(&out)?;
+        }
+        Ok(())
+    }
+
+    /// Writes one step's inputs into the buffers (no synchronisation).
+    fn set_inputs(
+        &self,
+        step: &DraftStep,
+        kv_len: usize,
+        clamp: (usize, usize),
+        rngs: &mut [&mut dyn RngCore],
+    ) -> Result<()> {
+        let (n_img, rows) = (self.key.n_img, self.rows);
+        let dev = self.feats.device();
+        let max_len = self.prefix.dim(3)?;
+        self.feats.slice_set(
+            &step.root_feat.to_dtype(self.feats.dtype())?.contiguous()?,
+            1,
+            0,
+        )?;
+        // committed slots as the prefix says, hidden up to the scratch block, where the tree
+        // masks decide
+        let mut prefix = vec![f32::NEG_INFINITY; rows * max_len];
+        for (r, out) in prefix.chunks_exact_mut(max_len).enumerate() {
+            let p = &step.prefix[r % n_img];
+            let n = p.len().min(kv_len);
+            out[..n].copy_from_slice(&p[..n]);
+            out[self.scratch..].iter_mut().for_each(|x| *x = 0.0);
+        }
+        self.prefix
+            .slice_set(&Tensor::from_vec(prefix, (rows, 1, 1, max_len), dev)?, 0, 0)?;
+        let fed = *self.offsets.last().unwrap_or(&0);
+        let mut pos = Vec::with_capacity(rows * fed);
+        for r in 0..rows {
+            for (e, w) in self.offsets.windows(2).enumerate() {
+                let p = step.roots[r % n_img] + e;
+                let p = if p >= clamp.0 { clamp.1 } else { p };
+                pos.extend(std::iter::repeat_n(p as u32, w[1] - w[0]));
+            }
+        }
+        self.pos
+            .slice_set(&Tensor::from_vec(pos, (rows, fed), dev)?, 0, 0)?;
+        if let Some(u) = &self.uniforms {
+            let mut all = Vec::with_capacity(u.elem_count());
+            for (dp, &k) in self.depths.iter().zip(&self.ks) {
+                all.extend(level_uniforms(&dp.want(n_img), k, rngs));
+            }
+            u.slice_set(&Tensor::from_vec(all, u.elem_count(), dev)?, 0, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Drafts every image's tree of a static shape in one fixed-shape computation (captured on the
+/// first call of its shape, replayed after), with the tokens, probabilities and draws of
+/// [`super::draft::draft_static`] on the drafter `fx` and `lm_head` (the target's output head,
+/// whose weights `key.lm_head` names). `None` where it does not apply (see
+/// [`StaticDrafting::new`]; no room before the scratch block): then draft level by level.
+pub fn draft_static_fixed(
+    fx: FixedDrafting,
+    lm_head: &dyn Fn(&Tensor) -> Result<Tensor>,
+    key: DraftingKey,
+    step: &DraftStep,
+    rngs: &mut [&mut dyn RngCore],
+) -> Result<Option<Vec<DraftTree>>> {
+    let FixedDrafting {
+        model,
+        kv,
+        graphs,
+        capture,
+        rope_rows,
+        zero_row,
+    } = fx;
+    let greedy = key.sampling.is_greedy();
+    let idx = match graphs.iter().position(|g| g.key == key) {
+        Some(i) => i,
+        None => {
+            let Some(g) = StaticDrafting::new(
+                key.clone(),
+                step.shape,
+                model,
+                kv.batch(),
+                kv.max_len(),
+                step.vocab,
+            )?
+            else {
+                return Ok(None);
+            };
+            if graphs.len() >= MAX_DRAFTING_GRAPHS {
+                graphs.remove(0);
+            }
+            graphs.push(g);
+            graphs.len() - 1
+        }
+    };
+    let g = &mut graphs[idx];
+    if kv.len() > g.scratch || kv.staging().is_some() {
+        return Ok(None);
+    }
+    if step.root_feat.dims3()?.0 != g.rows || step.root_tokens.len() != key.n_img {
+        return Err(Error::invalid(
+            "drafting graph",
+            "rows do not match the computation (internal error)",
+        ));
+    }
+    g.set_inputs(step, kv.len(), (rope_rows, zero_row), rngs)?;
+    let mut graph = std::mem::take(&mut g.graph);
+    let label = format!("drafting of a {}-node shape", step.shape.len());
+    let ran = {
+        let this: &StaticDrafting = g;
+        replay_or_capture(
+            model.fixed_device(),
+            capture,
+            &mut graph,
+            &label,
+            &mut || this.run(model, lm_head, kv),
+        )
+    };
+    g.graph = graph;
+    ran?;
+    crate::decode::profile::mark_here("draft: drafting graph")?;
+    // one transfer of every depth's picks
+    let flat: Vec<f32> = g.picks.to_vec1()?;
+    let mut picks = Vec::with_capacity(g.depths.len());
+    let mut at = 0;
+    for (dp, &k) in g.depths.iter().zip(&g.ks) {
+        let n = key.n_img * dp.requests.len() * k * 2;
+        picks.push(flat[at..at + n].to_vec());
+        at += n;
+    }
+    // the trees keep sampled rows past the next replay: copies
+    let probs: Vec<Tensor> = g
+        .probs
+        .iter()
+        .map(|p| p.copy())
+        .collect::<candle_core::Result<_>>()?;
+    let rows = &g.level_rows;
+    let dist = |i: usize, gi: usize, row: usize| -> Result<QDist> {
+        Ok(QDist::device(probs[i].clone(), gi * rows[i] + row))
+    };
+    let trees = build_trees(
+        step.shape,
+        &g.depths,
+        step.root_tokens,
+        greedy,
+        &g.ks,
+        &dist,
+        &picks,
+    )?;
+    Ok(Some(trees))
+}
+
+/// Whether `dev` runs drafting graphs as CUDA graphs (else eagerly; see [`FixedDrafting`]).
+pub fn device_captures(dev: &Device) -> bool {
+    super::graph_step::graphs_enabled(dev)
+}
