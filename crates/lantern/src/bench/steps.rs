@@ -400,6 +400,95 @@ fn time_fixed(
     Ok((ms, how))
 }
 
+/// Times the whole drafting phase of a static tree (`naive_extend_57`, greedy picks) as the
+/// speculative loop runs it for SD static and LANTERN++ (one computation, a CUDA graph on GPUs;
+/// the picks' transfer and the tree building included) after `dp` cached drafter positions.
+/// Traffic and FLOPs: every level's drafter step and output head, plus the root's head.
+fn time_drafting(
+    cfg: &StepBenchConfig,
+    model: &LlamaGen,
+    drafter: &Drafter,
+    dp: usize,
+    time: &Timer,
+) -> Result<(f64, f64, f64, String)> {
+    use crate::decode::draft_graph::{draft_static_fixed, DraftStep, DraftingKey, FixedDrafting};
+    use crate::decode::TreeShape;
+    use crate::sampling::SamplingParams;
+    let (b, tc, dc) = (cfg.batch, model.config(), drafter.config());
+    let device = drafter.device();
+    let shape = TreeShape::preset("naive_extend_57")?;
+    // batch 2 is one image with CFG
+    let (n_img, scale) = if b % 2 == 0 {
+        (b / 2, Some(4.0))
+    } else {
+        (b, None)
+    };
+    let mut kv = drafter.new_cache(b, dp + 2 * shape.len())?;
+    kv.advance(dp);
+    let mut graphs = Vec::new();
+    let root_feat = Tensor::randn(0f32, 1.0, (b, 1, tc.dim), device)?.to_dtype(cfg.dtype)?;
+    let prefix = vec![vec![0f32; dp]; n_img];
+    let roots = vec![dp + 1; n_img];
+    let root_tokens = vec![0u32; n_img];
+    let key = DraftingKey {
+        paths: shape.paths.clone(),
+        n_img,
+        cfg: scale,
+        sampling: SamplingParams::greedy(),
+        lm_head: model.lm_head_id(),
+    };
+    let step = DraftStep {
+        shape: &shape,
+        root_tokens: &root_tokens,
+        root_feat: &root_feat,
+        prefix: &prefix,
+        roots: &roots,
+        vocab: tc.vocab_size,
+    };
+    let (rope_rows, zero_row) = drafter.rope_clamp();
+    let capture = graphs_enabled(device);
+    let head = |h: &Tensor| model.lm_head(h);
+    let ms = time(&mut || {
+        let fx = FixedDrafting {
+            model: drafter,
+            kv: &mut kv,
+            graphs: &mut graphs,
+            capture,
+            rope_rows,
+            zero_row,
+        };
+        draft_static_fixed(fx, &head, key.clone(), &step, &mut [])?.ok_or_else(|| {
+            Error::invalid(
+                "drafting bench",
+                "the shape does not fit the drafting computation",
+            )
+        })?;
+        Ok(())
+    })?;
+    // fed nodes per level: the nodes of each depth that have children
+    let max_depth = shape.depths.iter().copied().max().unwrap_or(0);
+    let el = cfg.dtype.size_in_bytes();
+    let (mut bytes, mut flops) = (
+        (tc.vocab_size * tc.dim * el + b * tc.vocab_size * 4) as f64,
+        (2 * b * tc.vocab_size * tc.dim) as f64,
+    );
+    for depth in 1..max_depth {
+        let k = (1..shape.len())
+            .filter(|&i| shape.depths[i] == depth && !shape.children(i).is_empty())
+            .count();
+        let (by, fl) = drafter_cost(dc, b, k, dp, el);
+        bytes += by;
+        flops += fl;
+    }
+    let how = if capture { "cuda graph" } else { "fixed shape" };
+    let name = format!(
+        "drafting phase, static tree of {} nodes ({} levels, {how})",
+        shape.len(),
+        max_depth.saturating_sub(1)
+    );
+    Ok((ms, bytes, flops, name))
+}
+
 /// Copy bandwidth in GB/s (read + write bytes), fastest run: the better of an in-place copy into a
 /// preallocated buffer and a fresh `Tensor::copy`.
 fn measure_copy(cfg: &StepBenchConfig, device: &Device) -> Result<f64> {
@@ -635,6 +724,8 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
                 &time,
             )?;
             report.push(format!("drafter {n} tok @{dp} ({how})"), ms, bytes, flops);
+            let (ms, bytes, flops, name) = time_drafting(cfg, &model, &drafter, dp, &time)?;
+            report.push(name, ms, bytes, flops);
         }
     }
     if wants(Step::VqDecode) {
@@ -680,8 +771,11 @@ mod tests {
         assert!(r.copy_gbps.is_finite() && r.copy_gbps > 0.0, "{r}");
         assert!(r.matmul_tflops.is_finite() && r.matmul_tflops > 0.0, "{r}");
         // decode, verify and drafter have two rows: the ordinary step and the fixed-shape
-        // (CUDA graph) one
-        assert_eq!(r.rows.len(), Step::ALL.len() + 3, "{r}");
+        // (CUDA graph) one; the drafter also the whole drafting phase of a static tree
+        assert_eq!(r.rows.len(), Step::ALL.len() + 4, "{r}");
+        let phase = r.rows.iter().find(|x| x.name.starts_with("drafting phase"));
+        let phase = phase.unwrap_or_else(|| panic!("no drafting phase row in\n{r}"));
+        assert!(phase.flops > 4.0 * r.row(Step::Drafter).unwrap().flops, "{r}");
         assert!(
             r.rows.iter().any(|x| x.name.ends_with("(fixed shape)")),
             "{r}"
@@ -698,7 +792,7 @@ mod tests {
         }
         assert!(r.row(Step::Verify).unwrap().flops > r.row(Step::Decode).unwrap().flops);
         let table = r.to_string();
-        assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 9);
+        assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 10);
     }
 
     #[test]
@@ -723,7 +817,7 @@ mod tests {
             ..tiny(DType::F16)
         };
         let r = run_step_bench(&cfg, &Device::Cpu)?;
-        assert_eq!(r.rows.len(), 7, "{r}");
+        assert_eq!(r.rows.len(), 8, "{r}");
         assert!(r.rows.iter().all(|x| x.measured_ms > 0.0));
         Ok(())
     }

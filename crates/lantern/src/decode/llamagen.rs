@@ -281,7 +281,7 @@ impl DraftModel for Drafter {
         vis: &Visibility,
         cache: &mut DrafterCache,
     ) -> Result<Tensor> {
-        let (rows, zero_row) = rope_clamp(self);
+        let (rows, zero_row) = self.rope_clamp();
         let pos = clamp_positions(positions, rows, zero_row)?;
         let m = match vis {
             Visibility::Custom(m) => Some(m.unsqueeze(1)?),
@@ -298,7 +298,7 @@ impl DraftModel for Drafter {
     }
 
     fn fixed_drafting<'a>(&'a self, cache: &'a mut DrafterCache) -> Option<FixedDrafting<'a>> {
-        let (rope_rows, zero_row) = rope_clamp(self);
+        let (rope_rows, zero_row) = self.rope_clamp();
         let (kv, graphs, capture) = cache.fixed_drafting()?;
         Some(FixedDrafting {
             model: self,
@@ -309,13 +309,6 @@ impl DraftModel for Drafter {
             zero_row,
         })
     }
-}
-
-/// The drafter's RoPE rows and the row positions past them read.
-fn rope_clamp(d: &Drafter) -> (usize, usize) {
-    let c = d.config();
-    let rows = c.cls_token_num + c.block_size + c.extra_rope_rows;
-    (rows, if c.extra_rope_rows > 0 { rows - 1 } else { 0 })
 }
 
 /// Checks that `drafter` fits `target`: width, vocabulary, grid ([`Drafter::check_target`]) and

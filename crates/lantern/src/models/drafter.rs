@@ -219,6 +219,14 @@ impl Drafter {
         self.embed_tokens.embeddings().id()
     }
 
+    /// RoPE table rows and the row that positions past the table read (loop positions at or
+    /// past `rows` are clamped to it).
+    pub fn rope_clamp(&self) -> (usize, usize) {
+        let c = self.config();
+        let rows = c.cls_token_num + c.block_size + c.extra_rope_rows;
+        (rows, if c.extra_rope_rows > 0 { rows - 1 } else { 0 })
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> &candle_core::Device {
         self.embed_tokens.embeddings().device()
