@@ -775,7 +775,10 @@ mod tests {
         assert_eq!(r.rows.len(), Step::ALL.len() + 4, "{r}");
         let phase = r.rows.iter().find(|x| x.name.starts_with("drafting phase"));
         let phase = phase.unwrap_or_else(|| panic!("no drafting phase row in\n{r}"));
-        assert!(phase.flops > 4.0 * r.row(Step::Drafter).unwrap().flops, "{r}");
+        assert!(
+            phase.flops > 4.0 * r.row(Step::Drafter).unwrap().flops,
+            "{r}"
+        );
         assert!(
             r.rows.iter().any(|x| x.name.ends_with("(fixed shape)")),
             "{r}"

@@ -57,9 +57,9 @@ use std::time::Instant;
 /// an H100: 1.7-2.0 -> 0.7-1.2 ms, docs/BENCHMARKS.md section 000b).
 const HOST_BLOCK_BYTES: usize = 1 << 20;
 
-/// The CFG-combined verification logits `[n_img, cols, V]` (tree node i is column i): copied
-/// to the host in one transfer when an image's `[cols, V]` is at most `max_bytes`, else left
-/// on the device and read one row at a time.
+/// The CFG-combined verification rows `[n_img, cols, V]` (tree node i is column i), logits or
+/// probabilities ([`verify_rows`]): copied to the host in one transfer when an image's
+/// `[cols, V]` is at most `max_bytes`, else left on the device and read one row at a time.
 enum VerifyLogits {
     Host {
         data: Vec<f32>,
@@ -67,6 +67,25 @@ enum VerifyLogits {
         vocab: usize,
     },
     Device(Tensor),
+}
+
+/// The verification rows of the output head's `logits` `[rows, cols, V]`, CFG-combined
+/// `[n_img, cols, V]`, and whether they are probabilities: where the fused kernels run and
+/// serve the sampling filters, CFG and the filters run in one kernel on the device (the rows of
+/// [`row_probs`], so acceptance does no softmax per visited node on the host); else the
+/// mixed logits.
+fn verify_rows(
+    logits: Tensor,
+    n_img: usize,
+    cfg: Option<f32>,
+    sampling: &SamplingParams,
+) -> Result<(Tensor, bool)> {
+    let (_, cols, v) = logits.dims3()?;
+    if v > 0 && crate::fused::active(&logits) && picks::probs_on_device(sampling, logits.device()) {
+        let p = picks::draft_probs_cfg(&logits, n_img, cfg, sampling)?;
+        return Ok((p.reshape((n_img, cols, v))?, true));
+    }
+    Ok((cfg_mix_device(logits, n_img, cfg)?, false))
 }
 
 impl VerifyLogits {
@@ -98,6 +117,8 @@ impl VerifyLogits {
 /// Target rows of one image, from the verification logits, computed on demand.
 struct LazyRows<'a> {
     logits: &'a VerifyLogits,
+    /// Whether the rows are probabilities already (else logits: [`row_probs`] on the host).
+    probs: bool,
     g: usize,
     nodes: usize,
     sampling: &'a SamplingParams,
@@ -115,7 +136,12 @@ impl TargetRows for LazyRows<'_> {
                 format!("{node} is not in the verified tree (internal error)"),
             ));
         }
-        let p = row_probs(self.sampling, &self.logits.row(self.g, node)?);
+        let row = self.logits.row(self.g, node)?;
+        let p = if self.probs {
+            row.into_owned()
+        } else {
+            row_probs(self.sampling, &row)
+        };
         self.memo.insert(node, p.clone());
         Ok(p)
     }
@@ -587,12 +613,12 @@ fn run<T: Target, D: DraftModel>(
         prof.mark("verify: inputs (ids, positions, tree mask)")?;
         let hidden = target.forward_tokens(&ids, &pos, &vis, &mut tcache)?;
         prof.mark("verify: target forward")?;
-        let mixed = cfg_mix_device(target.lm_head(&hidden)?, n_img, cfg)?;
-        prof.mark("verify: LM head, CFG")?;
+        let (rows_cfg, probs) = verify_rows(target.lm_head(&hidden)?, n_img, cfg, &opts.sampling)?;
+        prof.mark("verify: LM head, CFG (and probabilities)")?;
         prof.end_phase()?;
         t_verify += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let logits = VerifyLogits::new(mixed, plan.host_block_bytes)?;
+        let logits = VerifyLogits::new(rows_cfg, plan.host_block_bytes)?;
         prof.mark("accept: verification block to host")?;
 
         // accept: every unfinished image commits its own path
@@ -607,6 +633,7 @@ fn run<T: Target, D: DraftModel>(
             }
             let mut lazy = LazyRows {
                 logits: &logits,
+                probs,
                 g,
                 nodes: trees[g].len(),
                 sampling: &opts.sampling,
