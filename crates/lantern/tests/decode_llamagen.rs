@@ -306,7 +306,7 @@ type PathCase = (LlamaGen, Drafter, Condition, Vec<GenerateOptions>);
 
 /// The cases the alternative forward paths must reproduce token for token: c2i with CFG and
 /// three batched classes, t2i with caption padding; AR, SD on dynamic and static trees, and
-/// sampled LANTERN++ on a chain.
+/// sampled LANTERN++ on a chain and on a static tree whose nodes run out of mass.
 fn path_cases() -> Result<Vec<PathCase>> {
     let lpp = AcceptConfig {
         relaxation: Relaxation::LanternPP { k: 4, lambda: 2.0 },
@@ -319,6 +319,15 @@ fn path_cases() -> Result<Vec<PathCase>> {
         greedy(4.0)
             .with_sampling(SamplingParams::default())
             .with_decoding(spec("chain:3", lpp, Some(neighbors()?))?),
+        // top-k 3 leaves mass for 3 of the root's 10 children: drafted trees drop nodes (the
+        // device-built verification keeps their columns, acceptance must skip them)
+        greedy(4.0)
+            .with_sampling(SamplingParams {
+                temperature: 1.0,
+                top_k: 3,
+                top_p: 1.0,
+            })
+            .with_decoding(spec("naive_extend_57", lpp, Some(neighbors()?))?),
     ];
     Ok(vec![
         (

@@ -59,6 +59,7 @@ pub fn top_k_indices(p: &[f32], k: usize) -> Vec<usize> {
 /// One depth of a static shape: the shape nodes asked for children at this depth (every node
 /// of the previous depth that has children, in feeding order: its row in the level) and the
 /// nodes of this depth fed to the drafter afterwards (those with children of their own).
+#[derive(Debug, Clone)]
 pub(super) struct Depth {
     /// `(shape node, its row in the level, its children in rank order)`.
     pub requests: Vec<(usize, usize, Vec<usize>)>,
@@ -187,7 +188,7 @@ pub fn draft_static(
     let picks = blocks_to_host(done.iter().map(|d| &d.2))?;
     let ks: Vec<usize> = done.iter().map(|d| d.1).collect();
     let dist = |i: usize, g: usize, row: usize| done[i].0.dist(g, row);
-    build_trees(shape, &depths, root_tokens, greedy, &ks, &dist, &picks)
+    Ok(build_trees(shape, &depths, root_tokens, greedy, &ks, &dist, &picks)?.0)
 }
 
 /// Every pick block's values on the host: one transfer when they share a device.
@@ -218,7 +219,8 @@ pub(super) fn blocks_to_host<'a>(
 
 /// The trees of [`draft_static`] from every depth's pick block on the host (`picks[i]`: depth
 /// i+1's, `ks[i]` wide); `dist(i, g, row)` is row `row` of image g of the level depth i+1 was
-/// picked from (kept for sampled nodes).
+/// picked from (kept for sampled nodes). Also returns, per tree, the shape node of every tree
+/// node (the identity unless children were dropped).
 pub(super) fn build_trees(
     shape: &TreeShape,
     depths: &[Depth],
@@ -227,13 +229,14 @@ pub(super) fn build_trees(
     ks: &[usize],
     dist: &dyn Fn(usize, usize, usize) -> Result<QDist>,
     picks: &[Vec<f32>],
-) -> Result<Vec<DraftTree>> {
+) -> Result<(Vec<DraftTree>, Vec<Vec<usize>>)> {
     let kind = if greedy {
         DraftKind::Deterministic
     } else {
         DraftKind::WithoutReplacement
     };
     let mut trees = Vec::with_capacity(root_tokens.len());
+    let mut nodes = Vec::with_capacity(root_tokens.len());
     for (g, &root) in root_tokens.iter().enumerate() {
         let mut t = DraftTree {
             tokens: vec![root],
@@ -243,9 +246,10 @@ pub(super) fn build_trees(
             q_dists: vec![None],
             kind,
         };
-        // shape node -> tree node
+        // shape node -> tree node, and back
         let mut map: Vec<Option<usize>> = vec![None; shape.len()];
         map[0] = Some(0);
+        let mut of_node = vec![0];
         for (i, ((d, &k), block)) in depths.iter().zip(ks).zip(picks).enumerate() {
             let (n_req, depth) = (d.requests.len(), i + 1);
             for (r, (parent, row, children)) in d.requests.iter().enumerate() {
@@ -264,12 +268,14 @@ pub(super) fn build_trees(
                     t.q.push(if greedy { 1.0 } else { pair[1] });
                     t.q_dists.push(None);
                     map[c] = Some(t.len() - 1);
+                    of_node.push(c);
                 }
             }
         }
         trees.push(t);
+        nodes.push(of_node);
     }
-    Ok(trees)
+    Ok((trees, nodes))
 }
 
 /// Draws up to `k` distinct indices from `p` without replacement; each with its conditional
@@ -374,6 +380,27 @@ mod tests {
         assert_eq!(d.fed[0].1, vec![vec![None, None]]);
         assert_eq!(d.fed[1].0, vec![vec![2]]);
         assert_eq!(d.fed[1].1, vec![vec![Some(0)]]);
+    }
+
+    #[test]
+    fn trees_from_pick_blocks_map_nodes_to_shape_columns_past_dropped_nodes() {
+        // the root drafts two of its three children; [2] and so its child are dropped
+        let shape = TreeShape::from_json("[[0],[1],[2],[0,0],[2,0]]").unwrap();
+        let depths = plan(&shape);
+        assert_eq!(depths.len(), 2);
+        let picks = vec![
+            vec![5.0, 0.5, 7.0, 0.5, -1.0, 0.0],
+            // depth 2: requests for [0] and [2] (in feeding order), one pick each
+            vec![9.0, 1.0, 3.0, 1.0],
+        ];
+        let dist = |_: usize, _: usize, _: usize| Ok(QDist::Host(vec![1.0]));
+        let (trees, cols) =
+            build_trees(&shape, &depths, &[2], false, &[3, 1], &dist, &picks).unwrap();
+        assert_eq!(trees[0].tokens, vec![2, 5, 7, 9]);
+        assert_eq!(trees[0].parents, vec![0, 0, 0, 1]);
+        assert_eq!(trees[0].q[1..], [0.5, 0.5, 1.0]);
+        assert_eq!(cols[0], vec![0, 1, 2, 4]);
+        trees[0].validate().unwrap();
     }
 
     #[test]

@@ -115,6 +115,11 @@ pub struct StaticDrafting {
     feat_at: Vec<Tensor>,
     /// Per depth: the requested rows of its level when not all rows in order.
     select_at: Vec<Option<Tensor>>,
+    /// `[n_img * (nodes - 1)]`: where every image's drafted node (shape order, root excluded)
+    /// has its token in `picks`.
+    verify_at: Tensor,
+    /// `[1, nodes, nodes]` f32: the shape's tree mask (0 on a node's ancestors and itself).
+    tree_mask: Tensor,
     // outputs
     /// Every depth's pick block, flat, one after the other.
     picks: Tensor,
@@ -216,6 +221,39 @@ impl StaticDrafting {
             .zip(&ks)
             .map(|(dp, &k)| n_img * dp.requests.len() * k * 2)
             .sum();
+        // every drafted node's token in the flat picks: depth block, request, rank
+        let mut block_at = vec![0];
+        for (dp, &k) in depths.iter().zip(&ks) {
+            block_at
+                .push(block_at.last().copied().unwrap_or(0) + n_img * dp.requests.len() * k * 2);
+        }
+        let mut verify_at = Vec::with_capacity(n_img * (shape.len() - 1));
+        for g in 0..n_img {
+            for c in 1..shape.len() {
+                let i = shape.depths[c] - 1;
+                let (dp, k) = (&depths[i], ks[i]);
+                let (r, rank) = dp
+                    .requests
+                    .iter()
+                    .enumerate()
+                    .find_map(|(r, (_, _, ch))| ch.iter().position(|&x| x == c).map(|j| (r, j)))
+                    .ok_or_else(|| Error::invalid("tree shape", "node without a parent request"))?;
+                let at = block_at[i] + ((g * dp.requests.len() + r) * k + rank) * 2;
+                verify_at.push(at as u32);
+            }
+        }
+        let n = shape.len();
+        let mut tree_mask = vec![f32::NEG_INFINITY; n * n];
+        for i in 0..n {
+            let mut a = i;
+            loop {
+                tree_mask[i * n + a] = 0.0;
+                if a == 0 {
+                    break;
+                }
+                a = shape.parents[a];
+            }
+        }
         let n_uniforms: usize = depths
             .iter()
             .zip(&ks)
@@ -247,6 +285,8 @@ impl StaticDrafting {
             token_at,
             feat_at,
             select_at,
+            verify_at: Tensor::from_vec(verify_at, n_img * (n - 1), &dev)?,
+            tree_mask: Tensor::from_vec(tree_mask, (1, n, n), &dev)?,
             picks: Tensor::zeros(n_picks, DType::F32, &dev)?,
             probs,
             graph: Default::default(),
@@ -380,7 +420,7 @@ pub fn draft_static_fixed(
     key: DraftingKey,
     step: &DraftStep,
     rngs: &mut [&mut dyn RngCore],
-) -> Result<Option<Vec<DraftTree>>> {
+) -> Result<Option<Drafted>> {
     let FixedDrafting {
         model,
         kv,
@@ -437,35 +477,80 @@ pub fn draft_static_fixed(
     g.graph = graph;
     ran?;
     crate::decode::profile::mark_here("draft: drafting graph")?;
-    // one transfer of every depth's picks
-    let flat: Vec<f32> = g.picks.to_vec1()?;
-    let mut picks = Vec::with_capacity(g.depths.len());
-    let mut at = 0;
-    for (dp, &k) in g.depths.iter().zip(&g.ks) {
-        let n = key.n_img * dp.requests.len() * k * 2;
-        picks.push(flat[at..at + n].to_vec());
-        at += n;
-    }
-    // the trees keep sampled rows past the next replay: copies
-    let probs: Vec<Tensor> = g
-        .probs
-        .iter()
-        .map(|p| p.copy())
-        .collect::<candle_core::Result<_>>()?;
-    let rows = &g.level_rows;
-    let dist = |i: usize, gi: usize, row: usize| -> Result<QDist> {
-        Ok(QDist::device(probs[i].clone(), gi * rows[i] + row))
-    };
-    let trees = build_trees(
-        step.shape,
-        &g.depths,
-        step.root_tokens,
+    // the drafted tokens in verification order (shape order, the root first), on the device
+    let roots = Tensor::from_vec(step.root_tokens.to_vec(), (key.n_img, 1), g.picks.device())?;
+    let drafted = g
+        .picks
+        .index_select(&g.verify_at, 0)?
+        .broadcast_maximum(&g.zero)?
+        .to_dtype(DType::U32)?
+        .reshape((key.n_img, step.shape.len() - 1))?;
+    Ok(Some(Drafted {
+        ids: Tensor::cat(&[&roots, &drafted], 1)?,
+        tree_mask: g.tree_mask.clone(),
+        picks: g.picks.clone(),
+        // the trees keep sampled rows past the next replay: copies
+        probs: g
+            .probs
+            .iter()
+            .map(|p| p.copy())
+            .collect::<candle_core::Result<_>>()?,
+        depths: g.depths.clone(),
+        ks: g.ks.clone(),
+        level_rows: g.level_rows.clone(),
+        n_img: key.n_img,
         greedy,
-        &g.ks,
-        &dist,
-        &picks,
-    )?;
-    Ok(Some(trees))
+    }))
+}
+
+/// A static shape drafted on the device ([`draft_static_fixed`]): what verification needs is
+/// there already; the trees are read when acceptance needs them ([`Drafted::trees`]), so that
+/// verification can be queued before the host waits for the picks.
+pub struct Drafted {
+    /// Verification ids `[n_img, nodes]` u32 in shape order, the root first (a dropped node
+    /// holds token 0; it is in no tree, so acceptance never reads its column).
+    pub ids: Tensor,
+    /// The shape's additive tree mask `[1, nodes, nodes]` (a node sees its ancestors and itself).
+    pub tree_mask: Tensor,
+    picks: Tensor,
+    probs: Vec<Tensor>,
+    depths: Vec<Depth>,
+    ks: Vec<usize>,
+    level_rows: Vec<usize>,
+    n_img: usize,
+    greedy: bool,
+}
+
+impl Drafted {
+    /// Every image's tree (one transfer of every depth's picks) and, per tree, the shape node
+    /// (verification column) of every tree node.
+    pub fn trees(
+        &self,
+        shape: &TreeShape,
+        root_tokens: &[u32],
+    ) -> Result<(Vec<DraftTree>, Vec<Vec<usize>>)> {
+        let flat: Vec<f32> = self.picks.to_vec1()?;
+        let mut picks = Vec::with_capacity(self.depths.len());
+        let mut at = 0;
+        for (dp, &k) in self.depths.iter().zip(&self.ks) {
+            let n = self.n_img * dp.requests.len() * k * 2;
+            picks.push(flat[at..at + n].to_vec());
+            at += n;
+        }
+        let rows = &self.level_rows;
+        let dist = |i: usize, gi: usize, row: usize| -> Result<QDist> {
+            Ok(QDist::device(self.probs[i].clone(), gi * rows[i] + row))
+        };
+        build_trees(
+            shape,
+            &self.depths,
+            root_tokens,
+            self.greedy,
+            &self.ks,
+            &dist,
+            &picks,
+        )
+    }
 }
 
 /// Whether `dev` runs drafting graphs as CUDA graphs (else eagerly; see [`FixedDrafting`]).

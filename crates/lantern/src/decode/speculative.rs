@@ -24,13 +24,13 @@
 //! The verification block is copied in one transfer while it is at most `HOST_BLOCK_BYTES` (1 MiB)
 //! per image (else one transfer per row read).
 use super::draft::{draft_static, Expand};
-use super::draft_graph::{draft_static_fixed, DraftStep, DraftingKey};
+use super::draft_graph::{draft_static_fixed, DraftStep, Drafted, DraftingKey};
 use super::dynamic::draft_dynamic;
 use super::level::{DeviceLevel, DraftLevel, HostLevel, Want};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::profile::LoopProfile;
 use super::slots::{row_positions, BlockMask, Slots};
-use super::static_trees::TreeSpec;
+use super::static_trees::{TreeShape, TreeSpec};
 use super::tree::DraftTree;
 use super::{cfg_rows, to_host_f32, token_budget, DecodeStats, GenerateOptions, Output};
 use crate::accept::{accept_tree, AcceptConfig, Neighbors, TargetRows};
@@ -120,7 +120,8 @@ struct LazyRows<'a> {
     /// Whether the rows are probabilities already (else logits: [`row_probs`] on the host).
     probs: bool,
     g: usize,
-    nodes: usize,
+    /// Verification column of every tree node.
+    columns: &'a [usize],
     sampling: &'a SamplingParams,
     memo: HashMap<usize, Vec<f32>>,
 }
@@ -130,13 +131,13 @@ impl TargetRows for LazyRows<'_> {
         if let Some(r) = self.memo.get(&node) {
             return Ok(r.clone());
         }
-        if node >= self.nodes {
+        let Some(&col) = self.columns.get(node) else {
             return Err(Error::invalid(
                 "tree node",
                 format!("{node} is not in the verified tree (internal error)"),
             ));
-        }
-        let row = self.logits.row(self.g, node)?;
+        };
+        let row = self.logits.row(self.g, col)?;
         let p = if self.probs {
             row.into_owned()
         } else {
@@ -391,6 +392,33 @@ fn verify_inputs(
     Ok((ids, pos, Visibility::Custom(mask)))
 }
 
+/// [`verify_inputs`] of a static shape drafted on the device: every image verifies the whole
+/// shape (node i is column i, position `roots[g] + depth`), ids from the drafted picks, the
+/// mask the committed slots of `prefix` then the shape's tree mask (a dropped node's column is
+/// verified and never read). Only the positions and the prefix come from the host.
+fn drafted_verify_inputs(
+    d: &Drafted,
+    shape: &TreeShape,
+    prefix: &[Vec<f32>],
+    roots: &[usize],
+    rows: usize,
+) -> Result<(Tensor, Tensor, Visibility)> {
+    let dev = d.ids.device();
+    let (n_img, n) = (prefix.len(), shape.len());
+    let past = prefix.first().map_or(0, |p| p.len());
+    let pos: Vec<Vec<u32>> = roots
+        .iter()
+        .map(|&r| shape.depths.iter().map(|&x| (r + x) as u32).collect())
+        .collect();
+    let pos = row_positions(&pos, rows, dev)?;
+    let pre =
+        Tensor::from_vec(prefix.concat(), (n_img, 1, past), dev)?.broadcast_as((n_img, n, past))?;
+    let tree = d.tree_mask.broadcast_as((n_img, n, n))?;
+    let mask = Tensor::cat(&[&pre, &tree], 2)?.repeat((rows / n_img, 1, 1))?;
+    let ids = d.ids.repeat((rows / n_img, 1))?;
+    Ok((ids, pos, Visibility::Custom(mask)))
+}
+
 /// Runs speculative decoding (see the module docs).
 pub fn generate_speculative<T: Target, D: DraftModel>(
     target: &T,
@@ -558,17 +586,18 @@ fn run<T: Target, D: DraftModel>(
                         let mut r: Vec<&mut dyn RngCore> =
                             rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
                         let head = |h: &Tensor| target.lm_head(h);
-                        draft_static_fixed(fx, &head, key, &step, &mut r)?
-                            .map(|t| (t, shape.depths.iter().max().map_or(0, |d| d - 1)))
+                        draft_static_fixed(fx, &head, key, &step, &mut r)?.map(|d| (d, shape))
                     }
                     _ => None,
                 }
             }
             _ => None,
         };
-        let trees = if let Some((trees, forwards)) = fixed {
-            drafter_forwards += forwards;
-            trees
+        // the verification inputs: made on the device from a drafted static shape (verification
+        // is queued before the host reads the picks), else from the host trees
+        let (drafted, host_trees) = if let Some((drafted, shape)) = fixed {
+            drafter_forwards += shape.depths.iter().max().map_or(0, |d| d - 1);
+            (Some((drafted, shape)), None)
         } else {
             let root = profiled(
                 drafter_level(target, &root_feat, n_img, cfg, &opts.sampling)?,
@@ -600,7 +629,7 @@ fn run<T: Target, D: DraftModel>(
                 }
             };
             drafter_forwards += session.forwards;
-            trees
+            (None, Some(trees))
         };
         dcache.truncate(phys)?;
         prof.mark("draft: tree building")?;
@@ -609,7 +638,11 @@ fn run<T: Target, D: DraftModel>(
 
         // verify all trees in one forward
         let t = Instant::now();
-        let (ids, pos, vis) = verify_inputs(&trees, &prefix, &roots, rows, &dev)?;
+        let (ids, pos, vis) = match (&drafted, &host_trees) {
+            (Some((d, shape)), _) => drafted_verify_inputs(d, shape, &prefix, &roots, rows)?,
+            (None, Some(trees)) => verify_inputs(trees, &prefix, &roots, rows, &dev)?,
+            (None, None) => unreachable!("one drafting path ran"),
+        };
         prof.mark("verify: inputs (ids, positions, tree mask)")?;
         let hidden = target.forward_tokens(&ids, &pos, &vis, &mut tcache)?;
         prof.mark("verify: target forward")?;
@@ -620,6 +653,22 @@ fn run<T: Target, D: DraftModel>(
         let t = Instant::now();
         let logits = VerifyLogits::new(rows_cfg, plan.host_block_bytes)?;
         prof.mark("accept: verification block to host")?;
+        // the trees, and the verification column of every tree node
+        let (trees, columns) = match (drafted, host_trees) {
+            (Some((d, shape)), _) => {
+                let t_trees = Instant::now();
+                let r = d.trees(shape, &root_tokens)?;
+                // drafting's own work, done here so that verification was queued first
+                t_draft += t_trees.elapsed().as_secs_f64();
+                r
+            }
+            (None, Some(trees)) => {
+                let cols = trees.iter().map(|t| (0..t.len()).collect()).collect();
+                (trees, cols)
+            }
+            (None, None) => unreachable!("one drafting path ran"),
+        };
+        prof.mark("accept: picks to host, trees")?;
 
         // accept: every unfinished image commits its own path
         let mut kept: Vec<Vec<usize>> = Vec::with_capacity(n_img);
@@ -635,14 +684,15 @@ fn run<T: Target, D: DraftModel>(
                 logits: &logits,
                 probs,
                 g,
-                nodes: trees[g].len(),
+                columns: &columns[g],
                 sampling: &opts.sampling,
                 memo: HashMap::new(),
             };
             let d = accept_tree(&trees[g], &mut lazy, &acc_cfg, neighbors, &mut rngs[g])?;
             let m = (d.accepted.len() + 1).min(left);
+            // the verification columns (cache slots of the block) of the kept nodes
             let mut k = vec![0];
-            k.extend_from_slice(&d.accepted[..m - 1]);
+            k.extend(d.accepted[..m - 1].iter().map(|&n| columns[g][n]));
             let mut seq: Vec<u32> = d.accepted.iter().map(|&n| trees[g].tokens[n]).collect();
             seq.push(d.next_token);
             seq.truncate(m);
