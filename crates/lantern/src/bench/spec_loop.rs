@@ -9,7 +9,8 @@
 //! The loop waits for the device at the end of each phase while the bench runs
 //! ([`crate::decode::profile::sync_phases_on_this_thread`]): graph replays are asynchronous, so
 //! an unsynchronised verify timer would stop before the target's GPU work and acceptance's
-//! first row read would be charged for it. The syncs cost a little overlap (in the wall time
+//! first row read would be charged for it (`LANTERN_LOOP_SYNC=0` turns them off, for the wall
+//! time of a real generation). The syncs cost a little overlap (in the wall time
 //! too).
 use super::random::random_var_builder;
 use super::steps::StepPreset;
@@ -113,7 +114,10 @@ pub fn run_loop_bench(
     tokens: usize,
     images: usize,
 ) -> Result<LoopReport> {
-    let _syncs = crate::decode::profile::sync_phases_on_this_thread();
+    // `LANTERN_LOOP_SYNC=0`: no phase syncs (the wall time of a real generation; the phase
+    // columns then charge asynchronous GPU work to whichever phase waits for it)
+    let sync = std::env::var("LANTERN_LOOP_SYNC").map_or(true, |v| v != "0");
+    let _syncs = sync.then(crate::decode::profile::sync_phases_on_this_thread);
     let tc = preset.target();
     let model = LlamaGen::load(random_var_builder(dtype, device), &tc)?;
     let dc = preset.drafter();
@@ -196,9 +200,14 @@ pub fn run_loop_bench(
     }
     Ok(LoopReport {
         header: format!(
-            "speculative loop on {:?} ({dtype:?}, CFG batch 2, preset {}, random weights, {tokens} tokens per image, median of {images} images; device synchronised at each phase end)",
+            "speculative loop on {:?} ({dtype:?}, CFG batch 2, preset {}, random weights, {tokens} tokens per image, median of {images} images; {})",
             device.location(),
-            preset.name()
+            preset.name(),
+            if sync {
+                "device synchronised at each phase end"
+            } else {
+                "phases not synchronised (LANTERN_LOOP_SYNC=0): compare wall times only"
+            }
         ),
         rows,
     })
