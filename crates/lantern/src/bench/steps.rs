@@ -284,14 +284,18 @@ impl fmt::Display for StepReport {
 /// over the newly accepted tokens plus 4 expansions).
 pub const DRAFT_LEVELS: usize = 5;
 
+/// Name prefix of the drafting-phase row (see [`expected_latency`]).
+const DRAFTING_PHASE: &str = "drafting phase";
+
 /// Image latency estimates in ms from the step times, for `tokens` image tokens:
 /// - `AR = tokens * decode`
-/// - `SD = tokens / tau_sd * (verify + DRAFT_LEVELS * drafter + kv_compact)`
+/// - `SD = tokens / tau_sd * (verify + drafting + kv_compact)`
 /// - `LANTERN = tokens / tau_lantern * (same cycle)`
 ///
-/// tau is tokens per target forward (bonus included). The per-cycle overhead counted is the KV
-/// compaction only: sampling, acceptance (LANTERN's neighbourhood sums) and the drafter's
-/// top-k are not measured, so SD and LANTERN are lower bounds. Token generation only, like the
+/// where drafting is the measured drafting phase of a static tree when the report has it (all
+/// levels with their output heads, probabilities and picks, and the tree building), else
+/// `DRAFT_LEVELS * drafter`. tau is tokens per target forward (bonus included). Acceptance and
+/// feeding the drafter the accepted tokens are not counted, so SD and LANTERN are lower bounds. Token generation only, like the
 /// official timings; a `VQ decode` entry gives the extra time of an end-to-end image. Entries
 /// whose steps were not measured are left out.
 pub fn expected_latency(
@@ -307,7 +311,13 @@ pub fn expected_latency(
         out.push(("AR".to_string(), n * d));
     }
     if let (Some(v), Some(dr)) = (ms(Step::Verify), ms(Step::Drafter)) {
-        let cycle = v + DRAFT_LEVELS as f64 * dr + ms(Step::KvCompact).unwrap_or(0.0);
+        let phase = report
+            .rows
+            .iter()
+            .find(|r| r.name.starts_with(DRAFTING_PHASE))
+            .map(|r| r.measured_ms);
+        let drafting = phase.unwrap_or(DRAFT_LEVELS as f64 * dr);
+        let cycle = v + drafting + ms(Step::KvCompact).unwrap_or(0.0);
         out.push(("SD".to_string(), n / tau_sd * cycle));
         out.push(("LANTERN".to_string(), n / tau_lantern * cycle));
     }
@@ -482,7 +492,7 @@ fn time_drafting(
     }
     let how = if capture { "cuda graph" } else { "fixed shape" };
     let name = format!(
-        "drafting phase, static tree of {} nodes ({} levels, {how})",
+        "{DRAFTING_PHASE}, static tree of {} nodes ({} levels, {how})",
         shape.len(),
         max_depth.saturating_sub(1)
     );
@@ -852,6 +862,10 @@ mod tests {
         assert_eq!(lat[1], ("SD".into(), 128.0 * 23.0));
         assert_eq!(lat[2], ("LANTERN".into(), 64.0 * 23.0));
         assert_eq!(lat.len(), 3);
+        // a measured drafting phase replaces the levels' estimate
+        r.rows.push(row("drafting phase, static tree", 5.0));
+        let lat = expected_latency(&r, 2.0, 4.0, 256);
+        assert_eq!(lat[1], ("SD".into(), 128.0 * 18.0));
         r.rows.retain(|x| !x.name.starts_with("drafter"));
         assert_eq!(expected_latency(&r, 2.0, 4.0, 256).len(), 1);
     }
