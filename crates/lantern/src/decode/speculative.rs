@@ -392,6 +392,19 @@ fn verify_inputs(
     Ok((ids, pos, Visibility::Custom(mask)))
 }
 
+/// Whether static trees may be drafted in one computation (tests turn it off to compare with
+/// the level-by-level path on the same target path).
+fn drafting_graphs_on() -> bool {
+    #[cfg(test)]
+    {
+        tests::DRAFTING_GRAPHS.with(|c| c.get())
+    }
+    #[cfg(not(test))]
+    {
+        true
+    }
+}
+
 /// [`verify_inputs`] of a static shape drafted on the device: every image verifies the whole
 /// shape (node i is column i, position `roots[g] + depth`), ids from the drafted picks, the
 /// mask the committed slots of `prefix` then the shape's tree mask (a dropped node's column is
@@ -565,7 +578,9 @@ fn run<T: Target, D: DraftModel>(
         let t = Instant::now();
         prof.mark("step inputs (slots, prefix masks)")?;
         let fixed = match tree_spec {
-            TreeSpec::Static(shape) if picks::probs_on_device(&opts.sampling, &dev) => {
+            TreeSpec::Static(shape)
+                if picks::probs_on_device(&opts.sampling, &dev) && drafting_graphs_on() =>
+            {
                 match (target.lm_head_id(), drafter.fixed_drafting(&mut dcache)) {
                     (Some(lm_head), Some(fx)) => {
                         let key = DraftingKey {
@@ -669,6 +684,8 @@ fn run<T: Target, D: DraftModel>(
             (None, None) => unreachable!("one drafting path ran"),
         };
         prof.mark("accept: picks to host, trees")?;
+        #[cfg(test)]
+        tests::record(&trees);
 
         // accept: every unfinished image commits its own path
         let mut kept: Vec<Vec<usize>> = Vec::with_capacity(n_img);
@@ -796,6 +813,134 @@ mod tests {
     use crate::models::llamagen::{Condition, Config, LlamaGen};
     use candle_core::DType;
     use std::path::PathBuf;
+
+    thread_local! {
+        /// Whether static trees are drafted in one computation on this thread.
+        pub(super) static DRAFTING_GRAPHS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+        /// Every step's trees of the runs on this thread, while recording.
+        static TREES: std::cell::RefCell<Option<Vec<Vec<DraftTree>>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// Keeps a step's trees when this thread records.
+    pub(super) fn record(trees: &[DraftTree]) {
+        TREES.with(|t| {
+            if let Some(v) = t.borrow_mut().as_mut() {
+                v.push(trees.to_vec());
+            }
+        });
+    }
+
+    /// The trees of every step of `f`'s runs.
+    fn recorded(f: impl FnOnce() -> Result<()>) -> Result<Vec<Vec<DraftTree>>> {
+        TREES.with(|t| *t.borrow_mut() = Some(Vec::new()));
+        let r = f();
+        let trees = TREES.with(|t| t.borrow_mut().take()).unwrap_or_default();
+        r.map(|_| trees)
+    }
+
+    /// Static trees drafted in one fixed-shape computation (forced here on the CPU) equal the
+    /// level-by-level ones of every step (both runs on the fixed-shape target path): tokens, parents, q and the sampled nodes' drafter
+    /// distributions (to rounding), greedy and sampled (top-k 3: nodes run out of mass and are dropped), with
+    /// CFG over a batch of two images.
+    #[test]
+    fn drafting_computation_equals_level_by_level_drafting() -> Result<()> {
+        use crate::decode::graph_step::force_fixed_shape;
+        let cfg = Config {
+            dim: 32,
+            n_layer: 2,
+            n_head: 2,
+            n_kv_head: 2,
+            vocab_size: 64,
+            ffn_hidden: 64,
+            num_classes: 10,
+            block_size: 16,
+            ..Config::gpt_b()
+        };
+        let m = load_llamagen(
+            &fixtures().join("c2i.pt"),
+            Some(&cfg),
+            DType::F32,
+            &Device::Cpu,
+        )?
+        .0;
+        let d = drafter(true)?;
+        let cond = Condition::Classes(vec![7, 3]);
+        let tree = TreeSpec::parse("naive_extend_57")?;
+        let accept = AcceptConfig::default();
+        let sampled = SamplingParams {
+            temperature: 1.0,
+            top_k: 3,
+            top_p: 1.0,
+        };
+        for sampling in [SamplingParams::greedy(), SamplingParams::default(), sampled] {
+            let opts = GenerateOptions::new().with_sampling(sampling).with_seed(5);
+            let go =
+                || generate_speculative(&m, &d, &cond, &opts, &tree, &accept, None).map(|_| ());
+            // both runs take the fixed-shape target steps; only drafting differs
+            force_fixed_shape(true);
+            DRAFTING_GRAPHS.with(|c| c.set(false));
+            let levels = recorded(go);
+            DRAFTING_GRAPHS.with(|c| c.set(true));
+            let fixed = recorded(go);
+            force_fixed_shape(false);
+            let (levels, fixed) = (levels?, fixed?);
+            assert!(levels.len() > 3, "{sampling:?}: {} steps", levels.len());
+            assert_eq!(fixed.len(), levels.len(), "{sampling:?}");
+            // a dropped node changes the verification block's width (the device-built
+            // inputs keep its column), whose rounding reaches later steps' features: values
+            // are compared up to the first step with one, the trees' structure at every step
+            let n = tree_len(&tree);
+            let clean = levels
+                .iter()
+                .position(|s| s.iter().any(|t| t.len() < n))
+                .unwrap_or(levels.len());
+            for (i, (a, b)) in fixed.iter().zip(&levels).enumerate() {
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(b) {
+                    let at = format!("{sampling:?}, step {i}");
+                    assert_eq!(
+                        (&x.tokens, &x.parents, &x.depths, x.kind),
+                        (&y.tokens, &y.parents, &y.depths, y.kind),
+                        "{at}"
+                    );
+                    if i > clean {
+                        continue;
+                    }
+                    // equal up to rounding (the drafter's sums run over other cache slots)
+                    let close = |a: &[f32], b: &[f32]| {
+                        for (a, b) in a.iter().zip(b) {
+                            let tol = 1e-5 * a.abs().max(b.abs()) + 1e-7;
+                            assert!((a - b).abs() <= tol, "{at}: {a} vs {b}");
+                        }
+                    };
+                    close(&x.q, &y.q);
+                    for (qx, qy) in x.q_dists.iter().zip(&y.q_dists) {
+                        match (qx, qy) {
+                            (Some(qx), Some(qy)) => close(qx.values()?, qy.values()?),
+                            (None, None) => {}
+                            _ => panic!("{at}: q_dists differ"),
+                        }
+                    }
+                }
+            }
+            if sampling.top_k == 3 {
+                assert_eq!(clean, 0, "top-k 3 drops nodes at the first step");
+            }
+            if sampling.is_greedy() {
+                assert_eq!(clean, levels.len(), "greedy trees drop nothing");
+            }
+        }
+        Ok(())
+    }
+
+    /// Nodes of a static tree spec.
+    fn tree_len(spec: &TreeSpec) -> usize {
+        match spec {
+            TreeSpec::Static(s) => s.len(),
+            TreeSpec::Dynamic(p) => p.total_tokens,
+        }
+    }
 
     fn fixtures() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt")
