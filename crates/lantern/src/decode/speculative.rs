@@ -840,30 +840,13 @@ mod tests {
     }
 
     /// Static trees drafted in one fixed-shape computation (forced here on the CPU) equal the
-    /// level-by-level ones of every step (both runs on the fixed-shape target path): tokens, parents, q and the sampled nodes' drafter
-    /// distributions (to rounding), greedy and sampled (top-k 3: nodes run out of mass and are dropped), with
-    /// CFG over a batch of two images.
+    /// level-by-level ones of every step (both runs on the fixed-shape target path): tokens,
+    /// parents, q and the sampled nodes' drafter distributions (to rounding), greedy and
+    /// sampled (top-k 3: nodes run out of mass and are dropped), with CFG over two images.
     #[test]
     fn drafting_computation_equals_level_by_level_drafting() -> Result<()> {
         use crate::decode::graph_step::force_fixed_shape;
-        let cfg = Config {
-            dim: 32,
-            n_layer: 2,
-            n_head: 2,
-            n_kv_head: 2,
-            vocab_size: 64,
-            ffn_hidden: 64,
-            num_classes: 10,
-            block_size: 16,
-            ..Config::gpt_b()
-        };
-        let m = load_llamagen(
-            &fixtures().join("c2i.pt"),
-            Some(&cfg),
-            DType::F32,
-            &Device::Cpu,
-        )?
-        .0;
+        let m = c2i_model()?;
         let d = drafter(true)?;
         let cond = Condition::Classes(vec![7, 3]);
         let tree = TreeSpec::parse("naive_extend_57")?;
@@ -940,6 +923,23 @@ mod tests {
             TreeSpec::Static(s) => s.len(),
             TreeSpec::Dynamic(p) => p.total_tokens,
         }
+    }
+
+    /// The class-conditional fixture `c2i.pt` with its tiny config.
+    fn c2i_model() -> Result<LlamaGen> {
+        let cfg = Config {
+            dim: 32,
+            n_layer: 2,
+            n_head: 2,
+            n_kv_head: 2,
+            vocab_size: 64,
+            ffn_hidden: 64,
+            num_classes: 10,
+            block_size: 16,
+            ..Config::gpt_b()
+        };
+        let path = fixtures().join("c2i.pt");
+        Ok(load_llamagen(&path, Some(&cfg), DType::F32, &Device::Cpu)?.0)
     }
 
     fn fixtures() -> PathBuf {
@@ -1041,19 +1041,7 @@ mod tests {
 
     #[test]
     fn compacted_batches_equal_single_images() -> Result<()> {
-        let cfg = Config {
-            dim: 32,
-            n_layer: 2,
-            n_head: 2,
-            n_kv_head: 2,
-            vocab_size: 64,
-            ffn_hidden: 64,
-            num_classes: 10,
-            block_size: 16,
-            ..Config::gpt_b()
-        };
-        let path = fixtures().join("c2i.pt");
-        let m = load_llamagen(&path, Some(&cfg), DType::F32, &Device::Cpu)?.0;
+        let m = c2i_model()?;
         let n = check(
             &m,
             &drafter(true)?,
