@@ -2,12 +2,13 @@
 # GPU run (session 6): per-kernel durations of the step bench (t2i-xl-256, no loop) under Nsight
 # Compute (`ncu`, found on the lent machines at /usr/local/cuda/bin), kernels serialised: the
 # CSV goes to $OUT/ncu.csv; the summary groups kernels by name (count, median and min µs).
+# SKIP and COUNT choose the launches profiled (default: the first 12,000).
 set -uo pipefail
 source scripts/gpu/env.sh
 SECONDS=0
 "$L" bench --random-weights --preset tiny --device cuda --loop-images 0 2>&1 | grep -i error | head -3
 NCU=${NCU:-/usr/local/cuda/bin/ncu}
-timeout 500 "$NCU" --metrics gpu__time_duration.sum --csv --page raw -c ${COUNT:-12000} \
+timeout 500 "$NCU" --metrics gpu__time_duration.sum --csv --page raw -s ${SKIP:-0} -c ${COUNT:-12000} \
   "$L" bench --random-weights --preset ${PRESET:-t2i-xl-256} --device cuda --loop-images 0 \
   > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
 echo "ncu rc $? after ${SECONDS}s; $(wc -l < "$OUT/ncu.csv") lines"; tail -3 "$OUT/ncu.err"

@@ -312,3 +312,55 @@ fn only_rows_on_the_accepted_path_are_fetched() {
         assert_eq!(d.tvd.len(), d.accepted.len() + 1);
     }
 }
+
+/// Host time of one tree acceptance at GPT-XL's vocabulary (16,384 codes): a 10-child root whose
+/// rows are peaked like a visual AR model's, exact SD and LANTERN++ (k 20, lambda 2), sampled
+/// drafts (`--ignored --nocapture`; the loop profile's "accept: rules and row reads").
+#[test]
+#[ignore = "timing; run with --ignored --nocapture"]
+fn xl_acceptance_time() {
+    use std::time::Instant;
+    let v = 16_384;
+    let mut rng = StdRng::seed_from_u64(3);
+    let peaked = |rng: &mut StdRng| -> Vec<f32> {
+        let l: Vec<f32> = (0..v)
+            .map(|_| 3.0 * rng.random::<f32>().powi(4) * 4.0)
+            .collect();
+        let m = l.iter().copied().fold(f32::MIN, f32::max);
+        let e: Vec<f32> = l.iter().map(|x| (x - m).exp()).collect();
+        let s: f32 = e.iter().sum();
+        e.iter().map(|x| x / s).collect()
+    };
+    let cb: Vec<f32> = (0..v * 8).map(|_| rng.random::<f32>()).collect();
+    let t = Instant::now();
+    let nb = Neighbors::build(&cb, v, 8, 20, Metric::L2).unwrap();
+    println!("neighbour table: {:.1} s", t.elapsed().as_secs_f64());
+    let q = peaked(&mut rng);
+    let (tokens, qs) = draw_wr(&mut rng, &q, 10);
+    let tree = star(&tokens, &qs, DraftKind::WithoutReplacement, Some(q.clone()));
+    let rows: Vec<Vec<f32>> = (0..tree.len()).map(|_| peaked(&mut rng)).collect();
+    struct Rows<'a>(&'a [Vec<f32>]);
+    impl TargetRows for Rows<'_> {
+        fn row(&mut self, node: usize) -> lantern::Result<Vec<f32>> {
+            Ok(self.0[node].clone())
+        }
+    }
+    for (name, rel) in [
+        ("exact", Relaxation::Exact),
+        (
+            "lantern++ k20 lambda2",
+            Relaxation::LanternPP { k: 20, lambda: 2.0 },
+        ),
+    ] {
+        let c = cfg(rel, Residual::Standard);
+        let n = 200;
+        let t = Instant::now();
+        for _ in 0..n {
+            accept_tree(&tree, &mut Rows(&rows), &c, Some(&nb), &mut rng).unwrap();
+        }
+        println!(
+            "{name}: {:.1} µs per acceptance",
+            t.elapsed().as_secs_f64() * 1e6 / n as f64
+        );
+    }
+}
