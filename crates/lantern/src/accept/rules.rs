@@ -325,7 +325,7 @@ mod tests {
         let v = 300;
         let cb: Vec<f32> = (0..v * 4).map(|_| rng.random::<f32>()).collect();
         let nb = Neighbors::build(&cb, v, 4, 6, Metric::L2).unwrap();
-        let mut dist = |rng: &mut StdRng| -> Vec<f32> {
+        let dist = |rng: &mut StdRng| -> Vec<f32> {
             let mut d: Vec<f32> = (0..v).map(|_| rng.random::<f32>().powi(3)).collect();
             normalize(&mut d);
             d
