@@ -27,7 +27,7 @@ use crate::cache::KvCache;
 use crate::fused::picks::{self, MAX_PICKS};
 use crate::sampling::SamplingParams;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, TensorId};
+use candle_core::{DType, Tensor, TensorId};
 use rand::RngCore;
 
 /// Drafting graphs kept per cache (one per tree shape and sampling setting met).
@@ -551,9 +551,4 @@ impl Drafted {
             &picks,
         )
     }
-}
-
-/// Whether `dev` runs drafting graphs as CUDA graphs (else eagerly; see [`FixedDrafting`]).
-pub fn device_captures(dev: &Device) -> bool {
-    super::graph_step::graphs_enabled(dev)
 }
