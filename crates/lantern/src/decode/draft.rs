@@ -78,6 +78,23 @@ impl Depth {
             })
             .collect()
     }
+
+    /// Where the token of child `rank` of request `r` of image `g` lies in this depth's flat
+    /// pick block (`[n_img * requests, k, 2]` pairs, flattened).
+    pub fn token_index(&self, g: usize, k: usize, r: usize, rank: usize) -> usize {
+        ((g * self.requests.len() + r) * k + rank) * 2
+    }
+
+    /// [`Depth::token_index`] of every image's fed nodes, image-major.
+    pub fn fed_token_at(&self, n_img: usize, k: usize) -> Vec<u32> {
+        (0..n_img)
+            .flat_map(|g| {
+                self.feed
+                    .iter()
+                    .map(move |&(_, r, rank)| self.token_index(g, k, r, rank) as u32)
+            })
+            .collect()
+    }
 }
 
 /// The depths of a static shape, depth 1 first.
@@ -142,18 +159,13 @@ pub fn draft_static(
         let uniforms = (!greedy).then(|| level_uniforms(&want, k, rngs));
         let block = level.pick_block(&want, uniforms)?;
         let next = if i + 1 < depths.len() && !d.feed.is_empty() && k > 0 {
-            // tokens of the fed nodes, gathered from the block's token column
-            let n_req = d.requests.len();
-            let at: Vec<u32> = (0..n_img)
-                .flat_map(|g| {
-                    d.feed
-                        .iter()
-                        .map(move |&(_, r, rank)| ((g * n_req + r) * k + rank) as u32)
-                })
-                .collect();
-            let at = Tensor::from_vec(at, n_img * d.feed.len(), block.device())?;
+            // tokens of the fed nodes, gathered from the block
+            let at = Tensor::from_vec(
+                d.fed_token_at(n_img, k),
+                n_img * d.feed.len(),
+                block.device(),
+            )?;
             let tokens = block
-                .narrow(2, 0, 1)?
                 .flatten_all()?
                 .index_select(&at, 0)?
                 .maximum(0f32)?

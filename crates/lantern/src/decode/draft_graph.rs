@@ -22,13 +22,14 @@ use super::draft::{build_trees, plan, Depth};
 use super::graph_step::{replay_or_capture, Captured, FixedForward};
 use super::level::{level_uniforms, widest};
 use super::static_trees::TreeShape;
-use super::tree::{DraftTree, QDist};
+use super::tree::{DraftKind, DraftTree, QDist};
 use crate::cache::KvCache;
 use crate::fused::picks::{self, MAX_PICKS};
 use crate::sampling::SamplingParams;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, TensorId};
 use rand::RngCore;
+use std::sync::Arc;
 
 /// Drafting graphs kept per cache (one per tree shape and sampling setting met).
 pub const MAX_DRAFTING_GRAPHS: usize = 4;
@@ -81,14 +82,22 @@ pub struct DraftStep<'a> {
     pub vocab: usize,
 }
 
-/// One shape's drafting computation: its fixed indices, masks and buffers, and its graph.
-pub struct StaticDrafting {
-    key: DraftingKey,
+/// A shape's depths and the layout of their pick blocks in the flat picks.
+struct Plan {
     depths: Vec<Depth>,
     /// Width of each depth's pick block.
     ks: Vec<usize>,
     /// Probability rows per image of the level each depth is picked from.
     level_rows: Vec<usize>,
+    /// Start of each depth's block in the flat picks; their total last.
+    block_at: Vec<usize>,
+}
+
+/// One shape's drafting computation: its fixed indices, masks and buffers, and its graph.
+pub struct StaticDrafting {
+    key: DraftingKey,
+    /// The shape's depths and pick blocks (shared with every step's [`Drafted`]).
+    plan: Arc<Plan>,
     /// Start of each expansion's nodes among the fed nodes; the fed count last.
     offsets: Vec<usize>,
     /// First slot of the scratch block (the cache's last `fed` slots).
@@ -169,14 +178,12 @@ impl StaticDrafting {
         let mut anc: Vec<Vec<usize>> = Vec::with_capacity(fed);
         let (mut tree_masks, mut token_at, mut feat_at) = (vec![], vec![], vec![]);
         for (e, dp) in depths[..n_exp].iter().enumerate() {
-            let (k, kb, n_req) = (dp.feed.len(), ks[e], dp.requests.len());
-            let mut at = Vec::with_capacity(n_img * k);
-            for g in 0..n_img {
-                for &(_, r, rank) in &dp.feed {
-                    at.push((((g * n_req + r) * kb + rank) * 2) as u32);
-                }
-            }
-            token_at.push(Tensor::from_vec(at, n_img * k, &dev)?);
+            let k = dp.feed.len();
+            token_at.push(Tensor::from_vec(
+                dp.fed_token_at(n_img, ks[e]),
+                n_img * k,
+                &dev,
+            )?);
             let mut src = Vec::with_capacity(k);
             let mut mask = vec![0f32; k * max_len];
             for (j, &(s, _, _)) in dp.feed.iter().enumerate() {
@@ -216,11 +223,6 @@ impl StaticDrafting {
                 Some(Tensor::from_vec(ix, n_img * dp.requests.len(), &dev)?)
             });
         }
-        let n_picks: usize = depths
-            .iter()
-            .zip(&ks)
-            .map(|(dp, &k)| n_img * dp.requests.len() * k * 2)
-            .sum();
         // every drafted node's token in the flat picks: depth block, request, rank
         let mut block_at = vec![0];
         for (dp, &k) in depths.iter().zip(&ks) {
@@ -238,22 +240,19 @@ impl StaticDrafting {
                     .enumerate()
                     .find_map(|(r, (_, _, ch))| ch.iter().position(|&x| x == c).map(|j| (r, j)))
                     .ok_or_else(|| Error::invalid("tree shape", "node without a parent request"))?;
-                let at = block_at[i] + ((g * dp.requests.len() + r) * k + rank) * 2;
-                verify_at.push(at as u32);
+                verify_at.push((block_at[i] + dp.token_index(g, k, r, rank)) as u32);
             }
         }
         let n = shape.len();
-        let mut tree_mask = vec![f32::NEG_INFINITY; n * n];
-        for i in 0..n {
-            let mut a = i;
-            loop {
-                tree_mask[i * n + a] = 0.0;
-                if a == 0 {
-                    break;
-                }
-                a = shape.parents[a];
-            }
+        let tree_mask = DraftTree {
+            tokens: vec![0; n],
+            parents: shape.parents.clone(),
+            depths: shape.depths.clone(),
+            q: vec![1.0; n],
+            q_dists: vec![None; n],
+            kind: DraftKind::Deterministic,
         }
+        .additive_mask();
         let n_uniforms: usize = depths
             .iter()
             .zip(&ks)
@@ -267,10 +266,14 @@ impl StaticDrafting {
                 .map(|&lr| Tensor::zeros((n_img * lr, vocab), DType::F32, &dev))
                 .collect::<candle_core::Result<_>>()?
         };
+        let n_picks = block_at[depths.len()];
         Ok(Some(Self {
-            depths,
-            ks,
-            level_rows,
+            plan: Arc::new(Plan {
+                depths,
+                ks,
+                level_rows,
+                block_at,
+            }),
             offsets,
             scratch,
             rows,
@@ -309,9 +312,10 @@ impl StaticDrafting {
             Ok(picks::draft_probs_cfg(&lm_head(h)?, n_img, cfg, sampling)?)
         };
         let mut level = probs_of(&self.feats.narrow(1, 0, 1)?.contiguous()?)?;
-        let (mut at_pick, mut at_u) = (0, 0);
-        for (i, dp) in self.depths.iter().enumerate() {
-            let (k, n_want) = (self.ks[i], n_img * dp.requests.len());
+        let plan = &*self.plan;
+        let mut at_u = 0;
+        for (i, dp) in plan.depths.iter().enumerate() {
+            let (k, n_want) = (plan.ks[i], n_img * dp.requests.len());
             let sel = match &self.select_at[i] {
                 Some(ix) => level.index_select(ix, 0)?,
                 None => level.clone(),
@@ -325,12 +329,11 @@ impl StaticDrafting {
                 }
             }
             .flatten_all()?;
-            self.picks.slice_set(&block, 0, at_pick)?;
-            at_pick += block.elem_count();
+            self.picks.slice_set(&block, 0, plan.block_at[i])?;
             if let Some(p) = self.probs.get(i) {
                 p.slice_set(&level, 0, 0)?;
             }
-            if i + 1 == self.depths.len() {
+            if i + 1 == plan.depths.len() {
                 break;
             }
             let (off, kf) = (self.offsets[i], dp.feed.len());
@@ -400,7 +403,7 @@ impl StaticDrafting {
             .slice_set(&Tensor::from_vec(pos, (rows, fed), dev)?, 0, 0)?;
         if let Some(u) = &self.uniforms {
             let mut all = Vec::with_capacity(u.elem_count());
-            for (dp, &k) in self.depths.iter().zip(&self.ks) {
+            for (dp, &k) in self.plan.depths.iter().zip(&self.plan.ks) {
                 all.extend(level_uniforms(&dp.want(n_img), k, rngs));
             }
             u.slice_set(&Tensor::from_vec(all, u.elem_count(), dev)?, 0, 0)?;
@@ -495,10 +498,7 @@ pub fn draft_static_fixed(
             .iter()
             .map(|p| p.copy())
             .collect::<candle_core::Result<_>>()?,
-        depths: g.depths.clone(),
-        ks: g.ks.clone(),
-        level_rows: g.level_rows.clone(),
-        n_img: key.n_img,
+        plan: g.plan.clone(),
         greedy,
     }))
 }
@@ -514,10 +514,7 @@ pub struct Drafted {
     pub tree_mask: Tensor,
     picks: Tensor,
     probs: Vec<Tensor>,
-    depths: Vec<Depth>,
-    ks: Vec<usize>,
-    level_rows: Vec<usize>,
-    n_img: usize,
+    plan: Arc<Plan>,
     greedy: bool,
 }
 
@@ -530,23 +527,24 @@ impl Drafted {
         root_tokens: &[u32],
     ) -> Result<(Vec<DraftTree>, Vec<Vec<usize>>)> {
         let flat: Vec<f32> = self.picks.to_vec1()?;
-        let mut picks = Vec::with_capacity(self.depths.len());
-        let mut at = 0;
-        for (dp, &k) in self.depths.iter().zip(&self.ks) {
-            let n = self.n_img * dp.requests.len() * k * 2;
-            picks.push(flat[at..at + n].to_vec());
-            at += n;
-        }
-        let rows = &self.level_rows;
+        let plan = &*self.plan;
+        let picks: Vec<Vec<f32>> = plan
+            .block_at
+            .windows(2)
+            .map(|w| flat[w[0]..w[1]].to_vec())
+            .collect();
         let dist = |i: usize, gi: usize, row: usize| -> Result<QDist> {
-            Ok(QDist::device(self.probs[i].clone(), gi * rows[i] + row))
+            Ok(QDist::device(
+                self.probs[i].clone(),
+                gi * plan.level_rows[i] + row,
+            ))
         };
         build_trees(
             shape,
-            &self.depths,
+            &plan.depths,
             root_tokens,
             self.greedy,
-            &self.ks,
+            &plan.ks,
             &dist,
             &picks,
         )

@@ -521,11 +521,15 @@ impl GraphCache {
         &mut Vec<super::draft_graph::StaticDrafting>,
         bool,
     )> {
-        let capture = self.pool.is_some();
-        if !(capture || fixed_shape_forced()) {
-            return None;
-        }
+        let capture = self.fixed_mode()?;
         Some((&mut self.kv, &mut self.graphs.drafting, capture))
+    }
+
+    /// `Some(capture)` when the fixed-shape path is on: graphs enabled (capture, exactly when
+    /// the cache came from and returns to the pool) or forced on this thread (eager).
+    fn fixed_mode(&self) -> Option<bool> {
+        let capture = self.pool.is_some();
+        (capture || fixed_shape_forced()).then_some(capture)
     }
 
     /// Runs a step through the fixed-shape path when it applies (graphs enabled or forced, a
@@ -540,12 +544,10 @@ impl GraphCache {
         pos: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        // graphs are on exactly when the cache came from (and returns to) the pool
-        let capture = self.pool.is_some();
         let past = self.kv.len();
-        if past == 0 || !(capture || fixed_shape_forced()) {
+        let Some(capture) = self.fixed_mode().filter(|_| past > 0) else {
             return Ok(None);
-        }
+        };
         let dev = model.fixed_device().clone();
         let (rows, s) = ids.dims2()?;
         let width = features.map(|f| f.dim(2)).transpose()?;

@@ -392,6 +392,13 @@ fn verify_inputs(
     Ok((ids, pos, Visibility::Custom(mask)))
 }
 
+/// One step's draft: a static shape drafted on the device (its trees read after verification
+/// is queued), or trees built on the host level by level.
+enum StepTrees<'a> {
+    OnDevice(Drafted, &'a TreeShape),
+    Host(Vec<DraftTree>),
+}
+
 /// Whether static trees may be drafted in one computation (tests turn it off to compare with
 /// the level-by-level path on the same target path).
 fn drafting_graphs_on() -> bool {
@@ -610,9 +617,9 @@ fn run<T: Target, D: DraftModel>(
         };
         // the verification inputs: made on the device from a drafted static shape (verification
         // is queued before the host reads the picks), else from the host trees
-        let (drafted, host_trees) = if let Some((drafted, shape)) = fixed {
+        let drafted = if let Some((drafted, shape)) = fixed {
             drafter_forwards += shape.depths.iter().max().map_or(0, |d| d - 1);
-            (Some((drafted, shape)), None)
+            StepTrees::OnDevice(drafted, shape)
         } else {
             let root = profiled(
                 drafter_level(target, &root_feat, n_img, cfg, &opts.sampling)?,
@@ -644,7 +651,7 @@ fn run<T: Target, D: DraftModel>(
                 }
             };
             drafter_forwards += session.forwards;
-            (None, Some(trees))
+            StepTrees::Host(trees)
         };
         dcache.truncate(phys)?;
         prof.mark("draft: tree building")?;
@@ -653,10 +660,11 @@ fn run<T: Target, D: DraftModel>(
 
         // verify all trees in one forward
         let t = Instant::now();
-        let (ids, pos, vis) = match (&drafted, &host_trees) {
-            (Some((d, shape)), _) => drafted_verify_inputs(d, shape, &prefix, &roots, rows)?,
-            (None, Some(trees)) => verify_inputs(trees, &prefix, &roots, rows, &dev)?,
-            (None, None) => unreachable!("one drafting path ran"),
+        let (ids, pos, vis) = match &drafted {
+            StepTrees::OnDevice(d, shape) => {
+                drafted_verify_inputs(d, shape, &prefix, &roots, rows)?
+            }
+            StepTrees::Host(trees) => verify_inputs(trees, &prefix, &roots, rows, &dev)?,
         };
         prof.mark("verify: inputs (ids, positions, tree mask)")?;
         let hidden = target.forward_tokens(&ids, &pos, &vis, &mut tcache)?;
@@ -669,19 +677,18 @@ fn run<T: Target, D: DraftModel>(
         let logits = VerifyLogits::new(rows_cfg, plan.host_block_bytes)?;
         prof.mark("accept: verification block to host")?;
         // the trees, and the verification column of every tree node
-        let (trees, columns) = match (drafted, host_trees) {
-            (Some((d, shape)), _) => {
+        let (trees, columns) = match drafted {
+            StepTrees::OnDevice(d, shape) => {
                 let t_trees = Instant::now();
                 let r = d.trees(shape, &root_tokens)?;
                 // drafting's own work, done here so that verification was queued first
                 t_draft += t_trees.elapsed().as_secs_f64();
                 r
             }
-            (None, Some(trees)) => {
+            StepTrees::Host(trees) => {
                 let cols = trees.iter().map(|t| (0..t.len()).collect()).collect();
                 (trees, cols)
             }
-            (None, None) => unreachable!("one drafting path ran"),
         };
         prof.mark("accept: picks to host, trees")?;
         #[cfg(test)]
