@@ -269,3 +269,76 @@ fn cuda_cfg_probs_equal_probs_of_mixed_logits() -> Result<()> {
     }
     Ok(())
 }
+
+/// The CUDA attention kernels against the CPU kernel on the same bf16 inputs at long key
+/// counts (many 16-key tiles per warp, a partial last tile, a second cache layer): tree-like
+/// additive masks, a causal limit and no mask, one query and many, head sizes 32 (grouped
+/// queries), 64 and 128.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_attention_matches_cpu_at_long_keys() -> Result<()> {
+    use lantern::fused::{attention, Heads, KeyMask};
+    let gpu = lantern::fused::cuda_device(0)?;
+    let b = 2;
+    // (hd, h, kvh, keys, s, mask: 0 none, 1 causal, 2 additive [s, keys], 3 additive per row)
+    let cases = [
+        (64, 4, 4, 1500, 59, 3),
+        (64, 4, 4, 700, 1, 0),
+        (64, 2, 2, 437, 59, 2),
+        (32, 4, 2, 900, 20, 1),
+        (128, 2, 2, 1100, 33, 3),
+        (128, 2, 2, 300, 1, 2),
+    ];
+    for (hd, h, kvh, keys, s, mask_kind) in cases {
+        let heads = Heads { h, kvh, hd };
+        let max_len = keys + 7;
+        let kv = Tensor::randn(0f32, 1.0, (2, 2, b, kvh, max_len, hd), &Device::Cpu)?
+            .to_dtype(DType::BF16)?;
+        let qkv = Tensor::randn(0f32, 1.0, (b, s, (h + 2 * kvh) * hd), &Device::Cpu)?
+            .to_dtype(DType::BF16)?;
+        let angle = Tensor::rand(0f32, 6.3, (1, s, hd / 2, 1), &Device::Cpu)?;
+        let rope = Tensor::cat(&[angle.cos()?, angle.sin()?], 3)?;
+        // hide about a third of the keys, never all of a row's
+        let hidden = |i: usize, j: usize| (i * 31 + j * 17).is_multiple_of(3) && j > 0;
+        let additive = |rows: usize| -> Result<Tensor> {
+            let v: Vec<f32> = (0..rows * s * keys)
+                .map(|x| {
+                    let (i, j) = (x / keys, x % keys);
+                    if hidden(i, j) {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.25 * ((j % 5) as f32 - 2.0)
+                    }
+                })
+                .collect();
+            Ok(Tensor::from_vec(v, rows * s * keys, &Device::Cpu)?)
+        };
+        let mask = match mask_kind {
+            0 => KeyMask::None,
+            1 => KeyMask::Causal { past: keys - s },
+            2 => KeyMask::Additive(additive(1)?.reshape((s, keys))?),
+            _ => KeyMask::Additive(additive(b)?.reshape((b, 1, s, keys))?),
+        };
+        let on_gpu = |m: &KeyMask| -> Result<KeyMask> {
+            Ok(match m {
+                KeyMask::Additive(t) => KeyMask::Additive(t.to_device(&gpu)?),
+                other => other.clone(),
+            })
+        };
+        let want = attention(&qkv, &rope, &kv, 1, keys, &mask, heads)?;
+        let got = attention(
+            &qkv.to_device(&gpu)?,
+            &rope.to_device(&gpu)?,
+            &kv.to_device(&gpu)?,
+            1,
+            keys,
+            &on_gpu(&mask)?,
+            heads,
+        )?
+        .to_device(&Device::Cpu)?;
+        let e = rel_err(&got, &want)?;
+        println!("hd {hd}, {keys} keys, {s} queries, mask {mask_kind}: rel err {e:.2e}");
+        assert!(e < 2e-2, "hd {hd}, {keys} keys, {s} queries: rel err {e}");
+    }
+    Ok(())
+}

@@ -1,7 +1,7 @@
 //! Launches of the kernels in `kernels.cu` (PTX built by build.rs) on candle's CUDA stream.
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig};
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
 use super::launch::Launch;
@@ -194,15 +194,24 @@ pub(super) fn write_kv(
     })
 }
 
-/// Lets `func` use more than 48 KB of dynamic shared memory and asks for the largest shared
-/// memory carve-out of the SM's L1 (so that several such blocks stay resident), once per kernel.
-fn allow_shared(func: &CudaFunction, name: &str, max: usize) -> Result<()> {
+/// Lets `func` use more than 48 KB of dynamic shared memory and asks for `carveout` percent of
+/// the SM's L1 as shared memory (100: the most, so that several such blocks stay resident),
+/// once per kernel and device (each [`CudaDevice`] loads its own copy of the module: a second device in one
+/// process, as in parallel tests, needs the attributes again).
+fn allow_shared(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    name: &str,
+    max: usize,
+    carveout: i32,
+) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
     use std::collections::HashSet;
     use std::sync::{Mutex, OnceLock};
-    static DONE: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    static DONE: OnceLock<Mutex<HashSet<(DeviceId, String)>>> = OnceLock::new();
     let done = DONE.get_or_init(Default::default);
-    if done.lock().expect("not poisoned").contains(name) {
+    let key = (dev.id(), name.to_string());
+    if done.lock().expect("not poisoned").contains(&key) {
         return Ok(());
     }
     func.set_attribute(
@@ -212,10 +221,10 @@ fn allow_shared(func: &CudaFunction, name: &str, max: usize) -> Result<()> {
     .w()?;
     func.set_attribute(
         Attr::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-        100,
+        carveout,
     )
     .w()?;
-    done.lock().expect("not poisoned").insert(name.to_string());
+    done.lock().expect("not poisoned").insert(key);
     Ok(())
 }
 
@@ -301,12 +310,28 @@ pub(super) fn attention(
     if kv.dtype() != dt {
         bail!("fused attention: qkv {dt:?} vs cache {:?}", kv.dtype());
     }
-    // many queries in bf16/f16: the tensor-core kernel (16 queries per block)
+    let kind = attn_kernel();
+    let (qa, _) = offsets(qkv_l)?;
+    let (ra, _) = offsets(rope.layout())?;
+    // bf16/f16: the tensor-core kernel with the keys split over the warps (16 queries per
+    // block; its 16-byte query loads and float4 RoPE loads need aligned starts)
+    let tc = dt != DType::F32
+        && (d.s > 1 || kind == AttnKernel::KeySplit)
+        && kind != AttnKernel::Previous
+        && (qa * dt.size_in_bytes()).is_multiple_of(16)
+        && ra.is_multiple_of(4);
+    // many queries in bf16/f16 (previous kernel): scores in shared memory
     let kp = d.keys.next_multiple_of(16);
     let mma_warps = if d.cache.hd <= 64 { 8 } else { 4 };
     let mma_shared = 16 * kp * 6 + 16 * d.cache.hd * (2 + mma_warps * 2 + mma_warps * 4);
     let mma = d.s > 1 && dt != DType::F32 && mma_shared <= ATTN_SHARED_MAX;
-    let (name, grid, threads, shared) = if mma {
+    let (name, grid, threads, shared) = if tc {
+        let warps = tc_warps(d);
+        let name = format!("attention_tc_{}_{warps}_{}", d.cache.hd, suffix(dt)?);
+        let grid = (d.s.div_ceil(16) as u32, d.h as u32, d.cache.b as u32);
+        let shared = 4 * warps * 16 * (d.cache.hd + 2);
+        (name, grid, 32 * warps as u32, shared)
+    } else if mma {
         let mut name = format!("attention_mma_{}_{}", d.cache.hd, suffix(dt)?);
         if let Some(v) = mma_variant().filter(|_| d.cache.hd == 64 && dt == DType::BF16) {
             name = format!("{name}_v{v}");
@@ -325,7 +350,8 @@ pub(super) fn attention(
         (name, grid, threads, shared)
     };
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-    allow_shared(&func, &name, ATTN_SHARED_MAX)?;
+    // the key-split kernel needs little shared memory: half the carve-out leaves L1 for loads
+    allow_shared(&dev, &func, &name, ATTN_SHARED_MAX, if tc { 50 } else { 100 })?;
     let (rope_g, rope_l) = rope.storage_and_layout();
     let (ra, rb) = offsets(rope_l)?;
     let rope_s = held::<f32>(&rope_g, "the RoPE table")?.slice(ra..rb);
@@ -388,6 +414,46 @@ pub(super) fn attention(
     })
 }
 
+/// Which attention kernels run in bf16/f16 (`LANTERN_ATTN_KERNEL`, a diagnostic to compare
+/// kernels in one run): by default the key-split tensor-core kernel for many queries and the
+/// one-query kernel for decode steps (measured faster there, docs/BENCHMARKS.md); `tc` the
+/// key-split kernel for every step; `previous` the shared-memory tensor-core kernel for many
+/// queries.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum AttnKernel {
+    KeySplit,
+    KeySplitTrees,
+    Previous,
+}
+
+fn attn_kernel() -> AttnKernel {
+    static K: std::sync::OnceLock<AttnKernel> = std::sync::OnceLock::new();
+    *K.get_or_init(|| match std::env::var("LANTERN_ATTN_KERNEL").as_deref() {
+        Ok("tc") => AttnKernel::KeySplit,
+        Ok("previous") => AttnKernel::Previous,
+        _ => AttnKernel::KeySplitTrees,
+    })
+}
+
+/// Warps of the key-split attention: 16 for a one-query step (few blocks, so more warps share
+/// the keys), 8 otherwise (head size 128: at most 8, its registers); `LANTERN_ATTN_WARPS`
+/// (4, 8 or 16) overrides it for the kernel bench.
+fn tc_warps(d: &AttnDims) -> usize {
+    static W: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *W.get_or_init(|| {
+        std::env::var("LANTERN_ATTN_WARPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|w| [4, 8, 16].contains(w))
+    });
+    let w = forced.unwrap_or(if d.s == 1 { 16 } else { 8 });
+    if d.cache.hd > 64 {
+        w.min(8)
+    } else {
+        w
+    }
+}
+
 /// `LANTERN_MMA_VARIANT` (0, 1, 3 or 5; head size 64, bf16): a kernel-bench diagnostic that
 /// runs only some phases of the tensor-core attention (0 none: queries in, output out;
 /// 1 scores; 3 scores + softmax; 5 scores + P V), to split its time; see kernels.cu.
@@ -436,7 +502,7 @@ pub(super) fn small_linear(
     let name = format!("small_linear_{}_{glu}_{chunks}_{}", d.m, suffix(dt)?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let shared = (d.m + 1) * d.k * 4;
-    allow_shared(&func, &name, SMALL_SHARED)?;
+    allow_shared(&dev, &func, &name, SMALL_SHARED, 100)?;
     // a persistent grid: as many blocks as stay resident (each stages and normalises x once,
     // then its warps stream rows, fetching the next row while reducing the current one)
     let warps = small_warps(d.n);
@@ -540,7 +606,7 @@ pub(super) fn read_probe(buf: &Tensor, probe: super::probe::ReadProbe) -> Result
                 }
                 let func = dev.get_or_load_custom_func("probe_bulk", MODULE, PTX)?;
                 let shared = chunk * stages;
-                allow_shared(&func, "probe_bulk", 200 * 1024)?;
+                allow_shared(&dev, &func, "probe_bulk", 200 * 1024, 100)?;
                 let per = bytes.div_ceil(blocks as u64).next_multiple_of(16);
                 let (chunk, stages) = (chunk as i32, stages as i32);
                 let mut l = Launch::new(&func, &stream);

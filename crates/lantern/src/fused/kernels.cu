@@ -730,6 +730,282 @@ ATTN_MMA(__half, 32, attention_mma_32_f16)
 ATTN_MMA(__half, 64, attention_mma_64_f16)
 ATTN_MMA(__half, 128, attention_mma_128_f16)
 
+// Attention on tensor cores with the keys split over the warps of a block (bf16/f16): a block
+// serves 16 queries (rows past the last query are padding) of one head; warp w takes key tiles
+// w, w + NW, ... of 16 keys and keeps scores, probabilities and its share of the output in
+// registers (mma.sync m16n8k16), with a running maximum per row (online softmax); the warps'
+// shares meet once in shared memory at the end. Probabilities are rounded to T before P V and
+// summed as rounded, like the reference path's bf16 matmul.
+//
+// Register layouts (lane = 4 g + t): a thread loads 16-byte chunks of a query / key / value row
+// (row g or g + 8 of a tile, head dims 32 c + 8 t .. + 8 for each 32-dim chunk c). Q Kᵀ sums over
+// the head dims in any order, so a chunk's four words serve directly as the A (queries) and B
+// (keys) fragments of two k16 steps. For P V, word m of a value chunk is one element pair of an
+// 8x8 block whose transpose (movmatrix) is the B fragment of the output columns
+// {32 c + 8 t' + 2 m, +1 : t' = 0..3}; the accumulator then holds each thread's 8 contiguous
+// dims 32 c + 8 t .. + 8 of rows g and g + 8 over m = 0..3.
+__device__ __forceinline__ void mma_16816(float *d, const unsigned *a, unsigned b0, unsigned b1,
+                                          __nv_bfloat16) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_16816(float *d, const unsigned *a, unsigned b0, unsigned b1,
+                                          __half) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned trans_8x8(unsigned x) {
+    unsigned y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
+}
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    const T l = fromf<T>(lo), h = fromf<T>(hi);
+    return (unsigned)*reinterpret_cast<const unsigned short *>(&l) |
+           ((unsigned)*reinterpret_cast<const unsigned short *>(&h) << 16);
+}
+
+template <typename T, int HD, int NW>
+__device__ void attention_tc(const T *qkv, const float *rope, const T *kv, size_t base,
+                             const float *mask, T *out, int b, int s, int h, int kvh, int layer,
+                             int n_layer, int max_len, int keys, int rope_rows, long long mask_b,
+                             long long mask_s, int causal_past) {
+    constexpr int NC = HD / 32; // 32-dim chunks of a row
+    extern __shared__ __align__(128) unsigned char smraw[];
+    float *os = reinterpret_cast<float *>(smraw);     // [NW][16][HD] output shares
+    float *wmax = os + NW * 16 * HD, *wsum = wmax + NW * 16; // [NW][16] each
+    const int q0 = blockIdx.x * 16, hh = blockIdx.y, bb = blockIdx.z;
+    const int w = (h + 2 * kvh) * HD, kh = hh / (h / kvh);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int nt = (keys + 15) / 16;
+    const size_t head = base + cache_head(layer, b, bb, kvh, kh, max_len, HD);
+    const T *kp = kv + head, *vp = kv + cache_plane(n_layer, b, kvh, max_len, HD) + head;
+    pdl_trigger();
+    // the older keys are in memory already: start moving this warp's tiles towards L2 while
+    // the previous kernel finishes (L2 is coherent with its writes)
+    constexpr int LINE = 128 / sizeof(T), LPR = (HD + LINE - 1) / LINE; // 128-byte lines a row
+    for (int tt = warp; tt < nt; tt += NW) {
+        for (int i = lane; i < 2 * 16 * LPR; i += 32) {
+            const int k = i % (16 * LPR), row = min(tt * 16 + k / LPR, keys - 1);
+            const T *p = (i < 16 * LPR ? kp : vp) + (size_t)row * HD + (k % LPR) * LINE;
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+        }
+    }
+    pdl_wait();
+    // a tile's keys and values (rows g and g + 8 of it, clamped to the last key: the copies'
+    // scores are hidden, so their probabilities are 0) and mask entries, all loads issued
+    // before the first use; the first tile's before the queries are rotated
+    struct Tile {
+        uint4 k[2][NC], v[2][NC];
+        float m[2][4];
+    };
+    auto load = [&](Tile &x, int tt) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            const int j = min(tt * 16 + 8 * n + g, keys - 1);
+#pragma unroll
+            for (int c = 0; c < NC; ++c) {
+                const size_t off = (size_t)j * HD + c * 32 + 8 * t;
+                x.k[n][c] = *reinterpret_cast<const uint4 *>(kp + off);
+                x.v[n][c] = *reinterpret_cast<const uint4 *>(vp + off);
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int qi = min(q0 + g + 8 * (e >> 1), s - 1);
+                const int j = min(tt * 16 + 8 * n + 2 * t + (e & 1), keys - 1);
+                x.m[n][e] = mask ? mask[bb * mask_b + (long long)qi * mask_s + j] : 0.f;
+            }
+    };
+    Tile cur;
+    load(cur, min(warp, nt - 1));
+    const float scale = rsqrtf((float)HD);
+    // queries, rotated and rounded to T: qa[row half][chunk][word]
+    unsigned qa[2][NC][4];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int si = q0 + g + 8 * r;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            if (si < s) {
+                const T *src = qkv + ((size_t)bb * s + si) * w + hh * HD + c * 32 + 8 * t;
+                const uint4 u = *reinterpret_cast<const uint4 *>(src);
+                const T *x = reinterpret_cast<const T *>(&u);
+                const float4 *cs = reinterpret_cast<const float4 *>(
+                    rope + ((size_t)(rope_rows == 1 ? 0 : bb) * s + si) * HD + c * 32 + 8 * t);
+                const float4 c0 = cs[0], c1 = cs[1];
+                const float cv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float x0 = tof(x[2 * i]), x1 = tof(x[2 * i + 1]);
+                    const float co = cv[2 * i], sn = cv[2 * i + 1];
+                    qa[r][c][i] = pack2<T>(x0 * co - x1 * sn, x1 * co + x0 * sn);
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) qa[r][c][i] = 0u;
+            }
+        }
+    }
+    float acc[NC][4][4];
+#pragma unroll
+    for (int c = 0; c < NC; ++c)
+#pragma unroll
+        for (int m = 0; m < 4; ++m)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[c][m][e] = 0.f;
+    float mx[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
+    for (int tt = warp; tt < nt; tt += NW) {
+        const int k0 = tt * 16;
+        // scores of rows g, g + 8 at keys k0 + 8 n + 2 t + {0, 1}
+        float sc[2][4];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sc[n][e] = 0.f;
+#pragma unroll
+            for (int c = 0; c < NC; ++c) {
+                const unsigned *kc = reinterpret_cast<const unsigned *>(&cur.k[n][c]);
+#pragma unroll
+                for (int st = 0; st < 2; ++st) {
+                    const unsigned a[4] = {qa[0][c][2 * st], qa[1][c][2 * st],
+                                           qa[0][c][2 * st + 1], qa[1][c][2 * st + 1]};
+                    mma_16816(sc[n], a, kc[2 * st], kc[2 * st + 1], T());
+                }
+            }
+        }
+        // scale, mask, causal limit; the tile's row maxima
+        float tmx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1, qi = q0 + g + 8 * r, j = k0 + 8 * n + 2 * t + (e & 1);
+                const float m = cur.m[n][e];
+                bool vis = qi < s && j < keys && !(isinf(m) && m < 0.f);
+                if (causal_past >= 0 && j > causal_past + qi) vis = false;
+                const float v = vis ? sc[n][e] * scale + m : -INFINITY;
+                sc[n][e] = v;
+                tmx[r] = fmaxf(tmx[r], v);
+            }
+        float corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            tmx[r] = fmaxf(tmx[r], __shfl_xor_sync(0xffffffff, tmx[r], 1));
+            tmx[r] = fmaxf(tmx[r], __shfl_xor_sync(0xffffffff, tmx[r], 2));
+            const float nm = fmaxf(mx[r], tmx[r]);
+            corr[r] = nm == -INFINITY ? 1.f : __expf(mx[r] - nm);
+            mx[r] = nm;
+            sum[r] *= corr[r];
+        }
+#pragma unroll
+        for (int c = 0; c < NC; ++c)
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                acc[c][m][0] *= corr[0];
+                acc[c][m][1] *= corr[0];
+                acc[c][m][2] *= corr[1];
+                acc[c][m][3] *= corr[1];
+            }
+        // probabilities (rounded to T) as the A fragment of P V
+        unsigned pa[4];
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float p[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float v = sc[n][2 * r + e];
+                    p[e] = v == -INFINITY ? 0.f : rnd<T>(__expf(v - mx[r]));
+                    sum[r] += p[e];
+                }
+                pa[2 * n + r] = pack2<T>(p[0], p[1]);
+            }
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            const unsigned *v0 = reinterpret_cast<const unsigned *>(&cur.v[0][c]);
+            const unsigned *v1 = reinterpret_cast<const unsigned *>(&cur.v[1][c]);
+#pragma unroll
+            for (int m = 0; m < 4; ++m)
+                mma_16816(acc[c][m], pa, trans_8x8(v0[m]), trans_8x8(v1[m]), T());
+        }
+        if (tt + NW < nt) load(cur, tt + NW);
+    }
+    // the warps' shares: row maxima and sums, then outputs rescaled to the block's maxima
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        sum[r] += __shfl_xor_sync(0xffffffff, sum[r], 1);
+        sum[r] += __shfl_xor_sync(0xffffffff, sum[r], 2);
+        if (t == 0) {
+            wmax[warp * 16 + g + 8 * r] = mx[r];
+            wsum[warp * 16 + g + 8 * r] = sum[r];
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < NC; ++c)
+#pragma unroll
+        for (int m = 0; m < 4; ++m)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float *o = os + (warp * 16 + g + 8 * r) * HD + c * 32 + 8 * t + 2 * m;
+                *reinterpret_cast<float2 *>(o) = make_float2(acc[c][m][2 * r], acc[c][m][2 * r + 1]);
+            }
+    __syncthreads();
+    const int nq = min(16, s - q0);
+    for (int i = threadIdx.x; i < nq * HD / 8; i += blockDim.x) {
+        const int row = i / (HD / 8), d0 = (i % (HD / 8)) * 8;
+        float gm = -INFINITY;
+#pragma unroll
+        for (int ww = 0; ww < NW; ++ww) gm = fmaxf(gm, wmax[ww * 16 + row]);
+        float l = 0.f, o[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int ww = 0; ww < NW; ++ww) {
+            const float wm = wmax[ww * 16 + row];
+            if (wm == -INFINITY) continue;
+            const float f = __expf(wm - gm);
+            l += wsum[ww * 16 + row] * f;
+            const float4 *src = reinterpret_cast<const float4 *>(os + (ww * 16 + row) * HD + d0);
+            const float4 a = src[0], c = src[1];
+            o[0] += a.x * f, o[1] += a.y * f, o[2] += a.z * f, o[3] += a.w * f;
+            o[4] += c.x * f, o[5] += c.y * f, o[6] += c.z * f, o[7] += c.w * f;
+        }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        uint4 res;
+        unsigned *rw = reinterpret_cast<unsigned *>(&res);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) rw[k] = pack2<T>(o[2 * k] * inv, o[2 * k + 1] * inv);
+        *reinterpret_cast<uint4 *>(out + (((size_t)bb * s + q0 + row) * h + hh) * HD + d0) = res;
+    }
+}
+
+#define ATTN_TC(T, HD, NW, NAME)                                                                \
+    extern "C" __global__ void __launch_bounds__(NW * 32)                                      \
+        NAME(const T *qkv, const float *rope, const T *kv, unsigned long long base,             \
+             const float *mask, T *out, int b, int s, int h, int kvh, int layer, int n_layer,   \
+             int max_len, int keys, int rope_rows, long long mask_b, long long mask_s,          \
+             int causal_past) {                                                                 \
+        attention_tc<T, HD, NW>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,  \
+                                max_len, keys, rope_rows, mask_b, mask_s, causal_past);         \
+    }
+#define ATTN_TCS(T, SUF)                                                                        \
+    ATTN_TC(T, 32, 4, attention_tc_32_4_##SUF)                                                  \
+    ATTN_TC(T, 32, 8, attention_tc_32_8_##SUF)                                                  \
+    ATTN_TC(T, 32, 16, attention_tc_32_16_##SUF)                                                \
+    ATTN_TC(T, 64, 4, attention_tc_64_4_##SUF)                                                  \
+    ATTN_TC(T, 64, 8, attention_tc_64_8_##SUF)                                                  \
+    ATTN_TC(T, 64, 16, attention_tc_64_16_##SUF)                                                \
+    ATTN_TC(T, 128, 4, attention_tc_128_4_##SUF)                                                \
+    ATTN_TC(T, 128, 8, attention_tc_128_8_##SUF)
+ATTN_TCS(__nv_bfloat16, bf16)
+ATTN_TCS(__half, f16)
+
 // ---------------------------------------------------------------------------------------------
 // Drafting picks (fused/picks.rs, launched from fused/picks_cuda.rs): the drafter's probability
 // rows, then per row its top-k or k draws without replacement. One block of PK_THREADS per row;
