@@ -15,7 +15,7 @@ done 2>&1 | tee "$OUT/kernel_test.txt"
 for r in $(seq 1 ${ROUNDS:-2}); do
   for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
     for e in ${VARIANTS:-LANTERN_ATTN_KERNEL=previous LANTERN_ATTN_KERNEL=tc-tree X=0 LANTERN_ATTN_WARPS=4 LANTERN_ATTN_WARPS=16}; do
-      echo "== round $r $p $e"; env $e timeout 120 "$L" bench --random-weights --preset $p --device cuda --loop-images ${LOOP:-0} --loop-tokens ${TOKENS:-64} 2>&1 | grep -E "attention|decode 1 tok|verify 59|^\| (ar|sd |lantern)"
+      echo "== round $r $p $e"; env $e timeout 200 "$L" bench --random-weights --preset $p --device cuda --loop-images ${LOOP:-0} --loop-tokens ${TOKENS:-64} 2>&1 | grep -E "attention|decode 1 tok|verify 59|^\| (ar|sd |lantern)"
     done
   done
 done 2>&1 | tee "$OUT/attn.txt"
