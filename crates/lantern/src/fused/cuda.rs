@@ -310,34 +310,21 @@ pub(super) fn attention(
     if kv.dtype() != dt {
         bail!("fused attention: qkv {dt:?} vs cache {:?}", kv.dtype());
     }
-    let kind = attn_kernel();
     let (qa, _) = offsets(qkv_l)?;
     let (ra, _) = offsets(rope.layout())?;
-    // bf16/f16: the tensor-core kernel with the keys split over the warps (16 queries per
-    // block; its 16-byte query loads and float4 RoPE loads need aligned starts)
+    // bf16/f16 with many queries: the tensor-core kernel with the keys split over the warps
+    // (16 queries per block; its 16-byte query loads and float4 RoPE loads need aligned
+    // starts); one query: the kernel below unless LANTERN_ATTN_KERNEL=tc
     let tc = dt != DType::F32
-        && (d.s > 1 || kind == AttnKernel::KeySplit)
-        && kind != AttnKernel::Previous
+        && (d.s > 1 || key_split_decode())
         && (qa * dt.size_in_bytes()).is_multiple_of(16)
         && ra.is_multiple_of(4);
-    // many queries in bf16/f16 (previous kernel): scores in shared memory
-    let kp = d.keys.next_multiple_of(16);
-    let mma_warps = if d.cache.hd <= 64 { 8 } else { 4 };
-    let mma_shared = 16 * kp * 6 + 16 * d.cache.hd * (2 + mma_warps * 2 + mma_warps * 4);
-    let mma = d.s > 1 && dt != DType::F32 && mma_shared <= ATTN_SHARED_MAX;
     let (name, grid, threads, shared) = if tc {
         let warps = tc_warps(d);
         let name = format!("attention_tc_{}_{warps}_{}", d.cache.hd, suffix(dt)?);
         let grid = (d.s.div_ceil(16) as u32, d.h as u32, d.cache.b as u32);
         let shared = 4 * warps * 16 * (d.cache.hd + 2);
         (name, grid, 32 * warps as u32, shared)
-    } else if mma {
-        let mut name = format!("attention_mma_{}_{}", d.cache.hd, suffix(dt)?);
-        if let Some(v) = mma_variant().filter(|_| d.cache.hd == 64 && dt == DType::BF16) {
-            name = format!("{name}_v{v}");
-        }
-        let grid = (d.s.div_ceil(16) as u32, d.h as u32, d.cache.b as u32);
-        (name, grid, 32 * mma_warps as u32, mma_shared)
     } else {
         let Some((qt, threads, shared)) = tile(d) else {
             bail!(
@@ -414,25 +401,12 @@ pub(super) fn attention(
     })
 }
 
-/// Which attention kernels run in bf16/f16 (`LANTERN_ATTN_KERNEL`, a diagnostic to compare
-/// kernels in one run): by default the key-split tensor-core kernel for many queries and the
-/// one-query kernel for decode steps (measured faster there, docs/BENCHMARKS.md); `tc` the
-/// key-split kernel for every step; `previous` the shared-memory tensor-core kernel for many
-/// queries.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum AttnKernel {
-    KeySplit,
-    KeySplitTrees,
-    Previous,
-}
-
-fn attn_kernel() -> AttnKernel {
-    static K: std::sync::OnceLock<AttnKernel> = std::sync::OnceLock::new();
-    *K.get_or_init(|| match std::env::var("LANTERN_ATTN_KERNEL").as_deref() {
-        Ok("tc") => AttnKernel::KeySplit,
-        Ok("previous") => AttnKernel::Previous,
-        _ => AttnKernel::KeySplitTrees,
-    })
+/// `LANTERN_ATTN_KERNEL=tc`: decode steps (one query) in bf16/f16 also take the key-split
+/// tensor-core kernel (a kernel-bench diagnostic: the one-query kernel measured 0.2-0.5 µs
+/// faster at GPT-XL shapes, docs/BENCHMARKS.md).
+fn key_split_decode() -> bool {
+    static K: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *K.get_or_init(|| std::env::var("LANTERN_ATTN_KERNEL").is_ok_and(|v| v == "tc"))
 }
 
 /// Warps of the key-split attention: 16 for a one-query step (few blocks, so more warps share
@@ -452,19 +426,6 @@ fn tc_warps(d: &AttnDims) -> usize {
     } else {
         w
     }
-}
-
-/// `LANTERN_MMA_VARIANT` (0, 1, 3 or 5; head size 64, bf16): a kernel-bench diagnostic that
-/// runs only some phases of the tensor-core attention (0 none: queries in, output out;
-/// 1 scores; 3 scores + softmax; 5 scores + P V), to split its time; see kernels.cu.
-fn mma_variant() -> Option<u32> {
-    static V: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("LANTERN_MMA_VARIANT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|v| [0, 1, 3, 5].contains(v))
-    })
 }
 
 /// Warps per block of the few-row linear kernels for `n` output rows: 8 for wide outputs
