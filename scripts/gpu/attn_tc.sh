@@ -6,7 +6,7 @@
 # carried $G/lantern-base.xz (the previous kernels). CHECKS=1 adds token checks (greedy AR vs
 # greedy SD; new vs base; graphs vs none) and the shipped model's bench of both binaries.
 # (Earlier builds of this session also had LANTERN_ATTN_KERNEL=previous and an L1-prefetch
-# variant: docs/BENCHMARKS.md runs 14-17.) Outputs under $OUT.
+# variant: docs/BENCHMARKS.md §000000 runs 1-5.) Outputs under $OUT.
 set -uo pipefail
 source scripts/gpu/env.sh
 SECONDS=0

@@ -13,7 +13,8 @@
 //!
 //! Numerics follow LlamaGen: norms and rotations in f32 with the same roundings to the model
 //! dtype as the reference; attention accumulates in f32 without the reference's intermediate
-//! roundings of the scores and probabilities (like any fused attention).
+//! rounding of the scores (like any fused attention); the CUDA kernel for many queries rounds the
+//! probabilities to the model dtype for its tensor-core P V, as the reference's matmul does.
 //! `LANTERN_FUSED=0` turns the fused path off on CUDA.
 //!
 //! [`picks`] serves speculative drafting rather than the blocks: the drafter's probability rows
