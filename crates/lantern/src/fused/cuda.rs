@@ -338,7 +338,13 @@ pub(super) fn attention(
     };
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     // the key-split kernel needs little shared memory: half the carve-out leaves L1 for loads
-    allow_shared(&dev, &func, &name, ATTN_SHARED_MAX, if tc { 50 } else { 100 })?;
+    allow_shared(
+        &dev,
+        &func,
+        &name,
+        ATTN_SHARED_MAX,
+        if tc { 50 } else { 100 },
+    )?;
     let (rope_g, rope_l) = rope.storage_and_layout();
     let (ra, rb) = offsets(rope_l)?;
     let rope_s = held::<f32>(&rope_g, "the RoPE table")?.slice(ra..rb);
