@@ -280,7 +280,9 @@ fn cuda_attention_matches_cpu_at_long_keys() -> Result<()> {
     use lantern::fused::{attention, Heads, KeyMask};
     let gpu = lantern::fused::cuda_device(0)?;
     let b = 2;
-    // (hd, h, kvh, keys, s, mask: 0 none, 1 causal, 2 additive [s, keys], 3 additive per row)
+    // (hd, h, kvh, keys, s, mask: 0 none, 1 causal, 2 additive [s, keys], 3 additive per row,
+    // 4 per row with the model's finite padding value instead of -inf and query 0 of batch row
+    // 0 seeing no key, so that its softmax is uniform, as in the reference)
     let cases = [
         (64, 4, 4, 1500, 59, 3),
         (64, 4, 4, 700, 1, 0),
@@ -288,6 +290,8 @@ fn cuda_attention_matches_cpu_at_long_keys() -> Result<()> {
         (32, 4, 2, 900, 20, 1),
         (128, 2, 2, 1100, 33, 3),
         (128, 2, 2, 300, 1, 2),
+        (32, 4, 2, 333, 59, 4),
+        (64, 4, 4, 250, 17, 4),
     ];
     for (hd, h, kvh, keys, s, mask_kind) in cases {
         let heads = Heads { h, kvh, hd };
@@ -300,12 +304,12 @@ fn cuda_attention_matches_cpu_at_long_keys() -> Result<()> {
         let rope = Tensor::cat(&[angle.cos()?, angle.sin()?], 3)?;
         // hide about a third of the keys, never all of a row's
         let hidden = |i: usize, j: usize| (i * 31 + j * 17).is_multiple_of(3) && j > 0;
-        let additive = |rows: usize| -> Result<Tensor> {
+        let additive = |rows: usize, pad: f32| -> Result<Tensor> {
             let v: Vec<f32> = (0..rows * s * keys)
                 .map(|x| {
                     let (i, j) = (x / keys, x % keys);
-                    if hidden(i, j) {
-                        f32::NEG_INFINITY
+                    if hidden(i, j) || (pad > f32::NEG_INFINITY && i == 0) {
+                        pad
                     } else {
                         0.25 * ((j % 5) as f32 - 2.0)
                     }
@@ -316,8 +320,11 @@ fn cuda_attention_matches_cpu_at_long_keys() -> Result<()> {
         let mask = match mask_kind {
             0 => KeyMask::None,
             1 => KeyMask::Causal { past: keys - s },
-            2 => KeyMask::Additive(additive(1)?.reshape((s, keys))?),
-            _ => KeyMask::Additive(additive(b)?.reshape((b, 1, s, keys))?),
+            2 => KeyMask::Additive(additive(1, f32::NEG_INFINITY)?.reshape((s, keys))?),
+            3 => KeyMask::Additive(additive(b, f32::NEG_INFINITY)?.reshape((b, 1, s, keys))?),
+            _ => KeyMask::Additive(
+                additive(b, lantern::models::llamagen::PAD_NEG)?.reshape((b, 1, s, keys))?,
+            ),
         };
         let on_gpu = |m: &KeyMask| -> Result<KeyMask> {
             Ok(match m {

@@ -568,6 +568,11 @@ __device__ __forceinline__ unsigned trans_8x8(unsigned x) {
     asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
     return y;
 }
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     const T l = fromf<T>(lo), h = fromf<T>(hi);
     return (unsigned)*reinterpret_cast<const unsigned short *>(&l) |
@@ -608,10 +613,18 @@ __device__ void attention_tc(const T *qkv, const float *rope, const T *kv, size_
         uint4 k[2][NC], v[2][NC];
         float m[2][4];
     };
+    // mask rows g and g + 8 (padding queries read the last row; their outputs are dropped)
+    const float *mrow[2] = {nullptr, nullptr};
+    if (mask) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            mrow[r] = mask + bb * mask_b + (long long)min(q0 + g + 8 * r, s - 1) * mask_s;
+    }
     auto load = [&](Tile &x, int tt) {
+        const int k0 = tt * 16;
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-            const int j = min(tt * 16 + 8 * n + g, keys - 1);
+            const int j = min(k0 + 8 * n + g, keys - 1);
 #pragma unroll
             for (int c = 0; c < NC; ++c) {
                 const size_t off = (size_t)j * HD + c * 32 + 8 * t;
@@ -619,14 +632,23 @@ __device__ void attention_tc(const T *qkv, const float *rope, const T *kv, size_
                 x.v[n][c] = *reinterpret_cast<const uint4 *>(vp + off);
             }
         }
+        if (!mask) {
 #pragma unroll
-        for (int n = 0; n < 2; ++n)
+            for (int n = 0; n < 2; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int qi = min(q0 + g + 8 * (e >> 1), s - 1);
-                const int j = min(tt * 16 + 8 * n + 2 * t + (e & 1), keys - 1);
-                x.m[n][e] = mask ? mask[bb * mask_b + (long long)qi * mask_s + j] : 0.f;
-            }
+                for (int e = 0; e < 4; ++e) x.m[n][e] = 0.f;
+        } else if (k0 + 16 <= keys) {
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) x.m[n][e] = mrow[e >> 1][k0 + 8 * n + 2 * t + (e & 1)];
+        } else {
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    x.m[n][e] = mrow[e >> 1][min(k0 + 8 * n + 2 * t + (e & 1), keys - 1)];
+        }
     };
     Tile cur;
     load(cur, min(warp, nt - 1));
@@ -685,21 +707,28 @@ __device__ void attention_tc(const T *qkv, const float *rope, const T *kv, size_
                 }
             }
         }
-        // scale, mask, causal limit; the tile's row maxima
+        // scale and mask (a hidden key's -inf carries through), causal limit, keys past the
+        // end (last tile only); the tile's row maxima
         float tmx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int n = 0; n < 2; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1, qi = q0 + g + 8 * r, j = k0 + 8 * n + 2 * t + (e & 1);
-                const float m = cur.m[n][e];
-                bool vis = qi < s && j < keys && !(isinf(m) && m < 0.f);
-                if (causal_past >= 0 && j > causal_past + qi) vis = false;
-                const float v = vis ? sc[n][e] * scale + m : -INFINITY;
-                sc[n][e] = v;
-                tmx[r] = fmaxf(tmx[r], v);
-            }
-        float corr[2];
+            for (int e = 0; e < 4; ++e) sc[n][e] = fmaf(sc[n][e], scale, cur.m[n][e]);
+        if (causal_past >= 0 || k0 + 16 > keys) {
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = q0 + g + 8 * (e >> 1), j = k0 + 8 * n + 2 * t + (e & 1);
+                    if (j >= keys || (causal_past >= 0 && j > causal_past + qi))
+                        sc[n][e] = -INFINITY;
+                }
+        }
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) tmx[e >> 1] = fmaxf(tmx[e >> 1], sc[n][e]);
+        float corr[2], mxl[2]; // mxl: the maxima, 0 for a row hidden so far
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             tmx[r] = fmaxf(tmx[r], __shfl_xor_sync(0xffffffff, tmx[r], 1));
@@ -707,17 +736,22 @@ __device__ void attention_tc(const T *qkv, const float *rope, const T *kv, size_
             const float nm = fmaxf(mx[r], tmx[r]);
             corr[r] = nm == -INFINITY ? 1.f : __expf(mx[r] - nm);
             mx[r] = nm;
+            // exp(v - max) as 2^((v - max) log2 e); a row hidden so far (max -inf) gives 0
+            mxl[r] = nm == -INFINITY ? 0.f : nm;
             sum[r] *= corr[r];
         }
+        // the running maxima rarely move after the first tiles: skip the rescale then
+        if (__any_sync(0xffffffff, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
-        for (int c = 0; c < NC; ++c)
+            for (int c = 0; c < NC; ++c)
 #pragma unroll
-            for (int m = 0; m < 4; ++m) {
-                acc[c][m][0] *= corr[0];
-                acc[c][m][1] *= corr[0];
-                acc[c][m][2] *= corr[1];
-                acc[c][m][3] *= corr[1];
-            }
+                for (int m = 0; m < 4; ++m) {
+                    acc[c][m][0] *= corr[0];
+                    acc[c][m][1] *= corr[0];
+                    acc[c][m][2] *= corr[1];
+                    acc[c][m][3] *= corr[1];
+                }
+        }
         // probabilities (rounded to T) as the A fragment of P V
         unsigned pa[4];
 #pragma unroll
@@ -727,8 +761,10 @@ __device__ void attention_tc(const T *qkv, const float *rope, const T *kv, size_
                 float p[2];
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const float v = sc[n][2 * r + e];
-                    p[e] = v == -INFINITY ? 0.f : rnd<T>(__expf(v - mx[r]));
+                    // (not fma(v, log2 e, -max log2 e): with a finite mask like -1e30 the
+                    // product's rounding error alone is ~1e23, so the row maximum's own key
+                    // would get 2^(+-1e23) instead of 1)
+                    p[e] = rnd<T>(ex2((sc[n][2 * r + e] - mxl[r]) * 1.4426950408889634f));
                     sum[r] += p[e];
                 }
                 pa[2 * n + r] = pack2<T>(p[0], p[1]);
