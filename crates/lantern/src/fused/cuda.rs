@@ -196,8 +196,8 @@ pub(super) fn write_kv(
 
 /// Lets `func` use more than 48 KB of dynamic shared memory and asks for `carveout` percent of
 /// the SM's L1 as shared memory (100: the most, so that several such blocks stay resident),
-/// once per kernel and device (each [`CudaDevice`] loads its own copy of the module: a second device in one
-/// process, as in parallel tests, needs the attributes again).
+/// once per kernel and device (each [`CudaDevice`] loads its own copy of the module: a second
+/// device in one process, as in parallel tests, needs the attributes again).
 fn allow_shared(
     dev: &CudaDevice,
     func: &CudaFunction,
@@ -206,12 +206,17 @@ fn allow_shared(
     carveout: i32,
 ) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
-    use std::collections::HashSet;
+    use std::collections::{HashMap, HashSet};
     use std::sync::{Mutex, OnceLock};
-    static DONE: OnceLock<Mutex<HashSet<(DeviceId, String)>>> = OnceLock::new();
+    // device -> kernel names (looked up by &str: no allocation per launch)
+    static DONE: OnceLock<Mutex<HashMap<DeviceId, HashSet<String>>>> = OnceLock::new();
     let done = DONE.get_or_init(Default::default);
-    let key = (dev.id(), name.to_string());
-    if done.lock().expect("not poisoned").contains(&key) {
+    let seen = done
+        .lock()
+        .expect("not poisoned")
+        .get(&dev.id())
+        .is_some_and(|names| names.contains(name));
+    if seen {
         return Ok(());
     }
     func.set_attribute(
@@ -224,7 +229,11 @@ fn allow_shared(
         carveout,
     )
     .w()?;
-    done.lock().expect("not poisoned").insert(key);
+    done.lock()
+        .expect("not poisoned")
+        .entry(dev.id())
+        .or_default()
+        .insert(name.to_string());
     Ok(())
 }
 
@@ -310,8 +319,8 @@ pub(super) fn attention(
     if kv.dtype() != dt {
         bail!("fused attention: qkv {dt:?} vs cache {:?}", kv.dtype());
     }
-    let (qa, _) = offsets(qkv_l)?;
-    let (ra, _) = offsets(rope.layout())?;
+    let (qa, qb) = offsets(qkv_l)?;
+    let (ra, rb) = offsets(rope.layout())?;
     // bf16/f16 with many queries: the tensor-core kernel with the keys split over the warps
     // (16 queries per block; its 16-byte query loads and float4 RoPE loads need aligned
     // starts); one query: the kernel below unless LANTERN_ATTN_KERNEL=tc
@@ -345,8 +354,7 @@ pub(super) fn attention(
         ATTN_SHARED_MAX,
         if tc { 50 } else { 100 },
     )?;
-    let (rope_g, rope_l) = rope.storage_and_layout();
-    let (ra, rb) = offsets(rope_l)?;
+    let (rope_g, _) = rope.storage_and_layout();
     let rope_s = held::<f32>(&rope_g, "the RoPE table")?.slice(ra..rb);
     let (kv_g, kv_l) = kv.storage_and_layout();
     let base = kv_l.start_offset() as u64;
@@ -371,8 +379,7 @@ pub(super) fn attention(
         if !(base as usize * std::mem::size_of::<T>()).is_multiple_of(16) {
             bail!("fused attention: the cache view is not 16-byte aligned");
         }
-        let (a, b) = offsets(qkv_l)?;
-        let q = qkv.as_cuda_slice::<T>()?.slice(a..b);
+        let q = qkv.as_cuda_slice::<T>()?.slice(qa..qb);
         let kv_s = held::<T>(&kv_g, "the KV cache")?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(d.cache.b * d.s * d.h * d.cache.hd)? };
