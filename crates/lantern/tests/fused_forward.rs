@@ -349,3 +349,132 @@ fn cuda_attention_matches_cpu_at_long_keys() -> Result<()> {
     }
     Ok(())
 }
+
+/// The decode step's one-kernel block (`fused::decode_layer`, CUDA) against the block's
+/// separate fused ops on the CPU, same bf16 inputs: output rows and the cache slot written.
+/// Cases cover head sizes 32 (grouped queries), 64 and 128; 1, 2, 3 and 8 batch rows; keys
+/// from one attention chunk to many (the chunks' combination); no mask, a shared mask, a mask
+/// per row with hidden keys, and the model's finite padding with a row that sees no key.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_decode_layer_matches_separate_ops() -> Result<()> {
+    use lantern::fused::{
+        attention, decode_layer, decode_layer_fits, small_linear, write_kv, BlockWeights,
+        Epilogue, Heads, KeyMask,
+    };
+    let gpu = lantern::fused::cuda_device(0)?;
+    let cpu = Device::Cpu;
+    // (hd, h, kvh, dim, ffn, b, keys, mask: 0 none, 1 shared, 2 per row, 3 finite padding)
+    let cases = [
+        (64, 4, 4, 256, 512, 2, 40, 2),
+        (64, 4, 4, 256, 768, 2, 700, 1),
+        (32, 8, 4, 256, 688, 3, 1300, 2),
+        (128, 2, 2, 256, 512, 1, 513, 0),
+        (64, 4, 4, 384, 1024, 8, 377, 3),
+        (32, 8, 8, 256, 768, 2, 263, 3),
+    ];
+    let rnd = |shape: &[usize], scale: f64| -> Result<Tensor> {
+        Ok((Tensor::randn(0f32, 1.0, shape, &cpu)? * scale)?.to_dtype(DType::BF16)?)
+    };
+    for (hd, h, kvh, dim, ffn, b, keys, mask_kind) in cases {
+        let heads = Heads { h, kvh, hd };
+        let (n_layer, layer, max_len, at) = (2, 1, keys + 5, keys - 1);
+        let kv = rnd(&[2, n_layer, b, kvh, max_len, hd], 1.0)?;
+        let wqkv = rnd(&[(h + 2 * kvh) * hd, dim], 1.0 / (dim as f64).sqrt())?;
+        let wo = rnd(&[dim, h * hd], 1.0 / ((h * hd) as f64).sqrt())?;
+        let w13 = rnd(&[2 * ffn, dim], 1.0 / (dim as f64).sqrt())?;
+        let w2 = rnd(&[dim, ffn], 1.0 / (ffn as f64).sqrt())?;
+        let attn_norm = (rnd(&[dim], 0.1)? + 1.0)?;
+        let ffn_norm = (rnd(&[dim], 0.1)? + 1.0)?;
+        let x = rnd(&[b, 1, dim], 1.0)?;
+        let rope_rows = if b > 1 { b } else { 1 };
+        let angle = Tensor::rand(0f32, 6.3, (rope_rows, 1, hd / 2, 1), &cpu)?;
+        let rope = Tensor::cat(&[angle.cos()?, angle.sin()?], 3)?;
+        let row = |i: usize, pad: f32| -> Vec<f32> {
+            (0..keys)
+                .map(|j| {
+                    if (pad > f32::NEG_INFINITY && i == 0 && b > 1)
+                        || ((i * 31 + j * 17).is_multiple_of(3) && j > 0)
+                    {
+                        pad
+                    } else {
+                        0.25 * ((j % 5) as f32 - 2.0)
+                    }
+                })
+                .collect()
+        };
+        let mask = match mask_kind {
+            0 => KeyMask::None,
+            1 => KeyMask::Additive(Tensor::from_vec(row(1, f32::NEG_INFINITY), (1, keys), &cpu)?),
+            k => {
+                let pad = if k == 2 {
+                    f32::NEG_INFINITY
+                } else {
+                    lantern::models::llamagen::PAD_NEG
+                };
+                let v: Vec<f32> = (0..b).flat_map(|i| row(i, pad)).collect();
+                KeyMask::Additive(Tensor::from_vec(v, (b, 1, 1, keys), &cpu)?)
+            }
+        };
+        // the reference: the block's separate fused ops on the CPU
+        let kv_want = kv.copy()?;
+        let qkv = small_linear(&x, &wqkv, Some((&attn_norm, 1e-5)), Epilogue::None)?;
+        write_kv(&kv_want, &qkv, &rope, layer, at, heads)?;
+        let a = attention(&qkv, &rope, &kv_want, layer, keys, &mask, heads)?;
+        let hm = small_linear(&a, &wo, None, Epilogue::Residual(&x))?;
+        let f = small_linear(&hm, &w13, Some((&ffn_norm, 1e-5)), Epilogue::SwiGlu)?;
+        let want = small_linear(&f, &w2, None, Epilogue::Residual(&hm))?;
+        // the kernel
+        let g = |t: &Tensor| t.to_device(&gpu);
+        let kv_got = g(&kv)?;
+        let (wqkv_g, wo_g, w13_g, w2_g) = (g(&wqkv)?, g(&wo)?, g(&w13)?, g(&w2)?);
+        let (an_g, fn_g) = (g(&attn_norm)?, g(&ffn_norm)?);
+        let weights = BlockWeights {
+            wqkv: &wqkv_g,
+            attn_norm: &an_g,
+            wo: &wo_g,
+            ffn_norm: &fn_g,
+            w13: &w13_g,
+            w2: &w2_g,
+            eps: 1e-5,
+        };
+        let x_g = g(&x)?;
+        assert!(decode_layer_fits(&x_g, heads, ffn), "case hd {hd}, b {b}");
+        let mask_g = match &mask {
+            KeyMask::Additive(t) => KeyMask::Additive(g(t)?),
+            other => other.clone(),
+        };
+        let got = decode_layer(
+            &x_g,
+            &weights,
+            Some(&wqkv_g),
+            &g(&rope)?,
+            &kv_got,
+            layer,
+            at,
+            keys,
+            &mask_g,
+            heads,
+        )?
+        .to_device(&cpu)?;
+        let e = rel_err(&got, &want)?;
+        // the new slot of every row and head, K and V planes
+        let slot = |t: &Tensor| t.narrow(1, layer, 1)?.narrow(4, at, 1);
+        let e_kv = rel_err(&slot(&kv_got.to_device(&cpu)?)?, &slot(&kv_want)?)?;
+        // and nothing else of the cache changed
+        let rest = |t: &Tensor| t.narrow(4, 0, at);
+        let same = rest(&kv_got.to_device(&cpu)?)?
+            .to_dtype(DType::F32)?
+            .eq(&rest(&kv)?.to_dtype(DType::F32)?)?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()?;
+        println!(
+            "hd {hd}, {h}/{kvh} heads, dim {dim}, ffn {ffn}, {b} rows, {keys} keys, mask {mask_kind}: rel err {e:.2e}, new K/V {e_kv:.2e}"
+        );
+        assert!(e < 2e-2, "hd {hd}, {b} rows, {keys} keys: rel err {e}");
+        assert!(e_kv < 1e-2, "hd {hd}, {b} rows: new K/V rel err {e_kv}");
+        assert_eq!(same, 1.0, "hd {hd}: cache slots before the new one changed");
+    }
+    Ok(())
+}

@@ -12,7 +12,7 @@ pub(super) const MODULE: &str = "lantern_fused";
 /// Shared memory a block may use without opting in to more.
 const SHARED_MAX: usize = 48 * 1024;
 
-fn suffix(dt: DType) -> Result<&'static str> {
+pub(super) fn suffix(dt: DType) -> Result<&'static str> {
     Ok(match dt {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
@@ -26,7 +26,7 @@ pub(super) fn offsets(l: &Layout) -> Result<(usize, usize)> {
         .ok_or_else(|| candle_core::Error::Msg(format!("fused op: {:?} not contiguous", l.dims())))
 }
 
-fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
+pub(super) fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
     CudaStorage::wrap_cuda_slice(slice, dev.clone())
 }
 
@@ -198,7 +198,7 @@ pub(super) fn write_kv(
 /// the SM's L1 as shared memory (100: the most, so that several such blocks stay resident),
 /// once per kernel and device (each [`CudaDevice`] loads its own copy of the module: a second
 /// device in one process, as in parallel tests, needs the attributes again).
-fn allow_shared(
+pub(super) fn allow_shared(
     dev: &CudaDevice,
     func: &CudaFunction,
     name: &str,
@@ -239,7 +239,7 @@ fn allow_shared(
 
 /// Blocks of `func` (with `threads` threads and `shared` bytes) resident on the whole device
 /// at once, cached per kernel and shared size.
-fn resident_blocks(
+pub(super) fn resident_blocks(
     dev: &CudaDevice,
     func: &CudaFunction,
     name: &str,
@@ -284,7 +284,7 @@ fn sm_count(dev: &CudaDevice) -> Result<usize> {
 }
 
 /// The typed CUDA slice of a tensor held by an op (not one of its inputs).
-fn held<'a, T: CudaDType>(g: &'a Storage, what: &str) -> Result<&'a CudaSlice<T>> {
+pub(super) fn held<'a, T: CudaDType>(g: &'a Storage, what: &str) -> Result<&'a CudaSlice<T>> {
     match g {
         Storage::Cuda(c) => c.as_cuda_slice::<T>(),
         _ => bail!("fused attention: {what} is not on the GPU"),

@@ -106,16 +106,37 @@ impl<'a> Launch<'a> {
     /// # Safety
     /// The arguments must match the kernel's signature (types and order) and the grid must
     /// keep its accesses in bounds.
-    pub(super) unsafe fn launch(mut self, cfg: LaunchConfig) -> Result<()> {
+    pub(super) unsafe fn launch(self, cfg: LaunchConfig) -> Result<()> {
+        // SAFETY: passed on from the caller.
+        unsafe { self.launch_with(cfg, false) }
+    }
+
+    /// [`Launch::launch`], optionally as a cooperative launch: the driver then guarantees
+    /// that every block of the grid is resident at once (or fails the launch), which a kernel
+    /// with grid-wide barriers needs.
+    ///
+    /// # Safety
+    /// As for [`Launch::launch`].
+    pub(super) unsafe fn launch_with(mut self, cfg: LaunchConfig, cooperative: bool) -> Result<()> {
         let mut ptrs: Vec<*mut c_void> = self
             .vals
             .iter_mut()
             .map(|v| v as *mut u64 as *mut c_void)
             .collect();
-        // SAFETY: a plain C struct; all-zero is a valid value before the fields are set.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        // SAFETY: plain C structs; all-zero is a valid value before the fields are set.
+        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut n = 0;
+        if enabled() {
+            attrs[n].id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[n].value.programmaticStreamSerializationAllowed = 1;
+            n += 1;
+        }
+        if cooperative {
+            attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+            attrs[n].value.cooperative = 1;
+            n += 1;
+        }
         let conf = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -125,8 +146,8 @@ impl<'a> Launch<'a> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: u32::from(enabled()),
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: n as u32,
         };
         self.stream.context().bind_to_thread().w()?;
         // SAFETY: the caller vouches for the arguments; `ptrs` points into `self.vals`, which

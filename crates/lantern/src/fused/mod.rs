@@ -25,11 +25,16 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
+mod cuda_layer;
+#[cfg(feature = "cuda")]
 mod launch;
+mod layer;
 pub mod picks;
 #[cfg(feature = "cuda")]
 mod picks_cuda;
 pub mod probe;
+
+pub use layer::{decode_layer, decode_layer_fits, BlockWeights, LAYER_ROWS};
 
 use std::cell::Cell;
 

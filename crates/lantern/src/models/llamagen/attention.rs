@@ -215,13 +215,47 @@ impl Attention {
         cache: &KvCache,
     ) -> Result<Tensor> {
         let (b, s, _) = qkv.dims3()?;
-        let heads = crate::fused::Heads {
-            h: self.n_head,
-            kvh: self.n_kv_head,
-            hd: self.head_dim,
-        };
+        let heads = self.heads();
+        let (kv, at, keys, key_mask) = Self::cache_slot(b, s, heads, mask, layer, cache)?;
+        let packed = rope.packed()?;
+        crate::fused::write_kv(kv, qkv, &packed, layer, at, heads)?;
+        crate::fused::attention(qkv, &packed, kv, layer, keys, &key_mask, heads)
+    }
+
+    /// A decode step of the whole block `weights` (this attention's and its FFN's) on hidden
+    /// state `h` (`[b, 1, dim]`) as one kernel, see [`crate::fused::decode_layer`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn decode_layer(
+        &self,
+        h: &Tensor,
+        weights: &crate::fused::BlockWeights,
+        next_wqkv: Option<&Tensor>,
+        rope: &RopeRows,
+        mask: &AttnMask,
+        layer: usize,
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        let (b, s, _) = h.dims3()?;
+        let heads = self.heads();
+        let (kv, at, keys, key_mask) = Self::cache_slot(b, s, heads, mask, layer, cache)?;
+        let packed = rope.packed()?;
+        crate::fused::decode_layer(
+            h, weights, next_wqkv, &packed, kv, layer, at, keys, &key_mask, heads,
+        )
+    }
+
+    /// The cache tensor, the slot the `s` new positions of `b` rows go to, the keys they
+    /// attend over, and `mask` as the fused kernels take it.
+    fn cache_slot<'c>(
+        b: usize,
+        s: usize,
+        heads: crate::fused::Heads,
+        mask: &AttnMask,
+        layer: usize,
+        cache: &'c KvCache,
+    ) -> Result<(&'c Tensor, usize, usize, crate::fused::KeyMask)> {
         let (kv, at, keys) = cache
-            .write_slot(layer, b, self.n_kv_head, s)
+            .write_slot(layer, b, heads.kvh, s)
             .map_err(candle_core::Error::wrap)?;
         let key_mask = match mask {
             AttnMask::Causal if cache.staging().is_some() => {
@@ -231,9 +265,16 @@ impl Attention {
             AttnMask::Causal => crate::fused::KeyMask::Causal { past: at },
             AttnMask::Custom(m) => crate::fused::KeyMask::Additive(m.clone()),
         };
-        let packed = rope.packed()?;
-        crate::fused::write_kv(kv, qkv, &packed, layer, at, heads)?;
-        crate::fused::attention(qkv, &packed, kv, layer, keys, &key_mask, heads)
+        Ok((kv, at, keys, key_mask))
+    }
+
+    /// This attention's head layout.
+    pub(crate) fn heads(&self) -> crate::fused::Heads {
+        crate::fused::Heads {
+            h: self.n_head,
+            kvh: self.n_kv_head,
+            hd: self.head_dim,
+        }
     }
 
     /// Whether the fused kernels serve this block's heads for `x` (see [`crate::fused`]).

@@ -199,6 +199,9 @@ impl Block {
     /// A decode step of the block in five weight-streaming kernels plus two for attention:
     /// `wqkv` with the attention norm first, K/V write, attention, `wo` with the residual add,
     /// `[w1 | w3]` with the FFN norm first and SwiGLU after, `w2` with the residual add.
+    /// On CUDA a decode step (one token per row) runs the whole block as one kernel
+    /// ([`crate::fused::decode_layer`]); `next` is the following block, whose `wqkv` that kernel
+    /// asks into L2 while it finishes.
     fn forward_small(
         &self,
         h: &Tensor,
@@ -206,9 +209,27 @@ impl Block {
         mask: &AttnMask,
         layer: usize,
         cache: &KvCache,
+        next: Option<&Block>,
     ) -> Result<Tensor> {
         use crate::fused::{small_linear, Epilogue};
         let att = &self.attention;
+        let ffn = self.feed_forward.w2.weight().dim(1)?;
+        if let Some(gate_up) = self.feed_forward.gate_up() {
+            if crate::fused::decode_layer_fits(h, att.heads(), ffn) {
+                let (attn_norm, eps) = self.attention_norm.parts();
+                let weights = crate::fused::BlockWeights {
+                    wqkv: att.wqkv_weight(),
+                    attn_norm,
+                    wo: att.wo_weight(),
+                    ffn_norm: self.ffn_norm.parts().0,
+                    w13: gate_up,
+                    w2: self.feed_forward.w2.weight(),
+                    eps,
+                };
+                let next_wqkv = next.map(|b| b.attention.wqkv_weight());
+                return att.decode_layer(h, &weights, next_wqkv, rope, mask, layer, cache);
+            }
+        }
         let qkv = small_linear(
             h,
             att.wqkv_weight(),
@@ -444,7 +465,7 @@ impl LlamaGen {
             if first.small_ok(&h, b * s) {
                 let mut h = h;
                 for (i, layer) in self.layers.iter().enumerate() {
-                    h = layer.forward_small(&h, &rows, mask, i, c)?;
+                    h = layer.forward_small(&h, &rows, mask, i, c, self.layers.get(i + 1))?;
                 }
                 return self.norm.forward(&h);
             }

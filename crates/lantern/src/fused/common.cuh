@@ -1,0 +1,84 @@
+// Helpers shared by lantern's CUDA kernels (kernels.cu, decode_layer.cu).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+// Programmatic dependent launch (launch.rs): let the next kernel on the stream be scheduled
+// now, and wait until the previous kernel has finished and its writes are visible. Both are
+// no-ops for a plain launch. Every kernel triggers first and waits before its first read of
+// another kernel's output and before any write.
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float tof(float x) { return x; }
+__device__ __forceinline__ float tof(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float tof(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T fromf(float x);
+template <> __device__ __forceinline__ float fromf<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 fromf<__nv_bfloat16>(float x) {
+    return __float2bfloat16(x);
+}
+template <> __device__ __forceinline__ __half fromf<__half>(float x) { return __float2half(x); }
+
+// x rounded to T and back
+template <typename T> __device__ __forceinline__ float rnd(float x) { return tof(fromf<T>(x)); }
+
+// The cache tensor is [2, n_layer, b, kvh, max_len, hd] (K plane, then V plane). Element
+// offset of slot 0 of (layer, batch row, head) in the K plane, and the distance to the V plane.
+__device__ __forceinline__ size_t cache_head(int layer, int b, int bb, int kvh, int kh,
+                                             int max_len, int hd) {
+    return (((size_t)layer * b + bb) * kvh + kh) * max_len * hd;
+}
+__device__ __forceinline__ size_t cache_plane(int n_layer, int b, int kvh, int max_len, int hd) {
+    return (size_t)n_layer * b * kvh * max_len * hd;
+}
+
+// Row of HD elements (16-byte aligned) to f32 registers, 16 bytes per load.
+template <typename T, int HD> __device__ __forceinline__ void load_row(const T *p, float *r) {
+    constexpr int VEC = 16 / sizeof(T);
+    const uint4 *p4 = reinterpret_cast<const uint4 *>(p);
+#pragma unroll
+    for (int i = 0; i < HD / VEC; ++i) {
+        const uint4 u = p4[i];
+        const T *t = reinterpret_cast<const T *>(&u);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) r[i * VEC + e] = tof(t[e]);
+    }
+}
+
+// Sum over the block; every thread gets the total. `red` holds 32 floats.
+__device__ __forceinline__ float block_sum(float v, float *red) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    __syncthreads();
+    if (l == 0) red[w] = v;
+    __syncthreads();
+    const int nw = (blockDim.x + 31) >> 5;
+    v = l < nw ? red[l] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+// Max over the block; every thread gets it. `red` holds 32 floats.
+__device__ __forceinline__ float block_max(float v, float *red) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    __syncthreads();
+    if (l == 0) red[w] = v;
+    __syncthreads();
+    const int nw = (blockDim.x + 31) >> 5;
+    v = l < nw ? red[l] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+

@@ -1,0 +1,400 @@
+// One LlamaGen block of a decode step (one new token in each of M <= MM batch rows) as a
+// single persistent kernel (fused/layer.rs launches it). A decode step's block is weight-
+// bandwidth bound, and as separate kernels each of its ~7 launches pays a ramp-up and a tail
+// (docs/BENCHMARKS.md §0000: even a kernel that only streams a weight matrix reaches ~53% of
+// the copy bound). Here one grid, as large as stays resident, runs five phases separated by
+// grid-wide barriers:
+//   A  RMSNorm(x), wqkv; queries rotated into qr, keys rotated and values written into the
+//      cache at slot `at` (rows in pairs, so that a warp holds both halves of a RoPE pair)
+//   B  attention of each (batch row, head) over chunks of keys; the last block of a head to
+//      finish combines the chunks
+//   C  wo + residual -> hm
+//   D  RMSNorm(hm), [w1 | w3], SwiGLU -> f
+//   E  w2 + residual (hm) -> out
+// At the start of each phase every warp asks L2 for its rows of the next phase's weights
+// (phase E: the next layer's wqkv), so that DRAM keeps streaming through barriers and tails.
+// Numerics follow the separate kernels: small_linear's per-lane chunk order and roundings,
+// write_kv's rotation, the one-query attention's f32 softmax; only the attention's key sums
+// are split into chunks, and the RMSNorm's sum of squares is ordered by this block size.
+#include "common.cuh"
+
+namespace {
+
+constexpr int NW = 8;        // warps per block
+constexpr int CK_MAX = 128;  // keys per attention chunk, at most
+
+__device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// Grid-wide barrier (every block resident): bar[0] counts arrivals and is reset by the last
+// block, which then advances the generation bar[1]; both stay valid for the next barrier and
+// the next launch.
+__device__ void grid_sync(unsigned *bar) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned gen = ld_acquire(bar + 1);
+        __threadfence();
+        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+            atomicExch(bar, 0u);
+            __threadfence();
+            atomicAdd(bar + 1, 1u);
+        } else {
+            while (ld_acquire(bar + 1) == gen) __nanosleep(32);
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// Asks L2 for `bytes` (a multiple of 16) at p (16-byte aligned).
+__device__ __forceinline__ void prefetch_l2(const void *p, unsigned bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+// This warp's units of a phase (unit u covers `span` consecutive rows from row u * span, or
+// rows u and u + stride when stride > 0): lane i asks L2 for the rows of the warp's i-th unit.
+template <typename T>
+__device__ void prefetch_rows(const T *w, int K, int units, int span, int stride) {
+    if (!w) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int tw = gridDim.x * NW;
+    for (int u = blockIdx.x * NW + warp + lane * tw; u < units; u += 32 * tw) {
+        const unsigned bytes = (unsigned)(span * K * sizeof(T));
+        if (stride > 0) {
+            prefetch_l2(w + (size_t)u * K, bytes);
+            prefetch_l2(w + (size_t)(u + stride) * K, bytes);
+        } else {
+            prefetch_l2(w + (size_t)u * span * K, bytes);
+        }
+    }
+}
+
+// Rows [M][K] of src (written by other blocks of this launch: loaded through L2) into xs as
+// f32; with norm_w each row RMS-normalised as add_rms_norm does (ns: K floats of scratch).
+template <typename T>
+__device__ void stage(const T *src, int M, int K, const T *norm_w, float eps, float *xs,
+                      float *ns, float *red) {
+    constexpr int VEC = 16 / sizeof(T);
+    const uint4 *s4 = reinterpret_cast<const uint4 *>(src);
+    for (int i = threadIdx.x; i < M * K / VEC; i += blockDim.x) {
+        const uint4 u = __ldcg(s4 + i);
+        const T *t = reinterpret_cast<const T *>(&u);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) xs[i * VEC + e] = tof(t[e]);
+    }
+    if (norm_w) {
+        const uint4 *n4 = reinterpret_cast<const uint4 *>(norm_w);
+        for (int i = threadIdx.x; i < K / VEC; i += blockDim.x) {
+            const uint4 u = __ldg(n4 + i);
+            const T *t = reinterpret_cast<const T *>(&u);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) ns[i * VEC + e] = tof(t[e]);
+        }
+    }
+    __syncthreads();
+    if (norm_w) {
+        for (int m = 0; m < M; ++m) {
+            float ss = 0.f;
+            for (int k = threadIdx.x; k < K; k += blockDim.x) ss += xs[m * K + k] * xs[m * K + k];
+            ss = block_sum(ss, red);
+            const float inv = rsqrtf(ss / K + eps);
+            for (int k = threadIdx.x; k < K; k += blockDim.x)
+                xs[m * K + k] = rnd<T>(rnd<T>(xs[m * K + k] * inv) * ns[k]);
+        }
+        __syncthreads();
+    }
+}
+
+// Few-row matrix-vector products: warp units u = global warp, + all warps, ...; unit u reads
+// R weight rows (row_of(u, r)) of K elements in slabs of SLAB 16-byte loads per lane and
+// hands epi(u, lane's value of row r for batch row `lane`) to every lane after the reduction.
+// A lane sums chunks lane, lane + 32, ... in order, like small_linear.
+template <typename T, int MM, int R, int SLAB, typename RowOf, typename Epi>
+__device__ void gemv(const T *w, int K, int units, const float *xs, int M, RowOf row_of,
+                     Epi epi) {
+    constexpr int VEC = 16 / sizeof(T);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int nch = K / VEC;
+    for (int u = blockIdx.x * NW + warp; u < units; u += gridDim.x * NW) {
+        const uint4 *wr[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            wr[r] = reinterpret_cast<const uint4 *>(w + (size_t)row_of(u, r) * K);
+        float acc[R][MM];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int m = 0; m < MM; ++m) acc[r][m] = 0.f;
+        for (int c0 = 0; c0 < nch; c0 += 32 * SLAB) {
+            uint4 wv[R][SLAB];
+#pragma unroll
+            for (int c = 0; c < SLAB; ++c) {
+                const int ch = c0 + c * 32 + lane;
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+                    wv[r][c] = ch < nch ? __ldg(wr[r] + ch) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int c = 0; c < SLAB; ++c) {
+                const int ch = c0 + c * 32 + lane;
+                if (ch < nch) {
+#pragma unroll
+                    for (int m = 0; m < MM; ++m) {
+                        if (m < M) {
+                            float xv[VEC];
+                            const float4 *xf = reinterpret_cast<const float4 *>(xs + m * K + ch * VEC);
+#pragma unroll
+                            for (int q = 0; q < VEC / 4; ++q) {
+                                const float4 f = xf[q];
+                                xv[4 * q] = f.x; xv[4 * q + 1] = f.y;
+                                xv[4 * q + 2] = f.z; xv[4 * q + 3] = f.w;
+                            }
+#pragma unroll
+                            for (int e = 0; e < VEC; ++e)
+#pragma unroll
+                                for (int r = 0; r < R; ++r)
+                                    acc[r][m] += xv[e] * tof(reinterpret_cast<const T *>(&wv[r][c])[e]);
+                        }
+                    }
+                }
+            }
+        }
+        float mine[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            mine[r] = 0.f;
+#pragma unroll
+            for (int m = 0; m < MM; ++m) {
+                for (int o = 16; o > 0; o >>= 1)
+                    acc[r][m] += __shfl_xor_sync(0xffffffff, acc[r][m], o);
+                if (m == lane) mine[r] = acc[r][m];
+            }
+        }
+        epi(u, mine);
+    }
+}
+
+template <typename T, int HD, int MM>
+__device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_norm,
+                             const T *wo, const T *ffn_norm, const T *w13, const T *w2,
+                             const T *next_wqkv, float eps, const float *rope, int rope_rows,
+                             T *kv, size_t base, int n_layer, int max_len, int layer, int at,
+                             int keys, const float *mask, long long mask_b, T *qr, T *att,
+                             T *hm, T *f, float *part, unsigned *sync, int M, int D, int h,
+                             int kvh, int F, int ck, int prefetch) {
+    extern __shared__ float sm[];
+    __shared__ float red[32];
+    __shared__ int last;
+    constexpr int VEC = 16 / sizeof(T);
+    const int A = h * HD, Q = (h + 2 * kvh) * HD, pairs = HD / 2;
+    const int kmax = max(max(D, A), F);
+    float *xs = sm, *ns = sm + MM * kmax;
+    unsigned *bar = sync, *cnt = sync + 2;
+    const int lane = threadIdx.x & 31;
+    const size_t plane = cache_plane(n_layer, M, kvh, max_len, HD);
+    pdl_trigger();
+    // weights do not depend on the previous kernel
+    if (prefetch) prefetch_rows(wo, A, D, 1, 0);
+    pdl_wait();
+
+    // A: queries, keys, values
+    stage(x, M, D, attn_norm, eps, xs, ns, red);
+    gemv<T, MM, 2, 8>(
+        wqkv, D, Q / 2, xs, M, [](int u, int r) { return 2 * u + r; },
+        [&](int u, const float *a) {
+            if (lane >= M) return;
+            const int n = 2 * u, m = lane;
+            const float a0 = rnd<T>(a[0]), a1 = rnd<T>(a[1]);
+            const float *cs = rope + (size_t)(rope_rows == 1 ? 0 : m) * pairs * 2;
+            const int p = (n % HD) / 2;
+            const float c = cs[2 * p], s = cs[2 * p + 1];
+            if (n < A) {
+                qr[(size_t)m * A + n] = fromf<T>(a0 * c - a1 * s);
+                qr[(size_t)m * A + n + 1] = fromf<T>(a1 * c + a0 * s);
+            } else if (n < A + kvh * HD) {
+                const int kh = (n - A) / HD;
+                const size_t o = base + cache_head(layer, M, m, kvh, kh, max_len, HD) +
+                                 (size_t)at * HD + 2 * p;
+                kv[o] = fromf<T>(a0 * c - a1 * s);
+                kv[o + 1] = fromf<T>(a1 * c + a0 * s);
+            } else {
+                const int kh = (n - A - kvh * HD) / HD;
+                const size_t o = base + plane + cache_head(layer, M, m, kvh, kh, max_len, HD) +
+                                 (size_t)at * HD + 2 * p;
+                kv[o] = fromf<T>(a0);
+                kv[o + 1] = fromf<T>(a1);
+            }
+        });
+    grid_sync(bar);
+
+    // B: attention; unit (bb, hh, chunk), chunks of one head consecutive
+    {
+        constexpr int LPK = HD / VEC, KPR = NW * 32 / LPK, RMAX = (CK_MAX + KPR - 1) / KPR;
+        const int nch = (keys + ck - 1) / ck, units = M * h * nch;
+        const int sub = threadIdx.x / LPK, col = (threadIdx.x % LPK) * VEC;
+        const int warp = threadIdx.x >> 5;
+        const float scale = rsqrtf((float)HD);
+        float *ps = sm;  // [NW][HD]
+        for (int u = blockIdx.x; u < units; u += gridDim.x) {
+            const int c = u % nch, hh = (u / nch) % h, bb = u / (nch * h);
+            const int kh = hh / (h / kvh), j0 = c * ck, j1 = min(keys, j0 + ck);
+            const uint4 qu = __ldcg(reinterpret_cast<const uint4 *>(qr + ((size_t)bb * h + hh) * HD + col));
+            float qv[VEC];
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) qv[e] = tof(reinterpret_cast<const T *>(&qu)[e]) * scale;
+            const size_t head = base + cache_head(layer, M, bb, kvh, kh, max_len, HD);
+            const T *kp = kv + head, *vp = kv + plane + head;
+            uint4 kr[RMAX], vr[RMAX];
+            float sc[RMAX];
+#pragma unroll
+            for (int r = 0; r < RMAX; ++r) {
+                const int j = j0 + r * KPR + sub;
+                const bool ok = r * KPR < ck && j < j1;
+                kr[r] = ok ? __ldcg(reinterpret_cast<const uint4 *>(kp + (size_t)j * HD + col))
+                           : make_uint4(0, 0, 0, 0);
+                vr[r] = ok ? __ldcg(reinterpret_cast<const uint4 *>(vp + (size_t)j * HD + col))
+                           : make_uint4(0, 0, 0, 0);
+                sc[r] = ok ? (mask ? __ldg(mask + bb * mask_b + j) : 0.f) : -INFINITY;
+            }
+            float lmax = -INFINITY;
+#pragma unroll
+            for (int r = 0; r < RMAX; ++r) {
+                float d = 0.f;
+                const T *t = reinterpret_cast<const T *>(&kr[r]);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) d += qv[e] * tof(t[e]);
+#pragma unroll
+                for (int o = 1; o < LPK; o <<= 1) d += __shfl_xor_sync(0xffffffff, d, o);
+                const bool hidden = isinf(sc[r]) && sc[r] < 0.f;
+                sc[r] = hidden ? -INFINITY : d + sc[r];
+                lmax = fmaxf(lmax, sc[r]);
+            }
+            const float mx = block_max(lmax, red);
+            float lsum = 0.f, acc[VEC];
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
+#pragma unroll
+            for (int r = 0; r < RMAX; ++r) {
+                const float p = sc[r] == -INFINITY ? 0.f : __expf(sc[r] - mx);
+                if (threadIdx.x % LPK == 0) lsum += p;
+                const T *t = reinterpret_cast<const T *>(&vr[r]);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[e] += p * tof(t[e]);
+            }
+            const float l = block_sum(lsum, red);
+#pragma unroll
+            for (int o = LPK; o < 32; o <<= 1)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[e] += __shfl_xor_sync(0xffffffff, acc[e], o);
+            if (lane < LPK)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) ps[warp * HD + col + e] = acc[e];
+            __syncthreads();
+            const int t = threadIdx.x;
+            float v = 0.f;
+            if (t < HD)
+                for (int w = 0; w < NW; ++w) v += ps[w * HD + t];
+            T *o = att + ((size_t)bb * h + hh) * HD;
+            if (nch == 1) {
+                if (t < HD) o[t] = fromf<T>(v * (l > 0.f ? 1.f / l : 0.f));
+            } else {
+                float *pp = part + (size_t)u * (HD + 2);
+                if (t < HD) pp[t] = v;
+                if (t == 0) {
+                    pp[HD] = mx;
+                    pp[HD + 1] = l;
+                }
+                __threadfence();
+                __syncthreads();
+                if (t == 0) last = atomicAdd(cnt + bb * h + hh, 1u) == (unsigned)(nch - 1);
+                __syncthreads();
+                if (last) {
+                    __threadfence();
+                    if (t < HD) {
+                        const float *p0 = part + (size_t)(u - c) * (HD + 2);
+                        float gm = -INFINITY;
+                        for (int cc = 0; cc < nch; ++cc) gm = fmaxf(gm, __ldcg(p0 + cc * (HD + 2) + HD));
+                        float L = 0.f, O = 0.f;
+                        for (int cc = 0; cc < nch; ++cc) {
+                            const float mc = __ldcg(p0 + cc * (HD + 2) + HD);
+                            const float wgt = mc == -INFINITY ? 0.f : __expf(mc - gm);
+                            L += wgt * __ldcg(p0 + cc * (HD + 2) + HD + 1);
+                            O += wgt * __ldcg(p0 + cc * (HD + 2) + t);
+                        }
+                        o[t] = fromf<T>(O * (L > 0.f ? 1.f / L : 0.f));
+                    }
+                    if (t == 0) cnt[bb * h + hh] = 0u;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    grid_sync(bar);
+
+    // C: wo + residual
+    if (prefetch) prefetch_rows(w13, D, F, 1, F);
+    stage(att, M, A, (const T *)nullptr, 0.f, xs, ns, red);
+    gemv<T, MM, 1, 16>(
+        wo, A, D, xs, M, [](int u, int) { return u; },
+        [&](int u, const float *a) {
+            if (lane >= M) return;
+            const size_t o = (size_t)lane * D + u;
+            hm[o] = fromf<T>(tof(__ldcg(x + o)) + rnd<T>(a[0]));
+        });
+    grid_sync(bar);
+
+    // D: RMSNorm, gate/up, SwiGLU
+    if (prefetch) prefetch_rows(w2, F, D, 1, 0);
+    stage(hm, M, D, ffn_norm, eps, xs, ns, red);
+    gemv<T, MM, 2, 8>(
+        w13, D, F, xs, M, [F](int u, int r) { return u + r * F; },
+        [&](int u, const float *a) {
+            if (lane >= M) return;
+            const float g = rnd<T>(a[0]);
+            f[(size_t)lane * F + u] = fromf<T>(rnd<T>(g / (1.f + __expf(-g))) * rnd<T>(a[1]));
+        });
+    grid_sync(bar);
+
+    // E: w2 + residual
+    if (prefetch) prefetch_rows(next_wqkv, D, Q / 2, 2, 0);
+    stage(f, M, F, (const T *)nullptr, 0.f, xs, ns, red);
+    gemv<T, MM, 1, 16>(
+        w2, F, D, xs, M, [](int u, int) { return u; },
+        [&](int u, const float *a) {
+            if (lane >= M) return;
+            const size_t o = (size_t)lane * D + u;
+            out[o] = fromf<T>(tof(__ldcg(hm + o)) + rnd<T>(a[0]));
+        });
+}
+
+}  // namespace
+
+#define LAYER(T, HD, MM, NAME)                                                                  \
+    extern "C" __global__ void __launch_bounds__(NW * 32) NAME(                                  \
+        const T *x, T *out, const T *wqkv, const T *attn_norm, const T *wo, const T *ffn_norm,  \
+        const T *w13, const T *w2, const T *next_wqkv, float eps, const float *rope,            \
+        int rope_rows, T *kv, unsigned long long base, int n_layer, int max_len, int layer,     \
+        int at, int keys, const float *mask, long long mask_b, T *qr, T *att, T *hm, T *f,      \
+        float *part, unsigned *sync, int M, int D, int h, int kvh, int F, int ck,               \
+        int prefetch) {                                                                         \
+        decode_layer<T, HD, MM>(x, out, wqkv, attn_norm, wo, ffn_norm, w13, w2, next_wqkv, eps, \
+                                rope, rope_rows, kv, base, n_layer, max_len, layer, at, keys,   \
+                                mask, mask_b, qr, att, hm, f, part, sync, M, D, h, kvh, F, ck,  \
+                                prefetch);                                                      \
+    }
+#define LAYERS_HD(T, HD, SUF)                                                                   \
+    LAYER(T, HD, 1, decode_layer_##HD##_1_##SUF)                                                \
+    LAYER(T, HD, 2, decode_layer_##HD##_2_##SUF)                                                \
+    LAYER(T, HD, 4, decode_layer_##HD##_4_##SUF)                                                \
+    LAYER(T, HD, 8, decode_layer_##HD##_8_##SUF)
+#define LAYERS(T, SUF)                                                                          \
+    LAYERS_HD(T, 32, SUF)                                                                       \
+    LAYERS_HD(T, 64, SUF)                                                                       \
+    LAYERS_HD(T, 128, SUF)
+LAYERS(__nv_bfloat16, bf16)
+LAYERS(__half, f16)

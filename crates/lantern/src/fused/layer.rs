@@ -1,0 +1,230 @@
+//! One LlamaGen block of a decode step (one new token per batch row) as a single persistent
+//! CUDA kernel (`decode_layer.cu`): RMSNorm + `wqkv` + RoPE + K/V write, attention, `wo` +
+//! residual, RMSNorm + `[w1 | w3]` + SwiGLU, `w2` + residual, separated by grid-wide barriers
+//! instead of seven kernel boundaries. The same numerics as the block's separate fused kernels
+//! (see `decode_layer.cu` for the two places where the order of a sum differs), so the CPU
+//! reference of those kernels is this kernel's reference too. bf16 / f16 on CUDA only;
+//! [`decode_layer_fits`] says when it serves, and `LANTERN_DECODE_LAYER=0` turns it off.
+use candle_core::{CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+
+use super::{CacheLayer, Heads, KeyMask};
+
+/// The weights of one LlamaGen block as the decode-layer kernel reads them.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockWeights<'a> {
+    /// `[(h + 2 kvh) hd, dim]`.
+    pub wqkv: &'a Tensor,
+    /// Attention RMSNorm weight `[dim]`.
+    pub attn_norm: &'a Tensor,
+    /// `[dim, h hd]`.
+    pub wo: &'a Tensor,
+    /// FFN RMSNorm weight `[dim]`.
+    pub ffn_norm: &'a Tensor,
+    /// Gate rows then up rows, `[2 ffn, dim]`.
+    pub w13: &'a Tensor,
+    /// `[dim, ffn]`.
+    pub w2: &'a Tensor,
+    /// Both norms' epsilon.
+    pub eps: f32,
+}
+
+/// Batch rows the kernel serves (one decode token each).
+pub const LAYER_ROWS: usize = 8;
+
+/// Shared memory a decode-layer block may use (its f32 copy of the rows it multiplies).
+pub(super) const LAYER_SHARED: usize = 200 * 1024;
+
+fn env_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LANTERN_DECODE_LAYER").map_or(true, |v| v != "0"))
+}
+
+/// Whether [`decode_layer`] serves a decode step of hidden state `x` (`[b, 1, dim]`) through a
+/// block of `heads` with `ffn` hidden units: CUDA, bf16 or f16, at most [`LAYER_ROWS`] rows,
+/// head size 32, 64 or 128, widths multiples of 8, unless `LANTERN_DECODE_LAYER=0`.
+pub fn decode_layer_fits(x: &Tensor, heads: Heads, ffn: usize) -> bool {
+    let Ok((b, s, dim)) = x.dims3() else {
+        return false;
+    };
+    let a = heads.h * heads.hd;
+    let kmax = dim.max(a).max(ffn);
+    matches!(x.device(), Device::Cuda(_))
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && !x.track_op()
+        && env_enabled()
+        && super::env_enabled()
+        && s == 1
+        && (1..=LAYER_ROWS).contains(&b)
+        && matches!(heads.hd, 32 | 64 | 128)
+        && heads.kvh > 0
+        && heads.h.is_multiple_of(heads.kvh)
+        && [dim, a, ffn].iter().all(|w| w.is_multiple_of(8))
+        && (b.next_power_of_two() * kmax + dim) * 4 <= LAYER_SHARED
+}
+
+/// One decode step through a LlamaGen block in one kernel: writes the new keys and values into
+/// slot `at` of cache layer `layer` of `kv` (`[2, n_layer, b, kvh, max_len, hd]`), attends over
+/// the first `keys` slots under `mask`, and returns the block's output. `rope` holds the packed
+/// RoPE rows (`[1 or b, 1, hd / 2, 2]` f32); `next_wqkv`, the next block's `wqkv`, is asked into
+/// L2 while the last phase runs.
+///
+/// # Shapes
+/// - `x`: `[b, 1, dim]` → `[b, 1, dim]`
+#[allow(clippy::too_many_arguments)]
+pub fn decode_layer(
+    x: &Tensor,
+    weights: &BlockWeights,
+    next_wqkv: Option<&Tensor>,
+    rope: &Tensor,
+    kv: &Tensor,
+    layer: usize,
+    at: usize,
+    keys: usize,
+    mask: &KeyMask,
+    heads: Heads,
+) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    let mask = match mask {
+        KeyMask::None => None,
+        KeyMask::Causal { past } if past + 1 >= keys => None,
+        KeyMask::Causal { past } => candle_core::bail!(
+            "decode layer: a causal mask over {keys} keys from position {past} is not a decode step"
+        ),
+        KeyMask::Additive(m) => {
+            let dims = m.dims();
+            let per_row = match dims {
+                [1, k] if *k == keys => false,
+                [r, 1, 1, k] if *k == keys && (*r == 1 || *r == b) => *r == b && b > 1,
+                _ => candle_core::bail!(
+                    "decode layer: attention mask {dims:?} does not cover one query over {keys} keys"
+                ),
+            };
+            Some((m.to_dtype(DType::F32)?.contiguous()?, per_row))
+        }
+    };
+    let op = DecodeLayer {
+        wqkv: weights.wqkv.contiguous()?,
+        attn_norm: weights.attn_norm.contiguous()?,
+        wo: weights.wo.contiguous()?,
+        ffn_norm: weights.ffn_norm.contiguous()?,
+        w13: weights.w13.contiguous()?,
+        w2: weights.w2.contiguous()?,
+        next_wqkv: next_wqkv.map(|t| t.contiguous()).transpose()?,
+        eps: weights.eps,
+        rope: rope.contiguous()?,
+        kv: kv.clone(),
+        layer,
+        at,
+        keys,
+        mask,
+        heads,
+    };
+    super::aligned(x)?.apply_op1_no_bwd(&op)
+}
+
+/// The decode-layer op; it holds every tensor but the block's input.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) struct DecodeLayer {
+    pub(super) wqkv: Tensor,
+    pub(super) attn_norm: Tensor,
+    pub(super) wo: Tensor,
+    pub(super) ffn_norm: Tensor,
+    pub(super) w13: Tensor,
+    pub(super) w2: Tensor,
+    pub(super) next_wqkv: Option<Tensor>,
+    pub(super) eps: f32,
+    pub(super) rope: Tensor,
+    pub(super) kv: Tensor,
+    pub(super) layer: usize,
+    pub(super) at: usize,
+    pub(super) keys: usize,
+    /// The mask and whether it has one row per batch row.
+    pub(super) mask: Option<(Tensor, bool)>,
+    pub(super) heads: Heads,
+}
+
+/// Sizes of one decode-layer call.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) struct LayerDims {
+    /// Batch rows.
+    pub(super) m: usize,
+    pub(super) dim: usize,
+    pub(super) ffn: usize,
+    pub(super) cache: CacheLayer,
+    pub(super) rope_rows: usize,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl DecodeLayer {
+    /// Checks every tensor's shape against the input `[b, 1, dim]`.
+    pub(super) fn dims(&self, x: &Layout) -> Result<LayerDims> {
+        const OP: &str = "decode layer";
+        let (m, s, dim) = x.shape().dims3()?;
+        let Heads { h, kvh, hd } = self.heads;
+        let ffn = self.w2.dim(1)?;
+        let expect: [(&str, &Tensor, Vec<usize>); 6] = [
+            ("wqkv", &self.wqkv, vec![(h + 2 * kvh) * hd, dim]),
+            ("attention norm", &self.attn_norm, vec![dim]),
+            ("wo", &self.wo, vec![dim, h * hd]),
+            ("ffn norm", &self.ffn_norm, vec![dim]),
+            ("w1|w3", &self.w13, vec![2 * ffn, dim]),
+            ("w2", &self.w2, vec![dim, ffn]),
+        ];
+        for (name, t, want) in &expect {
+            if t.dims() != want.as_slice() {
+                candle_core::bail!(
+                    "{OP}: {name} weight {:?}, expected {want:?} for rows of {dim}",
+                    t.dims()
+                );
+            }
+        }
+        if let Some(n) = &self.next_wqkv {
+            if n.dims() != expect[0].2.as_slice() {
+                candle_core::bail!("{OP}: next wqkv {:?}, expected {:?}", n.dims(), expect[0].2);
+            }
+        }
+        if s != 1 || !(1..=LAYER_ROWS).contains(&m) || self.at >= self.keys {
+            candle_core::bail!(
+                "{OP}: input {:?} with the new token at slot {} of {} keys is not a decode step of at most {LAYER_ROWS} rows",
+                x.dims(),
+                self.at,
+                self.keys
+            );
+        }
+        let cache = CacheLayer::check(OP, self.kv.layout(), self.layer, m, self.heads, self.keys)?;
+        let rope_rows = super::rope_rows(self.rope.dims(), m, 1, hd)?;
+        Ok(LayerDims {
+            m,
+            dim,
+            ffn,
+            cache,
+            rope_rows,
+        })
+    }
+}
+
+impl CustomOp1 for DecodeLayer {
+    fn name(&self) -> &'static str {
+        "lantern-decode-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("decode layer: a CUDA kernel (the CPU takes the block's separate ops)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = self.dims(xl)?;
+        let out = super::cuda_layer::decode_layer(self, &d, x, xl)?;
+        Ok((out, xl.shape().clone()))
+    }
+}
