@@ -20,16 +20,31 @@ fn env_flag(name: &str, default: bool) -> bool {
     std::env::var(name).map_or(default, |v| v == "1")
 }
 
-/// `LANTERN_LAYER_PREFETCH=0`: no L2 requests for the next phase's weights (a bench switch).
+/// `LANTERN_LAYER_PREFETCH=1`: every phase also asks L2 for the next phase's weight rows (a
+/// bench switch; off by default, see docs/BENCHMARKS.md).
 fn prefetch() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_flag("LANTERN_LAYER_PREFETCH", true))
+    *ON.get_or_init(|| env_flag("LANTERN_LAYER_PREFETCH", false))
 }
 
-/// `LANTERN_LAYER_COOP=1`: launch cooperatively (the driver checks that the grid is resident).
+/// Cooperative launches (the driver guarantees that the whole grid is resident, which the
+/// kernel's barriers need, or fails the launch); `LANTERN_LAYER_COOP=0` launches plainly.
 fn cooperative() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_flag("LANTERN_LAYER_COOP", false))
+    *ON.get_or_init(|| env_flag("LANTERN_LAYER_COOP", true))
+}
+
+/// `LANTERN_LAYER_SKIP=mask`: skip the work of phases (bit 0 wqkv, 1 attention, 2 wo, 3 gate/up,
+/// 4 w2; bit 5: also the staging of x and the weight loads ahead of each phase) but keep their
+/// barriers. A timing diagnostic for the kernel bench: the output is wrong.
+fn skip_mask() -> i32 {
+    static M: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *M.get_or_init(|| {
+        std::env::var("LANTERN_LAYER_SKIP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 /// `LANTERN_LAYER_BLOCKS=n`: at most n blocks (a bench switch; default: all that stay resident).
@@ -106,7 +121,9 @@ fn launch<T: CudaDType + DeviceRepr>(
     let name = format!("decode_layer_{hd}_{mm}_{}", suffix(x.dtype())?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let kmax = dim.max(a).max(ffn);
-    let shared = ((mm * kmax + dim) * 4).max(WARPS * hd * 4);
+    // rows of x (and the norm weight) in f32; the attention's partial sums and a group of 16
+    // chunks while they are combined
+    let shared = ((mm * kmax + dim) * 4).max((WARPS * hd + 16 * (hd + 2)) * 4);
     allow_shared(dev, &func, &name, LAYER_SHARED, 100)?;
     let resident = resident_blocks(dev, &func, &name, 32 * WARPS as u32, shared)?;
     let blocks = block_cap().map_or(resident, |c| c.min(resident));
@@ -183,6 +200,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     ]
     .map(|v| v as i32);
     let ints_c = [m, dim, heads.h, heads.kvh, ffn, ck, usize::from(prefetch())].map(|v| v as i32);
+    let skip = skip_mask();
     let stream = dev.cuda_stream();
     let mut b = Launch::new(&func, &stream);
     b.arg(&xs);
@@ -216,6 +234,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     for v in &ints_c {
         b.arg(v);
     }
+    b.arg(&skip);
     let cfg = launch_cfg((blocks as u32, 1, 1), 32 * WARPS as u32, shared);
     // SAFETY: the argument list matches the kernel's signature; every shape was checked by
     // `DecodeLayer::dims`, and the grid is no larger than what stays resident (its barriers

@@ -23,31 +23,42 @@ namespace {
 constexpr int NW = 8;        // warps per block
 constexpr int CK_MAX = 128;  // keys per attention chunk, at most
 
-__device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+__device__ __forceinline__ unsigned long long ld_acquire(const unsigned long long *p) {
+    unsigned long long v;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
     return v;
 }
 
-// Grid-wide barrier (every block resident): bar[0] counts arrivals and is reset by the last
-// block, which then advances the generation bar[1]; both stay valid for the next barrier and
-// the next launch.
-__device__ void grid_sync(unsigned *bar) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const unsigned gen = ld_acquire(bar + 1);
-        __threadfence();
-        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
-            atomicExch(bar, 0u);
-            __threadfence();
-            atomicAdd(bar + 1, 1u);
-        } else {
-            while (ld_acquire(bar + 1) == gen) __nanosleep(32);
-        }
-        __threadfence();
+// Grid-wide barrier (every block resident) on one 64-bit word: generation in the high half,
+// arrivals in the low half. The last block to arrive turns (g, G) into (g + 1, 0) with one
+// atomic, so the word is ready for the next barrier and the next launch; the others wait for
+// the generation to change. Thread 0 of each block keeps the generation it expects in `gen`
+// (read once per launch: it cannot change before every block has arrived). One atomic round
+// trip per block plus the wait, instead of a read, an arrival, a reset and an increment.
+struct GridBarrier {
+    unsigned long long *word;
+    unsigned gen;
+    __device__ void init(unsigned long long *w) {
+        word = w;
+        if (threadIdx.x == 0) gen = (unsigned)(ld_acquire(w) >> 32);
     }
-    __syncthreads();
-}
+    __device__ void sync() {
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            const unsigned long long old = atomicAdd(word, 1ull);
+            if ((unsigned)old == gridDim.x - 1) {
+                atomicAdd(word, (1ull << 32) - gridDim.x);
+            } else {
+                while ((unsigned)(ld_acquire(word) >> 32) == gen) {
+                }
+            }
+            ++gen;
+            __threadfence();
+        }
+        __syncthreads();
+    }
+};
 
 // Asks L2 for `bytes` (a multiple of 16) at p (16-byte aligned).
 __device__ __forceinline__ void prefetch_l2(const void *p, unsigned bytes) {
@@ -76,24 +87,32 @@ __device__ void prefetch_rows(const T *w, int K, int units, int span, int stride
 
 // Rows [M][K] of src (written by other blocks of this launch: loaded through L2) into xs as
 // f32; with norm_w each row RMS-normalised as add_rms_norm does (ns: K floats of scratch).
+// Loads go out four per thread before any is used (the rows come from L2, and a loop that
+// waits for each load would pay its latency per iteration).
 template <typename T>
 __device__ void stage(const T *src, int M, int K, const T *norm_w, float eps, float *xs,
                       float *ns, float *red) {
     constexpr int VEC = 16 / sizeof(T);
     const uint4 *s4 = reinterpret_cast<const uint4 *>(src);
-    for (int i = threadIdx.x; i < M * K / VEC; i += blockDim.x) {
-        const uint4 u = __ldcg(s4 + i);
-        const T *t = reinterpret_cast<const T *>(&u);
+    const uint4 *n4 = reinterpret_cast<const uint4 *>(norm_w);
+    const int nx = M * K / VEC, n = norm_w ? nx + K / VEC : nx;
+    for (int i0 = threadIdx.x; i0 < n; i0 += 4 * blockDim.x) {
+        uint4 u[4];
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) xs[i * VEC + e] = tof(t[e]);
-    }
-    if (norm_w) {
-        const uint4 *n4 = reinterpret_cast<const uint4 *>(norm_w);
-        for (int i = threadIdx.x; i < K / VEC; i += blockDim.x) {
-            const uint4 u = __ldg(n4 + i);
-            const T *t = reinterpret_cast<const T *>(&u);
+        for (int r = 0; r < 4; ++r) {
+            const int i = i0 + r * blockDim.x;
+            if (i < nx) u[r] = __ldcg(s4 + i);
+            else if (i < n) u[r] = __ldg(n4 + (i - nx));
+        }
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) ns[i * VEC + e] = tof(t[e]);
+        for (int r = 0; r < 4; ++r) {
+            const int i = i0 + r * blockDim.x;
+            if (i < n) {
+                const T *t = reinterpret_cast<const T *>(&u[r]);
+                float *d = i < nx ? xs + i * VEC : ns + (i - nx) * VEC;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) d[e] = tof(t[e]);
+            }
         }
     }
     __syncthreads();
@@ -110,35 +129,46 @@ __device__ void stage(const T *src, int M, int K, const T *norm_w, float eps, fl
     }
 }
 
+// Slab c0 (SLAB 16-byte loads per lane: chunks c0 + 32 c + lane) of unit u's R weight rows.
+template <typename T, int R, int SLAB, typename RowOf>
+__device__ __forceinline__ void load_slab(uint4 (&wv)[R][SLAB], const T *w, int K, int u, int c0,
+                                          RowOf row_of) {
+    constexpr int VEC = 16 / sizeof(T);
+    const int lane = threadIdx.x & 31, nch = K / VEC;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row_of(u, r) * K);
+#pragma unroll
+        for (int c = 0; c < SLAB; ++c) {
+            const int ch = c0 + c * 32 + lane;
+            wv[r][c] = ch < nch ? __ldg(wr + ch) : make_uint4(0, 0, 0, 0);
+        }
+    }
+}
+
+// This warp's first unit of a phase (its global warp index).
+__device__ __forceinline__ int first_unit() { return blockIdx.x * NW + (threadIdx.x >> 5); }
+
 // Few-row matrix-vector products: warp units u = global warp, + all warps, ...; unit u reads
 // R weight rows (row_of(u, r)) of K elements in slabs of SLAB 16-byte loads per lane and
 // hands epi(u, lane's value of row r for batch row `lane`) to every lane after the reduction.
-// A lane sums chunks lane, lane + 32, ... in order, like small_linear.
+// wv arrives holding slab 0 of the first unit (load_slab, issued before the barrier and the
+// staging of x so that their latencies overlap); slab 0 of the next unit is loaded before the
+// current one's reduction. A lane sums chunks lane, lane + 32, ... in order, like small_linear.
 template <typename T, int MM, int R, int SLAB, typename RowOf, typename Epi>
-__device__ void gemv(const T *w, int K, int units, const float *xs, int M, RowOf row_of,
-                     Epi epi) {
+__device__ void gemv(uint4 (&wv)[R][SLAB], const T *w, int K, int units, const float *xs, int M,
+                     RowOf row_of, Epi epi) {
     constexpr int VEC = 16 / sizeof(T);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int lane = threadIdx.x & 31;
     const int nch = K / VEC;
-    for (int u = blockIdx.x * NW + warp; u < units; u += gridDim.x * NW) {
-        const uint4 *wr[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-            wr[r] = reinterpret_cast<const uint4 *>(w + (size_t)row_of(u, r) * K);
+    for (int u = first_unit(); u < units; u += gridDim.x * NW) {
         float acc[R][MM];
 #pragma unroll
         for (int r = 0; r < R; ++r)
 #pragma unroll
             for (int m = 0; m < MM; ++m) acc[r][m] = 0.f;
         for (int c0 = 0; c0 < nch; c0 += 32 * SLAB) {
-            uint4 wv[R][SLAB];
-#pragma unroll
-            for (int c = 0; c < SLAB; ++c) {
-                const int ch = c0 + c * 32 + lane;
-#pragma unroll
-                for (int r = 0; r < R; ++r)
-                    wv[r][c] = ch < nch ? __ldg(wr[r] + ch) : make_uint4(0, 0, 0, 0);
-            }
+            if (c0 > 0) load_slab(wv, w, K, u, c0, row_of);
 #pragma unroll
             for (int c = 0; c < SLAB; ++c) {
                 const int ch = c0 + c * 32 + lane;
@@ -164,6 +194,8 @@ __device__ void gemv(const T *w, int K, int units, const float *xs, int M, RowOf
                 }
             }
         }
+        const int next = u + gridDim.x * NW;
+        if (next < units) load_slab(wv, w, K, next, 0, row_of);
         float mine[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -186,7 +218,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
                              T *kv, size_t base, int n_layer, int max_len, int layer, int at,
                              int keys, const float *mask, long long mask_b, T *qr, T *att,
                              T *hm, T *f, float *part, unsigned *sync, int M, int D, int h,
-                             int kvh, int F, int ck, int prefetch) {
+                             int kvh, int F, int ck, int prefetch, int skip) {
     extern __shared__ float sm[];
     __shared__ float red[32];
     __shared__ int last;
@@ -194,18 +226,31 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     const int A = h * HD, Q = (h + 2 * kvh) * HD, pairs = HD / 2;
     const int kmax = max(max(D, A), F);
     float *xs = sm, *ns = sm + MM * kmax;
-    unsigned *bar = sync, *cnt = sync + 2;
+    unsigned *cnt = sync + 2;  // sync[0..2]: the barrier word
+    GridBarrier bar;
     const int lane = threadIdx.x & 31;
     const size_t plane = cache_plane(n_layer, M, kvh, max_len, HD);
+    const int fu = first_unit();
+    auto row_a = [](int u, int r) { return 2 * u + r; };
+    auto row_1 = [](int u, int) { return u; };
+    auto row_d = [F](int u, int r) { return u + r * F; };
     pdl_trigger();
-    // weights do not depend on the previous kernel
+    // weights do not depend on the previous kernel: the first slab of wqkv goes out now
+    uint4 wa[2][8];
+    if (fu < Q / 2 && !(skip & 32)) load_slab(wa, wqkv, D, fu, 0, row_a);
     if (prefetch) prefetch_rows(wo, A, D, 1, 0);
     pdl_wait();
+    bar.init(reinterpret_cast<unsigned long long *>(sync));
 
+    // Each phase's first weight slab is requested one phase ahead (registers: the current
+    // phase's slab plus the next one's fit 128 per thread), so that its DRAM time overlaps the
+    // phase before, the barrier and the staging of x.
+    uint4 wc[1][8], wd[2][8], we[1][8];
+    if (fu < D && !(skip & 32)) load_slab(wc, wo, A, fu, 0, row_1);
     // A: queries, keys, values
-    stage(x, M, D, attn_norm, eps, xs, ns, red);
-    gemv<T, MM, 2, 8>(
-        wqkv, D, Q / 2, xs, M, [](int u, int r) { return 2 * u + r; },
+    if (!(skip & 32)) stage(x, M, D, attn_norm, eps, xs, ns, red);
+    if (!(skip & 1)) gemv<T, MM, 2, 8>(
+        wa, wqkv, D, Q / 2, xs, M, row_a,
         [&](int u, const float *a) {
             if (lane >= M) return;
             const int n = 2 * u, m = lane;
@@ -230,7 +275,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
                 kv[o + 1] = fromf<T>(a1);
             }
         });
-    grid_sync(bar);
+    bar.sync();
 
     // B: attention; unit (bb, hh, chunk), chunks of one head consecutive
     {
@@ -240,7 +285,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
         const int warp = threadIdx.x >> 5;
         const float scale = rsqrtf((float)HD);
         float *ps = sm;  // [NW][HD]
-        for (int u = blockIdx.x; u < units; u += gridDim.x) {
+        for (int u = (skip & 2) ? units : blockIdx.x; u < units; u += gridDim.x) {
             const int c = u % nch, hh = (u / nch) % h, bb = u / (nch * h);
             const int kh = hh / (h / kvh), j0 = c * ck, j1 = min(keys, j0 + ck);
             const uint4 qu = __ldcg(reinterpret_cast<const uint4 *>(qr + ((size_t)bb * h + hh) * HD + col));
@@ -314,57 +359,92 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
                 if (t == 0) last = atomicAdd(cnt + bb * h + hh, 1u) == (unsigned)(nch - 1);
                 __syncthreads();
                 if (last) {
+                    // the head's chunks, CG at a time through shared memory (one L2 round
+                    // trip per group), merged with a running maximum
                     __threadfence();
-                    if (t < HD) {
-                        const float *p0 = part + (size_t)(u - c) * (HD + 2);
-                        float gm = -INFINITY;
-                        for (int cc = 0; cc < nch; ++cc) gm = fmaxf(gm, __ldcg(p0 + cc * (HD + 2) + HD));
-                        float L = 0.f, O = 0.f;
-                        for (int cc = 0; cc < nch; ++cc) {
-                            const float mc = __ldcg(p0 + cc * (HD + 2) + HD);
-                            const float wgt = mc == -INFINITY ? 0.f : __expf(mc - gm);
-                            L += wgt * __ldcg(p0 + cc * (HD + 2) + HD + 1);
-                            O += wgt * __ldcg(p0 + cc * (HD + 2) + t);
+                    constexpr int CG = 16;
+                    float *cs = ps + NW * HD;  // [CG][HD + 2]
+                    float gm = -INFINITY, L = 0.f, O = 0.f;
+                    for (int g0 = 0; g0 < nch; g0 += CG) {
+                        const float *p0 = part + (size_t)(u - c + g0) * (HD + 2);
+                        const int n = min(CG, nch - g0) * (HD + 2);
+                        for (int i0 = t; i0 < n; i0 += 4 * blockDim.x) {
+                            float v4[4];
+#pragma unroll
+                            for (int r = 0; r < 4; ++r) {
+                                const int i = i0 + r * blockDim.x;
+                                v4[r] = i < n ? __ldcg(p0 + i) : 0.f;
+                            }
+#pragma unroll
+                            for (int r = 0; r < 4; ++r)
+                                if (i0 + r * blockDim.x < n) cs[i0 + r * blockDim.x] = v4[r];
                         }
-                        o[t] = fromf<T>(O * (L > 0.f ? 1.f / L : 0.f));
+                        __syncthreads();
+                        if (t < HD) {
+                            const int ng = min(CG, nch - g0);
+                            float gmx = gm;
+                            for (int cc = 0; cc < ng; ++cc) gmx = fmaxf(gmx, cs[cc * (HD + 2) + HD]);
+                            if (gmx != -INFINITY) {
+                                const float k = gm == -INFINITY ? 0.f : __expf(gm - gmx);
+                                L *= k;
+                                O *= k;
+                                for (int cc = 0; cc < ng; ++cc) {
+                                    const float mc = cs[cc * (HD + 2) + HD];
+                                    const float wgt = mc == -INFINITY ? 0.f : __expf(mc - gmx);
+                                    L += wgt * cs[cc * (HD + 2) + HD + 1];
+                                    O += wgt * cs[cc * (HD + 2) + t];
+                                }
+                                gm = gmx;
+                            }
+                        }
+                        __syncthreads();
                     }
+                    if (t < HD) o[t] = fromf<T>(O * (L > 0.f ? 1.f / L : 0.f));
                     if (t == 0) cnt[bb * h + hh] = 0u;
                 }
             }
             __syncthreads();
         }
     }
-    grid_sync(bar);
+    bar.sync();
 
-    // C: wo + residual
+    // C: wo + residual (gate/up's first slab requested)
+    if (fu < F && !(skip & 32)) load_slab(wd, w13, D, fu, 0, row_d);
     if (prefetch) prefetch_rows(w13, D, F, 1, F);
-    stage(att, M, A, (const T *)nullptr, 0.f, xs, ns, red);
-    gemv<T, MM, 1, 16>(
-        wo, A, D, xs, M, [](int u, int) { return u; },
+    if (!(skip & 32)) stage(att, M, A, (const T *)nullptr, 0.f, xs, ns, red);
+    if (!(skip & 4)) gemv<T, MM, 1, 8>(
+        wc, wo, A, D, xs, M, row_1,
         [&](int u, const float *a) {
             if (lane >= M) return;
             const size_t o = (size_t)lane * D + u;
             hm[o] = fromf<T>(tof(__ldcg(x + o)) + rnd<T>(a[0]));
         });
-    grid_sync(bar);
+    bar.sync();
 
-    // D: RMSNorm, gate/up, SwiGLU
+    // D: RMSNorm, gate/up, SwiGLU (w2's first slab requested, the rest of its row asked
+    // into L2)
+    if (fu < D && !(skip & 32)) {
+        load_slab(we, w2, F, fu, 0, row_1);
+        constexpr int SLAB_ELEMS = 32 * 8 * VEC;
+        if (F > SLAB_ELEMS && lane == 0)
+            prefetch_l2(w2 + (size_t)fu * F + SLAB_ELEMS, (unsigned)((F - SLAB_ELEMS) * sizeof(T)));
+    }
     if (prefetch) prefetch_rows(w2, F, D, 1, 0);
-    stage(hm, M, D, ffn_norm, eps, xs, ns, red);
-    gemv<T, MM, 2, 8>(
-        w13, D, F, xs, M, [F](int u, int r) { return u + r * F; },
+    if (!(skip & 32)) stage(hm, M, D, ffn_norm, eps, xs, ns, red);
+    if (!(skip & 8)) gemv<T, MM, 2, 8>(
+        wd, w13, D, F, xs, M, row_d,
         [&](int u, const float *a) {
             if (lane >= M) return;
             const float g = rnd<T>(a[0]);
             f[(size_t)lane * F + u] = fromf<T>(rnd<T>(g / (1.f + __expf(-g))) * rnd<T>(a[1]));
         });
-    grid_sync(bar);
+    bar.sync();
 
     // E: w2 + residual
     if (prefetch) prefetch_rows(next_wqkv, D, Q / 2, 2, 0);
-    stage(f, M, F, (const T *)nullptr, 0.f, xs, ns, red);
-    gemv<T, MM, 1, 16>(
-        w2, F, D, xs, M, [](int u, int) { return u; },
+    if (!(skip & 32)) stage(f, M, F, (const T *)nullptr, 0.f, xs, ns, red);
+    if (!(skip & 16)) gemv<T, MM, 1, 8>(
+        we, w2, F, D, xs, M, row_1,
         [&](int u, const float *a) {
             if (lane >= M) return;
             const size_t o = (size_t)lane * D + u;
@@ -381,11 +461,11 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
         int rope_rows, T *kv, unsigned long long base, int n_layer, int max_len, int layer,     \
         int at, int keys, const float *mask, long long mask_b, T *qr, T *att, T *hm, T *f,      \
         float *part, unsigned *sync, int M, int D, int h, int kvh, int F, int ck,               \
-        int prefetch) {                                                                         \
+        int prefetch, int skip) {                                                               \
         decode_layer<T, HD, MM>(x, out, wqkv, attn_norm, wo, ffn_norm, w13, w2, next_wqkv, eps, \
                                 rope, rope_rows, kv, base, n_layer, max_len, layer, at, keys,   \
                                 mask, mask_b, qr, att, hm, f, part, sync, M, D, h, kvh, F, ck,  \
-                                prefetch);                                                      \
+                                prefetch, skip);                                                \
     }
 #define LAYERS_HD(T, HD, SUF)                                                                   \
     LAYER(T, HD, 1, decode_layer_##HD##_1_##SUF)                                                \
