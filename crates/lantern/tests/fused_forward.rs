@@ -447,7 +447,6 @@ fn cuda_decode_layer_matches_separate_ops() -> Result<()> {
         let got = decode_layer(
             &x_g,
             &weights,
-            Some(&wqkv_g),
             &g(&rope)?,
             &kv_got,
             layer,

@@ -20,11 +20,11 @@ fn env_flag(name: &str, default: bool) -> bool {
     std::env::var(name).map_or(default, |v| v == "1")
 }
 
-/// `LANTERN_LAYER_PREFETCH=1`: every phase also asks L2 for the next phase's weight rows (a
-/// bench switch; off by default, see docs/BENCHMARKS.md).
-fn prefetch() -> bool {
+/// `LANTERN_LAYER_AHEAD=1`: each phase's first weight slab is requested one phase earlier
+/// than the barrier in front of it (a bench switch; off by default, see docs/BENCHMARKS.md).
+fn ahead() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_flag("LANTERN_LAYER_PREFETCH", false))
+    *ON.get_or_init(|| env_flag("LANTERN_LAYER_AHEAD", false))
 }
 
 /// Cooperative launches (the driver guarantees that the whole grid is resident, which the
@@ -121,9 +121,9 @@ fn launch<T: CudaDType + DeviceRepr>(
     let name = format!("decode_layer_{hd}_{mm}_{}", suffix(x.dtype())?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let kmax = dim.max(a).max(ffn);
-    // rows of x (and the norm weight) in f32; the attention's partial sums and a group of 16
-    // chunks while they are combined
-    let shared = ((mm * kmax + dim) * 4).max((WARPS * hd + 16 * (hd + 2)) * 4);
+    // rows of x and the norm weight in the model dtype; the attention's partial sums and a
+    // group of 16 chunks (f32) while they are combined
+    let shared = ((mm * kmax + dim) * std::mem::size_of::<T>()).max((WARPS * hd + 16 * (hd + 2)) * 4);
     allow_shared(dev, &func, &name, LAYER_SHARED, 100)?;
     let resident = resident_blocks(dev, &func, &name, 32 * WARPS as u32, shared)?;
     let blocks = block_cap().map_or(resident, |c| c.min(resident));
@@ -140,7 +140,6 @@ fn launch<T: CudaDType + DeviceRepr>(
         &op.w2,
     ];
     let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let next_g = op.next_wqkv.as_ref().map(|t| t.storage_and_layout());
     let (rope_g, rope_l) = op.rope.storage_and_layout();
     let (kv_g, kv_l) = op.kv.storage_and_layout();
     let mask_g = op.mask.as_ref().map(|(t, _)| t.storage_and_layout());
@@ -150,10 +149,6 @@ fn launch<T: CudaDType + DeviceRepr>(
         .zip(names)
         .map(|((g, l), n)| view::<T>(g, l, n))
         .collect::<Result<Vec<_>>>()?;
-    let next = match &next_g {
-        Some((g, l)) => Some(view::<T>(g, l, "next wqkv")?),
-        None => None,
-    };
     let (ra, rb) = offsets(rope_l)?;
     let rope = held::<f32>(&rope_g, "the RoPE table")?.slice(ra..rb);
     let kv = held::<T>(&kv_g, "the KV cache")?;
@@ -199,7 +194,7 @@ fn launch<T: CudaDType + DeviceRepr>(
         op.keys,
     ]
     .map(|v| v as i32);
-    let ints_c = [m, dim, heads.h, heads.kvh, ffn, ck, usize::from(prefetch())].map(|v| v as i32);
+    let ints_c = [m, dim, heads.h, heads.kvh, ffn, ck, usize::from(ahead())].map(|v| v as i32);
     let skip = skip_mask();
     let stream = dev.cuda_stream();
     let mut b = Launch::new(&func, &stream);
@@ -208,10 +203,6 @@ fn launch<T: CudaDType + DeviceRepr>(
     for v in &w {
         b.arg(v);
     }
-    match &next {
-        Some(v) => b.arg(v),
-        None => b.arg(&null),
-    };
     b.arg(&eps);
     b.arg(&rope);
     b.arg(&rope_rows);

@@ -60,41 +60,18 @@ struct GridBarrier {
     }
 };
 
-// Asks L2 for `bytes` (a multiple of 16) at p (16-byte aligned).
-__device__ __forceinline__ void prefetch_l2(const void *p, unsigned bytes) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-
-// This warp's units of a phase (unit u covers `span` consecutive rows from row u * span, or
-// rows u and u + stride when stride > 0): lane i asks L2 for the rows of the warp's i-th unit.
+// Rows [M][K] of src (written by other blocks of this launch: loaded through L2) into xs in
+// the model dtype; with norm_w each row RMS-normalised as add_rms_norm does (its result is
+// rounded to T, so T holds it exactly; ns: K elements of scratch). Loads go out four per
+// thread before any is used (a loop that waited for each would pay L2's latency per step).
 template <typename T>
-__device__ void prefetch_rows(const T *w, int K, int units, int span, int stride) {
-    if (!w) return;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int tw = gridDim.x * NW;
-    for (int u = blockIdx.x * NW + warp + lane * tw; u < units; u += 32 * tw) {
-        const unsigned bytes = (unsigned)(span * K * sizeof(T));
-        if (stride > 0) {
-            prefetch_l2(w + (size_t)u * K, bytes);
-            prefetch_l2(w + (size_t)(u + stride) * K, bytes);
-        } else {
-            prefetch_l2(w + (size_t)u * span * K, bytes);
-        }
-    }
-}
-
-// Rows [M][K] of src (written by other blocks of this launch: loaded through L2) into xs as
-// f32; with norm_w each row RMS-normalised as add_rms_norm does (ns: K floats of scratch).
-// Loads go out four per thread before any is used (the rows come from L2, and a loop that
-// waits for each load would pay its latency per iteration).
-template <typename T>
-__device__ void stage(const T *src, int M, int K, const T *norm_w, float eps, float *xs,
-                      float *ns, float *red) {
+__device__ void stage(const T *src, int M, int K, const T *norm_w, float eps, T *xs, T *ns,
+                      float *red) {
     constexpr int VEC = 16 / sizeof(T);
     const uint4 *s4 = reinterpret_cast<const uint4 *>(src);
     const uint4 *n4 = reinterpret_cast<const uint4 *>(norm_w);
+    uint4 *x4 = reinterpret_cast<uint4 *>(xs);
+    uint4 *w4 = reinterpret_cast<uint4 *>(ns);
     const int nx = M * K / VEC, n = norm_w ? nx + K / VEC : nx;
     for (int i0 = threadIdx.x; i0 < n; i0 += 4 * blockDim.x) {
         uint4 u[4];
@@ -107,23 +84,22 @@ __device__ void stage(const T *src, int M, int K, const T *norm_w, float eps, fl
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int i = i0 + r * blockDim.x;
-            if (i < n) {
-                const T *t = reinterpret_cast<const T *>(&u[r]);
-                float *d = i < nx ? xs + i * VEC : ns + (i - nx) * VEC;
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) d[e] = tof(t[e]);
-            }
+            if (i < nx) x4[i] = u[r];
+            else if (i < n) w4[i - nx] = u[r];
         }
     }
     __syncthreads();
     if (norm_w) {
         for (int m = 0; m < M; ++m) {
             float ss = 0.f;
-            for (int k = threadIdx.x; k < K; k += blockDim.x) ss += xs[m * K + k] * xs[m * K + k];
+            for (int k = threadIdx.x; k < K; k += blockDim.x) {
+                const float v = tof(xs[m * K + k]);
+                ss += v * v;
+            }
             ss = block_sum(ss, red);
             const float inv = rsqrtf(ss / K + eps);
             for (int k = threadIdx.x; k < K; k += blockDim.x)
-                xs[m * K + k] = rnd<T>(rnd<T>(xs[m * K + k] * inv) * ns[k]);
+                xs[m * K + k] = fromf<T>(rnd<T>(tof(xs[m * K + k]) * inv) * tof(ns[k]));
         }
         __syncthreads();
     }
@@ -156,7 +132,7 @@ __device__ __forceinline__ int first_unit() { return blockIdx.x * NW + (threadId
 // staging of x so that their latencies overlap); slab 0 of the next unit is loaded before the
 // current one's reduction. A lane sums chunks lane, lane + 32, ... in order, like small_linear.
 template <typename T, int MM, int R, int SLAB, typename RowOf, typename Epi>
-__device__ void gemv(uint4 (&wv)[R][SLAB], const T *w, int K, int units, const float *xs, int M,
+__device__ void gemv(uint4 (&wv)[R][SLAB], const T *w, int K, int units, const T *xs, int M,
                      RowOf row_of, Epi epi) {
     constexpr int VEC = 16 / sizeof(T);
     const int lane = threadIdx.x & 31;
@@ -176,19 +152,16 @@ __device__ void gemv(uint4 (&wv)[R][SLAB], const T *w, int K, int units, const f
 #pragma unroll
                     for (int m = 0; m < MM; ++m) {
                         if (m < M) {
-                            float xv[VEC];
-                            const float4 *xf = reinterpret_cast<const float4 *>(xs + m * K + ch * VEC);
+                            // the lane's 8 elements of x: one conflict-free 16-byte read
+                            const uint4 xu = *reinterpret_cast<const uint4 *>(xs + m * K + ch * VEC);
+                            const T *xt = reinterpret_cast<const T *>(&xu);
 #pragma unroll
-                            for (int q = 0; q < VEC / 4; ++q) {
-                                const float4 f = xf[q];
-                                xv[4 * q] = f.x; xv[4 * q + 1] = f.y;
-                                xv[4 * q + 2] = f.z; xv[4 * q + 3] = f.w;
-                            }
-#pragma unroll
-                            for (int e = 0; e < VEC; ++e)
+                            for (int e = 0; e < VEC; ++e) {
+                                const float xv = tof(xt[e]);
 #pragma unroll
                                 for (int r = 0; r < R; ++r)
-                                    acc[r][m] += xv[e] * tof(reinterpret_cast<const T *>(&wv[r][c])[e]);
+                                    acc[r][m] += xv * tof(reinterpret_cast<const T *>(&wv[r][c])[e]);
+                            }
                         }
                     }
                 }
@@ -211,21 +184,22 @@ __device__ void gemv(uint4 (&wv)[R][SLAB], const T *w, int K, int units, const f
     }
 }
 
-template <typename T, int HD, int MM>
+template <typename T, int HD, int MM, int SE>
 __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_norm,
                              const T *wo, const T *ffn_norm, const T *w13, const T *w2,
-                             const T *next_wqkv, float eps, const float *rope, int rope_rows,
+                             float eps, const float *rope, int rope_rows,
                              T *kv, size_t base, int n_layer, int max_len, int layer, int at,
                              int keys, const float *mask, long long mask_b, T *qr, T *att,
                              T *hm, T *f, float *part, unsigned *sync, int M, int D, int h,
-                             int kvh, int F, int ck, int prefetch, int skip) {
-    extern __shared__ float sm[];
+                             int kvh, int F, int ck, int ahead, int skip) {
+    extern __shared__ __align__(16) unsigned char smraw[];
+    float *sm = reinterpret_cast<float *>(smraw);
     __shared__ float red[32];
     __shared__ int last;
     constexpr int VEC = 16 / sizeof(T);
     const int A = h * HD, Q = (h + 2 * kvh) * HD, pairs = HD / 2;
     const int kmax = max(max(D, A), F);
-    float *xs = sm, *ns = sm + MM * kmax;
+    T *xs = reinterpret_cast<T *>(smraw), *ns = xs + MM * kmax;
     unsigned *cnt = sync + 2;  // sync[0..2]: the barrier word
     GridBarrier bar;
     const int lane = threadIdx.x & 31;
@@ -238,17 +212,18 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     // weights do not depend on the previous kernel: the first slab of wqkv goes out now
     uint4 wa[2][8];
     if (fu < Q / 2 && !(skip & 32)) load_slab(wa, wqkv, D, fu, 0, row_a);
-    if (prefetch) prefetch_rows(wo, A, D, 1, 0);
     pdl_wait();
     bar.init(reinterpret_cast<unsigned long long *>(sync));
 
-    // Each phase's first weight slab is requested one phase ahead (registers: the current
-    // phase's slab plus the next one's fit 128 per thread), so that its DRAM time overlaps the
-    // phase before, the barrier and the staging of x.
-    uint4 wc[1][8], wd[2][8], we[1][8];
-    if (fu < D && !(skip & 32)) load_slab(wc, wo, A, fu, 0, row_1);
+    // Each phase's first weight slab goes out before the barrier in front of the phase (its
+    // DRAM time overlaps the barrier and the staging of x) or, with `ahead`, one phase earlier
+    // (registers: the current phase's slab plus the next one's fit 128 per thread).
+    uint4 wc[1][8], wd[2][8], we[1][SE];
+    const bool loads = !(skip & 32);
+    static_assert(SE == 8 || SE == 16, "w2 slab");
+    if (ahead && fu < D && loads) load_slab(wc, wo, A, fu, 0, row_1);
     // A: queries, keys, values
-    if (!(skip & 32)) stage(x, M, D, attn_norm, eps, xs, ns, red);
+    if (loads) stage(x, M, D, attn_norm, eps, xs, ns, red);
     if (!(skip & 1)) gemv<T, MM, 2, 8>(
         wa, wqkv, D, Q / 2, xs, M, row_a,
         [&](int u, const float *a) {
@@ -275,6 +250,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
                 kv[o + 1] = fromf<T>(a1);
             }
         });
+    if (!ahead && fu < D && loads) load_slab(wc, wo, A, fu, 0, row_1);
     bar.sync();
 
     // B: attention; unit (bb, hh, chunk), chunks of one head consecutive
@@ -408,10 +384,9 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     }
     bar.sync();
 
-    // C: wo + residual (gate/up's first slab requested)
-    if (fu < F && !(skip & 32)) load_slab(wd, w13, D, fu, 0, row_d);
-    if (prefetch) prefetch_rows(w13, D, F, 1, F);
-    if (!(skip & 32)) stage(att, M, A, (const T *)nullptr, 0.f, xs, ns, red);
+    // C: wo + residual
+    if (ahead && fu < F && loads) load_slab(wd, w13, D, fu, 0, row_d);
+    if (loads) stage(att, M, A, (const T *)nullptr, 0.f, xs, ns, red);
     if (!(skip & 4)) gemv<T, MM, 1, 8>(
         wc, wo, A, D, xs, M, row_1,
         [&](int u, const float *a) {
@@ -419,18 +394,12 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
             const size_t o = (size_t)lane * D + u;
             hm[o] = fromf<T>(tof(__ldcg(x + o)) + rnd<T>(a[0]));
         });
+    if (!ahead && fu < F && loads) load_slab(wd, w13, D, fu, 0, row_d);
     bar.sync();
 
-    // D: RMSNorm, gate/up, SwiGLU (w2's first slab requested, the rest of its row asked
-    // into L2)
-    if (fu < D && !(skip & 32)) {
-        load_slab(we, w2, F, fu, 0, row_1);
-        constexpr int SLAB_ELEMS = 32 * 8 * VEC;
-        if (F > SLAB_ELEMS && lane == 0)
-            prefetch_l2(w2 + (size_t)fu * F + SLAB_ELEMS, (unsigned)((F - SLAB_ELEMS) * sizeof(T)));
-    }
-    if (prefetch) prefetch_rows(w2, F, D, 1, 0);
-    if (!(skip & 32)) stage(hm, M, D, ffn_norm, eps, xs, ns, red);
+    // D: RMSNorm, gate/up, SwiGLU
+    if (ahead && fu < D && loads) load_slab(we, w2, F, fu, 0, row_1);
+    if (loads) stage(hm, M, D, ffn_norm, eps, xs, ns, red);
     if (!(skip & 8)) gemv<T, MM, 2, 8>(
         wd, w13, D, F, xs, M, row_d,
         [&](int u, const float *a) {
@@ -438,12 +407,12 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
             const float g = rnd<T>(a[0]);
             f[(size_t)lane * F + u] = fromf<T>(rnd<T>(g / (1.f + __expf(-g))) * rnd<T>(a[1]));
         });
+    if (!ahead && fu < D && loads) load_slab(we, w2, F, fu, 0, row_1);
     bar.sync();
 
     // E: w2 + residual
-    if (prefetch) prefetch_rows(next_wqkv, D, Q / 2, 2, 0);
-    if (!(skip & 32)) stage(f, M, F, (const T *)nullptr, 0.f, xs, ns, red);
-    if (!(skip & 16)) gemv<T, MM, 1, 8>(
+    if (loads) stage(f, M, F, (const T *)nullptr, 0.f, xs, ns, red);
+    if (!(skip & 16)) gemv<T, MM, 1, SE>(
         we, w2, F, D, xs, M, row_1,
         [&](int u, const float *a) {
             if (lane >= M) return;
@@ -457,15 +426,14 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
 #define LAYER(T, HD, MM, NAME)                                                                  \
     extern "C" __global__ void __launch_bounds__(NW * 32) NAME(                                  \
         const T *x, T *out, const T *wqkv, const T *attn_norm, const T *wo, const T *ffn_norm,  \
-        const T *w13, const T *w2, const T *next_wqkv, float eps, const float *rope,            \
-        int rope_rows, T *kv, unsigned long long base, int n_layer, int max_len, int layer,     \
-        int at, int keys, const float *mask, long long mask_b, T *qr, T *att, T *hm, T *f,      \
-        float *part, unsigned *sync, int M, int D, int h, int kvh, int F, int ck,               \
-        int prefetch, int skip) {                                                               \
-        decode_layer<T, HD, MM>(x, out, wqkv, attn_norm, wo, ffn_norm, w13, w2, next_wqkv, eps, \
-                                rope, rope_rows, kv, base, n_layer, max_len, layer, at, keys,   \
-                                mask, mask_b, qr, att, hm, f, part, sync, M, D, h, kvh, F, ck,  \
-                                prefetch, skip);                                                \
+        const T *w13, const T *w2, float eps, const float *rope, int rope_rows, T *kv,          \
+        unsigned long long base, int n_layer, int max_len, int layer, int at, int keys,         \
+        const float *mask, long long mask_b, T *qr, T *att, T *hm, T *f, float *part,           \
+        unsigned *sync, int M, int D, int h, int kvh, int F, int ck, int ahead, int skip) {     \
+        decode_layer<T, HD, MM, (MM <= 2 ? 16 : 8)>(                                            \
+            x, out, wqkv, attn_norm, wo, ffn_norm, w13, w2, eps, rope, rope_rows, kv, base,     \
+            n_layer, max_len, layer, at, keys, mask, mask_b, qr, att, hm, f, part, sync, M, D,  \
+            h, kvh, F, ck, ahead, skip);                                                        \
     }
 #define LAYERS_HD(T, HD, SUF)                                                                   \
     LAYER(T, HD, 1, decode_layer_##HD##_1_##SUF)                                                \

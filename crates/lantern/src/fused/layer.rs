@@ -59,14 +59,13 @@ pub fn decode_layer_fits(x: &Tensor, heads: Heads, ffn: usize) -> bool {
         && heads.kvh > 0
         && heads.h.is_multiple_of(heads.kvh)
         && [dim, a, ffn].iter().all(|w| w.is_multiple_of(8))
-        && (b.next_power_of_two() * kmax + dim) * 4 <= LAYER_SHARED
+        && (b.next_power_of_two() * kmax + dim) * 2 <= LAYER_SHARED
 }
 
 /// One decode step through a LlamaGen block in one kernel: writes the new keys and values into
 /// slot `at` of cache layer `layer` of `kv` (`[2, n_layer, b, kvh, max_len, hd]`), attends over
 /// the first `keys` slots under `mask`, and returns the block's output. `rope` holds the packed
-/// RoPE rows (`[1 or b, 1, hd / 2, 2]` f32); `next_wqkv`, the next block's `wqkv`, is asked into
-/// L2 while the last phase runs.
+/// RoPE rows (`[1 or b, 1, hd / 2, 2]` f32).
 ///
 /// # Shapes
 /// - `x`: `[b, 1, dim]` → `[b, 1, dim]`
@@ -74,7 +73,6 @@ pub fn decode_layer_fits(x: &Tensor, heads: Heads, ffn: usize) -> bool {
 pub fn decode_layer(
     x: &Tensor,
     weights: &BlockWeights,
-    next_wqkv: Option<&Tensor>,
     rope: &Tensor,
     kv: &Tensor,
     layer: usize,
@@ -109,7 +107,6 @@ pub fn decode_layer(
         ffn_norm: weights.ffn_norm.contiguous()?,
         w13: weights.w13.contiguous()?,
         w2: weights.w2.contiguous()?,
-        next_wqkv: next_wqkv.map(|t| t.contiguous()).transpose()?,
         eps: weights.eps,
         rope: rope.contiguous()?,
         kv: kv.clone(),
@@ -131,7 +128,6 @@ pub(super) struct DecodeLayer {
     pub(super) ffn_norm: Tensor,
     pub(super) w13: Tensor,
     pub(super) w2: Tensor,
-    pub(super) next_wqkv: Option<Tensor>,
     pub(super) eps: f32,
     pub(super) rope: Tensor,
     pub(super) kv: Tensor,
@@ -177,11 +173,6 @@ impl DecodeLayer {
                     "{OP}: {name} weight {:?}, expected {want:?} for rows of {dim}",
                     t.dims()
                 );
-            }
-        }
-        if let Some(n) = &self.next_wqkv {
-            if n.dims() != expect[0].2.as_slice() {
-                candle_core::bail!("{OP}: next wqkv {:?}, expected {:?}", n.dims(), expect[0].2);
             }
         }
         if s != 1 || !(1..=LAYER_ROWS).contains(&m) || self.at >= self.keys {

@@ -229,7 +229,6 @@ impl Attention {
         &self,
         h: &Tensor,
         weights: &crate::fused::BlockWeights,
-        next_wqkv: Option<&Tensor>,
         rope: &RopeRows,
         mask: &AttnMask,
         layer: usize,
@@ -239,9 +238,7 @@ impl Attention {
         let heads = self.heads();
         let (kv, at, keys, key_mask) = Self::cache_slot(b, s, heads, mask, layer, cache)?;
         let packed = rope.packed()?;
-        crate::fused::decode_layer(
-            h, weights, next_wqkv, &packed, kv, layer, at, keys, &key_mask, heads,
-        )
+        crate::fused::decode_layer(h, weights, &packed, kv, layer, at, keys, &key_mask, heads)
     }
 
     /// The cache tensor, the slot the `s` new positions of `b` rows go to, the keys they

@@ -200,8 +200,7 @@ impl Block {
     /// `wqkv` with the attention norm first, K/V write, attention, `wo` with the residual add,
     /// `[w1 | w3]` with the FFN norm first and SwiGLU after, `w2` with the residual add.
     /// On CUDA a decode step (one token per row) runs the whole block as one kernel
-    /// ([`crate::fused::decode_layer`]); `next` is the following block, whose `wqkv` that kernel
-    /// asks into L2 while it finishes.
+    /// ([`crate::fused::decode_layer`]).
     fn forward_small(
         &self,
         h: &Tensor,
@@ -209,7 +208,6 @@ impl Block {
         mask: &AttnMask,
         layer: usize,
         cache: &KvCache,
-        next: Option<&Block>,
     ) -> Result<Tensor> {
         use crate::fused::{small_linear, Epilogue};
         let att = &self.attention;
@@ -226,8 +224,7 @@ impl Block {
                     w2: self.feed_forward.w2.weight(),
                     eps,
                 };
-                let next_wqkv = next.map(|b| b.attention.wqkv_weight());
-                return att.decode_layer(h, &weights, next_wqkv, rope, mask, layer, cache);
+                return att.decode_layer(h, &weights, rope, mask, layer, cache);
             }
         }
         let qkv = small_linear(
@@ -465,7 +462,7 @@ impl LlamaGen {
             if first.small_ok(&h, b * s) {
                 let mut h = h;
                 for (i, layer) in self.layers.iter().enumerate() {
-                    h = layer.forward_small(&h, &rows, mask, i, c, self.layers.get(i + 1))?;
+                    h = layer.forward_small(&h, &rows, mask, i, c)?;
                 }
                 return self.norm.forward(&h);
             }
