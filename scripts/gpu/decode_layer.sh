@@ -3,8 +3,8 @@
 # (TESTS: a name filter for the kernel test binary), then per preset and round the decode /
 # verify rows of the step bench (plus AR / speculative loop rows with LOOP=N images of TOKENS
 # tokens) for each variant: BASE (the carried $G/lantern-base.xz), or an env assignment for the
-# new binary (X=0: as built; LANTERN_DECODE_LAYER=0: the separate kernels; LANTERN_LAYER_PREFETCH=0;
-# LANTERN_LAYER_COOP=1: cooperative launch; LANTERN_LAYER_BLOCKS=N). CHECKS=1 adds token checks
+# new binary (X=0: as built; LANTERN_DECODE_LAYER=0: the separate kernels; LANTERN_LAYER_SKIP=mask;
+# LANTERN_LAYER_COOP=0: plain launch; LANTERN_LAYER_BLOCKS=N). CHECKS=1 adds token checks
 # and the shipped model's bench. Outputs under $OUT.
 set -uo pipefail
 source scripts/gpu/env.sh
@@ -16,7 +16,7 @@ LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt timeout 180 "$G/fused_forward
 echo "tests done ${SECONDS}s"
 for r in $(seq 1 ${ROUNDS:-1}); do
   for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
-    for e in ${VARIANTS:-BASE X=0 LANTERN_DECODE_LAYER=0 LANTERN_LAYER_PREFETCH=0 LANTERN_LAYER_COOP=1}; do
+    for e in ${VARIANTS:-BASE X=0 LANTERN_DECODE_LAYER=0 LANTERN_LAYER_COOP=0}; do
       bin="$L"; [ "$e" = BASE ] && { bin="$B"; e=X=0; }
       echo "== round $r $p $(basename $bin) $e"
       env $e timeout 200 "$bin" bench --random-weights --preset $p --device cuda --loop-images ${LOOP:-0} --loop-tokens ${TOKENS:-64} 2>&1 \

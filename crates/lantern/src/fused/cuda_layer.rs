@@ -20,13 +20,6 @@ fn env_flag(name: &str, default: bool) -> bool {
     std::env::var(name).map_or(default, |v| v == "1")
 }
 
-/// `LANTERN_LAYER_AHEAD=1`: each phase's first weight slab is requested one phase earlier
-/// than the barrier in front of it (a bench switch; off by default, see docs/BENCHMARKS.md).
-fn ahead() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_flag("LANTERN_LAYER_AHEAD", false))
-}
-
 /// Cooperative launches (the driver guarantees that the whole grid is resident, which the
 /// kernel's barriers need, or fails the launch); `LANTERN_LAYER_COOP=0` launches plainly.
 fn cooperative() -> bool {
@@ -194,7 +187,7 @@ fn launch<T: CudaDType + DeviceRepr>(
         op.keys,
     ]
     .map(|v| v as i32);
-    let ints_c = [m, dim, heads.h, heads.kvh, ffn, ck, usize::from(ahead())].map(|v| v as i32);
+    let ints_c = [m, dim, heads.h, heads.kvh, ffn, ck].map(|v| v as i32);
     let skip = skip_mask();
     let stream = dev.cuda_stream();
     let mut b = Launch::new(&func, &stream);

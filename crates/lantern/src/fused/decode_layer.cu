@@ -191,7 +191,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
                              T *kv, size_t base, int n_layer, int max_len, int layer, int at,
                              int keys, const float *mask, long long mask_b, T *qr, T *att,
                              T *hm, T *f, float *part, unsigned *sync, int M, int D, int h,
-                             int kvh, int F, int ck, int ahead, int skip) {
+                             int kvh, int F, int ck, int skip) {
     extern __shared__ __align__(16) unsigned char smraw[];
     float *sm = reinterpret_cast<float *>(smraw);
     __shared__ float red[32];
@@ -215,13 +215,10 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     pdl_wait();
     bar.init(reinterpret_cast<unsigned long long *>(sync));
 
-    // Each phase's first weight slab goes out before the barrier in front of the phase (its
-    // DRAM time overlaps the barrier and the staging of x) or, with `ahead`, one phase earlier
-    // (registers: the current phase's slab plus the next one's fit 128 per thread).
-    uint4 wc[1][8], wd[2][8], we[1][SE];
+    // Each phase's first weight slab goes out before the barrier in front of the phase, so
+    // that its DRAM time overlaps the barrier and the staging of x. (Requesting it one phase
+    // earlier needs two phases' slabs in registers: measured slower, docs/BENCHMARKS.md.)
     const bool loads = !(skip & 32);
-    static_assert(SE == 8 || SE == 16, "w2 slab");
-    if (ahead && fu < D && loads) load_slab(wc, wo, A, fu, 0, row_1);
     // A: queries, keys, values
     if (loads) stage(x, M, D, attn_norm, eps, xs, ns, red);
     if (!(skip & 1)) gemv<T, MM, 2, 8>(
@@ -250,7 +247,8 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
                 kv[o + 1] = fromf<T>(a1);
             }
         });
-    if (!ahead && fu < D && loads) load_slab(wc, wo, A, fu, 0, row_1);
+    uint4 wc[1][8];
+    if (fu < D && loads) load_slab(wc, wo, A, fu, 0, row_1);
     bar.sync();
 
     // B: attention; unit (bb, hh, chunk), chunks of one head consecutive
@@ -385,7 +383,6 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     bar.sync();
 
     // C: wo + residual
-    if (ahead && fu < F && loads) load_slab(wd, w13, D, fu, 0, row_d);
     if (loads) stage(att, M, A, (const T *)nullptr, 0.f, xs, ns, red);
     if (!(skip & 4)) gemv<T, MM, 1, 8>(
         wc, wo, A, D, xs, M, row_1,
@@ -394,11 +391,11 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
             const size_t o = (size_t)lane * D + u;
             hm[o] = fromf<T>(tof(__ldcg(x + o)) + rnd<T>(a[0]));
         });
-    if (!ahead && fu < F && loads) load_slab(wd, w13, D, fu, 0, row_d);
+    uint4 wd[2][8];
+    if (fu < F && loads) load_slab(wd, w13, D, fu, 0, row_d);
     bar.sync();
 
     // D: RMSNorm, gate/up, SwiGLU
-    if (ahead && fu < D && loads) load_slab(we, w2, F, fu, 0, row_1);
     if (loads) stage(hm, M, D, ffn_norm, eps, xs, ns, red);
     if (!(skip & 8)) gemv<T, MM, 2, 8>(
         wd, w13, D, F, xs, M, row_d,
@@ -407,7 +404,8 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
             const float g = rnd<T>(a[0]);
             f[(size_t)lane * F + u] = fromf<T>(rnd<T>(g / (1.f + __expf(-g))) * rnd<T>(a[1]));
         });
-    if (!ahead && fu < D && loads) load_slab(we, w2, F, fu, 0, row_1);
+    uint4 we[1][SE];
+    if (fu < D && loads) load_slab(we, w2, F, fu, 0, row_1);
     bar.sync();
 
     // E: w2 + residual
@@ -424,16 +422,16 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
 }  // namespace
 
 #define LAYER(T, HD, MM, NAME)                                                                  \
-    extern "C" __global__ void __launch_bounds__(NW * 32) NAME(                                  \
+    extern "C" __global__ void __launch_bounds__(NW * 32, 2) NAME(                               \
         const T *x, T *out, const T *wqkv, const T *attn_norm, const T *wo, const T *ffn_norm,  \
         const T *w13, const T *w2, float eps, const float *rope, int rope_rows, T *kv,          \
         unsigned long long base, int n_layer, int max_len, int layer, int at, int keys,         \
         const float *mask, long long mask_b, T *qr, T *att, T *hm, T *f, float *part,           \
-        unsigned *sync, int M, int D, int h, int kvh, int F, int ck, int ahead, int skip) {     \
+        unsigned *sync, int M, int D, int h, int kvh, int F, int ck, int skip) {                \
         decode_layer<T, HD, MM, (MM <= 2 ? 16 : 8)>(                                            \
             x, out, wqkv, attn_norm, wo, ffn_norm, w13, w2, eps, rope, rope_rows, kv, base,     \
             n_layer, max_len, layer, at, keys, mask, mask_b, qr, att, hm, f, part, sync, M, D,  \
-            h, kvh, F, ck, ahead, skip);                                                        \
+            h, kvh, F, ck, skip);                                                               \
     }
 #define LAYERS_HD(T, HD, SUF)                                                                   \
     LAYER(T, HD, 1, decode_layer_##HD##_1_##SUF)                                                \
