@@ -3,7 +3,8 @@
 # (TESTS: a name filter for the kernel test binary), then per preset and round the decode /
 # verify rows of the step bench (plus AR / speculative loop rows with LOOP=N images of TOKENS
 # tokens) for each variant: BASE (the carried $G/lantern-base.xz), or an env assignment for the
-# new binary (X=0: as built; LANTERN_DECODE_LAYER=0: the separate kernels; LANTERN_LAYER_SKIP=mask;
+# new binary (X=0: as built, the separate kernels; LANTERN_DECODE_LAYER=1: the one-kernel block,
+# with LANTERN_LAYER_SKIP=mask;
 # LANTERN_LAYER_COOP=0: plain launch; LANTERN_LAYER_BLOCKS=N). CHECKS=1 adds token checks
 # and the shipped model's bench. Outputs under $OUT.
 set -uo pipefail
@@ -16,7 +17,7 @@ LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt timeout 180 "$G/fused_forward
 echo "tests done ${SECONDS}s"
 for r in $(seq 1 ${ROUNDS:-1}); do
   for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
-    for e in ${VARIANTS:-BASE X=0 LANTERN_DECODE_LAYER=0 LANTERN_LAYER_COOP=0}; do
+    for e in ${VARIANTS:-BASE X=0 LANTERN_DECODE_LAYER=1}; do
       bin="$L"; [ "$e" = BASE ] && { bin="$B"; e=X=0; }
       echo "== round $r $p $(basename $bin) $e"
       env $e timeout 200 "$bin" bench --random-weights --preset $p --device cuda --loop-images ${LOOP:-0} --loop-tokens ${TOKENS:-64} 2>&1 \
@@ -28,15 +29,20 @@ if [ -n "${CHECKS:-}" ]; then
   {
   for d in "sd --tree naive_extend_57" "sd --tree dynamic"; do
     args="--class 0,7 -n 2 --device cuda --seed 3 --temperature 0"
-    "$L" generate $args --decoding ar --out /tmp/a0 --save-tokens /tmp/a0.json --force 2>&1 | grep -i error | head -3
-    "$L" generate $args --decoding $d --out /tmp/a1 --save-tokens /tmp/a1.json --force 2>&1 | grep -i error | head -3
-    if cmp -s /tmp/a0.json /tmp/a1.json; then r=IDENTICAL; else r=DIFFER; fi
-    echo "tokens greedy AR vs greedy $d (bf16): $r"
+    for on in 0 1; do
+      env LANTERN_DECODE_LAYER=$on "$L" generate $args --decoding ar --out /tmp/a0 --save-tokens /tmp/a0.json --force 2>&1 | grep -i error | head -3
+      env LANTERN_DECODE_LAYER=$on "$L" generate $args --decoding $d --out /tmp/a1 --save-tokens /tmp/a1.json --force 2>&1 | grep -i error | head -3
+      if cmp -s /tmp/a0.json /tmp/a1.json; then r=IDENTICAL; else r=DIFFER; fi
+      echo "tokens greedy AR vs greedy $d (bf16, LANTERN_DECODE_LAYER=$on): $r"
+    done
   done
-  same_tokens "new vs base binary" "$L" "$B" "ar --temperature 0" "ar" "lantern++ --tree naive_extend_57"
-  same_tokens "one-kernel block vs separate kernels" "$L" "env LANTERN_DECODE_LAYER=0 $L" "ar --temperature 0" "ar" "lantern++ --tree naive_extend_57"
+  same_tokens "new vs base binary" "$L" "$B" "ar --temperature 0" "ar" "lantern++ --tree naive_extend_57" "lantern --tree dynamic"
+  same_tokens "one-kernel block vs separate kernels" "env LANTERN_DECODE_LAYER=1 $L" "$L" "ar --temperature 0" "ar" "lantern++ --tree naive_extend_57"
   M="ar,sd-static,lantern++-2"
-  for bin in "$B" "$L"; do echo "== shipped, $(basename $bin)"; timeout 150 "$bin" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | grep -E "^\| (ar|sd|lantern)"; done
+  for e in BASE X=0 LANTERN_DECODE_LAYER=1; do
+    bin="$L"; [ "$e" = BASE ] && { bin="$B"; e=X=0; }
+    echo "== shipped, $(basename $bin) $e"; env $e timeout 150 "$bin" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | grep -E "^\| (ar|sd|lantern)"
+  done
   } 2>&1 | tee "$OUT/checks.txt"
 fi
 echo "total ${SECONDS}s"

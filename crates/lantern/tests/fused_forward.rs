@@ -359,8 +359,8 @@ fn cuda_attention_matches_cpu_at_long_keys() -> Result<()> {
 #[test]
 fn cuda_decode_layer_matches_separate_ops() -> Result<()> {
     use lantern::fused::{
-        attention, decode_layer, decode_layer_fits, small_linear, write_kv, BlockWeights,
-        Epilogue, Heads, KeyMask,
+        attention, decode_layer, decode_layer_fits, small_linear, write_kv, BlockWeights, Epilogue,
+        Heads, KeyMask,
     };
     let gpu = lantern::fused::cuda_device(0)?;
     let cpu = Device::Cpu;
@@ -405,7 +405,11 @@ fn cuda_decode_layer_matches_separate_ops() -> Result<()> {
         };
         let mask = match mask_kind {
             0 => KeyMask::None,
-            1 => KeyMask::Additive(Tensor::from_vec(row(1, f32::NEG_INFINITY), (1, keys), &cpu)?),
+            1 => KeyMask::Additive(Tensor::from_vec(
+                row(1, f32::NEG_INFINITY),
+                (1, keys),
+                &cpu,
+            )?),
             k => {
                 let pad = if k == 2 {
                     f32::NEG_INFINITY
@@ -473,7 +477,10 @@ fn cuda_decode_layer_matches_separate_ops() -> Result<()> {
         );
         assert!(e < 2e-2, "hd {hd}, {b} rows, {keys} keys: rel err {e}");
         assert!(e_kv < 1e-2, "hd {hd}, {b} rows: new K/V rel err {e_kv}");
-        assert_eq!(changed, 0.0, "hd {hd}: cache entries before the new slot changed");
+        assert_eq!(
+            changed, 0.0,
+            "hd {hd}: cache entries before the new slot changed"
+        );
     }
     Ok(())
 }

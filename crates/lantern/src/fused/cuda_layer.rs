@@ -116,7 +116,8 @@ fn launch<T: CudaDType + DeviceRepr>(
     let kmax = dim.max(a).max(ffn);
     // rows of x and the norm weight in the model dtype; the attention's partial sums and a
     // group of 16 chunks (f32) while they are combined
-    let shared = ((mm * kmax + dim) * std::mem::size_of::<T>()).max((WARPS * hd + 16 * (hd + 2)) * 4);
+    let shared =
+        ((mm * kmax + dim) * std::mem::size_of::<T>()).max((WARPS * hd + 16 * (hd + 2)) * 4);
     allow_shared(dev, &func, &name, LAYER_SHARED, 100)?;
     let resident = resident_blocks(dev, &func, &name, 32 * WARPS as u32, shared)?;
     let blocks = block_cap().map_or(resident, |c| c.min(resident));
@@ -179,14 +180,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     let null = 0u64;
     let eps = op.eps;
     let rope_rows = d.rope_rows as i32;
-    let ints_b = [
-        d.cache.n_layer,
-        d.cache.max_len,
-        op.layer,
-        op.at,
-        op.keys,
-    ]
-    .map(|v| v as i32);
+    let ints_b = [d.cache.n_layer, d.cache.max_len, op.layer, op.at, op.keys].map(|v| v as i32);
     let ints_c = [m, dim, heads.h, heads.kvh, ffn, ck].map(|v| v as i32);
     let skip = skip_mask();
     let stream = dev.cuda_stream();

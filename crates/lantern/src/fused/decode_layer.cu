@@ -11,8 +11,8 @@
 //   C  wo + residual -> hm
 //   D  RMSNorm(hm), [w1 | w3], SwiGLU -> f
 //   E  w2 + residual (hm) -> out
-// At the start of each phase every warp asks L2 for its rows of the next phase's weights
-// (phase E: the next layer's wqkv), so that DRAM keeps streaming through barriers and tails.
+// Each warp requests its first weight rows of a phase into registers before the barrier in
+// front of it, so that DRAM works while the barrier and the staging of x run.
 // Numerics follow the separate kernels: small_linear's per-lane chunk order and roundings,
 // write_kv's rotation, the one-query attention's f32 softmax; only the attention's key sums
 // are split into chunks, and the RMSNorm's sum of squares is ordered by this block size.

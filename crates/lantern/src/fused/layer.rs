@@ -4,7 +4,14 @@
 //! instead of seven kernel boundaries. The same numerics as the block's separate fused kernels
 //! (see `decode_layer.cu` for the two places where the order of a sum differs), so the CPU
 //! reference of those kernels is this kernel's reference too. bf16 / f16 on CUDA only;
-//! [`decode_layer_fits`] says when it serves, and `LANTERN_DECODE_LAYER=0` turns it off.
+//! [`decode_layer_fits`] says when it serves.
+//!
+//! **Opt-in (`LANTERN_DECODE_LAYER=1`)**: on an H100 at GPT-XL shapes it measured 1.64-1.66 ms
+//! per decode step against 1.57-1.62 ms for the separate kernels (docs/BENCHMARKS.md
+//! §0000000): its phases are latency chains (barrier, staging of x, weights, reduction) with
+//! two blocks of 8 warps per SM, and the barriers alone cost ~0.4 ms per step. It is kept as
+//! the tested base for a weight-streaming pipeline (weights staged through shared memory ahead
+//! of the barriers), which is what beating the separate kernels needs.
 use candle_core::{CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 
 use super::{CacheLayer, Heads, KeyMask};
@@ -34,14 +41,16 @@ pub const LAYER_ROWS: usize = 8;
 /// Shared memory a decode-layer block may use (its f32 copy of the rows it multiplies).
 pub(super) const LAYER_SHARED: usize = 200 * 1024;
 
-fn env_enabled() -> bool {
+/// Whether decode steps take [`decode_layer`] where it fits: `LANTERN_DECODE_LAYER=1` (opt-in,
+/// see the module notes).
+pub fn decode_layer_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LANTERN_DECODE_LAYER").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| std::env::var("LANTERN_DECODE_LAYER").is_ok_and(|v| v == "1"))
 }
 
 /// Whether [`decode_layer`] serves a decode step of hidden state `x` (`[b, 1, dim]`) through a
 /// block of `heads` with `ffn` hidden units: CUDA, bf16 or f16, at most [`LAYER_ROWS`] rows,
-/// head size 32, 64 or 128, widths multiples of 8, unless `LANTERN_DECODE_LAYER=0`.
+/// head size 32, 64 or 128, widths multiples of 8 (and the fused kernels not turned off).
 pub fn decode_layer_fits(x: &Tensor, heads: Heads, ffn: usize) -> bool {
     let Ok((b, s, dim)) = x.dims3() else {
         return false;
@@ -51,7 +60,6 @@ pub fn decode_layer_fits(x: &Tensor, heads: Heads, ffn: usize) -> bool {
     matches!(x.device(), Device::Cuda(_))
         && matches!(x.dtype(), DType::BF16 | DType::F16)
         && !x.track_op()
-        && env_enabled()
         && super::env_enabled()
         && s == 1
         && (1..=LAYER_ROWS).contains(&b)

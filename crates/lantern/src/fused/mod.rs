@@ -34,7 +34,7 @@ pub mod picks;
 mod picks_cuda;
 pub mod probe;
 
-pub use layer::{decode_layer, decode_layer_fits, BlockWeights, LAYER_ROWS};
+pub use layer::{decode_layer, decode_layer_enabled, decode_layer_fits, BlockWeights, LAYER_ROWS};
 
 use std::cell::Cell;
 

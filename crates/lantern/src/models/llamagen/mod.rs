@@ -199,8 +199,8 @@ impl Block {
     /// A decode step of the block in five weight-streaming kernels plus two for attention:
     /// `wqkv` with the attention norm first, K/V write, attention, `wo` with the residual add,
     /// `[w1 | w3]` with the FFN norm first and SwiGLU after, `w2` with the residual add.
-    /// On CUDA a decode step (one token per row) runs the whole block as one kernel
-    /// ([`crate::fused::decode_layer`]).
+    /// On CUDA with `LANTERN_DECODE_LAYER=1`, a decode step (one token per row) runs the whole
+    /// block as one kernel ([`crate::fused::decode_layer`]).
     fn forward_small(
         &self,
         h: &Tensor,
@@ -213,7 +213,9 @@ impl Block {
         let att = &self.attention;
         let ffn = self.feed_forward.w2.weight().dim(1)?;
         if let Some(gate_up) = self.feed_forward.gate_up() {
-            if crate::fused::decode_layer_fits(h, att.heads(), ffn) {
+            if crate::fused::decode_layer_enabled()
+                && crate::fused::decode_layer_fits(h, att.heads(), ffn)
+            {
                 let (attn_norm, eps) = self.attention_norm.parts();
                 let weights = crate::fused::BlockWeights {
                     wqkv: att.wqkv_weight(),
