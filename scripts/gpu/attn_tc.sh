@@ -15,15 +15,7 @@ echo "warm-up done ${SECONDS}s"
 for e in ${TESTS:-X=0}; do
   echo "== kernel test $e"; env $e LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt "$G/fused_forward" --nocapture 2>&1 | grep -E "rel err|test result|panicked|^test "
 done 2>&1 | tee "$OUT/kernel_test.txt"
-for r in $(seq 1 ${ROUNDS:-2}); do
-  for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
-    for e in ${VARIANTS:-BASE X=0 LANTERN_ATTN_KERNEL=tc}; do
-      bin="$L"; [ "$e" = BASE ] && { bin="$B"; e=X=0; }
-      echo "== round $r $p $(basename $bin) $e"
-      env $e timeout 200 "$bin" bench --random-weights --preset $p --device cuda --loop-images ${LOOP:-0} --loop-tokens ${TOKENS:-64} 2>&1 | grep -E "attention|decode 1 tok|verify 59|^\| (ar|sd |lantern)"
-    done
-  done
-done 2>&1 | tee "$OUT/attn.txt"
+ROUNDS=${ROUNDS:-2} VARIANTS=${VARIANTS:-BASE X=0 LANTERN_ATTN_KERNEL=tc} variant_rounds "attention|decode 1 tok|verify 59|^\| (ar|sd |lantern)" 2>&1 | tee "$OUT/attn.txt"
 if [ -n "${CHECKS:-}" ]; then
   {
   for d in "sd --tree naive_extend_57" "sd --tree dynamic"; do

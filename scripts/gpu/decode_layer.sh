@@ -15,16 +15,7 @@ echo "warm-up done ${SECONDS}s"
 LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt timeout 180 "$G/fused_forward" --nocapture ${TESTS:-cuda_} 2>&1 \
   | grep -E "rel err|test result|panicked|^test " | tee "$OUT/kernel_test.txt"
 echo "tests done ${SECONDS}s"
-for r in $(seq 1 ${ROUNDS:-1}); do
-  for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
-    for e in ${VARIANTS:-BASE X=0 LANTERN_DECODE_LAYER=1}; do
-      bin="$L"; [ "$e" = BASE ] && { bin="$B"; e=X=0; }
-      echo "== round $r $p $(basename $bin) $e"
-      env $e timeout 200 "$bin" bench --random-weights --preset $p --device cuda --loop-images ${LOOP:-0} --loop-tokens ${TOKENS:-64} 2>&1 \
-        | grep -E "decode 1 tok|verify 59|drafting phase|expected|^\| (ar|sd |lantern)|rror"
-    done
-  done
-done 2>&1 | tee "$OUT/steps.txt"
+ROUNDS=${ROUNDS:-1} VARIANTS=${VARIANTS:-BASE X=0 LANTERN_DECODE_LAYER=1} variant_rounds "decode 1 tok|verify 59|drafting phase|expected|^\| (ar|sd |lantern)|rror" 2>&1 | tee "$OUT/steps.txt"
 if [ -n "${CHECKS:-}" ]; then
   {
   for d in "sd --tree naive_extend_57" "sd --tree dynamic"; do
