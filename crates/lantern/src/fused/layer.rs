@@ -227,3 +227,61 @@ impl CustomOp1 for DecodeLayer {
         Ok((out, xl.shape().clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A block of `dim` 16, 2 heads of 8, ffn 32, on the CPU.
+    fn parts() -> Result<(Vec<Tensor>, Tensor, Tensor, Tensor, Heads)> {
+        let dev = Device::Cpu;
+        let w = |r: usize, c: usize| Tensor::zeros((r, c), DType::BF16, &dev);
+        let weights = vec![
+            w(3 * 16, 16)?,
+            Tensor::ones(16, DType::BF16, &dev)?,
+            w(16, 16)?,
+            Tensor::ones(16, DType::BF16, &dev)?,
+            w(64, 16)?,
+            w(16, 32)?,
+        ];
+        let x = Tensor::zeros((2, 1, 16), DType::BF16, &dev)?;
+        let kv = Tensor::zeros((2, 1, 2, 2, 8, 8), DType::BF16, &dev)?;
+        let rope = Tensor::zeros((1, 1, 4, 2), DType::F32, &dev)?;
+        Ok((
+            weights,
+            x,
+            kv,
+            rope,
+            Heads {
+                h: 2,
+                kvh: 2,
+                hd: 8,
+            },
+        ))
+    }
+
+    #[test]
+    fn decode_layer_refuses_the_cpu_and_bad_masks_with_clear_errors() -> Result<()> {
+        let (w, x, kv, rope, heads) = parts()?;
+        let weights = BlockWeights {
+            wqkv: &w[0],
+            attn_norm: &w[1],
+            wo: &w[2],
+            ffn_norm: &w[3],
+            w13: &w[4],
+            w2: &w[5],
+            eps: 1e-5,
+        };
+        assert!(!decode_layer_fits(&x, heads, 32), "the kernel is CUDA only");
+        let run = |mask: &KeyMask| decode_layer(&x, &weights, &rope, &kv, 0, 4, 5, mask, heads);
+        let e = run(&KeyMask::None).unwrap_err().to_string();
+        assert!(e.contains("decode layer: a CUDA kernel"), "{e}");
+        let bad = KeyMask::Additive(Tensor::zeros((2, 1, 1, 7), DType::F32, &Device::Cpu)?);
+        let e = run(&bad).unwrap_err().to_string();
+        assert!(e.contains("does not cover one query over 5 keys"), "{e}");
+        let e = run(&KeyMask::Causal { past: 1 }).unwrap_err().to_string();
+        assert!(e.contains("not a decode step"), "{e}");
+        Ok(())
+    }
+}
