@@ -1,6 +1,6 @@
 //! Launches of the kernels in `kernels.cu` (PTX built by build.rs) on candle's CUDA stream.
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
@@ -88,19 +88,15 @@ pub(super) fn norm(
         let (rows, cols) = (rows as i32, cols as i32);
         let stream = dev.cuda_stream();
         let mut builder = Launch::new(&func, &stream);
-        builder.arg(&xs);
-        let rs;
-        let null = 0u64;
-        match residual {
+        let rs = match residual {
             Some((r, rl)) => {
                 let (a, b) = offsets(rl)?;
-                rs = r.as_cuda_slice::<T>()?.slice(a..b);
-                builder.arg(&rs);
+                Some(r.as_cuda_slice::<T>()?.slice(a..b))
             }
-            None => {
-                builder.arg(&null);
-            }
-        }
+            None => None,
+        };
+        builder.arg(&xs);
+        builder.arg(&rs);
         builder.arg(&ws);
         builder.arg(&out);
         builder.arg(&rows);
@@ -283,6 +279,16 @@ fn sm_count(dev: &CudaDevice) -> Result<usize> {
     Ok(sms.max(1) as usize)
 }
 
+/// The contiguous view (layout `l`) of a tensor held by an op, see [`held`].
+pub(super) fn held_view<'a, T: CudaDType>(
+    g: &'a Storage,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    let (a, b) = offsets(l)?;
+    Ok(held::<T>(g, what)?.slice(a..b))
+}
+
 /// The typed CUDA slice of a tensor held by an op (not one of its inputs).
 pub(super) fn held<'a, T: CudaDType>(g: &'a Storage, what: &str) -> Result<&'a CudaSlice<T>> {
     match g {
@@ -320,7 +326,7 @@ pub(super) fn attention(
         bail!("fused attention: qkv {dt:?} vs cache {:?}", kv.dtype());
     }
     let (qa, qb) = offsets(qkv_l)?;
-    let (ra, rb) = offsets(rope.layout())?;
+    let ra = offsets(rope.layout())?.0;
     // bf16/f16 with many queries: the tensor-core kernel with the keys split over the warps
     // (16 queries per block; its 16-byte query loads and float4 RoPE loads need aligned
     // starts); one query: the kernel below unless LANTERN_ATTN_KERNEL=tc
@@ -354,12 +360,11 @@ pub(super) fn attention(
         ATTN_SHARED_MAX,
         if tc { 50 } else { 100 },
     )?;
-    let (rope_g, _) = rope.storage_and_layout();
-    let rope_s = held::<f32>(&rope_g, "the RoPE table")?.slice(ra..rb);
+    let (rope_g, rope_l) = rope.storage_and_layout();
+    let rope_s = held_view::<f32>(&rope_g, rope_l, "the RoPE table")?;
     let (kv_g, kv_l) = kv.storage_and_layout();
     let base = kv_l.start_offset() as u64;
     let mask_g = mask.map(|m| m.storage_and_layout());
-    let null = 0u64;
     let cfg = launch_cfg(grid, threads, shared);
     let ints = [
         d.cache.b,
@@ -384,10 +389,7 @@ pub(super) fn attention(
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(d.cache.b * d.s * d.h * d.cache.hd)? };
         let mask_s = match &mask_g {
-            Some((g, l)) => {
-                let (a, b) = offsets(l)?;
-                Some(held::<f32>(g, "the mask")?.slice(a..b))
-            }
+            Some((g, l)) => Some(held_view::<f32>(g, l, "the mask")?),
             None => None,
         };
         let stream = dev.cuda_stream();
@@ -396,10 +398,7 @@ pub(super) fn attention(
         builder.arg(&rope_s);
         builder.arg(kv_s);
         builder.arg(&base);
-        match &mask_s {
-            Some(m) => builder.arg(m),
-            None => builder.arg(&null),
-        };
+        builder.arg(&mask_s);
         builder.arg(&out);
         for v in &ints {
             builder.arg(v);
@@ -485,7 +484,6 @@ pub(super) fn small_linear(
     let cfg = launch_cfg((blocks, 1, 1), 32 * warps as u32, shared);
     let norm_g = norm.map(|(t, e)| (t.storage_and_layout(), *e));
     let res_g = residual.map(|t| t.storage_and_layout());
-    let null = 0u64;
     let mode: i32 = if swiglu {
         2
     } else if residual.is_some() {
@@ -503,18 +501,12 @@ pub(super) fn small_linear(
         }
         let ws = w.as_cuda_slice::<T>()?.slice(a..b);
         let ns = match &norm_g {
-            Some(((g, l), _)) => {
-                let (a, b) = offsets(l)?;
-                Some(held::<T>(g, "the norm weight")?.slice(a..b))
-            }
+            Some(((g, l), _)) => Some(held_view::<T>(g, l, "the norm weight")?),
             None => None,
         };
         let eps = norm_g.as_ref().map_or(0f32, |(_, e)| *e);
         let rs = match &res_g {
-            Some((g, l)) => {
-                let (a, b) = offsets(l)?;
-                Some(held::<T>(g, "the residual")?.slice(a..b))
-            }
+            Some((g, l)) => Some(held_view::<T>(g, l, "the residual")?),
             None => None,
         };
         // SAFETY: every element is written by the kernel.
@@ -523,15 +515,9 @@ pub(super) fn small_linear(
         let mut builder = Launch::new(&func, &stream);
         builder.arg(&xs);
         builder.arg(&ws);
-        match &ns {
-            Some(v) => builder.arg(v),
-            None => builder.arg(&null),
-        };
+        builder.arg(&ns);
         builder.arg(&eps);
-        match &rs {
-            Some(v) => builder.arg(v),
-            None => builder.arg(&null),
-        };
+        builder.arg(&rs);
         builder.arg(&out);
         builder.arg(&k);
         builder.arg(&n);

@@ -5,7 +5,9 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage};
 
-use super::cuda::{allow_shared, held, launch_cfg, offsets, resident_blocks, suffix, wrap};
+use super::cuda::{
+    allow_shared, held, held_view, launch_cfg, offsets, resident_blocks, suffix, wrap,
+};
 use super::launch::Launch;
 use super::layer::{DecodeLayer, LayerDims, LAYER_SHARED};
 
@@ -143,18 +145,14 @@ fn launch<T: CudaDType + DeviceRepr>(
         .zip(names)
         .map(|((g, l), n)| view::<T>(g, l, n))
         .collect::<Result<Vec<_>>>()?;
-    let (ra, rb) = offsets(rope_l)?;
-    let rope = held::<f32>(&rope_g, "the RoPE table")?.slice(ra..rb);
+    let rope = held_view::<f32>(&rope_g, rope_l, "the RoPE table")?;
     let kv = held::<T>(&kv_g, "the KV cache")?;
     let base = kv_l.start_offset() as u64;
     if !(kv_l.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16) {
         bail!("decode layer: the cache view is not 16-byte aligned");
     }
     let mask = match &mask_g {
-        Some((g, l)) => {
-            let (s, e) = offsets(l)?;
-            Some(held::<f32>(g, "the mask")?.slice(s..e))
-        }
+        Some((g, l)) => Some(held_view::<f32>(g, l, "the mask")?),
         None => None,
     };
     let mask_b = match &op.mask {
@@ -177,7 +175,6 @@ fn launch<T: CudaDType + DeviceRepr>(
     let att = scratch.slice(m * a..2 * m * a);
     let hm = scratch.slice(2 * m * a..2 * m * a + m * dim);
     let f = scratch.slice(2 * m * a + m * dim..);
-    let null = 0u64;
     let eps = op.eps;
     let rope_rows = d.rope_rows as i32;
     let ints_b = [d.cache.n_layer, d.cache.max_len, op.layer, op.at, op.keys].map(|v| v as i32);
@@ -198,10 +195,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     for v in &ints_b {
         b.arg(v);
     }
-    match &mask {
-        Some(v) => b.arg(v),
-        None => b.arg(&null),
-    };
+    b.arg(&mask);
     b.arg(&mask_b);
     b.arg(&qr);
     b.arg(&att);
@@ -221,15 +215,15 @@ fn launch<T: CudaDType + DeviceRepr>(
     Ok(wrap(out, dev))
 }
 
-/// A contiguous, 16-byte aligned view of a held tensor's storage.
+/// A held weight's view ([`held_view`]), checked to start on a 16-byte boundary (the kernel's
+/// vector loads).
 fn view<'a, T: CudaDType>(
     g: &'a Storage,
     l: &Layout,
     what: &str,
 ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-    let (s, e) = offsets(l)?;
-    if !(s * std::mem::size_of::<T>()).is_multiple_of(16) {
+    if !(l.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16) {
         bail!("decode layer: the {what} view is not 16-byte aligned");
     }
-    Ok(held::<T>(g, what)?.slice(s..e))
+    held_view(g, l, what)
 }

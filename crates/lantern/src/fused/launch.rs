@@ -71,6 +71,16 @@ impl<'a, 'c: 'a, T> KernelArg<'a> for &'a mut CudaViewMut<'c, T> {
     }
 }
 
+/// An optional buffer: a null pointer when absent (how our kernels are told "none").
+impl<'a, 'c: 'a, T> KernelArg<'a> for &'a Option<CudaView<'c, T>> {
+    fn push(self, l: &mut Launch<'a>) {
+        match self {
+            Some(v) => v.push(l),
+            None => l.vals.push(0),
+        }
+    }
+}
+
 macro_rules! scalar_arg {
     ($($t:ty => $bits:expr),*) => {$(
         impl<'a> KernelArg<'a> for &$t {
