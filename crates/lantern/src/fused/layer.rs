@@ -96,17 +96,13 @@ pub fn decode_layer(
         KeyMask::Causal { past } => candle_core::bail!(
             "decode layer: a causal mask over {keys} keys from position {past} is not a decode step"
         ),
-        KeyMask::Additive(m) => {
-            let dims = m.dims();
-            let per_row = match dims {
-                [1, k] if *k == keys => false,
-                [r, 1, 1, k] if *k == keys && (*r == 1 || *r == b) => *r == b && b > 1,
-                _ => candle_core::bail!(
-                    "decode layer: attention mask {dims:?} does not cover one query over {keys} keys"
-                ),
-            };
-            Some((m.to_dtype(DType::F32)?.contiguous()?, per_row))
-        }
+        KeyMask::Additive(m) => match super::additive_mask(m, b, 1, keys)? {
+            Some(mask) => Some(mask),
+            None => candle_core::bail!(
+                "decode layer: attention mask {:?} does not cover one query over {keys} keys",
+                m.dims()
+            ),
+        },
     };
     let op = DecodeLayer {
         wqkv: weights.wqkv.contiguous()?,

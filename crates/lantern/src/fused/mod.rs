@@ -294,21 +294,13 @@ pub fn attention(
     let (additive, causal_past) = match mask {
         KeyMask::None => (None, None),
         KeyMask::Causal { past } => (None, Some(*past)),
-        KeyMask::Additive(m) => {
-            let dims = m.dims();
-            let ok = (dims.len() == 2 && dims == [s, keys])
-                || (dims.len() == 4
-                    && (dims[0] == b || dims[0] == 1)
-                    && dims[1] == 1
-                    && dims[2..] == [s, keys]);
-            if !ok {
-                candle_core::bail!(
-                    "attention mask {dims:?} does not cover {s} queries over {keys} keys"
-                );
-            }
-            let batched = dims.len() == 4 && dims[0] == b && b > 1;
-            (Some((m.to_dtype(DType::F32)?.contiguous()?, batched)), None)
-        }
+        KeyMask::Additive(m) => match additive_mask(m, b, s, keys)? {
+            Some(mask) => (Some(mask), None),
+            None => candle_core::bail!(
+                "attention mask {:?} does not cover {s} queries over {keys} keys",
+                m.dims()
+            ),
+        },
     };
     let op = Attention {
         rope: rope.contiguous()?,
@@ -320,6 +312,23 @@ pub fn attention(
         heads,
     };
     qkv.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+/// An additive mask as the kernels read it, if its shape (`[s, keys]` or `[b or 1, 1, s, keys]`)
+/// covers `s` queries of `b` batch rows over `keys` keys: f32, contiguous, and whether it has
+/// one block per batch row.
+fn additive_mask(m: &Tensor, b: usize, s: usize, keys: usize) -> Result<Option<(Tensor, bool)>> {
+    let dims = m.dims();
+    let fits = (dims.len() == 2 && dims == [s, keys])
+        || (dims.len() == 4
+            && (dims[0] == b || dims[0] == 1)
+            && dims[1] == 1
+            && dims[2..] == [s, keys]);
+    if !fits {
+        return Ok(None);
+    }
+    let per_row = dims.len() == 4 && dims[0] == b && b > 1;
+    Ok(Some((m.to_dtype(DType::F32)?.contiguous()?, per_row)))
 }
 
 /// One layer of a cache tensor `[2, n_layer, b, kvh, max_len, hd]` (K at 0, V at 1), as the
