@@ -82,3 +82,21 @@ __device__ __forceinline__ float block_max(float v, float *red) {
     return v;
 }
 
+// Normalises M rows of K elements of xs (shared memory, f32 or the model dtype T) in place as
+// add_rms_norm does: x <- round(round(x * rsqrt(mean(x^2) + eps)) * w), with w K elements (f32
+// or T). All threads of the block call it; it ends with a block barrier.
+template <typename T, typename S, typename W>
+__device__ void rms_norm_rows(S *xs, int M, int K, const W *w, float eps, float *red) {
+    for (int m = 0; m < M; ++m) {
+        float ss = 0.f;
+        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+            const float v = tof(xs[m * K + k]);
+            ss += v * v;
+        }
+        ss = block_sum(ss, red);
+        const float inv = rsqrtf(ss / K + eps);
+        for (int k = threadIdx.x; k < K; k += blockDim.x)
+            xs[m * K + k] = fromf<S>(rnd<T>(rnd<T>(tof(xs[m * K + k]) * inv) * tof(w[k])));
+    }
+    __syncthreads();
+}

@@ -90,20 +90,7 @@ __device__ void stage(const T *src, int M, int K, const T *norm_w, float eps, T 
         }
     }
     __syncthreads();
-    if (norm_w) {
-        for (int m = 0; m < M; ++m) {
-            float ss = 0.f;
-            for (int k = threadIdx.x; k < K; k += blockDim.x) {
-                const float v = tof(xs[m * K + k]);
-                ss += v * v;
-            }
-            ss = block_sum(ss, red);
-            const float inv = rsqrtf(ss / K + eps);
-            for (int k = threadIdx.x; k < K; k += blockDim.x)
-                xs[m * K + k] = fromf<T>(rnd<T>(tof(xs[m * K + k]) * inv) * tof(ns[k]));
-        }
-        __syncthreads();
-    }
+    if (norm_w) rms_norm_rows<T>(xs, M, K, ns, eps, red);
 }
 
 // Slab c0 (SLAB 16-byte loads per lane: chunks c0 + 32 c + lane) of unit u's R weight rows.

@@ -365,17 +365,7 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
         }
     }
     __syncthreads();
-    if (norm_w) {
-        for (int m = 0; m < M; ++m) {
-            float ss = 0.f;
-            for (int k = threadIdx.x; k < K; k += blockDim.x) ss += xs[m * K + k] * xs[m * K + k];
-            ss = block_sum(ss, red);
-            const float inv = rsqrtf(ss / K + eps);
-            for (int k = threadIdx.x; k < K; k += blockDim.x)
-                xs[m * K + k] = rnd<T>(rnd<T>(xs[m * K + k] * inv) * ns[k]);
-        }
-        __syncthreads();
-    }
+    if (norm_w) rms_norm_rows<T>(xs, M, K, ns, eps, red);
     while (n < N) {
         float acc[M], acc2[M];
 #pragma unroll
