@@ -211,11 +211,13 @@ impl Block {
     ) -> Result<Tensor> {
         use crate::fused::{small_linear, Epilogue};
         let att = &self.attention;
-        let ffn = self.feed_forward.w2.weight().dim(1)?;
-        if let Some(gate_up) = self.feed_forward.gate_up() {
-            if crate::fused::decode_layer_enabled()
-                && crate::fused::decode_layer_fits(h, att.heads(), ffn)
-            {
+        if let Some(gate_up) = self
+            .feed_forward
+            .gate_up()
+            .filter(|_| crate::fused::decode_layer_enabled())
+        {
+            let ffn = self.feed_forward.w2.weight().dim(1)?;
+            if crate::fused::decode_layer_fits(h, att.heads(), ffn) {
                 let (attn_norm, eps) = self.attention_norm.parts();
                 let weights = crate::fused::BlockWeights {
                     wqkv: att.wqkv_weight(),
