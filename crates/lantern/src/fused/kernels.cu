@@ -757,6 +757,139 @@ __device__ void attention_tc(const T *qkv, const float *rope, const T *kv, size_
 ATTN_TCS(__nv_bfloat16, bf16)
 ATTN_TCS(__half, f16)
 
+// Few-row linears on tensor cores (bf16/f16, M <= 8 rows of x, K a multiple of 32; the
+// small_linear contract and epilogues, `LANTERN_SMALL_MMA=1`): a block computes a tile of 16
+// weight rows (SwiGLU: 8 gate rows and their 8 up rows) over all of K, its NWW warps splitting
+// K into ranges of 32-element chunks. Each mma.m16n8k16 takes 16 weight rows x 16 k as A and
+// the 8 (zero-padded) rows of x as B; the k order inside a chunk is permuted so that a lane's
+// A and B fragments are plain 16-byte loads (lane 4 g + t reads k = 8 t .. 8 t + 8 of weight
+// rows g and g + 8 and of x row g), as in attention_tc. A warp's weight loads all go out before
+// the PDL wait; partial sums meet in shared memory. Products are exact and summed in f32 (in
+// another order than small_linear's).
+template <typename T, int NWW, int CPW, bool GLU>
+__device__ void small_mma(const T *x, const T *w, const T *norm_w, float eps, const T *res,
+                          T *y, int M, int K, int N, int mode) {
+    extern __shared__ __align__(128) unsigned char smraw[];
+    const int KP = K + 8;  // padded row stride of x: its rows start on different banks
+    T *xs = reinterpret_cast<T *>(smraw);                     // [M][KP]
+    float *part = reinterpret_cast<float *>(xs + (size_t)M * KP);  // [NWW][16][8]
+    __shared__ float red[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int nch = K / 32, cpw = (nch + NWW - 1) / NWW;
+    const int c0 = warp * cpw, c1 = min(nch, c0 + cpw);
+    const int tile = blockIdx.x;
+    // weight rows of this lane: A rows g and g + 8
+    int r0, r1;
+    bool ok0, ok1;
+    if (GLU) {
+        r0 = tile * 8 + g;
+        r1 = N + r0;
+        ok0 = ok1 = r0 < N;
+    } else {
+        r0 = tile * 16 + g;
+        r1 = r0 + 8;
+        ok0 = r0 < N;
+        ok1 = r1 < N;
+    }
+    uint4 wa[CPW][2];
+#pragma unroll
+    for (int i = 0; i < CPW; ++i) {
+        const int ch = c0 + i;
+        const size_t k = (size_t)ch * 32 + 8 * t;
+        wa[i][0] = (ch < c1 && ok0) ? __ldg(reinterpret_cast<const uint4 *>(w + (size_t)r0 * K + k))
+                                    : make_uint4(0, 0, 0, 0);
+        wa[i][1] = (ch < c1 && ok1) ? __ldg(reinterpret_cast<const uint4 *>(w + (size_t)r1 * K + k))
+                                    : make_uint4(0, 0, 0, 0);
+    }
+    pdl_wait();
+    // x rows into shared memory (16-byte loads, all issued first), normalised like add_rms_norm
+    constexpr int VEC = 16 / sizeof(T);
+    const int per_row = K / VEC;
+    for (int i0 = threadIdx.x; i0 < M * per_row; i0 += 4 * blockDim.x) {
+        uint4 u[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int i = i0 + r * blockDim.x;
+            if (i < M * per_row) u[r] = *reinterpret_cast<const uint4 *>(x + (size_t)i * VEC);
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int i = i0 + r * blockDim.x;
+            if (i < M * per_row)
+                *reinterpret_cast<uint4 *>(xs + (size_t)(i / per_row) * KP + (i % per_row) * VEC) = u[r];
+        }
+    }
+    __syncthreads();
+    if (norm_w) {
+        for (int m = 0; m < M; ++m) {
+            float ss = 0.f;
+            for (int k = threadIdx.x; k < K; k += blockDim.x) {
+                const float v = tof(xs[m * KP + k]);
+                ss += v * v;
+            }
+            ss = block_sum(ss, red);
+            const float inv = rsqrtf(ss / K + eps);
+            for (int k = threadIdx.x; k < K; k += blockDim.x)
+                xs[m * KP + k] = fromf<T>(rnd<T>(tof(xs[m * KP + k]) * inv) * tof(norm_w[k]));
+        }
+        __syncthreads();
+    }
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < CPW; ++i) {
+        const int ch = c0 + i;
+        if (ch < c1) {
+            const uint4 xb = g < M ? *reinterpret_cast<const uint4 *>(xs + g * KP + ch * 32 + 8 * t)
+                                   : make_uint4(0, 0, 0, 0);
+            const unsigned a0[4] = {wa[i][0].x, wa[i][1].x, wa[i][0].y, wa[i][1].y};
+            mma_16816(acc, a0, xb.x, xb.y, T());
+            const unsigned a1[4] = {wa[i][0].z, wa[i][1].z, wa[i][0].w, wa[i][1].w};
+            mma_16816(acc, a1, xb.z, xb.w, T());
+        }
+    }
+    // acc: rows g, g + 8 (weight rows) x columns 2t, 2t + 1 (rows of x)
+    part[(warp * 16 + g) * 8 + 2 * t] = acc[0];
+    part[(warp * 16 + g) * 8 + 2 * t + 1] = acc[1];
+    part[(warp * 16 + g + 8) * 8 + 2 * t] = acc[2];
+    part[(warp * 16 + g + 8) * 8 + 2 * t + 1] = acc[3];
+    __syncthreads();
+    const int row = threadIdx.x / 8, m = threadIdx.x % 8;
+    if (row < (GLU ? 8 : 16) && m < M) {
+        float v = 0.f, v2 = 0.f;
+        for (int ww = 0; ww < NWW; ++ww) {
+            v += part[(ww * 16 + row) * 8 + m];
+            if (GLU) v2 += part[(ww * 16 + row + 8) * 8 + m];
+        }
+        const int n = tile * (GLU ? 8 : 16) + row;
+        if (n < N) {
+            const size_t o = (size_t)m * N + n;
+            if (GLU) {
+                const float gv = rnd<T>(v);
+                y[o] = fromf<T>(rnd<T>(gv / (1.f + __expf(-gv))) * rnd<T>(v2));
+            } else if (mode == 1) {
+                y[o] = fromf<T>(tof(res[o]) + rnd<T>(v));
+            } else {
+                y[o] = fromf<T>(v);
+            }
+        }
+    }
+}
+
+#define SMALL_MMA(T, NWW, G, NAME)                                                              \
+    extern "C" __global__ void __launch_bounds__(NWW * 32) NAME(                                 \
+        const T *x, const T *w, const T *norm_w, float eps, const T *res, T *y, int M, int K,   \
+        int N, int mode) {                                                                      \
+        pdl_trigger();                                                                          \
+        small_mma<T, NWW, 8, G>(x, w, norm_w, eps, res, y, M, K, N, mode);                      \
+    }
+#define SMALL_MMAS(T, SUF)                                                                      \
+    SMALL_MMA(T, 8, false, small_mma_p_8_##SUF)                                                 \
+    SMALL_MMA(T, 8, true, small_mma_g_8_##SUF)                                                  \
+    SMALL_MMA(T, 16, false, small_mma_p_16_##SUF)                                               \
+    SMALL_MMA(T, 16, true, small_mma_g_16_##SUF)
+SMALL_MMAS(__nv_bfloat16, bf16)
+SMALL_MMAS(__half, f16)
+
 // ---------------------------------------------------------------------------------------------
 // Drafting picks (fused/picks.rs, launched from fused/picks_cuda.rs): the drafter's probability
 // rows, then per row its top-k or k draws without replacement. One block of PK_THREADS per row;
