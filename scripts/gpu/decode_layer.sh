@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# GPU run (session 8): the decode step's one-kernel block (fused/decode_layer.cu). Kernel tests
+# GPU run (sessions 8-9): the decode step's one-kernel block (fused/decode_layer.cu). Kernel tests
 # (TESTS: a name filter for the kernel test binary), then per preset and round the decode /
 # verify rows of the step bench (plus AR / speculative loop rows with LOOP=N images of TOKENS
-# tokens) for each variant: BASE (the carried $G/lantern-base.xz), or an env assignment for the
-# new binary (X=0: as built, the separate kernels; LANTERN_DECODE_LAYER=1: the one-kernel block,
+# tokens) for each variant (env.sh variant_rounds): BASE[:env] (the carried $G/lantern-base.xz),
+# or env assignments joined by '+' for the new binary (X=0: as built, the separate kernels; LANTERN_DECODE_LAYER=1: the one-kernel block,
 # with LANTERN_LAYER_SKIP=mask;
 # LANTERN_LAYER_COOP=0: plain launch; LANTERN_LAYER_BLOCKS=N). CHECKS=1 adds token checks
-# and the shipped model's bench. Outputs under $OUT.
+# and the shipped model's bench of the variants SHIPPED. Outputs under $OUT.
 set -uo pipefail
 source scripts/gpu/env.sh
 SECONDS=0
@@ -30,8 +30,9 @@ if [ -n "${CHECKS:-}" ]; then
   same_tokens "new vs base binary" "$L" "$B" "ar --temperature 0" "ar" "lantern++ --tree naive_extend_57" "lantern --tree dynamic"
   same_tokens "one-kernel block vs separate kernels" "env LANTERN_DECODE_LAYER=1 $L" "$L" "ar --temperature 0" "ar" "lantern++ --tree naive_extend_57"
   M="ar,sd-static,lantern++-2"
-  for e in BASE X=0 LANTERN_DECODE_LAYER=1; do
-    bin="$L"; [ "$e" = BASE ] && { bin="$B"; e=X=0; }
+  for e in ${SHIPPED:-BASE X=0 LANTERN_DECODE_LAYER=1}; do
+    bin="$L"
+    case $e in BASE) bin="$B"; e=X=0 ;; BASE:*) bin="$B"; e=${e#BASE:} ;; esac
     echo "== shipped, $(basename $bin) $e"; env $e timeout 150 "$bin" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | grep -E "^\| (ar|sd|lantern)"
   done
   } 2>&1 | tee "$OUT/checks.txt"

@@ -9,7 +9,7 @@ use super::cuda::{
     allow_shared, held, held_view, launch_cfg, offsets, resident_blocks, suffix, wrap,
 };
 use super::launch::Launch;
-use super::layer::{DecodeLayer, LayerDims, LAYER_SHARED};
+use super::layer::{DecodeLayer, LayerDims, LAYER_RING, LAYER_SHARED};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_layer.ptx"));
 const MODULE: &str = "lantern_decode_layer";
@@ -116,10 +116,12 @@ fn launch<T: CudaDType + DeviceRepr>(
     let name = format!("decode_layer_{hd}_{mm}_{}", suffix(x.dtype())?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let kmax = dim.max(a).max(ffn);
-    // rows of x and the norm weight in the model dtype; the attention's partial sums and a
-    // group of 16 chunks (f32) while they are combined
-    let shared =
-        ((mm * kmax + dim) * std::mem::size_of::<T>()).max((WARPS * hd + 16 * (hd + 2)) * 4);
+    // rows of x and the norm weight in the model dtype, or the attention's partial sums and a
+    // group of 16 chunks (f32) while they are combined; then the warps' weight-stream rings
+    let ring_at = ((mm * kmax + dim) * std::mem::size_of::<T>())
+        .max((WARPS * hd + 16 * (hd + 2)) * 4)
+        .next_multiple_of(16);
+    let shared = ring_at + LAYER_RING;
     allow_shared(dev, &func, &name, LAYER_SHARED, 100)?;
     let resident = resident_blocks(dev, &func, &name, 32 * WARPS as u32, shared)?;
     let blocks = block_cap().map_or(resident, |c| c.min(resident));
@@ -178,7 +180,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     let eps = op.eps;
     let rope_rows = d.rope_rows as i32;
     let ints_b = [d.cache.n_layer, d.cache.max_len, op.layer, op.at, op.keys].map(|v| v as i32);
-    let ints_c = [m, dim, heads.h, heads.kvh, ffn, ck].map(|v| v as i32);
+    let ints_c = [m, dim, heads.h, heads.kvh, ffn, ck, ring_at].map(|v| v as i32);
     let skip = skip_mask();
     let stream = dev.cuda_stream();
     let mut b = Launch::new(&func, &stream);

@@ -12,8 +12,10 @@
 //   C  wo + residual -> hm
 //   D  RMSNorm(hm), [w1 | w3], SwiGLU -> f
 //   E  w2 + residual (hm) -> out
-// Each warp requests its first weight rows of a phase into registers before the barrier in
-// front of it, so that DRAM works while the barrier and the staging of x run.
+// The weights stream through shared memory: every warp copies the rows of its units of all
+// four matrix phases, in the order it multiplies them, into a private ring of stages that runs
+// ahead of its arithmetic across the barriers (Stream below), so that DRAM keeps working while
+// a barrier, the staging of x or the attention runs.
 // Numerics follow the separate kernels: small_linear's per-lane chunk order and roundings,
 // write_kv's rotation, the one-query attention's f32 softmax; only the attention's key sums
 // are split into chunks, and the RMSNorm's sum of squares is ordered by this block size.
@@ -93,70 +95,139 @@ __device__ void stage(const T *src, int M, int K, const T *norm_w, float eps, T 
     if (norm_w) rms_norm_rows<T>(xs, M, K, ns, eps, red);
 }
 
-// Slab c0 (SLAB 16-byte loads per lane: chunks c0 + 32 c + lane) of unit u's R weight rows.
-template <typename T, int R, int SLAB, typename RowOf>
-__device__ __forceinline__ void load_slab(uint4 (&wv)[R][SLAB], const T *w, int K, int u, int c0,
-                                          RowOf row_of) {
-    constexpr int VEC = 16 / sizeof(T);
-    const int lane = threadIdx.x & 31, nch = K / VEC;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row_of(u, r) * K);
-#pragma unroll
-        for (int c = 0; c < SLAB; ++c) {
-            const int ch = c0 + c * 32 + lane;
-            wv[r][c] = ch < nch ? __ldg(wr + ch) : make_uint4(0, 0, 0, 0);
-        }
-    }
+// Weight streaming. Weights do not depend on anything this kernel computes, so each warp
+// streams the weight rows of all its units of all four matrix phases, in the order it will
+// multiply them, through a private ring of NS shared-memory stages with asynchronous copies
+// (cp.async, 16 bytes per lane). Its copies run ahead of its arithmetic by NS stages across
+// the grid barriers and the staging of x, so DRAM keeps streaming while a phase waits.
+// A stage is SL 16-byte loads per lane: R rows (1 or 2) x SL / R loads of each. A lane copies,
+// and later reads, only its own 16-byte pieces (chunks c0 + 32 c + lane of each row, the
+// per-lane chunk order of small_linear), so no lane waits for another.
+constexpr int NS = 5;  // stages in flight per warp
+constexpr int SL = 8;  // 16-byte loads per lane per stage
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 // This warp's first unit of a phase (its global warp index).
 __device__ __forceinline__ int first_unit() { return blockIdx.x * NW + (threadIdx.x >> 5); }
 
-// Few-row matrix-vector products: warp units u = global warp, + all warps, ...; unit u reads
-// R weight rows (row_of(u, r)) of K elements in slabs of SLAB 16-byte loads per lane and
-// hands epi(u, lane's value of row r for batch row `lane`) to every lane after the reduction.
-// wv arrives holding slab 0 of the first unit (load_slab, issued before the barrier and the
-// staging of x so that their latencies overlap); slab 0 of the next unit is loaded before the
-// current one's reduction. A lane sums chunks lane, lane + 32, ... in order, like small_linear.
-template <typename T, int MM, int R, int SLAB, typename RowOf, typename Epi>
-__device__ void gemv(uint4 (&wv)[R][SLAB], const T *w, int K, int units, const T *xs, int M,
-                     RowOf row_of, Epi epi) {
-    constexpr int VEC = 16 / sizeof(T);
+// One matrix phase: units of R weight rows of K elements (row r of unit u: u * ustride +
+// r * rstride).
+template <typename T> struct Phase {
+    const T *w;
+    int K, units, R, ustride, rstride;
+    __device__ int row(int u, int r) const { return u * ustride + r * rstride; }
+};
+
+// A warp's weight stream over the phases A, C, D, E: where its next stage to copy starts
+// (phase, unit, first chunk), and the ring it copies into.
+template <typename T> struct Stream {
+    Phase<T> ph[4];
+    uint4 *ring;  // this warp's [NS][SL][32]
+    int p, u, c0, issued;
+    __device__ void init(uint4 *r) {
+        ring = r;
+        p = 0;
+        u = first_unit();
+        c0 = 0;
+        issued = 0;
+        skip_empty();
+    }
+    __device__ void skip_empty() {
+        while (p < 4 && u >= ph[p].units) {
+            ++p;
+            u = first_unit();
+        }
+    }
+    // Copies the next stage (nothing once the stream is done) and commits a group, so that
+    // the groups in flight always number the stages issued but not yet consumed.
+    __device__ void issue() {
+        if (p < 4) {
+            constexpr int VEC = 16 / sizeof(T);
+            const Phase<T> &f = ph[p];
+            const int lane = threadIdx.x & 31, nch = f.K / VEC, cl = SL / f.R;
+            uint4 *slot = ring + (issued % NS) * SL * 32;
+            for (int r = 0; r < f.R; ++r) {
+                const uint4 *wr = reinterpret_cast<const uint4 *>(f.w + (size_t)f.row(u, r) * f.K);
+#pragma unroll
+                for (int c = 0; c < SL; ++c) {
+                    const int ch = c0 + c * 32 + lane;
+                    if (c < cl && ch < nch) cp_async16(slot + (r * cl + c) * 32 + lane, wr + ch);
+                }
+            }
+            c0 += 32 * cl;
+            if (c0 >= nch) {
+                c0 = 0;
+                u += gridDim.x * NW;
+                skip_empty();
+            }
+        }
+        cp_commit();
+        ++issued;
+    }
+    // The oldest stage in flight, once its copies have landed.
+    __device__ const uint4 *oldest(int consumed) {
+        cp_wait<NS - 1>();
+        return ring + (consumed % NS) * SL * 32;
+    }
+};
+
+// Few-row matrix-vector products of phase `f` (R rows per unit, its stages taken from the
+// stream in order): warp units u = global warp, + all warps, ...; epi(u, lane's value of row r
+// for batch row `lane`) runs on every lane after the reduction. A lane sums chunks lane,
+// lane + 32, ... in order, like small_linear. `work` false: the stages are consumed but not
+// multiplied (a timing diagnostic).
+template <typename T, int MM, int R, typename Epi>
+__device__ void gemv(Stream<T> &st, int &consumed, const Phase<T> &f, const T *xs, int M,
+                     bool work, Epi epi) {
+    constexpr int VEC = 16 / sizeof(T), CL = SL / R;
     const int lane = threadIdx.x & 31;
-    const int nch = K / VEC;
-    for (int u = first_unit(); u < units; u += gridDim.x * NW) {
+    const int K = f.K, nch = K / VEC;
+    for (int u = first_unit(); u < f.units; u += gridDim.x * NW) {
         float acc[R][MM];
 #pragma unroll
         for (int r = 0; r < R; ++r)
 #pragma unroll
             for (int m = 0; m < MM; ++m) acc[r][m] = 0.f;
-        for (int c0 = 0; c0 < nch; c0 += 32 * SLAB) {
-            if (c0 > 0) load_slab(wv, w, K, u, c0, row_of);
+        for (int c0 = 0; c0 < nch; c0 += 32 * CL) {
+            const uint4 *slot = st.oldest(consumed++);
+            if (work) {
 #pragma unroll
-            for (int c = 0; c < SLAB; ++c) {
-                const int ch = c0 + c * 32 + lane;
-                if (ch < nch) {
+                for (int c = 0; c < CL; ++c) {
+                    const int ch = c0 + c * 32 + lane;
+                    if (ch < nch) {
+                        uint4 wv[R];
 #pragma unroll
-                    for (int m = 0; m < MM; ++m) {
-                        if (m < M) {
-                            // the lane's 8 elements of x: one conflict-free 16-byte read
-                            const uint4 xu = *reinterpret_cast<const uint4 *>(xs + m * K + ch * VEC);
-                            const T *xt = reinterpret_cast<const T *>(&xu);
+                        for (int r = 0; r < R; ++r) wv[r] = slot[(r * CL + c) * 32 + lane];
 #pragma unroll
-                            for (int e = 0; e < VEC; ++e) {
-                                const float xv = tof(xt[e]);
+                        for (int m = 0; m < MM; ++m) {
+                            if (m < M) {
+                                // the lane's 8 elements of x: one conflict-free 16-byte read
+                                const uint4 xu =
+                                    *reinterpret_cast<const uint4 *>(xs + m * K + ch * VEC);
+                                const T *xt = reinterpret_cast<const T *>(&xu);
 #pragma unroll
-                                for (int r = 0; r < R; ++r)
-                                    acc[r][m] += xv * tof(reinterpret_cast<const T *>(&wv[r][c])[e]);
+                                for (int e = 0; e < VEC; ++e) {
+                                    const float xv = tof(xt[e]);
+#pragma unroll
+                                    for (int r = 0; r < R; ++r)
+                                        acc[r][m] += xv * tof(reinterpret_cast<const T *>(&wv[r])[e]);
+                                }
                             }
                         }
                     }
                 }
             }
+            // the slot is read (its values are in the sums): it takes the next stage
+            st.issue();
         }
-        const int next = u + gridDim.x * NW;
-        if (next < units) load_slab(wv, w, K, next, 0, row_of);
         float mine[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -172,14 +243,14 @@ __device__ void gemv(uint4 (&wv)[R][SLAB], const T *w, int K, int units, const T
     }
 }
 
-template <typename T, int HD, int MM, int SE>
+template <typename T, int HD, int MM>
 __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_norm,
                              const T *wo, const T *ffn_norm, const T *w13, const T *w2,
                              float eps, const float *rope, int rope_rows,
                              T *kv, size_t base, int n_layer, int max_len, int layer, int at,
                              int keys, const float *mask, long long mask_b, T *qr, T *att,
                              T *hm, T *f, float *part, unsigned *sync, int M, int D, int h,
-                             int kvh, int F, int ck, int skip) {
+                             int kvh, int F, int ck, int ring_at, int skip) {
     extern __shared__ __align__(16) unsigned char smraw[];
     float *sm = reinterpret_cast<float *>(smraw);
     __shared__ float red[32];
@@ -192,25 +263,25 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     GridBarrier bar;
     const int lane = threadIdx.x & 31;
     const size_t plane = cache_plane(n_layer, M, kvh, max_len, HD);
-    const int fu = first_unit();
-    auto row_a = [](int u, int r) { return 2 * u + r; };
-    auto row_1 = [](int u, int) { return u; };
-    auto row_d = [F](int u, int r) { return u + r * F; };
     pdl_trigger();
-    // weights do not depend on the previous kernel: the first slab of wqkv goes out now
-    uint4 wa[2][8];
-    if (fu < Q / 2 && !(skip & 32)) load_slab(wa, wqkv, D, fu, 0, row_a);
+    // the weight stream (phases A: row pairs of wqkv, C: rows of wo, D: gate row u with up row
+    // F + u, E: rows of w2); its first NS stages go out before waiting for the previous kernel
+    Stream<T> st;
+    st.ph[0] = {wqkv, D, Q / 2, 2, 2, 1};
+    st.ph[1] = {wo, A, D, 1, 1, 0};
+    st.ph[2] = {w13, D, F, 2, 1, F};
+    st.ph[3] = {w2, F, D, 1, 1, 0};
+    st.init(reinterpret_cast<uint4 *>(smraw + ring_at) + (threadIdx.x >> 5) * NS * SL * 32);
+    for (int i = 0; i < NS; ++i) st.issue();
+    int consumed = 0;
     pdl_wait();
     bar.init(reinterpret_cast<unsigned long long *>(sync));
 
-    // Each phase's first weight slab goes out before the barrier in front of the phase, so
-    // that its DRAM time overlaps the barrier and the staging of x. (Requesting it one phase
-    // earlier needs two phases' slabs in registers: measured slower, docs/BENCHMARKS.md.)
     const bool loads = !(skip & 32);
     // A: queries, keys, values
     if (loads) stage(x, M, D, attn_norm, eps, xs, ns, red);
-    if (!(skip & 1)) gemv<T, MM, 2, 8>(
-        wa, wqkv, D, Q / 2, xs, M, row_a,
+    gemv<T, MM, 2>(
+        st, consumed, st.ph[0], xs, M, !(skip & 1),
         [&](int u, const float *a) {
             if (lane >= M) return;
             const int n = 2 * u, m = lane;
@@ -235,8 +306,6 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
                 kv[o + 1] = fromf<T>(a1);
             }
         });
-    uint4 wc[1][8];
-    if (fu < D && loads) load_slab(wc, wo, A, fu, 0, row_1);
     bar.sync();
 
     // B: attention; unit (bb, hh, chunk), chunks of one head consecutive
@@ -372,34 +441,30 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
 
     // C: wo + residual
     if (loads) stage(att, M, A, (const T *)nullptr, 0.f, xs, ns, red);
-    if (!(skip & 4)) gemv<T, MM, 1, 8>(
-        wc, wo, A, D, xs, M, row_1,
+    gemv<T, MM, 1>(
+        st, consumed, st.ph[1], xs, M, !(skip & 4),
         [&](int u, const float *a) {
             if (lane >= M) return;
             const size_t o = (size_t)lane * D + u;
             hm[o] = fromf<T>(tof(__ldcg(x + o)) + rnd<T>(a[0]));
         });
-    uint4 wd[2][8];
-    if (fu < F && loads) load_slab(wd, w13, D, fu, 0, row_d);
     bar.sync();
 
     // D: RMSNorm, gate/up, SwiGLU
     if (loads) stage(hm, M, D, ffn_norm, eps, xs, ns, red);
-    if (!(skip & 8)) gemv<T, MM, 2, 8>(
-        wd, w13, D, F, xs, M, row_d,
+    gemv<T, MM, 2>(
+        st, consumed, st.ph[2], xs, M, !(skip & 8),
         [&](int u, const float *a) {
             if (lane >= M) return;
             const float g = rnd<T>(a[0]);
             f[(size_t)lane * F + u] = fromf<T>(rnd<T>(g / (1.f + __expf(-g))) * rnd<T>(a[1]));
         });
-    uint4 we[1][SE];
-    if (fu < D && loads) load_slab(we, w2, F, fu, 0, row_1);
     bar.sync();
 
     // E: w2 + residual
     if (loads) stage(f, M, F, (const T *)nullptr, 0.f, xs, ns, red);
-    if (!(skip & 16)) gemv<T, MM, 1, SE>(
-        we, w2, F, D, xs, M, row_1,
+    gemv<T, MM, 1>(
+        st, consumed, st.ph[3], xs, M, !(skip & 16),
         [&](int u, const float *a) {
             if (lane >= M) return;
             const size_t o = (size_t)lane * D + u;
@@ -410,16 +475,16 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
 }  // namespace
 
 #define LAYER(T, HD, MM, NAME)                                                                  \
-    extern "C" __global__ void __launch_bounds__(NW * 32, 2) NAME(                               \
+    extern "C" __global__ void __launch_bounds__(NW * 32, 1) NAME(                               \
         const T *x, T *out, const T *wqkv, const T *attn_norm, const T *wo, const T *ffn_norm,  \
         const T *w13, const T *w2, float eps, const float *rope, int rope_rows, T *kv,          \
         unsigned long long base, int n_layer, int max_len, int layer, int at, int keys,         \
         const float *mask, long long mask_b, T *qr, T *att, T *hm, T *f, float *part,           \
-        unsigned *sync, int M, int D, int h, int kvh, int F, int ck, int skip) {                \
-        decode_layer<T, HD, MM, (MM <= 2 ? 16 : 8)>(                                            \
+        unsigned *sync, int M, int D, int h, int kvh, int F, int ck, int ring_at, int skip) {   \
+        decode_layer<T, HD, MM>(                                                                \
             x, out, wqkv, attn_norm, wo, ffn_norm, w13, w2, eps, rope, rope_rows, kv, base,     \
             n_layer, max_len, layer, at, keys, mask, mask_b, qr, att, hm, f, part, sync, M, D,  \
-            h, kvh, F, ck, skip);                                                               \
+            h, kvh, F, ck, ring_at, skip);                                                      \
     }
 #define LAYERS_HD(T, HD, SUF)                                                                   \
     LAYER(T, HD, 1, decode_layer_##HD##_1_##SUF)                                                \

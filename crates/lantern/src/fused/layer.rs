@@ -38,8 +38,13 @@ pub struct BlockWeights<'a> {
 /// Batch rows the kernel serves (one decode token each).
 pub const LAYER_ROWS: usize = 8;
 
-/// Shared memory a decode-layer block may use (its f32 copy of the rows it multiplies).
-pub(super) const LAYER_SHARED: usize = 200 * 1024;
+/// Shared memory a decode-layer block may use: the rows it multiplies (or the attention's
+/// scratch), then [`LAYER_RING`].
+pub(super) const LAYER_SHARED: usize = 224 * 1024;
+
+/// Shared memory of a block's weight-stream rings: 8 warps x 5 stages x 8 16-byte loads per
+/// lane (`NW`, `NS`, `SL` in decode_layer.cu).
+pub(super) const LAYER_RING: usize = 8 * 5 * 8 * 32 * 16;
 
 /// Whether decode steps take [`decode_layer`] where it fits: `LANTERN_DECODE_LAYER=1` (opt-in,
 /// see the module notes).
@@ -67,7 +72,8 @@ pub fn decode_layer_fits(x: &Tensor, heads: Heads, ffn: usize) -> bool {
         && heads.kvh > 0
         && heads.h.is_multiple_of(heads.kvh)
         && [dim, a, ffn].iter().all(|w| w.is_multiple_of(8))
-        && (b.next_power_of_two() * kmax + dim) * 2 <= LAYER_SHARED
+        && ((b.next_power_of_two() * kmax + dim) * 2).next_multiple_of(16) + LAYER_RING
+            <= LAYER_SHARED
 }
 
 /// One decode step through a LlamaGen block in one kernel: writes the new keys and values into
