@@ -42,6 +42,19 @@ fn skip_mask() -> i32 {
     })
 }
 
+/// `LANTERN_LAYER_STAGES=n` (1..=5, default 5): weight-stream stages a warp keeps in flight
+/// (a bench switch: fewer requests ahead queue less in front of the barriers and the staging).
+fn stages() -> i32 {
+    static N: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("LANTERN_LAYER_STAGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| (1..=5).contains(n))
+            .unwrap_or(5)
+    })
+}
+
 /// `LANTERN_LAYER_BLOCKS=n`: at most n blocks (a bench switch; default: all that stay resident).
 fn block_cap() -> Option<usize> {
     static N: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
@@ -181,6 +194,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     let rope_rows = d.rope_rows as i32;
     let ints_b = [d.cache.n_layer, d.cache.max_len, op.layer, op.at, op.keys].map(|v| v as i32);
     let ints_c = [m, dim, heads.h, heads.kvh, ffn, ck, ring_at].map(|v| v as i32);
+    let stages = stages();
     let skip = skip_mask();
     let stream = dev.cuda_stream();
     let mut b = Launch::new(&func, &stream);
@@ -208,6 +222,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     for v in &ints_c {
         b.arg(v);
     }
+    b.arg(&stages);
     b.arg(&skip);
     let cfg = launch_cfg((blocks as u32, 1, 1), 32 * WARPS as u32, shared);
     // SAFETY: the argument list matches the kernel's signature; every shape was checked by

@@ -103,7 +103,7 @@ __device__ void stage(const T *src, int M, int K, const T *norm_w, float eps, T 
 // A stage is SL 16-byte loads per lane: R rows (1 or 2) x SL / R loads of each. A lane copies,
 // and later reads, only its own 16-byte pieces (chunks c0 + 32 c + lane of each row, the
 // per-lane chunk order of small_linear), so no lane waits for another.
-constexpr int NS = 5;  // stages in flight per warp
+constexpr int NS = 5;  // stages per warp's ring (at most in flight: `stages`, 1..NS)
 constexpr int SL = 8;  // 16-byte loads per lane per stage
 
 __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
@@ -113,6 +113,16 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+// Waits until at most n (0..NS - 1, uniform over the warp) groups are in flight.
+__device__ __forceinline__ void cp_wait_n(int n) {
+    switch (n) {
+    case 0: cp_wait<0>(); break;
+    case 1: cp_wait<1>(); break;
+    case 2: cp_wait<2>(); break;
+    case 3: cp_wait<3>(); break;
+    default: cp_wait<NS - 1>(); break;
+    }
 }
 
 // This warp's first unit of a phase (its global warp index).
@@ -131,9 +141,10 @@ template <typename T> struct Phase {
 template <typename T> struct Stream {
     Phase<T> ph[4];
     uint4 *ring;  // this warp's [NS][SL][32]
-    int p, u, c0, issued;
-    __device__ void init(uint4 *r) {
+    int p, u, c0, issued, stages;
+    __device__ void init(uint4 *r, int n) {
         ring = r;
+        stages = n;
         p = 0;
         u = first_unit();
         c0 = 0;
@@ -153,7 +164,7 @@ template <typename T> struct Stream {
             constexpr int VEC = 16 / sizeof(T);
             const Phase<T> &f = ph[p];
             const int lane = threadIdx.x & 31, nch = f.K / VEC, cl = SL / f.R;
-            uint4 *slot = ring + (issued % NS) * SL * 32;
+            uint4 *slot = ring + (issued % stages) * SL * 32;
             for (int r = 0; r < f.R; ++r) {
                 const uint4 *wr = reinterpret_cast<const uint4 *>(f.w + (size_t)f.row(u, r) * f.K);
 #pragma unroll
@@ -174,8 +185,8 @@ template <typename T> struct Stream {
     }
     // The oldest stage in flight, once its copies have landed.
     __device__ const uint4 *oldest(int consumed) {
-        cp_wait<NS - 1>();
-        return ring + (consumed % NS) * SL * 32;
+        cp_wait_n(stages - 1);
+        return ring + (consumed % stages) * SL * 32;
     }
 };
 
@@ -250,7 +261,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
                              T *kv, size_t base, int n_layer, int max_len, int layer, int at,
                              int keys, const float *mask, long long mask_b, T *qr, T *att,
                              T *hm, T *f, float *part, unsigned *sync, int M, int D, int h,
-                             int kvh, int F, int ck, int ring_at, int skip) {
+                             int kvh, int F, int ck, int ring_at, int stages, int skip) {
     extern __shared__ __align__(16) unsigned char smraw[];
     float *sm = reinterpret_cast<float *>(smraw);
     __shared__ float red[32];
@@ -271,8 +282,9 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     st.ph[1] = {wo, A, D, 1, 1, 0};
     st.ph[2] = {w13, D, F, 2, 1, F};
     st.ph[3] = {w2, F, D, 1, 1, 0};
-    st.init(reinterpret_cast<uint4 *>(smraw + ring_at) + (threadIdx.x >> 5) * NS * SL * 32);
-    for (int i = 0; i < NS; ++i) st.issue();
+    st.init(reinterpret_cast<uint4 *>(smraw + ring_at) + (threadIdx.x >> 5) * NS * SL * 32,
+            stages);
+    for (int i = 0; i < stages; ++i) st.issue();
     int consumed = 0;
     pdl_wait();
     bar.init(reinterpret_cast<unsigned long long *>(sync));
@@ -480,11 +492,12 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
         const T *w13, const T *w2, float eps, const float *rope, int rope_rows, T *kv,          \
         unsigned long long base, int n_layer, int max_len, int layer, int at, int keys,         \
         const float *mask, long long mask_b, T *qr, T *att, T *hm, T *f, float *part,           \
-        unsigned *sync, int M, int D, int h, int kvh, int F, int ck, int ring_at, int skip) {   \
+        unsigned *sync, int M, int D, int h, int kvh, int F, int ck, int ring_at, int stages,   \
+        int skip) {                                                                             \
         decode_layer<T, HD, MM>(                                                                \
             x, out, wqkv, attn_norm, wo, ffn_norm, w13, w2, eps, rope, rope_rows, kv, base,     \
             n_layer, max_len, layer, at, keys, mask, mask_b, qr, att, hm, f, part, sync, M, D,  \
-            h, kvh, F, ck, ring_at, skip);                                                      \
+            h, kvh, F, ck, ring_at, stages, skip);                                              \
     }
 #define LAYERS_HD(T, HD, SUF)                                                                   \
     LAYER(T, HD, 1, decode_layer_##HD##_1_##SUF)                                                \
