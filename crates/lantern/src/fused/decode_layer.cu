@@ -139,7 +139,9 @@ template <typename T> struct Phase {
 // A warp's weight stream over the phases A, C, D, E: where its next stage to copy starts
 // (phase, unit, first chunk), and the ring it copies into.
 template <typename T> struct Stream {
-    Phase<T> ph[4];
+    Phase<T> a, c, d, e;  // (not an array: indexing one by the phase number would put the
+                          // stream in local memory, a round trip per stage)
+    __device__ Phase<T> ph(int i) const { return i == 0 ? a : i == 1 ? c : i == 2 ? d : e; }
     uint4 *ring;  // this warp's [NS][SL][32]
     int p, u, c0, issued, stages;
     __device__ void init(uint4 *r, int n) {
@@ -152,7 +154,7 @@ template <typename T> struct Stream {
         skip_empty();
     }
     __device__ void skip_empty() {
-        while (p < 4 && u >= ph[p].units) {
+        while (p < 4 && u >= ph(p).units) {
             ++p;
             u = first_unit();
         }
@@ -162,7 +164,7 @@ template <typename T> struct Stream {
     __device__ void issue() {
         if (p < 4) {
             constexpr int VEC = 16 / sizeof(T);
-            const Phase<T> &f = ph[p];
+            const Phase<T> f = ph(p);
             const int lane = threadIdx.x & 31, nch = f.K / VEC, cl = SL / f.R;
             uint4 *slot = ring + (issued % stages) * SL * 32;
             for (int r = 0; r < f.R; ++r) {
@@ -278,10 +280,10 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     // the weight stream (phases A: row pairs of wqkv, C: rows of wo, D: gate row u with up row
     // F + u, E: rows of w2); its first NS stages go out before waiting for the previous kernel
     Stream<T> st;
-    st.ph[0] = {wqkv, D, Q / 2, 2, 2, 1};
-    st.ph[1] = {wo, A, D, 1, 1, 0};
-    st.ph[2] = {w13, D, F, 2, 1, F};
-    st.ph[3] = {w2, F, D, 1, 1, 0};
+    st.a = {wqkv, D, Q / 2, 2, 2, 1};
+    st.c = {wo, A, D, 1, 1, 0};
+    st.d = {w13, D, F, 2, 1, F};
+    st.e = {w2, F, D, 1, 1, 0};
     st.init(reinterpret_cast<uint4 *>(smraw + ring_at) + (threadIdx.x >> 5) * NS * SL * 32,
             stages);
     for (int i = 0; i < stages; ++i) st.issue();
@@ -293,7 +295,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     // A: queries, keys, values
     if (loads) stage(x, M, D, attn_norm, eps, xs, ns, red);
     gemv<T, MM, 2>(
-        st, consumed, st.ph[0], xs, M, !(skip & 1),
+        st, consumed, st.a, xs, M, !(skip & 1),
         [&](int u, const float *a) {
             if (lane >= M) return;
             const int n = 2 * u, m = lane;
@@ -454,7 +456,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     // C: wo + residual
     if (loads) stage(att, M, A, (const T *)nullptr, 0.f, xs, ns, red);
     gemv<T, MM, 1>(
-        st, consumed, st.ph[1], xs, M, !(skip & 4),
+        st, consumed, st.c, xs, M, !(skip & 4),
         [&](int u, const float *a) {
             if (lane >= M) return;
             const size_t o = (size_t)lane * D + u;
@@ -465,7 +467,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     // D: RMSNorm, gate/up, SwiGLU
     if (loads) stage(hm, M, D, ffn_norm, eps, xs, ns, red);
     gemv<T, MM, 2>(
-        st, consumed, st.ph[2], xs, M, !(skip & 8),
+        st, consumed, st.d, xs, M, !(skip & 8),
         [&](int u, const float *a) {
             if (lane >= M) return;
             const float g = rnd<T>(a[0]);
@@ -476,7 +478,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     // E: w2 + residual
     if (loads) stage(f, M, F, (const T *)nullptr, 0.f, xs, ns, red);
     gemv<T, MM, 1>(
-        st, consumed, st.ph[3], xs, M, !(skip & 16),
+        st, consumed, st.e, xs, M, !(skip & 16),
         [&](int u, const float *a) {
             if (lane >= M) return;
             const size_t o = (size_t)lane * D + u;
