@@ -42,8 +42,10 @@ fn skip_mask() -> i32 {
     })
 }
 
-/// `LANTERN_LAYER_STAGES=n` (1..=5, default 5): weight-stream stages a warp keeps in flight
-/// (a bench switch: fewer requests ahead queue less in front of the barriers and the staging).
+/// `LANTERN_LAYER_STAGES=n` (1..=5, default 5): weight-stream stages a warp keeps in flight,
+/// and so the rings' size (a bench switch: with fewer, two blocks fit on an SM, so that with
+/// `LANTERN_LAYER_BLOCKS` at the SM count the next layer's kernel becomes resident under PDL
+/// and streams its first stages while this one finishes).
 fn stages() -> i32 {
     static N: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
     *N.get_or_init(|| {
@@ -134,7 +136,9 @@ fn launch<T: CudaDType + DeviceRepr>(
     let ring_at = ((mm * kmax + dim) * std::mem::size_of::<T>())
         .max((WARPS * hd + 16 * (hd + 2)) * 4)
         .next_multiple_of(16);
-    let shared = ring_at + LAYER_RING;
+    let stages = stages();
+    // the rings hold `stages` stages per warp (LAYER_RING: at most 5)
+    let shared = ring_at + LAYER_RING / 5 * stages as usize;
     allow_shared(dev, &func, &name, LAYER_SHARED, 100)?;
     let resident = resident_blocks(dev, &func, &name, 32 * WARPS as u32, shared)?;
     let blocks = block_cap().map_or(resident, |c| c.min(resident));
@@ -194,7 +198,6 @@ fn launch<T: CudaDType + DeviceRepr>(
     let rope_rows = d.rope_rows as i32;
     let ints_b = [d.cache.n_layer, d.cache.max_len, op.layer, op.at, op.keys].map(|v| v as i32);
     let ints_c = [m, dim, heads.h, heads.kvh, ffn, ck, ring_at].map(|v| v as i32);
-    let stages = stages();
     let skip = skip_mask();
     let stream = dev.cuda_stream();
     let mut b = Launch::new(&func, &stream);

@@ -142,7 +142,7 @@ template <typename T> struct Stream {
     Phase<T> a, c, d, e;  // (not an array: indexing one by the phase number would put the
                           // stream in local memory, a round trip per stage)
     __device__ Phase<T> ph(int i) const { return i == 0 ? a : i == 1 ? c : i == 2 ? d : e; }
-    uint4 *ring;  // this warp's [NS][SL][32]
+    uint4 *ring;  // this warp's [stages][SL][32]
     int p, u, c0, issued, stages;
     __device__ void init(uint4 *r, int n) {
         ring = r;
@@ -284,7 +284,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     st.c = {wo, A, D, 1, 1, 0};
     st.d = {w13, D, F, 2, 1, F};
     st.e = {w2, F, D, 1, 1, 0};
-    st.init(reinterpret_cast<uint4 *>(smraw + ring_at) + (threadIdx.x >> 5) * NS * SL * 32,
+    st.init(reinterpret_cast<uint4 *>(smraw + ring_at) + (threadIdx.x >> 5) * stages * SL * 32,
             stages);
     for (int i = 0; i < stages; ++i) st.issue();
     int consumed = 0;
