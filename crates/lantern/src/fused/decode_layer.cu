@@ -320,7 +320,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
                 kv[o + 1] = fromf<T>(a1);
             }
         });
-    bar.sync();
+    if (!(skip & 64)) bar.sync();
 
     // B: attention; unit (bb, hh, chunk), chunks of one head consecutive
     {
@@ -451,7 +451,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
             __syncthreads();
         }
     }
-    bar.sync();
+    if (!(skip & 64)) bar.sync();
 
     // C: wo + residual
     if (loads) stage(att, M, A, (const T *)nullptr, 0.f, xs, ns, red);
@@ -462,7 +462,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
             const size_t o = (size_t)lane * D + u;
             hm[o] = fromf<T>(tof(__ldcg(x + o)) + rnd<T>(a[0]));
         });
-    bar.sync();
+    if (!(skip & 64)) bar.sync();
 
     // D: RMSNorm, gate/up, SwiGLU
     if (loads) stage(hm, M, D, ffn_norm, eps, xs, ns, red);
@@ -473,7 +473,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
             const float g = rnd<T>(a[0]);
             f[(size_t)lane * F + u] = fromf<T>(rnd<T>(g / (1.f + __expf(-g))) * rnd<T>(a[1]));
         });
-    bar.sync();
+    if (!(skip & 64)) bar.sync();
 
     // E: w2 + residual
     if (loads) stage(f, M, F, (const T *)nullptr, 0.f, xs, ns, red);
