@@ -454,23 +454,6 @@ fn small_warps(n: usize) -> usize {
     forced.unwrap_or(if n >= 2048 { 8 } else { 4 })
 }
 
-/// `LANTERN_SMALL_MMA=1`: few-row linears on tensor cores (`small_mma` in kernels.cu) where K
-/// is a multiple of 32 and at most 4096; warps per block: 8 up to K = 2048, else 16 (each warp
-/// holds at most 8 chunks of 32). `None`: the CUDA-core kernel.
-fn mma_warps(dt: DType, k: usize) -> Option<usize> {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("LANTERN_SMALL_MMA").is_ok_and(|v| v == "1"));
-    if !on || dt == DType::F32 || !k.is_multiple_of(32) {
-        return None;
-    }
-    match k / 32 {
-        0 => None,
-        1..=64 => Some(8),
-        65..=128 => Some(16),
-        _ => None,
-    }
-}
-
 pub(super) fn small_linear(
     op: &SmallLinear,
     d: &LinearDims,
@@ -486,36 +469,19 @@ pub(super) fn small_linear(
         bail!("small_linear: input {dt:?} vs weight {:?}", w.dtype());
     }
     let glu = if swiglu { "g" } else { "p" };
-    let mma = mma_warps(dt, d.k);
-    let name = match mma {
-        Some(warps) => format!("small_mma_{glu}_{warps}_{}", suffix(dt)?),
-        None => {
-            // 16-byte loads a lane keeps in registers: 8 when the row fits (more warps resident)
-            let per_load = 16 / dt.size_in_bytes();
-            let chunks = if d.k <= 8 * 32 * per_load { 8 } else { 16 };
-            format!("small_linear_{}_{glu}_{chunks}_{}", d.m, suffix(dt)?)
-        }
-    };
+    // 16-byte loads a lane keeps in registers: 8 when the row fits (more warps resident)
+    let per_load = 16 / dt.size_in_bytes();
+    let chunks = if d.k <= 8 * 32 * per_load { 8 } else { 16 };
+    let name = format!("small_linear_{}_{glu}_{chunks}_{}", d.m, suffix(dt)?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let shared = (d.m + 1) * d.k * 4;
     allow_shared(&dev, &func, &name, SMALL_SHARED, 100)?;
-    let cfg = match mma {
-        // tensor cores: one block per 16 weight rows (8 gate/up pairs), its warps split K; x
-        // in the model dtype (rows padded by 8) and the warps' partial sums in shared memory
-        Some(warps) => {
-            let tiles = d.n.div_ceil(if swiglu { 8 } else { 16 });
-            let shared = d.m * (d.k + 8) * dt.size_in_bytes() + warps * 16 * 8 * 4;
-            launch_cfg((tiles as u32, 1, 1), 32 * warps as u32, shared)
-        }
-        // a persistent grid: as many blocks as stay resident (each stages and normalises x
-        // once, then its warps stream rows, fetching the next row while reducing the current one)
-        None => {
-            let shared = (d.m + 1) * d.k * 4;
-            let warps = small_warps(d.n);
-            let resident = resident_blocks(&dev, &func, &name, 32 * warps as u32, shared)?;
-            let blocks = d.n.div_ceil(warps).min(resident).max(1) as u32;
-            launch_cfg((blocks, 1, 1), 32 * warps as u32, shared)
-        }
-    };
+    // a persistent grid: as many blocks as stay resident (each stages and normalises x once,
+    // then its warps stream rows, fetching the next row while reducing the current one)
+    let warps = small_warps(d.n);
+    let resident = resident_blocks(&dev, &func, &name, 32 * warps as u32, shared)?;
+    let blocks = d.n.div_ceil(warps).min(resident).max(1) as u32;
+    let cfg = launch_cfg((blocks, 1, 1), 32 * warps as u32, shared);
     let norm_g = norm.map(|(t, e)| (t.storage_and_layout(), *e));
     let res_g = residual.map(|t| t.storage_and_layout());
     let mode: i32 = if swiglu {
@@ -553,10 +519,6 @@ pub(super) fn small_linear(
         builder.arg(&eps);
         builder.arg(&rs);
         builder.arg(&out);
-        let rows = d.m as i32;
-        if mma.is_some() {
-            builder.arg(&rows);
-        }
         builder.arg(&k);
         builder.arg(&n);
         builder.arg(&mode);
