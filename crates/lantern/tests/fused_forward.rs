@@ -238,6 +238,53 @@ fn cuda_move_slots_matches_tensor_copy() -> Result<()> {
     Ok(())
 }
 
+/// On the GPU the `wqkv` product with the K/V write in its epilogue (`small_linear_kv`, row
+/// pairs) gives the same outputs and the same cache, bit for bit, as `small_linear` followed by
+/// `write_kv`.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_small_linear_kv_matches_linear_then_write() -> Result<()> {
+    use lantern::fused::{small_linear, small_linear_kv, write_kv, Epilogue, Heads};
+    let gpu = lantern::fused::cuda_device(0)?;
+    let max = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?)
+    };
+    // (h, kvh, hd, dim, rows, rope rows shared)
+    for (h, kvh, hd, dim, b, shared) in [
+        (4, 4, 64, 256, 2, false),
+        (8, 2, 32, 384, 3, true),
+        (2, 2, 128, 1280, 8, false),
+    ] {
+        let heads = Heads { h, kvh, hd };
+        let (layers, max_len, layer, at) = (3, 40, 1, 17);
+        let q = (h + 2 * kvh) * hd;
+        let x = Tensor::randn(0f32, 1.0, (b, 1, dim), &gpu)?.to_dtype(DType::BF16)?;
+        let w = (Tensor::randn(0f32, 1.0, (q, dim), &gpu)? / (dim as f64).sqrt())?
+            .to_dtype(DType::BF16)?;
+        let nw = Tensor::randn(1f32, 0.1, dim, &gpu)?.to_dtype(DType::BF16)?;
+        let rope = Tensor::randn(0f32, 1.0, (if shared { 1 } else { b }, 1, hd / 2, 2), &gpu)?;
+        let kv0 = Tensor::randn(0f32, 1.0, (2, layers, b, kvh, max_len, hd), &gpu)?
+            .to_dtype(DType::BF16)?;
+        let (kv_a, kv_b) = (kv0.copy()?, kv0.copy()?);
+        let want = small_linear(&x, &w, Some((&nw, 1e-5)), Epilogue::None)?;
+        write_kv(&kv_a, &want, &rope, layer, at, heads)?;
+        let got = small_linear_kv(&x, &w, Some((&nw, 1e-5)), &kv_b, &rope, layer, at, heads)?;
+        let what = format!("h {h}, kvh {kvh}, hd {hd}, dim {dim}, {b} rows");
+        assert_eq!(max(&got, &want)?, 0.0, "qkv, {what}");
+        assert_eq!(max(&kv_b, &kv_a)?, 0.0, "cache, {what}");
+        assert!(max(&kv_b, &kv0)? > 0.0, "the cache was written, {what}");
+        assert!(
+            small_linear_kv(&x, &w, None, &kv_b, &rope, layers, at, heads).is_err(),
+            "a layer outside the cache is refused"
+        );
+    }
+    Ok(())
+}
+
 /// On the GPU the probabilities kernel with CFG folded in equals the kernel on the logits
 /// mixed by tensor ops, bit for bit (the speculative loop's drafting levels used the latter).
 #[cfg(feature = "cuda")]

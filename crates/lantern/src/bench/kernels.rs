@@ -235,6 +235,26 @@ pub fn run_kernel_bench(
                     Ok(())
                 },
             )?;
+            if attention_ok && s == 1 {
+                let kv_bytes = (b * heads.kvh * heads.hd * 2) as f64 * el;
+                row(
+                    "small wqkv + norm + K/V write",
+                    wbytes(&wqkv) + act(d) + act(qkv_w) + kv_bytes,
+                    &mut |k| {
+                        fused::small_linear_kv(
+                            &x,
+                            &wqkv[k % wqkv.len()],
+                            nw,
+                            &kv,
+                            &rope,
+                            0,
+                            at,
+                            heads,
+                        )?;
+                        Ok(())
+                    },
+                )?;
+            }
             row(
                 "small wo + residual",
                 wbytes(&wo) + act(d) * 3.0,

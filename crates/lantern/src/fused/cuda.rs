@@ -468,22 +468,35 @@ pub(super) fn small_linear(
     if w.dtype() != dt {
         bail!("small_linear: input {dt:?} vs weight {:?}", w.dtype());
     }
-    let glu = if swiglu { "g" } else { "p" };
+    let pairs = op.pairs && !swiglu && d.n.is_multiple_of(2);
+    let rows = match (swiglu, pairs) {
+        (true, _) => "g",
+        (false, true) => "q",
+        (false, false) => "p",
+    };
     // 16-byte loads a lane keeps in registers: 8 when the row fits (more warps resident)
     let per_load = 16 / dt.size_in_bytes();
     let chunks = if d.k <= 8 * 32 * per_load { 8 } else { 16 };
-    let name = format!("small_linear_{}_{glu}_{chunks}_{}", d.m, suffix(dt)?);
+    let name = format!("small_linear_{}_{rows}_{chunks}_{}", d.m, suffix(dt)?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let shared = (d.m + 1) * d.k * 4;
     allow_shared(&dev, &func, &name, SMALL_SHARED, 100)?;
     // a persistent grid: as many blocks as stay resident (each stages and normalises x once,
     // then its warps stream rows, fetching the next row while reducing the current one)
-    let warps = small_warps(d.n);
+    let units = if pairs { d.n / 2 } else { d.n };
+    let warps = small_warps(units);
     let resident = resident_blocks(&dev, &func, &name, 32 * warps as u32, shared)?;
-    let blocks = d.n.div_ceil(warps).min(resident).max(1) as u32;
+    let blocks = units.div_ceil(warps).min(resident).max(1) as u32;
     let cfg = launch_cfg((blocks, 1, 1), 32 * warps as u32, shared);
     let norm_g = norm.map(|(t, e)| (t.storage_and_layout(), *e));
     let res_g = residual.map(|t| t.storage_and_layout());
+    let kv_g = op
+        .kv
+        .as_ref()
+        .map(|f| (f.kv.storage_and_layout(), f.rope.storage_and_layout(), f));
+    if kv_g.is_some() && !pairs {
+        bail!("small_linear: the fused K/V write needs row pairs");
+    }
     let mode: i32 = if swiglu {
         2
     } else if residual.is_some() {
@@ -509,6 +522,31 @@ pub(super) fn small_linear(
             Some((g, l)) => Some(held_view::<T>(g, l, "the residual")?),
             None => None,
         };
+        // the fused K/V write: the cache (whole buffer, its view's start passed as `base`),
+        // the RoPE rows and the cache's shape
+        let (kvs, rope, kv_base, kv_ints) = match &kv_g {
+            Some(((kg, kl), (rg, rl), f)) => {
+                let c = &f.cache;
+                let ints = [
+                    f.rope_rows,
+                    f.heads.h,
+                    c.kvh,
+                    c.hd,
+                    c.layer,
+                    c.n_layer,
+                    c.max_len,
+                    f.at,
+                ]
+                .map(|v| v as i32);
+                (
+                    Some(held::<T>(kg, "the KV cache")?.slice(0..)),
+                    Some(held_view::<f32>(rg, rl, "the RoPE table")?),
+                    kl.start_offset() as u64,
+                    ints,
+                )
+            }
+            None => (None, None, 0u64, [0i32; 8]),
+        };
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(d.m * d.n)? };
         let stream = dev.cuda_stream();
@@ -522,7 +560,14 @@ pub(super) fn small_linear(
         builder.arg(&k);
         builder.arg(&n);
         builder.arg(&mode);
-        // SAFETY: argument list matches the kernel's signature; shapes checked by the caller.
+        builder.arg(&kvs);
+        builder.arg(&kv_base);
+        builder.arg(&rope);
+        for v in &kv_ints {
+            builder.arg(v);
+        }
+        // SAFETY: argument list matches the kernel's signature; shapes checked by the caller
+        // (the cache's by `CacheLayer::check` in small_linear_kv).
         unsafe { builder.launch(cfg) }?;
         Ok(wrap(out, &dev))
     })

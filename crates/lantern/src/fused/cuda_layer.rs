@@ -42,7 +42,7 @@ fn skip_mask() -> i32 {
     })
 }
 
-/// `LANTERN_LAYER_STAGES=n` (1..=5, default 5): weight-stream stages a warp keeps in flight,
+/// `LANTERN_LAYER_STAGES=n` (1..=5, default 2: measured fastest, docs/BENCHMARKS.md §0000000b): weight-stream stages a warp keeps in flight,
 /// and so the rings' size (a bench switch: with fewer, two blocks fit on an SM, so that with
 /// `LANTERN_LAYER_BLOCKS` at the SM count the next layer's kernel becomes resident under PDL
 /// and streams its first stages while this one finishes).
@@ -53,7 +53,7 @@ fn stages() -> i32 {
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|n| (1..=5).contains(n))
-            .unwrap_or(5)
+            .unwrap_or(2)
     })
 }
 

@@ -306,34 +306,44 @@ ALL(__nv_bfloat16, bf16)
 ALL(__half, f16)
 
 // y = x w^T for a few rows (M <= 8: decode steps), weight-bandwidth bound: one warp per output
-// row (or gate/up row pair). A warp first issues all 16-byte loads of its weight row(s) into
-// registers (K <= 32 * VEC * CH), then the block stages x in shared memory as f32 while they
-// are in flight. Prologue: with norm_w, x rows are first RMS-normalised exactly like
-// add_rms_norm's output. Epilogue: mode 0 y = round(acc); mode 1 y = round(res + round(acc))
-// (residual add); mode 2 (SwiGLU, w has 2N rows: gate then up)
-// y = round(round(silu(round(g))) * round(u)).
-template <typename T, int M, bool GLU, int SMALL_CH>
+// row (ROWS 0), gate/up row pair (ROWS 1: w has 2N rows, gate then up) or pair of adjacent
+// rows (ROWS 2: rows 2u and 2u + 1, N even; twice the bytes in flight per warp). A warp first
+// issues all 16-byte loads of its weight row(s) into registers (K <= 32 * VEC * CH), then the
+// block stages x in shared memory as f32 while they are in flight. Prologue: with norm_w, x
+// rows are first RMS-normalised exactly like add_rms_norm's output. Epilogue: mode 0
+// y = round(acc); mode 1 y = round(res + round(acc)) (residual add); mode 2 (SwiGLU)
+// y = round(round(silu(round(g))) * round(u)). With ROWS 2 and kv set (the wqkv product of a
+// decode step), the epilogue also does write_kv's work: keys rotated with `rope` and values
+// into cache layer `kc.layer` at slot `kc.at`, from the rounded outputs, as write_kv reads them.
+struct KvArgs {
+    unsigned long long base;
+    const float *rope;
+    int rope_rows, h, kvh, hd, layer, n_layer, max_len, at;
+};
+
+template <typename T, int M, int ROWS, int SMALL_CH>
 __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps, const T *res,
-                             T *y, int K, int N, int mode) {
+                             T *y, int K, int N, int mode, T *kv, KvArgs kc) {
     extern __shared__ float xs[];  // [M][K]
     __shared__ float red[32];
     constexpr int VEC = 16 / sizeof(T);
+    constexpr bool two = ROWS != 0;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    constexpr bool glu = GLU;
     const int nch = K / (32 * VEC) + ((lane * VEC) < (K % (32 * VEC)) ? 1 : 0);
-    uint4 wa[SMALL_CH], wb[GLU ? SMALL_CH : 1];
+    const int units = ROWS == 2 ? N / 2 : N;
+    uint4 wa[SMALL_CH], wb[two ? SMALL_CH : 1];
     int n = blockIdx.x * nw + warp;
-    auto fetch = [&](int row) {
+    auto fetch = [&](int u) {
+        const int ra = ROWS == 2 ? 2 * u : u, rb = ROWS == 2 ? 2 * u + 1 : u + N;
 #pragma unroll
         for (int c = 0; c < SMALL_CH; ++c) {
             const size_t k = (size_t)c * 32 * VEC + lane * VEC;
             wa[c] = make_uint4(0, 0, 0, 0);
-            if (GLU) wb[GLU ? c : 0] = make_uint4(0, 0, 0, 0);
-            if (row < N && c < nch) {
-                wa[c] = *reinterpret_cast<const uint4 *>(w + (size_t)row * K + k);
-                if (GLU)
-                    wb[GLU ? c : 0] =
-                        *reinterpret_cast<const uint4 *>(w + (size_t)(row + N) * K + k);
+            if (two) wb[two ? c : 0] = make_uint4(0, 0, 0, 0);
+            if (u < units && c < nch) {
+                wa[c] = *reinterpret_cast<const uint4 *>(w + (size_t)ra * K + k);
+                if (two)
+                    wb[two ? c : 0] = *reinterpret_cast<const uint4 *>(w + (size_t)rb * K + k);
             }
         }
     };
@@ -366,7 +376,7 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
     }
     __syncthreads();
     if (norm_w) rms_norm_rows<T>(xs, M, K, ns, eps, red);
-    while (n < N) {
+    while (n < units) {
         float acc[M], acc2[M];
 #pragma unroll
         for (int m = 0; m < M; ++m) acc[m] = acc2[m] = 0.f;
@@ -375,7 +385,7 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
             if (c < nch) {
                 const int k = c * 32 * VEC + lane * VEC;
                 const T *t = reinterpret_cast<const T *>(&wa[c]);
-                const T *t2 = reinterpret_cast<const T *>(&wb[GLU ? c : 0]);
+                const T *t2 = reinterpret_cast<const T *>(&wb[two ? c : 0]);
 #pragma unroll
                 for (int m = 0; m < M; ++m) {
                     float xv[VEC];
@@ -388,19 +398,19 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
 #pragma unroll
                     for (int e = 0; e < VEC; ++e) {
                         acc[m] += xv[e] * tof(t[e]);
-                        if (GLU) acc2[m] += xv[e] * tof(t2[e]);
+                        if (two) acc2[m] += xv[e] * tof(t2[e]);
                     }
                 }
             }
         }
-        const int row = n;
+        const int unit = n;
         n += gridDim.x * nw;
         fetch(n);
 #pragma unroll
         for (int m = 0; m < M; ++m) {
             for (int o = 16; o > 0; o >>= 1) {
                 acc[m] += __shfl_xor_sync(0xffffffff, acc[m], o);
-                if (GLU) acc2[m] += __shfl_xor_sync(0xffffffff, acc2[m], o);
+                if (two) acc2[m] += __shfl_xor_sync(0xffffffff, acc2[m], o);
             }
         }
         if (lane < M) {
@@ -408,30 +418,67 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
 #pragma unroll
             for (int m = 0; m < M; ++m)
                 if (m == lane) { a = acc[m]; a2 = acc2[m]; }
-            const size_t o = (size_t)lane * N + row;
-            if (mode == 1) {
-                y[o] = fromf<T>(tof(res[o]) + rnd<T>(a));
-            } else if (glu) {
-                const float g = rnd<T>(a);
-                y[o] = fromf<T>(rnd<T>(g / (1.f + __expf(-g))) * rnd<T>(a2));
+            if (ROWS == 2) {
+                const int row = 2 * unit;
+                const size_t o = (size_t)lane * N + row;
+                if (mode == 1) {
+                    y[o] = fromf<T>(tof(res[o]) + rnd<T>(a));
+                    y[o + 1] = fromf<T>(tof(res[o + 1]) + rnd<T>(a2));
+                } else {
+                    y[o] = fromf<T>(a);
+                    y[o + 1] = fromf<T>(a2);
+                }
+                const int qa = kc.h * kc.hd, ka = qa + kc.kvh * kc.hd;
+                if (kv && row >= qa) {
+                    // a key pair (rotated) or a value pair of head kh, batch row `lane`
+                    const bool key = row < ka;
+                    const int kh = (row - (key ? qa : ka)) / kc.hd, p = (row % kc.hd) / 2;
+                    const size_t ko = kc.base + cache_head(kc.layer, M, lane, kc.kvh, kh, kc.max_len, kc.hd) +
+                                      (size_t)kc.at * kc.hd + 2 * p;
+                    const float a0 = rnd<T>(a), a1 = rnd<T>(a2);
+                    if (key) {
+                        const float *cs = kc.rope + (size_t)(kc.rope_rows == 1 ? 0 : lane) * kc.hd;
+                        const float cv = cs[2 * p], sv = cs[2 * p + 1];
+                        kv[ko] = fromf<T>(a0 * cv - a1 * sv);
+                        kv[ko + 1] = fromf<T>(a1 * cv + a0 * sv);
+                    } else {
+                        const size_t plane = cache_plane(kc.n_layer, M, kc.kvh, kc.max_len, kc.hd);
+                        kv[plane + ko] = fromf<T>(a0);
+                        kv[plane + ko + 1] = fromf<T>(a1);
+                    }
+                }
             } else {
-                y[o] = fromf<T>(a);
+                const size_t o = (size_t)lane * N + unit;
+                if (mode == 1) {
+                    y[o] = fromf<T>(tof(res[o]) + rnd<T>(a));
+                } else if (ROWS == 1) {
+                    const float g = rnd<T>(a);
+                    y[o] = fromf<T>(rnd<T>(g / (1.f + __expf(-g))) * rnd<T>(a2));
+                } else {
+                    y[o] = fromf<T>(a);
+                }
             }
         }
     }
 }
 
-#define SMALL(T, M, G, CH, NAME)                                                                \
+#define SMALL(T, M, R, CH, NAME)                                                                \
     extern "C" __global__ void NAME(const T *x, const T *w, const T *norm_w, float eps,        \
-                                    const T *res, T *y, int K, int N, int mode) {               \
+                                    const T *res, T *y, int K, int N, int mode, T *kv,          \
+                                    unsigned long long kv_base, const float *rope,              \
+                                    int rope_rows, int h, int kvh, int hd, int layer,           \
+                                    int n_layer, int max_len, int at) {                         \
         pdl_trigger();                                                                          \
-        small_linear<T, M, G, CH>(x, w, norm_w, eps, res, y, K, N, mode);                       \
+        const KvArgs kc = {kv_base, rope, rope_rows, h, kvh, hd, layer, n_layer, max_len, at};  \
+        small_linear<T, M, R, CH>(x, w, norm_w, eps, res, y, K, N, mode, kv, kc);               \
     }
 #define SMALL2(T, M, SUF)                                                                       \
-    SMALL(T, M, false, 8, small_linear_##M##_p_8_##SUF)                                         \
-    SMALL(T, M, true, 8, small_linear_##M##_g_8_##SUF)                                          \
-    SMALL(T, M, false, 16, small_linear_##M##_p_16_##SUF)                                       \
-    SMALL(T, M, true, 16, small_linear_##M##_g_16_##SUF)
+    SMALL(T, M, 0, 8, small_linear_##M##_p_8_##SUF)                                             \
+    SMALL(T, M, 1, 8, small_linear_##M##_g_8_##SUF)                                             \
+    SMALL(T, M, 2, 8, small_linear_##M##_q_8_##SUF)                                             \
+    SMALL(T, M, 0, 16, small_linear_##M##_p_16_##SUF)                                           \
+    SMALL(T, M, 1, 16, small_linear_##M##_g_16_##SUF)                                           \
+    SMALL(T, M, 2, 16, small_linear_##M##_q_16_##SUF)
 #define SMALLS(T, SUF)                                                                          \
     SMALL2(T, 1, SUF)                                                                           \
     SMALL2(T, 2, SUF)                                                                           \

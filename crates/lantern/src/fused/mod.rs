@@ -183,6 +183,78 @@ pub fn small_linear(
             _ => None,
         },
         swiglu: matches!(epilogue, Epilogue::SwiGlu),
+        pairs: !matches!(epilogue, Epilogue::SwiGlu)
+            && small_pairs()
+            && w.dim(0)?.is_multiple_of(2),
+        kv: None,
+    };
+    x.apply_op2_no_bwd(&w.contiguous()?, &op)
+}
+
+/// `LANTERN_SMALL_PAIRS=1`: plain and residual [`small_linear`]s give each warp two adjacent
+/// weight rows (twice the bytes in flight per warp; a bench switch until measured).
+fn small_pairs() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LANTERN_SMALL_PAIRS").is_ok_and(|v| v == "1"))
+}
+
+/// Whether a decode step's `wqkv` product writes the keys and values into the cache itself
+/// ([`small_linear_kv`]): `LANTERN_FUSED_KV`, default off until measured.
+pub fn fused_kv_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LANTERN_FUSED_KV").is_ok_and(|v| v == "1"))
+}
+
+/// [`small_linear`] of a fused `wqkv` (with its RMSNorm first) that also does [`write_kv`]'s
+/// work for one token per row: the keys rotated with `rope` and the values go into slot `at`
+/// of cache layer `layer` of `kv`, from the rounded outputs, so the cache holds what
+/// `write_kv` of the returned `qkv` would write. On CUDA one kernel (each warp takes a pair of
+/// adjacent rows, so that both halves of a RoPE pair meet in its epilogue); elsewhere, or for
+/// more than one token per row, the two ops.
+///
+/// # Shapes
+/// - `x`: `[b, s, dim]`; `w`: `[(h + 2 kvh) hd, dim]` → `qkv` `[b, s, (h + 2 kvh) hd]`
+#[allow(clippy::too_many_arguments)]
+pub fn small_linear_kv(
+    x: &Tensor,
+    w: &Tensor,
+    norm: Option<(&Tensor, f32)>,
+    kv: &Tensor,
+    rope: &Tensor,
+    layer: usize,
+    at: usize,
+    heads: Heads,
+) -> Result<Tensor> {
+    let one_token = x.dims().len() == 3 && x.dim(1)? == 1;
+    if !(one_token && x.device().is_cuda() && heads.hd.is_multiple_of(2)) {
+        let qkv = small_linear(x, w, norm, Epilogue::None)?;
+        write_kv(kv, &qkv, rope, layer, at, heads)?;
+        return Ok(qkv);
+    }
+    let b = x.dim(0)?;
+    const OP: &str = "fused wqkv + K/V write";
+    let cache = CacheLayer::check(OP, kv.layout(), layer, b, heads, at + 1)?;
+    let rope = rope.contiguous()?;
+    let rope_rows = rope_rows(rope.dims(), b, 1, heads.hd)?;
+    let q = (heads.h + 2 * heads.kvh) * heads.hd;
+    if w.dim(0)? != q {
+        candle_core::bail!("{OP}: weight {:?} for {q} qkv columns", w.dims());
+    }
+    let x = aligned(x)?;
+    let op = SmallLinear {
+        dtype: x.dtype(),
+        norm: norm.map(|(t, e)| (t.clone(), e)),
+        residual: None,
+        swiglu: false,
+        pairs: true,
+        kv: Some(FusedKv {
+            kv: kv.clone(),
+            rope,
+            cache,
+            at,
+            heads,
+            rope_rows,
+        }),
     };
     x.apply_op2_no_bwd(&w.contiguous()?, &op)
 }
@@ -416,6 +488,22 @@ struct SmallLinear {
     norm: Option<(Tensor, f32)>,
     residual: Option<Tensor>,
     swiglu: bool,
+    /// Two adjacent weight rows per warp (CUDA; always with `kv`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pairs: bool,
+    /// The K/V write fused into the epilogue ([`small_linear_kv`]; CUDA only).
+    kv: Option<FusedKv>,
+}
+
+/// Where [`small_linear_kv`]'s epilogue writes keys and values.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct FusedKv {
+    kv: Tensor,
+    rope: Tensor,
+    cache: CacheLayer,
+    at: usize,
+    heads: Heads,
+    rope_rows: usize,
 }
 
 /// Sizes of one [`small_linear`] call.
@@ -469,6 +557,9 @@ impl CustomOp2 for SmallLinear {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (d, shape) = self.dims(xl, wl)?;
+        if self.kv.is_some() {
+            candle_core::bail!("small_linear: the fused K/V write is CUDA only");
+        }
         let out = cpu::small_linear(self, &d, x, xl, w, wl)?;
         Ok((out, shape))
     }

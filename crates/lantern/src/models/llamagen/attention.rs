@@ -222,6 +222,37 @@ impl Attention {
         crate::fused::attention(qkv, &packed, kv, layer, keys, &key_mask, heads)
     }
 
+    /// A decode step's `wqkv` product of hidden state `h` (RMSNorm `norm` first) with the K/V
+    /// write in its epilogue ([`crate::fused::small_linear_kv`]), then the fused attention.
+    ///
+    /// # Shapes
+    /// - `h`: `[b, 1, dim]` → `[b, 1, h * hd]`
+    pub(crate) fn attend_small_kv(
+        &self,
+        h: &Tensor,
+        norm: (&Tensor, f32),
+        rope: &RopeRows,
+        mask: &AttnMask,
+        layer: usize,
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        let (b, s, _) = h.dims3()?;
+        let heads = self.heads();
+        let (kv, at, keys, key_mask) = Self::cache_slot(b, s, heads, mask, layer, cache)?;
+        let packed = rope.packed()?;
+        let qkv = crate::fused::small_linear_kv(
+            h,
+            self.wqkv_weight(),
+            Some(norm),
+            kv,
+            &packed,
+            layer,
+            at,
+            heads,
+        )?;
+        crate::fused::attention(&qkv, &packed, kv, layer, keys, &key_mask, heads)
+    }
+
     /// A decode step of the whole block `weights` (this attention's and its FFN's) on hidden
     /// state `h` (`[b, 1, dim]`) as one kernel, see [`crate::fused::decode_layer`].
     #[allow(clippy::too_many_arguments)]

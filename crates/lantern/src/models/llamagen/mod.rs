@@ -197,7 +197,8 @@ impl Block {
     }
 
     /// A decode step of the block in five weight-streaming kernels plus two for attention:
-    /// `wqkv` with the attention norm first, K/V write, attention, `wo` with the residual add,
+    /// `wqkv` with the attention norm first, K/V write (inside the `wqkv` kernel with
+    /// `LANTERN_FUSED_KV=1`), attention, `wo` with the residual add,
     /// `[w1 | w3]` with the FFN norm first and SwiGLU after, `w2` with the residual add.
     /// On CUDA with `LANTERN_DECODE_LAYER=1`, a decode step (one token per row) runs the whole
     /// block as one kernel ([`crate::fused::decode_layer`]).
@@ -231,13 +232,17 @@ impl Block {
                 return att.decode_layer(h, &weights, rope, mask, layer, cache);
             }
         }
-        let qkv = small_linear(
-            h,
-            att.wqkv_weight(),
-            Some(self.attention_norm.parts()),
-            Epilogue::None,
-        )?;
-        let a = att.attend_fused(&qkv, rope, mask, layer, cache)?;
+        let a = if crate::fused::fused_kv_enabled() && h.dim(1)? == 1 {
+            att.attend_small_kv(h, self.attention_norm.parts(), rope, mask, layer, cache)?
+        } else {
+            let qkv = small_linear(
+                h,
+                att.wqkv_weight(),
+                Some(self.attention_norm.parts()),
+                Epilogue::None,
+            )?;
+            att.attend_fused(&qkv, rope, mask, layer, cache)?
+        };
         let h = small_linear(&a, att.wo_weight(), None, Epilogue::Residual(h))?;
         let gate_up = self.feed_forward.gate_up().expect("checked by small_ok");
         let m = small_linear(&h, gate_up, Some(self.ffn_norm.parts()), Epilogue::SwiGlu)?;
