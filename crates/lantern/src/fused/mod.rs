@@ -183,26 +183,18 @@ pub fn small_linear(
             _ => None,
         },
         swiglu: matches!(epilogue, Epilogue::SwiGlu),
-        pairs: !matches!(epilogue, Epilogue::SwiGlu)
-            && small_pairs()
-            && w.dim(0)?.is_multiple_of(2),
+        pairs: false,
         kv: None,
     };
     x.apply_op2_no_bwd(&w.contiguous()?, &op)
 }
 
-/// `LANTERN_SMALL_PAIRS=1`: plain and residual [`small_linear`]s give each warp two adjacent
-/// weight rows (twice the bytes in flight per warp; a bench switch until measured).
-fn small_pairs() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LANTERN_SMALL_PAIRS").is_ok_and(|v| v == "1"))
-}
-
 /// Whether a decode step's `wqkv` product writes the keys and values into the cache itself
-/// ([`small_linear_kv`]): `LANTERN_FUSED_KV`, default off until measured.
+/// ([`small_linear_kv`]; one kernel fewer per layer, measured 2-3% off a GPT-XL decode step on
+/// an H100, docs/BENCHMARKS.md §0000000b). On unless `LANTERN_FUSED_KV=0`.
 pub fn fused_kv_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LANTERN_FUSED_KV").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var("LANTERN_FUSED_KV").map_or(true, |v| v != "0"))
 }
 
 /// [`small_linear`] of a fused `wqkv` (with its RMSNorm first) that also does [`write_kv`]'s
@@ -488,7 +480,8 @@ struct SmallLinear {
     norm: Option<(Tensor, f32)>,
     residual: Option<Tensor>,
     swiglu: bool,
-    /// Two adjacent weight rows per warp (CUDA; always with `kv`).
+    /// Two adjacent weight rows per warp (CUDA; set with `kv` only: for plain products it
+    /// measured no faster, docs/BENCHMARKS.md §0000000b).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pairs: bool,
     /// The K/V write fused into the epilogue ([`small_linear_kv`]; CUDA only).

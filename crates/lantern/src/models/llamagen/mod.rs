@@ -197,8 +197,8 @@ impl Block {
     }
 
     /// A decode step of the block in five weight-streaming kernels plus two for attention:
-    /// `wqkv` with the attention norm first, K/V write (inside the `wqkv` kernel with
-    /// `LANTERN_FUSED_KV=1`), attention, `wo` with the residual add,
+    /// `wqkv` with the attention norm first, K/V write (inside the `wqkv` kernel unless
+    /// `LANTERN_FUSED_KV=0`), attention, `wo` with the residual add,
     /// `[w1 | w3]` with the FFN norm first and SwiGLU after, `w2` with the residual add.
     /// On CUDA with `LANTERN_DECODE_LAYER=1`, a decode step (one token per row) runs the whole
     /// block as one kernel ([`crate::fused::decode_layer`]).
