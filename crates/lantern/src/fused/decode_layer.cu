@@ -1,6 +1,6 @@
 // One LlamaGen block of a decode step (one new token in each of M <= MM batch rows) as a
 // single persistent kernel (launched by fused/cuda_layer.rs; opt-in, see fused/layer.rs for
-// why: it measured slower than the separate kernels). A decode step's block is weight-
+// why: it measured slower than the separate kernels, docs/BENCHMARKS.md §0000000b). A decode step's block is weight-
 // bandwidth bound, and as separate kernels each of its ~7 launches pays a ramp-up and a tail
 // (docs/BENCHMARKS.md §0000: even a kernel that only streams a weight matrix reaches ~53% of
 // the copy bound). Here one grid, as large as stays resident, runs five phases separated by

@@ -6,12 +6,14 @@
 //! reference of those kernels is this kernel's reference too. bf16 / f16 on CUDA only;
 //! [`decode_layer_fits`] says when it serves.
 //!
-//! **Opt-in (`LANTERN_DECODE_LAYER=1`)**: on an H100 at GPT-XL shapes it measured 1.64-1.66 ms
-//! per decode step against 1.57-1.62 ms for the separate kernels (docs/BENCHMARKS.md
-//! §0000000): its phases are latency chains (barrier, staging of x, weights, reduction) with
-//! two blocks of 8 warps per SM, and the barriers alone cost ~0.4 ms per step. It is kept as
-//! the tested base for a weight-streaming pipeline (weights staged through shared memory ahead
-//! of the barriers), which is what beating the separate kernels needs.
+//! **Opt-in (`LANTERN_DECODE_LAYER=1`)**: on an H100 at GPT-XL shapes it measured 1.70-1.76 ms
+//! per decode step against 1.53-1.61 ms for the separate kernels (docs/BENCHMARKS.md
+//! §0000000b). Its weights stream through shared memory ahead of the arithmetic, and that
+//! stream alone runs at ~70% of the bandwidth bound; what makes it slower is the chain of
+//! latencies run one after another per layer: four grid barriers (~2 µs each under the
+//! stream's load), four stagings of x from L2, the attention and the products. Fewer
+//! synchronisation points per layer (split-K partial sums for wo and w2, or data-carrying flags
+//! instead of barrier + staging) and the whole step in one kernel are the next steps.
 use candle_core::{CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 
 use super::{CacheLayer, Heads, KeyMask};
