@@ -214,12 +214,9 @@ impl Attention {
         layer: usize,
         cache: &KvCache,
     ) -> Result<Tensor> {
-        let (b, s, _) = qkv.dims3()?;
-        let heads = self.heads();
-        let (kv, at, keys, key_mask) = Self::cache_slot(b, s, heads, mask, layer, cache)?;
-        let packed = rope.packed()?;
-        crate::fused::write_kv(kv, qkv, &packed, layer, at, heads)?;
-        crate::fused::attention(qkv, &packed, kv, layer, keys, &key_mask, heads)
+        let st = self.fused_step(qkv, rope, mask, layer, cache)?;
+        crate::fused::write_kv(st.kv, qkv, &st.rope, layer, st.at, st.heads)?;
+        st.attend(qkv, layer)
     }
 
     /// A decode step's `wqkv` product of hidden state `h` (RMSNorm `norm` first) with the K/V
@@ -236,21 +233,18 @@ impl Attention {
         layer: usize,
         cache: &KvCache,
     ) -> Result<Tensor> {
-        let (b, s, _) = h.dims3()?;
-        let heads = self.heads();
-        let (kv, at, keys, key_mask) = Self::cache_slot(b, s, heads, mask, layer, cache)?;
-        let packed = rope.packed()?;
+        let st = self.fused_step(h, rope, mask, layer, cache)?;
         let qkv = crate::fused::small_linear_kv(
             h,
             self.wqkv_weight(),
             Some(norm),
-            kv,
-            &packed,
+            st.kv,
+            &st.rope,
             layer,
-            at,
-            heads,
+            st.at,
+            st.heads,
         )?;
-        crate::fused::attention(&qkv, &packed, kv, layer, keys, &key_mask, heads)
+        st.attend(&qkv, layer)
     }
 
     /// A decode step of the whole block `weights` (this attention's and its FFN's) on hidden
@@ -265,11 +259,41 @@ impl Attention {
         layer: usize,
         cache: &KvCache,
     ) -> Result<Tensor> {
-        let (b, s, _) = h.dims3()?;
+        let st = self.fused_step(h, rope, mask, layer, cache)?;
+        crate::fused::decode_layer(
+            h,
+            weights,
+            &st.rope,
+            st.kv,
+            layer,
+            st.at,
+            st.keys,
+            &st.key_mask,
+            st.heads,
+        )
+    }
+
+    /// The cache slot ([`Self::cache_slot`]) and packed RoPE rows of a fused step whose input
+    /// `x` is `[b, s, _]`.
+    fn fused_step<'c>(
+        &self,
+        x: &Tensor,
+        rope: &RopeRows,
+        mask: &AttnMask,
+        layer: usize,
+        cache: &'c KvCache,
+    ) -> Result<FusedStep<'c>> {
+        let (b, s, _) = x.dims3()?;
         let heads = self.heads();
         let (kv, at, keys, key_mask) = Self::cache_slot(b, s, heads, mask, layer, cache)?;
-        let packed = rope.packed()?;
-        crate::fused::decode_layer(h, weights, &packed, kv, layer, at, keys, &key_mask, heads)
+        Ok(FusedStep {
+            kv,
+            at,
+            keys,
+            key_mask,
+            rope: rope.packed()?,
+            heads,
+        })
     }
 
     /// The cache tensor, the slot the `s` new positions of `b` rows go to, the keys they
@@ -330,6 +354,31 @@ fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
     x.unsqueeze(2)?
         .expand((b, kvh, n, t, d))?
         .reshape((b, kvh * n, t, d))
+}
+
+/// A fused step's cache slot, key mask and packed RoPE rows ([`Attention::fused_step`]).
+struct FusedStep<'c> {
+    kv: &'c Tensor,
+    at: usize,
+    keys: usize,
+    key_mask: crate::fused::KeyMask,
+    rope: Tensor,
+    heads: crate::fused::Heads,
+}
+
+impl FusedStep<'_> {
+    /// The fused attention of `qkv`'s queries over the step's keys.
+    fn attend(&self, qkv: &Tensor, layer: usize) -> Result<Tensor> {
+        crate::fused::attention(
+            qkv,
+            &self.rope,
+            self.kv,
+            layer,
+            self.keys,
+            &self.key_mask,
+            self.heads,
+        )
+    }
 }
 
 #[cfg(test)]
