@@ -616,11 +616,16 @@ fn steps(a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
         anyhow::bail!("--read-probes needs a CUDA device (--device cuda)");
     }
     let loop_images = a.loop_images.unwrap_or(if dev.is_cuda() { 3 } else { 0 });
-    if loop_images > 0 {
+    let loops = if loop_images > 0 {
         let r =
             lantern::bench::run_loop_bench(cfg.preset, cfg.dtype, dev, a.loop_tokens, loop_images)?;
         println!("{r}");
-    }
+        Some(r)
+    } else {
+        None
+    };
+    let checks = lantern::bench::targets::check_targets(&report, loops.as_ref());
+    println!("{}", lantern::bench::targets::TargetTable(checks));
     let tokens = cfg.preset.target().block_size;
     println!(
         "expected image latency ({tokens} tokens; tau SD {}, tau LANTERN {}):",

@@ -387,3 +387,38 @@ fn train_gpt_refuses_an_existing_run_and_resumes_old_and_new_state_files() {
     assert_eq!(csv.lines().count(), 1 + 3, "{csv}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `bench --random-weights` at the tiny preset on the CPU: the step table, the loop rows and
+/// the targets table with a verdict for each measured target.
+#[test]
+fn random_weight_bench_ends_with_the_targets_table() {
+    let (ok, stdout, stderr) = run(&[
+        "bench",
+        "--random-weights",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--loop-images",
+        "1",
+        "--loop-tokens",
+        "8",
+    ]);
+    assert!(ok, "{stderr}");
+    let at = stdout.find("targets (").expect("a targets table");
+    let table = &stdout[at..];
+    for t in [
+        "share of its bandwidth bound",
+        "over the decode step",
+        "loop overhead",
+    ] {
+        let line = table
+            .lines()
+            .find(|l| l.contains(t))
+            .unwrap_or_else(|| panic!("no `{t}` row:\n{table}"));
+        assert!(
+            line.ends_with("| yes |") || line.ends_with("| no |"),
+            "{line}"
+        );
+    }
+}
