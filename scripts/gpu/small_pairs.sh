@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU run (session 9, run 7 at 82e22ea): few-row linears with two adjacent weight rows per warp
+# GPU run (session 9, run 7 at 9be6850): few-row linears with two adjacent weight rows per warp
 # (`LANTERN_SMALL_PAIRS=1`, since removed: no faster) and the decode step's K/V write inside the
 # wqkv kernel (`LANTERN_FUSED_KV=1`, small_linear_kv; now the default, `=0` turns it off): the kernel tests as built and the CUDA-vs-CPU
 # forward test with both on, the step bench's decode rows and few-row kernel rows of each
