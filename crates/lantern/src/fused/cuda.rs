@@ -421,17 +421,18 @@ fn key_split_decode() -> bool {
     *K.get_or_init(|| std::env::var("LANTERN_ATTN_KERNEL").is_ok_and(|v| v == "tc"))
 }
 
+/// The number in environment variable `name` (bench switches), if it is set and parses.
+pub(super) fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 /// Warps of the key-split attention: 16 for a one-query step (few blocks, so more warps share
 /// the keys), 8 otherwise (head size 128: at most 8, its registers); `LANTERN_ATTN_WARPS`
 /// (4, 8 or 16) overrides it for the kernel bench.
 fn tc_warps(d: &AttnDims) -> usize {
     static W: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = *W.get_or_init(|| {
-        std::env::var("LANTERN_ATTN_WARPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|w| [4, 8, 16].contains(w))
-    });
+    let forced =
+        *W.get_or_init(|| env_number("LANTERN_ATTN_WARPS").filter(|w| [4, 8, 16].contains(w)));
     let w = forced.unwrap_or(if d.s == 1 { 16 } else { 8 });
     if d.cache.hd > 64 {
         w.min(8)
@@ -445,12 +446,8 @@ fn tc_warps(d: &AttnDims) -> usize {
 /// §0000); `LANTERN_SMALL_WARPS` (1 to 32) overrides it, a diagnostic for the kernel bench.
 fn small_warps(n: usize) -> usize {
     static W: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = *W.get_or_init(|| {
-        std::env::var("LANTERN_SMALL_WARPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|w| (1..=32).contains(w))
-    });
+    let forced =
+        *W.get_or_init(|| env_number("LANTERN_SMALL_WARPS").filter(|w| (1..=32).contains(w)));
     forced.unwrap_or(if n >= 2048 { 8 } else { 4 })
 }
 
@@ -468,7 +465,11 @@ pub(super) fn small_linear(
     if w.dtype() != dt {
         bail!("small_linear: input {dt:?} vs weight {:?}", w.dtype());
     }
-    let pairs = op.pairs && !swiglu && d.n.is_multiple_of(2);
+    // the fused K/V write's kernel takes weight rows in pairs (both halves of a RoPE pair)
+    let pairs = op.kv.is_some();
+    if pairs && (swiglu || residual.is_some() || !d.n.is_multiple_of(2)) {
+        bail!("small_linear: the fused K/V write takes a plain product of an even width");
+    }
     let rows = match (swiglu, pairs) {
         (true, _) => "g",
         (false, true) => "q",
@@ -494,9 +495,6 @@ pub(super) fn small_linear(
         .kv
         .as_ref()
         .map(|f| (f.kv.storage_and_layout(), f.rope.storage_and_layout(), f));
-    if kv_g.is_some() && !pairs {
-        bail!("small_linear: the fused K/V write needs row pairs");
-    }
     let mode: i32 = if swiglu {
         2
     } else if residual.is_some() {

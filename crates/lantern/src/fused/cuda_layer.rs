@@ -6,10 +6,10 @@ use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage};
 
 use super::cuda::{
-    allow_shared, held, held_view, launch_cfg, offsets, resident_blocks, suffix, wrap,
+    allow_shared, env_number, held, held_view, launch_cfg, offsets, resident_blocks, suffix, wrap,
 };
 use super::launch::Launch;
-use super::layer::{DecodeLayer, LayerDims, LAYER_RING, LAYER_SHARED};
+use super::layer::{DecodeLayer, LayerDims, LAYER_SHARED, RING_STAGE, RING_STAGES_MAX};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_layer.ptx"));
 const MODULE: &str = "lantern_decode_layer";
@@ -34,25 +34,18 @@ fn cooperative() -> bool {
 /// A timing diagnostic for the kernel bench: the output is wrong.
 fn skip_mask() -> i32 {
     static M: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *M.get_or_init(|| {
-        std::env::var("LANTERN_LAYER_SKIP")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    })
+    *M.get_or_init(|| env_number("LANTERN_LAYER_SKIP").unwrap_or(0))
 }
 
-/// `LANTERN_LAYER_STAGES=n` (1..=5, default 2: measured fastest, docs/BENCHMARKS.md §0000000b): weight-stream stages a warp keeps in flight,
-/// and so the rings' size (a bench switch: with fewer, two blocks fit on an SM, so that with
-/// `LANTERN_LAYER_BLOCKS` at the SM count the next layer's kernel becomes resident under PDL
-/// and streams its first stages while this one finishes).
-fn stages() -> i32 {
-    static N: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+/// `LANTERN_LAYER_STAGES=n` (1 to [`RING_STAGES_MAX`], default 2: measured fastest, docs/BENCHMARKS.md
+/// §0000000b): weight-stream stages a warp keeps in flight, and so the rings' size (a bench
+/// switch: with fewer, two blocks fit on an SM, so that with `LANTERN_LAYER_BLOCKS` at the SM
+/// count the next layer's kernel could become resident under PDL; measured no faster).
+fn stages() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| {
-        std::env::var("LANTERN_LAYER_STAGES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|n| (1..=5).contains(n))
+        env_number("LANTERN_LAYER_STAGES")
+            .filter(|n| (1..=RING_STAGES_MAX).contains(n))
             .unwrap_or(2)
     })
 }
@@ -60,12 +53,7 @@ fn stages() -> i32 {
 /// `LANTERN_LAYER_BLOCKS=n`: at most n blocks (a bench switch; default: all that stay resident).
 fn block_cap() -> Option<usize> {
     static N: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("LANTERN_LAYER_BLOCKS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n| n > 0)
-    })
+    *N.get_or_init(|| env_number("LANTERN_LAYER_BLOCKS").filter(|&n| n > 0))
 }
 
 /// The grid barrier (2 words) and the attention chunks' arrival counters (one per batch row
@@ -137,8 +125,7 @@ fn launch<T: CudaDType + DeviceRepr>(
         .max((WARPS * hd + 16 * (hd + 2)) * 4)
         .next_multiple_of(16);
     let stages = stages();
-    // the rings hold `stages` stages per warp (LAYER_RING: at most 5)
-    let shared = ring_at + LAYER_RING / 5 * stages as usize;
+    let shared = ring_at + RING_STAGE * stages;
     allow_shared(dev, &func, &name, LAYER_SHARED, 100)?;
     let resident = resident_blocks(dev, &func, &name, 32 * WARPS as u32, shared)?;
     let blocks = block_cap().map_or(resident, |c| c.min(resident));
@@ -197,7 +184,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     let eps = op.eps;
     let rope_rows = d.rope_rows as i32;
     let ints_b = [d.cache.n_layer, d.cache.max_len, op.layer, op.at, op.keys].map(|v| v as i32);
-    let ints_c = [m, dim, heads.h, heads.kvh, ffn, ck, ring_at].map(|v| v as i32);
+    let ints_c = [m, dim, heads.h, heads.kvh, ffn, ck, ring_at, stages].map(|v| v as i32);
     let skip = skip_mask();
     let stream = dev.cuda_stream();
     let mut b = Launch::new(&func, &stream);
@@ -225,7 +212,6 @@ fn launch<T: CudaDType + DeviceRepr>(
     for v in &ints_c {
         b.arg(v);
     }
-    b.arg(&stages);
     b.arg(&skip);
     let cfg = launch_cfg((blocks as u32, 1, 1), 32 * WARPS as u32, shared);
     // SAFETY: the argument list matches the kernel's signature; every shape was checked by

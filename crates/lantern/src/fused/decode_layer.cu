@@ -97,9 +97,10 @@ __device__ void stage(const T *src, int M, int K, const T *norm_w, float eps, T 
 
 // Weight streaming. Weights do not depend on anything this kernel computes, so each warp
 // streams the weight rows of all its units of all four matrix phases, in the order it will
-// multiply them, through a private ring of NS shared-memory stages with asynchronous copies
-// (cp.async, 16 bytes per lane). Its copies run ahead of its arithmetic by NS stages across
-// the grid barriers and the staging of x, so DRAM keeps streaming while a phase waits.
+// multiply them, through a private ring of `stages` (at most NS) shared-memory stages with
+// asynchronous copies (cp.async, 16 bytes per lane). Its copies run ahead of its arithmetic by
+// that many stages across the grid barriers and the staging of x, so DRAM keeps streaming
+// while a phase waits.
 // A stage is SL 16-byte loads per lane: R rows (1 or 2) x SL / R loads of each. A lane copies,
 // and later reads, only its own 16-byte pieces (chunks c0 + 32 c + lane of each row, the
 // per-lane chunk order of small_linear), so no lane waits for another.
@@ -185,10 +186,12 @@ template <typename T> struct Stream {
         cp_commit();
         ++issued;
     }
-    // The oldest stage in flight, once its copies have landed.
-    __device__ const uint4 *oldest(int consumed) {
+    // The oldest stage in flight, once its copies have landed. Every stage taken is followed
+    // by an issue(), so `stages` stages are in flight and the oldest sits in the slot the next
+    // issue() fills: issued % stages.
+    __device__ const uint4 *oldest() {
         cp_wait_n(stages - 1);
-        return ring + (consumed % stages) * SL * 32;
+        return ring + (issued % stages) * SL * 32;
     }
 };
 
@@ -198,7 +201,7 @@ template <typename T> struct Stream {
 // lane + 32, ... in order, like small_linear. `work` false: the stages are consumed but not
 // multiplied (a timing diagnostic).
 template <typename T, int MM, int R, typename Epi>
-__device__ void gemv(Stream<T> &st, int &consumed, const Phase<T> &f, const T *xs, int M,
+__device__ void gemv(Stream<T> &st, const Phase<T> &f, const T *xs, int M,
                      bool work, Epi epi) {
     constexpr int VEC = 16 / sizeof(T), CL = SL / R;
     const int lane = threadIdx.x & 31;
@@ -210,7 +213,7 @@ __device__ void gemv(Stream<T> &st, int &consumed, const Phase<T> &f, const T *x
 #pragma unroll
             for (int m = 0; m < MM; ++m) acc[r][m] = 0.f;
         for (int c0 = 0; c0 < nch; c0 += 32 * CL) {
-            const uint4 *slot = st.oldest(consumed++);
+            const uint4 *slot = st.oldest();
             if (work) {
 #pragma unroll
                 for (int c = 0; c < CL; ++c) {
@@ -287,7 +290,6 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     st.init(reinterpret_cast<uint4 *>(smraw + ring_at) + (threadIdx.x >> 5) * stages * SL * 32,
             stages);
     for (int i = 0; i < stages; ++i) st.issue();
-    int consumed = 0;
     pdl_wait();
     bar.init(reinterpret_cast<unsigned long long *>(sync));
 
@@ -295,7 +297,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     // A: queries, keys, values
     if (loads) stage(x, M, D, attn_norm, eps, xs, ns, red);
     gemv<T, MM, 2>(
-        st, consumed, st.a, xs, M, !(skip & 1),
+        st, st.a, xs, M, !(skip & 1),
         [&](int u, const float *a) {
             if (lane >= M) return;
             const int n = 2 * u, m = lane;
@@ -456,7 +458,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     // C: wo + residual
     if (loads) stage(att, M, A, (const T *)nullptr, 0.f, xs, ns, red);
     gemv<T, MM, 1>(
-        st, consumed, st.c, xs, M, !(skip & 4),
+        st, st.c, xs, M, !(skip & 4),
         [&](int u, const float *a) {
             if (lane >= M) return;
             const size_t o = (size_t)lane * D + u;
@@ -467,7 +469,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     // D: RMSNorm, gate/up, SwiGLU
     if (loads) stage(hm, M, D, ffn_norm, eps, xs, ns, red);
     gemv<T, MM, 2>(
-        st, consumed, st.d, xs, M, !(skip & 8),
+        st, st.d, xs, M, !(skip & 8),
         [&](int u, const float *a) {
             if (lane >= M) return;
             const float g = rnd<T>(a[0]);
@@ -478,7 +480,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
     // E: w2 + residual
     if (loads) stage(f, M, F, (const T *)nullptr, 0.f, xs, ns, red);
     gemv<T, MM, 1>(
-        st, consumed, st.e, xs, M, !(skip & 16),
+        st, st.e, xs, M, !(skip & 16),
         [&](int u, const float *a) {
             if (lane >= M) return;
             const size_t o = (size_t)lane * D + u;

@@ -307,13 +307,14 @@ ALL(__half, f16)
 
 // y = x w^T for a few rows (M <= 8: decode steps), weight-bandwidth bound: one warp per output
 // row (ROWS 0), gate/up row pair (ROWS 1: w has 2N rows, gate then up) or pair of adjacent
-// rows (ROWS 2: rows 2u and 2u + 1, N even; twice the bytes in flight per warp). A warp first
+// rows (ROWS 2: rows 2u and 2u + 1, N even, mode 0 only: the wqkv product of a decode step,
+// so that both halves of a RoPE pair meet in one warp). A warp first
 // issues all 16-byte loads of its weight row(s) into registers (K <= 32 * VEC * CH), then the
 // block stages x in shared memory as f32 while they are in flight. Prologue: with norm_w, x
 // rows are first RMS-normalised exactly like add_rms_norm's output. Epilogue: mode 0
 // y = round(acc); mode 1 y = round(res + round(acc)) (residual add); mode 2 (SwiGLU)
-// y = round(round(silu(round(g))) * round(u)). With ROWS 2 and kv set (the wqkv product of a
-// decode step), the epilogue also does write_kv's work: keys rotated with `rope` and values
+// y = round(round(silu(round(g))) * round(u)). With ROWS 2 and kv set, the epilogue also does
+// write_kv's work: keys rotated with `rope` and values
 // into cache layer `kc.layer` at slot `kc.at`, from the rounded outputs, as write_kv reads them.
 struct KvArgs {
     unsigned long long base;
@@ -421,13 +422,8 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
             if (ROWS == 2) {
                 const int row = 2 * unit;
                 const size_t o = (size_t)lane * N + row;
-                if (mode == 1) {
-                    y[o] = fromf<T>(tof(res[o]) + rnd<T>(a));
-                    y[o + 1] = fromf<T>(tof(res[o + 1]) + rnd<T>(a2));
-                } else {
-                    y[o] = fromf<T>(a);
-                    y[o + 1] = fromf<T>(a2);
-                }
+                y[o] = fromf<T>(a);
+                y[o + 1] = fromf<T>(a2);
                 const int qa = kc.h * kc.hd, ka = qa + kc.kvh * kc.hd;
                 if (kv && row >= qa) {
                     // a key pair (rotated) or a value pair of head kh, batch row `lane`

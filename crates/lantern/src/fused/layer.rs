@@ -41,12 +41,15 @@ pub struct BlockWeights<'a> {
 pub const LAYER_ROWS: usize = 8;
 
 /// Shared memory a decode-layer block may use: the rows it multiplies (or the attention's
-/// scratch), then [`LAYER_RING`].
+/// scratch), then the rings ([`RING_STAGE`] per stage).
 pub(super) const LAYER_SHARED: usize = 224 * 1024;
 
-/// Shared memory of a block's weight-stream rings: 8 warps x 5 stages x 8 16-byte loads per
-/// lane (`NW`, `NS`, `SL` in decode_layer.cu).
-pub(super) const LAYER_RING: usize = 8 * 5 * 8 * 32 * 16;
+/// Shared memory of one weight-stream stage of a block's rings: 8 warps x 8 16-byte loads per
+/// lane (`NW`, `SL` in decode_layer.cu).
+pub(super) const RING_STAGE: usize = 8 * 8 * 32 * 16;
+
+/// Most stages a warp's ring holds (`NS` in decode_layer.cu).
+pub(super) const RING_STAGES_MAX: usize = 5;
 
 /// Whether decode steps take [`decode_layer`] where it fits: `LANTERN_DECODE_LAYER=1` (opt-in,
 /// see the module notes).
@@ -74,7 +77,8 @@ pub fn decode_layer_fits(x: &Tensor, heads: Heads, ffn: usize) -> bool {
         && heads.kvh > 0
         && heads.h.is_multiple_of(heads.kvh)
         && [dim, a, ffn].iter().all(|w| w.is_multiple_of(8))
-        && ((b.next_power_of_two() * kmax + dim) * 2).next_multiple_of(16) + LAYER_RING
+        && ((b.next_power_of_two() * kmax + dim) * 2).next_multiple_of(16)
+            + RING_STAGE * RING_STAGES_MAX
             <= LAYER_SHARED
 }
 

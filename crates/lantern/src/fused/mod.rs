@@ -185,15 +185,14 @@ pub fn small_linear(
             _ => None,
         },
         swiglu: matches!(epilogue, Epilogue::SwiGlu),
-        pairs: false,
         kv: None,
     };
     x.apply_op2_no_bwd(&w.contiguous()?, &op)
 }
 
 /// Whether a decode step's `wqkv` product writes the keys and values into the cache itself
-/// ([`small_linear_kv`]; one kernel fewer per layer, measured 2-3% off a GPT-XL decode step on
-/// an H100, docs/BENCHMARKS.md §0000000b). On unless `LANTERN_FUSED_KV=0`.
+/// ([`small_linear_kv`]; one kernel fewer per layer, measured 1.7% off a GPT-XL decode step on
+/// an H100 on average, docs/BENCHMARKS.md §0000000b). On unless `LANTERN_FUSED_KV=0`.
 pub fn fused_kv_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("LANTERN_FUSED_KV").map_or(true, |v| v != "0"))
@@ -240,7 +239,6 @@ pub fn small_linear_kv(
         norm: norm.map(|(t, e)| (t.clone(), e)),
         residual: None,
         swiglu: false,
-        pairs: true,
         kv: Some(FusedKv {
             kv: kv.clone(),
             rope,
@@ -482,11 +480,9 @@ struct SmallLinear {
     norm: Option<(Tensor, f32)>,
     residual: Option<Tensor>,
     swiglu: bool,
-    /// Two adjacent weight rows per warp (CUDA; set with `kv` only: for plain products it
-    /// measured no faster, docs/BENCHMARKS.md §0000000b).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pairs: bool,
-    /// The K/V write fused into the epilogue ([`small_linear_kv`]; CUDA only).
+    /// The K/V write fused into the epilogue ([`small_linear_kv`]; CUDA only). Its kernel
+    /// gives each warp two adjacent weight rows (row pairs for plain products measured no
+    /// faster, docs/BENCHMARKS.md §0000000b).
     kv: Option<FusedKv>,
 }
 
