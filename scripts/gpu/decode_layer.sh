@@ -31,9 +31,8 @@ if [ -n "${CHECKS:-}" ]; then
   same_tokens "one-kernel block vs separate kernels" "env LANTERN_DECODE_LAYER=1 $L" "$L" "ar --temperature 0" "ar" "lantern++ --tree naive_extend_57"
   M="ar,sd-static,lantern++-2"
   for e in ${SHIPPED:-BASE X=0 LANTERN_DECODE_LAYER=1}; do
-    bin="$L"
-    case $e in BASE) bin="$B"; e=X=0 ;; BASE:*) bin="$B"; e=${e#BASE:} ;; esac
-    echo "== shipped, $(basename $bin) $e"; env $e timeout 150 "$bin" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | grep -E "^\| (ar|sd|lantern)"
+    variant "$e"
+    echo "== shipped, $(basename $bin) $envs"; env $envs timeout 150 "$bin" bench --data "$G/data" -n 4 --modes $M --device cuda 2>&1 | grep -E "^\| (ar|sd|lantern)"
   done
   } 2>&1 | tee "$OUT/checks.txt"
 fi

@@ -33,19 +33,25 @@ with_base() {
   done
 }
 
+# variant V: sets `bin` and `envs` for a variant V: env assignments joined by '+' for $L
+# (X=0: as built), or BASE or BASE:assignments for $B, the carried base binary (with_base).
+variant() {
+  bin="$L"; envs=$1
+  case $1 in BASE) bin="$B"; envs=X=0 ;; BASE:*) bin="$B"; envs=${1#BASE:} ;; esac
+  envs=${envs//+/ }
+}
+
 # variant_rounds REGEX: ROUNDS rounds (default 1) over PRESETS x VARIANTS of the step bench
 # (`bench --random-weights`, LOOP images of TOKENS tokens for the loop rows), printing the lines
-# that match REGEX. A variant is env assignments joined by '+' for $L (X=0: as built), or BASE
-# or BASE:assignments for $B, the carried base binary (with_base).
+# that match REGEX, for each variant (see `variant`).
 variant_rounds() {
-  local re=$1 r p e bin
+  local re=$1 r p e bin envs
   for r in $(seq 1 ${ROUNDS:-1}); do
     for p in ${PRESETS:-t2i-xl-256 c2i-xl-384}; do
       for e in ${VARIANTS:-BASE X=0}; do
-        bin="$L"
-        case $e in BASE) bin="$B"; e=X=0 ;; BASE:*) bin="$B"; e=${e#BASE:} ;; esac
-        echo "== round $r $p $(basename $bin) $e"
-        env ${e//+/ } timeout 200 "$bin" bench --random-weights --preset $p --device cuda --loop-images ${LOOP:-0} --loop-tokens ${TOKENS:-64} 2>&1 | grep -E "$re"
+        variant "$e"
+        echo "== round $r $p $(basename $bin) $envs"
+        env $envs timeout 200 "$bin" bench --random-weights --preset $p --device cuda --loop-images ${LOOP:-0} --loop-tokens ${TOKENS:-64} 2>&1 | grep -E "$re"
       done
     done
   done
