@@ -397,6 +397,82 @@ fn cuda_attention_matches_cpu_at_long_keys() -> Result<()> {
     Ok(())
 }
 
+/// On the GPU, attention with the K/V write inside (`fused::attention_write_kv`: the
+/// tensor-core kernel reads the new positions from qkv and writes them into the cache) equals
+/// `write_kv` then `attention`, bit for bit, in its output and in the whole cache: head sizes
+/// 32 (grouped queries), 64 and 128; shared and per-row RoPE rows; no mask, a causal limit and
+/// a per-row tree mask with unused slots before the new block (as a fixed-shape step has them);
+/// the block at the end of the keys or followed by older keys; one query (two ops).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_attention_write_kv_matches_write_then_attention() -> Result<()> {
+    use lantern::fused::{attention, attention_write_kv, write_kv, Heads, KeyMask};
+    let gpu = lantern::fused::cuda_device(0)?;
+    let max = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?)
+    };
+    let b = 2;
+    // (hd, h, kvh, new slot, keys, s, mask: 0 none, 1 causal, 2 per-row tree mask, rope per row)
+    let cases = [
+        (64, 4, 4, 307, 366, 59, 2, true),
+        (64, 4, 4, 120, 179, 59, 1, false),
+        (32, 8, 4, 200, 240, 33, 0, true),
+        (128, 2, 2, 60, 117, 57, 2, false),
+        (64, 2, 2, 40, 41, 1, 0, false),
+    ];
+    for (hd, h, kvh, at, keys, s, mask_kind, per_row) in cases {
+        let heads = Heads { h, kvh, hd };
+        let (layers, layer) = (3, 1);
+        let kv0 = Tensor::randn(0f32, 1.0, (2, layers, b, kvh, keys + 5, hd), &gpu)?
+            .to_dtype(DType::BF16)?;
+        let qkv =
+            Tensor::randn(0f32, 1.0, (b, s, (h + 2 * kvh) * hd), &gpu)?.to_dtype(DType::BF16)?;
+        let angle = Tensor::rand(0f32, 6.3, (if per_row { b } else { 1 }, s, hd / 2, 1), &gpu)?;
+        let rope = Tensor::cat(&[angle.cos()?, angle.sin()?], 3)?;
+        let mask = match mask_kind {
+            0 => KeyMask::None,
+            1 => KeyMask::Causal { past: at },
+            _ => {
+                // the filled keys, 10 unused slots, then each new position sees itself and
+                // every third before it
+                let v: Vec<f32> = (0..b * s * keys)
+                    .map(|x| {
+                        let (i, j) = ((x / keys) % s, x % keys);
+                        let seen = j + 10 < at
+                            || (j >= at && j - at <= i && (j - at == i || (j + i) % 3 == 0));
+                        if seen {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                KeyMask::Additive(Tensor::from_vec(v, (b, 1, s, keys), &gpu)?)
+            }
+        };
+        let (kv_a, kv_b) = (kv0.copy()?, kv0.copy()?);
+        write_kv(&kv_a, &qkv, &rope, layer, at, heads)?;
+        let want = attention(&qkv, &rope, &kv_a, layer, keys, &mask, heads)?;
+        let got = attention_write_kv(&qkv, &rope, &kv_b, layer, at, keys, &mask, heads)?;
+        let what =
+            format!("hd {hd}, h {h}, kvh {kvh}, {s} new at {at} of {keys} keys, mask {mask_kind}");
+        println!("{what}: output diff {:.1e}", max(&got, &want)?);
+        assert_eq!(max(&got, &want)?, 0.0, "output, {what}");
+        assert_eq!(max(&kv_b, &kv_a)?, 0.0, "cache, {what}");
+        assert!(max(&kv_b, &kv0)? > 0.0, "the cache was written, {what}");
+        assert!(
+            attention_write_kv(&qkv, &rope, &kv_b, layer, keys - s + 1, keys, &mask, heads)
+                .is_err(),
+            "new slots beyond the keys are refused, {what}"
+        );
+    }
+    Ok(())
+}
+
 /// The decode step's one-kernel block (`fused::decode_layer`, CUDA) against the block's
 /// separate fused ops on the CPU, same bf16 inputs: output rows and the cache slot written.
 /// Cases cover head sizes 32 (grouped queries), 64 and 128; 1, 2, 3 and 8 batch rows; keys

@@ -204,6 +204,16 @@ pub fn run_kernel_bench(
                     Ok(())
                 },
             )?;
+            if s > 1 {
+                row(
+                    &format!("attention + K/V write over {max_len} keys"),
+                    act(qkv_w) + kv_bytes * (max_len + s) as f64 + act(d),
+                    &mut |_| {
+                        fused::attention_write_kv(&qkv, &rope, &kv, 0, at, max_len, &mask, heads)?;
+                        Ok(())
+                    },
+                )?;
+            }
         }
         row("silu * up", act(2 * f) + act(f), &mut |_| {
             fused::silu_mul(&gu)?;

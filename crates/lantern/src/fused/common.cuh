@@ -33,6 +33,15 @@ template <> __device__ __forceinline__ __half fromf<__half>(float x) { return __
 // x rounded to T and back
 template <typename T> __device__ __forceinline__ float rnd(float x) { return tof(fromf<T>(x)); }
 
+// RoPE of one pair (x0, x1) with (cos, sin) = (c, s), in f32. Every kernel rotates through
+// this one expression, so that a key rotated by one kernel equals the same key rotated by
+// another bit for bit (the compiler contracts the same expression the same way).
+__device__ __forceinline__ void rope_pair(float x0, float x1, float c, float s, float &r0,
+                                          float &r1) {
+    r0 = x0 * c - x1 * s;
+    r1 = x1 * c + x0 * s;
+}
+
 // The cache tensor is [2, n_layer, b, kvh, max_len, hd] (K plane, then V plane). Element
 // offset of slot 0 of (layer, batch row, head) in the K plane, and the distance to the V plane.
 __device__ __forceinline__ size_t cache_head(int layer, int b, int bb, int kvh, int kh,

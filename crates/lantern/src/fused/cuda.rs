@@ -327,13 +327,10 @@ pub(super) fn attention(
     }
     let (qa, qb) = offsets(qkv_l)?;
     let ra = offsets(rope.layout())?.0;
-    // bf16/f16 with many queries: the tensor-core kernel with the keys split over the warps
-    // (16 queries per block; its 16-byte query loads and float4 RoPE loads need aligned
-    // starts); one query: the kernel below unless LANTERN_ATTN_KERNEL=tc
-    let tc = dt != DType::F32
-        && (d.s > 1 || key_split_decode())
-        && (qa * dt.size_in_bytes()).is_multiple_of(16)
-        && ra.is_multiple_of(4);
+    let tc = tensor_core_attention(dt, d.s, qa, ra);
+    if d.write_at.is_some() && !tc {
+        bail!("fused attention: only the tensor-core kernel writes the new keys and values");
+    }
     let (name, grid, threads, shared) = if tc {
         let warps = tc_warps(d);
         let name = format!("attention_tc_{}_{warps}_{}", d.cache.hd, suffix(dt)?);
@@ -380,6 +377,7 @@ pub(super) fn attention(
     .map(|v| v as i32);
     let strides = [d.mask_b as i64, d.mask_s as i64];
     let causal = d.causal_past.map_or(-1, |p| p as i32);
+    let write_at = d.write_at.map_or(-1, |a| a as i32);
     typed!(dt, T => {
         if !(base as usize * std::mem::size_of::<T>()).is_multiple_of(16) {
             bail!("fused attention: the cache view is not 16-byte aligned");
@@ -406,11 +404,32 @@ pub(super) fn attention(
         builder.arg(&strides[0]);
         builder.arg(&strides[1]);
         builder.arg(&causal);
+        if tc {
+            builder.arg(&write_at);
+        }
         // SAFETY: argument list matches the kernel's signature; dims were checked against
-        // the cache's layout.
+        // the cache's layout (with `write_at`, the kernel writes slots `write_at..+s` of the
+        // cache, which no other block of the launch reads: they read those rows from qkv).
         unsafe { builder.launch(cfg) }?;
         Ok(wrap(out, &dev))
     })
+}
+
+/// Whether the attention of `s` queries per row in `dt` (qkv starting at element `qkv_start`,
+/// the RoPE table at `rope_start`) runs the key-split tensor-core kernel: bf16/f16 with many
+/// queries (16 per block; its 16-byte query loads and float4 RoPE loads need aligned starts);
+/// one query takes the one-query kernel unless `LANTERN_ATTN_KERNEL=tc`. Only this kernel can
+/// also write the new keys and values ([`super::attention_write_kv`]).
+pub(super) fn tensor_core_attention(
+    dt: DType,
+    s: usize,
+    qkv_start: usize,
+    rope_start: usize,
+) -> bool {
+    dt != DType::F32
+        && (s > 1 || key_split_decode())
+        && (qkv_start * dt.size_in_bytes()).is_multiple_of(16)
+        && rope_start.is_multiple_of(4)
 }
 
 /// `LANTERN_ATTN_KERNEL=tc`: decode steps (one query) in bf16/f16 also take the key-split

@@ -305,15 +305,17 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
             const float *cs = rope + (size_t)(rope_rows == 1 ? 0 : m) * pairs * 2;
             const int p = (n % HD) / 2;
             const float c = cs[2 * p], s = cs[2 * p + 1];
+            float r0, r1;
+            rope_pair(a0, a1, c, s, r0, r1);
             if (n < A) {
-                qr[(size_t)m * A + n] = fromf<T>(a0 * c - a1 * s);
-                qr[(size_t)m * A + n + 1] = fromf<T>(a1 * c + a0 * s);
+                qr[(size_t)m * A + n] = fromf<T>(r0);
+                qr[(size_t)m * A + n + 1] = fromf<T>(r1);
             } else if (n < A + kvh * HD) {
                 const int kh = (n - A) / HD;
                 const size_t o = base + cache_head(layer, M, m, kvh, kh, max_len, HD) +
                                  (size_t)at * HD + 2 * p;
-                kv[o] = fromf<T>(a0 * c - a1 * s);
-                kv[o + 1] = fromf<T>(a1 * c + a0 * s);
+                kv[o] = fromf<T>(r0);
+                kv[o + 1] = fromf<T>(r1);
             } else {
                 const int kh = (n - A - kvh * HD) / HD;
                 const size_t o = base + plane + cache_head(layer, M, m, kvh, kh, max_len, HD) +

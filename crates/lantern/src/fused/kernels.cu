@@ -83,9 +83,10 @@ __device__ void write_kv(T *kv, size_t base, const T *qkv, const float *rope, in
         const size_t o = base + cache_head(layer, b, bb, kvh, kh, max_len, hd) +
                          (size_t)(at + si) * hd + 2 * p;
         const float k0 = tof(src[(h + kh) * hd + 2 * p]), k1 = tof(src[(h + kh) * hd + 2 * p + 1]);
-        const float c = cs[2 * p], sn = cs[2 * p + 1];
-        kv[o] = fromf<T>(k0 * c - k1 * sn);
-        kv[o + 1] = fromf<T>(k1 * c + k0 * sn);
+        float r0, r1;
+        rope_pair(k0, k1, cs[2 * p], cs[2 * p + 1], r0, r1);
+        kv[o] = fromf<T>(r0);
+        kv[o + 1] = fromf<T>(r1);
         kv[plane + o] = src[(h + kvh + kh) * hd + 2 * p];
         kv[plane + o + 1] = src[(h + kvh + kh) * hd + 2 * p + 1];
     }
@@ -120,9 +121,9 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
             const int si = q0 + qq;
             const T *src = qkv + ((size_t)bb * s + si) * w + hh * HD;
             const float *cs = rope + ((size_t)(rope_rows == 1 ? 0 : bb) * s + si) * pairs * 2;
-            const float x0 = tof(src[2 * p]), x1 = tof(src[2 * p + 1]);
-            o0 = rnd<T>(x0 * cs[2 * p] - x1 * cs[2 * p + 1]) * scale;
-            o1 = rnd<T>(x1 * cs[2 * p] + x0 * cs[2 * p + 1]) * scale;
+            rope_pair(tof(src[2 * p]), tof(src[2 * p + 1]), cs[2 * p], cs[2 * p + 1], o0, o1);
+            o0 = rnd<T>(o0) * scale;
+            o1 = rnd<T>(o1) * scale;
         }
         qs[qq * HD + 2 * p] = o0;
         qs[qq * HD + 2 * p + 1] = o1;
@@ -434,9 +435,10 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
                     const float a0 = rnd<T>(a), a1 = rnd<T>(a2);
                     if (key) {
                         const float *cs = kc.rope + (size_t)(kc.rope_rows == 1 ? 0 : lane) * kc.hd;
-                        const float cv = cs[2 * p], sv = cs[2 * p + 1];
-                        kv[ko] = fromf<T>(a0 * cv - a1 * sv);
-                        kv[ko + 1] = fromf<T>(a1 * cv + a0 * sv);
+                        float r0, r1;
+                        rope_pair(a0, a1, cs[2 * p], cs[2 * p + 1], r0, r1);
+                        kv[ko] = fromf<T>(r0);
+                        kv[ko + 1] = fromf<T>(r1);
                     } else {
                         const size_t plane = cache_plane(kc.n_layer, M, kc.kvh, kc.max_len, kc.hd);
                         kv[plane + ko] = fromf<T>(a0);
@@ -532,11 +534,15 @@ template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float 
            ((unsigned)*reinterpret_cast<const unsigned short *>(&h) << 16);
 }
 
+// write_at >= 0: the keys and values of the s new positions are at slots write_at.. of the
+// cache only after this kernel: every block reads those rows from qkv instead (keys rotated on
+// load, rounded to T exactly as write_kv rounds them), and the first query tile's block of each
+// key head's first query head also writes them into the cache (what write_kv would write).
 template <typename T, int HD, int NW>
-__device__ void attention_tc(const T *qkv, const float *rope, const T *kv, size_t base,
+__device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base,
                              const float *mask, T *out, int b, int s, int h, int kvh, int layer,
                              int n_layer, int max_len, int keys, int rope_rows, long long mask_b,
-                             long long mask_s, int causal_past) {
+                             long long mask_s, int causal_past, int write_at) {
     constexpr int NC = HD / 32; // 32-dim chunks of a row
     extern __shared__ __align__(128) unsigned char smraw[];
     float *os = reinterpret_cast<float *>(smraw);     // [NW][16][HD] output shares
@@ -546,7 +552,9 @@ __device__ void attention_tc(const T *qkv, const float *rope, const T *kv, size_
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int nt = (keys + 15) / 16;
     const size_t head = base + cache_head(layer, b, bb, kvh, kh, max_len, HD);
-    const T *kp = kv + head, *vp = kv + cache_plane(n_layer, b, kvh, max_len, HD) + head;
+    T *kp = kv + head, *vp = kv + cache_plane(n_layer, b, kvh, max_len, HD) + head;
+    // this block writes the new keys and values into the cache (write_at >= 0)
+    const bool writer = write_at >= 0 && blockIdx.x == 0 && hh % (h / kvh) == 0;
     pdl_trigger();
     // the older keys are in memory already: start moving this warp's tiles towards L2 while
     // the previous kernel finishes (L2 is coherent with its writes)
@@ -578,6 +586,34 @@ __device__ void attention_tc(const T *qkv, const float *rope, const T *kv, size_
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
             const int j = min(k0 + 8 * n + g, keys - 1);
+            if (write_at >= 0 && j >= write_at && j - write_at < s) {
+                // a new position: its key rotated like write_kv's, its value as it is
+                const int si = j - write_at;
+                const T *src = qkv + ((size_t)bb * s + si) * w + (h + kh) * HD + 8 * t;
+                const float *cs = rope + ((size_t)(rope_rows == 1 ? 0 : bb) * s + si) * HD + 8 * t;
+#pragma unroll
+                for (int c = 0; c < NC; ++c) {
+                    const uint4 u = *reinterpret_cast<const uint4 *>(src + c * 32);
+                    const T *xk = reinterpret_cast<const T *>(&u);
+                    const float4 c0 = reinterpret_cast<const float4 *>(cs + c * 32)[0];
+                    const float4 c1 = reinterpret_cast<const float4 *>(cs + c * 32)[1];
+                    const float cv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+                    unsigned *kw = reinterpret_cast<unsigned *>(&x.k[n][c]);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        float r0, r1;
+                        rope_pair(tof(xk[2 * i]), tof(xk[2 * i + 1]), cv[2 * i], cv[2 * i + 1], r0, r1);
+                        kw[i] = pack2<T>(r0, r1);
+                    }
+                    x.v[n][c] = *reinterpret_cast<const uint4 *>(src + kvh * HD + c * 32);
+                    if (writer) {
+                        const size_t off = (size_t)j * HD + c * 32 + 8 * t;
+                        *reinterpret_cast<uint4 *>(kp + off) = x.k[n][c];
+                        *reinterpret_cast<uint4 *>(vp + off) = x.v[n][c];
+                    }
+                }
+                continue;
+            }
 #pragma unroll
             for (int c = 0; c < NC; ++c) {
                 const size_t off = (size_t)j * HD + c * 32 + 8 * t;
@@ -623,9 +659,9 @@ __device__ void attention_tc(const T *qkv, const float *rope, const T *kv, size_
                 const float cv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const float x0 = tof(x[2 * i]), x1 = tof(x[2 * i + 1]);
-                    const float co = cv[2 * i], sn = cv[2 * i + 1];
-                    qa[r][c][i] = pack2<T>(x0 * co - x1 * sn, x1 * co + x0 * sn);
+                    float r0, r1;
+                    rope_pair(tof(x[2 * i]), tof(x[2 * i + 1]), cv[2 * i], cv[2 * i + 1], r0, r1);
+                    qa[r][c][i] = pack2<T>(r0, r1);
                 }
             } else {
 #pragma unroll
@@ -781,12 +817,13 @@ __device__ void attention_tc(const T *qkv, const float *rope, const T *kv, size_
 
 #define ATTN_TC(T, HD, NW, NAME)                                                                \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                      \
-        NAME(const T *qkv, const float *rope, const T *kv, unsigned long long base,             \
+        NAME(const T *qkv, const float *rope, T *kv, unsigned long long base,                   \
              const float *mask, T *out, int b, int s, int h, int kvh, int layer, int n_layer,   \
              int max_len, int keys, int rope_rows, long long mask_b, long long mask_s,          \
-             int causal_past) {                                                                 \
+             int causal_past, int write_at) {                                                   \
         attention_tc<T, HD, NW>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,  \
-                                max_len, keys, rope_rows, mask_b, mask_s, causal_past);         \
+                                max_len, keys, rope_rows, mask_b, mask_s, causal_past,          \
+                                write_at);                                                      \
     }
 #define ATTN_TCS(T, SUF)                                                                        \
     ATTN_TC(T, 32, 4, attention_tc_32_4_##SUF)                                                  \

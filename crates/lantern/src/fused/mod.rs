@@ -190,9 +190,11 @@ pub fn small_linear(
     x.apply_op2_no_bwd(&w.contiguous()?, &op)
 }
 
-/// Whether a decode step's `wqkv` product writes the keys and values into the cache itself
-/// ([`small_linear_kv`]; one kernel fewer per layer, measured 1.7% off a GPT-XL decode step on
-/// an H100 on average, docs/BENCHMARKS.md §0000000b). On unless `LANTERN_FUSED_KV=0`.
+/// Whether the new keys and values go into the cache inside a neighbouring kernel instead of
+/// [`write_kv`]'s own: a decode step's `wqkv` product ([`small_linear_kv`]; measured 1.7% off
+/// a GPT-XL decode step on an H100 on average, docs/BENCHMARKS.md §0000000b) and the
+/// tensor-core attention of several tokens per row ([`attention_write_kv`]). On unless
+/// `LANTERN_FUSED_KV=0`.
 pub fn fused_kv_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("LANTERN_FUSED_KV").map_or(true, |v| v != "0"))
@@ -354,6 +356,62 @@ pub fn attention(
     mask: &KeyMask,
     heads: Heads,
 ) -> Result<Tensor> {
+    attend(qkv, rope, kv, layer, keys, mask, heads, None)
+}
+
+/// [`write_kv`] of `qkv`'s new keys and values at slots `at..at + s` (which must lie among
+/// the `keys` attended slots), then [`attention`]. On CUDA with several tokens per row in
+/// bf16/f16 (tree verification, prefill, drafter blocks) one kernel: the attention reads the
+/// new positions from `qkv` and one block per key head writes them into the cache (bit for bit
+/// what `write_kv` writes); elsewhere, or with `LANTERN_FUSED_KV=0`, the two ops.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_write_kv(
+    qkv: &Tensor,
+    rope: &Tensor,
+    kv: &Tensor,
+    layer: usize,
+    at: usize,
+    keys: usize,
+    mask: &KeyMask,
+    heads: Heads,
+) -> Result<Tensor> {
+    let (qkv, rope) = (qkv.contiguous()?, rope.contiguous()?);
+    let s = qkv.dim(1)?;
+    if at + s > keys {
+        candle_core::bail!(
+            "attention with K/V write: new slots {at}..{} lie beyond the {keys} attended keys",
+            at + s
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if qkv.device().is_cuda()
+        && fused_kv_enabled()
+        && cuda::tensor_core_attention(
+            qkv.dtype(),
+            s,
+            qkv.layout().start_offset(),
+            rope.layout().start_offset(),
+        )
+    {
+        return attend(&qkv, &rope, kv, layer, keys, mask, heads, Some(at));
+    }
+    write_kv(kv, &qkv, &rope, layer, at, heads)?;
+    attend(&qkv, &rope, kv, layer, keys, mask, heads, None)
+}
+
+/// [`attention`], optionally writing the new K/V at `write_at` inside the kernel (CUDA,
+/// [`cuda::tensor_core_attention`] only).
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    qkv: &Tensor,
+    rope: &Tensor,
+    kv: &Tensor,
+    layer: usize,
+    keys: usize,
+    mask: &KeyMask,
+    heads: Heads,
+    write_at: Option<usize>,
+) -> Result<Tensor> {
     let (b, s, _) = qkv.dims3()?;
     let (additive, causal_past) = match mask {
         KeyMask::None => (None, None),
@@ -374,6 +432,7 @@ pub fn attention(
         mask: additive,
         causal_past,
         heads,
+        write_at,
     };
     qkv.contiguous()?.apply_op1_no_bwd(&op)
 }
@@ -584,6 +643,8 @@ struct Attention {
     mask: Option<(Tensor, bool)>,
     causal_past: Option<usize>,
     heads: Heads,
+    /// The slot the kernel writes the new keys and values to (CUDA tensor-core kernel only).
+    write_at: Option<usize>,
 }
 
 /// Sizes of one fused attention call, shared by the CPU and CUDA versions.
@@ -599,6 +660,8 @@ struct AttnDims {
     mask_b: usize,
     mask_s: usize,
     causal_past: Option<usize>,
+    /// Slot of the new keys and values the kernel also writes (see [`attention_write_kv`]).
+    write_at: Option<usize>,
 }
 
 impl Attention {
@@ -610,6 +673,9 @@ impl Attention {
             Some((_, batched)) => (if *batched { s * self.keys } else { 0 }, self.keys),
             None => (0, 0),
         };
+        if self.write_at.is_some_and(|at| at + s > self.keys) {
+            candle_core::bail!("{OP}: the K/V write's slots leave the {} keys", self.keys);
+        }
         Ok(AttnDims {
             s,
             h: self.heads.h,
@@ -619,6 +685,7 @@ impl Attention {
             mask_b,
             mask_s,
             causal_past: self.causal_past,
+            write_at: self.write_at,
         })
     }
 }
@@ -796,6 +863,9 @@ impl CustomOp1 for Attention {
 
     fn cpu_fwd(&self, qkv: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = self.dims(l)?;
+        if d.write_at.is_some() {
+            candle_core::bail!("fused attention: the K/V write inside attention is CUDA-only");
+        }
         let out = cpu::attention(
             &d,
             qkv,

@@ -201,8 +201,9 @@ impl Attention {
             .forward(&self.attend_fused(qkv, rope, mask, layer, cache)?)
     }
 
-    /// Fused attention before the output projection: one kernel rotates the new keys of `qkv`
-    /// and writes K/V into the cache, one attends (queries rotated on load).
+    /// Fused attention before the output projection: the new keys of `qkv` rotated and K/V
+    /// written into the cache, and the attention (queries rotated on load); one kernel on
+    /// CUDA for several tokens per row ([`crate::fused::attention_write_kv`]).
     ///
     /// # Shapes
     /// - `qkv`: `[b, s, (h + 2 kvh) * hd]` → `[b, s, h * hd]`
@@ -215,8 +216,16 @@ impl Attention {
         cache: &KvCache,
     ) -> Result<Tensor> {
         let st = self.fused_step(qkv, rope, mask, layer, cache)?;
-        crate::fused::write_kv(st.kv, qkv, &st.rope, layer, st.at, st.heads)?;
-        st.attend(qkv, layer)
+        crate::fused::attention_write_kv(
+            qkv,
+            &st.rope,
+            st.kv,
+            layer,
+            st.at,
+            st.keys,
+            &st.key_mask,
+            st.heads,
+        )
     }
 
     /// A decode step's `wqkv` product of hidden state `h` (RMSNorm `norm` first) with the K/V
