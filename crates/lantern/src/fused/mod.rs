@@ -5,8 +5,8 @@
 //! For decode steps (a few rows) [`small_linear`] streams a weight matrix with the RMSNorm in
 //! front and the residual add or SwiGLU behind, and on CUDA [`small_linear_kv`] also writes the
 //! new keys and values into the cache from the `wqkv` product, so that a LlamaGen block is 5
-//! launches (about 29 with candle's ops); tree verification keeps cuBLAS for the projections
-//! (9 launches).
+//! launches (about 29 with candle's ops); tree verification keeps cuBLAS for the projections,
+//! and [`attention_write_kv`] writes the new keys and values inside its attention (8 launches).
 //!
 //! On CUDA these are our own kernels (`kernels.cu`, compiled to PTX by build.rs). Each op also
 //! has a CPU version of the same algorithm, so that tests on machines without a GPU check the
