@@ -246,13 +246,7 @@ fn cuda_move_slots_matches_tensor_copy() -> Result<()> {
 fn cuda_small_linear_kv_matches_linear_then_write() -> Result<()> {
     use lantern::fused::{small_linear, small_linear_kv, write_kv, Epilogue, Heads};
     let gpu = lantern::fused::cuda_device(0)?;
-    let max = |a: &Tensor, b: &Tensor| -> Result<f32> {
-        Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?)
-    };
+    let max = common::max_abs_diff;
     // (h, kvh, hd, dim, rows, rope rows shared)
     for (h, kvh, hd, dim, b, shared) in [
         (4, 4, 64, 256, 2, false),
@@ -408,13 +402,7 @@ fn cuda_attention_matches_cpu_at_long_keys() -> Result<()> {
 fn cuda_attention_write_kv_matches_write_then_attention() -> Result<()> {
     use lantern::fused::{attention, attention_write_kv, write_kv, Heads, KeyMask};
     let gpu = lantern::fused::cuda_device(0)?;
-    let max = |a: &Tensor, b: &Tensor| -> Result<f32> {
-        Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?)
-    };
+    let max = common::max_abs_diff;
     let b = 2;
     // (hd, h, kvh, new slot, keys, s, mask: 0 none, 1 causal, 2 per-row tree mask, rope per row)
     let cases = [

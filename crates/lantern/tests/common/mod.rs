@@ -101,15 +101,23 @@ pub fn fixture_drafter(c2i: bool) -> Result<Drafter> {
     .0)
 }
 
+/// max |a - b|, compared in f32 (0 exactly when the tensors are equal, bit for bit up to the
+/// sign of zero).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?)
+}
+
 /// max |a - b| / max |b|, both compared in f32.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let a = a.to_dtype(DType::F32)?;
-    let b = b.to_dtype(DType::F32)?;
-    let diff = (&a - &b)?
+    let scale = b
+        .to_dtype(DType::F32)?
         .abs()?
         .flatten_all()?
         .max(0)?
         .to_scalar::<f32>()?;
-    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    Ok(diff / scale.max(1e-12))
+    Ok(max_abs_diff(a, b)? / scale.max(1e-12))
 }

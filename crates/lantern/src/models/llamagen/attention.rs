@@ -215,17 +215,8 @@ impl Attention {
         layer: usize,
         cache: &KvCache,
     ) -> Result<Tensor> {
-        let st = self.fused_step(qkv, rope, mask, layer, cache)?;
-        crate::fused::attention_write_kv(
-            qkv,
-            &st.rope,
-            st.kv,
-            layer,
-            st.at,
-            st.keys,
-            &st.key_mask,
-            st.heads,
-        )
+        self.fused_step(qkv, rope, mask, layer, cache)?
+            .attend_writing(qkv, layer)
     }
 
     /// A decode step's `wqkv` product of hidden state `h` (RMSNorm `norm` first) with the K/V
@@ -376,6 +367,21 @@ struct FusedStep<'c> {
 }
 
 impl FusedStep<'_> {
+    /// The new keys and values of `qkv` written into the step's slot, then [`Self::attend`]
+    /// (one kernel where [`crate::fused::attention_write_kv`] can).
+    fn attend_writing(&self, qkv: &Tensor, layer: usize) -> Result<Tensor> {
+        crate::fused::attention_write_kv(
+            qkv,
+            &self.rope,
+            self.kv,
+            layer,
+            self.at,
+            self.keys,
+            &self.key_mask,
+            self.heads,
+        )
+    }
+
     /// The fused attention of `qkv`'s queries over the step's keys.
     fn attend(&self, qkv: &Tensor, layer: usize) -> Result<Tensor> {
         crate::fused::attention(
