@@ -113,6 +113,26 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
     const int w = (h + 2 * kvh) * HD, pairs = HD / 2, kh = hh / (h / kvh);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     const float scale = rsqrtf((float)HD);
+    const size_t head = base + cache_head(layer, b, bb, kvh, kh, max_len, HD);
+    const size_t plane = cache_plane(n_layer, b, kvh, max_len, HD);
+    const T *kp = kv + head, *vp = kv + plane + head;
+    // the older keys and values are in memory already: start moving this block's rows towards
+    // L2 while the previous kernel (the wqkv product) finishes; a decode step's cache does not
+    // stay in L2 from one step to the next (L2 is coherent with the new slots' writes). Every
+    // key row (the scores read them all) and the value rows the tile's first query does not
+    // hide (read before the wait, a mask entry only decides a prefetch)
+    {
+        constexpr int LINE = 128 / sizeof(T), LPR = (HD + LINE - 1) / LINE; // lines per row
+        const float *mrow = mask ? mask + bb * mask_b + (long long)q0 * mask_s : nullptr;
+        for (int i = threadIdx.x; i < keys * LPR; i += blockDim.x) {
+            const int row = i / LPR, l = i % LPR;
+            const size_t off = (size_t)row * HD + l * LINE;
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(kp + off));
+            if (!mrow || mrow[row] != -INFINITY)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(vp + off));
+        }
+    }
+    pdl_wait();
     // queries: rotate, round, scale
     for (int i = threadIdx.x; i < QT * pairs; i += blockDim.x) {
         const int qq = i / pairs, p = i % pairs;
@@ -129,9 +149,6 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
         qs[qq * HD + 2 * p + 1] = o1;
     }
     __syncthreads();
-    const size_t head = base + cache_head(layer, b, bb, kvh, kh, max_len, HD);
-    const size_t plane = cache_plane(n_layer, b, kvh, max_len, HD);
-    const T *kp = kv + head, *vp = kv + plane + head;
     // scores: one key row per thread, reused for the tile's queries
     for (int j = threadIdx.x; j < keys; j += blockDim.x) {
         // the key row and the mask entries are loaded together (no load waits on another)
@@ -284,7 +301,7 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
                                     int s, int h, int kvh, int layer, int n_layer,              \
                                     int max_len, int keys, int rope_rows, long long mask_b,     \
                                     long long mask_s, int causal_past) {                        \
-        pdl_trigger(); pdl_wait();                                                              \
+        pdl_trigger();                                                                          \
         attention<T, HD, QT>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,      \
                              max_len, keys, rope_rows, mask_b, mask_s, causal_past);            \
     }

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# GPU run (session 10): the one-query attention moves its head's older K/V rows towards L2
+# before waiting for the wqkv kernel (programmatic dependent launch), against the carried base
+# binary without it: every CUDA kernel test, the step bench's decode / verify / drafter rows
+# and targets table (ROUNDS rounds over PRESETS, the two binaries interleaved), token files new
+# vs base. Outputs under $OUT.
+set -uo pipefail
+source scripts/gpu/env.sh
+SECONDS=0
+with_base
+F="LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt"
+env $F timeout 300 "$G/fused_forward" --nocapture cuda_ 2>&1 \
+  | grep -E "^test |test result|panicked|rel err|output diff" | tee "$OUT/kernel_tests.txt"
+echo "tests done ${SECONDS}s"
+ROUNDS=${ROUNDS:-3} VARIANTS=${VARIANTS:-BASE X=0} \
+  variant_rounds "tok.*cuda graph\) \||attention over|rror|panicked|bandwidth bound \||over the decode" 2>&1 | tee "$OUT/steps.txt"
+{
+same_tokens "new vs base" "$L" "$B" "ar --temperature 0" "ar" "sd --temperature 0" "lantern++ --tree naive_extend_57" "lantern"
+} 2>&1 | tee "$OUT/checks.txt"
+echo "total ${SECONDS}s"
