@@ -8,9 +8,7 @@ set -uo pipefail
 source scripts/gpu/env.sh
 SECONDS=0
 with_base
-F="LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt"
-env $F timeout 300 "$G/fused_forward" --nocapture cuda_ 2>&1 \
-  | grep -E "^test |test result|panicked|rel err|output diff" | tee "$OUT/kernel_tests.txt"
+kernel_tests
 echo "tests done ${SECONDS}s"
 ROUNDS=${ROUNDS:-3} VARIANTS=${VARIANTS:-BASE X=0} \
   variant_rounds "tok.*cuda graph\) \||attention over|rror|panicked|bandwidth bound \||over the decode" 2>&1 | tee "$OUT/steps.txt"

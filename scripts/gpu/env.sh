@@ -33,6 +33,14 @@ with_base() {
   done
 }
 
+# kernel_tests: runs the CUDA tests of the carried kernel test binary (with_base unpacks it)
+# against the carried fixtures, printing results, per-case lines and failures, and keeping
+# them in $OUT/kernel_tests.txt.
+kernel_tests() {
+  env LANTERN_FIXTURES=crates/lantern/tests/fixtures/gpt timeout 300 "$G/fused_forward" --nocapture cuda_ 2>&1 \
+    | grep -E "^test |test result|panicked|rel err|output diff" | tee "$OUT/kernel_tests.txt"
+}
+
 # variant V: sets `bin` and `envs` for a variant V: env assignments joined by '+' for $L
 # (X=0: as built), or BASE or BASE:assignments for $B, the carried base binary (with_base).
 variant() {

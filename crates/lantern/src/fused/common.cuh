@@ -42,6 +42,12 @@ __device__ __forceinline__ void rope_pair(float x0, float x1, float c, float s, 
     r1 = x1 * c + x0 * s;
 }
 
+// Asks the L2 cache for the 128-byte line at p (no data returned, no ordering: safe before a
+// PDL wait, even on lines the previous kernel is still writing).
+__device__ __forceinline__ void prefetch_l2(const void *p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // The cache tensor is [2, n_layer, b, kvh, max_len, hd] (K plane, then V plane). Element
 // offset of slot 0 of (layer, batch row, head) in the K plane, and the distance to the V plane.
 __device__ __forceinline__ size_t cache_head(int layer, int b, int bb, int kvh, int kh,

@@ -127,9 +127,8 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
         for (int i = threadIdx.x; i < keys * LPR; i += blockDim.x) {
             const int row = i / LPR, l = i % LPR;
             const size_t off = (size_t)row * HD + l * LINE;
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(kp + off));
-            if (!mrow || mrow[row] != -INFINITY)
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(vp + off));
+            prefetch_l2(kp + off);
+            if (!mrow || mrow[row] != -INFINITY) prefetch_l2(vp + off);
         }
     }
     pdl_wait();
@@ -551,6 +550,26 @@ template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float 
            ((unsigned)*reinterpret_cast<const unsigned short *>(&h) << 16);
 }
 
+// 8 consecutive elements of a qkv row (4 RoPE pairs, 16-byte aligned) rotated with their packed
+// (cos, sin) table entries cs (16-byte aligned) and rounded to T: one 16-byte word, as the
+// tensor-core fragments take it.
+template <typename T> __device__ __forceinline__ uint4 rope8(const T *src, const float *cs) {
+    const uint4 u = *reinterpret_cast<const uint4 *>(src);
+    const T *x = reinterpret_cast<const T *>(&u);
+    const float4 c0 = reinterpret_cast<const float4 *>(cs)[0];
+    const float4 c1 = reinterpret_cast<const float4 *>(cs)[1];
+    const float cv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+    uint4 out;
+    unsigned *o = reinterpret_cast<unsigned *>(&out);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float r0, r1;
+        rope_pair(tof(x[2 * i]), tof(x[2 * i + 1]), cv[2 * i], cv[2 * i + 1], r0, r1);
+        o[i] = pack2<T>(r0, r1);
+    }
+    return out;
+}
+
 // write_at >= 0: the keys and values of the s new positions are at slots write_at.. of the
 // cache only after this kernel: every block reads those rows from qkv instead (keys rotated on
 // load, rounded to T exactly as write_kv rounds them), and the first query tile's block of each
@@ -579,8 +598,7 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
     for (int tt = warp; tt < nt; tt += NW) {
         for (int i = lane; i < 2 * 16 * LPR; i += 32) {
             const int k = i % (16 * LPR), row = min(tt * 16 + k / LPR, keys - 1);
-            const T *p = (i < 16 * LPR ? kp : vp) + (size_t)row * HD + (k % LPR) * LINE;
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+            prefetch_l2((i < 16 * LPR ? kp : vp) + (size_t)row * HD + (k % LPR) * LINE);
         }
     }
     pdl_wait();
@@ -610,18 +628,7 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
                 const float *cs = rope + ((size_t)(rope_rows == 1 ? 0 : bb) * s + si) * HD + 8 * t;
 #pragma unroll
                 for (int c = 0; c < NC; ++c) {
-                    const uint4 u = *reinterpret_cast<const uint4 *>(src + c * 32);
-                    const T *xk = reinterpret_cast<const T *>(&u);
-                    const float4 c0 = reinterpret_cast<const float4 *>(cs + c * 32)[0];
-                    const float4 c1 = reinterpret_cast<const float4 *>(cs + c * 32)[1];
-                    const float cv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-                    unsigned *kw = reinterpret_cast<unsigned *>(&x.k[n][c]);
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        float r0, r1;
-                        rope_pair(tof(xk[2 * i]), tof(xk[2 * i + 1]), cv[2 * i], cv[2 * i + 1], r0, r1);
-                        kw[i] = pack2<T>(r0, r1);
-                    }
+                    x.k[n][c] = rope8<T>(src + c * 32, cs + c * 32);
                     x.v[n][c] = *reinterpret_cast<const uint4 *>(src + kvh * HD + c * 32);
                     if (writer) {
                         const size_t off = (size_t)j * HD + c * 32 + 8 * t;
@@ -667,19 +674,10 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
             if (si < s) {
-                const T *src = qkv + ((size_t)bb * s + si) * w + hh * HD + c * 32 + 8 * t;
-                const uint4 u = *reinterpret_cast<const uint4 *>(src);
-                const T *x = reinterpret_cast<const T *>(&u);
-                const float4 *cs = reinterpret_cast<const float4 *>(
+                const uint4 q = rope8<T>(
+                    qkv + ((size_t)bb * s + si) * w + hh * HD + c * 32 + 8 * t,
                     rope + ((size_t)(rope_rows == 1 ? 0 : bb) * s + si) * HD + c * 32 + 8 * t);
-                const float4 c0 = cs[0], c1 = cs[1];
-                const float cv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    float r0, r1;
-                    rope_pair(tof(x[2 * i]), tof(x[2 * i + 1]), cv[2 * i], cv[2 * i + 1], r0, r1);
-                    qa[r][c][i] = pack2<T>(r0, r1);
-                }
+                qa[r][c][0] = q.x, qa[r][c][1] = q.y, qa[r][c][2] = q.z, qa[r][c][3] = q.w;
             } else {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) qa[r][c][i] = 0u;

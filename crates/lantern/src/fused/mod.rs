@@ -643,7 +643,8 @@ struct Attention {
     mask: Option<(Tensor, bool)>,
     causal_past: Option<usize>,
     heads: Heads,
-    /// The slot the kernel writes the new keys and values to (CUDA tensor-core kernel only).
+    /// The slot the kernel writes the new keys and values to (CUDA tensor-core kernel only;
+    /// [`attention_write_kv`] checks that the new slots lie among the keys).
     write_at: Option<usize>,
 }
 
@@ -673,9 +674,6 @@ impl Attention {
             Some((_, batched)) => (if *batched { s * self.keys } else { 0 }, self.keys),
             None => (0, 0),
         };
-        if self.write_at.is_some_and(|at| at + s > self.keys) {
-            candle_core::bail!("{OP}: the K/V write's slots leave the {} keys", self.keys);
-        }
         Ok(AttnDims {
             s,
             h: self.heads.h,
