@@ -91,6 +91,14 @@ pub struct BenchArgs {
     /// Tokens per image for --loop-images.
     #[arg(long, default_value_t = 64)]
     loop_tokens: usize,
+    /// Modes of the loop split, comma-separated (ar, sd-static, lantern++-static, sd-dynamic;
+    /// default: all).
+    #[arg(long, value_delimiter = ',')]
+    loop_modes: Vec<String>,
+    /// With --random-weights: run only the loop split (no step or kernel timings, no targets
+    /// table), e.g. to profile the loop's kernels.
+    #[arg(long)]
+    loop_only: bool,
     #[command(flatten)]
     model: ModelOpts,
     #[command(flatten)]
@@ -326,6 +334,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let dev = a.device.device()?;
     if a.random_weights {
         return steps(&a, &dev);
+    }
+    if a.loop_only || !a.loop_modes.is_empty() {
+        bail!("--loop-only and --loop-modes apply to the loop split: add --random-weights");
     }
     if a.num == 0 {
         bail!("-n 0: ask for at least one image per class");
@@ -603,6 +614,20 @@ fn steps(a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
         cfg.tree_tokens = n;
     }
     let start = std::time::Instant::now();
+    if a.loop_only {
+        let images = a.loop_images.unwrap_or(3).max(1);
+        let r = lantern::bench::run_loop_bench(
+            cfg.preset,
+            cfg.dtype,
+            dev,
+            a.loop_tokens,
+            images,
+            &a.loop_modes,
+        )?;
+        println!("{r}");
+        println!("(bench wall time {:.1} s)", start.elapsed().as_secs_f64());
+        return Ok(());
+    }
     let report = run_step_bench(&cfg, dev)?;
     println!("{report}");
     if dev.is_cuda() {
@@ -617,8 +642,14 @@ fn steps(a: &BenchArgs, dev: &candle_core::Device) -> Result<()> {
     }
     let loop_images = a.loop_images.unwrap_or(if dev.is_cuda() { 3 } else { 0 });
     let loops = if loop_images > 0 {
-        let r =
-            lantern::bench::run_loop_bench(cfg.preset, cfg.dtype, dev, a.loop_tokens, loop_images)?;
+        let r = lantern::bench::run_loop_bench(
+            cfg.preset,
+            cfg.dtype,
+            dev,
+            a.loop_tokens,
+            loop_images,
+            &a.loop_modes,
+        )?;
         println!("{r}");
         Some(r)
     } else {

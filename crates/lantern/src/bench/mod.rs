@@ -11,7 +11,7 @@ pub mod steps;
 pub mod targets;
 
 pub use random::{random_var_builder, RandomWeights};
-pub use spec_loop::{run_loop_bench, LoopReport, LoopRow};
+pub use spec_loop::{run_loop_bench, LoopReport, LoopRow, LOOP_MODES};
 pub use steps::{
     expected_latency, run_step_bench, Step, StepBenchConfig, StepPreset, StepReport, StepRow,
 };

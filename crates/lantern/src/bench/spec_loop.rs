@@ -24,6 +24,9 @@ use candle_core::{DType, Device, Tensor};
 use std::fmt;
 use std::sync::Arc;
 
+/// Names of the loop bench's modes (for [`run_loop_bench`]'s `only`).
+pub const LOOP_MODES: [&str; 4] = ["ar", "sd-static", "lantern++-static", "sd-dynamic"];
+
 /// One decoding mode's per-step split (milliseconds per verification step, median image).
 #[derive(Clone, Debug)]
 pub struct LoopRow {
@@ -106,14 +109,22 @@ fn random_neighbors(vocab: usize, k: usize) -> Result<Neighbors> {
 ///
 /// Modes: plain AR (its wall time per token is the reference), exact SD on the
 /// `naive_extend_57` static tree (sampled), LANTERN++ (lambda 2, k 100) on the same tree, and
-/// exact SD on an EAGLE-2 dynamic tree (`dynamic`).
+/// exact SD on an EAGLE-2 dynamic tree (`dynamic`); `only` keeps the modes named there
+/// ([`LOOP_MODES`]; empty: all).
 pub fn run_loop_bench(
     preset: StepPreset,
     dtype: DType,
     device: &Device,
     tokens: usize,
     images: usize,
+    only: &[String],
 ) -> Result<LoopReport> {
+    if let Some(bad) = only.iter().find(|m| !LOOP_MODES.contains(&m.as_str())) {
+        return Err(crate::Error::invalid(
+            "loop mode",
+            format!("{bad} (use one of {})", LOOP_MODES.join(", ")),
+        ));
+    }
     // `LANTERN_LOOP_SYNC=0`: no phase syncs (the wall time of a real generation; the phase
     // columns then charge asynchronous GPU work to whichever phase waits for it)
     let sync = std::env::var("LANTERN_LOOP_SYNC").map_or(true, |v| v != "0");
@@ -146,6 +157,9 @@ pub fn run_loop_bench(
     ];
     let mut rows = Vec::new();
     for (name, spec) in modes {
+        if !only.is_empty() && !only.iter().any(|m| *m == name.replace(' ', "-")) {
+            continue;
+        }
         let decoding = match spec {
             None => Decoding::Ar,
             Some((tree, relaxation)) => Decoding::Speculative {
@@ -219,7 +233,7 @@ mod tests {
 
     #[test]
     fn tiny_loop_reports_every_mode() -> Result<()> {
-        let r = run_loop_bench(StepPreset::Tiny, DType::F32, &Device::Cpu, 8, 1)?;
+        let r = run_loop_bench(StepPreset::Tiny, DType::F32, &Device::Cpu, 8, 1, &[])?;
         assert_eq!(r.rows.len(), 4);
         let ar = &r.rows[0];
         assert!(
@@ -236,6 +250,13 @@ mod tests {
         }
         let text = r.to_string();
         assert!(text.contains("lantern++ static") && text.contains("loop overhead"));
+        let one = ["sd-dynamic".to_string()];
+        let r = run_loop_bench(StepPreset::Tiny, DType::F32, &Device::Cpu, 4, 1, &one)?;
+        assert_eq!(r.rows.len(), 1);
+        assert!(r.rows[0].mode.starts_with("sd dynamic"), "{:?}", r.rows[0]);
+        let bad = ["sd".to_string()];
+        let e = run_loop_bench(StepPreset::Tiny, DType::F32, &Device::Cpu, 4, 1, &bad);
+        assert!(e.is_err_and(|e| e.to_string().contains("sd-static")));
         Ok(())
     }
 }
