@@ -50,6 +50,7 @@ macro_rules! typed {
         }
     };
 }
+pub(super) use typed;
 
 pub(super) fn launch_cfg(grid: (u32, u32, u32), block: u32, shared: usize) -> LaunchConfig {
     LaunchConfig {

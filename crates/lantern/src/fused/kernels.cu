@@ -854,8 +854,9 @@ ATTN_TCS(__half, f16)
 
 // ---------------------------------------------------------------------------------------------
 // Drafting picks (fused/picks.rs, launched from fused/picks_cuda.rs): the drafter's probability
-// rows, then per row its top-k or k draws without replacement. One block of PK_THREADS per row;
-// rows are read from global memory in every pass (V up to ~16k does not fit shared memory).
+// rows, then per row its top-k or k draws without replacement. One block of PK_THREADS per row.
+// The probabilities keep a row in registers (up to PK_PER per thread); the draws keep a mass
+// per thread's chunk and read the row again only where a draw lands.
 // They are launched plainly (picks_cuda.rs) but keep the PDL protocol: trigger, then wait
 // before the first read.
 // ---------------------------------------------------------------------------------------------
@@ -897,29 +898,28 @@ __device__ __forceinline__ void pk_block_first(unsigned &k, int &i, unsigned *rk
     }
 }
 
-// Logit i of a row, CFG-combined with the unconditional row when there is one (rounded after
-// each operation, like the separate tensor ops it replaces), over the temperature.
-__device__ __forceinline__ float pk_logit(const float *row, const float *urow, float scale,
-                                          int i, float temp) {
-    float x = row[i];
+// Logit i of a row (f32, bf16 or f16), CFG-combined with the unconditional row when there is
+// one (in f32, rounded after each operation, like the separate tensor ops it replaces, on the
+// exact f32 values of the inputs), over the temperature.
+template <typename T>
+__device__ __forceinline__ float pk_logit(const T *row, const T *urow, float scale, int i,
+                                          float temp) {
+    float x = tof(row[i]);
     if (urow) {
-        const float u = urow[i];
+        const float u = tof(urow[i]);
         x = __fadd_rn(u, __fmul_rn(__fsub_rn(x, u), scale));
     }
     return x / temp;
 }
 
-// Probabilities of logit rows [n, v] (with xu, the unconditional rows [n, v]: of
-// u + (x - u) * scale): l = x / temp; with 0 < top_k < v the logits below the top_k-th largest
-// are dropped (ties with it kept); softmax (all dropped: uniform).
-extern "C" __global__ void draft_probs_f32(const float *x, float *out, int v, float temp,
-                                           int top_k, const float *xu, float scale) {
-    pdl_trigger();
-    pdl_wait();
-    __shared__ float red[32];
-    const float *row = x + (size_t)blockIdx.x * v;
-    const float *urow = xu ? xu + (size_t)blockIdx.x * v : nullptr;
-    float *o = out + (size_t)blockIdx.x * v;
+// A row's probabilities from its logits (l(j): the thread's element i = tid + j * blockDim.x,
+// from registers or read on demand), as the host does: with 0 < top_k < v the logits below
+// the top_k-th largest are dropped (ties with it kept); softmax (all dropped: uniform). PER: a
+// bound on the thread's elements known at compile time (0: as many as the row has).
+template <int PER, typename L>
+__device__ __forceinline__ void pk_softmax(const L &l, int v, int top_k, float *o, float *red) {
+    const int bd = blockDim.x;
+    const int n = PER > 0 ? PER : (v - (int)threadIdx.x + bd - 1) / bd;
     const bool filter = top_k > 0 && top_k < v;
     // key of the top_k-th largest: the largest t with count(key >= t) >= top_k, bit by bit
     unsigned kth = 0u;
@@ -927,32 +927,71 @@ extern "C" __global__ void draft_probs_f32(const float *x, float *out, int v, fl
         for (int bit = 31; bit >= 0; --bit) {
             const unsigned cand = kth | (1u << bit);
             float c = 0.f;
-            for (int i = threadIdx.x; i < v; i += blockDim.x)
-                c += pk_key(pk_logit(row, urow, scale, i, temp)) >= cand ? 1.f : 0.f;
+#pragma unroll
+            for (int j = 0; j < n; ++j)
+                if (threadIdx.x + j * bd < v) c += pk_key(l(j)) >= cand ? 1.f : 0.f;
             if (block_sum(c, red) >= (float)top_k) kth = cand;
         }
     }
     float m = -INFINITY;
-    for (int i = threadIdx.x; i < v; i += blockDim.x) {
-        const float l = pk_logit(row, urow, scale, i, temp);
-        if (!filter || pk_key(l) >= kth) m = fmaxf(m, l);
-    }
+#pragma unroll
+    for (int j = 0; j < n; ++j)
+        if (threadIdx.x + j * bd < v && (!filter || pk_key(l(j)) >= kth)) m = fmaxf(m, l(j));
     m = block_max(m, red);
     if (m == -INFINITY) {
-        for (int i = threadIdx.x; i < v; i += blockDim.x) o[i] = 1.f / (float)v;
+        for (int i = threadIdx.x; i < v; i += bd) o[i] = 1.f / (float)v;
         return;
     }
     float s = 0.f;
-    for (int i = threadIdx.x; i < v; i += blockDim.x) {
-        const float l = pk_logit(row, urow, scale, i, temp);
-        if (!filter || pk_key(l) >= kth) s += expf(l - m);
-    }
+#pragma unroll
+    for (int j = 0; j < n; ++j)
+        if (threadIdx.x + j * bd < v && (!filter || pk_key(l(j)) >= kth)) s += expf(l(j) - m);
     s = block_sum(s, red);
-    for (int i = threadIdx.x; i < v; i += blockDim.x) {
-        const float l = pk_logit(row, urow, scale, i, temp);
-        o[i] = (!filter || pk_key(l) >= kth) ? expf(l - m) / s : 0.f;
+#pragma unroll
+    for (int j = 0; j < n; ++j) {
+        const int i = threadIdx.x + j * bd;
+        if (i < v) o[i] = (!filter || pk_key(l(j)) >= kth) ? expf(l(j) - m) / s : 0.f;
     }
 }
+
+// Logits a thread keeps in registers: rows up to PK_THREADS * PK_PER (16,384) are read from
+// global memory once, all of a thread's loads in flight together (a row's latency, not a
+// chain of them, per pass); longer rows are read again in every pass.
+#define PK_PER 32
+
+// Probabilities of logit rows [n, v] of T (with xu, the unconditional rows [n, v]: of
+// u + (x - u) * scale) → f32 rows: pk_softmax of x / temp.
+template <typename T>
+__device__ __forceinline__ void draft_probs(const T *x, float *out, int v, float temp, int top_k,
+                                            const T *xu, float scale) {
+    pdl_trigger();
+    pdl_wait();
+    __shared__ float red[32];
+    const T *row = x + (size_t)blockIdx.x * v;
+    const T *urow = xu ? xu + (size_t)blockIdx.x * v : nullptr;
+    float *o = out + (size_t)blockIdx.x * v;
+    const int bd = blockDim.x;
+    if (v <= PK_PER * bd) {
+        float r[PK_PER];
+#pragma unroll
+        for (int j = 0; j < PK_PER; ++j) {
+            const int i = threadIdx.x + j * bd;
+            r[j] = i < v ? pk_logit(row, urow, scale, i, temp) : 0.f;
+        }
+        pk_softmax<PK_PER>([&](int j) { return r[j]; }, v, top_k, o, red);
+    } else {
+        pk_softmax<0>([&](int j) { return pk_logit(row, urow, scale, threadIdx.x + j * bd, temp); },
+                      v, top_k, o, red);
+    }
+}
+#define DRAFT_PROBS(T, NAME)                                                                    \
+    extern "C" __global__ void __launch_bounds__(PK_THREADS)                                    \
+        NAME(const T *x, float *out, int v, float temp, int top_k, const T *xu, float scale) {  \
+        draft_probs<T>(x, out, v, temp, top_k, xu, scale);                                      \
+    }
+DRAFT_PROBS(float, draft_probs_f32)
+DRAFT_PROBS(__nv_bfloat16, draft_probs_bf16)
+DRAFT_PROBS(__half, draft_probs_f16)
 
 // Top k of rows [n, v] → out [n, k, 2] (index, value; -1 past the row's end): k passes, each
 // taking the first element after the previous pick in the pick order.
@@ -985,19 +1024,43 @@ extern "C" __global__ void draft_top_k_f32(const float *p, float *out, int v, in
     }
 }
 
+// Mass and last positive index of elements [lo, hi) of a row without the j tokens drawn so
+// far (drawn[0..j)) and without x (the one just drawn; -1: none), summed in index order in f64.
+__device__ __forceinline__ void pk_chunk_mass(const float *row, int lo, int hi,
+                                              const int *drawn, int j, int x, double &part,
+                                              int &last) {
+    part = 0.0;
+    last = -1;
+    for (int i = lo; i < hi; ++i) {
+        float y = row[i];
+        for (int d = 0; d < j; ++d) y = drawn[d] == i ? 0.f : y;
+        if (i == x) y = 0.f;
+        if (y > 0.f) {
+            part += (double)y;
+            last = i;
+        }
+    }
+}
+
 // Draws without replacement from rows [n, v] with uniforms us [n, k] (a negative one ends the
 // row) → out [n, k, 2] (index, conditional probability; -1 past the last draw). Draw j: the
 // first index whose cumulative remaining mass exceeds us[j] * total (the block's contiguous
 // chunks, scanned in f64), the last positive index when rounding leaves none.
-extern "C" __global__ void draft_draw_f32(const float *p, const double *us, float *out, int v,
-                                          int k) {
+//
+// Each thread keeps its chunk's remaining mass; after a draw only the thread holding the drawn
+// index sums its chunk again. A draw scans the masses with warp shuffles and one exchange of
+// warp totals, so it costs two block barriers (the exchange buffers alternate between draws,
+// so a draw's writes never meet the previous draw's reads).
+extern "C" __global__ void __launch_bounds__(PK_THREADS)
+    draft_draw_f32(const float *p, const double *us, float *out, int v, int k) {
     pdl_trigger();
     pdl_wait();
-    __shared__ double scan[PK_THREADS];
+    __shared__ double wsum[2][32];
+    __shared__ int wlast[2][32];
+    __shared__ int found[2];
     __shared__ int drawn[PK_MAX];
-    __shared__ float red[32];
-    __shared__ int found;
-    const int tid = threadIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const int nw = (blockDim.x + 31) >> 5;
     const float *row = p + (size_t)blockIdx.x * v;
     const double *u = us + (size_t)blockIdx.x * k;
     float *o = out + (size_t)blockIdx.x * k * 2;
@@ -1007,32 +1070,35 @@ extern "C" __global__ void draft_draw_f32(const float *p, const double *us, floa
     }
     const int chunk = (v + blockDim.x - 1) / blockDim.x;
     const int lo = min(v, tid * chunk), hi = min(v, lo + chunk);
+    double part;
+    int last;
+    pk_chunk_mass(row, lo, hi, drawn, 0, -1, part, last);
     for (int j = 0; j < k && j < PK_MAX; ++j) {
         const double uj = u[j];
         if (uj < 0.0) break;
-        double part = 0.0;
-        int last = -1;
-        for (int i = lo; i < hi; ++i) {
-            float x = row[i];
-            for (int d = 0; d < j; ++d) x = drawn[d] == i ? 0.f : x;
-            if (x > 0.f) {
-                part += (double)x;
-                last = i;
-            }
+        const int b = j & 1;
+        // inclusive scan of the masses over the warp, the warp's last positive index
+        double incl = part;
+        int wl = last;
+        for (int off = 1; off < 32; off <<= 1) {
+            const double y = __shfl_up_sync(0xffffffff, incl, off);
+            if (lane >= off) incl += y;
         }
-        scan[tid] = part;
+        for (int off = 16; off > 0; off >>= 1) wl = max(wl, __shfl_xor_sync(0xffffffff, wl, off));
+        if (lane == 31) wsum[b][w] = incl;
+        if (lane == 0) wlast[b][w] = wl;
+        if (tid == 0) found[b] = 0x7fffffff;
         __syncthreads();
-        for (int off = 1; off < (int)blockDim.x; off <<= 1) {
-            const double add = tid >= off ? scan[tid - off] : 0.0;
-            __syncthreads();
-            scan[tid] += add;
-            __syncthreads();
+        // every thread adds the warp totals in the same order: one total for all
+        double before = 0.0, total = 0.0;
+        int last_all = -1;
+        for (int q = 0; q < nw; ++q) {
+            if (q == w) before = total;
+            total += wsum[b][q];
+            last_all = max(last_all, wlast[b][q]);
         }
-        const double total = scan[blockDim.x - 1];
-        const double excl = scan[tid] - part;
-        if (tid == 0) found = 0x7fffffff;
-        const float last_all = block_max((float)last, red);
         if (!(total > 0.0)) break;
+        const double excl = before + (incl - part);
         const double t = uj * total;
         if (part > 0.0 && t >= excl && t < excl + part) {
             double r = t - excl;
@@ -1048,16 +1114,16 @@ extern "C" __global__ void draft_draw_f32(const float *p, const double *us, floa
                     }
                 }
             }
-            atomicMin(&found, hit);
+            atomicMin(&found[b], hit);
         }
         __syncthreads();
-        const int x = found == 0x7fffffff ? (int)last_all : found;
+        const int x = found[b] == 0x7fffffff ? last_all : found[b];
         if (tid == 0) {
             drawn[j] = x;
             o[2 * j] = (float)x;
             o[2 * j + 1] = fminf(fmaxf(row[x] / (float)total, 0.f), 1.f);
         }
-        __syncthreads();
+        if (x >= lo && x < hi) pk_chunk_mass(row, lo, hi, drawn, j, x, part, last);
     }
 }
 

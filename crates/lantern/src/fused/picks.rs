@@ -36,18 +36,30 @@ fn check_served(sampling: &SamplingParams, dev: &Device) -> Result<()> {
     Ok(())
 }
 
-/// Probabilities of every row of CFG-combined logits `[n, V]` (f32) as the speculative loop
+/// The logits as the probabilities kernels read them: contiguous, and f32 except on CUDA, whose
+/// kernels read bf16 and f16 rows as they are (their f32 values are exact: the same
+/// probabilities as after a cast, one kernel fewer).
+fn logits_in(logits: &Tensor) -> Result<Tensor> {
+    let keep = logits.device().is_cuda() && matches!(logits.dtype(), DType::BF16 | DType::F16);
+    if keep {
+        logits.contiguous()
+    } else {
+        logits.to_dtype(DType::F32)?.contiguous()
+    }
+}
+
+/// Probabilities (f32) of every row of CFG-combined logits `[n, V]` as the speculative loop
 /// uses them ([`row_probs`]: softmax when greedy, else temperature, top-k, top-p, softmax).
 pub fn draft_probs(logits: &Tensor, sampling: &SamplingParams) -> Result<Tensor> {
     check_served(sampling, logits.device())?;
-    let x = logits.to_dtype(DType::F32)?.contiguous()?;
+    let x = logits_in(logits)?;
     x.apply_op1_no_bwd(&Probs {
         sampling: *sampling,
     })
 }
 
 /// [`draft_probs`] of CFG-combined logits, combined in the same kernel: `logits` `[rows, s, V]`
-/// f32 holds `n_img` conditional images first and, with `cfg`, their unconditional halves
+/// holds `n_img` conditional images first and, with `cfg`, their unconditional halves
 /// (`u + (c - u) * scale`, rounded after each operation like [`cfg_mix`] and the tensor ops)
 /// → `[n_img * s, V]`.
 pub fn draft_probs_cfg(
@@ -64,7 +76,7 @@ pub fn draft_probs_cfg(
         bail!("draft_probs_cfg: {rows} rows for {n_img} images with CFG");
     }
     check_served(sampling, logits.device())?;
-    let x = logits.to_dtype(DType::F32)?.contiguous()?;
+    let x = logits_in(logits)?;
     let half = |i: usize| x.narrow(0, i * n_img, n_img)?.reshape((n_img * s, v));
     half(0)?.apply_op2_no_bwd(
         &half(1)?,
@@ -442,13 +454,13 @@ mod tests {
     }
 
     /// The CUDA kernels against the CPU versions (top-k exactly; probabilities and draws up to
-    /// summation order).
+    /// summation order); 20,000 is past the rows the probabilities kernel keeps in registers.
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_picks_agree_with_cpu() -> Result<()> {
         let gpu = Device::new_cuda(0)?;
         let mut rng = StdRng::seed_from_u64(14);
-        for v in [5usize, 1024, 16384] {
+        for v in [5usize, 1024, 16384, 20000] {
             let mut r = rows(&mut rng, 12, v);
             r.push((0..v).map(|i| (i % 7) as f32).collect());
             let cpu = tensor(&r);

@@ -5,8 +5,9 @@ use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, Layout, Result};
 
-use super::cuda::{launch_cfg, offsets, MODULE, PTX};
+use super::cuda::{launch_cfg, offsets, suffix, typed, MODULE, PTX};
 use crate::sampling::SamplingParams;
+use candle_core::{bail, DType};
 
 /// `PK_THREADS` in the kernels.
 const THREADS: u32 = 512;
@@ -27,18 +28,11 @@ pub(super) fn probs(
     uncond: Option<(&CudaStorage, &Layout, f32)>,
 ) -> Result<CudaStorage> {
     let dev = x.device().clone();
-    let func = dev.get_or_load_custom_func("draft_probs_f32", MODULE, PTX)?;
-    let (a, b) = offsets(l)?;
-    let src = x.as_cuda_slice::<f32>()?.slice(a..b);
-    let usrc = match uncond {
-        Some((u, ul, _)) => {
-            let (a, b) = offsets(ul)?;
-            Some(u.as_cuda_slice::<f32>()?.slice(a..b))
-        }
-        None => None,
-    };
-    let scale = uncond.map_or(1f32, |(_, _, s)| s);
-    let null = 0u64;
+    let dt = x.dtype();
+    if uncond.is_some_and(|(u, _, _)| u.dtype() != dt) {
+        bail!("drafting probabilities: CFG halves of different dtypes");
+    }
+    let func = dev.get_or_load_custom_func(&format!("draft_probs_{}", suffix(dt)?), MODULE, PTX)?;
     // SAFETY: every element is written by the kernel.
     let out = unsafe { dev.alloc::<f32>(n * v)? };
     let (temp, top_k) = if sampling.is_greedy() {
@@ -46,20 +40,33 @@ pub(super) fn probs(
     } else {
         (sampling.temperature.max(1e-5), sampling.top_k.min(v) as i32)
     };
+    let scale = uncond.map_or(1f32, |(_, _, s)| s);
+    let null = 0u64;
     let v = v as i32;
-    let mut builder = func.builder();
-    builder.arg(&src);
-    builder.arg(&out);
-    builder.arg(&v);
-    builder.arg(&temp);
-    builder.arg(&top_k);
-    match &usrc {
-        Some(u) => builder.arg(u),
-        None => builder.arg(&null),
-    };
-    builder.arg(&scale);
-    // SAFETY: argument list matches the kernel's signature; both row sets are [n, v].
-    unsafe { builder.launch(per_row(n)) }.w()?;
+    typed!(dt, T => {
+        let (a, b) = offsets(l)?;
+        let src = x.as_cuda_slice::<T>()?.slice(a..b);
+        let usrc = match uncond {
+            Some((u, ul, _)) => {
+                let (a, b) = offsets(ul)?;
+                Some(u.as_cuda_slice::<T>()?.slice(a..b))
+            }
+            None => None,
+        };
+        let mut builder = func.builder();
+        builder.arg(&src);
+        builder.arg(&out);
+        builder.arg(&v);
+        builder.arg(&temp);
+        builder.arg(&top_k);
+        match &usrc {
+            Some(u) => builder.arg(u),
+            None => builder.arg(&null),
+        };
+        builder.arg(&scale);
+        // SAFETY: argument list matches the kernel's signature; both row sets are [n, v] of T.
+        unsafe { builder.launch(per_row(n)) }.w()?;
+    });
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
