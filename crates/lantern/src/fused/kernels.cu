@@ -854,9 +854,10 @@ ATTN_TCS(__half, f16)
 
 // ---------------------------------------------------------------------------------------------
 // Drafting picks (fused/picks.rs, launched from fused/picks_cuda.rs): the drafter's probability
-// rows, then per row its top-k or k draws without replacement. One block of PK_THREADS per row.
-// The probabilities keep a row in registers (up to PK_PER per thread); the draws keep a mass
-// per thread's chunk and read the row again only where a draw lands.
+// rows, then per row its top-k or k draws without replacement, one block per row. The
+// probabilities keep a row in registers (up to PK_PER per thread, PK_PROBS_THREADS threads);
+// the draws keep each thread's chunk in registers (up to PK_CHUNK) with its remaining mass and
+// walk a chunk again only where a draw lands.
 // They are launched plainly (picks_cuda.rs) but keep the PDL protocol: trigger, then wait
 // before the first read.
 // ---------------------------------------------------------------------------------------------
@@ -909,15 +910,19 @@ __device__ __forceinline__ float pk_logit(const T *row, const T *urow, float sca
         const float u = tof(urow[i]);
         x = __fadd_rn(u, __fmul_rn(__fsub_rn(x, u), scale));
     }
-    return x / temp;
+    return temp == 1.f ? x : x / temp; // x / 1 is x: no division when there is nothing to do
 }
 
 // A row's probabilities from its logits (l(j): the thread's element i = tid + j * blockDim.x,
 // from registers or read on demand), as the host does: with 0 < top_k < v the logits below
 // the top_k-th largest are dropped (ties with it kept); softmax (all dropped: uniform). PER: a
-// bound on the thread's elements known at compile time (0: as many as the row has).
-template <int PER, typename L>
-__device__ __forceinline__ void pk_softmax(const L &l, int v, int top_k, float *o, float *red) {
+// bound on the thread's elements known at compile time (0: as many as the row has). The sum
+// pass hands every kept element's exponential (0: dropped) to save(j, e), and the last pass
+// divides ex(j), that element's exponential again, by the sum: registers keep it, a re-read
+// row computes it again.
+template <int PER, typename L, typename S, typename E>
+__device__ __forceinline__ void pk_softmax(const L &l, const S &save, const E &ex, int v,
+                                           int top_k, float *o, float *red) {
     const int bd = blockDim.x;
     const int n = PER > 0 ? PER : (v - (int)threadIdx.x + bd - 1) / bd;
     const bool filter = top_k > 0 && top_k < v;
@@ -944,20 +949,25 @@ __device__ __forceinline__ void pk_softmax(const L &l, int v, int top_k, float *
     }
     float s = 0.f;
 #pragma unroll
-    for (int j = 0; j < n; ++j)
-        if (threadIdx.x + j * bd < v && (!filter || pk_key(l(j)) >= kth)) s += expf(l(j) - m);
+    for (int j = 0; j < n; ++j) {
+        if (threadIdx.x + j * bd >= v) continue;
+        const float e = (!filter || pk_key(l(j)) >= kth) ? expf(l(j) - m) : 0.f;
+        save(j, e);
+        s += e;
+    }
     s = block_sum(s, red);
 #pragma unroll
     for (int j = 0; j < n; ++j) {
         const int i = threadIdx.x + j * bd;
-        if (i < v) o[i] = (!filter || pk_key(l(j)) >= kth) ? expf(l(j) - m) / s : 0.f;
+        if (i < v) o[i] = ex(j, kth, m) / s;
     }
 }
 
-// Logits a thread keeps in registers: rows up to PK_THREADS * PK_PER (16,384) are read from
-// global memory once, all of a thread's loads in flight together (a row's latency, not a
-// chain of them, per pass); longer rows are read again in every pass.
-#define PK_PER 32
+// Threads of the probabilities kernel, and the logits each keeps in registers: rows up to
+// PK_PROBS_THREADS * PK_PER (16,384) are read from global memory once, all of a thread's loads
+// in flight together; longer rows are read again in every pass.
+#define PK_PROBS_THREADS 1024
+#define PK_PER 16
 
 // Probabilities of logit rows [n, v] of T (with xu, the unconditional rows [n, v]: of
 // u + (x - u) * scale) → f32 rows: pk_softmax of x / temp.
@@ -978,14 +988,21 @@ __device__ __forceinline__ void draft_probs(const T *x, float *out, int v, float
             const int i = threadIdx.x + j * bd;
             r[j] = i < v ? pk_logit(row, urow, scale, i, temp) : 0.f;
         }
-        pk_softmax<PK_PER>([&](int j) { return r[j]; }, v, top_k, o, red);
+        pk_softmax<PK_PER>([&](int j) { return r[j]; }, [&](int j, float e) { r[j] = e; },
+                           [&](int j, unsigned, float) { return r[j]; }, v, top_k, o, red);
     } else {
-        pk_softmax<0>([&](int j) { return pk_logit(row, urow, scale, threadIdx.x + j * bd, temp); },
+        const bool filter = top_k > 0 && top_k < v;
+        auto l = [&](int j) { return pk_logit(row, urow, scale, threadIdx.x + j * bd, temp); };
+        pk_softmax<0>(l, [](int, float) {},
+                      [&](int j, unsigned kth, float m) {
+                          const float y = l(j);
+                          return (!filter || pk_key(y) >= kth) ? expf(y - m) : 0.f;
+                      },
                       v, top_k, o, red);
     }
 }
 #define DRAFT_PROBS(T, NAME)                                                                    \
-    extern "C" __global__ void __launch_bounds__(PK_THREADS)                                    \
+    extern "C" __global__ void __launch_bounds__(PK_PROBS_THREADS)                              \
         NAME(const T *x, float *out, int v, float temp, int top_k, const T *xu, float scale) {  \
         draft_probs<T>(x, out, v, temp, top_k, xu, scale);                                      \
     }
@@ -1024,37 +1041,40 @@ extern "C" __global__ void draft_top_k_f32(const float *p, float *out, int v, in
     }
 }
 
-// Mass and last positive index of elements [lo, hi) of a row without the j tokens drawn so
-// far (drawn[0..j)) and without x (the one just drawn; -1: none), summed in index order in f64.
-__device__ __forceinline__ void pk_chunk_mass(const float *row, int lo, int hi,
-                                              const int *drawn, int j, int x, double &part,
+// Mass and last positive index of a thread's chunk (element jj at lo + jj, val(jj) its
+// remaining mass: 0 once drawn), summed in index order in f64. PER: the chunk's length when
+// known at compile time (registers), else n.
+template <int PER, typename V>
+__device__ __forceinline__ void pk_chunk_mass(const V &val, int lo, int n, double &part,
                                               int &last) {
     part = 0.0;
     last = -1;
-    for (int i = lo; i < hi; ++i) {
-        float y = row[i];
-        for (int d = 0; d < j; ++d) y = drawn[d] == i ? 0.f : y;
-        if (i == x) y = 0.f;
+#pragma unroll
+    for (int jj = 0; jj < (PER > 0 ? PER : n); ++jj) {
+        const float y = val(jj);
         if (y > 0.f) {
             part += (double)y;
-            last = i;
+            last = lo + jj;
         }
     }
 }
+
+// Elements of a chunk the draws keep in registers: rows up to PK_THREADS * PK_CHUNK (16,384).
+#define PK_CHUNK 32
 
 // Draws without replacement from rows [n, v] with uniforms us [n, k] (a negative one ends the
 // row) → out [n, k, 2] (index, conditional probability; -1 past the last draw). Draw j: the
 // first index whose cumulative remaining mass exceeds us[j] * total (the block's contiguous
 // chunks, scanned in f64), the last positive index when rounding leaves none.
 //
-// Each thread keeps its chunk's remaining mass; after a draw only the thread holding the drawn
-// index sums its chunk again. A draw scans the masses with warp shuffles and one exchange of
-// warp totals, so it costs two block barriers (the exchange buffers alternate between draws,
-// so a draw's writes never meet the previous draw's reads).
-extern "C" __global__ void __launch_bounds__(PK_THREADS)
-    draft_draw_f32(const float *p, const double *us, float *out, int v, int k) {
-    pdl_trigger();
-    pdl_wait();
+// Each thread keeps its chunk (in registers up to PK_CHUNK elements, drawn ones zeroed; else
+// read again, drawn ones skipped) and the chunk's remaining mass; after a draw only the thread
+// holding the drawn index walks its chunk again. A draw scans the masses with warp shuffles
+// and one exchange of warp totals, so it costs two block barriers (the exchange buffers
+// alternate between draws, so a draw's writes never meet the previous draw's reads).
+template <int PER>
+__device__ __forceinline__ void draft_draw(const float *p, const double *us, float *out, int v,
+                                           int k) {
     __shared__ double wsum[2][32];
     __shared__ int wlast[2][32];
     __shared__ int found[2];
@@ -1069,10 +1089,22 @@ extern "C" __global__ void __launch_bounds__(PK_THREADS)
         o[2 * j + 1] = 0.f;
     }
     const int chunk = (v + blockDim.x - 1) / blockDim.x;
-    const int lo = min(v, tid * chunk), hi = min(v, lo + chunk);
+    const int lo = min(v, tid * chunk), hi = min(v, lo + chunk), n = hi - lo;
+    float c[PER > 0 ? PER : 1];
+    int nd = 0; // draws so far (the re-read chunk skips drawn[0..nd))
+    if (PER > 0) {
+#pragma unroll
+        for (int jj = 0; jj < (PER > 0 ? PER : 1); ++jj) c[jj] = jj < n ? row[lo + jj] : 0.f;
+    }
+    auto val = [&](int jj) -> float {
+        if (PER > 0) return c[jj];
+        float y = row[lo + jj];
+        for (int d = 0; d < nd; ++d) y = drawn[d] == lo + jj ? 0.f : y;
+        return y;
+    };
     double part;
     int last;
-    pk_chunk_mass(row, lo, hi, drawn, 0, -1, part, last);
+    pk_chunk_mass<PER>(val, lo, n, part, last);
     for (int j = 0; j < k && j < PK_MAX; ++j) {
         const double uj = u[j];
         if (uj < 0.0) break;
@@ -1102,29 +1134,49 @@ extern "C" __global__ void __launch_bounds__(PK_THREADS)
         const double t = uj * total;
         if (part > 0.0 && t >= excl && t < excl + part) {
             double r = t - excl;
-            int hit = last;
-            for (int i = lo; i < hi; ++i) {
-                float x = row[i];
-                for (int d = 0; d < j; ++d) x = drawn[d] == i ? 0.f : x;
-                if (x > 0.f) {
-                    r -= (double)x;
-                    if (r < 0.0) {
-                        hit = i;
-                        break;
-                    }
+            int hit = -1;
+#pragma unroll
+            for (int jj = 0; jj < (PER > 0 ? PER : n); ++jj) {
+                const float y = val(jj);
+                if (hit < 0 && y > 0.f) {
+                    r -= (double)y;
+                    if (r < 0.0) hit = lo + jj;
                 }
             }
-            atomicMin(&found[b], hit);
+            atomicMin(&found[b], hit < 0 ? last : hit);
         }
         __syncthreads();
         const int x = found[b] == 0x7fffffff ? last_all : found[b];
-        if (tid == 0) {
+        if (x >= lo && x < hi) {
+            // the owner: writes the draw, takes it out of its chunk, sums the chunk again
+            float px = 0.f;
+            if (PER > 0) {
+#pragma unroll
+                for (int jj = 0; jj < (PER > 0 ? PER : 1); ++jj)
+                    if (lo + jj == x) {
+                        px = c[jj];
+                        c[jj] = 0.f;
+                    }
+            } else {
+                px = row[x];
+            }
             drawn[j] = x;
             o[2 * j] = (float)x;
-            o[2 * j + 1] = fminf(fmaxf(row[x] / (float)total, 0.f), 1.f);
+            o[2 * j + 1] = fminf(fmaxf(px / (float)total, 0.f), 1.f);
+            nd = j + 1;
+            pk_chunk_mass<PER>(val, lo, n, part, last);
         }
-        if (x >= lo && x < hi) pk_chunk_mass(row, lo, hi, drawn, j, x, part, last);
+        nd = j + 1;
     }
+}
+extern "C" __global__ void __launch_bounds__(PK_THREADS)
+    draft_draw_f32(const float *p, const double *us, float *out, int v, int k) {
+    pdl_trigger();
+    pdl_wait();
+    if (v <= PK_CHUNK * (int)blockDim.x)
+        draft_draw<PK_CHUNK>(p, us, out, v, k);
+    else
+        draft_draw<0>(p, us, out, v, k);
 }
 
 // ---------------------------------------------------------------------------------------------

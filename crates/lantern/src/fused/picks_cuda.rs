@@ -1,5 +1,6 @@
 //! Launches of the drafting-pick kernels (`kernels.cu`, section "drafting picks") for
-//! [`super::picks`]: one block of `PK_THREADS` per row.
+//! [`super::picks`]: one block per row (`PK_PROBS_THREADS` threads for the probabilities,
+//! `PK_THREADS` for the picks).
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
@@ -11,10 +12,12 @@ use candle_core::{bail, DType};
 
 /// `PK_THREADS` in the kernels.
 const THREADS: u32 = 512;
+/// `PK_PROBS_THREADS` in the kernels.
+const PROBS_THREADS: u32 = 1024;
 
-/// One block per row.
-fn per_row(n: usize) -> LaunchConfig {
-    launch_cfg((n as u32, 1, 1), THREADS, 0)
+/// One block of `threads` per row.
+fn per_row(n: usize, threads: u32) -> LaunchConfig {
+    launch_cfg((n as u32, 1, 1), threads, 0)
 }
 
 /// Probabilities of the rows of `x`, CFG-combined with `uncond` (storage, layout, scale) first
@@ -65,7 +68,7 @@ pub(super) fn probs(
         };
         builder.arg(&scale);
         // SAFETY: argument list matches the kernel's signature; both row sets are [n, v] of T.
-        unsafe { builder.launch(per_row(n)) }.w()?;
+        unsafe { builder.launch(per_row(n, PROBS_THREADS)) }.w()?;
     });
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
@@ -90,7 +93,7 @@ pub(super) fn top_k(
     builder.arg(&v);
     builder.arg(&k);
     // SAFETY: argument list matches the kernel's signature.
-    unsafe { builder.launch(per_row(n)) }.w()?;
+    unsafe { builder.launch(per_row(n, THREADS)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
@@ -119,6 +122,6 @@ pub(super) fn draw(
     builder.arg(&v);
     builder.arg(&k);
     // SAFETY: argument list matches the kernel's signature; k <= PK_MAX (checked in picks.rs).
-    unsafe { builder.launch(per_row(n)) }.w()?;
+    unsafe { builder.launch(per_row(n, THREADS)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
