@@ -21,6 +21,8 @@ fn main() {
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    // the PTX's compute capability, for the kernels only some capabilities have (picks_cuda.rs)
+    println!("cargo:rustc-env=LANTERN_PTX_CAP={cap}");
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     for (src, ptx) in KERNELS {
         let status = Command::new(&nvcc)

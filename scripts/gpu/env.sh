@@ -64,3 +64,27 @@ variant_rounds() {
     done
   done
 }
+
+# ncu_picks NAME CMD...: Nsight Compute over the drafting-pick kernels (draft_*) of 6 SD-static
+# loop steps at t2i-xl-256 shapes of CMD (a binary, optionally behind `env VAR=...`); keeps the
+# csv as $OUT/ncu_NAME.csv and prints each kernel's launches and median / min µs per grid.
+ncu_picks() {
+  local name=$1; shift
+  timeout 150 "${NCU:-/usr/local/cuda/bin/ncu}" --metrics gpu__time_duration.sum --csv --page raw \
+    --kernel-name regex:draft_ "$@" bench --random-weights --preset t2i-xl-256 --device cuda \
+    --loop-only --loop-modes sd-static --loop-images 1 --loop-tokens 6 > "$OUT/ncu_$name.csv" 2> /dev/null
+  echo "== ncu $name rc $?"
+  python3 - "$OUT/ncu_$name.csv" <<'PY'
+import csv, sys, statistics, collections
+rows = list(csv.reader(open(sys.argv[1])))
+hdr = next((i for i, r in enumerate(rows) if "Kernel Name" in r), None)
+if hdr is None: print("no kernel rows"); sys.exit()
+h = rows[hdr]; kn, t, g = h.index("Kernel Name"), h.index("gpu__time_duration.sum"), h.index("Grid Size")
+by = collections.defaultdict(list)
+for r in rows[hdr + 2:]:
+    try: by[(r[kn], r[g])].append(float(r[t].replace(",", "")) / 1e3)
+    except (ValueError, IndexError): pass
+for (name, grid), v in sorted(by.items()):
+    print(f"{name:20s} grid {grid:12s} {len(v):4d} x median {statistics.median(v):8.2f} us  min {min(v):8.2f}")
+PY
+}

@@ -18,24 +18,5 @@ same_tokens "new vs base" "$L" "$B" "ar --temperature 0" "ar" "sd --temperature 
 } 2>&1 | tee "$OUT/checks.txt"
 ROUNDS=${ROUNDS:-3} LOOP=${LOOP:-2} VARIANTS=${VARIANTS:-BASE X=0} \
   variant_rounds "tok.*cuda graph\) \||drafting phase|^\| (sd|lantern)|over the decode|rror|panicked" 2>&1 | tee "$OUT/steps.txt"
-NCU=${NCU:-/usr/local/cuda/bin/ncu}
-for bin in "$B" "$L"; do
-  timeout 120 "$NCU" --metrics gpu__time_duration.sum --csv --page raw --kernel-name regex:draft_ \
-    "$bin" bench --random-weights --preset t2i-xl-256 --device cuda --loop-only --loop-modes sd-static \
-    --loop-images 1 --loop-tokens 6 > "$OUT/ncu_$(basename $bin).csv" 2> /dev/null
-  echo "== ncu $(basename $bin) rc $?"
-  python3 - "$OUT/ncu_$(basename $bin).csv" <<'PY'
-import csv, sys, statistics, collections
-rows = list(csv.reader(open(sys.argv[1])))
-hdr = next((i for i, r in enumerate(rows) if "Kernel Name" in r), None)
-if hdr is None: print("no kernel rows"); sys.exit()
-h = rows[hdr]; kn, t, g = h.index("Kernel Name"), h.index("gpu__time_duration.sum"), h.index("Grid Size")
-by = collections.defaultdict(list)
-for r in rows[hdr + 2:]:
-    try: by[(r[kn], r[g])].append(float(r[t].replace(",", "")) / 1e3)
-    except (ValueError, IndexError): pass
-for (name, grid), v in sorted(by.items()):
-    print(f"{name:18s} grid {grid:12s} {len(v):4d} x median {statistics.median(v):8.2f} us  min {min(v):8.2f}")
-PY
-done
+for bin in "$B" "$L"; do ncu_picks "$(basename $bin)" "$bin"; done
 echo "total ${SECONDS}s"

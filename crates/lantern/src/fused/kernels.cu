@@ -1,6 +1,7 @@
 // Fused inference kernels of lantern's transformer blocks (see mod.rs for what each computes
 // and cpu.rs for the same algorithms on the CPU). Compiled to PTX by build.rs (`cuda` feature).
 #include "common.cuh"
+#include <cooperative_groups.h>
 
 // One block per row. h = x (+ res, rounded); y = round(round(h * rsqrt(mean(h^2) + eps)) * w).
 // With a residual, out holds [h; y] (h first, rows * cols each), else y.
@@ -913,18 +914,21 @@ __device__ __forceinline__ float pk_logit(const T *row, const T *urow, float sca
     return temp == 1.f ? x : x / temp; // x / 1 is x: no division when there is nothing to do
 }
 
-// A row's probabilities from its logits (l(j): the thread's element i = tid + j * blockDim.x,
-// from registers or read on demand), as the host does: with 0 < top_k < v the logits below
-// the top_k-th largest are dropped (ties with it kept); softmax (all dropped: uniform). PER: a
-// bound on the thread's elements known at compile time (0: as many as the row has). The sum
-// pass hands every kept element's exponential (0: dropped) to save(j, e), and the last pass
-// divides ex(j), that element's exponential again, by the sum: registers keep it, a re-read
-// row computes it again.
-template <int PER, typename L, typename S, typename E>
-__device__ __forceinline__ void pk_softmax(const L &l, const S &save, const E &ex, int v,
-                                           int top_k, float *o, float *red) {
+// A row's probabilities from its logits, as the host computes them: with 0 < top_k < v the
+// logits below the top_k-th largest are dropped (ties with it kept); softmax (all dropped:
+// uniform). The block holds n_loc elements of the row (a cluster's block a slice of it, a lone
+// block all v): l(j) is the thread's element threadIdx.x + j * blockDim.x of them, from
+// registers or read on demand, and o the block's first output. rsum / rmax reduce over every
+// block of the row (every thread gets the result). PER: a bound on the thread's elements known
+// at compile time (0: as many as there are). The sum pass hands every kept element's
+// exponential (0: dropped) to save(j, e), and the last pass divides ex(j), that element's
+// exponential again, by the sum: registers keep it, a re-read row computes it again.
+template <int PER, typename L, typename S, typename E, typename RS, typename RM>
+__device__ __forceinline__ void pk_softmax(const L &l, const S &save, const E &ex, int n_loc,
+                                           int v, int top_k, float *o, const RS &rsum,
+                                           const RM &rmax) {
     const int bd = blockDim.x;
-    const int n = PER > 0 ? PER : (v - (int)threadIdx.x + bd - 1) / bd;
+    const int n = PER > 0 ? PER : (n_loc - (int)threadIdx.x + bd - 1) / bd;
     const bool filter = top_k > 0 && top_k < v;
     // key of the top_k-th largest: the largest t with count(key >= t) >= top_k, bit by bit
     unsigned kth = 0u;
@@ -934,62 +938,53 @@ __device__ __forceinline__ void pk_softmax(const L &l, const S &save, const E &e
             float c = 0.f;
 #pragma unroll
             for (int j = 0; j < n; ++j)
-                if (threadIdx.x + j * bd < v) c += pk_key(l(j)) >= cand ? 1.f : 0.f;
-            if (block_sum(c, red) >= (float)top_k) kth = cand;
+                if (threadIdx.x + j * bd < n_loc) c += pk_key(l(j)) >= cand ? 1.f : 0.f;
+            if (rsum(c) >= (float)top_k) kth = cand;
         }
     }
     float m = -INFINITY;
 #pragma unroll
     for (int j = 0; j < n; ++j)
-        if (threadIdx.x + j * bd < v && (!filter || pk_key(l(j)) >= kth)) m = fmaxf(m, l(j));
-    m = block_max(m, red);
+        if (threadIdx.x + j * bd < n_loc && (!filter || pk_key(l(j)) >= kth)) m = fmaxf(m, l(j));
+    m = rmax(m);
     if (m == -INFINITY) {
-        for (int i = threadIdx.x; i < v; i += bd) o[i] = 1.f / (float)v;
+        for (int i = threadIdx.x; i < n_loc; i += bd) o[i] = 1.f / (float)v;
         return;
     }
     float s = 0.f;
 #pragma unroll
     for (int j = 0; j < n; ++j) {
-        if (threadIdx.x + j * bd >= v) continue;
+        if (threadIdx.x + j * bd >= n_loc) continue;
         const float e = (!filter || pk_key(l(j)) >= kth) ? expf(l(j) - m) : 0.f;
         save(j, e);
         s += e;
     }
-    s = block_sum(s, red);
+    s = rsum(s);
 #pragma unroll
     for (int j = 0; j < n; ++j) {
         const int i = threadIdx.x + j * bd;
-        if (i < v) o[i] = ex(j, kth, m) / s;
+        if (i < n_loc) o[i] = ex(j, kth, m) / s;
     }
 }
 
-// Threads of the probabilities kernel, and the logits each keeps in registers: rows up to
-// PK_PROBS_THREADS * PK_PER (16,384) are read from global memory once, all of a thread's loads
-// in flight together; longer rows are read again in every pass.
-#define PK_PROBS_THREADS 1024
-#define PK_PER 16
-
-// Probabilities of logit rows [n, v] of T (with xu, the unconditional rows [n, v]: of
-// u + (x - u) * scale) → f32 rows: pk_softmax of x / temp.
-template <typename T>
-__device__ __forceinline__ void draft_probs(const T *x, float *out, int v, float temp, int top_k,
-                                            const T *xu, float scale) {
-    pdl_trigger();
-    pdl_wait();
-    __shared__ float red[32];
-    const T *row = x + (size_t)blockIdx.x * v;
-    const T *urow = xu ? xu + (size_t)blockIdx.x * v : nullptr;
-    float *o = out + (size_t)blockIdx.x * v;
+// Probabilities of the n_loc logits at row (CFG-combined with urow when given) → o, over every
+// block of the row (rsum / rmax): pk_softmax of x / temp, the logits in registers when the
+// block's part fits in PER per thread, else read again in every pass.
+template <int PER, typename T, typename RS, typename RM>
+__device__ __forceinline__ void pk_probs_part(const T *row, const T *urow, float *o, int n_loc,
+                                              int v, float temp, int top_k, float scale,
+                                              const RS &rsum, const RM &rmax) {
     const int bd = blockDim.x;
-    if (v <= PK_PER * bd) {
-        float r[PK_PER];
+    if (n_loc <= PER * bd) {
+        float r[PER];
 #pragma unroll
-        for (int j = 0; j < PK_PER; ++j) {
+        for (int j = 0; j < PER; ++j) {
             const int i = threadIdx.x + j * bd;
-            r[j] = i < v ? pk_logit(row, urow, scale, i, temp) : 0.f;
+            r[j] = i < n_loc ? pk_logit(row, urow, scale, i, temp) : 0.f;
         }
-        pk_softmax<PK_PER>([&](int j) { return r[j]; }, [&](int j, float e) { r[j] = e; },
-                           [&](int j, unsigned, float) { return r[j]; }, v, top_k, o, red);
+        pk_softmax<PER>([&](int j) { return r[j]; }, [&](int j, float e) { r[j] = e; },
+                        [&](int j, unsigned, float) { return r[j]; }, n_loc, v, top_k, o, rsum,
+                        rmax);
     } else {
         const bool filter = top_k > 0 && top_k < v;
         auto l = [&](int j) { return pk_logit(row, urow, scale, threadIdx.x + j * bd, temp); };
@@ -998,8 +993,28 @@ __device__ __forceinline__ void draft_probs(const T *x, float *out, int v, float
                           const float y = l(j);
                           return (!filter || pk_key(y) >= kth) ? expf(y - m) : 0.f;
                       },
-                      v, top_k, o, red);
+                      n_loc, v, top_k, o, rsum, rmax);
     }
+}
+
+// Threads of the one-block probabilities kernel, and the logits each keeps in registers: rows
+// up to PK_PROBS_THREADS * PK_PER (16,384) are read from global memory once, all of a thread's
+// loads in flight together; longer rows are read again in every pass.
+#define PK_PROBS_THREADS 1024
+#define PK_PER 16
+
+// Probabilities of logit rows [n, v] of T (with xu, the unconditional rows [n, v]: of
+// u + (x - u) * scale) → f32 rows, one block per row.
+template <typename T>
+__device__ __forceinline__ void draft_probs(const T *x, float *out, int v, float temp, int top_k,
+                                            const T *xu, float scale) {
+    pdl_trigger();
+    pdl_wait();
+    __shared__ float red[32];
+    const size_t at = (size_t)blockIdx.x * v;
+    pk_probs_part<PK_PER>(x + at, xu ? xu + at : nullptr, out + at, v, v, temp, top_k, scale,
+                          [&](float a) { return block_sum(a, red); },
+                          [&](float a) { return block_max(a, red); });
 }
 #define DRAFT_PROBS(T, NAME)                                                                    \
     extern "C" __global__ void __launch_bounds__(PK_PROBS_THREADS)                              \
@@ -1009,6 +1024,69 @@ __device__ __forceinline__ void draft_probs(const T *x, float *out, int v, float
 DRAFT_PROBS(float, draft_probs_f32)
 DRAFT_PROBS(__nv_bfloat16, draft_probs_bf16)
 DRAFT_PROBS(__half, draft_probs_f16)
+
+#if __CUDA_ARCH__ >= 900
+// Cluster versions (Hopper and later; picks_cuda.rs uses them for rows of PK_CL_MIN codes and
+// more): a row is split over the PK_CL blocks of a thread-block cluster, one per SM, so a
+// single row no longer waits on one SM's latency. Blocks meet through their shared memory
+// (distributed shared memory) at cluster barriers. Grid (PK_CL, rows).
+#define PK_CL 8
+#define PK_CL_THREADS 256
+// Logits per thread kept in registers: rows up to PK_CL * PK_CL_THREADS * PK_CL_PER (16,384).
+#define PK_CL_PER 8
+
+// Sum (MAX false) or max of x over the cluster: a block reduction, the block's value into one
+// of its two slots (alternating between calls, so a call's write never meets the previous
+// call's reads), a cluster barrier, then every block combines all blocks' slots in rank order:
+// the same value everywhere.
+template <bool MAX>
+__device__ __forceinline__ float cl_reduce(float x, float *red, float *slots, int &turn) {
+    namespace cg = cooperative_groups;
+    const cg::cluster_group cl = cg::this_cluster();
+    x = MAX ? block_max(x, red) : block_sum(x, red);
+    float *s = slots + (turn++ & 1);
+    if (threadIdx.x == 0) *s = x;
+    cl.sync();
+    float r = MAX ? -INFINITY : 0.f;
+    for (unsigned q = 0; q < cl.num_blocks(); ++q) {
+        const float y = *cl.map_shared_rank(s, q);
+        r = MAX ? fmaxf(r, y) : r + y;
+    }
+    return r;
+}
+
+// Block `rank` of a row of v split over PK_CL blocks: its first element and length.
+__device__ __forceinline__ void cl_slice(int v, int rank, int &base, int &n_loc) {
+    const int slice = (v + PK_CL - 1) / PK_CL;
+    base = min(v, rank * slice);
+    n_loc = min(v, base + slice) - base;
+}
+
+template <typename T>
+__device__ __forceinline__ void draft_probs_cl(const T *x, float *out, int v, float temp,
+                                               int top_k, const T *xu, float scale) {
+    pdl_trigger();
+    pdl_wait();
+    __shared__ float red[32];
+    __shared__ float slots[2];
+    int turn = 0, base, n_loc;
+    cl_slice(v, blockIdx.x, base, n_loc);
+    const size_t at = (size_t)blockIdx.y * v + base;
+    pk_probs_part<PK_CL_PER>(x + at, xu ? xu + at : nullptr, out + at, n_loc, v, temp, top_k,
+                             scale, [&](float a) { return cl_reduce<false>(a, red, slots, turn); },
+                             [&](float a) { return cl_reduce<true>(a, red, slots, turn); });
+    // no block leaves while another may still read its slots
+    cooperative_groups::this_cluster().sync();
+}
+#define DRAFT_PROBS_CL(T, NAME)                                                                 \
+    extern "C" __global__ void __cluster_dims__(PK_CL, 1, 1) __launch_bounds__(PK_CL_THREADS, 1) \
+        NAME(const T *x, float *out, int v, float temp, int top_k, const T *xu, float scale) {  \
+        draft_probs_cl<T>(x, out, v, temp, top_k, xu, scale);                                   \
+    }
+DRAFT_PROBS_CL(float, draft_probs_cl_f32)
+DRAFT_PROBS_CL(__nv_bfloat16, draft_probs_cl_bf16)
+DRAFT_PROBS_CL(__half, draft_probs_cl_f16)
+#endif
 
 // Top k of rows [n, v] → out [n, k, 2] (index, value; -1 past the row's end): k passes, each
 // taking the first element after the previous pick in the pick order.
@@ -1059,53 +1137,68 @@ __device__ __forceinline__ void pk_chunk_mass(const V &val, int lo, int n, doubl
     }
 }
 
-// Elements of a chunk the draws keep in registers: rows up to PK_THREADS * PK_CHUNK (16,384).
+// Elements of a chunk the one-block draws keep in registers: rows up to PK_THREADS * PK_CHUNK
+// (16,384).
 #define PK_CHUNK 32
+
+// The blocks that draw from one row: a lone block (Team = PkBlock) or a thread-block cluster
+// (PkCluster, Hopper and later). rank / size: the block's place among them; sync(): a barrier
+// over all their threads; peer(p, q): p in block q's shared memory.
+struct PkBlock {
+    __device__ static int rank() { return 0; }
+    __device__ static int size() { return 1; }
+    __device__ static void sync() { __syncthreads(); }
+    template <typename X> __device__ static X *peer(X *p, int) { return p; }
+};
 
 // Draws without replacement from rows [n, v] with uniforms us [n, k] (a negative one ends the
 // row) → out [n, k, 2] (index, conditional probability; -1 past the last draw). Draw j: the
-// first index whose cumulative remaining mass exceeds us[j] * total (the block's contiguous
-// chunks, scanned in f64), the last positive index when rounding leaves none.
+// first index whose cumulative remaining mass exceeds us[j] * total (contiguous slices per
+// block, contiguous chunks per thread, scanned in f64), the last positive index when rounding
+// leaves none. `row`: the row's index.
 //
-// Each thread keeps its chunk (in registers up to PK_CHUNK elements, drawn ones zeroed; else
-// read again, drawn ones skipped) and the chunk's remaining mass; after a draw only the thread
-// holding the drawn index walks its chunk again. A draw scans the masses with warp shuffles
-// and one exchange of warp totals, so it costs two block barriers (the exchange buffers
-// alternate between draws, so a draw's writes never meet the previous draw's reads).
-template <int PER>
+// Each thread keeps its chunk (in registers up to PER elements, drawn ones zeroed; else read
+// again, drawn ones skipped) and the chunk's remaining mass; after a draw only the thread
+// holding the drawn index walks its chunk again. A draw scans the masses with warp shuffles,
+// exchanges warp totals in the block and block totals across the team (their shared memory),
+// then the team agrees on the drawn index: a block barrier and two team barriers. The
+// exchange buffers alternate between draws, so a draw's writes never meet the previous draw's
+// reads.
+template <int PER, typename Team>
 __device__ __forceinline__ void draft_draw(const float *p, const double *us, float *out, int v,
-                                           int k) {
+                                           int k, int row) {
     __shared__ double wsum[2][32];
     __shared__ int wlast[2][32];
+    __shared__ double btot[2];
+    __shared__ int blast[2];
     __shared__ int found[2];
     __shared__ int drawn[PK_MAX];
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int nw = (blockDim.x + 31) >> 5;
-    const float *row = p + (size_t)blockIdx.x * v;
-    const double *u = us + (size_t)blockIdx.x * k;
-    float *o = out + (size_t)blockIdx.x * k * 2;
-    for (int j = tid; j < k; j += blockDim.x) {
-        o[2 * j] = -1.f;
-        o[2 * j + 1] = 0.f;
-    }
-    const int chunk = (v + blockDim.x - 1) / blockDim.x;
-    const int lo = min(v, tid * chunk), hi = min(v, lo + chunk), n = hi - lo;
+    const int slice = (v + Team::size() - 1) / Team::size();
+    const int blo = min(v, Team::rank() * slice), bhi = min(v, blo + slice);
+    const double *u = us + (size_t)row * k;
+    float *o = out + (size_t)row * k * 2;
+    const int chunk = (bhi - blo + blockDim.x - 1) / blockDim.x;
+    const int lo = min(bhi, blo + tid * chunk), hi = min(bhi, lo + chunk), n = hi - lo;
+    const float *src = p + (size_t)row * v;
     float c[PER > 0 ? PER : 1];
     int nd = 0; // draws so far (the re-read chunk skips drawn[0..nd))
     if (PER > 0) {
 #pragma unroll
-        for (int jj = 0; jj < (PER > 0 ? PER : 1); ++jj) c[jj] = jj < n ? row[lo + jj] : 0.f;
+        for (int jj = 0; jj < (PER > 0 ? PER : 1); ++jj) c[jj] = jj < n ? src[lo + jj] : 0.f;
     }
     auto val = [&](int jj) -> float {
         if (PER > 0) return c[jj];
-        float y = row[lo + jj];
+        float y = src[lo + jj];
         for (int d = 0; d < nd; ++d) y = drawn[d] == lo + jj ? 0.f : y;
         return y;
     };
     double part;
     int last;
     pk_chunk_mass<PER>(val, lo, n, part, last);
-    for (int j = 0; j < k && j < PK_MAX; ++j) {
+    int j = 0;
+    for (; j < k && j < PK_MAX; ++j) {
         const double uj = u[j];
         if (uj < 0.0) break;
         const int b = j & 1;
@@ -1119,18 +1212,31 @@ __device__ __forceinline__ void draft_draw(const float *p, const double *us, flo
         for (int off = 16; off > 0; off >>= 1) wl = max(wl, __shfl_xor_sync(0xffffffff, wl, off));
         if (lane == 31) wsum[b][w] = incl;
         if (lane == 0) wlast[b][w] = wl;
-        if (tid == 0) found[b] = 0x7fffffff;
         __syncthreads();
-        // every thread adds the warp totals in the same order: one total for all
-        double before = 0.0, total = 0.0;
-        int last_all = -1;
+        // every thread adds the warp totals in the same order: one block total for all
+        double before = 0.0, block = 0.0;
+        int last_b = -1;
         for (int q = 0; q < nw; ++q) {
-            if (q == w) before = total;
-            total += wsum[b][q];
-            last_all = max(last_all, wlast[b][q]);
+            if (q == w) before = block;
+            block += wsum[b][q];
+            last_b = max(last_b, wlast[b][q]);
+        }
+        if (tid == 0) {
+            btot[b] = block;
+            blast[b] = last_b;
+            if (Team::rank() == 0) found[b] = 0x7fffffff;
+        }
+        Team::sync();
+        // and the block totals in rank order: one total for the team
+        double bbefore = 0.0, total = 0.0;
+        int last_all = -1;
+        for (int q = 0; q < Team::size(); ++q) {
+            if (q == Team::rank()) bbefore = total;
+            total += *Team::peer(&btot[b], q);
+            last_all = max(last_all, *Team::peer(&blast[b], q));
         }
         if (!(total > 0.0)) break;
-        const double excl = before + (incl - part);
+        const double excl = bbefore + before + (incl - part);
         const double t = uj * total;
         if (part > 0.0 && t >= excl && t < excl + part) {
             double r = t - excl;
@@ -1143,10 +1249,12 @@ __device__ __forceinline__ void draft_draw(const float *p, const double *us, flo
                     if (r < 0.0) hit = lo + jj;
                 }
             }
-            atomicMin(&found[b], hit < 0 ? last : hit);
+            atomicMin(Team::peer(&found[b], 0), hit < 0 ? last : hit);
         }
-        __syncthreads();
-        const int x = found[b] == 0x7fffffff ? last_all : found[b];
+        Team::sync();
+        const int f = *Team::peer(&found[b], 0);
+        const int x = f == 0x7fffffff ? last_all : f;
+        if (tid == 0 && (x < blo || x >= bhi)) drawn[j] = -1;
         if (x >= lo && x < hi) {
             // the owner: writes the draw, takes it out of its chunk, sums the chunk again
             float px = 0.f;
@@ -1158,7 +1266,7 @@ __device__ __forceinline__ void draft_draw(const float *p, const double *us, flo
                         c[jj] = 0.f;
                     }
             } else {
-                px = row[x];
+                px = src[x];
             }
             drawn[j] = x;
             o[2 * j] = (float)x;
@@ -1168,16 +1276,50 @@ __device__ __forceinline__ void draft_draw(const float *p, const double *us, flo
         }
         nd = j + 1;
     }
+    // the rest of the row's outputs: no draw
+    if (Team::rank() == 0)
+        for (int q = j + tid; q < k; q += blockDim.x) {
+            o[2 * q] = -1.f;
+            o[2 * q + 1] = 0.f;
+        }
+    // no block leaves while another may still read its shared memory
+    if (Team::size() > 1) Team::sync();
 }
 extern "C" __global__ void __launch_bounds__(PK_THREADS)
     draft_draw_f32(const float *p, const double *us, float *out, int v, int k) {
     pdl_trigger();
     pdl_wait();
     if (v <= PK_CHUNK * (int)blockDim.x)
-        draft_draw<PK_CHUNK>(p, us, out, v, k);
+        draft_draw<PK_CHUNK, PkBlock>(p, us, out, v, k, blockIdx.x);
     else
-        draft_draw<0>(p, us, out, v, k);
+        draft_draw<0, PkBlock>(p, us, out, v, k, blockIdx.x);
 }
+
+#if __CUDA_ARCH__ >= 900
+// Elements of a chunk the cluster draws keep in registers: rows up to PK_CL * PK_CL_THREADS *
+// PK_CL_CHUNK (16,384).
+#define PK_CL_CHUNK 8
+
+struct PkCluster {
+    __device__ static int rank() { return (int)cooperative_groups::this_cluster().block_rank(); }
+    __device__ static int size() { return PK_CL; }
+    __device__ static void sync() { cooperative_groups::this_cluster().sync(); }
+    template <typename X> __device__ static X *peer(X *p, int q) {
+        return cooperative_groups::this_cluster().map_shared_rank(p, q);
+    }
+};
+
+// draft_draw_f32 over a cluster per row: grid (PK_CL, rows).
+extern "C" __global__ void __cluster_dims__(PK_CL, 1, 1) __launch_bounds__(PK_CL_THREADS, 1)
+    draft_draw_cl_f32(const float *p, const double *us, float *out, int v, int k) {
+    pdl_trigger();
+    pdl_wait();
+    if (v <= PK_CL * PK_CL_CHUNK * (int)blockDim.x)
+        draft_draw<PK_CL_CHUNK, PkCluster>(p, us, out, v, k, blockIdx.y);
+    else
+        draft_draw<0, PkCluster>(p, us, out, v, k, blockIdx.y);
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Read-bandwidth probes (bench only, fused/probe.rs): how fast one kernel streams a buffer of a

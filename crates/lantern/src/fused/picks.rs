@@ -12,6 +12,9 @@ use candle_core::{Tensor, D};
 use crate::decode::draft::{draw_with_uniforms, top_k_indices};
 use crate::sampling::{cfg_mix, row_probs, SamplingParams};
 
+#[cfg(feature = "cuda")]
+pub use super::picks_cuda::{set_cluster_picks, ClusterPicks};
+
 /// Most picks per row [`top_k`] and [`draw`] serve.
 pub const MAX_PICKS: usize = 64;
 
@@ -454,21 +457,35 @@ mod tests {
     }
 
     /// The CUDA kernels against the CPU versions (top-k exactly; probabilities and draws up to
-    /// summation order); 20,000 is past the rows the probabilities kernel keeps in registers.
+    /// summation order), with one block per row and with a cluster per row (Hopper builds;
+    /// every row, so rows of 5 leave blocks of the cluster empty); 20,000 is past the rows the
+    /// kernels keep in registers. The last row has two positive codes, so its draws run out of
+    /// mass.
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_picks_agree_with_cpu() -> Result<()> {
+        for mode in [ClusterPicks::Off, ClusterPicks::AllRows] {
+            set_cluster_picks(mode);
+            picks_agree(mode)?;
+        }
+        set_cluster_picks(ClusterPicks::LongRows);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn picks_agree(cluster: ClusterPicks) -> Result<()> {
         let gpu = Device::new_cuda(0)?;
         let mut rng = StdRng::seed_from_u64(14);
         for v in [5usize, 1024, 16384, 20000] {
             let mut r = rows(&mut rng, 12, v);
             r.push((0..v).map(|i| (i % 7) as f32).collect());
+            r.push((0..v).map(|i| f32::from(i == 1 || i == v - 2)).collect());
             let cpu = tensor(&r);
             let dev = cpu.to_device(&gpu)?;
             for k in [1, 10, 64] {
                 let a = picks_to_host(&top_k(&cpu, k)?)?;
                 let b = picks_to_host(&top_k(&dev, k)?)?;
-                assert_eq!(a, b, "top-k v {v} k {k}");
+                assert_eq!(a, b, "top-k v {v} k {k} cluster {cluster:?}");
             }
             for s in [
                 SamplingParams::greedy(),
@@ -485,14 +502,22 @@ mod tests {
                 },
             ] {
                 let logits = (cpu.clone() * 9.0)?;
+                // plain rows, then as CFG halves (7 images, conditional halves first)
+                let cfg = logits.reshape((14, 1, v))?;
                 let a: Vec<f32> = draft_probs(&logits, &s)?.flatten_all()?.to_vec1()?;
                 let b: Vec<f32> = draft_probs(&logits.to_device(&gpu)?, &s)?
                     .flatten_all()?
                     .to_vec1()?;
-                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                let c: Vec<f32> = draft_probs_cfg(&cfg, 7, Some(2.5), &s)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let d: Vec<f32> = draft_probs_cfg(&cfg.to_device(&gpu)?, 7, Some(2.5), &s)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                for (i, (x, y)) in a.iter().zip(&b).chain(c.iter().zip(&d)).enumerate() {
                     assert!(
                         (x - y).abs() <= 1e-6 + 1e-4 * x.abs(),
-                        "{s:?} {i}: {x} vs {y}"
+                        "{s:?} {i}: {x} vs {y} (v {v} cluster {cluster:?})"
                     );
                 }
             }
@@ -502,10 +527,13 @@ mod tests {
             let a = picks_to_host(&draw(&cpu, &ut)?)?;
             let b = picks_to_host(&draw(&dev, &ut.to_device(&gpu)?)?)?;
             for (x, y) in a.iter().zip(&b) {
-                assert_eq!(x.len(), y.len(), "draw v {v}");
+                assert_eq!(x.len(), y.len(), "draw v {v} cluster {cluster:?}");
                 for (p, q) in x.iter().zip(y) {
-                    assert_eq!(p.0, q.0, "draw v {v}");
-                    assert!((p.1 - q.1).abs() <= 1e-5, "draw v {v}: {p:?} vs {q:?}");
+                    assert_eq!(p.0, q.0, "draw v {v} cluster {cluster:?}");
+                    assert!(
+                        (p.1 - q.1).abs() <= 1e-5,
+                        "draw v {v} cluster {cluster:?}: {p:?} vs {q:?}"
+                    );
                 }
             }
         }

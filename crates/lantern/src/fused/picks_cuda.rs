@@ -1,6 +1,8 @@
 //! Launches of the drafting-pick kernels (`kernels.cu`, section "drafting picks") for
 //! [`super::picks`]: one block per row (`PK_PROBS_THREADS` threads for the probabilities,
-//! `PK_THREADS` for the picks).
+//! `PK_THREADS` for the picks), or on Hopper and later for rows of [`CLUSTER_MIN`] codes and
+//! more, a thread-block cluster of [`CLUSTER`] blocks per row (probabilities and draws; see
+//! [`set_cluster_picks`]).
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
@@ -9,15 +11,73 @@ use candle_core::{CudaStorage, Layout, Result};
 use super::cuda::{launch_cfg, offsets, suffix, typed, MODULE, PTX};
 use crate::sampling::SamplingParams;
 use candle_core::{bail, DType};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// `PK_THREADS` in the kernels.
 const THREADS: u32 = 512;
 /// `PK_PROBS_THREADS` in the kernels.
 const PROBS_THREADS: u32 = 1024;
 
+/// `PK_CL` in the kernels: blocks of a row's cluster.
+const CLUSTER: u32 = 8;
+/// `PK_CL_THREADS` in the kernels.
+const CLUSTER_THREADS: u32 = 256;
+/// Shortest rows given to the cluster kernels (shorter ones keep one block busy enough).
+const CLUSTER_MIN: usize = 2048;
+
 /// One block of `threads` per row.
 fn per_row(n: usize, threads: u32) -> LaunchConfig {
     launch_cfg((n as u32, 1, 1), threads, 0)
+}
+
+/// One cluster of [`CLUSTER`] blocks per row (the kernels fix the cluster's size).
+fn cluster_per_row(n: usize) -> LaunchConfig {
+    launch_cfg((CLUSTER, n as u32, 1), CLUSTER_THREADS, 0)
+}
+
+/// Which rows the drafting picks give to the cluster kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterPicks {
+    /// None: one block per row.
+    Off,
+    /// Rows of [`CLUSTER_MIN`] codes and more (the default).
+    LongRows,
+    /// Every row (tests and A/B runs on small vocabularies).
+    AllRows,
+}
+
+/// [`set_cluster_picks`]'s setting: 0 = not set (the environment decides), else the mode + 1.
+static CLUSTER_SETTING: AtomicU8 = AtomicU8::new(0);
+
+/// Sets which rows take the cluster kernels in this process, over the environment:
+/// `LANTERN_PICKS_CLUSTER=0` (off), `=all` (every row), else long rows. The PTX must be built
+/// for compute capability 9.0 or later (`CUDA_COMPUTE_CAP`): older ones have no clusters and
+/// always take the one-block kernels.
+pub fn set_cluster_picks(mode: ClusterPicks) {
+    CLUSTER_SETTING.store(mode as u8 + 1, Ordering::Relaxed);
+}
+
+/// Whether a row of `v` codes goes to the cluster kernels.
+fn cluster_row(v: usize) -> bool {
+    static FROM_ENV: std::sync::OnceLock<ClusterPicks> = std::sync::OnceLock::new();
+    let mode = match CLUSTER_SETTING.load(Ordering::Relaxed) {
+        1 => ClusterPicks::Off,
+        2 => ClusterPicks::LongRows,
+        3 => ClusterPicks::AllRows,
+        _ => *FROM_ENV.get_or_init(|| match std::env::var("LANTERN_PICKS_CLUSTER").as_deref() {
+            Ok("0") => ClusterPicks::Off,
+            Ok("all") => ClusterPicks::AllRows,
+            _ => ClusterPicks::LongRows,
+        }),
+    };
+    let on = match mode {
+        ClusterPicks::Off => false,
+        ClusterPicks::LongRows => v >= CLUSTER_MIN,
+        ClusterPicks::AllRows => true,
+    };
+    on && env!("LANTERN_PTX_CAP")
+        .parse::<u32>()
+        .is_ok_and(|c| c >= 90)
 }
 
 /// Probabilities of the rows of `x`, CFG-combined with `uncond` (storage, layout, scale) first
@@ -35,7 +95,9 @@ pub(super) fn probs(
     if uncond.is_some_and(|(u, _, _)| u.dtype() != dt) {
         bail!("drafting probabilities: CFG halves of different dtypes");
     }
-    let func = dev.get_or_load_custom_func(&format!("draft_probs_{}", suffix(dt)?), MODULE, PTX)?;
+    let cl = cluster_row(v);
+    let name = format!("draft_probs_{}{}", if cl { "cl_" } else { "" }, suffix(dt)?);
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     // SAFETY: every element is written by the kernel.
     let out = unsafe { dev.alloc::<f32>(n * v)? };
     let (temp, top_k) = if sampling.is_greedy() {
@@ -67,8 +129,9 @@ pub(super) fn probs(
             None => builder.arg(&null),
         };
         builder.arg(&scale);
+        let cfg = if cl { cluster_per_row(n) } else { per_row(n, PROBS_THREADS) };
         // SAFETY: argument list matches the kernel's signature; both row sets are [n, v] of T.
-        unsafe { builder.launch(per_row(n, PROBS_THREADS)) }.w()?;
+        unsafe { builder.launch(cfg) }.w()?;
     });
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
@@ -107,7 +170,13 @@ pub(super) fn draw(
     k: usize,
 ) -> Result<CudaStorage> {
     let dev = p.device().clone();
-    let func = dev.get_or_load_custom_func("draft_draw_f32", MODULE, PTX)?;
+    let cl = cluster_row(v);
+    let name = if cl {
+        "draft_draw_cl_f32"
+    } else {
+        "draft_draw_f32"
+    };
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
     let (a, b) = offsets(l)?;
     let src = p.as_cuda_slice::<f32>()?.slice(a..b);
     let (a, b) = offsets(ul)?;
@@ -121,7 +190,12 @@ pub(super) fn draw(
     builder.arg(&out);
     builder.arg(&v);
     builder.arg(&k);
+    let cfg = if cl {
+        cluster_per_row(n)
+    } else {
+        per_row(n, THREADS)
+    };
     // SAFETY: argument list matches the kernel's signature; k <= PK_MAX (checked in picks.rs).
-    unsafe { builder.launch(per_row(n, THREADS)) }.w()?;
+    unsafe { builder.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
