@@ -457,7 +457,7 @@ fn time_drafting(
     };
     let (rope_rows, zero_row) = drafter.rope_clamp();
     let capture = graphs_enabled(device);
-    let head = |h: &Tensor| model.lm_head(h);
+    let head = |h: &Tensor| model.lm_head_raw(h);
     let ms = time(&mut || {
         let fx = FixedDrafting {
             model: drafter,

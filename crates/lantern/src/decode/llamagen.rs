@@ -256,6 +256,9 @@ impl Target for LlamaGen {
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         LlamaGen::lm_head(self, hidden)
     }
+    fn lm_head_raw(&self, hidden: &Tensor) -> Result<Tensor> {
+        LlamaGen::lm_head_raw(self, hidden)
+    }
 
     fn lm_head_id(&self) -> Option<candle_core::TensorId> {
         Some(LlamaGen::lm_head_id(self))

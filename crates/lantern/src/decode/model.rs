@@ -75,6 +75,12 @@ pub trait Target {
     ) -> Result<Tensor>;
     /// Output head: `[.., d]` hidden to f32 logits `[.., vocab]`.
     fn lm_head(&self, hidden: &Tensor) -> Result<Tensor>;
+    /// Output head before [`Self::lm_head`]'s cast to f32: logits in the model's dtype (the
+    /// probability kernels read bf16 and f16 rows as they are, one cast kernel fewer; their
+    /// f32 values are exactly `lm_head`'s). Default: `lm_head`.
+    fn lm_head_raw(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head(hidden)
+    }
     /// Id of the output head's weights, where whole-tree drafting computations may read the
     /// head ([`super::draft_graph`]); `None` (the default) keeps drafting level by level.
     fn lm_head_id(&self) -> Option<candle_core::TensorId> {

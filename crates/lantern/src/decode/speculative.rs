@@ -85,7 +85,10 @@ fn verify_rows(
         let p = picks::draft_probs_cfg(&logits, n_img, cfg, sampling)?;
         return Ok((p.reshape((n_img, cols, v))?, true));
     }
-    Ok((cfg_mix_device(logits, n_img, cfg)?, false))
+    Ok((
+        cfg_mix_device(logits.to_dtype(DType::F32)?, n_img, cfg)?,
+        false,
+    ))
 }
 
 impl VerifyLogits {
@@ -171,14 +174,14 @@ fn drafter_level<T: Target>(
     cfg: Option<f32>,
     sampling: &SamplingParams,
 ) -> Result<Box<dyn DraftLevel>> {
-    let logits = target.lm_head(feats)?;
+    let logits = target.lm_head_raw(feats)?;
     let (_, s, v) = logits.dims3()?;
     if v > 0 && picks::probs_on_device(sampling, logits.device()) {
         // CFG combined inside the probabilities kernel (no mixed logits materialised)
         let probs = picks::draft_probs_cfg(&logits, n_img, cfg, sampling)?;
         return Ok(Box::new(DeviceLevel::new(probs, s)?));
     }
-    let mixed = cfg_mix_device(logits, n_img, cfg)?;
+    let mixed = cfg_mix_device(logits.to_dtype(DType::F32)?, n_img, cfg)?;
     let flat = to_host_f32(&mixed)?;
     if v == 0 {
         return Ok(Box::new(HostLevel::new(vec![vec![Vec::new(); s]; n_img])));
@@ -607,7 +610,7 @@ fn run<T: Target, D: DraftModel>(
                         };
                         let mut r: Vec<&mut dyn RngCore> =
                             rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
-                        let head = |h: &Tensor| target.lm_head(h);
+                        let head = |h: &Tensor| target.lm_head_raw(h);
                         draft_static_fixed(fx, &head, key, &step, &mut r)?.map(|d| (d, shape))
                     }
                     _ => None,
@@ -669,7 +672,8 @@ fn run<T: Target, D: DraftModel>(
         prof.mark("verify: inputs (ids, positions, tree mask)")?;
         let hidden = target.forward_tokens(&ids, &pos, &vis, &mut tcache)?;
         prof.mark("verify: target forward")?;
-        let (rows_cfg, probs) = verify_rows(target.lm_head(&hidden)?, n_img, cfg, &opts.sampling)?;
+        let (rows_cfg, probs) =
+            verify_rows(target.lm_head_raw(&hidden)?, n_img, cfg, &opts.sampling)?;
         prof.mark("verify: LM head, CFG (and probabilities)")?;
         prof.end_phase()?;
         t_verify += t.elapsed().as_secs_f64();

@@ -504,10 +504,12 @@ impl LlamaGen {
     /// # Shapes
     /// - `hidden`: `[b, s, dim]` → logits `[b, s, vocab]` f32
     pub fn lm_head(&self, hidden: &Tensor) -> crate::Result<Tensor> {
-        Ok(self
-            .output
-            .forward(&hidden.to_dtype(self.dtype)?)?
-            .to_dtype(DType::F32)?)
+        Ok(self.lm_head_raw(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`Self::lm_head`] before its cast: logits `[b, s, vocab]` in the model dtype.
+    pub fn lm_head_raw(&self, hidden: &Tensor) -> crate::Result<Tensor> {
+        Ok(self.output.forward(&hidden.to_dtype(self.dtype)?)?)
     }
 
     /// Full teacher-forced forward without a cache (training, feature extraction): condition
