@@ -114,7 +114,6 @@ pub struct StaticDrafting {
     /// Every depth's uniforms, flat (sampling only).
     uniforms: Option<Tensor>,
     // fixed, built once
-    zero: Tensor,
     /// Per expansion: `[1, 1, k, max_len]` f32, `-inf` on scratch slots that are not the
     /// node's ancestors or itself.
     tree_masks: Vec<Tensor>,
@@ -283,7 +282,6 @@ impl StaticDrafting {
             uniforms: (!greedy)
                 .then(|| Tensor::zeros(n_uniforms, DType::F64, &dev))
                 .transpose()?,
-            zero: Tensor::zeros(1, DType::F32, &dev)?,
             tree_masks,
             token_at,
             feat_at,
@@ -337,12 +335,8 @@ impl StaticDrafting {
                 break;
             }
             let (off, kf) = (self.offsets[i], dp.feed.len());
-            let ids = block
-                .index_select(&self.token_at[i], 0)?
-                .broadcast_maximum(&self.zero)?
-                .to_dtype(DType::U32)?
-                .reshape((n_img, kf))?
-                .repeat((self.rows / n_img, 1))?;
+            let ids = picks::pick_tokens(&block, &self.token_at[i], self.rows / n_img)?
+                .reshape((self.rows, kf))?;
             let feats = self
                 .feats
                 .reshape((self.rows * (1 + fed), d))?
@@ -482,11 +476,7 @@ pub fn draft_static_fixed(
     crate::decode::profile::mark_here("draft: drafting graph")?;
     // the drafted tokens in verification order (shape order, the root first), on the device
     let roots = Tensor::from_vec(step.root_tokens.to_vec(), (key.n_img, 1), g.picks.device())?;
-    let drafted = g
-        .picks
-        .index_select(&g.verify_at, 0)?
-        .broadcast_maximum(&g.zero)?
-        .to_dtype(DType::U32)?
+    let drafted = picks::pick_tokens(&g.picks, &g.verify_at, 1)?
         .reshape((key.n_img, step.shape.len() - 1))?;
     Ok(Some(Drafted {
         ids: Tensor::cat(&[&roots, &drafted], 1)?,

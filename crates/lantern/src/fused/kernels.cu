@@ -1321,6 +1321,18 @@ extern "C" __global__ void __cluster_dims__(PK_CL, 1, 1) __launch_bounds__(PK_CL
 }
 #endif
 
+// The tokens at indices at[m] of n picks (f32 token or -1 → token max(x, 0)), reps times over →
+// out[reps * m] (picks.rs pick_tokens; an index past the picks reads token 0).
+extern "C" __global__ void pick_tokens_f32(const float *p, int n, const unsigned *at,
+                                           unsigned *out, int m, int reps) {
+    pdl_trigger();
+    pdl_wait();
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= m * reps) return;
+    const unsigned j = at[i % m];
+    out[i] = j < (unsigned)n ? (unsigned)fmaxf(p[j], 0.f) : 0u;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Read-bandwidth probes (bench only, fused/probe.rs): how fast one kernel streams a buffer of a
 // weight matrix's size, with ordinary 16-byte loads (U per thread in flight) or with bulk

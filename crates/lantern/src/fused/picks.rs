@@ -310,6 +310,70 @@ impl CustomOp2 for Draw {
     }
 }
 
+/// The tokens at flat indices `at` (u32 `[m]`) of picks (f32, any shape; a pick's token, or
+/// `-1` where there is none, read as token 0), `reps` times over → u32 `[reps * m]`: one kernel
+/// where gather, clamp, cast and repeat were four (the drafting graph's level inputs).
+pub fn pick_tokens(picks: &Tensor, at: &Tensor, reps: usize) -> Result<Tensor> {
+    if reps == 0 || at.rank() != 1 {
+        bail!(
+            "pick_tokens: indices [m] and reps >= 1 expected, got {:?} x {reps}",
+            at.dims()
+        );
+    }
+    picks
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op2_no_bwd(
+            &at.to_dtype(DType::U32)?.contiguous()?,
+            &PickTokens { reps },
+        )
+}
+
+/// See [`pick_tokens`].
+struct PickTokens {
+    reps: usize,
+}
+
+impl CustomOp2 for PickTokens {
+    fn name(&self) -> &'static str {
+        "lantern-pick-tokens"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = cpu_slice::<f32>(s, l)?;
+        let at = cpu_slice::<u32>(a, al)?;
+        let once = at
+            .iter()
+            .map(|&i| match p.get(i as usize) {
+                Some(&x) => Ok(x.max(0.0) as u32),
+                None => bail!("pick_tokens: index {i} past {} picks", p.len()),
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let n = once.len() * self.reps;
+        Ok((CpuStorage::U32(once.repeat(self.reps)), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let m = al.shape().elem_count();
+        super::picks_cuda::pick_tokens(s, l, a, al, m, self.reps)
+            .map(|st| (st, Shape::from(m * self.reps)))
+    }
+}
+
 /// The `[n, k, 2]` output of [`top_k`] or [`draw`] on the host: per row, its picks as
 /// (token, probability), up to the first `-1`.
 pub fn picks_to_host(picks: &Tensor) -> Result<Vec<Vec<(usize, f32)>>> {
@@ -456,6 +520,26 @@ mod tests {
         Ok(())
     }
 
+    #[test]
+    fn pick_tokens_equals_gather_clamp_cast_repeat() -> Result<()> {
+        let p = Tensor::new(&[[3f32, 7.0], [-1.0, 12.0], [0.0, -1.0]], &Device::Cpu)?;
+        let at = Tensor::new(&[1u32, 2, 3, 5, 0], &Device::Cpu)?;
+        let want = p
+            .flatten_all()?
+            .index_select(&at, 0)?
+            .maximum(0f32)?
+            .to_dtype(DType::U32)?
+            .reshape((1, 5))?
+            .repeat((3, 1))?
+            .flatten_all()?;
+        let got = pick_tokens(&p, &at, 3)?;
+        assert_eq!(got.to_vec1::<u32>()?, want.to_vec1::<u32>()?);
+        assert_eq!(got.to_vec1::<u32>()?[..5], [7, 0, 12, 0, 3]);
+        assert!(pick_tokens(&p, &Tensor::new(&[6u32], &Device::Cpu)?, 1).is_err());
+        assert!(pick_tokens(&p, &at, 0).is_err());
+        Ok(())
+    }
+
     /// The CUDA kernels against the CPU versions (top-k exactly; probabilities and draws up to
     /// summation order), with one block per row and with a cluster per row (Hopper builds;
     /// every row, so rows of 5 leave blocks of the cluster empty); 20,000 is past the rows the
@@ -523,6 +607,15 @@ mod tests {
                     );
                 }
             }
+            // the drafting graph's token gather (one kernel) on picks with missing entries
+            let picks = (top_k(&cpu, 3)? - 0.5)?.round()?;
+            let at: Vec<u32> = (0..40)
+                .map(|i| (i * 7 % picks.elem_count()) as u32)
+                .collect();
+            let at = Tensor::new(at, &Device::Cpu)?;
+            let a = pick_tokens(&picks, &at, 2)?.to_vec1::<u32>()?;
+            let b = pick_tokens(&picks.to_device(&gpu)?, &at.to_device(&gpu)?, 2)?;
+            assert_eq!(a, b.to_vec1::<u32>()?, "pick tokens v {v}");
             let k = 10;
             let us: Vec<f64> = (0..r.len() * k).map(|_| rng.random::<f64>()).collect();
             let ut = Tensor::from_vec(us, (r.len(), k), &Device::Cpu)?;

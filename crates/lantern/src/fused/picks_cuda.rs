@@ -199,3 +199,35 @@ pub(super) fn draw(
     unsafe { builder.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
+
+/// See [`super::picks::pick_tokens`]: `m` indices into the picks, `reps` copies. Indices past
+/// the picks read token 0 (the CPU version errors; the callers' indices are built in range).
+pub(super) fn pick_tokens(
+    p: &CudaStorage,
+    l: &Layout,
+    at: &CudaStorage,
+    al: &Layout,
+    m: usize,
+    reps: usize,
+) -> Result<CudaStorage> {
+    let dev = p.device().clone();
+    let func = dev.get_or_load_custom_func("pick_tokens_f32", MODULE, PTX)?;
+    let (a, b) = offsets(l)?;
+    let src = p.as_cuda_slice::<f32>()?.slice(a..b);
+    let (a2, b2) = offsets(al)?;
+    let idx = at.as_cuda_slice::<u32>()?.slice(a2..b2);
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<u32>(m * reps)? };
+    let (n, m, reps) = ((b - a) as i32, m as i32, reps as i32);
+    let mut builder = func.builder();
+    builder.arg(&src);
+    builder.arg(&n);
+    builder.arg(&idx);
+    builder.arg(&out);
+    builder.arg(&m);
+    builder.arg(&reps);
+    let total = (m * reps).max(1) as u32;
+    // SAFETY: argument list matches pick_tokens_f32's signature; out holds m * reps elements.
+    unsafe { builder.launch(launch_cfg((total.div_ceil(256), 1, 1), 256, 0)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
