@@ -1089,21 +1089,36 @@ DRAFT_PROBS_CL(__half, draft_probs_cl_f16)
 #endif
 
 // Top k of rows [n, v] → out [n, k, 2] (index, value; -1 past the row's end): k passes, each
-// taking the first element after the previous pick in the pick order.
-extern "C" __global__ void draft_top_k_f32(const float *p, float *out, int v, int k) {
-    pdl_trigger();
-    pdl_wait();
+// taking the first element after the previous pick in the pick order. A thread's elements
+// (tid + jj * blockDim.x) stay in registers for all passes when the row fits PER per thread
+// (PER > 0), else every pass reads them again.
+#define PK_TOPK_PER 32
+template <int PER>
+__device__ __forceinline__ void draft_top_k(const float *p, float *out, int v, int k) {
     __shared__ unsigned rk[32];
     __shared__ int ri[32];
+    const int bd = blockDim.x;
     const float *row = p + (size_t)blockIdx.x * v;
     float *o = out + (size_t)blockIdx.x * k * 2;
+    const int n = PER > 0 ? PER : (v - (int)threadIdx.x + bd - 1) / bd;
+    float c[PER > 0 ? PER : 1];
+    if (PER > 0) {
+#pragma unroll
+        for (int jj = 0; jj < (PER > 0 ? PER : 1); ++jj) {
+            const int i = threadIdx.x + jj * bd;
+            c[jj] = i < v ? row[i] : 0.f;
+        }
+    }
     unsigned lk = 0u;
     int li = -1;
     for (int j = 0; j < k; ++j) {
         unsigned bk = 0u;
         int bi = -1;
-        for (int i = threadIdx.x; i < v; i += blockDim.x) {
-            const unsigned key = pk_key(row[i]);
+#pragma unroll
+        for (int jj = 0; jj < n; ++jj) {
+            const int i = threadIdx.x + jj * bd;
+            if (i >= v) continue;
+            const unsigned key = pk_key(PER > 0 ? c[jj] : row[i]);
             if ((li < 0 || pk_before(lk, li, key, i)) && pk_before(key, i, bk, bi)) {
                 bk = key;
                 bi = i;
@@ -1117,6 +1132,15 @@ extern "C" __global__ void draft_top_k_f32(const float *p, float *out, int v, in
         lk = bk;
         li = bi;
     }
+}
+extern "C" __global__ void __launch_bounds__(PK_THREADS)
+    draft_top_k_f32(const float *p, float *out, int v, int k) {
+    pdl_trigger();
+    pdl_wait();
+    if (v <= PK_TOPK_PER * (int)blockDim.x)
+        draft_top_k<PK_TOPK_PER>(p, out, v, k);
+    else
+        draft_top_k<0>(p, out, v, k);
 }
 
 // Mass and last positive index of a thread's chunk (element jj at lo + jj, val(jj) its
