@@ -410,20 +410,23 @@ fn time_fixed(
     Ok((ms, how))
 }
 
-/// Times the whole drafting phase of a static tree (`naive_extend_57`, greedy picks) as the
-/// speculative loop runs it for SD static and LANTERN++ (one computation, a CUDA graph on GPUs;
-/// the picks' transfer and the tree building included) after `dp` cached drafter positions.
+/// Times the whole drafting phase of a static tree (`naive_extend_57`) as the speculative loop
+/// runs it for SD static and LANTERN++ (one computation, a CUDA graph on GPUs) after `dp`
+/// cached drafter positions: greedy picks (top-k), or with `sampled` the default sampling
+/// (temperature 1: probabilities, then draws without replacement from host uniforms).
 /// Traffic and FLOPs: every level's drafter step and output head, plus the root's head.
 fn time_drafting(
     cfg: &StepBenchConfig,
     model: &LlamaGen,
     drafter: &Drafter,
     dp: usize,
+    sampled: bool,
     time: &Timer,
 ) -> Result<(f64, f64, f64, String)> {
     use crate::decode::draft_graph::{draft_static_fixed, DraftStep, DraftingKey, FixedDrafting};
     use crate::decode::TreeShape;
     use crate::sampling::SamplingParams;
+    use rand::{RngCore, SeedableRng};
     let (b, tc, dc) = (cfg.batch, model.config(), drafter.config());
     let device = drafter.device();
     let shape = TreeShape::preset("naive_extend_57")?;
@@ -444,7 +447,11 @@ fn time_drafting(
         paths: shape.paths.clone(),
         n_img,
         cfg: scale,
-        sampling: SamplingParams::greedy(),
+        sampling: if sampled {
+            SamplingParams::default()
+        } else {
+            SamplingParams::greedy()
+        },
         lm_head: model.lm_head_id(),
     };
     let step = DraftStep {
@@ -458,6 +465,9 @@ fn time_drafting(
     let (rope_rows, zero_row) = drafter.rope_clamp();
     let capture = graphs_enabled(device);
     let head = |h: &Tensor| model.lm_head_raw(h);
+    let mut rngs: Vec<rand::rngs::StdRng> = (0..n_img as u64)
+        .map(rand::rngs::StdRng::seed_from_u64)
+        .collect();
     let ms = time(&mut || {
         let fx = FixedDrafting {
             model: drafter,
@@ -467,7 +477,8 @@ fn time_drafting(
             rope_rows,
             zero_row,
         };
-        draft_static_fixed(fx, &head, key.clone(), &step, &mut [])?.ok_or_else(|| {
+        let mut r: Vec<&mut dyn RngCore> = rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
+        draft_static_fixed(fx, &head, key.clone(), &step, &mut r)?.ok_or_else(|| {
             Error::invalid(
                 "drafting bench",
                 "the shape does not fit the drafting computation",
@@ -492,9 +503,10 @@ fn time_drafting(
     }
     let how = if capture { "cuda graph" } else { "fixed shape" };
     let name = format!(
-        "{DRAFTING_PHASE}, static tree of {} nodes ({} levels, {how})",
+        "{DRAFTING_PHASE}, static tree of {} nodes ({} levels, {}{how})",
         shape.len(),
-        max_depth.saturating_sub(1)
+        max_depth.saturating_sub(1),
+        if sampled { "sampled, " } else { "" }
     );
     Ok((ms, bytes, flops, name))
 }
@@ -734,8 +746,12 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
                 &time,
             )?;
             report.push(format!("drafter {n} tok @{dp} ({how})"), ms, bytes, flops);
-            let (ms, bytes, flops, name) = time_drafting(cfg, &model, &drafter, dp, &time)?;
-            report.push(name, ms, bytes, flops);
+            // greedy first: the expected latency reads the first drafting-phase row
+            for sampled in [false, true] {
+                let (ms, bytes, flops, name) =
+                    time_drafting(cfg, &model, &drafter, dp, sampled, &time)?;
+                report.push(name, ms, bytes, flops);
+            }
         }
     }
     if wants(Step::VqDecode) {
@@ -781,8 +797,13 @@ mod tests {
         assert!(r.copy_gbps.is_finite() && r.copy_gbps > 0.0, "{r}");
         assert!(r.matmul_tflops.is_finite() && r.matmul_tflops > 0.0, "{r}");
         // decode, verify and drafter have two rows: the ordinary step and the fixed-shape
-        // (CUDA graph) one; the drafter also the whole drafting phase of a static tree
-        assert_eq!(r.rows.len(), Step::ALL.len() + 4, "{r}");
+        // (CUDA graph) one; the drafter also the whole drafting phase of a static tree, greedy
+        // and sampled
+        assert_eq!(r.rows.len(), Step::ALL.len() + 5, "{r}");
+        assert!(
+            r.rows.iter().any(|x| x.name.contains("levels, sampled, ")),
+            "{r}"
+        );
         let phase = r.rows.iter().find(|x| x.name.starts_with("drafting phase"));
         let phase = phase.unwrap_or_else(|| panic!("no drafting phase row in\n{r}"));
         assert!(
@@ -805,7 +826,7 @@ mod tests {
         }
         assert!(r.row(Step::Verify).unwrap().flops > r.row(Step::Decode).unwrap().flops);
         let table = r.to_string();
-        assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 10);
+        assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 11);
     }
 
     #[test]
@@ -830,7 +851,7 @@ mod tests {
             ..tiny(DType::F16)
         };
         let r = run_step_bench(&cfg, &Device::Cpu)?;
-        assert_eq!(r.rows.len(), 8, "{r}");
+        assert_eq!(r.rows.len(), 9, "{r}");
         assert!(r.rows.iter().all(|x| x.measured_ms > 0.0));
         Ok(())
     }
