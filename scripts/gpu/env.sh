@@ -65,6 +65,13 @@ variant_rounds() {
   done
 }
 
+# picks_tests: unpacks the carried library test binary $G/lantern_lib.xz and runs the picks'
+# CUDA-vs-CPU test (cuda_picks), keeping its result lines in $OUT/picks_test.txt.
+picks_tests() {
+  xz -dkf "$G/lantern_lib.xz" && chmod +x "$G/lantern_lib"
+  timeout 180 "$G/lantern_lib" --nocapture cuda_picks 2>&1 | grep -E "^test |test result|panicked" | tee "$OUT/picks_test.txt"
+}
+
 # ncu_picks NAME CMD...: Nsight Compute over the drafting-pick kernels (draft_*) of 6 SD-static
 # loop steps at t2i-xl-256 shapes of CMD (a binary, optionally behind `env VAR=...`); keeps the
 # csv as $OUT/ncu_NAME.csv and prints each kernel's launches and median / min µs per grid.

@@ -9,8 +9,7 @@ set -uo pipefail
 source scripts/gpu/env.sh
 SECONDS=0
 with_base
-xz -dkf "$G/lantern_lib.xz" && chmod +x "$G/lantern_lib"
-timeout 120 "$G/lantern_lib" --nocapture cuda_picks 2>&1 | grep -E "^test |test result|panicked" | tee "$OUT/picks_test.txt"
+picks_tests
 kernel_tests
 echo "tests done ${SECONDS}s"
 {

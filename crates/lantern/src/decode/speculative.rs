@@ -85,10 +85,7 @@ fn verify_rows(
         let p = picks::draft_probs_cfg(&logits, n_img, cfg, sampling)?;
         return Ok((p.reshape((n_img, cols, v))?, true));
     }
-    Ok((
-        cfg_mix_device(logits.to_dtype(DType::F32)?, n_img, cfg)?,
-        false,
-    ))
+    Ok((cfg_mix_device(logits, n_img, cfg)?, false))
 }
 
 impl VerifyLogits {
@@ -151,8 +148,10 @@ impl TargetRows for LazyRows<'_> {
     }
 }
 
-/// CFG on the device: `[rows, s, V]` logits to `[n_img, s, V]` (`u + scale (c - u)`).
+/// CFG on the device: `[rows, s, V]` logits (any float dtype: combined in f32) to f32
+/// `[n_img, s, V]` (`u + scale (c - u)`).
 fn cfg_mix_device(logits: Tensor, n_img: usize, cfg: Option<f32>) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
     Ok(match cfg {
         Some(scale) => {
             let c = logits.narrow(0, 0, n_img)?;
@@ -181,7 +180,7 @@ fn drafter_level<T: Target>(
         let probs = picks::draft_probs_cfg(&logits, n_img, cfg, sampling)?;
         return Ok(Box::new(DeviceLevel::new(probs, s)?));
     }
-    let mixed = cfg_mix_device(logits.to_dtype(DType::F32)?, n_img, cfg)?;
+    let mixed = cfg_mix_device(logits, n_img, cfg)?;
     let flat = to_host_f32(&mixed)?;
     if v == 0 {
         return Ok(Box::new(HostLevel::new(vec![vec![Vec::new(); s]; n_img])));

@@ -967,6 +967,14 @@ __device__ __forceinline__ void pk_softmax(const L &l, const S &save, const E &e
     }
 }
 
+// Part `rank` of n elements split into `parts` contiguous parts of ceil(n / parts) (the last
+// ones shorter or empty): its first element and length.
+__device__ __forceinline__ void pk_part(int n, int parts, int rank, int &first, int &len) {
+    const int size = (n + parts - 1) / parts;
+    first = min(n, rank * size);
+    len = min(n, first + size) - first;
+}
+
 // Probabilities of the n_loc logits at row (CFG-combined with urow when given) → o, over every
 // block of the row (rsum / rmax): pk_softmax of x / temp, the logits in registers when the
 // block's part fits in PER per thread, else read again in every pass.
@@ -1055,13 +1063,6 @@ __device__ __forceinline__ float cl_reduce(float x, float *red, float *slots, in
     return r;
 }
 
-// Block `rank` of a row of v split over PK_CL blocks: its first element and length.
-__device__ __forceinline__ void cl_slice(int v, int rank, int &base, int &n_loc) {
-    const int slice = (v + PK_CL - 1) / PK_CL;
-    base = min(v, rank * slice);
-    n_loc = min(v, base + slice) - base;
-}
-
 template <typename T>
 __device__ __forceinline__ void draft_probs_cl(const T *x, float *out, int v, float temp,
                                                int top_k, const T *xu, float scale) {
@@ -1070,7 +1071,7 @@ __device__ __forceinline__ void draft_probs_cl(const T *x, float *out, int v, fl
     __shared__ float red[32];
     __shared__ float slots[2];
     int turn = 0, base, n_loc;
-    cl_slice(v, blockIdx.x, base, n_loc);
+    pk_part(v, PK_CL, blockIdx.x, base, n_loc);
     const size_t at = (size_t)blockIdx.y * v + base;
     pk_probs_part<PK_CL_PER>(x + at, xu ? xu + at : nullptr, out + at, n_loc, v, temp, top_k,
                              scale, [&](float a) { return cl_reduce<false>(a, red, slots, turn); },
@@ -1199,12 +1200,12 @@ __device__ __forceinline__ void draft_draw(const float *p, const double *us, flo
     __shared__ int drawn[PK_MAX];
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int nw = (blockDim.x + 31) >> 5;
-    const int slice = (v + Team::size() - 1) / Team::size();
-    const int blo = min(v, Team::rank() * slice), bhi = min(v, blo + slice);
+    int blo, bn, off, n;
+    pk_part(v, Team::size(), Team::rank(), blo, bn);
+    pk_part(bn, blockDim.x, tid, off, n);
+    const int bhi = blo + bn, lo = blo + off, hi = lo + n;
     const double *u = us + (size_t)row * k;
     float *o = out + (size_t)row * k * 2;
-    const int chunk = (bhi - blo + blockDim.x - 1) / blockDim.x;
-    const int lo = min(bhi, blo + tid * chunk), hi = min(bhi, lo + chunk), n = hi - lo;
     const float *src = p + (size_t)row * v;
     float c[PER > 0 ? PER : 1];
     int nd = 0; // draws so far (the re-read chunk skips drawn[0..nd))

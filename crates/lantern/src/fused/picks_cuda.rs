@@ -59,7 +59,16 @@ pub fn set_cluster_picks(mode: ClusterPicks) {
 
 /// Whether a row of `v` codes goes to the cluster kernels.
 fn cluster_row(v: usize) -> bool {
+    // the PTX has the cluster kernels only when built for compute capability 9.0 or later
+    static BUILT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     static FROM_ENV: std::sync::OnceLock<ClusterPicks> = std::sync::OnceLock::new();
+    if !*BUILT.get_or_init(|| {
+        env!("LANTERN_PTX_CAP")
+            .parse::<u32>()
+            .is_ok_and(|c| c >= 90)
+    }) {
+        return false;
+    }
     let mode = match CLUSTER_SETTING.load(Ordering::Relaxed) {
         1 => ClusterPicks::Off,
         2 => ClusterPicks::LongRows,
@@ -70,14 +79,11 @@ fn cluster_row(v: usize) -> bool {
             _ => ClusterPicks::LongRows,
         }),
     };
-    let on = match mode {
+    match mode {
         ClusterPicks::Off => false,
         ClusterPicks::LongRows => v >= CLUSTER_MIN,
         ClusterPicks::AllRows => true,
-    };
-    on && env!("LANTERN_PTX_CAP")
-        .parse::<u32>()
-        .is_ok_and(|c| c >= 90)
+    }
 }
 
 /// Probabilities of the rows of `x`, CFG-combined with `uncond` (storage, layout, scale) first
