@@ -459,6 +459,7 @@ pub fn draft_static_fixed(
         ));
     }
     g.set_inputs(step, kv.len(), (rope_rows, zero_row), rngs)?;
+    crate::decode::profile::mark_here("draft: drafting inputs (host-built)")?;
     let mut graph = std::mem::take(&mut g.graph);
     let label = format!("drafting of a {}-node shape", step.shape.len());
     let ran = {

@@ -300,6 +300,16 @@ pub type Captured = NoGraph;
 #[derive(Debug, Default)]
 pub struct NoGraph;
 
+thread_local! {
+    static CAPTURES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// CUDA graphs captured on this thread so far (the loop profile reports a generation's share:
+/// a capture runs the step eagerly, then captures and instantiates it).
+pub fn captures_on_this_thread() -> usize {
+    CAPTURES.with(|c| c.get())
+}
+
 /// Runs `run` through `graph`: replays it when captured; otherwise runs `run` eagerly (which
 /// computes this call's result and loads kernels and cuBLAS workspaces) and, when `capture` is
 /// set on a CUDA device, records a second run as the graph (recorded, not executed: nothing is
@@ -354,6 +364,7 @@ pub fn replay_or_capture(
             eprintln!("[graph] captured {label}: {}", g.is_some());
         }
         *graph = g;
+        CAPTURES.with(|c| c.set(c.get() + 1));
         Ok(())
     }
     #[cfg(not(feature = "cuda"))]

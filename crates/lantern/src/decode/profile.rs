@@ -77,6 +77,8 @@ struct Inner {
     last: Instant,
     /// Segment name, seconds, marks; in first-mark order.
     acc: Vec<(&'static str, f64, usize)>,
+    /// CUDA graphs captured on this thread before the profile started.
+    captures_at_start: usize,
 }
 
 /// Segment timers shared by the loop and its drafting levels (see the module docs).
@@ -104,6 +106,7 @@ impl LoopProfile {
             Rc::new(RefCell::new(Inner {
                 last: Instant::now(),
                 acc: Vec::new(),
+                captures_at_start: crate::decode::graph_step::captures_on_this_thread(),
             }))
         });
         if let Some(i) = &inner {
@@ -157,8 +160,9 @@ impl LoopProfile {
         let p = inner.borrow();
         let total: f64 = p.acc.iter().map(|e| e.1).sum();
         let per = 1e3 / steps.max(1) as f64;
+        let captured = crate::decode::graph_step::captures_on_this_thread() - p.captures_at_start;
         let mut out = format!(
-            "loop profile ({steps} steps, device synchronised at every mark)\n| segment | ms/step | marks/step | share |\n|---|---:|---:|---:|\n"
+            "loop profile ({steps} steps, device synchronised at every mark, {captured} CUDA graphs captured)\n| segment | ms/step | marks/step | share |\n|---|---:|---:|---:|\n"
         );
         for (name, secs, n) in &p.acc {
             let _ = writeln!(

@@ -137,7 +137,9 @@ impl TargetRows for LazyRows<'_> {
                 format!("{node} is not in the verified tree (internal error)"),
             ));
         };
+        crate::decode::profile::mark_here("accept: rules")?;
         let row = self.logits.row(self.g, col)?;
+        crate::decode::profile::mark_here("accept: row reads")?;
         let p = if self.probs {
             row.into_owned()
         } else {
@@ -728,7 +730,7 @@ fn run<T: Target, D: DraftModel>(
             kept.push(k);
             emitted.push(seq);
         }
-        prof.mark("accept: rules and row reads")?;
+        prof.mark("accept: rules")?;
         let counts: Vec<usize> = kept.iter().map(|k| k.len()).collect();
         let width = counts.iter().copied().max().unwrap_or(0);
         // pad to one length; the padding slots are holes
