@@ -238,6 +238,40 @@ fn cuda_move_slots_matches_tensor_copy() -> Result<()> {
     Ok(())
 }
 
+/// On the GPU the drafter's fc input in one kernel (`embed_cat`) equals the embedding gather
+/// and the concatenation, bit for bit (bf16 and f32, rows with ids past the table clamped).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_embed_cat_matches_gather_then_cat() -> Result<()> {
+    let gpu = lantern::fused::cuda_device(0)?;
+    let (v, d) = (37, 96);
+    for dt in [DType::F32, DType::BF16] {
+        let table = Tensor::randn(0f32, 1.0, (v, d), &gpu)?.to_dtype(dt)?;
+        let feats = Tensor::randn(0f32, 1.0, (3, 5, d), &gpu)?.to_dtype(dt)?;
+        let raw: Vec<u32> = (0..15u32).map(|i| (i * 7 + 3) % (v as u32 + 4)).collect();
+        let ids = Tensor::from_vec(raw.clone(), (3, 5), &gpu)?;
+        let clamped: Vec<u32> = raw.iter().map(|&t| t.min(v as u32 - 1)).collect();
+        let want = Tensor::cat(
+            &[
+                &table
+                    .index_select(&Tensor::new(clamped, &gpu)?, 0)?
+                    .reshape((3, 5, d))?,
+                &feats,
+            ],
+            2,
+        )?;
+        let got = lantern::fused::embed_cat(&table, &ids, &feats)?;
+        assert_eq!(got.dims(), [3, 5, 2 * d]);
+        let diff = (got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "{dt:?}");
+    }
+    Ok(())
+}
+
 /// On the GPU the `wqkv` product with the K/V write in its epilogue (`small_linear_kv`, row
 /// pairs) gives the same outputs and the same cache, bit for bit, as `small_linear` followed by
 /// `write_kv`.

@@ -109,7 +109,8 @@ pub struct StaticDrafting {
     /// `[rows, 1, 1, max_len]` f32: the committed slots' mask, `-inf` from the filled length to
     /// the scratch block, 0 over it.
     prefix: Tensor,
-    /// `[rows, fed]` u32: every fed node's (clamped) position.
+    /// `[rows * fed]` u32: every fed node's (clamped) position, level by level (`[rows, kf]`
+    /// per level), so that a level reads a contiguous view.
     pos: Tensor,
     /// Every depth's uniforms, flat (sampling only).
     uniforms: Option<Tensor>,
@@ -278,7 +279,7 @@ impl StaticDrafting {
             rows,
             feats: Tensor::zeros((rows, 1 + fed, d), dtype, &dev)?,
             prefix: Tensor::zeros((rows, 1, 1, max_len), DType::F32, &dev)?,
-            pos: Tensor::zeros((rows, fed), DType::U32, &dev)?,
+            pos: Tensor::zeros(rows * fed, DType::U32, &dev)?,
             uniforms: (!greedy)
                 .then(|| Tensor::zeros(n_uniforms, DType::F64, &dev))
                 .transpose()?,
@@ -342,7 +343,11 @@ impl StaticDrafting {
                 .reshape((self.rows * (1 + fed), d))?
                 .index_select(&self.feat_at[i], 0)?
                 .reshape((self.rows, kf, d))?;
-            let pos = self.pos.narrow(1, off, kf)?.contiguous()?;
+            // level-major: this level's rows are one contiguous view (no copy)
+            let pos = self
+                .pos
+                .narrow(0, self.rows * off, self.rows * kf)?
+                .reshape((self.rows, kf))?;
             let mask = self
                 .prefix
                 .broadcast_add(&self.tree_masks[i])?
@@ -386,15 +391,15 @@ impl StaticDrafting {
             .slice_set(&Tensor::from_vec(prefix, (rows, 1, 1, max_len), dev)?, 0, 0)?;
         let fed = *self.offsets.last().unwrap_or(&0);
         let mut pos = Vec::with_capacity(rows * fed);
-        for r in 0..rows {
-            for (e, w) in self.offsets.windows(2).enumerate() {
+        for (e, w) in self.offsets.windows(2).enumerate() {
+            for r in 0..rows {
                 let p = step.roots[r % n_img] + e;
                 let p = if p >= clamp.0 { clamp.1 } else { p };
                 pos.extend(std::iter::repeat_n(p as u32, w[1] - w[0]));
             }
         }
         self.pos
-            .slice_set(&Tensor::from_vec(pos, (rows, fed), dev)?, 0, 0)?;
+            .slice_set(&Tensor::from_vec(pos, rows * fed, dev)?, 0, 0)?;
         if let Some(u) = &self.uniforms {
             let mut all = Vec::with_capacity(u.elem_count());
             for (dp, &k) in self.plan.depths.iter().zip(&self.plan.ks) {

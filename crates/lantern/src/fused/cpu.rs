@@ -117,6 +117,30 @@ pub(super) fn silu_mul(gu: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
     }))
 }
 
+/// See [`super::embed_cat`].
+pub(super) fn embed_cat(
+    table: &CpuStorage,
+    tl: &Layout,
+    ids: &CpuStorage,
+    il: &Layout,
+    feats: &CpuStorage,
+    fl: &Layout,
+    (n, d, v): (usize, usize, usize),
+) -> Result<CpuStorage> {
+    let ids = contiguous(typed::<u32>(ids, "ids")?, il)?;
+    Ok(float_dispatch!(table, |table: T| {
+        let table = contiguous(table, tl)?;
+        let feats = contiguous(typed::<T>(feats, "features")?, fl)?;
+        let mut out = Vec::with_capacity(n * 2 * d);
+        for (&t, f) in ids.iter().zip(feats.chunks_exact(d)) {
+            let t = (t as usize).min(v - 1);
+            out.extend_from_slice(&table[t * d..(t + 1) * d]);
+            out.extend_from_slice(f);
+        }
+        out
+    }))
+}
+
 pub(super) fn write_kv(
     d: &WriteDims,
     kv: &mut CpuStorage,

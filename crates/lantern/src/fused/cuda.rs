@@ -136,6 +136,47 @@ pub(super) fn silu_mul(gu: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
     })
 }
 
+/// See [`super::embed_cat`]: `n` ids, rows of `d`, a table of `v` rows.
+pub(super) fn embed_cat(
+    table: &CudaStorage,
+    tl: &Layout,
+    ids: &CudaStorage,
+    il: &Layout,
+    feats: &CudaStorage,
+    fl: &Layout,
+    (n, d, v): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    let dev = table.device().clone();
+    let dt = table.dtype();
+    let func = dev.get_or_load_custom_func(&format!("embed_cat_{}", suffix(dt)?), MODULE, PTX)?;
+    typed!(dt, T => {
+        let (a, b) = offsets(tl)?;
+        let tab = table.as_cuda_slice::<T>()?.slice(a..b);
+        let (a, b) = offsets(il)?;
+        let idx = ids.as_cuda_slice::<u32>()?.slice(a..b);
+        let (a, b) = offsets(fl)?;
+        let fe = feats.as_cuda_slice::<T>()?.slice(a..b);
+        let total = n * 2 * d;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let blocks = total.div_ceil(256).clamp(1, 2048) as u32;
+        let (n, d, v) = (n as i32, d as i32, v as i32);
+        let stream = dev.cuda_stream();
+        let mut builder = Launch::new(&func, &stream);
+        builder.arg(&tab);
+        builder.arg(&idx);
+        builder.arg(&fe);
+        builder.arg(&out);
+        builder.arg(&n);
+        builder.arg(&d);
+        builder.arg(&v);
+        // SAFETY: argument list matches embed_cat's signature; the views cover v x d, n and
+        // n x d elements (checked by the caller).
+        unsafe { builder.launch(launch_cfg((blocks, 1, 1), 256, 0)) }?;
+        Ok(wrap(out, &dev))
+    })
+}
+
 pub(super) fn write_kv(
     d: &WriteDims,
     kv: &mut CudaStorage,

@@ -67,6 +67,25 @@ template <typename T> __device__ void silu_mul(const T *gu, T *out, int rows, in
     }
 }
 
+// out [n, 2d]: row r = [table[ids[r]] | feats[r]] (a drafter's fc input: the next token's
+// embedding next to the target feature); an id past the table reads its last row.
+template <typename T>
+__device__ void embed_cat(const T *table, const unsigned *ids, const T *feats, T *out, int n,
+                          int d, int v) {
+    const size_t total = (size_t)n * 2 * d;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / (2 * d);
+        const int j = (int)(i % (2 * d));
+        if (j < d) {
+            const unsigned t = min(ids[r], (unsigned)(v - 1));
+            out[i] = table[(size_t)t * d + j];
+        } else {
+            out[i] = feats[r * d + (j - d)];
+        }
+    }
+}
+
 // Grid (s, b). Rotates the K heads of qkv [b, s, (h + 2kvh) hd] with the packed table
 // rope [rope_rows, s, hd/2, 2] (cos, sin) and writes K and V into the cache
 // kv [2, n_layer, b, kvh, max_len, hd] (from element `base`) at slot at + s_i of `layer`.
@@ -286,6 +305,12 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
         pdl_trigger(); pdl_wait();                                                              \
         silu_mul<T>(gu, out, rows, f);                                                          \
     }
+#define EMBED(T, NAME)                                                                          \
+    extern "C" __global__ void NAME(const T *table, const unsigned *ids, const T *feats, T *out, \
+                                    int n, int d, int v) {                                      \
+        pdl_trigger(); pdl_wait();                                                              \
+        embed_cat<T>(table, ids, feats, out, n, d, v);                                          \
+    }
 #define WRITE(T, NAME)                                                                          \
     extern "C" __global__ void NAME(T *kv, unsigned long long base, const T *qkv,              \
                                     const float *rope, int b, int s, int h, int kvh, int hd,    \
@@ -308,6 +333,7 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
 #define ALL(T, SUF)                                                                             \
     NORM(T, rms_norm_##SUF)                                                                     \
     SILU(T, silu_mul_##SUF)                                                                     \
+    EMBED(T, embed_cat_##SUF)                                                                   \
     WRITE(T, write_kv_##SUF)                                                                    \
     ATTN(T, 32, 1, attention_32_1_##SUF)                                                        \
     ATTN(T, 32, 4, attention_32_4_##SUF)                                                        \

@@ -136,6 +136,78 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul)
 }
 
+/// `[table[ids] | feats]`: each row's embedding (table `[v, d]`, ids u32, one per row) next to
+/// its features `[.., d]` → `[.., 2d]`, in one kernel where the embedding gather and a
+/// concatenation of two copies were three (the drafter's fc input). Rows with an id past the
+/// table read its last row.
+pub fn embed_cat(table: &Tensor, ids: &Tensor, feats: &Tensor) -> Result<Tensor> {
+    let (v, d) = table.dims2()?;
+    let n = ids.elem_count();
+    if ids.dtype() != DType::U32
+        || feats.dim(candle_core::D::Minus1)? != d
+        || feats.elem_count() != n * d
+        || v == 0
+    {
+        candle_core::bail!(
+            "embed_cat: ids {:?} ({:?}) and features {:?} do not fit a table {:?}",
+            ids.dims(),
+            ids.dtype(),
+            feats.dims(),
+            table.dims()
+        );
+    }
+    let mut dims = feats.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = 2 * d;
+    }
+    let out = table.contiguous()?.apply_op3_no_bwd(
+        &ids.flatten_all()?.contiguous()?,
+        &feats.to_dtype(table.dtype())?.contiguous()?,
+        &EmbedCat { n, d, v },
+    )?;
+    out.reshape(dims)
+}
+
+/// See [`embed_cat`].
+struct EmbedCat {
+    n: usize,
+    d: usize,
+    v: usize,
+}
+
+impl CustomOp3 for EmbedCat {
+    fn name(&self) -> &'static str {
+        "lantern-embed-cat"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let st = cpu::embed_cat(s1, l1, s2, l2, s3, l3, (self.n, self.d, self.v))?;
+        Ok((st, Shape::from((self.n, 2 * self.d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let st = cuda::embed_cat(s1, l1, s2, l2, s3, l3, (self.n, self.d, self.v))?;
+        Ok((st, Shape::from((self.n, 2 * self.d))))
+    }
+}
+
 /// Most rows [`small_linear`] serves (decode steps: batch rows x one token).
 pub const SMALL_ROWS: usize = 8;
 /// Shared memory [`small_linear`] may use for its f32 copy of the input rows.

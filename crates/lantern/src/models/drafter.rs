@@ -347,14 +347,18 @@ impl Drafter {
     ) -> Result<Tensor> {
         let (b, s, _) = features.dims3()?;
         let feats = features.to_dtype(self.dtype)?;
-        let e = self
-            .embed_tokens
-            .forward(&ids.to_dtype(DType::U32)?)?
-            .to_dtype(self.dtype)?;
-        // cat along the last dim gives a transposed view in candle; CUDA matmul needs it contiguous
-        let x = self
-            .fc
-            .forward(&Tensor::cat(&[e, feats], D::Minus1)?.contiguous()?)?;
+        let table = self.embed_tokens.embeddings();
+        let ids = ids.to_dtype(DType::U32)?;
+        let x = if crate::fused::active(&feats) && !table.track_op() {
+            // one kernel: the embedding rows next to the features
+            crate::fused::embed_cat(table, &ids, &feats)?
+        } else {
+            let e = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?;
+            // cat along the last dim gives a transposed view in candle; CUDA matmul needs it
+            // contiguous
+            Tensor::cat(&[e, feats], D::Minus1)?.contiguous()?
+        };
+        let x = self.fc.forward(&x)?;
         let rows = if check_positions {
             self.rope.select(positions, b, s)?
         } else {

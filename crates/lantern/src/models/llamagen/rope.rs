@@ -3,11 +3,13 @@
 //! (cos = sin = 0) at condition positions and past the grid, which zero q and k there.
 use candle_core::{DType, Device, Result, Tensor, D};
 
-/// Precomputed f32 `cos` / `sin` tables `[rows, head_dim/2]`.
+/// Precomputed f32 `cos` / `sin` tables `[rows, head_dim/2]`, and both interleaved
+/// `[rows, head_dim/2, 2]` (what the fused kernels read: one gather per forward pass).
 #[derive(Clone, Debug)]
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    packed: Tensor,
 }
 
 /// Table values `(cos, sin)` flattened `[rows * pairs]` (f32), computed like LlamaGen's
@@ -58,9 +60,11 @@ impl Rope {
         let pairs = head_dim / 2;
         let (cos, sin) = table_2d(head_dim, grid, base, zero_before, zero_after);
         let rows = cos.len() / pairs.max(1);
+        let packed: Vec<f32> = cos.iter().zip(&sin).flat_map(|(&c, &s)| [c, s]).collect();
         Ok(Self {
             cos: Tensor::from_vec(cos, (rows, pairs), device)?,
             sin: Tensor::from_vec(sin, (rows, pairs), device)?,
+            packed: Tensor::from_vec(packed, (rows, pairs, 2), device)?,
         })
     }
 
@@ -89,37 +93,27 @@ impl Rope {
     /// [`Rope::select`] without the range check, which reads the positions back to the host:
     /// for fixed-shape steps captured in CUDA graphs. Positions must be below [`Rope::rows`].
     pub fn select_unchecked(&self, positions: &Tensor, b: usize, s: usize) -> Result<RopeRows> {
-        let pairs = self.cos.dim(1)?;
         let pos = positions.to_dtype(DType::U32)?;
-        let (cos, sin) = match pos.rank() {
-            1 => {
-                if pos.dim(0)? != s {
-                    candle_core::bail!(
-                        "positions {:?} do not match sequence length {s}",
-                        pos.dims()
-                    );
-                }
-                let c = self.cos.index_select(&pos, 0)?.reshape((1, s, 1, pairs))?;
-                let sn = self.sin.index_select(&pos, 0)?.reshape((1, s, 1, pairs))?;
-                (c, sn)
-            }
-            2 => {
-                if pos.dims() != [b, s] {
-                    candle_core::bail!(
-                        "positions {:?} do not match [b, s] = [{b}, {s}]",
-                        pos.dims()
-                    );
-                }
-                let flat = pos.flatten_all()?;
-                let c = self.cos.index_select(&flat, 0)?.reshape((b, s, 1, pairs))?;
-                let sn = self.sin.index_select(&flat, 0)?.reshape((b, s, 1, pairs))?;
-                (c, sn)
-            }
+        let lead = match pos.rank() {
+            1 if pos.dim(0)? == s => 1,
+            1 => candle_core::bail!(
+                "positions {:?} do not match sequence length {s}",
+                pos.dims()
+            ),
+            2 if pos.dims() == [b, s] => b,
+            2 => candle_core::bail!(
+                "positions {:?} do not match [b, s] = [{b}, {s}]",
+                pos.dims()
+            ),
             r => candle_core::bail!("positions must be [s] or [b, s], got rank {r}"),
         };
         Ok(RopeRows {
-            cos,
-            sin,
+            table: self.clone(),
+            pos: pos.flatten_all()?,
+            lead,
+            s,
+            cos: std::cell::OnceCell::new(),
+            sin: std::cell::OnceCell::new(),
             packed: std::cell::OnceCell::new(),
         })
     }
@@ -131,26 +125,57 @@ impl Rope {
     }
 }
 
-/// Table rows selected for one forward pass (`[1|b, s, 1, pairs]` f32 each).
+/// Table rows selected for one forward pass: gathered on first use, so that the fused path
+/// runs one gather (the packed rows) and the reference path two (`cos`, `sin`).
 #[derive(Clone, Debug)]
 pub struct RopeRows {
-    cos: Tensor,
-    sin: Tensor,
-    /// `[rows, s, pairs, 2]` (cos, sin) for the fused kernels, built on first use.
+    table: Rope,
+    /// Table rows, flattened `[lead * s]` u32.
+    pos: Tensor,
+    /// 1 (positions shared by the batch) or b.
+    lead: usize,
+    s: usize,
+    /// `[lead, s, 1, pairs]` f32 each.
+    cos: std::cell::OnceCell<Tensor>,
+    sin: std::cell::OnceCell<Tensor>,
+    /// `[lead, s, pairs, 2]` (cos, sin) f32 for the fused kernels.
     packed: std::cell::OnceCell<Tensor>,
 }
 
 impl RopeRows {
     /// The rows packed for the fused kernels: `[1 or b, s, pairs, 2]` f32, cos then sin
-    /// (computed once per forward, shared by all layers).
+    /// (one gather per forward, shared by all layers).
     pub fn packed(&self) -> Result<Tensor> {
         if let Some(p) = self.packed.get() {
             return Ok(p.clone());
         }
-        let p = Tensor::stack(&[self.cos.squeeze(2)?, self.sin.squeeze(2)?], D::Minus1)?
-            .to_dtype(DType::F32)?
-            .contiguous()?;
+        let pairs = self.table.packed.dim(1)?;
+        let p = self
+            .table
+            .packed
+            .index_select(&self.pos, 0)?
+            .reshape((self.lead, self.s, pairs, 2))?;
         Ok(self.packed.get_or_init(|| p).clone())
+    }
+
+    /// `cos` or `sin` rows `[lead, s, 1, pairs]`, gathered once.
+    fn half(&self, cell: &std::cell::OnceCell<Tensor>, table: &Tensor) -> Result<Tensor> {
+        if let Some(t) = cell.get() {
+            return Ok(t.clone());
+        }
+        let pairs = table.dim(1)?;
+        let t = table
+            .index_select(&self.pos, 0)?
+            .reshape((self.lead, self.s, 1, pairs))?;
+        Ok(cell.get_or_init(|| t).clone())
+    }
+
+    fn cos(&self) -> Result<Tensor> {
+        self.half(&self.cos, &self.table.cos)
+    }
+
+    fn sin(&self) -> Result<Tensor> {
+        self.half(&self.sin, &self.table.sin)
     }
 
     /// Rotates adjacent pairs `(x[2p], x[2p+1])` in f32 and casts back to `x`'s dtype.
@@ -163,8 +188,9 @@ impl RopeRows {
         let xf = x.to_dtype(DType::F32)?.reshape((b, s, h, pairs, 2))?;
         let a = xf.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
         let bb = xf.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
-        let o0 = (a.broadcast_mul(&self.cos)? - bb.broadcast_mul(&self.sin)?)?;
-        let o1 = (bb.broadcast_mul(&self.cos)? + a.broadcast_mul(&self.sin)?)?;
+        let (cos, sin) = (self.cos()?, self.sin()?);
+        let o0 = (a.broadcast_mul(&cos)? - bb.broadcast_mul(&sin)?)?;
+        let o1 = (bb.broadcast_mul(&cos)? + a.broadcast_mul(&sin)?)?;
         Tensor::stack(&[o0, o1], D::Minus1)?
             .reshape((b, s, h, d))?
             .to_dtype(x.dtype())
@@ -177,14 +203,12 @@ impl RopeRows {
     /// - `x`: `[b, heads, s, head_dim]` f32 → same, contiguous
     pub fn apply_heads_first(&self, x: &Tensor) -> Result<Tensor> {
         let (b, _, s, _) = x.dims4()?;
-        let pairs = self.cos.dim(D::Minus1)?;
-        let (cos, sin) = if self.cos.dim(0)? == 1 {
-            (self.cos.reshape((s, pairs))?, self.sin.reshape((s, pairs))?)
+        let (cos, sin) = (self.cos()?, self.sin()?);
+        let pairs = cos.dim(D::Minus1)?;
+        let (cos, sin) = if self.lead == 1 {
+            (cos.reshape((s, pairs))?, sin.reshape((s, pairs))?)
         } else {
-            (
-                self.cos.reshape((b, s, pairs))?,
-                self.sin.reshape((b, s, pairs))?,
-            )
+            (cos.reshape((b, s, pairs))?, sin.reshape((b, s, pairs))?)
         };
         candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
     }
@@ -225,6 +249,27 @@ mod tests {
                 .transpose(1, 2)?;
             let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-6, "{diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn packed_rows_are_the_cos_and_sin_rows_interleaved() -> Result<()> {
+        let dev = Device::Cpu;
+        let rope = Rope::new(8, 3, 10000.0, 2, 1, &dev)?;
+        for (pos, lead) in [
+            (Tensor::new(&[0u32, 5, 11, 7], &dev)?, 1),
+            (Tensor::new(&[[1u32, 2, 3, 4], [9, 10, 0, 11]], &dev)?, 2),
+        ] {
+            let rows = rope.select(&pos, 2, 4)?;
+            let want = Tensor::stack(
+                &[rows.cos()?.squeeze(2)?, rows.sin()?.squeeze(2)?],
+                D::Minus1,
+            )?;
+            let got = rows.packed()?;
+            assert_eq!(got.dims(), [lead, 4, 4, 2]);
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0);
         }
         Ok(())
     }
