@@ -41,11 +41,25 @@ pub struct LoopRow {
     pub accept_ms: f64,
     /// Wall time of the whole generation per image token (prefill included).
     pub wall_ms_per_token: f64,
+    /// The same images' wall time per token run again without the phase syncs (median), when
+    /// the split ran with them: what a real generation takes.
+    pub free_wall_ms_per_token: Option<f64>,
+    /// Wall time per verification step of those runs (prefill included).
+    pub free_step_ms: Option<f64>,
     /// Plain AR (no drafting or acceptance: the split columns do not apply).
     pub ar: bool,
 }
 
 impl LoopRow {
+    /// Everything but the synced verification time as a share of an unsynchronised step
+    /// (`1 - verify / step wall`): the loop's overhead with its overlaps (host work queued
+    /// while the device runs) counted, when those runs exist.
+    pub fn free_overhead_share(&self) -> Option<f64> {
+        self.free_step_ms
+            .filter(|&w| w > 0.0 && !self.ar)
+            .map(|w| (1.0 - self.verify_ms / w).max(0.0))
+    }
+
     /// Drafting + acceptance + compaction as a share of the whole step.
     pub fn overhead_share(&self) -> f64 {
         let total = self.draft_ms + self.verify_ms + self.accept_ms;
@@ -70,18 +84,25 @@ impl fmt::Display for LoopReport {
         writeln!(f)?;
         writeln!(
             f,
-            "| mode | steps | tau | draft ms/step | verify ms/step | accept + compact ms/step | loop overhead (share of step) | wall ms/token |"
+            "| mode | steps | tau | draft ms/step | verify ms/step | accept + compact ms/step | loop overhead (share of step) | wall ms/token | wall ms/token, no syncs | overhead, no syncs (1 - verify / step) |"
         )?;
-        writeln!(f, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+        let dash = || "-".to_string();
         for r in &self.rows {
             let share = if r.ar {
-                "-".to_string()
+                dash()
             } else {
                 format!("{:.1}%", 100.0 * r.overhead_share())
             };
+            let free = r
+                .free_wall_ms_per_token
+                .map_or_else(dash, |w| format!("{w:.3}"));
+            let free_share = r
+                .free_overhead_share()
+                .map_or_else(dash, |x| format!("{:.1}%", 100.0 * x));
             writeln!(
                 f,
-                "| {} | {} | {:.2} | {:.3} | {:.3} | {:.3} | {share} | {:.3} |",
+                "| {} | {} | {:.2} | {:.3} | {:.3} | {:.3} | {share} | {:.3} | {free} | {free_share} |",
                 r.mode, r.steps, r.tau, r.draft_ms, r.verify_ms, r.accept_ms, r.wall_ms_per_token
             )?;
         }
@@ -105,7 +126,9 @@ fn random_neighbors(vocab: usize, k: usize) -> Result<Neighbors> {
 }
 
 /// Generates `images` single images of `tokens` tokens (CFG batch 2) per mode, after one
-/// untimed image that captures the CUDA graphs, and reports the median image's split.
+/// untimed image that captures the CUDA graphs, and reports the median image's split; with the
+/// phase syncs on (the default) the same images run again without them for the real wall time
+/// per token and step.
 ///
 /// Modes: plain AR (its wall time per token is the reference), exact SD on the
 /// `naive_extend_57` static tree (sampled), LANTERN++ (lambda 2, k 100) on the same tree, and
@@ -128,7 +151,6 @@ pub fn run_loop_bench(
     // `LANTERN_LOOP_SYNC=0`: no phase syncs (the wall time of a real generation; the phase
     // columns then charge asynchronous GPU work to whichever phase waits for it)
     let sync = std::env::var("LANTERN_LOOP_SYNC").map_or(true, |v| v != "0");
-    let _syncs = sync.then(crate::decode::profile::sync_phases_on_this_thread);
     let tc = preset.target();
     let model = LlamaGen::load(random_var_builder(dtype, device), &tc)?;
     let dc = preset.drafter();
@@ -175,8 +197,7 @@ pub fn run_loop_bench(
             .with_sampling(SamplingParams::default())
             .with_decoding(decoding)
             .with_max_tokens(tokens);
-        let mut split = Vec::new();
-        for i in 0..=images {
+        let run = |i: usize| -> Result<(crate::decode::Output, f64)> {
             let t0 = std::time::Instant::now();
             let out = generate(
                 &model,
@@ -184,7 +205,12 @@ pub fn run_loop_bench(
                 &cond,
                 &opts.clone().with_seed(i as u64),
             )?;
-            let wall = t0.elapsed().as_secs_f64();
+            Ok((out, t0.elapsed().as_secs_f64()))
+        };
+        let mut split = Vec::new();
+        let syncs = sync.then(crate::decode::profile::sync_phases_on_this_thread);
+        for i in 0..=images {
+            let (out, wall) = run(i)?;
             if i == 0 {
                 continue;
             }
@@ -204,12 +230,31 @@ pub fn run_loop_bench(
                 verify_ms: s.time_verify * (fwd - 1).max(1) as f64 / fwd as f64 * per,
                 accept_ms: s.time_accept * per,
                 wall_ms_per_token: wall * 1e3 / out.tokens[0].len().max(1) as f64,
+                free_wall_ms_per_token: None,
+                free_step_ms: None,
                 ar: spec.is_none(),
             });
         }
+        drop(syncs);
+        // the same images without the phase syncs (graphs already captured): the real wall
+        let mut free: Vec<(f64, f64)> = Vec::new();
+        if sync {
+            for i in 1..=images {
+                let (out, wall) = run(i)?;
+                let steps = out.stats[0].accepted_per_step.len().max(1);
+                let tokens = out.tokens[0].len().max(1);
+                free.push((wall * 1e3 / tokens as f64, wall * 1e3 / steps as f64));
+            }
+            free.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
         split.sort_by(|a, b| a.wall_ms_per_token.total_cmp(&b.wall_ms_per_token));
         if let Some(r) = split.get(split.len() / 2) {
-            rows.push(r.clone());
+            let mut r = r.clone();
+            if let Some(&(w, st)) = free.get(free.len() / 2) {
+                r.free_wall_ms_per_token = Some(w);
+                r.free_step_ms = Some(st);
+            }
+            rows.push(r);
         }
     }
     Ok(LoopReport {
@@ -241,12 +286,16 @@ mod tests {
             "{ar:?}"
         );
         assert_eq!((ar.draft_ms, ar.accept_ms), (0.0, 0.0));
+        assert!(ar.free_wall_ms_per_token.is_some_and(|w| w > 0.0), "{ar:?}");
+        assert_eq!(ar.free_overhead_share(), None);
         for row in &r.rows[1..] {
             assert!(!row.ar && row.wall_ms_per_token > 0.0, "{row:?}");
             assert!(row.steps >= 1 && row.tau >= 1.0, "{row:?}");
             assert!(row.draft_ms > 0.0 && row.verify_ms > 0.0, "{row:?}");
             let share = row.overhead_share();
             assert!(share > 0.0 && share < 1.0, "{row:?}");
+            let free = row.free_overhead_share().expect("unsynced runs");
+            assert!((0.0..1.0).contains(&free), "{row:?}");
         }
         let text = r.to_string();
         assert!(text.contains("lantern++ static") && text.contains("loop overhead"));
