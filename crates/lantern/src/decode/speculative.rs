@@ -41,7 +41,6 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -123,14 +122,11 @@ struct LazyRows<'a> {
     /// Verification column of every tree node.
     columns: &'a [usize],
     sampling: &'a SamplingParams,
-    memo: HashMap<usize, Vec<f32>>,
 }
 
 impl TargetRows for LazyRows<'_> {
     fn row(&mut self, node: usize) -> Result<Vec<f32>> {
-        if let Some(r) = self.memo.get(&node) {
-            return Ok(r.clone());
-        }
+        // acceptance reads each node's row at most once: no memo (it cost a row copy per read)
         let Some(&col) = self.columns.get(node) else {
             return Err(Error::invalid(
                 "tree node",
@@ -140,13 +136,11 @@ impl TargetRows for LazyRows<'_> {
         crate::decode::profile::mark_here("accept: rules")?;
         let row = self.logits.row(self.g, col)?;
         crate::decode::profile::mark_here("accept: row reads")?;
-        let p = if self.probs {
+        Ok(if self.probs {
             row.into_owned()
         } else {
             row_probs(self.sampling, &row)
-        };
-        self.memo.insert(node, p.clone());
-        Ok(p)
+        })
     }
 }
 
@@ -715,7 +709,6 @@ fn run<T: Target, D: DraftModel>(
                 g,
                 columns: &columns[g],
                 sampling: &opts.sampling,
-                memo: HashMap::new(),
             };
             let d = accept_tree(&trees[g], &mut lazy, &acc_cfg, neighbors, &mut rngs[g])?;
             let m = (d.accepted.len() + 1).min(left);
