@@ -272,6 +272,30 @@ fn cuda_embed_cat_matches_gather_then_cat() -> Result<()> {
     Ok(())
 }
 
+/// On the GPU the RoPE-row clamp (one kernel) gives the CPU's rows.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_clamp_rows_matches_cpu() -> Result<()> {
+    let gpu = lantern::fused::cuda_device(0)?;
+    let raw: Vec<u32> = (0..1000u32).map(|i| (i * 37) % 700).collect();
+    for (rows, zero) in [(500, 0), (640, 639), (700, 3)] {
+        let want =
+            lantern::fused::clamp_rows(&Tensor::new(raw.as_slice(), &Device::Cpu)?, rows, zero)?;
+        let got = lantern::fused::clamp_rows(
+            &Tensor::new(raw.as_slice(), &gpu)?.reshape((10, 100))?,
+            rows,
+            zero,
+        )?;
+        assert_eq!(got.dims(), [10, 100]);
+        assert_eq!(
+            got.flatten_all()?.to_vec1::<u32>()?,
+            want.to_vec1::<u32>()?,
+            "rows {rows}"
+        );
+    }
+    Ok(())
+}
+
 /// On the GPU the `wqkv` product with the K/V write in its epilogue (`small_linear_kv`, row
 /// pairs) gives the same outputs and the same cache, bit for bit, as `small_linear` followed by
 /// `write_kv`.

@@ -81,10 +81,7 @@ pub type DrafterCache = GraphCache;
 
 /// Replaces positions `>= rows` (past the RoPE table) with `zero_row`.
 fn clamp_positions(positions: &Tensor, rows: usize, zero_row: usize) -> Result<Tensor> {
-    let pos = positions.to_dtype(DType::U32)?;
-    let past = pos.ge(rows as f64)?;
-    let zero = (pos.zeros_like()? + zero_row as f64)?;
-    Ok(past.where_cond(&zero, &pos)?)
+    Ok(crate::fused::clamp_rows(positions, rows, zero_row)?)
 }
 
 /// Converts the loop's visibility (`[rows, s, past + s]`) to the model mask, adding caption key

@@ -160,8 +160,15 @@ impl BlockMask {
 pub(crate) fn row_positions(pos: &[Vec<u32>], rows: usize, dev: &Device) -> Result<Tensor> {
     let n_img = pos.len();
     let s = pos.first().map_or(0, |p| p.len());
-    let flat: Vec<u32> = pos.iter().flatten().copied().collect();
-    Ok(Tensor::from_vec(flat, (n_img, s), dev)?.repeat((rows / n_img.max(1), 1))?)
+    // repeated on the host: one upload, no repeat kernel
+    let flat: Vec<u32> = (0..rows / n_img.max(1))
+        .flat_map(|_| pos.iter().flatten().copied())
+        .collect();
+    Ok(Tensor::from_vec(
+        flat,
+        (rows / n_img.max(1) * n_img, s),
+        dev,
+    )?)
 }
 
 #[cfg(test)]

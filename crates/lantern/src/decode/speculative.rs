@@ -235,13 +235,15 @@ fn gather_rows(x: &Tensor, idx: &[Vec<usize>], n_img: usize) -> Result<Tensor> {
             "one index list of equal length per image expected (internal error)",
         ));
     }
+    // rows of the flattened [rows * s, d]: one upload and one index_select
+    let s = x.dim(1)?;
     let flat: Vec<u32> = (0..rows)
-        .flat_map(|r| idx[r % n_img].iter().map(|&i| i as u32))
+        .flat_map(|r| idx[r % n_img].iter().map(move |&i| (r * s + i) as u32))
         .collect();
-    let ix = Tensor::from_vec(flat, (rows, m, 1), x.device())?
-        .broadcast_as((rows, m, d))?
-        .contiguous()?;
-    Ok(x.contiguous()?.gather(&ix, 1)?)
+    let ix = Tensor::from_vec(flat, rows * m, x.device())?;
+    Ok(x.reshape((rows * s, d))?
+        .index_select(&ix, 0)?
+        .reshape((rows, m, d))?)
 }
 
 /// Repeats per-image lists for every batch row (row r is image `r % n_img`).

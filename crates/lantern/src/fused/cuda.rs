@@ -730,6 +730,34 @@ pub(super) fn move_slots(kv: &Tensor, from: usize, to: usize, s: usize) -> Resul
     })
 }
 
+/// See [`super::clamp_rows`]: `n` positions.
+pub(super) fn clamp_rows(
+    pos: &CudaStorage,
+    l: &Layout,
+    n: usize,
+    rows: u32,
+    zero: u32,
+) -> Result<CudaStorage> {
+    let dev = pos.device().clone();
+    let func = dev.get_or_load_custom_func("clamp_rows_u32", MODULE, PTX)?;
+    let (a, b) = offsets(l)?;
+    let src = pos.as_cuda_slice::<u32>()?.slice(a..b);
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<u32>(n)? };
+    let blocks = n.div_ceil(256).clamp(1, 1024) as u32;
+    let n = n as i32;
+    let stream = dev.cuda_stream();
+    let mut builder = Launch::new(&func, &stream);
+    builder.arg(&src);
+    builder.arg(&out);
+    builder.arg(&n);
+    builder.arg(&rows);
+    builder.arg(&zero);
+    // SAFETY: argument list matches clamp_rows_u32's signature; both buffers hold n elements.
+    unsafe { builder.launch(launch_cfg((blocks, 1, 1), 256, 0)) }?;
+    Ok(wrap(out, &dev))
+}
+
 /// See [`super::place_mask`].
 pub(super) fn place_mask(
     op: &PlaceMask,

@@ -136,6 +136,58 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul)
 }
 
+/// RoPE table rows of `positions` (any integer dtype → u32, same shape): a position at or past
+/// `rows` reads `zero_row` (a zero-rotation row). One kernel on CUDA (the tensor ops were a
+/// comparison, a fill, an add and a select, and a scalar upload).
+pub fn clamp_rows(positions: &Tensor, rows: usize, zero_row: usize) -> Result<Tensor> {
+    let pos = positions.to_dtype(DType::U32)?;
+    if rows > u32::MAX as usize || zero_row >= rows.max(1) {
+        candle_core::bail!("clamp_rows: zero row {zero_row} outside a table of {rows} rows");
+    }
+    #[cfg(feature = "cuda")]
+    if pos.device().is_cuda() {
+        return pos.contiguous()?.apply_op1_no_bwd(&ClampRows {
+            rows: rows as u32,
+            zero: zero_row as u32,
+        });
+    }
+    let past = pos.ge(rows as f64)?;
+    let zero = (pos.zeros_like()? + zero_row as f64)?;
+    past.where_cond(&zero, &pos)
+}
+
+/// See [`clamp_rows`] (CUDA only; elsewhere the tensor ops run).
+#[cfg(feature = "cuda")]
+struct ClampRows {
+    rows: u32,
+    zero: u32,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp1 for ClampRows {
+    fn name(&self) -> &'static str {
+        "lantern-clamp-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = cpu::contiguous(s.as_slice::<u32>()?, l)?;
+        let out = p
+            .iter()
+            .map(|&x| if x >= self.rows { self.zero } else { x })
+            .collect();
+        Ok((CpuStorage::U32(out), l.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = l.shape().elem_count();
+        cuda::clamp_rows(s, l, n, self.rows, self.zero).map(|st| (st, l.shape().clone()))
+    }
+}
+
 /// `[table[ids] | feats]`: each row's embedding (table `[v, d]`, ids u32, one per row) next to
 /// its features `[.., d]` → `[.., 2d]`, in one kernel where the embedding gather and a
 /// concatenation of two copies were three (the drafter's fc input). Rows with an id past the
@@ -1015,6 +1067,15 @@ impl candle_core::InplaceOp2 for PlaceMask {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clamp_rows_sends_positions_past_the_table_to_the_zero_row() -> Result<()> {
+        let pos = Tensor::new(&[[0u32, 4, 5, 9], [3, 6, 5, 1]], &Device::Cpu)?;
+        let got = clamp_rows(&pos, 5, 2)?.to_vec2::<u32>()?;
+        assert_eq!(got, [[0, 4, 2, 2], [3, 2, 2, 1]]);
+        assert!(clamp_rows(&pos, 5, 5).is_err());
+        Ok(())
+    }
 
     #[test]
     fn place_mask_puts_filled_keys_first_and_the_block_at_the_staging_slots() -> Result<()> {
