@@ -745,7 +745,7 @@ pub(super) fn clamp_rows(
     // SAFETY: every element is written by the kernel.
     let out = unsafe { dev.alloc::<u32>(n)? };
     let blocks = n.div_ceil(256).clamp(1, 1024) as u32;
-    let n = n as i32;
+    let (n, rows, zero) = (n as i32, rows as i32, zero as i32);
     let stream = dev.cuda_stream();
     let mut builder = Launch::new(&func, &stream);
     builder.arg(&src);

@@ -1531,12 +1531,12 @@ extern "C" __global__ void place_mask_f32(const float *src, float *dst, int rows
 // RoPE table rows of positions (u32): a position past the table (>= rows) reads row `zero`, a
 // zero-rotation row.
 // ---------------------------------------------------------------------------------------------
-extern "C" __global__ void clamp_rows_u32(const unsigned *pos, unsigned *out, int n,
-                                          unsigned rows, unsigned zero) {
+extern "C" __global__ void clamp_rows_u32(const unsigned *pos, unsigned *out, int n, int rows,
+                                          int zero) {
     pdl_trigger();
     pdl_wait();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         const unsigned p = pos[i];
-        out[i] = p >= rows ? zero : p;
+        out[i] = p >= (unsigned)rows ? (unsigned)zero : p;
     }
 }

@@ -141,7 +141,7 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
 /// comparison, a fill, an add and a select, and a scalar upload).
 pub fn clamp_rows(positions: &Tensor, rows: usize, zero_row: usize) -> Result<Tensor> {
     let pos = positions.to_dtype(DType::U32)?;
-    if rows > u32::MAX as usize || zero_row >= rows.max(1) {
+    if rows > i32::MAX as usize || zero_row >= rows.max(1) {
         candle_core::bail!("clamp_rows: zero row {zero_row} outside a table of {rows} rows");
     }
     #[cfg(feature = "cuda")]
