@@ -157,7 +157,64 @@ pub fn sample_index<R: Rng + ?Sized>(p: &[f32], rng: &mut R) -> usize {
 /// mass (in f64, in index order) exceeds `u` times the total; the last positive index when
 /// rounding leaves none.
 pub fn sample_index_at(p: &[f32], u: f64) -> usize {
-    let total: f64 = p.iter().map(|&x| x as f64).sum();
+    sample_index_scaled(p, u, row_total(p))
+}
+
+/// The total [`sample_index_at`] scales its uniform by: the f64 sum of the row in index order
+/// (`Iterator::sum`, from -0.0). In that order it is one chain of dependent additions, the
+/// adder's latency per code; where [`exact_total`] shows that no addition rounds, any order
+/// gives the same value, and the row is summed over independent lanes instead.
+pub(crate) fn row_total(p: &[f32]) -> f64 {
+    exact_total(p).unwrap_or_else(|| p.iter().map(|&x| x as f64).sum())
+}
+
+/// The sum of a non-empty row when no partial sum, in any order, rounds. Every term `+0.0` or
+/// positive and finite is an integer multiple of `u = 2^(e - 150)` (`e` the smallest biased
+/// exponent of a nonzero term, at least 1), and the multiples of `u` below `2^53 u` are f64
+/// values: the first rounding addition, in any order, would need an exact result at or above
+/// `2^53 u`, and rounding being monotone, the computed sum would stay there. A computed sum
+/// below `2^53 u` thus had no rounding: it is the exact sum, and so is the sequential one
+/// (whose first addition, `-0.0 + x`, is `x` for `x >= +0.0`). `None` otherwise.
+fn exact_total(p: &[f32]) -> Option<f64> {
+    const L: usize = 8;
+    let (mut acc, mut lo, mut hi) = ([0f64; L], [u32::MAX; L], [0u32; L]);
+    let mut chunks = p.chunks_exact(L);
+    let mut lane = |l: usize, x: f32| {
+        let b = x.to_bits();
+        acc[l] += x as f64;
+        hi[l] = hi[l].max(b);
+        lo[l] = lo[l].min(if b == 0 { u32::MAX } else { b });
+    };
+    for c in &mut chunks {
+        for (l, &x) in c.iter().enumerate() {
+            lane(l, x);
+        }
+    }
+    for &x in chunks.remainder() {
+        lane(0, x);
+    }
+    let (lo, hi) = (lo.into_iter().min()?, hi.into_iter().max()?);
+    // a negative term (or -0.0), an infinity or a NaN; or an empty row
+    if p.is_empty() || hi >= 0x7f80_0000 {
+        return None;
+    }
+    let s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    if lo == u32::MAX {
+        return Some(s); // every term +0.0
+    }
+    // 2^53 u = 2^(e - 97)
+    let e = (lo >> 23).max(1) as u64;
+    let bound = f64::from_bits((e + 1023 - 97) << 52);
+    (s < bound).then_some(s)
+}
+
+/// [`sample_index`] of a row whose [`row_total`] is known (the same draw, the same index).
+pub(crate) fn sample_index_total<R: Rng + ?Sized>(p: &[f32], total: f64, rng: &mut R) -> usize {
+    sample_index_scaled(p, rng.random::<f64>(), total)
+}
+
+/// [`sample_index_at`] given the row's total.
+fn sample_index_scaled(p: &[f32], u: f64, total: f64) -> usize {
     let mut u = u * total;
     let mut last = 0;
     for (i, &x) in p.iter().enumerate() {
@@ -200,6 +257,57 @@ mod tests {
         };
         let p = s.probs(&[2.0, 1.0, 0.0]);
         assert!(p[0] > 0.0 && p[1] > 0.0 && p[2] == 0.0);
+    }
+
+    #[test]
+    fn row_total_is_the_sequential_sum_bit_for_bit() {
+        use rand::rngs::StdRng;
+        use rand::SeedableRng;
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut exact = 0;
+        for case in 0..400 {
+            let n = [0, 1, 7, 8, 9, 1000, 16_384][case % 7];
+            // logit ranges from narrow (no rounding) to wide (rounding), some zeros, and odd
+            // terms (-0.0, negatives, infinities, NaN, subnormals, huge values)
+            let range = [1.0f32, 10.0, 40.0, 120.0][case / 7 % 4];
+            let mut p: Vec<f32> = (0..n)
+                .map(|_| {
+                    if rng.random::<f64>() < 0.2 {
+                        0.0
+                    } else {
+                        (range * (rng.random::<f32>() - 1.0)).exp()
+                    }
+                })
+                .collect();
+            if n > 0 && case % 5 == 4 {
+                let odd = [
+                    -0.0,
+                    -1e-3,
+                    f32::INFINITY,
+                    f32::NAN,
+                    1e-42,
+                    3e38,
+                    2.0f32.powi(-126),
+                ];
+                p[rng.random_range(0..n)] = odd[case / 5 % odd.len()];
+            }
+            if case % 11 == 10 {
+                p.iter_mut().for_each(|x| *x = 0.0);
+            }
+            let want: f64 = p.iter().map(|&x| x as f64).sum();
+            let got = row_total(&p);
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "case {case}: {got} vs {want}"
+            );
+            exact += exact_total(&p).is_some() as usize;
+        }
+        // both branches are taken
+        assert!(
+            (50..350).contains(&exact),
+            "{exact} of 400 rows summed over lanes"
+        );
     }
 
     #[test]

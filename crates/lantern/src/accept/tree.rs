@@ -7,9 +7,10 @@ use super::rules::{
     residual_deterministic, residual_sampled, sum_f64, tvd, Relaxation, Residual,
 };
 use crate::decode::tree::{DraftKind, DraftTree};
-use crate::sampling::{argmax, sample_index};
+use crate::sampling::{argmax, row_total, sample_index, sample_index_total};
 use crate::{Error, Result};
 use rand::Rng;
+use std::borrow::Cow;
 
 /// Source of target probability rows, fetched lazily so that only the rows the walk needs are
 /// copied off the device.
@@ -526,32 +527,36 @@ impl Lane {
 /// and, with `shadow`, for the exact rule too: both share the residual and the drafter row
 /// (the standard residual does not depend on the absorbed mass), so the exact chain that the
 /// distortion statistic needs costs no extra pass.
-struct SampledWalk {
+struct SampledWalk<'p> {
     lane: Lane,
-    exact: Option<Lane>,
-    /// The residual where the walk ended.
-    r: Vec<f32>,
+    /// The residual where the walk ended (the target row itself when no sibling was rejected).
+    r: Cow<'p, [f32]>,
+    /// `tvd(effective, exact effective)` as [`tvd`] computes it (0 without the exact lane).
+    distortion: f32,
+    /// [`row_total`] of [`Self::residual`], where the walk's last pass took it.
+    total: Option<f64>,
 }
 
-impl SampledWalk {
+impl<'p> SampledWalk<'p> {
+    /// Walks the children of `node`; with `step`, also what a step of [`accept_tree`] reads:
+    /// the exact lane and the distortion (relaxed rules) and the total of the residual.
     fn run(
         tree: &DraftTree,
         node: usize,
         children: &[usize],
-        p: &[f32],
+        p: &'p [f32],
         cfg: &AcceptConfig,
         neighbors: Option<&Neighbors>,
-        shadow: bool,
+        step: bool,
     ) -> Result<Self> {
         let v = p.len();
         let qd = drafter_row(tree, node, v)?;
-        let mut q = qd.to_vec();
-        let mut r = p.to_vec();
+        let mut r = Cow::Borrowed(p);
+        let mut q = Vec::new();
+        let (mut s1, mut s2) = (0.0, 0.0);
         let token = |j: usize| children.get(j).map(|&c| tree.tokens[c] as usize);
-        // q normalised, and the sums of the first sibling's residual and q update
-        let (mut s1, mut s2) =
-            chain_pass(&mut r, &mut q, None, inv_of(sum_f64(qd)), None, token(0));
         let mut lane = Lane::new(cfg.relaxation, children.len());
+        let shadow = step && !cfg.relaxation.is_exact();
         let mut exact = shadow.then(|| Lane::new(Relaxation::Exact, children.len()));
         for (j, &c) in children.iter().enumerate() {
             let x = tree.tokens[c];
@@ -570,21 +575,50 @@ impl SampledWalk {
             }
             let exact_live = exact.as_ref().is_some_and(|e| e.live);
             if !lane.live && !exact_live {
-                break;
+                let distortion = exact.as_ref().map_or(0.0, |e| stopped_tvd(&r, &lane, e));
+                return Ok(Self {
+                    lane,
+                    r,
+                    distortion,
+                    total: None,
+                });
             }
             if !lane.live && lane.residual.is_none() {
-                lane.residual = Some(r.clone());
+                lane.residual = Some(r.to_vec());
             }
-            (s1, s2) = chain_pass(
-                &mut r,
-                &mut q,
-                inv_of(s1),
-                inv_of(s2),
-                Some(x as usize),
-                token(j + 1),
-            );
+            if j == 0 {
+                // q normalised and the sums of the first residual step: the pass that once
+                // came before the first test, which reads neither (it leaves `r` as it is),
+                // so it waits for a rejection that may never come
+                q = qd.to_vec();
+                let inv_q = inv_of(sum_f64(qd));
+                (s1, s2) = chain_pass(r.to_mut(), &mut q, None, inv_q, None, token(0));
+            }
+            if j + 1 < children.len() {
+                (s1, s2) = chain_pass(
+                    r.to_mut(),
+                    &mut q,
+                    inv_of(s1),
+                    inv_of(s2),
+                    Some(x as usize),
+                    token(j + 1),
+                );
+            }
         }
-        Ok(Self { lane, exact, r })
+        // every child tested (or none): the last residual step, with the step's sums
+        let inv_r = if children.is_empty() {
+            None
+        } else {
+            inv_of(s1)
+        };
+        let want_total = step && lane.live;
+        let (total, dist) = last_pass(r.to_mut(), &q, inv_r, &lane, exact.as_ref(), want_total);
+        Ok(Self {
+            distortion: dist.map_or(0.0, |d| (0.5 * d) as f32),
+            lane,
+            r,
+            total,
+        })
     }
 
     /// The configured rule's residual.
@@ -604,23 +638,106 @@ impl SampledWalk {
         }
         e
     }
+}
 
-    /// `tvd(effective, exact effective)` as [`tvd`] computes it, without building either row.
-    fn distortion(&self) -> f32 {
-        let Some(exact) = &self.exact else {
-            return 0.0;
-        };
-        let (mr, me) = (self.lane.sorted_mass(), exact.sorted_mass());
-        let (mut ir, mut ie) = (mr.iter().peekable(), me.iter().peekable());
-        let term = |(i, &ri): (usize, &f32)| {
-            let br = ir.next_if(|&&(y, _)| y == i).map_or(0.0, |&(_, m)| m);
-            let be = ie.next_if(|&&(y, _)| y == i).map_or(0.0, |&(_, m)| m);
-            let a = self.lane.effective_at(br, ri);
-            let b = exact.effective_at(be, ri);
-            (a as f64 - b as f64).abs()
-        };
-        (0.5 * self.r.iter().enumerate().map(term).sum::<f64>()) as f32
+/// The codes where either lane accepted mass, in order, with the two masses (0.0 where a lane
+/// has none, as [`Lane::effective_at`] reads a code without mass).
+fn marks(lane: &Lane, exact: &Lane) -> Vec<(usize, f64, f64)> {
+    let mut m: Vec<(usize, f64, f64)> = lane.mass.iter().map(|&(y, a)| (y, a, 0.0)).collect();
+    for &(y, b) in &exact.mass {
+        match m.iter_mut().find(|e| e.0 == y) {
+            Some(e) => e.2 = b,
+            None => m.push((y, 0.0, b)),
+        }
     }
+    m.sort_unstable_by_key(|e| e.0);
+    m
+}
+
+/// One code's term of [`tvd`] between the two lanes' effective rows.
+#[inline(always)]
+fn tvd_term(lane: &Lane, exact: &Lane, bl: f64, be: f64, ri: f32) -> f64 {
+    (lane.effective_at(bl, ri) as f64 - exact.effective_at(be, ri) as f64).abs()
+}
+
+/// The distortion where the walk stopped with neither lane reaching further: both effective
+/// rows are then their accepted masses alone, every other code adds `|0 - 0| = +0.0`, which
+/// leaves a running sum as it is (never -0.0 after the first of the row's terms), so the sum
+/// over the marked codes in order, from +0.0, is [`tvd`]'s sum bit for bit.
+fn stopped_tvd(r: &[f32], lane: &Lane, exact: &Lane) -> f32 {
+    let sum = marks(lane, exact)
+        .into_iter()
+        .fold(0.0f64, |s, (y, bl, be)| {
+            s + tvd_term(lane, exact, bl, be, r[y])
+        });
+    (0.5 * sum) as f32
+}
+
+/// The walk's last residual step, `r = max(0, r - q) * inv_r` as [`chain_pass`] takes it (`r`
+/// kept for `None`; the drafter row is not read again, so it is not updated), with the sums a
+/// step reads over the new residual taken in the same pass, each a sequential f64 sum in index
+/// order from -0.0 as `Iterator::sum` takes it: with `total`, [`row_total`], and with `exact`,
+/// the sum of [`tvd`] between the two lanes' effective rows. Both are chains of dependent
+/// additions; side by side with the residual step, they cost one pass instead of three.
+fn last_pass(
+    r: &mut [f32],
+    q: &[f32],
+    inv_r: Option<f32>,
+    lane: &Lane,
+    exact: Option<&Lane>,
+    total: bool,
+) -> (Option<f64>, Option<f64>) {
+    let marks = exact.map_or(Vec::new(), |e| marks(lane, e));
+    let ir = inv_r.unwrap_or(1.0);
+    let (t, d) = match (inv_r.is_some(), total, exact) {
+        (true, true, Some(e)) => last_pass_body::<true, true, true>(r, q, ir, lane, e, &marks),
+        (true, false, Some(e)) => last_pass_body::<true, false, true>(r, q, ir, lane, e, &marks),
+        (true, true, None) => last_pass_body::<true, true, false>(r, q, ir, lane, lane, &marks),
+        (true, false, None) => last_pass_body::<true, false, false>(r, q, ir, lane, lane, &marks),
+        (false, true, Some(e)) => last_pass_body::<false, true, true>(r, q, ir, lane, e, &marks),
+        (false, false, Some(e)) => last_pass_body::<false, false, true>(r, q, ir, lane, e, &marks),
+        (false, true, None) => last_pass_body::<false, true, false>(r, q, ir, lane, lane, &marks),
+        (false, false, None) => (0.0, 0.0),
+    };
+    (total.then_some(t), exact.map(|_| d))
+}
+
+/// [`last_pass`] with its cases as constants: `R` residual step, `T` total, `D` distortion.
+#[inline(always)]
+fn last_pass_body<const R: bool, const T: bool, const D: bool>(
+    r: &mut [f32],
+    q: &[f32],
+    ir: f32,
+    lane: &Lane,
+    exact: &Lane,
+    marks: &[(usize, f64, f64)],
+) -> (f64, f64) {
+    let n = r.len();
+    let q = if R { &q[..n] } else { q };
+    let (mut total, mut dist) = (-0.0f64, -0.0f64);
+    let mut step = |r: &mut f32, q: f32, bl: f64, be: f64| {
+        let rn = if R { (*r - q).max(0.0) * ir } else { *r };
+        *r = rn;
+        if T {
+            total += rn as f64;
+        }
+        if D {
+            dist += tvd_term(lane, exact, bl, be, rn);
+        }
+    };
+    let qi = |i: usize| if R { q[i] } else { 0.0 };
+    let mut from = 0;
+    for &(y, bl, be) in marks.iter().chain(std::iter::once(&(n, 0.0, 0.0))) {
+        for (i, ri) in r[from..y].iter_mut().enumerate() {
+            step(ri, qi(from + i), 0.0, 0.0);
+        }
+        if y == n {
+            break;
+        }
+        step(&mut r[y], qi(y), bl, be);
+        from = y + 1;
+    }
+    (total, dist)
 }
 
 fn check_inputs(
@@ -708,12 +825,11 @@ pub fn accept_tree(
         // the standard residual of sampled drafts: one shared walk for the rule and the exact
         // chain of the distortion statistic; otherwise the chains one by one
         let (walk, chain);
-        let (accept, residual): (&[f32], &[f32]) =
+        let (accept, residual, total): (&[f32], &[f32], _) =
             if tree.kind == DraftKind::WithoutReplacement && cfg.residual == Residual::Standard {
-                let shadow = !cfg.relaxation.is_exact();
-                walk = SampledWalk::run(tree, node, &children, &p, cfg, neighbors, shadow)?;
-                tvds.push(walk.distortion());
-                (&walk.lane.accept, walk.residual())
+                walk = SampledWalk::run(tree, node, &children, &p, cfg, neighbors, true)?;
+                tvds.push(walk.distortion);
+                (&walk.lane.accept, walk.residual(), walk.total)
             } else {
                 chain = sibling_chain(tree, node, &p, cfg, neighbors)?;
                 let distortion = match tree.kind {
@@ -725,7 +841,7 @@ pub fn accept_tree(
                     }
                 };
                 tvds.push(distortion);
-                (&chain.accept, &chain.residual)
+                (&chain.accept, &chain.residual, None)
             };
         let mut hit = None;
         for (&c, &a) in children.iter().zip(accept) {
@@ -741,7 +857,8 @@ pub fn accept_tree(
                 p = rows.row(c)?;
             }
             None => {
-                let next = sample_index(residual, rng) as u32;
+                let total = total.unwrap_or_else(|| row_total(residual));
+                let next = sample_index_total(residual, total, rng) as u32;
                 return Ok(TreeDecision {
                     accepted,
                     next_token: next,
