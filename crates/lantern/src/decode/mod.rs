@@ -191,9 +191,13 @@ pub(crate) fn token_budget<T: Target>(target: &T, opts: &GenerateOptions) -> Res
 /// The elements of an f32 tensor on the host, in one transfer of exactly those elements.
 ///
 /// Candle's `to_vec*` of a GPU tensor copies its whole storage to the host before slicing, so a
-/// view (a row, a column) of a large block would move the block; the view is first copied to
-/// its own storage on the device.
+/// view (a row, a column) of a large block would move the block: a contiguous f32 view on a
+/// GPU is copied straight from its element range ([`crate::fused::contiguous_f32_to_host`]),
+/// any other view is first copied to its own storage on the device.
 pub(crate) fn to_host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    if let Some(v) = crate::fused::contiguous_f32_to_host(t)? {
+        return Ok(v);
+    }
     Ok(t.force_contiguous()?.flatten_all()?.to_vec1()?)
 }
 

@@ -730,6 +730,16 @@ pub(super) fn move_slots(kv: &Tensor, from: usize, to: usize, s: usize) -> Resul
     })
 }
 
+/// See [`super::contiguous_f32_to_host`].
+pub(super) fn contiguous_f32_to_host(t: &Tensor) -> Result<Option<Vec<f32>>> {
+    let (g, l) = t.storage_and_layout();
+    let (Storage::Cuda(c), Some((a, b))) = (&*g, l.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let view = c.as_cuda_slice::<f32>()?.slice(a..b);
+    Ok(Some(c.device().clone_dtoh(&view)?))
+}
+
 /// See [`super::clamp_rows`]: `n` positions.
 pub(super) fn clamp_rows(
     pos: &CudaStorage,

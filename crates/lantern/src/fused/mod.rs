@@ -136,6 +136,18 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul)
 }
 
+/// The elements of a contiguous f32 view on a GPU, copied to the host straight from its element
+/// range (no device copy first, no transfer of the rest of its storage); `None` for other
+/// tensors (CPU, other dtypes, strided views).
+pub fn contiguous_f32_to_host(t: &Tensor) -> Result<Option<Vec<f32>>> {
+    #[cfg(feature = "cuda")]
+    if t.device().is_cuda() && t.dtype() == DType::F32 {
+        return cuda::contiguous_f32_to_host(t);
+    }
+    let _ = t;
+    Ok(None)
+}
+
 /// RoPE table rows of `positions` (any integer dtype → u32, same shape): a position at or past
 /// `rows` reads `zero_row` (a zero-rotation row). One kernel on CUDA (the tensor ops were a
 /// comparison, a fill, an add and a select, and a scalar upload).
