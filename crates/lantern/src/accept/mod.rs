@@ -5,7 +5,8 @@
 //! - [`proximity`]: `V x k` nearest-neighbour tables ([`Neighbors`]), built from a codebook or
 //!   imported from the official `.npy`, saved as safetensors.
 //! - [`rules`]: the per-draft rules as plain functions over probability rows.
-//! - [`tree`]: [`accept_tree`], the driver that walks a verified [`crate::decode::tree::DraftTree`].
+//! - [`tree`]: [`accept_tree`], the driver that walks a verified [`crate::decode::tree::DraftTree`]
+//!   (sampled sibling chains in fused passes over the rows: `walk.rs`).
 //!
 //! Guarantees (see [`Residual`]): with the standard residual, deterministic drafts and LANTERN,
 //! each emitted position is sampled from a distribution within `delta` TVD of the target;
@@ -15,6 +16,7 @@ mod npy;
 pub mod proximity;
 pub mod rules;
 pub mod tree;
+mod walk;
 
 pub use proximity::{codebook_fingerprint, Metric, Neighbors};
 pub use rules::{absorbed_mass, greedy_accepts, Relaxation, Residual};
