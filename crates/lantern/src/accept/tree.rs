@@ -132,11 +132,8 @@ pub fn sibling_chain(
     cfg: &AcceptConfig,
     neighbors: Option<&Neighbors>,
 ) -> Result<SiblingChain> {
-    let v = p.len();
-    let children = tree.children(node);
-    let k = cfg.relaxation.k();
-    let sampled = tree.kind == DraftKind::WithoutReplacement;
-    if sampled && cfg.residual == Residual::Standard {
+    if tree.kind == DraftKind::WithoutReplacement && cfg.residual == Residual::Standard {
+        let children = tree.children(node);
         let w = SampledWalk::run(tree, node, &children, p, cfg, neighbors, false)?;
         let (residual, effective) = (w.residual().to_vec(), w.effective(&w.lane));
         return Ok(SiblingChain {
@@ -146,6 +143,23 @@ pub fn sibling_chain(
             effective,
         });
     }
+    chain_one_rule(tree, node, p, cfg, neighbors)
+}
+
+/// [`sibling_chain`] one rule function at a time (a pass per residual and per normalisation):
+/// deterministic drafts and the official residual run it, and the tests hold the shared
+/// sampled walk to it bit for bit.
+fn chain_one_rule(
+    tree: &DraftTree,
+    node: usize,
+    p: &[f32],
+    cfg: &AcceptConfig,
+    neighbors: Option<&Neighbors>,
+) -> Result<SiblingChain> {
+    let v = p.len();
+    let children = tree.children(node);
+    let k = cfg.relaxation.k();
+    let sampled = tree.kind == DraftKind::WithoutReplacement;
     let mut q_cur = if sampled {
         let mut q = drafter_row(tree, node, v)?.to_vec();
         normalize(&mut q);
@@ -422,59 +436,6 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
-    /// The sibling chain as the rules read, one function call per step (the reference the
-    /// shared walk must reproduce bit for bit).
-    fn reference_chain(
-        tree: &DraftTree,
-        node: usize,
-        p: &[f32],
-        cfg: &AcceptConfig,
-        neighbors: Option<&Neighbors>,
-    ) -> Result<SiblingChain> {
-        let v = p.len();
-        let children = tree.children(node);
-        let k = cfg.relaxation.k();
-        let mut q_cur = drafter_row(tree, node, v)?.to_vec();
-        normalize(&mut q_cur);
-        let mut r = p.to_vec();
-        let mut reach = 1.0f64;
-        let (mut accept, mut absorbed) = (Vec::new(), Vec::new());
-        let mut effective = vec![0.0f64; v];
-        for &c in &children {
-            let x = tree.tokens[c];
-            if x as usize >= v {
-                return Err(Error::invalid("draft tree", "bad token"));
-            }
-            let rx = r[x as usize];
-            let (abs, len) = match neighbors {
-                Some(nb) => absorb_within(&r, x, nb, k, cfg.relaxation.budget(rx)),
-                None => (0.0, 0),
-            };
-            let a = accept_prob_sampled(rx, abs, tree.q.get(c).copied().unwrap_or(0.0));
-            accept.push(a);
-            absorbed.push(abs);
-            effective[x as usize] += reach * a as f64;
-            reach *= 1.0 - a as f64;
-            if reach <= 0.0 {
-                break;
-            }
-            residual_sampled(&mut r, &q_cur, x, len, k, neighbors, cfg.residual);
-            q_cur[x as usize] = 0.0;
-            normalize(&mut q_cur);
-        }
-        if reach > 0.0 {
-            for (e, &ri) in effective.iter_mut().zip(&r) {
-                *e += reach * ri as f64;
-            }
-        }
-        Ok(SiblingChain {
-            accept,
-            absorbed,
-            residual: r,
-            effective: effective.into_iter().map(|e| e as f32).collect(),
-        })
-    }
-
     /// `accept_tree` for sampled drafts as it was written before the shared walk.
     fn reference_accept(
         tree: &DraftTree,
@@ -497,11 +458,11 @@ mod tests {
                     tvd: tvds,
                 });
             }
-            let chain = reference_chain(tree, node, p, cfg, neighbors)?;
+            let chain = chain_one_rule(tree, node, p, cfg, neighbors)?;
             tvds.push(if cfg.relaxation.is_exact() {
                 0.0
             } else {
-                let exact = reference_chain(tree, node, p, &exact_cfg, None)?;
+                let exact = chain_one_rule(tree, node, p, &exact_cfg, None)?;
                 tvd(&chain.effective, &exact.effective)
             });
             let mut hit = None;
@@ -671,7 +632,7 @@ mod tests {
                 }
                 for node in (0..tree.len()).filter(|&n| !tree.children(n).is_empty()) {
                     let got = sibling_chain(&tree, node, &rows[node], &cfg, Some(&nb)).unwrap();
-                    let want = reference_chain(&tree, node, &rows[node], &cfg, Some(&nb)).unwrap();
+                    let want = chain_one_rule(&tree, node, &rows[node], &cfg, Some(&nb)).unwrap();
                     let at = format!("case {case} v {v} {cfg:?} node {node}");
                     assert_eq!(bits(&got.accept), bits(&want.accept), "{at}");
                     assert_eq!(bits(&got.absorbed), bits(&want.absorbed), "{at}");
