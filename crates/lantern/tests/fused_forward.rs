@@ -272,6 +272,53 @@ fn cuda_embed_cat_matches_gather_then_cat() -> Result<()> {
     Ok(())
 }
 
+/// On the GPU the cuBLASLt projections (first heuristic answer, and the timed choice) agree
+/// with an f32 product to bf16's rounding, give the same bits when run again, and keep the
+/// leading dims; under `cublas` the path is candle's matmul.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_gemm_policies_match_f32_product() -> Result<()> {
+    use lantern::fused::gemm::{forget_plans, set_gemm_policy, GemmPolicy};
+    let gpu = lantern::fused::cuda_device(0)?;
+    // verification rows of wqkv / w2 / the output head, a drafting level, a decode step's head
+    for (m, n, k) in [
+        (118, 3840, 1280),
+        (118, 1280, 3456),
+        (118, 4096, 1280),
+        (10, 1280, 1280),
+        (2, 4096, 1280),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (2, m / 2, k), &gpu)?.to_dtype(DType::BF16)?;
+        let w =
+            (Tensor::randn(0f32, 1.0, (n, k), &gpu)? / (k as f64).sqrt())?.to_dtype(DType::BF16)?;
+        let want = x
+            .to_dtype(DType::F32)?
+            .reshape((m, k))?
+            .matmul(&w.to_dtype(DType::F32)?.t()?)?
+            .reshape((2, m / 2, n))?;
+        let lin = candle_nn::Linear::new(w.clone(), None);
+        for p in [GemmPolicy::Heuristic, GemmPolicy::Timed, GemmPolicy::Cublas] {
+            set_gemm_policy(Some(p));
+            forget_plans();
+            let got = lantern::fused::linear(&lin, &x)?;
+            assert_eq!(got.dims(), [2, m / 2, n]);
+            let again = lantern::fused::linear(&lin, &x)?;
+            let err = rel_err(&got, &want)?;
+            println!("gemm {m}x{n}x{k} {p:?}: rel err {err:.2e}");
+            assert!(err < 1e-2, "{m}x{n}x{k} {p:?}: rel err {err}");
+            let same = (got.to_dtype(DType::F32)? - again.to_dtype(DType::F32)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert_eq!(same, 0.0, "{m}x{n}x{k} {p:?}: a second call differs");
+        }
+    }
+    set_gemm_policy(None);
+    forget_plans();
+    Ok(())
+}
+
 /// On the GPU the RoPE-row clamp (one kernel) gives the CPU's rows.
 #[cfg(feature = "cuda")]
 #[test]

@@ -29,6 +29,8 @@ mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_layer;
 #[cfg(feature = "cuda")]
+pub mod gemm;
+#[cfg(feature = "cuda")]
 mod launch;
 mod layer;
 pub mod picks;
@@ -269,6 +271,90 @@ impl CustomOp3 for EmbedCat {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let st = cuda::embed_cat(s1, l1, s2, l2, s3, l3, (self.n, self.d, self.v))?;
         Ok((st, Shape::from((self.n, 2 * self.d))))
+    }
+}
+
+/// `x · wᵀ` of a bias-free projection. On CUDA (bf16 or f16, inference) the product runs
+/// through cuBLASLt with the algorithm [`gemm::GemmPolicy`] picks for its shape; elsewhere, and
+/// under `LANTERN_GEMM=cublas`, it is candle's matmul ([`candle_nn::Linear`]'s forward).
+///
+/// # Shapes
+/// - `x`: `[.., k]`; `lin`: weight `[n, k]` → `[.., n]`
+pub fn linear(lin: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(timed) = lt_serves(lin, x)? {
+        let x = x.contiguous()?;
+        return x.apply_op2_no_bwd(lin.weight(), &LtLinear { timed });
+    }
+    candle_core::Module::forward(lin, x)
+}
+
+/// Whether [`linear`] takes cuBLASLt for `x` (and whether timed); `None`: candle's matmul.
+#[cfg(feature = "cuda")]
+fn lt_serves(lin: &candle_nn::Linear, x: &Tensor) -> Result<Option<bool>> {
+    let w = lin.weight();
+    let served = lin.bias().is_none()
+        && x.device().is_cuda()
+        && active(x)
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && w.dtype() == x.dtype()
+        && !w.track_op()
+        && w.rank() == 2
+        && w.is_contiguous()
+        && x.dims().last() == w.dims().get(1);
+    if !served {
+        return Ok(None);
+    }
+    Ok(match gemm::gemm_policy()? {
+        gemm::GemmPolicy::Cublas => None,
+        gemm::GemmPolicy::Heuristic => Some(false),
+        gemm::GemmPolicy::Timed => Some(true),
+    })
+}
+
+/// See [`linear`] (CUDA only).
+#[cfg(feature = "cuda")]
+struct LtLinear {
+    timed: bool,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp2 for LtLinear {
+    fn name(&self) -> &'static str {
+        "lantern-lt-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("linear: the cuBLASLt path is CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let k = *xl.dims().last().unwrap_or(&0);
+        let (n, wk) = wl.shape().dims2()?;
+        if wk != k || k == 0 {
+            candle_core::bail!(
+                "linear: input {:?} and weight {:?} do not fit",
+                xl.dims(),
+                wl.dims()
+            );
+        }
+        let m = xl.shape().elem_count() / k;
+        let out = gemm::linear(x, xl, w, wl, m, n, k, self.timed)?;
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = n;
+        Ok((out, Shape::from(dims)))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Multi-head attention with an explicit additive mask (the HF/LANTERN reference path, spec
 //! §1.7): `scores = q·kᵀ / sqrt(head_dim)` in the model dtype, `+ mask` and softmax in f32,
 //! probabilities cast back, `· v`. Also the mask builders the decoding loops use.
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
 
 use super::rope::RopeRows;
@@ -119,7 +119,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (h, kvh, hd) = (self.n_head, self.n_kv_head, self.head_dim);
-        let qkv = self.wqkv.forward(x)?;
+        let qkv = crate::fused::linear(&self.wqkv, x)?;
         if let Some(c) = &cache {
             if crate::fused::active(&qkv) && crate::fused::supports_head_dim(&qkv, hd) {
                 return self.forward_fused(&qkv, rope, mask, layer, c);
@@ -183,7 +183,7 @@ impl Attention {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h * hd))?;
-        self.wo.forward(&out)
+        crate::fused::linear(&self.wo, &out)
     }
 }
 
@@ -197,8 +197,7 @@ impl Attention {
         layer: usize,
         cache: &KvCache,
     ) -> Result<Tensor> {
-        self.wo
-            .forward(&self.attend_fused(qkv, rope, mask, layer, cache)?)
+        crate::fused::linear(&self.wo, &self.attend_fused(qkv, rope, mask, layer, cache)?)
     }
 
     /// Fused attention before the output projection: the new keys of `qkv` rotated and K/V

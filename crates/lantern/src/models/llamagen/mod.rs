@@ -154,7 +154,8 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(w13) = self.w13.as_ref().filter(|_| crate::fused::active(x)) {
-            return self.w2.forward(&crate::fused::silu_mul(&w13.forward(x)?)?);
+            let m = crate::fused::silu_mul(&crate::fused::linear(w13, x)?)?;
+            return crate::fused::linear(&self.w2, &m);
         }
         let g = candle_nn::ops::silu(&self.w1.forward(x)?)?;
         self.w2.forward(&(g * self.w3.forward(x)?)?)
@@ -509,7 +510,10 @@ impl LlamaGen {
 
     /// [`Self::lm_head`] before its cast: logits `[b, s, vocab]` in the model dtype.
     pub fn lm_head_raw(&self, hidden: &Tensor) -> crate::Result<Tensor> {
-        Ok(self.output.forward(&hidden.to_dtype(self.dtype)?)?)
+        Ok(crate::fused::linear(
+            &self.output,
+            &hidden.to_dtype(self.dtype)?,
+        )?)
     }
 
     /// Full teacher-forced forward without a cache (training, feature extraction): condition
