@@ -319,6 +319,60 @@ fn cuda_gemm_policies_match_f32_product() -> Result<()> {
     Ok(())
 }
 
+/// On the GPU the default norm (one warp per row, the row in registers) and SiLU-mul (a 16-byte
+/// chunk per thread) kernels give the same bits as the plain ones (one block per row; one
+/// element per thread), with and without the residual, at row lengths from one chunk to the
+/// longest the warp kernel takes.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_row_kernels_match_plain_ones_bit_for_bit() -> Result<()> {
+    let gpu = lantern::fused::cuda_device(0)?;
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect())
+    };
+    let run =
+        |plain: bool, f: &dyn Fn() -> candle_core::Result<Vec<Tensor>>| -> Result<Vec<Vec<u32>>> {
+            lantern::fused::set_plain_row_kernels(plain);
+            let out = f();
+            lantern::fused::set_plain_row_kernels(false);
+            out?.iter().map(bits).collect()
+        };
+    for dt in [DType::BF16, DType::F16, DType::F32] {
+        let vec = 16 / dt.size_in_bytes();
+        for cols in [vec, 1000 / vec * vec, 1280, 256 * vec] {
+            for rows in [1usize, 3, 118] {
+                let x = (Tensor::randn(0f32, 3.0, (rows, cols), &gpu)? + 0.5)?.to_dtype(dt)?;
+                let r = Tensor::randn(0f32, 2.0, (rows, cols), &gpu)?.to_dtype(dt)?;
+                let w = Tensor::randn(1f32, 0.3, cols, &gpu)?.to_dtype(dt)?;
+                let norms = || -> candle_core::Result<Vec<Tensor>> {
+                    let (h, n) = lantern::fused::add_rms_norm(&x, &r, &w, 1e-5)?;
+                    Ok(vec![h, n, lantern::fused::rms_norm(&x, &w, 1e-6)?])
+                };
+                assert_eq!(
+                    run(false, &norms)?,
+                    run(true, &norms)?,
+                    "norm {dt:?} {rows}x{cols}"
+                );
+                let gu = Tensor::randn(0f32, 4.0, (rows, 2 * cols), &gpu)?.to_dtype(dt)?;
+                let silu = || -> candle_core::Result<Vec<Tensor>> {
+                    Ok(vec![lantern::fused::silu_mul(&gu)?])
+                };
+                assert_eq!(
+                    run(false, &silu)?,
+                    run(true, &silu)?,
+                    "silu {dt:?} {rows}x{cols}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// On the GPU the RoPE-row clamp (one kernel) gives the CPU's rows.
 #[cfg(feature = "cuda")]
 #[test]

@@ -60,6 +60,10 @@ pub(super) fn launch_cfg(grid: (u32, u32, u32), block: u32, shared: usize) -> La
     }
 }
 
+/// Set by [`super::set_plain_row_kernels`].
+pub(super) static PLAIN_ROWS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 pub(super) fn norm(
     eps: f32,
     x: &CudaStorage,
@@ -76,7 +80,18 @@ pub(super) fn norm(
     if cols * 4 > SHARED_MAX {
         bail!("fused norm: rows of {cols} are too long");
     }
-    let func = dev.get_or_load_custom_func(&format!("rms_norm_{}", suffix(dt)?), MODULE, PTX)?;
+    // one warp per row with the row in registers where add_rms_norm's vector path applies
+    // (16-byte aligned rows of at most 256 chunks; the same bits, see the kernel)
+    let vec = 16 / dt.size_in_bytes();
+    let aligned = |l: &Layout| offsets(l).is_ok_and(|(a, _)| a.is_multiple_of(vec));
+    let warp = !PLAIN_ROWS.load(std::sync::atomic::Ordering::Relaxed)
+        && cols.is_multiple_of(vec)
+        && cols / vec <= 256
+        && aligned(xl)
+        && aligned(wl)
+        && residual.is_none_or(|(_, rl)| aligned(rl));
+    let name = if warp { "rms_norm_warp" } else { "rms_norm" };
+    let func = dev.get_or_load_custom_func(&format!("{name}_{}", suffix(dt)?), MODULE, PTX)?;
     typed!(dt, T => {
         let (a, b) = offsets(xl)?;
         let xs = x.as_cuda_slice::<T>()?.slice(a..b);
@@ -85,7 +100,12 @@ pub(super) fn norm(
         let out_len = if residual.is_some() { 2 * n } else { n };
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(out_len)? };
-        let cfg = launch_cfg((rows as u32, 1, 1), 256, cols * 4);
+        const WARP_ROWS: usize = 2;
+        let cfg = if warp {
+            launch_cfg((rows.div_ceil(WARP_ROWS) as u32, 1, 1), 32 * WARP_ROWS as u32, 0)
+        } else {
+            launch_cfg((rows as u32, 1, 1), 256, cols * 4)
+        };
         let (rows, cols) = (rows as i32, cols as i32);
         let stream = dev.cuda_stream();
         let mut builder = Launch::new(&func, &stream);
@@ -115,14 +135,26 @@ pub(super) fn silu_mul(gu: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
     let two_f = *l.dims().last().unwrap_or(&0);
     let f = two_f / 2;
     let rows = l.shape().elem_count() / two_f.max(1);
-    let func = dev.get_or_load_custom_func(&format!("silu_mul_{}", suffix(dt)?), MODULE, PTX)?;
+    // a 16-byte chunk of gate and of up per thread where rows allow it (the same bits)
+    let vec = 16 / dt.size_in_bytes();
+    let chunked = !PLAIN_ROWS.load(std::sync::atomic::Ordering::Relaxed)
+        && f.is_multiple_of(vec)
+        && offsets(l).is_ok_and(|(a, _)| a.is_multiple_of(vec))
+        && rows * f / vec < i32::MAX as usize;
+    let name = if chunked {
+        "silu_mul_{}_vec"
+    } else {
+        "silu_mul_{}"
+    };
+    let func = dev.get_or_load_custom_func(&name.replace("{}", suffix(dt)?), MODULE, PTX)?;
     typed!(dt, T => {
         let (a, b) = offsets(l)?;
         let src = gu.as_cuda_slice::<T>()?.slice(a..b);
         let n = rows * f;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(n)? };
-        let blocks = n.div_ceil(256).clamp(1, 2048) as u32;
+        let per_thread = if chunked { vec } else { 1 };
+        let blocks = n.div_ceil(256 * per_thread).clamp(1, 2048) as u32;
         let (rows, f) = (rows as i32, f as i32);
         let stream = dev.cuda_stream();
         let mut builder = Launch::new(&func, &stream);

@@ -55,6 +55,101 @@ __device__ void add_rms_norm(const T *x, const T *res, const T *w, T *out, int r
         y[i] = fromf<T>(rnd<T>(buf[i] * inv) * tof(w[i]));
 }
 
+// add_rms_norm with one warp per row and the row in registers (rows of at most 256 16-byte
+// chunks, as add_rms_norm's vector path). The same bits as add_rms_norm's 256-thread block:
+// chunk c of lane l is thread 32c + l there, each chunk's squares are summed in the same order,
+// a chunk's total is that warp's butterfly, and the eight totals meet in the order of the
+// block's second butterfly (lanes 8-31 hold zeros there, and adding a zero is exact). The norm
+// weight is read before waiting for the previous kernel (it is never written by one).
+template <typename T>
+__device__ void add_rms_norm_warp(const T *x, const T *res, const T *w, T *out, int rows,
+                                  int cols, float eps) {
+    constexpr int VEC = 16 / sizeof(T);
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int nch = cols / VEC;
+    uint4 wv[8], xv[8], rv[8];
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+        if (c * 32 + lane < nch) wv[c] = reinterpret_cast<const uint4 *>(w)[c * 32 + lane];
+    pdl_wait();
+    if (row >= rows) return;
+    const size_t r0 = (size_t)row * cols;
+    const uint4 *x4 = reinterpret_cast<const uint4 *>(x + r0);
+    const uint4 *r4 = reinterpret_cast<const uint4 *>(res + r0);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        if (c * 32 + lane < nch) {
+            xv[c] = x4[c * 32 + lane];
+            if (res) rv[c] = r4[c * 32 + lane];
+        }
+    }
+    float tot[8];
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        float ss = 0.f;
+        const int i = c * 32 + lane;
+        if (i < nch) {
+            T *xt = reinterpret_cast<T *>(&xv[c]);
+            const T *rt = reinterpret_cast<const T *>(&rv[c]);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                float v = tof(xt[e]);
+                if (res) {
+                    xt[e] = fromf<T>(v + tof(rt[e]));
+                    v = tof(xt[e]);
+                }
+                ss += v * v;
+            }
+            if (res) reinterpret_cast<uint4 *>(out + r0)[i] = xv[c];
+        }
+        tot[c] = ss;
+    }
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+        for (int o = 16; o > 0; o >>= 1) tot[c] += __shfl_xor_sync(0xffffffff, tot[c], o);
+    const float ss = ((tot[0] + tot[4]) + (tot[2] + tot[6])) + ((tot[1] + tot[5]) + (tot[3] + tot[7]));
+    const float inv = rsqrtf(ss / cols + eps);
+    uint4 *y4 = reinterpret_cast<uint4 *>(out + (res ? (size_t)rows * cols : 0) + r0);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        const int i = c * 32 + lane;
+        if (i < nch) {
+            const T *xt = reinterpret_cast<const T *>(&xv[c]);
+            const T *wt = reinterpret_cast<const T *>(&wv[c]);
+            uint4 yv;
+            T *yt = reinterpret_cast<T *>(&yv);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) yt[e] = fromf<T>(rnd<T>(tof(xt[e]) * inv) * tof(wt[e]));
+            y4[i] = yv;
+        }
+    }
+}
+
+// silu_mul for rows whose f is a multiple of a 16-byte chunk: a chunk of gate and of up per
+// thread, 32-bit index arithmetic (the same arithmetic per element, so the same bits).
+template <typename T> __device__ void silu_mul_vec(const T *gu, T *out, int rows, int f) {
+    constexpr int VEC = 16 / sizeof(T);
+    const int fv = f / VEC;
+    const int n = rows * fv;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const int r = i / fv, j = i - r * fv;
+        const uint4 *g4 = reinterpret_cast<const uint4 *>(gu + (size_t)r * 2 * f);
+        const uint4 gv = g4[j], uv = g4[fv + j];
+        const T *gt = reinterpret_cast<const T *>(&gv);
+        const T *ut = reinterpret_cast<const T *>(&uv);
+        uint4 ov;
+        T *ot = reinterpret_cast<T *>(&ov);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+            const float g = tof(gt[e]);
+            const float sg = rnd<T>(g / (1.f + __expf(-g)));
+            ot[e] = fromf<T>(sg * tof(ut[e]));
+        }
+        reinterpret_cast<uint4 *>(out + (size_t)r * f)[j] = ov;
+    }
+}
+
 // gu rows [gate | up] of 2f each -> round(round(silu(gate)) * up)
 template <typename T> __device__ void silu_mul(const T *gu, T *out, int rows, int f) {
     const size_t n = (size_t)rows * f;
@@ -300,10 +395,20 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
         pdl_trigger(); pdl_wait();                                                              \
         add_rms_norm<T>(x, res, w, out, rows, cols, eps);                                       \
     }
+#define NORM_WARP(T, NAME)                                                                      \
+    extern "C" __global__ void NAME(const T *x, const T *res, const T *w, T *out, int rows,    \
+                                    int cols, float eps) {                                      \
+        pdl_trigger();                                                                          \
+        add_rms_norm_warp<T>(x, res, w, out, rows, cols, eps);                                  \
+    }
 #define SILU(T, NAME)                                                                           \
     extern "C" __global__ void NAME(const T *gu, T *out, int rows, int f) {                     \
         pdl_trigger(); pdl_wait();                                                              \
         silu_mul<T>(gu, out, rows, f);                                                          \
+    }                                                                                           \
+    extern "C" __global__ void NAME##_vec(const T *gu, T *out, int rows, int f) {               \
+        pdl_trigger(); pdl_wait();                                                              \
+        silu_mul_vec<T>(gu, out, rows, f);                                                      \
     }
 #define EMBED(T, NAME)                                                                          \
     extern "C" __global__ void NAME(const T *table, const unsigned *ids, const T *feats, T *out, \
@@ -332,6 +437,7 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
     }
 #define ALL(T, SUF)                                                                             \
     NORM(T, rms_norm_##SUF)                                                                     \
+    NORM_WARP(T, rms_norm_warp_##SUF)                                                           \
     SILU(T, silu_mul_##SUF)                                                                     \
     EMBED(T, embed_cat_##SUF)                                                                   \
     WRITE(T, write_kv_##SUF)                                                                    \

@@ -119,6 +119,14 @@ fn aligned(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Makes this process's CUDA norms and SiLU-mul take their plain kernels (one 256-thread
+/// block per row; one element per thread) instead of the default ones (one warp per row with
+/// the row in registers; a 16-byte chunk per thread): tests hold the two to the same bits.
+#[cfg(feature = "cuda")]
+pub fn set_plain_row_kernels(on: bool) {
+    cuda::PLAIN_ROWS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// `h = x + residual` (rounded to the dtype) and `rms_norm(h) * weight`, one kernel.
 ///
 /// # Shapes
