@@ -37,8 +37,11 @@ pub enum GemmPolicy {
     Timed,
 }
 
-/// The default policy.
-pub const DEFAULT_POLICY: GemmPolicy = GemmPolicy::Heuristic;
+/// The default policy: candle's matmul. On an H200 at GPT-XL shapes cuBLASLt's first answer
+/// and the timed choice were within the noise of it (docs/BENCHMARKS.md §00000010: every
+/// candidate of every shape within ~10% of the others, step times within ±1%), so the simpler
+/// path stays the default and the others are opt-in (other cards, other shapes).
+pub const DEFAULT_POLICY: GemmPolicy = GemmPolicy::Cublas;
 
 /// A process-wide override of `LANTERN_GEMM` (tests); 0 = none.
 static OVERRIDE: AtomicU8 = AtomicU8::new(0);

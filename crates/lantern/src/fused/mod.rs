@@ -282,9 +282,9 @@ impl CustomOp3 for EmbedCat {
     }
 }
 
-/// `x · wᵀ` of a bias-free projection. On CUDA (bf16 or f16, inference) the product runs
-/// through cuBLASLt with the algorithm [`gemm::GemmPolicy`] picks for its shape; elsewhere, and
-/// under `LANTERN_GEMM=cublas`, it is candle's matmul ([`candle_nn::Linear`]'s forward).
+/// `x · wᵀ` of a bias-free projection: candle's matmul ([`candle_nn::Linear`]'s forward), or
+/// on CUDA (bf16 or f16, inference) under `LANTERN_GEMM=heuristic|timed` cuBLASLt with the
+/// algorithm [`gemm::GemmPolicy`] picks for its shape.
 ///
 /// # Shapes
 /// - `x`: `[.., k]`; `lin`: weight `[n, k]` → `[.., n]`
