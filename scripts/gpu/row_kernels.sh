@@ -16,7 +16,7 @@ if [ "${SKIP_TOKENS:-0}" != 1 ]; then
   same_tokens "new vs base" "$L" "$B" "ar --temperature 0" "sd --tree naive_extend_57" "lantern"
 fi 2>&1 | tee "$OUT/checks.txt"
 echo "tokens done ${SECONDS}s"
-RE="tok.*cuda graph\) \||drafting phase|^\| (ar|sd|lantern)|^\| (norm|silu).*\| 59 \||over the decode|rror|panicked"
+RE="tok.*cuda graph\) \||drafting phase|^\| (ar|sd|lantern)|^\| (norm|silu|attention).*\| 59 \||over the decode|rror|panicked"
 V=${VARIANTS:-BASE LANTERN_GEMM=cublas X=0}
 ROUNDS=${ROUNDS:-2} PRESETS=t2i-xl-256 LOOP=${LOOP:-1} VARIANTS="$V" variant_rounds "$RE" 2>&1 | tee "$OUT/steps_t2i.txt"
 echo "t2i done ${SECONDS}s"
