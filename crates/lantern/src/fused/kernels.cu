@@ -825,11 +825,8 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[c][m][e] = 0.f;
     float mx[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
-    Tile nxt;
     for (int tt = warp; tt < nt; tt += NW) {
         const int k0 = tt * 16;
-        // the warp's next tile is in flight while this one is used (double buffer)
-        if (tt + NW < nt) load(nxt, tt + NW);
         // scores of rows g, g + 8 at keys k0 + 8 n + 2 t + {0, 1}
         float sc[2][4];
 #pragma unroll
@@ -917,7 +914,7 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
             for (int m = 0; m < 4; ++m)
                 mma_16816(acc[c][m], pa, trans_8x8(v0[m]), trans_8x8(v1[m]), T());
         }
-        if (tt + NW < nt) cur = nxt;
+        if (tt + NW < nt) load(cur, tt + NW);
     }
     // the warps' shares: row maxima and sums, then outputs rescaled to the block's maxima
 #pragma unroll
