@@ -24,6 +24,7 @@ use candle_core::cuda_backend::{DeviceId, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 
 use super::cuda::offsets;
+use super::LinearDims;
 
 /// How projections of many rows pick their GEMM on CUDA (`LANTERN_GEMM`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,11 +148,10 @@ pub(super) fn linear(
     xl: &Layout,
     w: &CudaStorage,
     wl: &Layout,
-    m: usize,
-    n: usize,
-    k: usize,
+    d: &LinearDims,
     timed: bool,
 ) -> Result<CudaStorage> {
+    let (m, n, k) = (d.m, d.n, d.k);
     let dt = x.dtype();
     if w.dtype() != dt {
         bail!("linear: input {dt:?} vs weight {:?}", w.dtype());

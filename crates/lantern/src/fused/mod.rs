@@ -359,7 +359,7 @@ impl CustomOp2 for LtLinear {
             );
         }
         let m = xl.shape().elem_count() / k;
-        let out = gemm::linear(x, xl, w, wl, m, n, k, self.timed)?;
+        let out = gemm::linear(x, xl, w, wl, &LinearDims { m, k, n }, self.timed)?;
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = n;
         Ok((out, Shape::from(dims)))
