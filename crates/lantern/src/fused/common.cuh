@@ -48,33 +48,6 @@ __device__ __forceinline__ void prefetch_l2(const void *p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
-// Asks the L2 cache for this block's share of the n bytes at p (16-byte aligned, n a multiple
-// of 16; the grid's blocks split them in 128-byte aligned slices): a weight matrix the next
-// kernels read, fetched while this one runs. One bulk prefetch per MiB on sm_90 and later, one
-// prefetch per 128-byte line before. Nothing is returned or ordered: safe before a PDL wait.
-__device__ __forceinline__ void prefetch_share_l2(const char *p, unsigned long long n) {
-    if (p == nullptr || n == 0) return;
-    const unsigned long long blocks = (unsigned long long)gridDim.x * gridDim.y * gridDim.z;
-    const unsigned long long id =
-        blockIdx.x + (unsigned long long)gridDim.x * (blockIdx.y + (unsigned long long)gridDim.y * blockIdx.z);
-    const unsigned long long share = ((n + blocks - 1) / blocks + 127) & ~127ull;
-    const unsigned long long lo = id * share;
-    if (lo >= n) return;
-    const unsigned long long len = n - lo < share ? n - lo : share;
-#if __CUDA_ARCH__ >= 900
-    if (threadIdx.x == 0) {
-        for (unsigned long long o = 0; o < len; o += (1ull << 20)) {
-            const unsigned sz = (unsigned)(len - o < (1ull << 20) ? len - o : (1ull << 20));
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + lo + o), "r"(sz)
-                         : "memory");
-        }
-    }
-#else
-    for (unsigned long long o = threadIdx.x * 128ull; o < len; o += blockDim.x * 128ull)
-        prefetch_l2(p + lo + o);
-#endif
-}
-
 // The cache tensor is [2, n_layer, b, kvh, max_len, hd] (K plane, then V plane). Element
 // offset of slot 0 of (layer, batch row, head) in the K plane, and the distance to the V plane.
 __device__ __forceinline__ size_t cache_head(int layer, int b, int bb, int kvh, int kh,

@@ -464,26 +464,6 @@ pub(super) fn attention(
             Some((g, l)) => Some(held_view::<f32>(g, l, "the mask")?),
             None => None,
         };
-        // the weights [`super::with_l2_prefetch`] names (at most two; null when absent)
-        let hint = super::l2_hint();
-        let hint_g: Vec<_> = hint
-            .iter()
-            .filter(|t| t.dtype() == dt && t.is_contiguous())
-            .map(|t| t.storage_and_layout())
-            .collect();
-        let mut pf: Vec<Option<CudaView<T>>> = Vec::with_capacity(2);
-        let mut pn = [0u64; 2];
-        for (g, l) in hint_g.iter().take(2) {
-            let aligned = (l.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16);
-            match held_view::<T>(g, l, "a prefetched weight") {
-                Ok(v) if aligned => {
-                    pn[pf.len()] = (v.len() * std::mem::size_of::<T>()) as u64 & !15;
-                    pf.push(Some(v));
-                }
-                _ => {}
-            }
-        }
-        pf.resize_with(2, || None);
         let stream = dev.cuda_stream();
         let mut builder = Launch::new(&func, &stream);
         builder.arg(&q);
@@ -501,10 +481,6 @@ pub(super) fn attention(
         if tc {
             builder.arg(&write_at);
         }
-        builder.arg(&pf[0]);
-        builder.arg(&pn[0]);
-        builder.arg(&pf[1]);
-        builder.arg(&pn[1]);
         // SAFETY: argument list matches the kernel's signature; dims were checked against
         // the cache's layout (with `write_at`, the kernel writes slots `write_at..+s` of the
         // cache, which no other block of the launch reads: they read those rows from qkv).

@@ -430,12 +430,8 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
                                     unsigned long long base, const float *mask, T *out, int b, \
                                     int s, int h, int kvh, int layer, int n_layer,              \
                                     int max_len, int keys, int rope_rows, long long mask_b,     \
-                                    long long mask_s, int causal_past, const char *pf0,        \
-                                    unsigned long long pn0, const char *pf1,                    \
-                                    unsigned long long pn1) {                                   \
+                                    long long mask_s, int causal_past) {                        \
         pdl_trigger();                                                                          \
-        prefetch_share_l2(pf0, pn0);                                                            \
-        prefetch_share_l2(pf1, pn1);                                                            \
         attention<T, HD, QT>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,      \
                              max_len, keys, rope_rows, mask_b, mask_s, causal_past);            \
     }
@@ -972,10 +968,7 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
         NAME(const T *qkv, const float *rope, T *kv, unsigned long long base,                   \
              const float *mask, T *out, int b, int s, int h, int kvh, int layer, int n_layer,   \
              int max_len, int keys, int rope_rows, long long mask_b, long long mask_s,          \
-             int causal_past, int write_at, const char *pf0, unsigned long long pn0,            \
-             const char *pf1, unsigned long long pn1) {                                         \
-        prefetch_share_l2(pf0, pn0);                                                            \
-        prefetch_share_l2(pf1, pn1);                                                            \
+             int causal_past, int write_at) {                                                   \
         attention_tc<T, HD, NW>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,  \
                                 max_len, keys, rope_rows, mask_b, mask_s, causal_past,          \
                                 write_at);                                                      \

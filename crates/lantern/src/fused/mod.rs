@@ -49,33 +49,6 @@ use candle_core::{Shape, Tensor};
 
 thread_local! {
     static FORCE_CPU: Cell<bool> = const { Cell::new(false) };
-    static L2_HINT: std::cell::RefCell<Vec<Tensor>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with a hint for the CUDA attention kernels it launches: while they run, they ask
-/// the L2 cache for `weights` (a block's next projections, read by the kernels after them), so
-/// that those arrive while the attention keeps the memory bus idle. At most two tensors are
-/// taken; `LANTERN_L2_PREFETCH=0` turns the hint off; no effect off CUDA.
-pub fn with_l2_prefetch<R>(
-    weights: &[&Tensor],
-    f: impl FnOnce() -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("LANTERN_L2_PREFETCH").map_or(true, |v| v != "0"));
-    if !on || !weights.first().is_some_and(|w| w.device().is_cuda()) {
-        return f();
-    }
-    let hint = weights.iter().take(2).map(|&w| w.clone()).collect();
-    let prev = L2_HINT.with(|h| h.replace(hint));
-    let out = f();
-    L2_HINT.with(|h| *h.borrow_mut() = prev);
-    out
-}
-
-/// The weights of the innermost [`with_l2_prefetch`] on this thread.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn l2_hint() -> Vec<Tensor> {
-    L2_HINT.with(|h| h.borrow().clone())
 }
 
 /// Makes inference on the CPU take the fused path on this thread (tests compare it with the

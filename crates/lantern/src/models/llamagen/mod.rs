@@ -233,22 +233,19 @@ impl Block {
                 return att.decode_layer(h, &weights, rope, mask, layer, cache);
             }
         }
-        let gate_up = self.feed_forward.gate_up().expect("checked by small_ok");
-        // the attention asks L2 for the next two projections' weights while it runs
-        let a = crate::fused::with_l2_prefetch(&[att.wo_weight(), gate_up], || {
-            if crate::fused::fused_kv_enabled() && h.dim(1)? == 1 {
-                att.attend_small_kv(h, self.attention_norm.parts(), rope, mask, layer, cache)
-            } else {
-                let qkv = small_linear(
-                    h,
-                    att.wqkv_weight(),
-                    Some(self.attention_norm.parts()),
-                    Epilogue::None,
-                )?;
-                att.attend_fused(&qkv, rope, mask, layer, cache)
-            }
-        })?;
+        let a = if crate::fused::fused_kv_enabled() && h.dim(1)? == 1 {
+            att.attend_small_kv(h, self.attention_norm.parts(), rope, mask, layer, cache)?
+        } else {
+            let qkv = small_linear(
+                h,
+                att.wqkv_weight(),
+                Some(self.attention_norm.parts()),
+                Epilogue::None,
+            )?;
+            att.attend_fused(&qkv, rope, mask, layer, cache)?
+        };
         let h = small_linear(&a, att.wo_weight(), None, Epilogue::Residual(h))?;
+        let gate_up = self.feed_forward.gate_up().expect("checked by small_ok");
         let m = small_linear(&h, gate_up, Some(self.ffn_norm.parts()), Epilogue::SwiGlu)?;
         small_linear(
             &m,
@@ -484,19 +481,9 @@ impl LlamaGen {
         let mut n = first.attention_norm.forward(&h)?;
         let mut h = h;
         for (i, layer) in self.layers.iter().enumerate() {
-            // the attention asks L2 for the next two projections' weights while it runs
-            let next: Vec<&Tensor> = [
-                Some(layer.attention.wo_weight()),
-                layer.feed_forward.gate_up(),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            let a = crate::fused::with_l2_prefetch(&next, || {
-                layer
-                    .attention
-                    .forward(&n, &rows, mask, i, cache.as_deref_mut())
-            })?;
+            let a = layer
+                .attention
+                .forward(&n, &rows, mask, i, cache.as_deref_mut())?;
             (h, n) = layer.ffn_norm.add_forward(&h, &a)?;
             let f = layer.feed_forward.forward(&n)?;
             let next = match self.layers.get(i + 1) {
