@@ -578,7 +578,9 @@ pub(super) fn small_linear(
     // a persistent grid: as many blocks as stay resident (each stages and normalises x once,
     // then its warps stream rows, fetching the next row while reducing the current one)
     let units = if pairs { d.n / 2 } else { d.n };
-    let warps = small_warps(units);
+    // by output rows, not units: GPT-XL's wqkv (3,840 rows in 1,920 pairs) takes 8 warps, 0.9 us
+    // faster per launch than 4 on an H200 (docs/BENCHMARKS.md §00000010 run 6)
+    let warps = small_warps(d.n);
     let resident = resident_blocks(&dev, &func, &name, 32 * warps as u32, shared)?;
     let blocks = units.div_ceil(warps).min(resident).max(1) as u32;
     let cfg = launch_cfg((blocks, 1, 1), 32 * warps as u32, shared);
