@@ -230,8 +230,13 @@ pub fn run_kernel_bench(
             let (o, i) = ws[0].dims2()?;
             let x2 = input.reshape((n, i))?;
             let bytes = wbytes(ws) + act(i) + act(o);
+            // the model's projection path (candle's matmul, or cuBLASLt under LANTERN_GEMM)
+            let lins: Vec<_> = ws
+                .iter()
+                .map(|w| candle_nn::Linear::new(w.clone(), None))
+                .collect();
             row(&format!("{name} matmul {o}x{i}"), bytes, &mut |k| {
-                x2.matmul(&ws[k % ws.len()].t()?)?;
+                fused::linear(&lins[k % lins.len()], &x2)?;
                 Ok(())
             })?;
         }

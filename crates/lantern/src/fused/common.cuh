@@ -32,6 +32,14 @@ template <> __device__ __forceinline__ __half fromf<__half>(float x) { return __
 
 // x rounded to T and back
 template <typename T> __device__ __forceinline__ float rnd(float x) { return tof(fromf<T>(x)); }
+// SwiGLU's element as the reference rounds it: round(round(silu(g)) * u), g and u already in T.
+template <typename T> __device__ __forceinline__ T swiglu(float g, float u) {
+    return fromf<T>(rnd<T>(g / (1.f + __expf(-g))) * u);
+}
+// RMSNorm's element as the reference rounds it: round(round(v * inv) * w).
+template <typename T> __device__ __forceinline__ T norm_scale(float v, float inv, float w) {
+    return fromf<T>(rnd<T>(v * inv) * w);
+}
 
 // RoPE of one pair (x0, x1) with (cos, sin) = (c, s), in f32. Every kernel rotates through
 // this one expression, so that a key rotated by one kernel equals the same key rotated by

@@ -64,6 +64,10 @@ pub(super) fn launch_cfg(grid: (u32, u32, u32), block: u32, shared: usize) -> La
 pub(super) static PLAIN_ROWS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
+fn plain_rows() -> bool {
+    PLAIN_ROWS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 pub(super) fn norm(
     eps: f32,
     x: &CudaStorage,
@@ -84,7 +88,7 @@ pub(super) fn norm(
     // (16-byte aligned rows of at most 256 chunks; the same bits, see the kernel)
     let vec = 16 / dt.size_in_bytes();
     let aligned = |l: &Layout| offsets(l).is_ok_and(|(a, _)| a.is_multiple_of(vec));
-    let warp = !PLAIN_ROWS.load(std::sync::atomic::Ordering::Relaxed)
+    let warp = !plain_rows()
         && cols.is_multiple_of(vec)
         && cols / vec <= 256
         && aligned(xl)
@@ -137,16 +141,16 @@ pub(super) fn silu_mul(gu: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
     let rows = l.shape().elem_count() / two_f.max(1);
     // a 16-byte chunk of gate and of up per thread where rows allow it (the same bits)
     let vec = 16 / dt.size_in_bytes();
-    let chunked = !PLAIN_ROWS.load(std::sync::atomic::Ordering::Relaxed)
+    let chunked = !plain_rows()
         && f.is_multiple_of(vec)
         && offsets(l).is_ok_and(|(a, _)| a.is_multiple_of(vec))
         && rows * f / vec < i32::MAX as usize;
-    let name = if chunked {
-        "silu_mul_{}_vec"
-    } else {
-        "silu_mul_{}"
-    };
-    let func = dev.get_or_load_custom_func(&name.replace("{}", suffix(dt)?), MODULE, PTX)?;
+    let name = format!(
+        "silu_mul_{}{}",
+        suffix(dt)?,
+        if chunked { "_vec" } else { "" }
+    );
+    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     typed!(dt, T => {
         let (a, b) = offsets(l)?;
         let src = gu.as_cuda_slice::<T>()?.slice(a..b);

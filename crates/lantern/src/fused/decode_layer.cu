@@ -474,8 +474,7 @@ __device__ void decode_layer(const T *x, T *out, const T *wqkv, const T *attn_no
         st, st.d, xs, M, !(skip & 8),
         [&](int u, const float *a) {
             if (lane >= M) return;
-            const float g = rnd<T>(a[0]);
-            f[(size_t)lane * F + u] = fromf<T>(rnd<T>(g / (1.f + __expf(-g))) * rnd<T>(a[1]));
+            f[(size_t)lane * F + u] = swiglu<T>(rnd<T>(a[0]), rnd<T>(a[1]));
         });
     if (!(skip & 64)) bar.sync();
 

@@ -226,7 +226,7 @@ fn run<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
         ws_bytes: wbytes,
     };
     if !st.plans.contains_key(&key) {
-        let plan = make_plan(st.handle, &dev, &stream, key, &ptrs)?;
+        let plan = make_plan(st.handle, &stream, key, &ptrs)?;
         st.plans.insert(key, plan);
     }
     let plan = &st.plans[&key];
@@ -280,7 +280,6 @@ unsafe fn matmul(
 /// Describes the problem and picks its algorithm (see [`GemmPolicy`]).
 fn make_plan(
     handle: sys::cublasLtHandle_t,
-    dev: &CudaDevice,
     stream: &std::sync::Arc<CudaStream>,
     key: Key,
     p: &Ptrs,
@@ -370,7 +369,7 @@ fn make_plan(
         stream.capture_status().w()? != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
     if key.timed && found.len() > 1 && !capturing {
         let algos: Vec<_> = found.iter().map(|r| r.algo).collect();
-        let (pick, times) = time_candidates(handle, dev, stream, &plan, &algos, p)?;
+        let (pick, times) = time_candidates(handle, stream, &plan, &algos, p)?;
         plan.algo = algos[pick];
         if log_enabled() {
             let us: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
@@ -420,7 +419,6 @@ fn split_k(algo: &sys::cublasLtMatmulAlgo_t) -> i32 {
 /// another is at least 3% faster.
 fn time_candidates(
     handle: sys::cublasLtHandle_t,
-    dev: &CudaDevice,
     stream: &std::sync::Arc<CudaStream>,
     plan: &Plan,
     algos: &[sys::cublasLtMatmulAlgo_t],
@@ -455,7 +453,6 @@ fn time_candidates(
         }
     }
     drop(_gf);
-    let _ = dev;
     let medians: Vec<f32> = times
         .into_iter()
         .map(|mut t| {

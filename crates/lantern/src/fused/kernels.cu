@@ -52,7 +52,7 @@ __device__ void add_rms_norm(const T *x, const T *res, const T *w, T *out, int r
     const float inv = rsqrtf(ss / cols + eps);
     T *y = out + (res ? (size_t)rows * cols : 0) + r0;
     for (int i = threadIdx.x; i < cols; i += blockDim.x)
-        y[i] = fromf<T>(rnd<T>(buf[i] * inv) * tof(w[i]));
+        y[i] = norm_scale<T>(buf[i], inv, tof(w[i]));
 }
 
 // add_rms_norm with one warp per row and the row in registers (rows of at most 256 16-byte
@@ -120,7 +120,7 @@ __device__ void add_rms_norm_warp(const T *x, const T *res, const T *w, T *out, 
             uint4 yv;
             T *yt = reinterpret_cast<T *>(&yv);
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) yt[e] = fromf<T>(rnd<T>(tof(xt[e]) * inv) * tof(wt[e]));
+            for (int e = 0; e < VEC; ++e) yt[e] = norm_scale<T>(tof(xt[e]), inv, tof(wt[e]));
             y4[i] = yv;
         }
     }
@@ -141,11 +141,7 @@ template <typename T> __device__ void silu_mul_vec(const T *gu, T *out, int rows
         uint4 ov;
         T *ot = reinterpret_cast<T *>(&ov);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-            const float g = tof(gt[e]);
-            const float sg = rnd<T>(g / (1.f + __expf(-g)));
-            ot[e] = fromf<T>(sg * tof(ut[e]));
-        }
+        for (int e = 0; e < VEC; ++e) ot[e] = swiglu<T>(tof(gt[e]), tof(ut[e]));
         reinterpret_cast<uint4 *>(out + (size_t)r * f)[j] = ov;
     }
 }
@@ -156,9 +152,7 @@ template <typename T> __device__ void silu_mul(const T *gu, T *out, int rows, in
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         const size_t r = i / f, j = i % f;
-        const float g = tof(gu[r * 2 * f + j]);
-        const float sg = rnd<T>(g / (1.f + __expf(-g)));
-        out[i] = fromf<T>(sg * tof(gu[r * 2 * f + f + j]));
+        out[i] = swiglu<T>(tof(gu[r * 2 * f + j]), tof(gu[r * 2 * f + f + j]));
     }
 }
 
@@ -599,8 +593,7 @@ __device__ void small_linear(const T *x, const T *w, const T *norm_w, float eps,
                 if (mode == 1) {
                     y[o] = fromf<T>(tof(res[o]) + rnd<T>(a));
                 } else if (ROWS == 1) {
-                    const float g = rnd<T>(a);
-                    y[o] = fromf<T>(rnd<T>(g / (1.f + __expf(-g))) * rnd<T>(a2));
+                    y[o] = swiglu<T>(rnd<T>(a), rnd<T>(a2));
                 } else {
                     y[o] = fromf<T>(a);
                 }
