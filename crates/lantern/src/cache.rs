@@ -17,6 +17,9 @@ pub struct KvCache {
     /// Fixed-shape mode: new entries are written at this fixed slot (the staging block, see
     /// [`KvCache::set_staging`]).
     staging: Option<usize>,
+    /// Fixed-shape mode: a device copy of the filled length (u32 `[1]`) that the step writes
+    /// before each replay, if it keeps one ([`KvCache::set_filled_on_device`]).
+    filled_on_device: Option<Tensor>,
 }
 
 impl KvCache {
@@ -37,6 +40,7 @@ impl KvCache {
             len: 0,
             max_len,
             staging: None,
+            filled_on_device: None,
         })
     }
 
@@ -49,6 +53,7 @@ impl KvCache {
             len: 0,
             max_len: 0,
             staging: None,
+            filled_on_device: None,
         }
     }
 
@@ -65,6 +70,19 @@ impl KvCache {
     /// The staging slot of the fixed-shape mode, if on.
     pub fn staging(&self) -> Option<usize> {
         self.staging
+    }
+
+    /// In the fixed-shape mode, a u32 `[1]` on the device that holds the filled length when
+    /// the step's kernels run (the step writes it before each launch or graph replay): attention
+    /// then skips the empty slots between the filled length and the staging block instead of
+    /// masking them. `None` (the default): every slot is visited.
+    pub fn set_filled_on_device(&mut self, filled: Option<Tensor>) {
+        self.filled_on_device = filled;
+    }
+
+    /// The buffer set by [`KvCache::set_filled_on_device`], while in the fixed-shape mode.
+    pub fn filled_on_device(&self) -> Option<&Tensor> {
+        self.staging.and(self.filled_on_device.as_ref())
     }
 
     /// Copies the `s` staged entries at slot `from` to the filled length and advances it (one

@@ -550,6 +550,105 @@ fn cuda_attention_matches_cpu_at_long_keys() -> Result<()> {
     Ok(())
 }
 
+/// On the GPU, attention over a fixed-shape step's cache that skips its empty slots
+/// (`KeyMask::Staged`: the filled length read from the device) equals attention under the same
+/// mask visiting every slot (`KeyMask::Additive`), up to summation order, and never reads the
+/// 16-key tiles that hold only empty slots: they hold NaN in the skipping run (zeros in the
+/// reference), so the tensor-core kernel's visit would poison its output (a tile it does visit
+/// may hold empty slots: the mask hides them, which needs finite values). Cases: the one-query kernel (decode), the tensor-core kernel with and
+/// without its K/V write (verification, drafter blocks), the tile kernel in f32; empty ranges
+/// that start and end inside a 16-key tile, that span many tiles, and none at all.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_attention_skips_empty_slots() -> Result<()> {
+    use lantern::fused::{attention, attention_write_kv, Heads, KeyMask};
+    let gpu = lantern::fused::cuda_device(0)?;
+    let b = 2;
+    // (hd, h, kvh, slots, new tokens s, filled length, dtype, K/V write inside)
+    let cases = [
+        (64, 4, 4, 377, 1, 249usize, DType::BF16, false),
+        (64, 4, 4, 1500, 1, 700, DType::BF16, false),
+        (64, 4, 4, 494, 59, 248, DType::BF16, true),
+        (64, 4, 4, 494, 59, 253, DType::BF16, false),
+        (32, 8, 4, 300, 20, 17, DType::BF16, true),
+        (128, 2, 2, 400, 33, 367, DType::BF16, true),
+        (64, 2, 2, 200, 10, 150, DType::F32, false),
+    ];
+    for (hd, h, kvh, keys, s, filled, dt, write) in cases {
+        let heads = Heads { h, kvh, hd };
+        let (layers, layer, at) = (2, 1, keys - s);
+        let empty = |j: usize| j >= filled.div_ceil(16) * 16 && j < at / 16 * 16;
+        // K/V of every slot, the empty ones NaN (skipping run) or zero (reference)
+        let kv = Tensor::randn(0f32, 1.0, (2, layers, b, kvh, keys, hd), &gpu)?;
+        let slot_is_empty: Vec<u8> = (0..keys).map(|j| empty(j) as u8).collect();
+        let sel = Tensor::from_vec(slot_is_empty, (1, 1, 1, 1, keys, 1), &gpu)?
+            .broadcast_as(kv.shape())?;
+        let nan = Tensor::full(f32::NAN, kv.shape(), &gpu)?;
+        let kv_nan = sel.where_cond(&nan, &kv)?.to_dtype(dt)?;
+        let kv_zero = sel.where_cond(&kv.zeros_like()?, &kv)?.to_dtype(dt)?;
+        let qkv = Tensor::randn(0f32, 1.0, (b, s, (h + 2 * kvh) * hd), &gpu)?.to_dtype(dt)?;
+        let angle = Tensor::rand(0f32, 6.3, (b, s, hd / 2, 1), &gpu)?;
+        let rope = Tensor::cat(&[angle.cos()?, angle.sin()?], 3)?;
+        // filled keys with holes, the empty slots hidden, then a tree-like block
+        let v: Vec<f32> = (0..b * s * keys)
+            .map(|x| {
+                let (r, i, j) = (x / (s * keys), (x / keys) % s, x % keys);
+                let seen = if j < filled {
+                    j == 0 || !(j * 7 + r + i).is_multiple_of(5)
+                } else if j < at {
+                    false
+                } else {
+                    j - at <= i && (j - at == i || (j + i) % 3 == 0)
+                };
+                if seen {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(v, (b, 1, s, keys), &gpu)?;
+        let staged = KeyMask::Staged {
+            mask: mask.clone(),
+            filled: Tensor::new(&[filled as u32], &gpu)?,
+            at,
+        };
+        let additive = KeyMask::Additive(mask);
+        let (want, got) = if write {
+            let want =
+                attention_write_kv(&qkv, &rope, &kv_zero, layer, at, keys, &additive, heads)?;
+            let got = attention_write_kv(&qkv, &rope, &kv_nan, layer, at, keys, &staged, heads)?;
+            (want, got)
+        } else {
+            let want = attention(&qkv, &rope, &kv_zero, layer, keys, &additive, heads)?;
+            let got = attention(&qkv, &rope, &kv_nan, layer, keys, &staged, heads)?;
+            (want, got)
+        };
+        let e = rel_err(&got, &want)?;
+        let nans = |t: &Tensor| -> Result<usize> {
+            let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(v.iter().filter(|x| !x.is_finite()).count())
+        };
+        println!(
+            "non-finite: got {} want {} of {}; kv_nan {} kv_zero {}",
+            nans(&got)?,
+            nans(&want)?,
+            got.elem_count(),
+            nans(&kv_nan)?,
+            nans(&kv_zero)?
+        );
+        assert_eq!(nans(&got)?, 0, "NaN output: an empty tile was read");
+        assert_eq!(nans(&want)?, 0, "NaN in the reference");
+        let what = format!("hd {hd}, {s} queries, filled {filled} of {keys} (block at {at}), {dt:?}, write {write}");
+        println!("{what}: rel err {e:.2e}");
+        assert!(
+            e < 1e-2,
+            "{what}: rel err {e} (NaN: an empty slot was read)"
+        );
+    }
+    Ok(())
+}
+
 /// On the GPU, attention with the K/V write inside (`fused::attention_write_kv`: the
 /// tensor-core kernel reads the new positions from qkv and writes them into the cache) equals
 /// `write_kv` then `attention`, bit for bit, in its output and in the whole cache: head sizes

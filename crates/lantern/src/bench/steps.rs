@@ -644,10 +644,15 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
         let vb = random_var_builder(cfg.dtype, device);
         let model = LlamaGen::load(vb, &tc)?;
         let s = cfg.tree_tokens;
-        // room for the block and for the fixed-shape steps' staging block behind it
-        let mut cache = model.new_cache(b, p + 2 * s.max(1))?;
+        // the capacities the decoding loops give one image (ar.rs, speculative.rs), so that a
+        // fixed-shape step's attention spans what generation's does: the condition and the
+        // image, then room for the block and the fixed-shape steps' staging block behind it
+        let image = tc.cls_token_num + tc.block_size;
+        let mut cache = model.new_cache(b, (p + 2 * s.max(1)).max(image + 2 * s.max(1)))?;
         cache.advance(p);
         if wants(Step::Decode) {
+            let mut cache = model.new_cache(b, (p + 2).max(image + 1))?;
+            cache.advance(p);
             let ids = Tensor::zeros((b, 1), DType::U32, device)?;
             let pos = Tensor::new(&[p as u32], device)?;
             let ms = time(&mut || {
@@ -708,7 +713,7 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
             let drafter = Drafter::load(random_var_builder(cfg.dtype, device), &dc)?;
             drafter.check_target(&tc)?;
             let (n, dp) = (cfg.drafter_tokens, p - 1);
-            let mut dcache = drafter.new_cache(b, dp + 2 * n)?;
+            let mut dcache = drafter.new_cache(b, (dp + 2 * n).max(image + 2 * s.max(n)))?;
             dcache.advance(dp);
             let ids = Tensor::zeros((b, n), DType::U32, device)?;
             let feats = Tensor::randn(0f32, 1.0, (b, n, tc.dim), device)?.to_dtype(cfg.dtype)?;

@@ -8,8 +8,11 @@
 //! (which also carries tree structure, holes and caption padding). The new K/V go to a fixed
 //! staging block at the end of the cache (the cache's staging mode, [`KvCache::set_staging`]),
 //! from which two copies after the launch move them to the filled length (a device-side scatter
-//! would loop over the block in every thread). Attention always spans the whole cache
-//! capacity; masked slots cost a little compute, no launches.
+//! would loop over the block in every thread). Attention's launch spans the whole cache
+//! capacity; the filled length also goes to a device buffer before each launch, from which the
+//! attention kernels learn which slots between it and the staging block are empty and skip
+//! them (the mask hides them too, so `LANTERN_LIVE_KEYS=0`, which visits every slot, gives the
+//! same attention up to summation order).
 //!
 //! One [`GraphStep`] serves one shape (new tokens `s`, position layout); a loop keeps one per
 //! shape it meets ([`GraphSteps`]). The first call of a shape runs eagerly (which also warms
@@ -110,6 +113,8 @@ pub struct GraphStep {
     features: Option<Tensor>,
     pos: Tensor,
     mask: Tensor,
+    /// The filled length (u32 `[1]`), written with the mask before each launch.
+    filled: Tensor,
     hidden: Tensor,
     capture: bool,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -141,6 +146,7 @@ impl GraphStep {
             features,
             pos: Tensor::zeros(pos_dims, DType::U32, &dev)?,
             mask: Tensor::zeros((rows, 1, s, max_len), DType::F32, &dev)?,
+            filled: Tensor::zeros(1, DType::U32, &dev)?,
             hidden: Tensor::zeros((rows, s, width), dtype, &dev)?,
             capture,
             graph: Default::default(),
@@ -178,6 +184,7 @@ impl GraphStep {
     /// it returns, so a captured graph frees what it allocates.
     fn run(&self, model: &dyn FixedForward, cache: &mut KvCache) -> Result<()> {
         cache.set_staging(Some(self.staging_at()?));
+        cache.set_filled_on_device(Some(self.filled.clone()));
         let h = model.fixed_step(
             &self.ids,
             self.features.as_ref(),
@@ -185,6 +192,7 @@ impl GraphStep {
             &self.mask,
             cache,
         );
+        cache.set_filled_on_device(None);
         cache.set_staging(None);
         self.hidden.slice_set(&h?, 0, 0)?;
         Ok(())
@@ -236,8 +244,9 @@ impl GraphStep {
             crate::decode::profile::mark_here(if drafter { draft } else { target })
         };
         let at = self.staging_at()?;
-        // filled keys, -inf up to the staging slots at `at`, then the block: one kernel
-        crate::fused::place_mask(&self.mask, mask, len)?;
+        // filled keys, -inf up to the staging slots at `at`, then the block, and the filled
+        // length: one kernel
+        crate::fused::place_mask(&self.mask, mask, len, Some(&self.filled))?;
         self.ids
             .slice_set(&ids.to_dtype(DType::U32)?.contiguous()?, 0, 0)?;
         self.pos

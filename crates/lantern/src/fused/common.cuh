@@ -66,6 +66,25 @@ __device__ __forceinline__ size_t cache_plane(int n_layer, int b, int kvh, int m
     return (size_t)n_layer * b * kvh * max_len * hd;
 }
 
+// The keys a fixed-shape step visits. Its cache holds filled slots [0, filled), empty slots up
+// to the staging block at `at`, then the block (the mask hides the empty ones). With `live` (a
+// device copy of the filled length, written before each graph replay) attention skips the
+// empty slots: visited key v is slot v below the filled length, else at + (v - filled);
+// without it every slot [0, keys) is visited in order.
+struct KeyRange {
+    int lo, at, n; // slots [0, lo) then [at, keys): n keys
+    __device__ __forceinline__ int slot(int v) const { return v < lo ? v : at + (v - lo); }
+};
+// The range for a filled length `filled` (on: a fixed-shape step's; off: every slot).
+__device__ __forceinline__ KeyRange key_range(bool on, int filled, int at, int keys) {
+    if (!on) return {keys, keys, keys};
+    const int lo = min(max(filled, 0), keys), a = max(min(at, keys), lo);
+    return {lo, a, lo + keys - a};
+}
+// The filled length behind `live` (0 without it). Read before a kernel's PDL wait it only
+// guides prefetches; the value attention relies on is read after the wait.
+__device__ __forceinline__ int filled_of(const int *live) { return live ? *live : 0; }
+
 // Row of HD elements (16-byte aligned) to f32 registers, 16 bytes per load.
 template <typename T, int HD> __device__ __forceinline__ void load_row(const T *p, float *r) {
     constexpr int VEC = 16 / sizeof(T);

@@ -397,11 +397,15 @@ pub(super) fn attention(
     rope: &Tensor,
     kv: &Tensor,
     mask: Option<&Tensor>,
+    live: Option<(&Tensor, usize)>,
 ) -> Result<CudaStorage> {
     let dev = qkv.device().clone();
     let dt = qkv.dtype();
     if kv.dtype() != dt {
         bail!("fused attention: qkv {dt:?} vs cache {:?}", kv.dtype());
+    }
+    if live.is_some() && mask.is_none() {
+        bail!("fused attention: skipping empty slots needs the mask that hides them");
     }
     let (qa, qb) = offsets(qkv_l)?;
     let ra = offsets(rope.layout())?.0;
@@ -440,6 +444,8 @@ pub(super) fn attention(
     let (kv_g, kv_l) = kv.storage_and_layout();
     let base = kv_l.start_offset() as u64;
     let mask_g = mask.map(|m| m.storage_and_layout());
+    let live_g = live.map(|(t, _)| t.storage_and_layout());
+    let live_at = live.map_or(0, |(_, at)| at as i32);
     let cfg = launch_cfg(grid, threads, shared);
     let ints = [
         d.cache.b,
@@ -468,6 +474,10 @@ pub(super) fn attention(
             Some((g, l)) => Some(held_view::<f32>(g, l, "the mask")?),
             None => None,
         };
+        let live_s = match &live_g {
+            Some((g, l)) => Some(held_view::<u32>(g, l, "the filled length")?),
+            None => None,
+        };
         let stream = dev.cuda_stream();
         let mut builder = Launch::new(&func, &stream);
         builder.arg(&q);
@@ -485,6 +495,8 @@ pub(super) fn attention(
         if tc {
             builder.arg(&write_at);
         }
+        builder.arg(&live_s);
+        builder.arg(&live_at);
         // SAFETY: argument list matches the kernel's signature; dims were checked against
         // the cache's layout (with `write_at`, the kernel writes slots `write_at..+s` of the
         // cache, which no other block of the launch reads: they read those rows from qkv).
@@ -819,7 +831,9 @@ pub(super) fn place_mask(
         len,
         s,
         max_len,
-    } = *op;
+        ..
+    } = op;
+    let (rows, len, s, max_len) = (*rows, *len, *s, *max_len);
     let dev = d.device().clone();
     let func = dev.get_or_load_custom_func("place_mask_f32", MODULE, PTX)?;
     let (a, b) = offsets(sl)?;
@@ -829,13 +843,19 @@ pub(super) fn place_mask(
     let n = rows * max_len;
     let blocks = n.div_ceil(256).clamp(1, 1024) as u32;
     let ints = [rows, len, s, max_len].map(|v| v as i32);
+    let filled_g = op.filled.as_ref().map(|f| f.storage_and_layout());
+    let filled = match &filled_g {
+        Some((g, l)) => Some(held_view::<u32>(g, l, "the filled length")?),
+        None => None,
+    };
     let stream = dev.cuda_stream();
     let mut l = Launch::new(&func, &stream);
     l.arg(&src).arg(&mut dst);
     for v in &ints {
         l.arg(v);
     }
-    // SAFETY: matches place_mask_f32(const float *, float *, int x4); both views cover the
-    // masks' elements (checked by the caller).
+    l.arg(&filled);
+    // SAFETY: matches place_mask_f32(const float *, float *, int x4, unsigned *); both views
+    // cover the masks' elements (checked by the caller), `filled` one u32 (or null).
     unsafe { l.launch(launch_cfg((blocks, 1, 1), 256, 0)) }
 }

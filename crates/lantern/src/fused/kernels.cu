@@ -205,13 +205,14 @@ __device__ void write_kv(T *kv, size_t base, const T *qkv, const float *rope, in
 // reads each key/value row once for all of them. Queries come from qkv (rotated on load and
 // rounded to T like the reference), keys and values from the cache layer; scores, softmax
 // and the weighted sum stay in f32. mask: additive f32 (element [bb * mask_b + q * mask_s + j],
-// -inf hides a key) or null; causal_past >= 0 hides keys j > causal_past + q.
+// -inf hides a key) or null; causal_past >= 0 hides keys j > causal_past + q. live / live_at:
+// the empty slots a fixed-shape step skips (KeyRange; null: none).
 // Shared memory: scores [QT][keys], queries [QT][HD], partial sums [warps][QT][HD].
 template <typename T, int HD, int QT>
 __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t base,
                           const float *mask, T *out, int b, int s, int h, int kvh, int layer,
                           int n_layer, int max_len, int keys, int rope_rows, long long mask_b,
-                          long long mask_s, int causal_past) {
+                          long long mask_s, int causal_past, const int *live, int live_at) {
     extern __shared__ float sm[];
     float *sc = sm;                      // [QT][keys]
     float *qs = sc + (size_t)QT * keys;  // [QT][HD]
@@ -229,18 +230,21 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
     // L2 while the previous kernel (the wqkv product) finishes; a decode step's cache does not
     // stay in L2 from one step to the next (L2 is coherent with the new slots' writes). Every
     // key row (the scores read them all) and the value rows the tile's first query does not
-    // hide (read before the wait, a mask entry only decides a prefetch)
+    // hide (read before the wait, a mask entry or the filled length only decides a prefetch)
     {
         constexpr int LINE = 128 / sizeof(T), LPR = (HD + LINE - 1) / LINE; // lines per row
         const float *mrow = mask ? mask + bb * mask_b + (long long)q0 * mask_s : nullptr;
-        for (int i = threadIdx.x; i < keys * LPR; i += blockDim.x) {
-            const int row = i / LPR, l = i % LPR;
+        const KeyRange pre = key_range(live, filled_of(live), live_at, keys);
+        for (int i = threadIdx.x; i < pre.n * LPR; i += blockDim.x) {
+            const int row = pre.slot(i / LPR), l = i % LPR;
             const size_t off = (size_t)row * HD + l * LINE;
             prefetch_l2(kp + off);
             if (!mrow || mrow[row] != -INFINITY) prefetch_l2(vp + off);
         }
     }
     pdl_wait();
+    // the filled length, used after the queries are staged (its load overlaps theirs)
+    const int filled = filled_of(live);
     // queries: rotate, round, scale
     for (int i = threadIdx.x; i < QT * pairs; i += blockDim.x) {
         const int qq = i / pairs, p = i % pairs;
@@ -257,8 +261,12 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
         qs[qq * HD + 2 * p + 1] = o1;
     }
     __syncthreads();
+    // the visited keys (scores are stored by visited index v, slot kr.slot(v))
+    const KeyRange kr = key_range(live, filled, live_at, keys);
+    const int nk = kr.n;
     // scores: one key row per thread, reused for the tile's queries
-    for (int j = threadIdx.x; j < keys; j += blockDim.x) {
+    for (int v = threadIdx.x; v < nk; v += blockDim.x) {
+        const int j = kr.slot(v);
         // the key row and the mask entries are loaded together (no load waits on another)
         float kr[HD];
         load_row<T, HD>(kp + (size_t)j * HD, kr);
@@ -277,7 +285,7 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
             any |= vis;
         }
         if (!any) {
-            for (int qq = 0; qq < QT; ++qq) sc[qq * keys + j] = -INFINITY;
+            for (int qq = 0; qq < QT; ++qq) sc[qq * keys + v] = -INFINITY;
             continue;
         }
         for (int qq = 0; qq < QT; ++qq) {
@@ -288,7 +296,7 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
                 for (int e = 0; e < HD; ++e) acc += qs[qq * HD + e] * kr[e];
                 acc += m[qq];
             }
-            sc[qq * keys + j] = acc;
+            sc[qq * keys + v] = acc;
         }
     }
     __syncthreads();
@@ -297,10 +305,10 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
     if (QT == 1) {
         __shared__ float red[32];
         float mx = -INFINITY;
-        for (int j = threadIdx.x; j < keys; j += blockDim.x) mx = fmaxf(mx, sc[j]);
+        for (int j = threadIdx.x; j < nk; j += blockDim.x) mx = fmaxf(mx, sc[j]);
         mx = block_max(mx, red);
         float sum = 0.f;
-        for (int j = threadIdx.x; j < keys; j += blockDim.x) {
+        for (int j = threadIdx.x; j < nk; j += blockDim.x) {
             const float v = sc[j];
             const float e = (v == -INFINITY) ? 0.f : __expf(v - mx);
             sc[j] = e;
@@ -311,10 +319,10 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
     } else {
         for (int qq = warp; qq < QT; qq += nw) {
             float mx = -INFINITY;
-            for (int j = lane; j < keys; j += 32) mx = fmaxf(mx, sc[qq * keys + j]);
+            for (int j = lane; j < nk; j += 32) mx = fmaxf(mx, sc[qq * keys + j]);
             for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
             float sum = 0.f;
-            for (int j = lane; j < keys; j += 32) {
+            for (int j = lane; j < nk; j += 32) {
                 const float v = sc[qq * keys + j];
                 const float e = (v == -INFINITY) ? 0.f : __expf(v - mx);
                 sc[qq * keys + j] = e;
@@ -335,7 +343,7 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
 #pragma unroll
         for (int e = 0; e < VEC; ++e) acc[qq][e] = 0.f;
     const int stride = nw * KPW;
-    for (int j0 = warp * KPW + sub; j0 < keys; j0 += UNR * stride) {
+    for (int j0 = warp * KPW + sub; j0 < nk; j0 += UNR * stride) {
         uint4 u[UNR];
         float p[UNR][QT];
 #pragma unroll
@@ -344,10 +352,10 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
             bool any = false;
 #pragma unroll
             for (int qq = 0; qq < QT; ++qq) {
-                p[r][qq] = j < keys ? sc[qq * keys + j] : 0.f;
+                p[r][qq] = j < nk ? sc[qq * keys + j] : 0.f;
                 any |= p[r][qq] != 0.f;
             }
-            u[r] = any ? *reinterpret_cast<const uint4 *>(vp + (size_t)j * HD + col)
+            u[r] = any ? *reinterpret_cast<const uint4 *>(vp + (size_t)kr.slot(j) * HD + col)
                        : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
@@ -424,10 +432,12 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
                                     unsigned long long base, const float *mask, T *out, int b, \
                                     int s, int h, int kvh, int layer, int n_layer,              \
                                     int max_len, int keys, int rope_rows, long long mask_b,     \
-                                    long long mask_s, int causal_past) {                        \
+                                    long long mask_s, int causal_past, const int *live,         \
+                                    int live_at) {                                              \
         pdl_trigger();                                                                          \
         attention<T, HD, QT>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,      \
-                             max_len, keys, rope_rows, mask_b, mask_s, causal_past);            \
+                             max_len, keys, rope_rows, mask_b, mask_s, causal_past, live,       \
+                             live_at);                                                          \
     }
 #define ALL(T, SUF)                                                                             \
     NORM(T, rms_norm_##SUF)                                                                     \
@@ -700,11 +710,15 @@ template <typename T> __device__ __forceinline__ uint4 rope8(const T *src, const
 // cache only after this kernel: every block reads those rows from qkv instead (keys rotated on
 // load, rounded to T exactly as write_kv rounds them), and the first query tile's block of each
 // key head's first query head also writes them into the cache (what write_kv would write).
+// live / live_at: the empty slots of a fixed-shape step (KeyRange); the warps then share only
+// the tiles that hold a visited key (visited tile v: tile v below the filled length's, else the
+// staging block's tiles); null: every tile.
 template <typename T, int HD, int NW>
 __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base,
                              const float *mask, T *out, int b, int s, int h, int kvh, int layer,
                              int n_layer, int max_len, int keys, int rope_rows, long long mask_b,
-                             long long mask_s, int causal_past, int write_at) {
+                             long long mask_s, int causal_past, int write_at, const int *live,
+                             int live_at) {
     constexpr int NC = HD / 32; // 32-dim chunks of a row
     extern __shared__ __align__(128) unsigned char smraw[];
     float *os = reinterpret_cast<float *>(smraw);     // [NW][16][HD] output shares
@@ -713,21 +727,36 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
     const int w = (h + 2 * kvh) * HD, kh = hh / (h / kvh);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int nt = (keys + 15) / 16;
+    // visited tiles: [0, tlo) then [tat, nt); tile(v) is the v-th of them
+    auto tiles = [&](int filled, int &tlo, int &tat) {
+        const KeyRange r = key_range(live, filled, live_at, keys);
+        tlo = (r.lo + 15) / 16;
+        tat = max(r.at / 16, tlo);
+    };
+    // the filled length as read before the PDL wait (prefetches and the first tile; checked
+    // against the value after the wait before any tile is used)
+    const int filled_pre = filled_of(live);
+    int tlo, tat;
+    tiles(filled_pre, tlo, tat);
+    auto tile_of = [&](int v) { return v < tlo ? v : tat + (v - tlo); };
     const size_t head = base + cache_head(layer, b, bb, kvh, kh, max_len, HD);
     T *kp = kv + head, *vp = kv + cache_plane(n_layer, b, kvh, max_len, HD) + head;
     // this block writes the new keys and values into the cache (write_at >= 0)
     const bool writer = write_at >= 0 && blockIdx.x == 0 && hh % (h / kvh) == 0;
     pdl_trigger();
     // the older keys are in memory already: start moving this warp's tiles towards L2 while
-    // the previous kernel finishes (L2 is coherent with its writes)
+    // the previous kernel finishes (L2 is coherent with its writes; the filled length read
+    // before the wait only decides prefetches)
     constexpr int LINE = 128 / sizeof(T), LPR = (HD + LINE - 1) / LINE; // 128-byte lines a row
-    for (int tt = warp; tt < nt; tt += NW) {
+    int nv = tlo + nt - tat;
+    for (int tt = warp; tt < nv; tt += NW) {
         for (int i = lane; i < 2 * 16 * LPR; i += 32) {
-            const int k = i % (16 * LPR), row = min(tt * 16 + k / LPR, keys - 1);
+            const int k = i % (16 * LPR), row = min(tile_of(tt) * 16 + k / LPR, keys - 1);
             prefetch_l2((i < 16 * LPR ? kp : vp) + (size_t)row * HD + (k % LPR) * LINE);
         }
     }
     pdl_wait();
+    const int filled = filled_of(live);
     // a tile's keys and values (rows g and g + 8 of it, clamped to the last key: the copies'
     // scores are hidden, so their probabilities are 0) and mask entries, all loads issued
     // before the first use; the first tile's before the queries are rotated
@@ -790,7 +819,7 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
         }
     };
     Tile cur;
-    load(cur, min(warp, nt - 1));
+    load(cur, tile_of(min(warp, nv - 1)));
     const float scale = rsqrtf((float)HD);
     // queries, rotated and rounded to T: qa[row half][chunk][word]
     unsigned qa[2][NC][4];
@@ -810,6 +839,13 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
             }
         }
     }
+    if (filled != filled_pre) {
+        // the filled length changed at the wait (not in a graph replay, where it is written
+        // before the launch): the tiles of the value the kernel must use
+        tiles(filled, tlo, tat);
+        nv = tlo + nt - tat;
+        load(cur, tile_of(min(warp, nv - 1)));
+    }
     float acc[NC][4][4];
 #pragma unroll
     for (int c = 0; c < NC; ++c)
@@ -818,8 +854,8 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[c][m][e] = 0.f;
     float mx[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
-    for (int tt = warp; tt < nt; tt += NW) {
-        const int k0 = tt * 16;
+    for (int tt = warp; tt < nv; tt += NW) {
+        const int k0 = tile_of(tt) * 16;
         // scores of rows g, g + 8 at keys k0 + 8 n + 2 t + {0, 1}
         float sc[2][4];
 #pragma unroll
@@ -907,7 +943,7 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
             for (int m = 0; m < 4; ++m)
                 mma_16816(acc[c][m], pa, trans_8x8(v0[m]), trans_8x8(v1[m]), T());
         }
-        if (tt + NW < nt) load(cur, tt + NW);
+        if (tt + NW < nv) load(cur, tile_of(tt + NW));
     }
     // the warps' shares: row maxima and sums, then outputs rescaled to the block's maxima
 #pragma unroll
@@ -961,10 +997,10 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
         NAME(const T *qkv, const float *rope, T *kv, unsigned long long base,                   \
              const float *mask, T *out, int b, int s, int h, int kvh, int layer, int n_layer,   \
              int max_len, int keys, int rope_rows, long long mask_b, long long mask_s,          \
-             int causal_past, int write_at) {                                                   \
+             int causal_past, int write_at, const int *live, int live_at) {                     \
         attention_tc<T, HD, NW>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,  \
                                 max_len, keys, rope_rows, mask_b, mask_s, causal_past,          \
-                                write_at);                                                      \
+                                write_at, live, live_at);                                       \
     }
 #define ATTN_TCS(T, SUF)                                                                        \
     ATTN_TC(T, 32, 4, attention_tc_32_4_##SUF)                                                  \
@@ -1606,12 +1642,14 @@ extern "C" __global__ void probe_bulk(const char *p, unsigned long long bytes,
 // ---------------------------------------------------------------------------------------------
 // A fixed-shape step's mask (mod.rs place_mask): the additive mask src [rows, len + s] of the
 // usual layout (filled keys, then the block) placed into dst [rows, max_len]: the filled keys
-// first, -inf up to the staging slots at max_len - s, then the block's keys.
+// first, -inf up to the staging slots at max_len - s, then the block's keys; `filled` (if set)
+// receives len, the length the step's attention reads to skip the empty slots (KeyRange).
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void place_mask_f32(const float *src, float *dst, int rows, int len, int s,
-                                          int max_len) {
+                                          int max_len, unsigned *filled) {
     pdl_trigger();
     pdl_wait();
+    if (filled && blockIdx.x == 0 && threadIdx.x == 0) *filled = (unsigned)len;
     const int at = max_len - s, w = len + s;
     const size_t n = (size_t)rows * max_len;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;

@@ -109,13 +109,16 @@ pub fn decode_layer(
         KeyMask::Causal { past } => candle_core::bail!(
             "decode layer: a causal mask over {keys} keys from position {past} is not a decode step"
         ),
-        KeyMask::Additive(m) => match super::additive_mask(m, b, 1, keys)? {
-            Some(mask) => Some(mask),
-            None => candle_core::bail!(
-                "decode layer: attention mask {:?} does not cover one query over {keys} keys",
-                m.dims()
-            ),
-        },
+        // the one-kernel block visits every slot (the mask hides the empty ones)
+        KeyMask::Additive(m) | KeyMask::Staged { mask: m, .. } => {
+            match super::additive_mask(m, b, 1, keys)? {
+                Some(mask) => Some(mask),
+                None => candle_core::bail!(
+                    "decode layer: attention mask {:?} does not cover one query over {keys} keys",
+                    m.dims()
+                ),
+            }
+        }
     };
     let op = DecodeLayer {
         wqkv: weights.wqkv.contiguous()?,

@@ -538,8 +538,9 @@ pub fn move_slots(kv: &Tensor, from: usize, to: usize, s: usize) -> Result<()> {
 /// Writes the additive f32 mask `src` (`[.., len + s]`: `len` filled keys, then a block of
 /// `s`) into `dst` (`[.., max_len]`, same leading dims) as a fixed-shape step reads it: the
 /// filled keys, `-inf` up to the staging slots `max_len - s..`, then the block's keys. One
-/// kernel instead of a fill, a concatenation and a copy.
-pub fn place_mask(dst: &Tensor, src: &Tensor, len: usize) -> Result<()> {
+/// kernel instead of a fill, a concatenation and a copy. `filled` (a u32 `[1]`, the step's
+/// [`KeyMask::Staged`] length) receives `len` in the same kernel.
+pub fn place_mask(dst: &Tensor, src: &Tensor, len: usize, filled: Option<&Tensor>) -> Result<()> {
     let (w, max_len) = (
         src.dim(candle_core::D::Minus1)?,
         dst.dim(candle_core::D::Minus1)?,
@@ -552,11 +553,25 @@ pub fn place_mask(dst: &Tensor, src: &Tensor, len: usize) -> Result<()> {
             dst.dims()
         );
     }
+    if let Some(f) = filled {
+        if f.dims() != [1] || f.dtype() != DType::U32 || !f.is_contiguous() {
+            candle_core::bail!(
+                "place_mask: the filled length buffer {:?} {:?} is not a u32 [1]",
+                f.dims(),
+                f.dtype()
+            );
+        }
+    }
+    let cuda_filled = filled.filter(|f| f.device().is_cuda()).cloned();
+    if let Some(f) = filled.filter(|f| !f.device().is_cuda()) {
+        f.slice_set(&Tensor::new(&[len as u32], f.device())?, 0, 0)?;
+    }
     let op = PlaceMask {
         rows,
         len,
         s: w - len,
         max_len,
+        filled: cuda_filled,
     };
     dst.inplace_op2(&src.to_dtype(DType::F32)?.contiguous()?, &op)
 }
@@ -570,6 +585,22 @@ pub enum KeyMask {
     Causal { past: usize },
     /// Additive f32 mask `[s, keys]` or `[b, 1, s, keys]`: `-inf` hides a key.
     Additive(Tensor),
+    /// [`KeyMask::Additive`] over a fixed-shape step's cache, whose slots `filled..at` are
+    /// empty (the mask hides them): `filled` is a u32 `[1]` on the device holding the filled
+    /// length, read when the kernel runs (so a replayed CUDA graph sees each step's), and the
+    /// CUDA kernels skip the empty slots (`LANTERN_LIVE_KEYS=0`: they visit every slot).
+    Staged {
+        mask: Tensor,
+        filled: Tensor,
+        at: usize,
+    },
+}
+
+/// Whether attention over a fixed-shape cache skips its empty slots ([`KeyMask::Staged`]);
+/// `LANTERN_LIVE_KEYS=0` turns it off (for A/B runs).
+fn live_keys_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LANTERN_LIVE_KEYS").map_or(true, |v| v != "0"))
 }
 
 /// Masked attention of the queries in `qkv` (rotated with `rope` on load) over the first
@@ -646,13 +677,28 @@ fn attend(
     let (additive, causal_past) = match mask {
         KeyMask::None => (None, None),
         KeyMask::Causal { past } => (None, Some(*past)),
-        KeyMask::Additive(m) => match additive_mask(m, b, s, keys)? {
-            Some(mask) => (Some(mask), None),
-            None => candle_core::bail!(
-                "attention mask {:?} does not cover {s} queries over {keys} keys",
-                m.dims()
-            ),
-        },
+        KeyMask::Additive(m) | KeyMask::Staged { mask: m, .. } => {
+            match additive_mask(m, b, s, keys)? {
+                Some(mask) => (Some(mask), None),
+                None => candle_core::bail!(
+                    "attention mask {:?} does not cover {s} queries over {keys} keys",
+                    m.dims()
+                ),
+            }
+        }
+    };
+    let live = match mask {
+        KeyMask::Staged { filled, at, .. } if live_keys_enabled() => {
+            if filled.dims() != [1] || filled.dtype() != DType::U32 || *at > keys {
+                candle_core::bail!(
+                    "attention: filled length {:?} {:?} with staging at {at} over {keys} keys (internal error)",
+                    filled.dims(),
+                    filled.dtype()
+                );
+            }
+            Some((filled.clone(), *at))
+        }
+        _ => None,
     };
     let op = Attention {
         rope: rope.contiguous()?,
@@ -661,6 +707,7 @@ fn attend(
         keys,
         mask: additive,
         causal_past,
+        live,
         heads,
         write_at,
     };
@@ -872,6 +919,10 @@ struct Attention {
     /// The mask and whether it has one block per batch row.
     mask: Option<(Tensor, bool)>,
     causal_past: Option<usize>,
+    /// The device's filled length and the staging slot of a fixed-shape step whose empty
+    /// slots the CUDA kernels skip ([`KeyMask::Staged`]); the CPU visits every slot.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    live: Option<(Tensor, usize)>,
     heads: Heads,
     /// The slot the kernel writes the new keys and values to (CUDA tensor-core kernel only;
     /// [`attention_write_kv`] checks that the new slots lie among the keys).
@@ -1119,13 +1170,14 @@ impl CustomOp1 for Attention {
             &self.rope,
             &self.kv,
             self.mask.as_ref().map(|m| &m.0),
+            self.live.as_ref().map(|(t, at)| (t, *at)),
         )?;
         Ok((out, Shape::from((d.cache.b, d.s, d.h * d.cache.hd))))
     }
 }
 
 /// See [`place_mask`].
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct PlaceMask {
     /// Mask rows (the CPU version walks the slices instead).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -1133,6 +1185,9 @@ struct PlaceMask {
     len: usize,
     s: usize,
     max_len: usize,
+    /// A CUDA u32 `[1]` the kernel writes `len` to ([`place_mask`]).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    filled: Option<Tensor>,
 }
 
 impl candle_core::InplaceOp2 for PlaceMask {
@@ -1189,7 +1244,9 @@ mod tests {
         // 2 rows, 3 filled keys, a block of 2, 8 slots: staging at 6
         let src = Tensor::arange(0f32, 10.0, &dev)?.reshape((2, 5))?;
         let dst = Tensor::zeros((2, 8), DType::F32, &dev)?;
-        place_mask(&dst, &src, 3)?;
+        let filled = Tensor::zeros(1, DType::U32, &dev)?;
+        place_mask(&dst, &src, 3, Some(&filled))?;
+        assert_eq!(filled.to_vec1::<u32>()?, [3]);
         let ninf = f32::NEG_INFINITY;
         assert_eq!(
             dst.to_vec2::<f32>()?,
@@ -1199,7 +1256,7 @@ mod tests {
             ]
         );
         // a block longer than the room left is refused
-        assert!(place_mask(&dst, &Tensor::zeros((2, 9), DType::F32, &dev)?, 3).is_err());
+        assert!(place_mask(&dst, &Tensor::zeros((2, 9), DType::F32, &dev)?, 3, None).is_err());
         Ok(())
     }
 }

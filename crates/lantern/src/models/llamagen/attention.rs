@@ -314,7 +314,16 @@ impl Attention {
             }
             AttnMask::Causal if s == 1 => crate::fused::KeyMask::None,
             AttnMask::Causal => crate::fused::KeyMask::Causal { past: at },
-            AttnMask::Custom(m) => crate::fused::KeyMask::Additive(m.clone()),
+            AttnMask::Custom(m) => match (cache.staging(), cache.filled_on_device()) {
+                // a fixed-shape step that keeps its filled length on the device: the kernels
+                // skip the empty slots between it and the staging block
+                (Some(at), Some(filled)) => crate::fused::KeyMask::Staged {
+                    mask: m.clone(),
+                    filled: filled.clone(),
+                    at,
+                },
+                _ => crate::fused::KeyMask::Additive(m.clone()),
+            },
         };
         Ok((kv, at, keys, key_mask))
     }
