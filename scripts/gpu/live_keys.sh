@@ -5,7 +5,8 @@
 # files (LANTERN_LIVE_KEYS=0 must equal the base bit for bit; skipping changes only summation
 # order), ROUNDS interleaved rounds of the step bench (base / new without skipping / new), then
 # FULL: whole images of the loop bench (t2i-xl-256, 1 image of 256 tokens, and with FULL_C2I=1
-# c2i-xl-384, 576 tokens; ar, sd-static, lantern++-static) for the same three variants. Outputs under $OUT.
+# c2i-xl-384, 576 tokens; ar, sd-static, lantern++-static) for the same three variants; REPORT=1
+# adds the new binary's full step bench of both presets. Outputs under $OUT.
 set -uo pipefail
 source scripts/gpu/env.sh
 SECONDS=0
@@ -33,5 +34,13 @@ if [ "${FULL:-1}" = 1 ]; then
         --loop-modes ar,sd-static,lantern++-static --loop-images 1 --loop-tokens ${p##*:} 2>&1 | grep -E "^\| (ar|sd|lantern)|rror"
     done
   done 2>&1 | tee "$OUT/full_images.txt"
+fi
+# REPORT=1: the new binary's full step bench (targets table, expected latency, loop rows) of
+# both presets, kept whole as $OUT/report_PRESET.txt
+if [ "${REPORT:-0}" = 1 ]; then
+  for p in t2i-xl-256 c2i-xl-384; do
+    timeout 240 "$L" bench --random-weights --preset $p --device cuda --loop-images 2 --loop-tokens 64 > "$OUT/report_$p.txt" 2>&1
+    echo "== report $p"; grep -E "cuda graph\) \||drafting phase|over the decode|share of|overhead|^  [A-Z]|expected|rror" "$OUT/report_$p.txt"
+  done
 fi
 echo "total ${SECONDS}s"

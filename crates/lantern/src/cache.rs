@@ -18,8 +18,9 @@ pub struct KvCache {
     /// [`KvCache::set_staging`]).
     staging: Option<usize>,
     /// Fixed-shape mode: a device copy of the filled length (u32 `[1]`) that the step writes
-    /// before each replay, if it keeps one ([`KvCache::set_filled_on_device`]).
-    filled_on_device: Option<Tensor>,
+    /// before each replay, and the first slot after the empty ones, if the step keeps one
+    /// ([`KvCache::set_filled_on_device`]).
+    filled_on_device: Option<(Tensor, usize)>,
 }
 
 impl KvCache {
@@ -73,16 +74,19 @@ impl KvCache {
     }
 
     /// In the fixed-shape mode, a u32 `[1]` on the device that holds the filled length when
-    /// the step's kernels run (the step writes it before each launch or graph replay): attention
-    /// then skips the empty slots between the filled length and the staging block instead of
-    /// masking them. `None` (the default): every slot is visited.
-    pub fn set_filled_on_device(&mut self, filled: Option<Tensor>) {
+    /// the step's kernels run (the step writes it before each launch or graph replay), and the
+    /// first slot in use after it (the staging block, or a scratch block before it): attention
+    /// then skips the empty slots between the two instead of masking them (the step's mask
+    /// must hide them). `None` (the default): every slot is visited.
+    pub fn set_filled_on_device(&mut self, filled: Option<(Tensor, usize)>) {
         self.filled_on_device = filled;
     }
 
-    /// The buffer set by [`KvCache::set_filled_on_device`], while in the fixed-shape mode.
-    pub fn filled_on_device(&self) -> Option<&Tensor> {
-        self.staging.and(self.filled_on_device.as_ref())
+    /// What [`KvCache::set_filled_on_device`] set, while in the fixed-shape mode.
+    pub fn filled_on_device(&self) -> Option<(&Tensor, usize)> {
+        self.staging
+            .and(self.filled_on_device.as_ref())
+            .map(|(t, at)| (t, *at))
     }
 
     /// Copies the `s` staged entries at slot `from` to the filled length and advances it (one

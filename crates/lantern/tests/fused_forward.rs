@@ -555,9 +555,11 @@ fn cuda_attention_matches_cpu_at_long_keys() -> Result<()> {
 /// mask visiting every slot (`KeyMask::Additive`), up to summation order, and never reads the
 /// 16-key tiles that hold only empty slots: they hold NaN in the skipping run (zeros in the
 /// reference), so the tensor-core kernel's visit would poison its output (a tile it does visit
-/// may hold empty slots: the mask hides them, which needs finite values). Cases: the one-query kernel (decode), the tensor-core kernel with and
-/// without its K/V write (verification, drafter blocks), the tile kernel in f32; empty ranges
-/// that start and end inside a 16-key tile, that span many tiles, and none at all.
+/// may hold empty slots: the mask hides them, which needs finite values). Cases: the one-query
+/// kernel (decode) under its block's 1,024 threads (where the plain instance is chosen: no
+/// pass to save) and over them, the tensor-core kernel with and without its K/V write
+/// (verification, drafter blocks), the tile kernel in f32; empty ranges that start and end
+/// inside a 16-key tile, that span many tiles, and none at all.
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_attention_skips_empty_slots() -> Result<()> {

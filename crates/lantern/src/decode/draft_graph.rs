@@ -109,8 +109,12 @@ pub struct StaticDrafting {
     /// `[rows, 1, 1, max_len]` f32: the committed slots' mask, `-inf` from the filled length to
     /// the scratch block, 0 over it.
     prefix: Tensor,
-    /// `[rows * fed]` u32: every fed node's (clamped) position, level by level (`[rows, kf]`
-    /// per level), so that a level reads a contiguous view.
+    /// `[1]` u32: the filled length, from which the attention kernels skip the empty slots up
+    /// to the scratch block (the prefix hides them); a view of `pos`'s last element, so that
+    /// one upload writes both.
+    filled: Tensor,
+    /// `[rows * fed + 1]` u32: every fed node's (clamped) position, level by level (`[rows,
+    /// kf]` per level), so that a level reads a contiguous view; then the filled length.
     pos: Tensor,
     /// Every depth's uniforms, flat (sampling only).
     uniforms: Option<Tensor>,
@@ -267,6 +271,7 @@ impl StaticDrafting {
                 .collect::<candle_core::Result<_>>()?
         };
         let n_picks = block_at[depths.len()];
+        let pos = Tensor::zeros(rows * fed + 1, DType::U32, &dev)?;
         Ok(Some(Self {
             plan: Arc::new(Plan {
                 depths,
@@ -279,7 +284,8 @@ impl StaticDrafting {
             rows,
             feats: Tensor::zeros((rows, 1 + fed, d), dtype, &dev)?,
             prefix: Tensor::zeros((rows, 1, 1, max_len), DType::F32, &dev)?,
-            pos: Tensor::zeros(rows * fed, DType::U32, &dev)?,
+            filled: pos.narrow(0, rows * fed, 1)?,
+            pos,
             uniforms: (!greedy)
                 .then(|| Tensor::zeros(n_uniforms, DType::F64, &dev))
                 .transpose()?,
@@ -353,7 +359,9 @@ impl StaticDrafting {
                 .broadcast_add(&self.tree_masks[i])?
                 .contiguous()?;
             kv.set_staging(Some(self.scratch + off));
+            kv.set_filled_on_device(Some((self.filled.clone(), self.scratch)));
             let out = model.fixed_step(&ids, Some(&feats), &pos, &mask, kv);
+            kv.set_filled_on_device(None);
             kv.set_staging(None);
             let out = out?;
             self.feats.slice_set(&out, 1, 1 + off)?;
@@ -390,7 +398,7 @@ impl StaticDrafting {
         self.prefix
             .slice_set(&Tensor::from_vec(prefix, (rows, 1, 1, max_len), dev)?, 0, 0)?;
         let fed = *self.offsets.last().unwrap_or(&0);
-        let mut pos = Vec::with_capacity(rows * fed);
+        let mut pos = Vec::with_capacity(rows * fed + 1);
         for (e, w) in self.offsets.windows(2).enumerate() {
             for r in 0..rows {
                 let p = step.roots[r % n_img] + e;
@@ -398,8 +406,9 @@ impl StaticDrafting {
                 pos.extend(std::iter::repeat_n(p as u32, w[1] - w[0]));
             }
         }
+        pos.push(kv_len as u32);
         self.pos
-            .slice_set(&Tensor::from_vec(pos, rows * fed, dev)?, 0, 0)?;
+            .slice_set(&Tensor::from_vec(pos, rows * fed + 1, dev)?, 0, 0)?;
         if let Some(u) = &self.uniforms {
             let mut all = Vec::with_capacity(u.elem_count());
             for (dp, &k) in self.plan.depths.iter().zip(&self.plan.ks) {

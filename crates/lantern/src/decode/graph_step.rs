@@ -183,8 +183,9 @@ impl GraphStep {
     /// The fixed-shape computation over the input buffers; every temporary is dropped before
     /// it returns, so a captured graph frees what it allocates.
     fn run(&self, model: &dyn FixedForward, cache: &mut KvCache) -> Result<()> {
-        cache.set_staging(Some(self.staging_at()?));
-        cache.set_filled_on_device(Some(self.filled.clone()));
+        let at = self.staging_at()?;
+        cache.set_staging(Some(at));
+        cache.set_filled_on_device(Some((self.filled.clone(), at)));
         let h = model.fixed_step(
             &self.ids,
             self.features.as_ref(),

@@ -378,12 +378,15 @@ pub(super) fn held<'a, T: CudaDType>(g: &'a Storage, what: &str) -> Result<&'a C
 /// Shared memory the attention kernel may opt in to.
 const ATTN_SHARED_MAX: usize = 160 * 1024;
 
+/// Threads of the one-query attention kernel's block.
+const ONE_QUERY_THREADS: usize = 1024;
+
 /// Queries per block and threads: the largest tile whose shared memory fits (one query: a
 /// block of 1024 threads, so that a decode step's few blocks still keep many loads in flight).
 fn tile(d: &AttnDims) -> Option<(usize, u32, usize)> {
     let tiles: &[usize] = if d.s == 1 { &[1] } else { &[8, 4, 1] };
     tiles.iter().find_map(|&qt| {
-        let threads = if d.s == 1 { 1024 } else { 128 };
+        let threads = if d.s == 1 { ONE_QUERY_THREADS } else { 128 };
         let warps = threads / 32;
         let shared = 4 * (qt * d.keys + qt * d.cache.hd + warps * qt * d.cache.hd);
         (shared <= ATTN_SHARED_MAX).then_some((qt, threads as u32, shared))
@@ -410,12 +413,22 @@ pub(super) fn attention(
     let (qa, qb) = offsets(qkv_l)?;
     let ra = offsets(rope.layout())?.0;
     let tc = tensor_core_attention(dt, d.s, qa, ra);
+    // the instance that skips a fixed-shape step's empty slots, where skipping can save work:
+    // the one-query kernel's block has a thread per key up to ONE_QUERY_THREADS, so below that
+    // it visits every slot in one pass either way (and the plain instance measured ~1% faster
+    // on a decode step, docs/BENCHMARKS.md §00000011)
+    let live = live.filter(|_| tc || d.s > 1 || d.keys > ONE_QUERY_THREADS);
+    let live_name = if live.is_some() { "_live" } else { "" };
     if d.write_at.is_some() && !tc {
         bail!("fused attention: only the tensor-core kernel writes the new keys and values");
     }
     let (name, grid, threads, shared) = if tc {
         let warps = tc_warps(d);
-        let name = format!("attention_tc_{}_{warps}_{}", d.cache.hd, suffix(dt)?);
+        let name = format!(
+            "attention_tc_{}_{warps}_{}{live_name}",
+            d.cache.hd,
+            suffix(dt)?
+        );
         let grid = (d.s.div_ceil(16) as u32, d.h as u32, d.cache.b as u32);
         let shared = 4 * warps * 16 * (d.cache.hd + 2);
         (name, grid, 32 * warps as u32, shared)
@@ -426,7 +439,7 @@ pub(super) fn attention(
                 d.keys
             );
         };
-        let name = format!("attention_{}_{qt}_{}", d.cache.hd, suffix(dt)?);
+        let name = format!("attention_{}_{qt}_{}{live_name}", d.cache.hd, suffix(dt)?);
         let grid = (d.s.div_ceil(qt) as u32, d.h as u32, d.cache.b as u32);
         (name, grid, threads, shared)
     };

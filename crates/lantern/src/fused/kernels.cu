@@ -206,9 +206,10 @@ __device__ void write_kv(T *kv, size_t base, const T *qkv, const float *rope, in
 // rounded to T like the reference), keys and values from the cache layer; scores, softmax
 // and the weighted sum stay in f32. mask: additive f32 (element [bb * mask_b + q * mask_s + j],
 // -inf hides a key) or null; causal_past >= 0 hides keys j > causal_past + q. live / live_at:
-// the empty slots a fixed-shape step skips (KeyRange; null: none).
+// the empty slots a fixed-shape step skips (KeyRange; LIVE instances only: without LIVE every
+// slot is visited in order, with no index mapping).
 // Shared memory: scores [QT][keys], queries [QT][HD], partial sums [warps][QT][HD].
-template <typename T, int HD, int QT>
+template <typename T, int HD, int QT, bool LIVE>
 __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t base,
                           const float *mask, T *out, int b, int s, int h, int kvh, int layer,
                           int n_layer, int max_len, int keys, int rope_rows, long long mask_b,
@@ -234,9 +235,9 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
     {
         constexpr int LINE = 128 / sizeof(T), LPR = (HD + LINE - 1) / LINE; // lines per row
         const float *mrow = mask ? mask + bb * mask_b + (long long)q0 * mask_s : nullptr;
-        const KeyRange pre = key_range(live, filled_of(live), live_at, keys);
+        const KeyRange pre = key_range(LIVE, LIVE ? filled_of(live) : 0, live_at, keys);
         for (int i = threadIdx.x; i < pre.n * LPR; i += blockDim.x) {
-            const int row = pre.slot(i / LPR), l = i % LPR;
+            const int row = LIVE ? pre.slot(i / LPR) : i / LPR, l = i % LPR;
             const size_t off = (size_t)row * HD + l * LINE;
             prefetch_l2(kp + off);
             if (!mrow || mrow[row] != -INFINITY) prefetch_l2(vp + off);
@@ -244,7 +245,7 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
     }
     pdl_wait();
     // the filled length, used after the queries are staged (its load overlaps theirs)
-    const int filled = filled_of(live);
+    const int filled = LIVE ? filled_of(live) : 0;
     // queries: rotate, round, scale
     for (int i = threadIdx.x; i < QT * pairs; i += blockDim.x) {
         const int qq = i / pairs, p = i % pairs;
@@ -261,12 +262,13 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
         qs[qq * HD + 2 * p + 1] = o1;
     }
     __syncthreads();
-    // the visited keys (scores are stored by visited index v, slot kr.slot(v))
-    const KeyRange kr = key_range(live, filled, live_at, keys);
-    const int nk = kr.n;
+    // the visited keys (scores are stored by visited index v, slot range.slot(v))
+    const KeyRange range = key_range(LIVE, filled, live_at, keys);
+    const int nk = LIVE ? range.n : keys;
+    auto slot = [&](int v) { return LIVE ? range.slot(v) : v; };
     // scores: one key row per thread, reused for the tile's queries
     for (int v = threadIdx.x; v < nk; v += blockDim.x) {
-        const int j = kr.slot(v);
+        const int j = slot(v);
         // the key row and the mask entries are loaded together (no load waits on another)
         float kr[HD];
         load_row<T, HD>(kp + (size_t)j * HD, kr);
@@ -355,7 +357,7 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
                 p[r][qq] = j < nk ? sc[qq * keys + j] : 0.f;
                 any |= p[r][qq] != 0.f;
             }
-            u[r] = any ? *reinterpret_cast<const uint4 *>(vp + (size_t)kr.slot(j) * HD + col)
+            u[r] = any ? *reinterpret_cast<const uint4 *>(vp + (size_t)slot(j) * HD + col)
                        : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
@@ -427,7 +429,7 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
         write_kv<T>(kv, base, qkv, rope, b, s, h, kvh, hd, layer, n_layer, max_len, at,         \
                     rope_rows);                                                                 \
     }
-#define ATTN(T, HD, QT, NAME)                                                                   \
+#define ATTN1(T, HD, QT, LIVE, NAME)                                                             \
     extern "C" __global__ void NAME(const T *qkv, const float *rope, const T *kv,              \
                                     unsigned long long base, const float *mask, T *out, int b, \
                                     int s, int h, int kvh, int layer, int n_layer,              \
@@ -435,10 +437,12 @@ __device__ void attention(const T *qkv, const float *rope, const T *kv, size_t b
                                     long long mask_s, int causal_past, const int *live,         \
                                     int live_at) {                                              \
         pdl_trigger();                                                                          \
-        attention<T, HD, QT>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,      \
-                             max_len, keys, rope_rows, mask_b, mask_s, causal_past, live,       \
-                             live_at);                                                          \
+        attention<T, HD, QT, LIVE>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer,         \
+                                   n_layer, max_len, keys, rope_rows, mask_b, mask_s,           \
+                                   causal_past, live, live_at);                                 \
     }
+// each shape twice: visiting every slot, and skipping a fixed-shape step's empty ones (_live)
+#define ATTN(T, HD, QT, NAME) ATTN1(T, HD, QT, false, NAME) ATTN1(T, HD, QT, true, NAME##_live)
 #define ALL(T, SUF)                                                                             \
     NORM(T, rms_norm_##SUF)                                                                     \
     NORM_WARP(T, rms_norm_warp_##SUF)                                                           \
@@ -712,8 +716,8 @@ template <typename T> __device__ __forceinline__ uint4 rope8(const T *src, const
 // key head's first query head also writes them into the cache (what write_kv would write).
 // live / live_at: the empty slots of a fixed-shape step (KeyRange); the warps then share only
 // the tiles that hold a visited key (visited tile v: tile v below the filled length's, else the
-// staging block's tiles); null: every tile.
-template <typename T, int HD, int NW>
+// staging block's tiles); LIVE instances only (without LIVE every tile, in order).
+template <typename T, int HD, int NW, bool LIVE>
 __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base,
                              const float *mask, T *out, int b, int s, int h, int kvh, int layer,
                              int n_layer, int max_len, int keys, int rope_rows, long long mask_b,
@@ -729,16 +733,16 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
     const int nt = (keys + 15) / 16;
     // visited tiles: [0, tlo) then [tat, nt); tile(v) is the v-th of them
     auto tiles = [&](int filled, int &tlo, int &tat) {
-        const KeyRange r = key_range(live, filled, live_at, keys);
+        const KeyRange r = key_range(LIVE, filled, live_at, keys);
         tlo = (r.lo + 15) / 16;
         tat = max(r.at / 16, tlo);
     };
     // the filled length as read before the PDL wait (prefetches and the first tile; checked
     // against the value after the wait before any tile is used)
-    const int filled_pre = filled_of(live);
+    const int filled_pre = LIVE ? filled_of(live) : 0;
     int tlo, tat;
     tiles(filled_pre, tlo, tat);
-    auto tile_of = [&](int v) { return v < tlo ? v : tat + (v - tlo); };
+    auto tile_of = [&](int v) { return !LIVE || v < tlo ? v : tat + (v - tlo); };
     const size_t head = base + cache_head(layer, b, bb, kvh, kh, max_len, HD);
     T *kp = kv + head, *vp = kv + cache_plane(n_layer, b, kvh, max_len, HD) + head;
     // this block writes the new keys and values into the cache (write_at >= 0)
@@ -756,7 +760,7 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
         }
     }
     pdl_wait();
-    const int filled = filled_of(live);
+    const int filled = LIVE ? filled_of(live) : 0;
     // a tile's keys and values (rows g and g + 8 of it, clamped to the last key: the copies'
     // scores are hidden, so their probabilities are 0) and mask entries, all loads issued
     // before the first use; the first tile's before the queries are rotated
@@ -839,7 +843,7 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
             }
         }
     }
-    if (filled != filled_pre) {
+    if (LIVE && filled != filled_pre) {
         // the filled length changed at the wait (not in a graph replay, where it is written
         // before the launch): the tiles of the value the kernel must use
         tiles(filled, tlo, tat);
@@ -992,16 +996,18 @@ __device__ void attention_tc(const T *qkv, const float *rope, T *kv, size_t base
     }
 }
 
-#define ATTN_TC(T, HD, NW, NAME)                                                                \
+#define ATTN_TC1(T, HD, NW, LIVE, NAME)                                                          \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                      \
         NAME(const T *qkv, const float *rope, T *kv, unsigned long long base,                   \
              const float *mask, T *out, int b, int s, int h, int kvh, int layer, int n_layer,   \
              int max_len, int keys, int rope_rows, long long mask_b, long long mask_s,          \
              int causal_past, int write_at, const int *live, int live_at) {                     \
-        attention_tc<T, HD, NW>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer, n_layer,  \
-                                max_len, keys, rope_rows, mask_b, mask_s, causal_past,          \
-                                write_at, live, live_at);                                       \
+        attention_tc<T, HD, NW, LIVE>(qkv, rope, kv, base, mask, out, b, s, h, kvh, layer,     \
+                                      n_layer, max_len, keys, rope_rows, mask_b, mask_s,        \
+                                      causal_past, write_at, live, live_at);                    \
     }
+#define ATTN_TC(T, HD, NW, NAME)                                                                \
+    ATTN_TC1(T, HD, NW, false, NAME) ATTN_TC1(T, HD, NW, true, NAME##_live)
 #define ATTN_TCS(T, SUF)                                                                        \
     ATTN_TC(T, 32, 4, attention_tc_32_4_##SUF)                                                  \
     ATTN_TC(T, 32, 8, attention_tc_32_8_##SUF)                                                  \

@@ -586,9 +586,10 @@ pub enum KeyMask {
     /// Additive f32 mask `[s, keys]` or `[b, 1, s, keys]`: `-inf` hides a key.
     Additive(Tensor),
     /// [`KeyMask::Additive`] over a fixed-shape step's cache, whose slots `filled..at` are
-    /// empty (the mask hides them): `filled` is a u32 `[1]` on the device holding the filled
-    /// length, read when the kernel runs (so a replayed CUDA graph sees each step's), and the
-    /// CUDA kernels skip the empty slots (`LANTERN_LIVE_KEYS=0`: they visit every slot).
+    /// empty (the mask must hide them): `filled` is a u32 `[1]` on the device holding the
+    /// filled length, read when the kernel runs (so a replayed CUDA graph sees each step's),
+    /// and the CUDA kernels skip the empty slots (`LANTERN_LIVE_KEYS=0`: they visit every
+    /// slot).
     Staged {
         mask: Tensor,
         filled: Tensor,

@@ -314,15 +314,15 @@ impl Attention {
             }
             AttnMask::Causal if s == 1 => crate::fused::KeyMask::None,
             AttnMask::Causal => crate::fused::KeyMask::Causal { past: at },
-            AttnMask::Custom(m) => match (cache.staging(), cache.filled_on_device()) {
+            AttnMask::Custom(m) => match cache.filled_on_device() {
                 // a fixed-shape step that keeps its filled length on the device: the kernels
-                // skip the empty slots between it and the staging block
-                (Some(at), Some(filled)) => crate::fused::KeyMask::Staged {
+                // skip the empty slots between it and the next slot in use
+                Some((filled, at)) => crate::fused::KeyMask::Staged {
                     mask: m.clone(),
                     filled: filled.clone(),
                     at,
                 },
-                _ => crate::fused::KeyMask::Additive(m.clone()),
+                None => crate::fused::KeyMask::Additive(m.clone()),
             },
         };
         Ok((kv, at, keys, key_mask))
