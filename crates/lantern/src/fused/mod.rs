@@ -688,6 +688,12 @@ fn attend(
             }
         }
     };
+    #[cfg(debug_assertions)]
+    if let KeyMask::Staged { mask, filled, at } = mask {
+        if !filled.device().is_cuda() {
+            check_empty_slots_hidden(mask, filled, *at)?;
+        }
+    }
     let live = match mask {
         KeyMask::Staged { filled, at, .. } if live_keys_enabled() => {
             if filled.dims() != [1] || filled.dtype() != DType::U32 || *at > keys {
@@ -713,6 +719,29 @@ fn attend(
         write_at,
     };
     qkv.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+/// Debug builds, CPU tensors: the slots a [`KeyMask::Staged`] step's kernels skip
+/// (`filled..at`) must be hidden from every query by its mask, or skipping would change the
+/// result (the CUDA kernels trust it; the fixed-shape tests run this check on the CPU).
+#[cfg(debug_assertions)]
+fn check_empty_slots_hidden(mask: &Tensor, filled: &Tensor, at: usize) -> Result<()> {
+    let filled = filled.flatten_all()?.to_vec1::<u32>()?[0] as usize;
+    let keys = mask.dim(candle_core::D::Minus1)?;
+    if filled > at.min(keys) {
+        return Ok(());
+    }
+    let empty = mask
+        .narrow(candle_core::D::Minus1, filled, at.min(keys) - filled)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    if let Some(v) = empty.iter().find(|&&v| v != f32::NEG_INFINITY) {
+        candle_core::bail!(
+            "attention: an empty slot in {filled}..{at} is not hidden by the mask ({v}; internal error)"
+        );
+    }
+    Ok(())
 }
 
 /// An additive mask as the kernels read it, if its shape (`[s, keys]` or `[b or 1, 1, s, keys]`)
