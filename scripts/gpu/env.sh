@@ -41,6 +41,15 @@ kernel_tests() {
     | grep -E "^test |test result|panicked|rel err|output diff" | tee "$OUT/kernel_tests.txt"
 }
 
+# ab_start: the common start of an A/B run: restarts the SECONDS clock, unpacks and warms the
+# base binary and the kernel tests (with_base), runs the tests unless SKIP_TESTS=1.
+ab_start() {
+  SECONDS=0
+  with_base
+  [ "${SKIP_TESTS:-0}" = 1 ] || kernel_tests
+  echo "tests done ${SECONDS}s"
+}
+
 # variant V: sets `bin` and `envs` for a variant V: env assignments joined by '+' for $L
 # (X=0: as built), or BASE or BASE:assignments for $B, the carried base binary (with_base).
 variant() {

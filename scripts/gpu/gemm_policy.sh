@@ -7,10 +7,7 @@
 # bench (t2i with LOOP images of loop rows, c2i without). Outputs under $OUT.
 set -uo pipefail
 source scripts/gpu/env.sh
-SECONDS=0
-with_base
-[ "${SKIP_TESTS:-0}" = 1 ] || kernel_tests
-echo "tests done ${SECONDS}s"
+ab_start
 if [ "${SKIP_TOKENS:-0}" != 1 ]; then
   same_tokens "cublas vs base" "env LANTERN_GEMM=cublas $L" "$B" "ar --temperature 0" "sd --tree naive_extend_57" "lantern"
   same_tokens "heuristic vs cublas" "env LANTERN_GEMM=heuristic $L" "env LANTERN_GEMM=cublas $L" "ar --temperature 0" "sd --temperature 0" "sd --tree naive_extend_57" "lantern"

@@ -9,10 +9,7 @@
 # adds the new binary's full step bench of both presets. Outputs under $OUT.
 set -uo pipefail
 source scripts/gpu/env.sh
-SECONDS=0
-with_base
-[ "${SKIP_TESTS:-0}" = 1 ] || kernel_tests
-echo "tests done ${SECONDS}s"
+ab_start
 if [ "${SKIP_TOKENS:-0}" != 1 ]; then
   same_tokens "new (LANTERN_LIVE_KEYS=0) vs base" "env LANTERN_LIVE_KEYS=0 $L" "$B" "ar --temperature 0" "ar" "sd --tree naive_extend_57" "lantern"
   same_tokens "new vs base" "$L" "$B" "ar --temperature 0" "ar" "sd --temperature 0" "sd --tree naive_extend_57" "lantern++ --tree naive_extend_57" "lantern"

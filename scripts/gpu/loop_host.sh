@@ -8,10 +8,7 @@
 # under $OUT.
 set -uo pipefail
 source scripts/gpu/env.sh
-SECONDS=0
-with_base
-[ "${SKIP_TESTS:-0}" = 1 ] || kernel_tests
-echo "tests done ${SECONDS}s"
+ab_start
 same_tokens "new vs base" "$L" "$B" "ar --temperature 0" "ar" "sd --temperature 0" "sd --tree naive_extend_57" "lantern++ --tree naive_extend_57" "lantern" 2>&1 | tee "$OUT/checks.txt"
 echo "tokens done ${SECONDS}s"
 for r in $(seq 1 ${ROUNDS:-3}); do

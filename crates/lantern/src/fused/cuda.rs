@@ -367,6 +367,16 @@ pub(super) fn held_view<'a, T: CudaDType>(
     Ok(held::<T>(g, what)?.slice(a..b))
 }
 
+/// [`held_view`] of an optional tensor held by an op (its storage guard and layout).
+pub(super) fn held_view_opt<'a, T: CudaDType, G: std::ops::Deref<Target = Storage>>(
+    g: &'a Option<(G, &Layout)>,
+    what: &str,
+) -> Result<Option<CudaView<'a, T>>> {
+    g.as_ref()
+        .map(|(g, l)| held_view::<T>(g, l, what))
+        .transpose()
+}
+
 /// The typed CUDA slice of a tensor held by an op (not one of its inputs).
 pub(super) fn held<'a, T: CudaDType>(g: &'a Storage, what: &str) -> Result<&'a CudaSlice<T>> {
     match g {
@@ -483,14 +493,8 @@ pub(super) fn attention(
         let kv_s = held::<T>(&kv_g, "the KV cache")?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(d.cache.b * d.s * d.h * d.cache.hd)? };
-        let mask_s = match &mask_g {
-            Some((g, l)) => Some(held_view::<f32>(g, l, "the mask")?),
-            None => None,
-        };
-        let live_s = match &live_g {
-            Some((g, l)) => Some(held_view::<u32>(g, l, "the filled length")?),
-            None => None,
-        };
+        let mask_s = held_view_opt::<f32, _>(&mask_g, "the mask")?;
+        let live_s = held_view_opt::<u32, _>(&live_g, "the filled length")?;
         let stream = dev.cuda_stream();
         let mut builder = Launch::new(&func, &stream);
         builder.arg(&q);
@@ -640,10 +644,7 @@ pub(super) fn small_linear(
             None => None,
         };
         let eps = norm_g.as_ref().map_or(0f32, |(_, e)| *e);
-        let rs = match &res_g {
-            Some((g, l)) => Some(held_view::<T>(g, l, "the residual")?),
-            None => None,
-        };
+        let rs = held_view_opt::<T, _>(&res_g, "the residual")?;
         // the fused K/V write: the cache (whole buffer, its view's start passed as `base`),
         // the RoPE rows and the cache's shape
         let (kvs, rope, kv_base, kv_ints) = match &kv_g {
@@ -857,10 +858,7 @@ pub(super) fn place_mask(
     let blocks = n.div_ceil(256).clamp(1, 1024) as u32;
     let ints = [rows, len, s, max_len].map(|v| v as i32);
     let filled_g = op.filled.as_ref().map(|f| f.storage_and_layout());
-    let filled = match &filled_g {
-        Some((g, l)) => Some(held_view::<u32>(g, l, "the filled length")?),
-        None => None,
-    };
+    let filled = held_view_opt::<u32, _>(&filled_g, "the filled length")?;
     let stream = dev.cuda_stream();
     let mut l = Launch::new(&func, &stream);
     l.arg(&src).arg(&mut dst);

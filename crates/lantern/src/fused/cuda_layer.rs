@@ -6,7 +6,8 @@ use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage};
 
 use super::cuda::{
-    allow_shared, env_number, held, held_view, launch_cfg, offsets, resident_blocks, suffix, wrap,
+    allow_shared, env_number, held, held_view, held_view_opt, launch_cfg, offsets, resident_blocks,
+    suffix, wrap,
 };
 use super::launch::Launch;
 use super::layer::{DecodeLayer, LayerDims, LAYER_SHARED, RING_STAGE, RING_STAGES_MAX};
@@ -157,10 +158,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     if !(kv_l.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16) {
         bail!("decode layer: the cache view is not 16-byte aligned");
     }
-    let mask = match &mask_g {
-        Some((g, l)) => Some(held_view::<f32>(g, l, "the mask")?),
-        None => None,
-    };
+    let mask = held_view_opt::<f32, _>(&mask_g, "the mask")?;
     let mask_b = match &op.mask {
         Some((_, true)) => op.keys as i64,
         _ => 0,

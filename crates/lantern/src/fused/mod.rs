@@ -554,13 +554,7 @@ pub fn place_mask(dst: &Tensor, src: &Tensor, len: usize, filled: Option<&Tensor
         );
     }
     if let Some(f) = filled {
-        if f.dims() != [1] || f.dtype() != DType::U32 || !f.is_contiguous() {
-            candle_core::bail!(
-                "place_mask: the filled length buffer {:?} {:?} is not a u32 [1]",
-                f.dims(),
-                f.dtype()
-            );
-        }
+        check_filled_buffer(f, "place_mask")?;
     }
     let cuda_filled = filled.filter(|f| f.device().is_cuda()).cloned();
     if let Some(f) = filled.filter(|f| !f.device().is_cuda()) {
@@ -595,6 +589,19 @@ pub enum KeyMask {
         filled: Tensor,
         at: usize,
     },
+}
+
+/// Checks that `f` can hold a fixed-shape step's filled length ([`KeyMask::Staged`]): a
+/// contiguous u32 `[1]`; `op` names the caller in the error.
+fn check_filled_buffer(f: &Tensor, op: &str) -> Result<()> {
+    if f.dims() != [1] || f.dtype() != DType::U32 || !f.is_contiguous() {
+        candle_core::bail!(
+            "{op}: the filled length buffer {:?} {:?} is not a contiguous u32 [1] (internal error)",
+            f.dims(),
+            f.dtype()
+        );
+    }
+    Ok(())
 }
 
 /// Whether attention over a fixed-shape cache skips its empty slots ([`KeyMask::Staged`]);
@@ -696,11 +703,10 @@ fn attend(
     }
     let live = match mask {
         KeyMask::Staged { filled, at, .. } if live_keys_enabled() => {
-            if filled.dims() != [1] || filled.dtype() != DType::U32 || *at > keys {
+            check_filled_buffer(filled, "attention")?;
+            if *at > keys {
                 candle_core::bail!(
-                    "attention: filled length {:?} {:?} with staging at {at} over {keys} keys (internal error)",
-                    filled.dims(),
-                    filled.dtype()
+                    "attention: empty slots up to {at} past the {keys} keys (internal error)"
                 );
             }
             Some((filled.clone(), *at))
