@@ -1,13 +1,15 @@
 //! With the `cuda` feature, compiles the CUDA kernels (`src/fused/kernels.cu`, and the decode
-//! step's persistent block kernel `src/fused/decode_layer.cu`) to PTX with nvcc (set up by
+//! step's persistent block kernel `src/fused/decode_layer.cu`, the split-K projections
+//! `src/fused/split_k.cu`) to PTX with nvcc (set up by
 //! `../shared/tools/cuda-toolchain.sh`, see docs in README/gpu notes).
 use std::path::PathBuf;
 use std::process::Command;
 
 /// Sources and the PTX file each becomes (in OUT_DIR).
-const KERNELS: [(&str, &str); 2] = [
+const KERNELS: [(&str, &str); 3] = [
     ("src/fused/kernels.cu", "fused.ptx"),
     ("src/fused/decode_layer.cu", "decode_layer.ptx"),
+    ("src/fused/split_k.cu", "split_k.ptx"),
 ];
 
 fn main() {

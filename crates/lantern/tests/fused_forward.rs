@@ -319,6 +319,74 @@ fn cuda_gemm_policies_match_f32_product() -> Result<()> {
     Ok(())
 }
 
+/// The split-K projection with the residual add and norm after it (GPU kernels, bf16) against
+/// the same algorithm on the CPU (loops, f32 sums) and against the separate GPU ops (cuBLAS,
+/// SiLU-mul, add_rms_norm): the same values up to the products' summation order, at the block's
+/// shapes (wo; w2 with SwiGLU, GPT-XL's and a hidden size whose last slice is short), a drafting
+/// level's few rows and two bands of rows; a second call gives the same bits.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_split_k_matches_cpu_and_separate_ops() -> Result<()> {
+    let gpu = lantern::fused::cuda_device(0)?;
+    let to_f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    for (m, k, n, swiglu) in [
+        (118, 1280, 1280, false),
+        (118, 3584, 1280, true),
+        (118, 3456, 1280, true),
+        (10, 1280, 1280, false),
+        (200, 640, 192, true),
+        (9, 96, 64, false),
+    ] {
+        let xk = if swiglu { 2 * k } else { k };
+        let x = Tensor::randn(0f32, 1.0, (m, xk), &gpu)?.to_dtype(DType::BF16)?;
+        let w =
+            (Tensor::randn(0f32, 1.0, (n, k), &gpu)? / (k as f64).sqrt())?.to_dtype(DType::BF16)?;
+        let res = Tensor::randn(0f32, 1.0, (m, n), &gpu)?.to_dtype(DType::BF16)?;
+        let nw = Tensor::randn(1f32, 0.1, n, &gpu)?.to_dtype(DType::BF16)?;
+        let lin = candle_nn::Linear::new(w.clone(), None);
+        let (h, y) = lantern::fused::linear_add_rms_norm(&x, &lin, swiglu, &res, &nw, 1e-5)?;
+        let (h2, y2) = lantern::fused::linear_add_rms_norm(&x, &lin, swiglu, &res, &nw, 1e-5)?;
+        let cpu = Device::Cpu;
+        lantern::fused::force_on_cpu(true);
+        let lin_c = candle_nn::Linear::new(w.to_device(&cpu)?, None);
+        let (hc, yc) = lantern::fused::linear_add_rms_norm(
+            &x.to_device(&cpu)?,
+            &lin_c,
+            swiglu,
+            &res.to_device(&cpu)?,
+            &nw.to_device(&cpu)?,
+            1e-5,
+        )?;
+        lantern::fused::force_on_cpu(false);
+        let xin = if swiglu {
+            lantern::fused::silu_mul(&x)?
+        } else {
+            x.clone()
+        };
+        let p = lantern::fused::linear(&lin, &xin)?;
+        let (hs, ys) = lantern::fused::add_rms_norm(&p, &res, &nw, 1e-5)?;
+        for (what, got, again, cpu_ref, ops) in
+            [("h", &h, &h2, &hc, &hs), ("normed", &y, &y2, &yc, &ys)]
+        {
+            assert_eq!(got.dims(), [m, n]);
+            let e_cpu = rel_err(&to_f32(got)?, &to_f32(cpu_ref)?.to_device(&gpu)?)?;
+            let e_ops = rel_err(&to_f32(got)?, &to_f32(ops)?)?;
+            println!("split-k {m}x{k}x{n} swiglu {swiglu} {what}: rel err vs CPU {e_cpu:.2e}, vs separate ops {e_ops:.2e}");
+            assert!(
+                e_cpu < 1e-2 && e_ops < 1e-2,
+                "{m}x{k}x{n} {what}: {e_cpu} / {e_ops}"
+            );
+            let same = (to_f32(got)? - to_f32(again)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert_eq!(same, 0.0, "{m}x{k}x{n} {what}: a second call differs");
+        }
+    }
+    Ok(())
+}
+
 /// On the GPU the default norm (one warp per row, the row in registers) and SiLU-mul (a 16-byte
 /// chunk per thread) kernels give the same bits as the plain ones (one block per row; one
 /// element per thread), with and without the residual, at row lengths from one chunk to the

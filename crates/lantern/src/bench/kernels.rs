@@ -240,6 +240,36 @@ pub fn run_kernel_bench(
                 Ok(())
             })?;
         }
+        if n > fused::SMALL_ROWS && n <= fused::SPLIT_K_MAX_ROWS {
+            // the many-row block's wo and w2 with the norm after them: the split-K pair (two
+            // kernels), against the row above's matmul plus the norm row's kernel
+            let (lo, l2): (Vec<_>, Vec<_>) = wo
+                .iter()
+                .zip(&w2)
+                .map(|(a, b)| {
+                    (
+                        candle_nn::Linear::new(a.clone(), None),
+                        candle_nn::Linear::new(b.clone(), None),
+                    )
+                })
+                .unzip();
+            row(
+                "split-k wo + residual + norm",
+                wbytes(&wo) + act(d) * 4.0,
+                &mut |k| {
+                    fused::linear_add_rms_norm(&x, &lo[k % lo.len()], false, &r, &norm_w, 1e-5)?;
+                    Ok(())
+                },
+            )?;
+            row(
+                "split-k swiglu + w2 + residual + norm",
+                wbytes(&w2) + act(2 * f) + act(d) * 3.0,
+                &mut |k| {
+                    fused::linear_add_rms_norm(&gu, &l2[k % l2.len()], true, &r, &norm_w, 1e-5)?;
+                    Ok(())
+                },
+            )?;
+        }
         if fused::small_linear_fits(n, d, dt) && fused::small_linear_fits(n, f, dt) {
             let nw = Some((&norm_w, 1e-5f32));
             row(

@@ -347,7 +347,7 @@ pub(super) fn resident_blocks(
 }
 
 /// Multiprocessors of `dev` (at least 1).
-fn sm_count(dev: &CudaDevice) -> Result<usize> {
+pub(super) fn sm_count(dev: &CudaDevice) -> Result<usize> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as Attr;
     let sms = dev
         .cuda_stream()

@@ -37,8 +37,12 @@ pub mod picks;
 #[cfg(feature = "cuda")]
 mod picks_cuda;
 pub mod probe;
+mod split_k;
+#[cfg(feature = "cuda")]
+mod split_k_cuda;
 
 pub use layer::{decode_layer, decode_layer_enabled, decode_layer_fits, BlockWeights, LAYER_ROWS};
+pub use split_k::{linear_add_rms_norm, SPLIT_K_MAX_ROWS};
 
 use std::cell::Cell;
 

@@ -351,6 +351,32 @@ impl Attention {
     pub(crate) fn wo_weight(&self) -> &Tensor {
         self.wo.weight()
     }
+
+    /// The output projection.
+    pub(crate) fn wo(&self) -> &Linear {
+        &self.wo
+    }
+
+    /// [`Attention::forward`] up to `wo` on the fused path (`wqkv`, then
+    /// [`Attention::attend_fused`], the new K/V written into `cache`), so that the caller can
+    /// fuse `wo` with what follows; `None` where the fused path does not serve `x`.
+    ///
+    /// # Shapes
+    /// - `x`: `[b, s, dim]` → `[b, s, h * hd]`
+    pub(crate) fn attend_before_wo(
+        &self,
+        x: &Tensor,
+        rope: &RopeRows,
+        mask: &AttnMask,
+        layer: usize,
+        cache: &KvCache,
+    ) -> Result<Option<Tensor>> {
+        if !self.fused_ok(x) || self.wqkv.weight().track_op() {
+            return Ok(None);
+        }
+        let qkv = crate::fused::linear(&self.wqkv, x)?;
+        Ok(Some(self.attend_fused(&qkv, rope, mask, layer, cache)?))
+    }
 }
 
 /// Repeats each K/V head `n` times for grouped-query attention.

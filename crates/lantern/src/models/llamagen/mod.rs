@@ -71,6 +71,29 @@ impl RmsNorm {
         Ok((h, n))
     }
 
+    /// `h = x lin.wᵀ + residual` (with `swiglu`, `x` holds gate/up rows and the projection
+    /// takes `silu(gate) * up`) and the norm of `h`: on the fused path the projection's sum
+    /// over k is split into slices that the norm sums ([`crate::fused::linear_add_rms_norm`]).
+    pub fn add_linear_forward(
+        &self,
+        x: &Tensor,
+        lin: &Linear,
+        swiglu: bool,
+        residual: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        if self.fused_ok(x) && !residual.track_op() {
+            let eps = self.eps as f32;
+            return crate::fused::linear_add_rms_norm(x, lin, swiglu, residual, &self.weight, eps);
+        }
+        let x = if swiglu {
+            let f = x.dim(D::Minus1)? / 2;
+            (candle_nn::ops::silu(&x.narrow(D::Minus1, 0, f)?)? * x.narrow(D::Minus1, f, f)?)?
+        } else {
+            x.clone()
+        };
+        self.add_forward(&lin.forward(&x)?, residual)
+    }
+
     fn fused_ok(&self, x: &Tensor) -> bool {
         crate::fused::active(x) && !self.weight.track_op() && x.dtype() == self.weight.dtype()
     }
@@ -148,6 +171,16 @@ impl FeedForward {
     /// `[w1 | w3]` when the weights were loaded (not trained).
     fn gate_up(&self) -> Option<&Tensor> {
         self.w13.as_ref().map(|l| l.weight())
+    }
+
+    /// On the fused path (`x` served by the fused kernels, weights loaded), the gate/up rows
+    /// `[.., 2 hidden]` of `x` and `w2`, for a caller that fuses `w2` with what follows; else
+    /// `None`.
+    pub(crate) fn gate_up_rows(&self, x: &Tensor) -> Result<Option<(Tensor, &Linear)>> {
+        match self.w13.as_ref().filter(|_| crate::fused::active(x)) {
+            Some(w13) => Ok(Some((crate::fused::linear(w13, x)?, &self.w2))),
+            None => Ok(None),
+        }
     }
 }
 
@@ -480,17 +513,28 @@ impl LlamaGen {
         // each norm also adds the residual before it (one kernel on the fused path)
         let mut n = first.attention_norm.forward(&h)?;
         let mut h = h;
+        // on the fused path `wo` and `w2` run fused with the norm after them
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer
-                .attention
-                .forward(&n, &rows, mask, i, cache.as_deref_mut())?;
-            (h, n) = layer.ffn_norm.add_forward(&h, &a)?;
-            let f = layer.feed_forward.forward(&n)?;
+            let att = &layer.attention;
+            let before_wo = match cache.as_deref() {
+                Some(c) => att.attend_before_wo(&n, &rows, mask, i, c)?,
+                None => None,
+            };
+            (h, n) = match before_wo {
+                Some(o) => layer.ffn_norm.add_linear_forward(&o, att.wo(), false, &h)?,
+                None => {
+                    let a = att.forward(&n, &rows, mask, i, cache.as_deref_mut())?;
+                    layer.ffn_norm.add_forward(&h, &a)?
+                }
+            };
             let next = match self.layers.get(i + 1) {
                 Some(l) => &l.attention_norm,
                 None => &self.norm,
             };
-            (h, n) = next.add_forward(&h, &f)?;
+            (h, n) = match layer.feed_forward.gate_up_rows(&n)? {
+                Some((gu, w2)) => next.add_linear_forward(&gu, w2, true, &h)?,
+                None => next.add_forward(&h, &layer.feed_forward.forward(&n)?)?,
+            };
         }
         Ok(n)
     }
