@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU run (session 17): the many-row block's wo and w2 as split-K tensor-core products whose
-# slices the following residual add + RMSNorm sums (fused/split_k.rs), against the separate ops
-# in the same binary (LANTERN_SPLIT_K=0: cuBLAS, SiLU-mul, add_rms_norm, bit-identical to the
-# previous build). CUDA kernel tests; token files (split-K on vs off, and greedy speculative =
+# slices the following residual add + RMSNorm sums (fused/split_k.rs, opt-in:
+# LANTERN_SPLIT_K=1), against the separate ops in the same binary (the default: cuBLAS,
+# SiLU-mul, add_rms_norm, bit-identical to the previous build). CUDA kernel tests; token files (split-K on vs off, and greedy speculative =
 # greedy AR with it on); ROUNDS rounds of the step bench (t2i; c2i once) over VARIANTS with the
 # per-layer kernel rows; with FULL=1 whole t2i images (1 image of 256 tokens; FULL_C2I=1 adds
 # c2i-xl-384, 576 tokens). Outputs under $OUT.
@@ -13,29 +13,34 @@ xz -dkf "$G/fused_forward.xz" && chmod +x "$G/fused_forward"
 "$L" bench --random-weights --preset tiny --device cuda --loop-images 1 --loop-tokens 8 2>&1 | grep -i error | head -5
 [ "${SKIP_TESTS:-0}" = 1 ] || kernel_tests
 echo "tests done ${SECONDS}s"
-# greedy_equal A B: token files of --decoding A and --decoding B (classes 0 and 7, seed 3)
+# greedy_equal LABEL CMD A B: token files of --decoding A and --decoding B (classes 0 and 7,
+# seed 3) with command prefix CMD
 greedy_equal() {
   local args="--class 0,7 -n 2 --device cuda --seed 3"
-  "$L" generate $args --decoding "$1" --out /tmp/g1 --save-tokens /tmp/g1.json --force 2>&1 | grep -i error | head -3
-  "$L" generate $args --decoding "$2" --out /tmp/g2 --save-tokens /tmp/g2.json --force 2>&1 | grep -i error | head -3
+  $2 generate $args --decoding $3 --out /tmp/g1 --save-tokens /tmp/g1.json --force 2>&1 | grep -i error | head -3
+  $2 generate $args --decoding $4 --out /tmp/g2 --save-tokens /tmp/g2.json --force 2>&1 | grep -i error | head -3
   if cmp -s /tmp/g1.json /tmp/g2.json; then r=IDENTICAL; else r=DIFFER; fi
-  echo "tokens --decoding '$1' vs '$2': $r"
+  echo "tokens $1, --decoding $3 vs $4: $r"
 }
 if [ "${SKIP_TOKENS:-0}" != 1 ]; then
-  same_tokens "split-k on vs off" "$L" "env LANTERN_SPLIT_K=0 $L" "ar --temperature 0" "ar" "sd --temperature 0" "sd --tree naive_extend_57" "lantern++ --tree naive_extend_57" "lantern"
-  greedy_equal "ar --temperature 0" "sd --temperature 0"
-  greedy_equal "ar --temperature 0" "sd --temperature 0 --tree naive_extend_57"
+  # the shipped model in bf16 (in f32 the split path does not serve it: tensor cores take bf16 / f16)
+  BF="--dtype bf16"
+  same_tokens "split-k on vs off" "env LANTERN_SPLIT_K=1 $L" "$L" "ar --temperature 0 $BF" "ar $BF" "sd --temperature 0 $BF" "sd --tree naive_extend_57 $BF" "lantern++ --tree naive_extend_57 $BF" "lantern $BF"
+  for c in "env LANTERN_SPLIT_K=1 $L" "$L"; do
+    greedy_equal "greedy sd = greedy ar ($c)" "$c" "ar --temperature 0 $BF" "sd --temperature 0 $BF"
+    greedy_equal "greedy sd static = greedy ar ($c)" "$c" "ar --temperature 0 $BF" "sd --temperature 0 --tree naive_extend_57 $BF"
+  done
 fi 2>&1 | tee "$OUT/checks.txt"
 echo "tokens done ${SECONDS}s"
 RE="tok.*cuda graph\) \||drafting phase|over the decode|^\| (norm \+ residual|silu|wo matmul|w2 matmul|split-k)|rror|panicked"
-V=${VARIANTS:-LANTERN_SPLIT_K=0 X=0}
+V=${VARIANTS:-X=0 LANTERN_SPLIT_K=1}
 ROUNDS=${ROUNDS:-2} PRESETS=t2i-xl-256 LOOP=0 VARIANTS="$V" variant_rounds "$RE" 2>&1 | tee "$OUT/steps_t2i.txt"
 echo "t2i done ${SECONDS}s"
 [ "${SKIP_C2I:-0}" = 1 ] || ROUNDS=1 PRESETS=c2i-xl-384 LOOP=0 VARIANTS="${V_C2I:-$V}" variant_rounds "$RE" 2>&1 | tee "$OUT/steps_c2i.txt"
 echo "c2i done ${SECONDS}s"
 if [ "${FULL:-1}" = 1 ]; then
   for p in t2i-xl-256:256 $([ "${FULL_C2I:-0}" = 1 ] && echo c2i-xl-384:576); do
-    for e in ${V_FULL:-LANTERN_SPLIT_K=0 X=0}; do
+    for e in ${V_FULL:-X=0 LANTERN_SPLIT_K=1}; do
       variant "$e"
       echo "== full image ${p%%:*} $envs"
       env $envs timeout 200 "$bin" bench --random-weights --preset ${p%%:*} --device cuda --loop-only \

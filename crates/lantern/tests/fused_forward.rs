@@ -64,15 +64,25 @@ fn run(m: &LlamaGen, cond: &Condition, valid: Option<&Tensor>) -> Result<Vec<Ten
     Ok(outs)
 }
 
+/// The fused path against the reference path, with the many-row blocks' `wo` and `w2` as
+/// separate ops and as split-K products summed by the norm after them.
 fn compare(m: &LlamaGen, cond: &Condition, valid: Option<&Tensor>, tol: f32) -> Result<()> {
     let want = run(m, cond, valid)?;
-    lantern::fused::force_on_cpu(true);
-    let got = run(m, cond, valid);
-    lantern::fused::force_on_cpu(false);
-    for (i, (g, w)) in got?.iter().zip(&want).enumerate() {
-        assert_eq!(g.dims(), w.dims());
-        let e = rel_err(g, w)?;
-        assert!(e < tol, "{:?} output {i}: rel err {e}", m.dtype());
+    for split in [false, true] {
+        lantern::fused::force_on_cpu(true);
+        lantern::fused::set_split_k(Some(split));
+        let got = run(m, cond, valid);
+        lantern::fused::force_on_cpu(false);
+        lantern::fused::set_split_k(None);
+        for (i, (g, w)) in got?.iter().zip(&want).enumerate() {
+            assert_eq!(g.dims(), w.dims());
+            let e = rel_err(g, w)?;
+            assert!(
+                e < tol,
+                "{:?} output {i} (split-k {split}): rel err {e}",
+                m.dtype()
+            );
+        }
     }
     Ok(())
 }
@@ -328,6 +338,7 @@ fn cuda_gemm_policies_match_f32_product() -> Result<()> {
 #[test]
 fn cuda_split_k_matches_cpu_and_separate_ops() -> Result<()> {
     let gpu = lantern::fused::cuda_device(0)?;
+    lantern::fused::set_split_k(Some(true));
     let to_f32 = |t: &Tensor| t.to_dtype(DType::F32);
     for (m, k, n, swiglu) in [
         (118, 1280, 1280, false),
@@ -384,6 +395,7 @@ fn cuda_split_k_matches_cpu_and_separate_ops() -> Result<()> {
             assert_eq!(same, 0.0, "{m}x{k}x{n} {what}: a second call differs");
         }
     }
+    lantern::fused::set_split_k(None);
     Ok(())
 }
 

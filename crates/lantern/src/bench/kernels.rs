@@ -242,7 +242,8 @@ pub fn run_kernel_bench(
         }
         if n > fused::SMALL_ROWS && n <= fused::SPLIT_K_MAX_ROWS {
             // the many-row block's wo and w2 with the norm after them: the split-K pair (two
-            // kernels), against the row above's matmul plus the norm row's kernel
+            // kernels; opt-in, turned on here), against the rows above' matmul and norm
+            fused::set_split_k(Some(true));
             let (lo, l2): (Vec<_>, Vec<_>) = wo
                 .iter()
                 .zip(&w2)
@@ -269,6 +270,7 @@ pub fn run_kernel_bench(
                     Ok(())
                 },
             )?;
+            fused::set_split_k(None);
         }
         if fused::small_linear_fits(n, d, dt) && fused::small_linear_fits(n, f, dt) {
             let nw = Some((&norm_w, 1e-5f32));

@@ -42,7 +42,7 @@ mod split_k;
 mod split_k_cuda;
 
 pub use layer::{decode_layer, decode_layer_enabled, decode_layer_fits, BlockWeights, LAYER_ROWS};
-pub use split_k::{linear_add_rms_norm, SPLIT_K_MAX_ROWS};
+pub use split_k::{linear_add_rms_norm, set_split_k, SPLIT_K_MAX_ROWS};
 
 use std::cell::Cell;
 

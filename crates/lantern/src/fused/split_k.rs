@@ -1,16 +1,22 @@
 //! A projection of many rows followed by the residual add and RMSNorm, with the product's sum
-//! over `k` split into slices: `wo` before the FFN norm and `w2` (with SwiGLU computed on load)
-//! before the next block's norm, in tree verification, prefill and drafter levels.
+//! over `k` split into slices: `wo` before the FFN norm and `w2` (after SiLU-mul) before the
+//! next block's norm, in tree verification and prefill.
 //!
 //! The projection's kernel writes one f32 partial product per slice of `k` (`[slices, rows,
 //! n]`), so that a narrow output (GPT-XL's 1,280 columns) still spreads over every SM; the norm
 //! that follows sums the slices in slice order, rounds the product to the model dtype, adds the
 //! residual and normalises: the numerics of `add_rms_norm(x wᵀ, residual)` but for the
 //! product's summation order. On CUDA both are our kernels (`split_k.cu`, tensor cores, bf16 or
-//! f16): no cuBLAS call, no SiLU-mul launch, and programmatic dependent launch across them.
+//! f16): no cuBLAS call, and programmatic dependent launch across them.
 //! On a CPU thread under [`super::force_on_cpu`] the same algorithm runs as loops (any float
-//! dtype), so CPU tests cover the block's wiring. `LANTERN_SPLIT_K=0` turns it off (the
-//! separate ops), `LANTERN_SPLIT_K=128|256` forces the slice length.
+//! dtype), so CPU tests cover the block's wiring.
+//!
+//! Off by default: on an H200 at GPT-XL's verification shapes (118 rows) the pair measured
+//! slower than cuBLAS plus the separate norm (`wo` 9.5 vs 7.5 µs, `w2` with SiLU-mul 20.7 vs
+//! 12.9 µs; docs/BENCHMARKS.md §00000012). `LANTERN_SPLIT_K=1` turns it on (`128` / `256`
+//! also force the slice length), [`set_split_k`] per thread.
+use std::cell::Cell;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType,
@@ -36,44 +42,60 @@ pub fn linear_add_rms_norm(
     weight: &Tensor,
     eps: f32,
 ) -> Result<(Tensor, Tensor)> {
-    if let Some(slice) = serves(x, lin, swiglu, residual)? {
-        let x = super::aligned(x)?;
-        let parts = x.apply_op2_no_bwd(lin.weight(), &SplitKLinear { swiglu, slice })?;
-        let out =
-            parts.apply_op3_no_bwd(&super::aligned(residual)?, weight, &AddNormParts { eps })?;
-        return Ok((out.get(0)?, out.get(1)?));
-    }
     let x = if swiglu {
         super::silu_mul(x)?
     } else {
         x.clone()
     };
+    if let Some(slice) = serves(&x, lin, residual)? {
+        let x = super::aligned(&x)?;
+        let parts = x.apply_op2_no_bwd(lin.weight(), &SplitKLinear { slice })?;
+        let out =
+            parts.apply_op3_no_bwd(&super::aligned(residual)?, weight, &AddNormParts { eps })?;
+        return Ok((out.get(0)?, out.get(1)?));
+    }
     super::add_rms_norm(&super::linear(lin, &x)?, residual, weight, eps)
 }
 
-/// The forced slice length: `None` (the default) lets the launch choose; `Some(0)`: off.
+thread_local! {
+    static ON_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Turns the split path on or off for this thread (`None`: `LANTERN_SPLIT_K` decides, off by
+/// default): tests and the kernel bench run both paths in one process.
+pub fn set_split_k(on: Option<bool>) {
+    ON_HERE.with(|c| c.set(on));
+}
+
+/// `LANTERN_SPLIT_K`: `None` off (unset, `0`), else `Some(slice)` (`1`: 0, chosen at launch;
+/// `128`, `256`: forced).
 fn setting() -> Option<usize> {
     static S: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     *S.get_or_init(|| match std::env::var("LANTERN_SPLIT_K").ok().as_deref() {
-        Some("0") => Some(0),
+        Some("1") => Some(0),
         Some("128") => Some(128),
         Some("256") => Some(256),
         _ => None,
     })
 }
 
+/// Whether the split path is on here, and its forced slice length (0: chosen at launch).
+fn enabled() -> Option<usize> {
+    match ON_HERE.with(|c| c.get()) {
+        Some(true) => Some(setting().unwrap_or(0)),
+        Some(false) => None,
+        None => setting(),
+    }
+}
+
 /// Whether [`linear_add_rms_norm`] takes the split path for these inputs, and its slice length
 /// (`None`: the separate ops).
-fn serves(
-    x: &Tensor,
-    lin: &candle_nn::Linear,
-    swiglu: bool,
-    residual: &Tensor,
-) -> Result<Option<usize>> {
+fn serves(x: &Tensor, lin: &candle_nn::Linear, residual: &Tensor) -> Result<Option<usize>> {
     let w = lin.weight();
-    let forced = setting();
-    if forced == Some(0)
-        || !super::active(x)
+    let Some(forced) = enabled() else {
+        return Ok(None);
+    };
+    if !super::active(x)
         || lin.bias().is_some()
         || w.track_op()
         || residual.track_op()
@@ -86,7 +108,7 @@ fn serves(
     let (n, k) = w.dims2()?;
     let xk = x.dim(candle_core::D::Minus1)?;
     let rows = x.elem_count() / xk.max(1);
-    let fits = xk == if swiglu { 2 * k } else { k }
+    let fits = xk == k
         && (1..=SPLIT_K_MAX_ROWS).contains(&rows)
         && residual.dims().last() == Some(&n)
         && residual.elem_count() == rows * n;
@@ -102,7 +124,7 @@ fn serves(
                 && n.is_multiple_of(SLICE_COLS)
                 && n * 4 <= 48 * 1024;
             // 0 = chosen at launch, by the SM count
-            kernel_fits.then(|| forced.unwrap_or(0))
+            kernel_fits.then_some(forced)
         }
         _ => None,
     })
@@ -113,7 +135,6 @@ const SLICE_COLS: usize = 64;
 
 /// Partial products `[slices, rows, n]` f32 of `x wᵀ` (see [`linear_add_rms_norm`]).
 struct SplitKLinear {
-    swiglu: bool,
     /// Slice length; 0 = chosen at launch.
     slice: usize,
 }
@@ -130,7 +151,7 @@ impl SplitKLinear {
     fn dims(&self, xl: &Layout, wl: &Layout) -> Result<SplitDims> {
         let (n, k) = wl.shape().dims2()?;
         let xk = *xl.dims().last().unwrap_or(&0);
-        if xk != if self.swiglu { 2 * k } else { k } || k == 0 {
+        if xk != k || k == 0 {
             bail!(
                 "split-k linear: input {:?} and weight {:?} do not fit",
                 xl.dims(),
@@ -138,7 +159,7 @@ impl SplitKLinear {
             );
         }
         Ok(SplitDims {
-            rows: xl.shape().elem_count() / xk,
+            rows: xl.shape().elem_count() / k,
             k,
             n,
         })
@@ -164,15 +185,9 @@ impl CustomOp2 for SplitKLinear {
             self.slice
         };
         let parts = match (x, w) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                cpu_parts(x, xl, w, wl, d, self.swiglu, slice)?
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                cpu_parts(x, xl, w, wl, d, self.swiglu, slice)?
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w)) => {
-                cpu_parts(x, xl, w, wl, d, self.swiglu, slice)?
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => cpu_parts(x, xl, w, wl, d, slice)?,
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => cpu_parts(x, xl, w, wl, d, slice)?,
+            (CpuStorage::F16(x), CpuStorage::F16(w)) => cpu_parts(x, xl, w, wl, d, slice)?,
             _ => bail!(
                 "split-k linear: input {:?} vs weight {:?}",
                 x.dtype(),
@@ -192,50 +207,32 @@ impl CustomOp2 for SplitKLinear {
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = self.dims(xl, wl)?;
-        let (parts, slices) =
-            super::split_k_cuda::linear(x, xl, w, wl, d, self.swiglu, self.slice)?;
+        let (parts, slices) = super::split_k_cuda::linear(x, xl, w, wl, d, self.slice)?;
         Ok((parts, Shape::from((slices, d.rows, d.n))))
     }
 }
 
 /// The CPU version of the split product: slice `s` sums `k` in `[s slice, (s + 1) slice)` in
-/// order, in f32; with `swiglu` each input element is SwiGLU's, rounded as `silu_mul` rounds it.
+/// order, in f32.
 fn cpu_parts<T: WithDType>(
     x: &[T],
     xl: &Layout,
     w: &[T],
     wl: &Layout,
     d: SplitDims,
-    swiglu: bool,
     slice: usize,
 ) -> Result<Vec<f32>> {
     let x = super::cpu::contiguous(x, xl)?;
     let w = super::cpu::contiguous(w, wl)?;
     let f = |v: T| v.to_f64() as f32;
-    let rnd = |v: f32| T::from_f64(v as f64).to_f64() as f32;
-    let xk = if swiglu { 2 * d.k } else { d.k };
-    // the product's input rows, as the kernel stages them
-    let a: Vec<f32> = (0..d.rows)
-        .flat_map(|m| {
-            let row = &x[m * xk..(m + 1) * xk];
-            (0..d.k).map(move |j| {
-                if swiglu {
-                    let g = f(row[j]);
-                    rnd(rnd(g / (1.0 + (-g).exp())) * f(row[d.k + j]))
-                } else {
-                    f(row[j])
-                }
-            })
-        })
-        .collect();
     let slices = d.k.div_ceil(slice);
     let mut out = vec![0f32; slices * d.rows * d.n];
     for s in 0..slices {
         let (lo, hi) = (s * slice, ((s + 1) * slice).min(d.k));
         for m in 0..d.rows {
             for n in 0..d.n {
-                let (ar, wr) = (&a[m * d.k..], &w[n * d.k..]);
-                out[(s * d.rows + m) * d.n + n] = (lo..hi).map(|j| ar[j] * f(wr[j])).sum();
+                let (xr, wr) = (&x[m * d.k..], &w[n * d.k..]);
+                out[(s * d.rows + m) * d.n + n] = (lo..hi).map(|j| f(xr[j]) * f(wr[j])).sum();
             }
         }
     }
@@ -305,6 +302,7 @@ mod tests {
     fn split_path_matches_separate_ops() -> Result<()> {
         let dev = Device::Cpu;
         super::super::force_on_cpu(true);
+        set_split_k(Some(true));
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
             for (rows, k, n, swiglu) in [(3, 200, 64, false), (17, 96, 40, true), (1, 64, 8, false)]
             {
@@ -315,13 +313,13 @@ mod tests {
                 let res = Tensor::randn(0f32, 1.0, (rows, n), &dev)?.to_dtype(dtype)?;
                 let nw = Tensor::randn(1f32, 0.1, n, &dev)?.to_dtype(dtype)?;
                 let lin = candle_nn::Linear::new(w, None);
-                assert!(serves(&x, &lin, swiglu, &res)?.is_some());
-                let (h, y) = linear_add_rms_norm(&x, &lin, swiglu, &res, &nw, 1e-5)?;
                 let xin = if swiglu {
                     super::super::silu_mul(&x)?
                 } else {
                     x.clone()
                 };
+                assert!(serves(&xin, &lin, &res)?.is_some());
+                let (h, y) = linear_add_rms_norm(&x, &lin, swiglu, &res, &nw, 1e-5)?;
                 let p = candle_core::Module::forward(&lin, &xin)?;
                 let (h0, y0) = super::super::add_rms_norm(&p, &res, &nw, 1e-5)?;
                 for (a, b, what) in [(&h, &h0, "h"), (&y, &y0, "normed")] {
@@ -338,6 +336,7 @@ mod tests {
             }
         }
         super::super::force_on_cpu(false);
+        set_split_k(None);
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ const MODULE: &str = "lantern_split_k";
 
 /// `SK_WARPS * 32` in the kernel.
 const THREADS: u32 = 128;
-/// `SK_BN`, `SK_MT * 16`, `SK_KS`, `SK_PAD` in the kernel.
+/// `SK_BN`, the largest band (8 m16 tiles), `SK_KS`, `SK_PAD` in the kernel.
 const COLS: usize = 64;
 const BAND: usize = 128;
 const MAX_SLICE: usize = 256;
@@ -38,7 +38,6 @@ pub(super) fn linear(
     w: &CudaStorage,
     wl: &Layout,
     d: SplitDims,
-    swiglu: bool,
     forced: usize,
 ) -> Result<(CudaStorage, usize)> {
     let dev = x.device().clone();
@@ -58,19 +57,16 @@ pub(super) fn linear(
     }
     let ks = slice_len(d, forced, sm_count(&dev)?);
     let slices = d.k.div_ceil(ks);
-    let band_rows = d.rows.min(BAND).div_ceil(16) * 16;
-    let shared = band_rows * (ks + PAD) * dt.size_in_bytes();
-    let name = format!(
-        "split_k_{}linear_{}",
-        if swiglu { "swiglu_" } else { "" },
-        suffix(dt)?
-    );
+    // m16 tiles per band: the fewest of 1, 2, 4, 8 that hold the rows (bands of 128 beyond)
+    let tiles = d.rows.min(BAND).div_ceil(16).next_power_of_two();
+    let shared = 16 * tiles * (ks + PAD) * dt.size_in_bytes();
+    let name = format!("split_k_linear_{tiles}_{}", suffix(dt)?);
     let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     allow_shared(&dev, &func, &name, BAND * (MAX_SLICE + PAD) * 2, 100)?;
     let grid = (
         (d.n / COLS) as u32,
         slices as u32,
-        d.rows.div_ceil(BAND) as u32,
+        d.rows.div_ceil(16 * tiles) as u32,
     );
     typed!(dt, T => {
         let (a, b) = offsets(xl)?;
@@ -132,9 +128,12 @@ pub(super) fn add_norm_parts(
         }
         let ps = p.as_cuda_slice::<f32>()?.slice(a..b);
         let (a, b) = offsets(rl)?;
+        let (c, d) = offsets(wl)?;
+        if a % 4 != 0 || c % 4 != 0 {
+            bail!("add-norm-parts: the residual or norm weight view is not 8-byte aligned");
+        }
         let rs = r.as_cuda_slice::<T>()?.slice(a..b);
-        let (a, b) = offsets(wl)?;
-        let ws = w.as_cuda_slice::<T>()?.slice(a..b);
+        let ws = w.as_cuda_slice::<T>()?.slice(c..d);
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(2 * rows * cols)? };
         let threads = (cols / 4).div_ceil(32).clamp(1, 32) as u32 * 32;
