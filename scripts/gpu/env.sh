@@ -104,3 +104,28 @@ for (name, grid), v in sorted(by.items()):
     print(f"{name:20s} grid {grid:12s} {len(v):4d} x median {statistics.median(v):8.2f} us  min {min(v):8.2f}")
 PY
 }
+
+# full_images VARIANT...: whole images of the loop bench per variant (see `variant`): t2i-xl-256,
+# 1 image of 256 tokens, and with FULL_C2I=1 c2i-xl-384, 576 tokens; ar, sd-static and
+# lantern++-static. Keeps the rows in $OUT/full_images.txt.
+full_images() {
+  local p e bin envs
+  for p in t2i-xl-256:256 $([ "${FULL_C2I:-0}" = 1 ] && echo c2i-xl-384:576); do
+    for e in "$@"; do
+      variant "$e"
+      echo "== full image ${p%%:*} $(basename $bin) $envs"
+      env $envs timeout 200 "$bin" bench --random-weights --preset ${p%%:*} --device cuda --loop-only \
+        --loop-modes ar,sd-static,lantern++-static --loop-images 1 --loop-tokens ${p##*:} 2>&1 | grep -E "^\| (ar|sd|lantern)|rror"
+    done
+  done 2>&1 | tee "$OUT/full_images.txt"
+}
+
+# step_reports: the full step bench of $L for both presets (targets table, expected latency,
+# loop rows), kept whole as $OUT/report_PRESET.txt, its summary lines printed.
+step_reports() {
+  local p
+  for p in t2i-xl-256 c2i-xl-384; do
+    timeout 240 "$L" bench --random-weights --preset $p --device cuda --loop-images 2 --loop-tokens 64 > "$OUT/report_$p.txt" 2>&1
+    echo "== report $p"; grep -E "cuda graph\) \||drafting phase|over the decode|share of|overhead|^  [A-Z]|expected|rror" "$OUT/report_$p.txt"
+  done
+}

@@ -22,22 +22,6 @@ echo "t2i done ${SECONDS}s"
 [ "${SKIP_C2I:-0}" = 1 ] || ROUNDS=1 PRESETS=c2i-xl-384 LOOP=0 VARIANTS="$V" variant_rounds "$RE" 2>&1 | tee "$OUT/steps_c2i.txt"
 echo "c2i done ${SECONDS}s"
 # whole images: t2i (256 tokens) and, with FULL_C2I=1, c2i-xl-384 (576 tokens)
-if [ "${FULL:-1}" = 1 ]; then
-  for p in t2i-xl-256:256 $([ "${FULL_C2I:-0}" = 1 ] && echo c2i-xl-384:576); do
-    for e in $V; do
-      variant "$e"
-      echo "== full image ${p%%:*} $(basename $bin) $envs"
-      env $envs timeout 200 "$bin" bench --random-weights --preset ${p%%:*} --device cuda --loop-only \
-        --loop-modes ar,sd-static,lantern++-static --loop-images 1 --loop-tokens ${p##*:} 2>&1 | grep -E "^\| (ar|sd|lantern)|rror"
-    done
-  done 2>&1 | tee "$OUT/full_images.txt"
-fi
-# REPORT=1: the new binary's full step bench (targets table, expected latency, loop rows) of
-# both presets, kept whole as $OUT/report_PRESET.txt
-if [ "${REPORT:-0}" = 1 ]; then
-  for p in t2i-xl-256 c2i-xl-384; do
-    timeout 240 "$L" bench --random-weights --preset $p --device cuda --loop-images 2 --loop-tokens 64 > "$OUT/report_$p.txt" 2>&1
-    echo "== report $p"; grep -E "cuda graph\) \||drafting phase|over the decode|share of|overhead|^  [A-Z]|expected|rror" "$OUT/report_$p.txt"
-  done
-fi
+[ "${FULL:-1}" = 1 ] && full_images $V
+[ "${REPORT:-0}" = 1 ] && step_reports
 echo "total ${SECONDS}s"

@@ -87,13 +87,7 @@ __device__ void split_k_linear(const T *a, const T *w, float *part, int M, int K
     }
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
     __syncthreads();
-    float acc[MT][2][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+    float acc[MT][2][4] = {};
 #pragma unroll
     for (int c = 0; c < SK_KS / 32; ++c) {
         if (c < nch) {
