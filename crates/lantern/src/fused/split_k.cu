@@ -1,4 +1,4 @@
-// Projections of many rows (tree verification, prefill, drafter levels) whose sum over k is
+// Projections of many rows (tree verification, prefill) whose sum over k is
 // split into slices, and the residual add + RMSNorm that sums the slices (fused/split_k.rs).
 // Bands of 16 MT rows (MT = 1, 2, 4 or 8 m16 tiles).
 // Compiled to PTX by build.rs (`cuda` feature).

@@ -122,7 +122,7 @@ fn serves(x: &Tensor, lin: &candle_nn::Linear, residual: &Tensor) -> Result<Opti
                 && w.is_contiguous()
                 && k.is_multiple_of(32)
                 && n.is_multiple_of(SLICE_COLS)
-                && n * 4 <= 48 * 1024;
+                && n <= NORM_MAX_COLS;
             // 0 = chosen at launch, by the SM count
             kernel_fits.then_some(forced)
         }
@@ -131,7 +131,9 @@ fn serves(x: &Tensor, lin: &candle_nn::Linear, residual: &Tensor) -> Result<Opti
 }
 
 /// Output columns of one CUDA block (`SK_BN` in the kernel).
-const SLICE_COLS: usize = 64;
+pub(super) const SLICE_COLS: usize = 64;
+/// Longest rows the CUDA norm of the slices takes (a row of f32 in 48 KiB of shared memory).
+pub(super) const NORM_MAX_COLS: usize = 12 * 1024;
 
 /// Partial products `[slices, rows, n]` f32 of `x wᵀ` (see [`linear_add_rms_norm`]).
 struct SplitKLinear {

@@ -4,15 +4,14 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result};
 
 use super::cuda::{allow_shared, launch_cfg, offsets, sm_count, suffix, typed, wrap};
 use super::launch::Launch;
-use super::split_k::SplitDims;
+use super::split_k::{SplitDims, NORM_MAX_COLS, SLICE_COLS as COLS};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/split_k.ptx"));
 const MODULE: &str = "lantern_split_k";
 
 /// `SK_WARPS * 32` in the kernel.
 const THREADS: u32 = 128;
-/// `SK_BN`, the largest band (8 m16 tiles), `SK_KS`, `SK_PAD` in the kernel.
-const COLS: usize = 64;
+/// The largest band (8 m16 tiles), `SK_KS`, `SK_PAD` in the kernel.
 const BAND: usize = 128;
 const MAX_SLICE: usize = 256;
 const PAD: usize = 32;
@@ -116,8 +115,8 @@ pub(super) fn add_norm_parts(
             wl.dims()
         );
     }
-    if !cols.is_multiple_of(4) || cols * 4 > 48 * 1024 {
-        bail!("add-norm-parts: rows of {cols} (a multiple of 4, at most 12,288)");
+    if !cols.is_multiple_of(4) || cols > NORM_MAX_COLS {
+        bail!("add-norm-parts: rows of {cols} (a multiple of 4, at most {NORM_MAX_COLS})");
     }
     let func =
         dev.get_or_load_custom_func(&format!("add_norm_parts_{}", suffix(dt)?), MODULE, PTX)?;
