@@ -438,7 +438,7 @@ fn time_drafting(
     };
     let mut kv = drafter.new_cache(b, dp + 2 * shape.len())?;
     kv.advance(dp);
-    let mut graphs = Vec::new();
+    let (mut graphs, mut dynamic) = (Vec::new(), Vec::new());
     let root_feat = Tensor::randn(0f32, 1.0, (b, 1, tc.dim), device)?.to_dtype(cfg.dtype)?;
     let prefix = vec![vec![0f32; dp]; n_img];
     let roots = vec![dp + 1; n_img];
@@ -473,6 +473,7 @@ fn time_drafting(
             model: drafter,
             kv: &mut kv,
             graphs: &mut graphs,
+            dynamic: &mut dynamic,
             capture,
             rope_rows,
             zero_row,

@@ -58,6 +58,8 @@ pub struct FixedDrafting<'a> {
     pub kv: &'a mut KvCache,
     /// Its drafting computations (kept with the cache, see [`super::graph_step::GraphSteps`]).
     pub graphs: &'a mut Vec<StaticDrafting>,
+    /// Its dynamic-tree drafting computations.
+    pub dynamic: &'a mut Vec<super::dynamic_graph::DynamicDrafting>,
     /// Whether to capture CUDA graphs (else the computation runs eagerly: CPU tests).
     pub capture: bool,
     /// RoPE table rows of the drafter.
@@ -98,24 +100,8 @@ pub struct StaticDrafting {
     key: DraftingKey,
     /// The shape's depths and pick blocks (shared with every step's [`Drafted`]).
     plan: Arc<Plan>,
-    /// Start of each expansion's nodes among the fed nodes; the fed count last.
-    offsets: Vec<usize>,
-    /// First slot of the scratch block (the cache's last `fed` slots).
-    scratch: usize,
-    rows: usize,
-    // inputs, written before each run
-    /// `[rows, 1 + fed, d]`: the root's drafter output, then every fed node's.
-    feats: Tensor,
-    /// `[rows, 1, 1, max_len]` f32: the committed slots' mask, `-inf` from the filled length to
-    /// the scratch block, 0 over it.
-    prefix: Tensor,
-    /// `[1]` u32: the filled length, from which the attention kernels skip the empty slots up
-    /// to the scratch block (the prefix hides them); a view of `pos`'s last element, so that
-    /// one upload writes both.
-    filled: Tensor,
-    /// `[rows * fed + 1]` u32: every fed node's (clamped) position, level by level (`[rows,
-    /// kf]` per level), so that a level reads a contiguous view; then the filled length.
-    pos: Tensor,
+    /// The step's inputs and the fed nodes' outputs.
+    bufs: StepBuffers,
     /// Every depth's uniforms, flat (sampling only).
     uniforms: Option<Tensor>,
     // fixed, built once
@@ -153,7 +139,6 @@ impl StaticDrafting {
         vocab: usize,
     ) -> Result<Option<Self>> {
         let dev = model.fixed_device().clone();
-        let (d, dtype) = model.fixed_output();
         let n_img = key.n_img;
         let greedy = key.sampling.is_greedy();
         let depths = plan(shape);
@@ -271,7 +256,6 @@ impl StaticDrafting {
                 .collect::<candle_core::Result<_>>()?
         };
         let n_picks = block_at[depths.len()];
-        let pos = Tensor::zeros(rows * fed + 1, DType::U32, &dev)?;
         Ok(Some(Self {
             plan: Arc::new(Plan {
                 depths,
@@ -279,13 +263,7 @@ impl StaticDrafting {
                 level_rows,
                 block_at,
             }),
-            offsets,
-            scratch,
-            rows,
-            feats: Tensor::zeros((rows, 1 + fed, d), dtype, &dev)?,
-            prefix: Tensor::zeros((rows, 1, 1, max_len), DType::F32, &dev)?,
-            filled: pos.narrow(0, rows * fed, 1)?,
-            pos,
+            bufs: StepBuffers::new(model, rows, max_len, offsets)?,
             uniforms: (!greedy)
                 .then(|| Tensor::zeros(n_uniforms, DType::F64, &dev))
                 .transpose()?,
@@ -311,12 +289,11 @@ impl StaticDrafting {
         kv: &mut KvCache,
     ) -> Result<()> {
         let (n_img, cfg, sampling) = (self.key.n_img, self.key.cfg, &self.key.sampling);
-        let fed = *self.offsets.last().unwrap_or(&0);
-        let d = self.feats.dim(2)?;
+        let b = &self.bufs;
         let probs_of = |h: &Tensor| -> Result<Tensor> {
             Ok(picks::draft_probs_cfg(&lm_head(h)?, n_img, cfg, sampling)?)
         };
-        let mut level = probs_of(&self.feats.narrow(1, 0, 1)?.contiguous()?)?;
+        let mut level = probs_of(&b.root_feat()?)?;
         let plan = &*self.plan;
         let mut at_u = 0;
         for (i, dp) in plan.depths.iter().enumerate() {
@@ -341,30 +318,12 @@ impl StaticDrafting {
             if i + 1 == plan.depths.len() {
                 break;
             }
-            let (off, kf) = (self.offsets[i], dp.feed.len());
-            let ids = picks::pick_tokens(&block, &self.token_at[i], self.rows / n_img)?
-                .reshape((self.rows, kf))?;
-            let feats = self
-                .feats
-                .reshape((self.rows * (1 + fed), d))?
-                .index_select(&self.feat_at[i], 0)?
-                .reshape((self.rows, kf, d))?;
-            // level-major: this level's rows are one contiguous view (no copy)
-            let pos = self
-                .pos
-                .narrow(0, self.rows * off, self.rows * kf)?
-                .reshape((self.rows, kf))?;
-            let mask = self
-                .prefix
-                .broadcast_add(&self.tree_masks[i])?
-                .contiguous()?;
-            kv.set_staging(Some(self.scratch + off));
-            kv.set_filled_on_device(Some((self.filled.clone(), self.scratch)));
-            let out = model.fixed_step(&ids, Some(&feats), &pos, &mask, kv);
-            kv.set_filled_on_device(None);
-            kv.set_staging(None);
-            let out = out?;
-            self.feats.slice_set(&out, 1, 1 + off)?;
+            let kf = dp.feed.len();
+            let ids = picks::pick_tokens(&block, &self.token_at[i], b.rows / n_img)?
+                .reshape((b.rows, kf))?;
+            let feats = b.gather_feats(&self.feat_at[i], kf)?;
+            let mask = b.prefix.broadcast_add(&self.tree_masks[i])?.contiguous()?;
+            let out = b.expand(model, kv, i, &ids, &feats, &mask)?;
             level = probs_of(&out)?;
         }
         Ok(())
@@ -378,37 +337,16 @@ impl StaticDrafting {
         clamp: (usize, usize),
         rngs: &mut [&mut dyn RngCore],
     ) -> Result<()> {
-        let (n_img, rows) = (self.key.n_img, self.rows);
-        let dev = self.feats.device();
-        let max_len = self.prefix.dim(3)?;
-        self.feats.slice_set(
-            &step.root_feat.to_dtype(self.feats.dtype())?.contiguous()?,
-            1,
-            0,
+        let n_img = self.key.n_img;
+        let dev = self.bufs.feats.device();
+        self.bufs.write(
+            n_img,
+            step.root_feat,
+            step.prefix,
+            step.roots,
+            kv_len,
+            clamp,
         )?;
-        // committed slots as the prefix says, hidden up to the scratch block, where the tree
-        // masks decide
-        let mut prefix = vec![f32::NEG_INFINITY; rows * max_len];
-        for (r, out) in prefix.chunks_exact_mut(max_len).enumerate() {
-            let p = &step.prefix[r % n_img];
-            let n = p.len().min(kv_len);
-            out[..n].copy_from_slice(&p[..n]);
-            out[self.scratch..].iter_mut().for_each(|x| *x = 0.0);
-        }
-        self.prefix
-            .slice_set(&Tensor::from_vec(prefix, (rows, 1, 1, max_len), dev)?, 0, 0)?;
-        let fed = *self.offsets.last().unwrap_or(&0);
-        let mut pos = Vec::with_capacity(rows * fed + 1);
-        for (e, w) in self.offsets.windows(2).enumerate() {
-            for r in 0..rows {
-                let p = step.roots[r % n_img] + e;
-                let p = if p >= clamp.0 { clamp.1 } else { p };
-                pos.extend(std::iter::repeat_n(p as u32, w[1] - w[0]));
-            }
-        }
-        pos.push(kv_len as u32);
-        self.pos
-            .slice_set(&Tensor::from_vec(pos, rows * fed + 1, dev)?, 0, 0)?;
         if let Some(u) = &self.uniforms {
             let mut all = Vec::with_capacity(u.elem_count());
             for (dp, &k) in self.plan.depths.iter().zip(&self.plan.ks) {
@@ -416,6 +354,144 @@ impl StaticDrafting {
             }
             u.slice_set(&Tensor::from_vec(all, u.elem_count(), dev)?, 0, 0)?;
         }
+        Ok(())
+    }
+}
+
+/// The per-step buffers of a drafting computation (static or dynamic): written by the host
+/// before each run, read and filled by the run.
+pub(super) struct StepBuffers {
+    /// Start of each expansion's nodes among the fed nodes; the fed count last.
+    pub offsets: Vec<usize>,
+    /// First slot of the scratch block (the cache's last `fed` slots).
+    pub scratch: usize,
+    /// Rows of the drafter's batch.
+    pub rows: usize,
+    /// `[rows, 1 + fed, d]`: the root's drafter output, then every fed node's.
+    pub feats: Tensor,
+    /// `[rows, 1, 1, max_len]` f32: the committed slots' mask, `-inf` from the filled length to
+    /// the scratch block, 0 over it.
+    pub prefix: Tensor,
+    /// `[1]` u32: the filled length, from which the attention kernels skip the empty slots up
+    /// to the scratch block (the prefix hides them); a view of `pos`'s last element, so that
+    /// one upload writes both.
+    filled: Tensor,
+    /// `[rows * fed + 1]` u32: every fed node's (clamped) position, level by level (`[rows,
+    /// kf]` per level), so that a level reads a contiguous view; then the filled length.
+    pos: Tensor,
+}
+
+impl StepBuffers {
+    /// Buffers for `rows` rows, a cache of `max_len` slots and expansions at `offsets` (the fed
+    /// count last; the caller checks that it is below `max_len`).
+    pub fn new(
+        model: &dyn FixedForward,
+        rows: usize,
+        max_len: usize,
+        offsets: Vec<usize>,
+    ) -> Result<Self> {
+        let dev = model.fixed_device();
+        let (d, dtype) = model.fixed_output();
+        let fed = offsets.last().copied().unwrap_or(0);
+        let pos = Tensor::zeros(rows * fed + 1, DType::U32, dev)?;
+        Ok(Self {
+            scratch: max_len - fed,
+            rows,
+            feats: Tensor::zeros((rows, 1 + fed, d), dtype, dev)?,
+            prefix: Tensor::zeros((rows, 1, 1, max_len), DType::F32, dev)?,
+            filled: pos.narrow(0, rows * fed, 1)?,
+            pos,
+            offsets,
+        })
+    }
+
+    /// Fed nodes per step.
+    pub fn fed(&self) -> usize {
+        self.offsets.last().copied().unwrap_or(0)
+    }
+
+    /// The root's drafter output `[rows, 1, d]`.
+    pub fn root_feat(&self) -> Result<Tensor> {
+        Ok(self.feats.narrow(1, 0, 1)?.contiguous()?)
+    }
+
+    /// The features at `at` (indices into `feats` as `[rows * (1 + fed), d]`) as `[rows, k, d]`.
+    pub fn gather_feats(&self, at: &Tensor, k: usize) -> Result<Tensor> {
+        let d = self.feats.dim(2)?;
+        Ok(self
+            .feats
+            .reshape((self.rows * (1 + self.fed()), d))?
+            .index_select(at, 0)?
+            .reshape((self.rows, k, d))?)
+    }
+
+    /// Runs the drafter on expansion `e`'s nodes (their K/V into the scratch block) and keeps
+    /// its output in `feats`; returns it.
+    pub fn expand(
+        &self,
+        model: &dyn FixedForward,
+        kv: &mut KvCache,
+        e: usize,
+        ids: &Tensor,
+        feats: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let (off, kf) = (self.offsets[e], self.offsets[e + 1] - self.offsets[e]);
+        // level-major: this level's rows are one contiguous view (no copy)
+        let pos = self
+            .pos
+            .narrow(0, self.rows * off, self.rows * kf)?
+            .reshape((self.rows, kf))?;
+        kv.set_staging(Some(self.scratch + off));
+        kv.set_filled_on_device(Some((self.filled.clone(), self.scratch)));
+        let out = model.fixed_step(ids, Some(feats), &pos, mask, kv);
+        kv.set_filled_on_device(None);
+        kv.set_staging(None);
+        let out = out?;
+        self.feats.slice_set(&out, 1, 1 + off)?;
+        Ok(out)
+    }
+
+    /// Writes one step's inputs (no synchronisation): the root features, the prefix mask (the
+    /// committed slots of row r as `prefix[r % n_img]` says), the positions (expansion e of
+    /// row r at `roots[r % n_img] + e`, clamped: `clamp.1` from `clamp.0` on) and the filled
+    /// length `kv_len`.
+    pub fn write(
+        &self,
+        n_img: usize,
+        root_feat: &Tensor,
+        prefix: &[Vec<f32>],
+        roots: &[usize],
+        kv_len: usize,
+        clamp: (usize, usize),
+    ) -> Result<()> {
+        let (rows, dev) = (self.rows, self.feats.device());
+        let max_len = self.prefix.dim(3)?;
+        self.feats
+            .slice_set(&root_feat.to_dtype(self.feats.dtype())?.contiguous()?, 1, 0)?;
+        // committed slots as the prefix says, hidden up to the scratch block, where the tree
+        // masks decide
+        let mut mask = vec![f32::NEG_INFINITY; rows * max_len];
+        for (r, out) in mask.chunks_exact_mut(max_len).enumerate() {
+            let p = &prefix[r % n_img];
+            let n = p.len().min(kv_len);
+            out[..n].copy_from_slice(&p[..n]);
+            out[self.scratch..].iter_mut().for_each(|x| *x = 0.0);
+        }
+        self.prefix
+            .slice_set(&Tensor::from_vec(mask, (rows, 1, 1, max_len), dev)?, 0, 0)?;
+        let fed = self.fed();
+        let mut pos = Vec::with_capacity(rows * fed + 1);
+        for (e, w) in self.offsets.windows(2).enumerate() {
+            for r in 0..rows {
+                let p = roots[r % n_img] + e;
+                let p = if p >= clamp.0 { clamp.1 } else { p };
+                pos.extend(std::iter::repeat_n(p as u32, w[1] - w[0]));
+            }
+        }
+        pos.push(kv_len as u32);
+        self.pos
+            .slice_set(&Tensor::from_vec(pos, rows * fed + 1, dev)?, 0, 0)?;
         Ok(())
     }
 }
@@ -439,6 +515,7 @@ pub fn draft_static_fixed(
         capture,
         rope_rows,
         zero_row,
+        ..
     } = fx;
     let greedy = key.sampling.is_greedy();
     let idx = match graphs.iter().position(|g| g.key == key) {
@@ -463,10 +540,10 @@ pub fn draft_static_fixed(
         }
     };
     let g = &mut graphs[idx];
-    if kv.len() > g.scratch || kv.staging().is_some() {
+    if kv.len() > g.bufs.scratch || kv.staging().is_some() {
         return Ok(None);
     }
-    if step.root_feat.dims3()?.0 != g.rows || step.root_tokens.len() != key.n_img {
+    if step.root_feat.dims3()?.0 != g.bufs.rows || step.root_tokens.len() != key.n_img {
         return Err(Error::invalid(
             "drafting graph",
             "rows do not match the computation (internal error)",

@@ -12,12 +12,14 @@ use super::static_trees::DynamicParams;
 use super::tree::{DraftKind, DraftTree};
 use crate::Result;
 
+/// A scored candidate node of a dynamic tree.
 #[derive(Debug, Clone, Copy)]
-struct Cand {
-    token: u32,
-    score: f32,
+pub(super) struct Cand {
+    pub token: u32,
+    /// Cumulative log-probability.
+    pub score: f32,
     /// Candidate index of the parent (`None` = root).
-    parent: Option<usize>,
+    pub parent: Option<usize>,
 }
 
 fn ln(p: f32) -> f32 {
@@ -98,39 +100,43 @@ pub fn draft_dynamic(
             frontier[g] = level;
         }
     }
-    let mut trees = Vec::with_capacity(n_img);
-    for g in 0..n_img {
-        let c = &cands[g];
-        let mut order: Vec<usize> = (0..c.len()).collect();
-        order.sort_by(|&a, &b| c[b].score.total_cmp(&c[a].score).then(a.cmp(&b)));
-        order.truncate(params.total_tokens - 1);
-        order.sort_unstable();
-        let mut node_of = std::collections::HashMap::new();
-        let mut t = DraftTree {
-            tokens: vec![root_tokens[g]],
-            parents: vec![0],
-            depths: vec![0],
-            q: vec![1.0],
-            q_dists: vec![None],
-            kind: DraftKind::Deterministic,
+    (0..n_img)
+        .map(|g| assemble(&cands[g], root_tokens[g], params.total_tokens))
+        .collect()
+}
+
+/// The tree of the `total_tokens - 1` best candidates `c` (by score, then creation order, so
+/// that every selected node's parent, which scores at least as high and was created earlier,
+/// is selected too), in creation order after the root.
+pub(super) fn assemble(c: &[Cand], root: u32, total_tokens: usize) -> Result<DraftTree> {
+    let mut order: Vec<usize> = (0..c.len()).collect();
+    order.sort_by(|&a, &b| c[b].score.total_cmp(&c[a].score).then(a.cmp(&b)));
+    order.truncate(total_tokens - 1);
+    order.sort_unstable();
+    let mut node_of = std::collections::HashMap::new();
+    let mut t = DraftTree {
+        tokens: vec![root],
+        parents: vec![0],
+        depths: vec![0],
+        q: vec![1.0],
+        q_dists: vec![None],
+        kind: DraftKind::Deterministic,
+    };
+    for &ci in &order {
+        let parent = match c[ci].parent {
+            None => 0,
+            Some(p) => *node_of.get(&p).ok_or_else(|| {
+                crate::Error::invalid("dynamic tree", "selected node without its parent")
+            })?,
         };
-        for &ci in &order {
-            let parent = match c[ci].parent {
-                None => 0,
-                Some(p) => *node_of.get(&p).ok_or_else(|| {
-                    crate::Error::invalid("dynamic tree", "selected node without its parent")
-                })?,
-            };
-            t.tokens.push(c[ci].token);
-            t.parents.push(parent);
-            t.depths.push(t.depths[parent] + 1);
-            t.q.push(1.0);
-            t.q_dists.push(None);
-            node_of.insert(ci, t.len() - 1);
-        }
-        trees.push(t);
+        t.tokens.push(c[ci].token);
+        t.parents.push(parent);
+        t.depths.push(t.depths[parent] + 1);
+        t.q.push(1.0);
+        t.q_dists.push(None);
+        node_of.insert(ci, t.len() - 1);
     }
-    Ok(trees)
+    Ok(t)
 }
 
 #[cfg(test)]

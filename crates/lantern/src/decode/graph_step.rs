@@ -391,6 +391,8 @@ pub struct GraphSteps {
     steps: Vec<GraphStep>,
     /// Whole-tree drafting computations (drafter caches only).
     drafting: Vec<super::draft_graph::StaticDrafting>,
+    /// Dynamic-tree drafting computations (drafter caches only).
+    dynamic: Vec<super::dynamic_graph::DynamicDrafting>,
 }
 
 /// Shapes kept per generation before falling back to the ordinary forward.
@@ -540,10 +542,12 @@ impl GraphCache {
     ) -> Option<(
         &mut KvCache,
         &mut Vec<super::draft_graph::StaticDrafting>,
+        &mut Vec<super::dynamic_graph::DynamicDrafting>,
         bool,
     )> {
         let capture = self.fixed_mode()?;
-        Some((&mut self.kv, &mut self.graphs.drafting, capture))
+        let g = &mut self.graphs;
+        Some((&mut self.kv, &mut g.drafting, &mut g.dynamic, capture))
     }
 
     /// `Some(capture)` when the fixed-shape path is on: graphs enabled (capture, exactly when

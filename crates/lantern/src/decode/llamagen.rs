@@ -299,11 +299,12 @@ impl DraftModel for Drafter {
 
     fn fixed_drafting<'a>(&'a self, cache: &'a mut DrafterCache) -> Option<FixedDrafting<'a>> {
         let (rope_rows, zero_row) = self.rope_clamp();
-        let (kv, graphs, capture) = cache.fixed_drafting()?;
+        let (kv, graphs, dynamic, capture) = cache.fixed_drafting()?;
         Some(FixedDrafting {
             model: self,
             kv,
             graphs,
+            dynamic,
             capture,
             rope_rows,
             zero_row,

@@ -6,6 +6,7 @@ pub mod ar;
 pub mod draft;
 pub mod draft_graph;
 pub mod dynamic;
+pub mod dynamic_graph;
 pub mod graph_step;
 pub mod level;
 pub mod llamagen;

@@ -26,6 +26,7 @@
 use super::draft::{draft_static, Expand};
 use super::draft_graph::{draft_static_fixed, DraftStep, Drafted, DraftingKey};
 use super::dynamic::draft_dynamic;
+use super::dynamic_graph::{draft_dynamic_fixed, DynamicKey, DynamicStep};
 use super::level::{DeviceLevel, DraftLevel, HostLevel, Want};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::profile::LoopProfile;
@@ -399,6 +400,13 @@ enum StepTrees<'a> {
     Host(Vec<DraftTree>),
 }
 
+/// Whether dynamic trees may be drafted in one computation: `LANTERN_DYNAMIC_GRAPH=0` drafts
+/// them level by level (the host choosing each frontier), for A/B runs.
+fn dynamic_graphs_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LANTERN_DYNAMIC_GRAPH").as_deref() != Ok("0"))
+}
+
 /// Whether static trees may be drafted in one computation (tests turn it off to compare with
 /// the level-by-level path on the same target path).
 fn drafting_graphs_on() -> bool {
@@ -608,7 +616,42 @@ fn run<T: Target, D: DraftModel>(
                         let mut r: Vec<&mut dyn RngCore> =
                             rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
                         let head = |h: &Tensor| target.lm_head_raw(h);
-                        draft_static_fixed(fx, &head, key, &step, &mut r)?.map(|d| (d, shape))
+                        draft_static_fixed(fx, &head, key, &step, &mut r)?.map(|d| {
+                            drafter_forwards += shape.depths.iter().max().map_or(0, |d| d - 1);
+                            StepTrees::OnDevice(d, shape)
+                        })
+                    }
+                    _ => None,
+                }
+            }
+            TreeSpec::Dynamic(p)
+                if picks::probs_on_device(&opts.sampling, &dev)
+                    && drafting_graphs_on()
+                    && dynamic_graphs_on() =>
+            {
+                match (target.lm_head_id(), drafter.fixed_drafting(&mut dcache)) {
+                    (Some(lm_head), Some(fx)) => {
+                        let key = DynamicKey {
+                            params: *p,
+                            n_img,
+                            cfg,
+                            sampling: opts.sampling,
+                            lm_head,
+                        };
+                        let step = DynamicStep {
+                            root_tokens: &root_tokens,
+                            root_feat: &root_feat,
+                            prefix: &prefix,
+                            roots: &roots,
+                            vocab: target.vocab_size(),
+                        };
+                        let head = |h: &Tensor| target.lm_head_raw(h);
+                        draft_dynamic_fixed(fx, &head, key, &step)?.map(|trees| {
+                            #[cfg(test)]
+                            tests::DYNAMIC_FIXED.with(|c| c.set(c.get() + 1));
+                            drafter_forwards += p.depth;
+                            StepTrees::Host(trees)
+                        })
                     }
                     _ => None,
                 }
@@ -617,9 +660,8 @@ fn run<T: Target, D: DraftModel>(
         };
         // the verification inputs: made on the device from a drafted static shape (verification
         // is queued before the host reads the picks), else from the host trees
-        let drafted = if let Some((drafted, shape)) = fixed {
-            drafter_forwards += shape.depths.iter().max().map_or(0, |d| d - 1);
-            StepTrees::OnDevice(drafted, shape)
+        let drafted = if let Some(drafted) = fixed {
+            drafted
         } else {
             let root = profiled(
                 drafter_level(target, &root_feat, n_img, cfg, &opts.sampling)?,
@@ -824,6 +866,8 @@ mod tests {
     thread_local! {
         /// Whether static trees are drafted in one computation on this thread.
         pub(super) static DRAFTING_GRAPHS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+        /// Steps whose dynamic trees were drafted in one computation on this thread.
+        pub(super) static DYNAMIC_FIXED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         /// Every step's trees of the runs on this thread, while recording.
         static TREES: std::cell::RefCell<Option<Vec<Vec<DraftTree>>>> =
             const { std::cell::RefCell::new(None) };
@@ -920,6 +964,61 @@ mod tests {
             if sampling.is_greedy() {
                 assert_eq!(clean, levels.len(), "greedy trees drop nothing");
             }
+        }
+        Ok(())
+    }
+
+    /// EAGLE-2 trees drafted in one fixed-shape computation (forced here on the CPU: the
+    /// frontier chosen by the `frontier` op, the mask's scratch columns from gathered ancestor
+    /// rows) equal the level-by-level ones of every step, greedy and sampled, with CFG over
+    /// two images, for the default parameters and a small tree whose fed nodes go three deep.
+    #[test]
+    fn dynamic_drafting_computation_equals_level_by_level_drafting() -> Result<()> {
+        use crate::decode::graph_step::force_fixed_shape;
+        let m = c2i_model()?;
+        let d = drafter(true)?;
+        let cond = Condition::Classes(vec![7, 3]);
+        let accept = AcceptConfig::default();
+        for (tree, sampling) in [
+            ("dynamic", SamplingParams::greedy()),
+            ("dynamic:20:3:4", SamplingParams::greedy()),
+            ("dynamic:20:3:4", SamplingParams::default()),
+        ] {
+            let tree = TreeSpec::parse(tree)?;
+            let opts = GenerateOptions::new().with_sampling(sampling).with_seed(5);
+            let go =
+                || generate_speculative(&m, &d, &cond, &opts, &tree, &accept, None).map(|_| ());
+            force_fixed_shape(true);
+            DRAFTING_GRAPHS.with(|c| c.set(false));
+            let levels = recorded(go);
+            DRAFTING_GRAPHS.with(|c| c.set(true));
+            let before = DYNAMIC_FIXED.with(|c| c.get());
+            let fixed = recorded(go);
+            let ran = DYNAMIC_FIXED.with(|c| c.get()) - before;
+            force_fixed_shape(false);
+            let (levels, fixed) = (levels?, fixed?);
+            assert!(levels.len() > 3, "{tree:?}: {} steps", levels.len());
+            // every step of the second run drafted in the one computation
+            assert_eq!(ran, fixed.len(), "{tree:?}");
+            assert_eq!(fixed.len(), levels.len(), "{tree:?} {sampling:?}");
+            for (i, (a, b)) in fixed.iter().zip(&levels).enumerate() {
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(b) {
+                    assert_eq!(
+                        (&x.tokens, &x.parents, &x.depths, x.kind),
+                        (&y.tokens, &y.parents, &y.depths, y.kind),
+                        "{tree:?} {sampling:?}, step {i}"
+                    );
+                }
+            }
+            // a tree deeper than its first level (the frontier took part)
+            assert!(
+                fixed
+                    .iter()
+                    .flatten()
+                    .any(|t| t.depths.iter().any(|&d| d >= 3)),
+                "{tree:?}: no node three deep"
+            );
         }
         Ok(())
     }

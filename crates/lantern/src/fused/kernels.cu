@@ -1525,6 +1525,53 @@ extern "C" __global__ void pick_tokens_f32(const float *p, int n, const unsigned
     out[i] = j < (unsigned)n ? (unsigned)fmaxf(p[j], 0.f) : 0u;
 }
 
+// One level of EAGLE-2's dynamic tree (picks.rs frontier; the CPU version is the reference):
+// block g = image g. Candidate c (row c / k, pick c % k) scores base[row] + ln p; the keep best
+// (pk_before's order: larger first, then earlier) are written in creation order with their
+// scores, tokens (every drafter row r = g mod n_img) and parents' feature rows. Output sections
+// as FrontierLayout: scores [n_img, C], chosen [n_img, keep], chosen scores, tokens [rows,
+// keep], gather [rows * keep]. Shared memory: keys [C], then kept flags / positions [C].
+extern "C" __global__ void frontier_f32(const float *picks, const unsigned *base, unsigned *out,
+                                        int n_img, int rpi, int k, int keep, int rows,
+                                        int stride, int slot_base) {
+    pdl_trigger();
+    pdl_wait();
+    extern __shared__ unsigned fr_sm[];
+    const int g = blockIdx.x, nc = rpi * k;
+    unsigned *keys = fr_sm;
+    int *pos = reinterpret_cast<int *>(fr_sm + nc);
+    unsigned *scores = out, *chosen = out + n_img * nc, *cscores = chosen + n_img * keep;
+    unsigned *tokens = cscores + n_img * keep, *gather = tokens + rows * keep;
+    for (int c = threadIdx.x; c < nc; c += blockDim.x) {
+        const float *p = picks + ((size_t)(g * rpi + c / k) * k + c % k) * 2;
+        const float ln = p[0] >= 0.f && p[1] > 0.f ? logf(p[1]) : -INFINITY;
+        const float sc = __uint_as_float(base[g * rpi + c / k]) + ln;
+        scores[(size_t)g * nc + c] = __float_as_uint(sc);
+        keys[c] = pk_key(sc);
+    }
+    __syncthreads();
+    // kept: fewer than keep candidates precede it
+    for (int c = threadIdx.x; c < nc; c += blockDim.x) {
+        int rank = 0;
+        for (int o = 0; o < nc && rank < keep; ++o) rank += pk_before(keys[o], o, keys[c], c);
+        pos[c] = rank < keep ? 1 : 0;
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < nc; c += blockDim.x) {
+        if (!pos[c]) continue;
+        int q = 0;
+        for (int o = 0; o < c; ++o) q += pos[o];
+        const float *p = picks + ((size_t)(g * rpi + c / k) * k + c % k) * 2;
+        chosen[g * keep + q] = (unsigned)c;
+        cscores[g * keep + q] = scores[(size_t)g * nc + c];
+        const unsigned slot = slot_base < 0 ? 0u : (unsigned)(1 + slot_base + c / k);
+        for (int r = g; r < rows; r += n_img) {
+            tokens[r * keep + q] = (unsigned)fmaxf(p[0], 0.f);
+            gather[r * keep + q] = (unsigned)(r * stride) + slot;
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Read-bandwidth probes (bench only, fused/probe.rs): how fast one kernel streams a buffer of a
 // weight matrix's size, with ordinary 16-byte loads (U per thread in flight) or with bulk

@@ -374,6 +374,165 @@ impl CustomOp2 for PickTokens {
     }
 }
 
+/// Where the sections of [`frontier`]'s output lie (u32 words, image-major within each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrontierLayout {
+    /// Images.
+    pub n_img: usize,
+    /// Picked rows per image (the fed nodes the level follows; 1 for the root level).
+    pub rows_per_img: usize,
+    /// Picks per row.
+    pub k: usize,
+    /// Candidates kept per image (the next frontier).
+    pub keep: usize,
+    /// Rows of the drafter's batch (`n_img`, or `2 n_img` with CFG; row r is image r % n_img).
+    pub rows: usize,
+}
+
+impl FrontierLayout {
+    /// Candidates per image (`rows_per_img * k`, in creation order: row i's pick j is i k + j).
+    pub fn cands(&self) -> usize {
+        self.rows_per_img * self.k
+    }
+    /// `[n_img, cands]` f32 bits: every candidate's score (its parent's score + ln p).
+    pub fn scores(&self) -> usize {
+        0
+    }
+    /// `[n_img, keep]`: the kept candidates, ascending (creation order).
+    pub fn chosen(&self) -> usize {
+        self.n_img * self.cands()
+    }
+    /// `[n_img, keep]` f32 bits: their scores (the next level's parent scores).
+    pub fn chosen_scores(&self) -> usize {
+        self.chosen() + self.n_img * self.keep
+    }
+    /// `[rows, keep]`: their tokens, for every row of the drafter's batch.
+    pub fn tokens(&self) -> usize {
+        self.chosen_scores() + self.n_img * self.keep
+    }
+    /// `[rows * keep]`: `row * stride + slot` of each kept candidate's parent.
+    pub fn gather(&self) -> usize {
+        self.tokens() + self.rows * self.keep
+    }
+    /// Words in all.
+    pub fn len(&self) -> usize {
+        self.gather() + self.rows * self.keep
+    }
+    /// Whether there is nothing (never for a valid layout).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One level of EAGLE-2's dynamic tree on the device ([`crate::decode::dynamic`]): from the
+/// level's top-k `picks` `[n_img * rows_per_img, k, 2]` and the parents' scores `base`
+/// (`[n_img, rows_per_img]` u32 holding f32 bits), every candidate's score `base + ln p`, the
+/// `keep` best per image (larger score first, ties: earlier candidate first) in creation order,
+/// their tokens for every drafter row, and where their parents' features are: `row * stride +
+/// slot`, slot 0 (the root) for the root level (`slot_base` `None`), else `1 + slot_base + i`
+/// for a parent that is fed node i of the level. Output: u32 `[layout.len()]`
+/// ([`FrontierLayout`]). A pick without a token scores `-inf`.
+pub fn frontier(
+    picks: &Tensor,
+    base: &Tensor,
+    layout: FrontierLayout,
+    stride: usize,
+    slot_base: Option<usize>,
+) -> Result<Tensor> {
+    let l = layout;
+    if picks.dims() != [l.n_img * l.rows_per_img, l.k, 2]
+        || base.dims() != [l.n_img, l.rows_per_img]
+        || l.keep == 0
+        || l.keep > l.cands()
+        || l.cands() > MAX_PICKS * MAX_PICKS
+        || l.rows % l.n_img.max(1) != 0
+    {
+        bail!(
+            "frontier: picks {:?} and parent scores {:?} do not fit {l:?}",
+            picks.dims(),
+            base.dims()
+        );
+    }
+    picks.to_dtype(DType::F32)?.contiguous()?.apply_op2_no_bwd(
+        &base.to_dtype(DType::U32)?.contiguous()?,
+        &Frontier {
+            layout: l,
+            stride,
+            slot_base,
+        },
+    )
+}
+
+/// See [`frontier`].
+struct Frontier {
+    layout: FrontierLayout,
+    stride: usize,
+    slot_base: Option<usize>,
+}
+
+impl CustomOp2 for Frontier {
+    fn name(&self) -> &'static str {
+        "lantern-frontier"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let lay = self.layout;
+        let picks = cpu_slice::<f32>(s, l)?;
+        let base = cpu_slice::<u32>(b, bl)?;
+        let (nc, k, keep) = (lay.cands(), lay.k, lay.keep);
+        let mut out = vec![0u32; lay.len()];
+        for g in 0..lay.n_img {
+            // the host path's arithmetic (dynamic.rs): parent score + ln p
+            let scores: Vec<f32> = (0..nc)
+                .map(|c| {
+                    let p = &picks[((g * lay.rows_per_img + c / k) * k + c % k) * 2..][..2];
+                    let ln = if p[0] >= 0.0 && p[1] > 0.0 {
+                        p[1].ln()
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    f32::from_bits(base[g * lay.rows_per_img + c / k]) + ln
+                })
+                .collect();
+            for (c, x) in scores.iter().enumerate() {
+                out[lay.scores() + g * nc + c] = x.to_bits();
+            }
+            let mut kept = top_k_indices(&scores, keep);
+            kept.sort_unstable();
+            for (q, &c) in kept.iter().enumerate() {
+                out[lay.chosen() + g * keep + q] = c as u32;
+                out[lay.chosen_scores() + g * keep + q] = scores[c].to_bits();
+                let p = &picks[((g * lay.rows_per_img + c / k) * k + c % k) * 2..];
+                let slot = self.slot_base.map_or(0, |b| 1 + b + c / k);
+                for r in (g..lay.rows).step_by(lay.n_img) {
+                    out[lay.tokens() + r * keep + q] = p[0].max(0.0) as u32;
+                    out[lay.gather() + r * keep + q] = (r * self.stride + slot) as u32;
+                }
+            }
+        }
+        Ok((CpuStorage::U32(out), Shape::from(lay.len())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let lay = self.layout;
+        super::picks_cuda::frontier(s, l, b, bl, &lay, self.stride, self.slot_base)
+            .map(|st| (st, Shape::from(lay.len())))
+    }
+}
+
 /// The `[n, k, 2]` output of [`top_k`] or [`draw`] on the host: per row, its picks as
 /// (token, probability), up to the first `-1`.
 pub fn picks_to_host(picks: &Tensor) -> Result<Vec<Vec<(usize, f32)>>> {
@@ -537,6 +696,124 @@ mod tests {
         assert_eq!(got.to_vec1::<u32>()?[..5], [7, 0, 12, 0, 3]);
         assert!(pick_tokens(&p, &Tensor::new(&[6u32], &Device::Cpu)?, 1).is_err());
         assert!(pick_tokens(&p, &at, 0).is_err());
+        Ok(())
+    }
+
+    /// Frontier picks of `rows(..)` (ties, zero probabilities) under parent scores `base`.
+    #[cfg(feature = "cuda")]
+    fn frontier_case(
+        rng: &mut StdRng,
+        lay: FrontierLayout,
+        v: usize,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let r = rows(rng, lay.n_img * lay.rows_per_img, v);
+        let picks = top_k(&tensor(&r), lay.k)?.to_device(dev)?;
+        let base: Vec<u32> = (0..lay.n_img * lay.rows_per_img)
+            .map(|i| (-((i % 3) as f32) * 0.5).to_bits())
+            .collect();
+        let base = Tensor::from_vec(base, (lay.n_img, lay.rows_per_img), dev)?;
+        Ok((picks, base))
+    }
+
+    #[test]
+    fn frontier_op_keeps_the_best_in_creation_order() -> Result<()> {
+        // 2 images, 2 fed rows each, 2 picks per row, keep 2, CFG (4 drafter rows)
+        let lay = FrontierLayout {
+            n_img: 2,
+            rows_per_img: 2,
+            k: 2,
+            keep: 2,
+            rows: 4,
+        };
+        let picks = Tensor::from_vec(
+            vec![
+                5f32, 0.5, 6., 0.5, // image 0, row 0
+                7., 0.9, 8., 0.1, // image 0, row 1
+                1., 0.6, 2., 0.4, // image 1, row 0
+                3., 0.6, 4., 0.0, // image 1, row 1
+            ],
+            (4, 2, 2),
+            &Device::Cpu,
+        )?;
+        let base = Tensor::from_vec(
+            [-1f32, -0.1, 0.0, 0.0].map(f32::to_bits).to_vec(),
+            (2, 2),
+            &Device::Cpu,
+        )?;
+        let out = frontier(&picks, &base, lay, 7, Some(3))?.to_vec1::<u32>()?;
+        assert_eq!(out.len(), lay.len());
+        let f = |i: usize| f32::from_bits(out[i]);
+        assert_eq!(f(lay.scores() + 2), -0.1 + 0.9f32.ln());
+        assert_eq!(f(lay.scores() + 7), f32::NEG_INFINITY);
+        // image 0: scores -1.69, -1.69, -0.21, -2.40 -> candidates 2 and 0 (tie: earlier)
+        // image 1: -0.51, -0.92, -0.51, -inf -> 0 and 2 (equal scores)
+        assert_eq!(out[lay.chosen()..lay.chosen() + 4], [0, 2, 0, 2]);
+        assert_eq!(f(lay.chosen_scores() + 1), -0.1 + 0.9f32.ln());
+        assert_eq!(
+            out[lay.tokens()..lay.tokens() + 8],
+            [5, 7, 1, 3, 5, 7, 1, 3]
+        );
+        // parents: fed rows 0 and 1 of the level at slots 1 + 3 + row, drafter row r * 7
+        assert_eq!(out[lay.gather()..], [4, 5, 11, 12, 18, 19, 25, 26]);
+        let root = frontier(
+            &picks.narrow(0, 0, 2)?,
+            &Tensor::zeros((2, 1), DType::U32, &Device::Cpu)?,
+            FrontierLayout {
+                rows_per_img: 1,
+                ..lay
+            },
+            7,
+            None,
+        )?
+        .to_vec1::<u32>()?;
+        // the root level keeps every pick, its parents all at slot 0
+        assert_eq!(root[root.len() - 8..], [0, 0, 7, 7, 14, 14, 21, 21]);
+        assert!(frontier(&picks, &base, FrontierLayout { keep: 5, ..lay }, 7, None).is_err());
+        Ok(())
+    }
+
+    /// The frontier kernel against the CPU version: random picks with ties and zero
+    /// probabilities, the root level and wide levels (64 x 64 candidates).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_frontier_matches_cpu() -> Result<()> {
+        let gpu = Device::new_cuda(0)?;
+        let mut rng = StdRng::seed_from_u64(21);
+        for (n_img, rpi, k, keep, reps, v) in [
+            (1, 1, 10, 10, 2, 300),
+            (3, 10, 10, 10, 2, 300),
+            (2, 4, 8, 5, 1, 50),
+            (2, 64, 64, 64, 2, 1024),
+        ] {
+            let lay = FrontierLayout {
+                n_img,
+                rows_per_img: rpi,
+                k,
+                keep,
+                rows: reps * n_img,
+            };
+            let (picks, base) = frontier_case(&mut rng, lay, v, &Device::Cpu)?;
+            let slot = (rpi > 1).then_some(3 * k);
+            let a = frontier(&picks, &base, lay, 1 + 4 * k, slot)?.to_vec1::<u32>()?;
+            let b = frontier(
+                &picks.to_device(&gpu)?,
+                &base.to_device(&gpu)?,
+                lay,
+                1 + 4 * k,
+                slot,
+            )?
+            .to_vec1::<u32>()?;
+            let at = lay.chosen();
+            for (i, (x, y)) in a[..at].iter().zip(&b[..at]).enumerate() {
+                let (x, y) = (f32::from_bits(*x), f32::from_bits(*y));
+                assert!(
+                    x == y || (x - y).abs() <= 1e-6 * x.abs(),
+                    "{lay:?} score {i}: {x} vs {y}"
+                );
+            }
+            assert_eq!(a[at..], b[at..], "{lay:?}");
+        }
         Ok(())
     }
 

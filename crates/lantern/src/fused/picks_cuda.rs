@@ -237,3 +237,44 @@ pub(super) fn pick_tokens(
     unsafe { builder.launch(launch_cfg((total.div_ceil(256), 1, 1), 256, 0)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
+
+/// See [`super::picks::frontier`]: one block per image.
+pub(super) fn frontier(
+    p: &CudaStorage,
+    l: &Layout,
+    base: &CudaStorage,
+    bl: &Layout,
+    lay: &super::picks::FrontierLayout,
+    stride: usize,
+    slot_base: Option<usize>,
+) -> Result<CudaStorage> {
+    let dev = p.device().clone();
+    let func = dev.get_or_load_custom_func("frontier_f32", MODULE, PTX)?;
+    let (a, b) = offsets(l)?;
+    let src = p.as_cuda_slice::<f32>()?.slice(a..b);
+    let (a2, b2) = offsets(bl)?;
+    let bs = base.as_cuda_slice::<u32>()?.slice(a2..b2);
+    // SAFETY: every element is written by the kernel (each section in full).
+    let out = unsafe { dev.alloc::<u32>(lay.len())? };
+    let args: [i32; 7] = [
+        lay.n_img as i32,
+        lay.rows_per_img as i32,
+        lay.k as i32,
+        lay.keep as i32,
+        lay.rows as i32,
+        stride as i32,
+        slot_base.map_or(-1, |b| b as i32),
+    ];
+    let mut builder = func.builder();
+    builder.arg(&src);
+    builder.arg(&bs);
+    builder.arg(&out);
+    for x in &args {
+        builder.arg(x);
+    }
+    // keys and kept flags of a block's candidates
+    let shared = lay.cands() * (std::mem::size_of::<u32>() + std::mem::size_of::<i32>());
+    // SAFETY: argument list matches frontier_f32's signature; out holds lay.len() words.
+    unsafe { builder.launch(launch_cfg((lay.n_img as u32, 1, 1), 256, shared)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}

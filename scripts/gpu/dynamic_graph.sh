@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# GPU run (session 18): EAGLE-2's dynamic trees drafted in one CUDA graph per step
+# (decode/dynamic_graph.rs, the default; LANTERN_DYNAMIC_GRAPH=0 drafts them level by level, the
+# host choosing each frontier) against the level-by-level path of the same binary and against
+# the carried base binary (BASE). The library's CUDA tests (the frontier kernel and the picks
+# against the CPU; KERNEL_TESTS=1 adds the carried kernel test binary's); token files; ROUNDS rounds of the loop bench (t2i;
+# c2i once) over VARIANTS; with PROFILE=1 the loop profile of SD dynamic per variant; with
+# REPORT=1 the full step reports. Outputs under $OUT.
+set -uo pipefail
+source scripts/gpu/env.sh
+SECONDS=0
+with_base
+[ "${KERNEL_TESTS:-0}" = 1 ] && kernel_tests
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  xz -dkf "$G/lantern_lib.xz" && chmod +x "$G/lantern_lib"
+  timeout 240 "$G/lantern_lib" --nocapture cuda_ 2>&1 | grep -E "^test |test result|panicked" | tee "$OUT/lib_tests.txt"
+fi
+echo "lib tests done ${SECONDS}s"
+# greedy_equal LABEL CMD A B: token files of --decoding A and --decoding B (classes 0 and 7,
+# seed 3) with command prefix CMD
+greedy_equal() {
+  local args="--class 0,7 -n 2 --device cuda --seed 3"
+  $2 generate $args --decoding $3 --out /tmp/g1 --save-tokens /tmp/g1.json --force 2>&1 | grep -i error | head -3
+  $2 generate $args --decoding $4 --out /tmp/g2 --save-tokens /tmp/g2.json --force 2>&1 | grep -i error | head -3
+  if cmp -s /tmp/g1.json /tmp/g2.json; then r=IDENTICAL; else r=DIFFER; fi
+  echo "tokens $1, --decoding $3 vs $4: $r"
+}
+if [ "${SKIP_TOKENS:-0}" != 1 ]; then
+  D="--tree dynamic"
+  same_tokens "dynamic graph vs level by level" "$L" "env LANTERN_DYNAMIC_GRAPH=0 $L" "sd $D --temperature 0" "sd $D" "lantern $D" "lantern $D --dtype bf16"
+  same_tokens "new vs base" "$L" "$B" "sd $D" "lantern $D" "ar" "lantern++ --tree naive_extend_57"
+  greedy_equal "greedy sd dynamic = greedy ar" "$L" "ar --temperature 0" "sd $D --temperature 0"
+fi 2>&1 | tee "$OUT/checks.txt"
+echo "tokens done ${SECONDS}s"
+V=${VARIANTS:-BASE X=0 LANTERN_DYNAMIC_GRAPH=0}
+loop_rounds() {
+  local r p e bin envs
+  for r in $(seq 1 $1); do
+    for e in $V; do
+      variant "$e"
+      echo "== round $r $2 $(basename $bin) $envs"
+      env $envs timeout 200 "$bin" bench --random-weights --preset $2 --device cuda --loop-only \
+        --loop-modes ${MODES:-sd-dynamic,sd-static} --loop-images 2 --loop-tokens 64 2>&1 | grep -iE "^\| (ar|sd|lantern)|rror"
+    done
+  done
+}
+loop_rounds ${ROUNDS:-2} t2i-xl-256 2>&1 | tee "$OUT/loop_t2i.txt"
+echo "t2i done ${SECONDS}s"
+[ "${SKIP_C2I:-0}" = 1 ] || loop_rounds 1 c2i-xl-384 2>&1 | tee "$OUT/loop_c2i.txt"
+echo "c2i done ${SECONDS}s"
+if [ "${PROFILE:-0}" = 1 ]; then
+  for e in X=0 LANTERN_DYNAMIC_GRAPH=0; do
+    variant "$e"
+    echo "== profile sd-dynamic $envs"
+    env $envs LANTERN_LOOP_PROFILE=1 timeout 200 "$bin" bench --random-weights --preset t2i-xl-256 --device cuda \
+      --loop-only --loop-modes sd-dynamic --loop-images 2 --loop-tokens 64 > "$OUT/profile_${e%%=*}.txt" 2>&1
+    tail -40 "$OUT/profile_${e%%=*}.txt"
+  done
+fi
+[ "${REPORT:-0}" = 1 ] && step_reports
+echo "total ${SECONDS}s"
