@@ -12,8 +12,9 @@
 //! that one index (a fed node sees its parent's ancestors and itself), and the mask's scratch
 //! columns are those rows. The drafter writes its K/V into a scratch block at the end of its
 //! cache, as the static computation ([`super::draft_graph`]) does, with the same per-step
-//! inputs. After the replay the host reads every level's picks and frontier outputs in one
-//! transfer and assembles the trees from the device's scores exactly as the host path does.
+//! inputs. After the replay the host reads every level's frontier output (candidate tokens,
+//! scores, the kept ones) in one transfer and assembles the trees from the device's scores
+//! exactly as the host path does.
 //!
 //! The computation equals the level-by-level path's on the CPU (same ops and arithmetic; the
 //! device kernel computes ln p with CUDA's `logf`, so a near tie may be broken differently
@@ -60,9 +61,7 @@ pub struct DynamicDrafting {
     selfs: Vec<Tensor>,
     /// `[n_img, 1]` u32: the root's score (0.0) for the first level.
     zero: Tensor,
-    /// Every level's picks, flat: level 0 `[n_img, k, 2]`, then `[n_img k, k, 2]` each.
-    picks: Tensor,
-    /// Every level's [`picks::frontier`] output, flat (u32).
+    /// Every level's [`picks::frontier`] output, flat (u32): what the host reads.
     fronts: Tensor,
     graph: Captured,
 }
@@ -79,12 +78,9 @@ impl DynamicDrafting {
         }
     }
 
-    /// Start of level `l`'s picks and frontier output in `picks` and `fronts`.
-    fn level_at(&self, l: usize) -> (usize, usize) {
-        (0..l).fold((0, 0), |(p, f), i| {
-            let lay = self.layout(i);
-            (p + lay.n_img * lay.cands() * 2, f + lay.len())
-        })
+    /// Start of level `l`'s frontier output in `fronts`.
+    fn level_at(&self, l: usize) -> usize {
+        (0..l).map(|i| self.layout(i).len()).sum()
     }
 
     /// The computation for `key` on a cache of `rows` rows and `max_len` slots, vocabulary
@@ -120,18 +116,16 @@ impl DynamicDrafting {
             anc: Tensor::full(f32::NEG_INFINITY, (rows, 1 + fed, fed), &dev)?,
             selfs,
             zero: Tensor::zeros((key.n_img, 1), DType::U32, &dev)?,
-            picks: Tensor::zeros(0, DType::F32, &dev)?,
             fronts: Tensor::zeros(0, DType::U32, &dev)?,
             graph: Default::default(),
             key,
         };
-        let (n_picks, n_fronts) = this.level_at(p.depth + 1);
-        this.picks = Tensor::zeros(n_picks, DType::F32, &dev)?;
+        let n_fronts = this.level_at(p.depth + 1);
         this.fronts = Tensor::zeros(n_fronts, DType::U32, &dev)?;
         Ok(Some(this))
     }
 
-    /// The computation (see the module docs); writes `picks` and `fronts`, drops every
+    /// The computation (see the module docs); writes `fronts`, drops every
     /// temporary before it returns (so a captured graph frees what it allocates).
     fn run(
         &self,
@@ -149,12 +143,10 @@ impl DynamicDrafting {
         let mut base = self.zero.clone();
         for l in 0..=depth {
             let lay = self.layout(l);
-            let (pick_at, front_at) = self.level_at(l);
             let block = picks::top_k(&level, k)?;
-            self.picks.slice_set(&block.flatten_all()?, 0, pick_at)?;
             let slot_base = (l > 0).then(|| (l - 1) * k);
             let front = picks::frontier(&block, &base, lay, 1 + fed, slot_base)?;
-            self.fronts.slice_set(&front, 0, front_at)?;
+            self.fronts.slice_set(&front, 0, self.level_at(l))?;
             if l == depth {
                 break;
             }
@@ -189,18 +181,11 @@ impl DynamicDrafting {
         Ok(())
     }
 
-    /// Every image's tree from one transfer of the picks and frontier outputs: the
-    /// candidates of [`super::dynamic::draft_dynamic`] with the device's scores and frontiers.
+    /// Every image's tree from one transfer of the frontier outputs: the candidates of
+    /// [`super::dynamic::draft_dynamic`] with the device's tokens, scores and frontiers.
     fn trees(&self, root_tokens: &[u32]) -> Result<Vec<DraftTree>> {
         let (n_img, k) = (self.key.n_img, self.k);
-        let picks: Vec<f32> = self.picks.to_vec1()?;
         let fronts: Vec<u32> = self.fronts.to_vec1()?;
-        let bad = || {
-            Error::invalid(
-                "dynamic drafting",
-                "a pick without a token (internal error)",
-            )
-        };
         let mut trees = Vec::with_capacity(n_img);
         for (g, &root) in root_tokens.iter().enumerate() {
             let mut cands: Vec<Cand> = Vec::new();
@@ -208,17 +193,12 @@ impl DynamicDrafting {
             let mut frontier: Vec<Option<usize>> = vec![None];
             for l in 0..=self.key.params.depth {
                 let lay = self.layout(l);
-                let (pick_at, front_at) = self.level_at(l);
+                let at = self.level_at(l);
                 let (nc, start) = (lay.cands(), cands.len());
-                let front = &fronts[front_at..front_at + lay.len()];
+                let front = &fronts[at..at + lay.len()];
                 for c in 0..nc {
-                    let pair = (g * lay.rows_per_img * k + c) * 2 + pick_at;
-                    let token = picks[pair];
-                    if token < 0.0 {
-                        return Err(bad());
-                    }
                     cands.push(Cand {
-                        token: token as u32,
+                        token: front[lay.cand_tokens() + g * nc + c],
                         score: f32::from_bits(front[lay.scores() + g * nc + c]),
                         parent: frontier[c / k],
                     });

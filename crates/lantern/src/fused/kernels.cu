@@ -1530,7 +1530,8 @@ extern "C" __global__ void pick_tokens_f32(const float *p, int n, const unsigned
 // (pk_before's order: larger first, then earlier) are written in creation order with their
 // scores, tokens (every drafter row r = g mod n_img) and parents' feature rows. Output sections
 // as FrontierLayout: scores [n_img, C], chosen [n_img, keep], chosen scores, tokens [rows,
-// keep], gather [rows * keep]. Shared memory: keys [C], then kept flags / positions [C].
+// keep], gather [rows * keep], every candidate's token [n_img, C]. Shared memory: keys [C],
+// then kept flags / positions [C].
 extern "C" __global__ void frontier_f32(const float *picks, const unsigned *base, unsigned *out,
                                         int n_img, int rpi, int k, int keep, int rows,
                                         int stride, int slot_base) {
@@ -1542,11 +1543,13 @@ extern "C" __global__ void frontier_f32(const float *picks, const unsigned *base
     int *pos = reinterpret_cast<int *>(fr_sm + nc);
     unsigned *scores = out, *chosen = out + n_img * nc, *cscores = chosen + n_img * keep;
     unsigned *tokens = cscores + n_img * keep, *gather = tokens + rows * keep;
+    unsigned *ctokens = gather + rows * keep;
     for (int c = threadIdx.x; c < nc; c += blockDim.x) {
         const float *p = picks + ((size_t)(g * rpi + c / k) * k + c % k) * 2;
         const float ln = p[0] >= 0.f && p[1] > 0.f ? logf(p[1]) : -INFINITY;
         const float sc = __uint_as_float(base[g * rpi + c / k]) + ln;
         scores[(size_t)g * nc + c] = __float_as_uint(sc);
+        ctokens[(size_t)g * nc + c] = (unsigned)fmaxf(p[0], 0.f);
         keys[c] = pk_key(sc);
     }
     __syncthreads();

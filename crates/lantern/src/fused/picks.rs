@@ -414,9 +414,13 @@ impl FrontierLayout {
     pub fn gather(&self) -> usize {
         self.tokens() + self.rows * self.keep
     }
+    /// `[n_img, cands]`: every candidate's token (0 for a pick without one).
+    pub fn cand_tokens(&self) -> usize {
+        self.gather() + self.rows * self.keep
+    }
     /// Words in all.
     pub fn len(&self) -> usize {
-        self.gather() + self.rows * self.keep
+        self.cand_tokens() + self.n_img * self.cands()
     }
     /// Whether there is nothing (never for a valid layout).
     pub fn is_empty(&self) -> bool {
@@ -430,8 +434,9 @@ impl FrontierLayout {
 /// `keep` best per image (larger score first, ties: earlier candidate first) in creation order,
 /// their tokens for every drafter row, and where their parents' features are: `row * stride +
 /// slot`, slot 0 (the root) for the root level (`slot_base` `None`), else `1 + slot_base + i`
-/// for a parent that is fed node i of the level. Output: u32 `[layout.len()]`
-/// ([`FrontierLayout`]). A pick without a token scores `-inf`.
+/// for a parent that is fed node i of the level, and every candidate's token (so that the host
+/// reads a level from this output alone). Output: u32 `[layout.len()]` ([`FrontierLayout`]). A
+/// pick without a token scores `-inf`.
 pub fn frontier(
     picks: &Tensor,
     base: &Tensor,
@@ -502,6 +507,8 @@ impl CustomOp2 for Frontier {
                 .collect();
             for (c, x) in scores.iter().enumerate() {
                 out[lay.scores() + g * nc + c] = x.to_bits();
+                let t = picks[((g * lay.rows_per_img + c / k) * k + c % k) * 2];
+                out[lay.cand_tokens() + g * nc + c] = t.max(0.0) as u32;
             }
             let mut kept = top_k_indices(&scores, keep);
             kept.sort_unstable();
@@ -755,7 +762,11 @@ mod tests {
             [5, 7, 1, 3, 5, 7, 1, 3]
         );
         // parents: fed rows 0 and 1 of the level at slots 1 + 3 + row, drafter row r * 7
-        assert_eq!(out[lay.gather()..], [4, 5, 11, 12, 18, 19, 25, 26]);
+        assert_eq!(
+            out[lay.gather()..lay.cand_tokens()],
+            [4, 5, 11, 12, 18, 19, 25, 26]
+        );
+        assert_eq!(out[lay.cand_tokens()..], [5, 6, 7, 8, 1, 2, 3, 4]);
         let root = frontier(
             &picks.narrow(0, 0, 2)?,
             &Tensor::zeros((2, 1), DType::U32, &Device::Cpu)?,
@@ -768,7 +779,8 @@ mod tests {
         )?
         .to_vec1::<u32>()?;
         // the root level keeps every pick, its parents all at slot 0
-        assert_eq!(root[root.len() - 8..], [0, 0, 7, 7, 14, 14, 21, 21]);
+        let at = root.len() - 2 * 2 - 8;
+        assert_eq!(root[at..at + 8], [0, 0, 7, 7, 14, 14, 21, 21]);
         assert!(frontier(&picks, &base, FrontierLayout { keep: 5, ..lay }, 7, None).is_err());
         Ok(())
     }
