@@ -512,6 +512,91 @@ fn time_drafting(
     Ok((ms, bytes, flops, name))
 }
 
+/// Times the drafting phase of EAGLE-2's dynamic tree (the default parameters: 59 tokens, 4
+/// expansions of 10) as the speculative loop runs it for SD and LANTERN dynamic (one
+/// computation, a CUDA graph on GPUs, with the trees read and assembled on the host), greedy,
+/// after `dp` cached drafter positions. Traffic and FLOPs: the root's output head, then per
+/// expansion the drafter over 10 nodes and their output head.
+fn time_dynamic_drafting(
+    cfg: &StepBenchConfig,
+    model: &LlamaGen,
+    drafter: &Drafter,
+    dp: usize,
+    time: &Timer,
+) -> Result<(f64, f64, f64, String)> {
+    use crate::decode::draft_graph::FixedDrafting;
+    use crate::decode::dynamic_graph::{draft_dynamic_fixed, DynamicKey, DynamicStep};
+    use crate::decode::static_trees::DynamicParams;
+    use crate::sampling::SamplingParams;
+    let (b, tc, dc) = (cfg.batch, model.config(), drafter.config());
+    let device = drafter.device();
+    let params = DynamicParams::default();
+    let (n_img, scale) = if b % 2 == 0 {
+        (b / 2, Some(4.0))
+    } else {
+        (b, None)
+    };
+    let fed = params.depth * params.top_k;
+    let mut kv = drafter.new_cache(b, dp + 2 * params.total_tokens + fed)?;
+    kv.advance(dp);
+    let (mut graphs, mut dynamic) = (Vec::new(), Vec::new());
+    let root_feat = Tensor::randn(0f32, 1.0, (b, 1, tc.dim), device)?.to_dtype(cfg.dtype)?;
+    let prefix = vec![vec![0f32; dp]; n_img];
+    let roots = vec![dp + 1; n_img];
+    let root_tokens = vec![0u32; n_img];
+    let key = DynamicKey {
+        params,
+        n_img,
+        cfg: scale,
+        sampling: SamplingParams::greedy(),
+        lm_head: model.lm_head_id(),
+    };
+    let step = DynamicStep {
+        root_tokens: &root_tokens,
+        root_feat: &root_feat,
+        prefix: &prefix,
+        roots: &roots,
+        vocab: tc.vocab_size,
+    };
+    let (rope_rows, zero_row) = drafter.rope_clamp();
+    let capture = graphs_enabled(device);
+    let head = |h: &Tensor| model.lm_head_raw(h);
+    let ms = time(&mut || {
+        let fx = FixedDrafting {
+            model: drafter,
+            kv: &mut kv,
+            graphs: &mut graphs,
+            dynamic: &mut dynamic,
+            capture,
+            rope_rows,
+            zero_row,
+        };
+        draft_dynamic_fixed(fx, &head, key.clone(), &step)?.ok_or_else(|| {
+            Error::invalid(
+                "drafting bench",
+                "the dynamic tree does not fit the drafting computation",
+            )
+        })?;
+        Ok(())
+    })?;
+    let el = cfg.dtype.size_in_bytes();
+    let (mut bytes, mut flops) = (
+        (tc.vocab_size * tc.dim * el + b * tc.vocab_size * 4) as f64,
+        (2 * b * tc.vocab_size * tc.dim) as f64,
+    );
+    for _ in 0..params.depth {
+        let (by, fl) = drafter_cost(dc, b, params.top_k, dp, el);
+        bytes += by;
+        flops += fl;
+    }
+    let how = if capture { "cuda graph" } else { "fixed shape" };
+    let name = format!(
+        "{DRAFTING_PHASE}, dynamic tree of {} tokens ({} expansions of {}, {how})",
+        params.total_tokens, params.depth, params.top_k
+    );
+    Ok((ms, bytes, flops, name))
+}
+
 /// Copy bandwidth in GB/s (read + write bytes), fastest run: the better of an in-place copy into a
 /// preallocated buffer and a fresh `Tensor::copy`.
 fn measure_copy(cfg: &StepBenchConfig, device: &Device) -> Result<f64> {
@@ -758,6 +843,8 @@ pub fn run_step_bench(cfg: &StepBenchConfig, device: &Device) -> Result<StepRepo
                     time_drafting(cfg, &model, &drafter, dp, sampled, &time)?;
                 report.push(name, ms, bytes, flops);
             }
+            let (ms, bytes, flops, name) = time_dynamic_drafting(cfg, &model, &drafter, dp, &time)?;
+            report.push(name, ms, bytes, flops);
         }
     }
     if wants(Step::VqDecode) {
@@ -804,8 +891,14 @@ mod tests {
         assert!(r.matmul_tflops.is_finite() && r.matmul_tflops > 0.0, "{r}");
         // decode, verify and drafter have two rows: the ordinary step and the fixed-shape
         // (CUDA graph) one; the drafter also the whole drafting phase of a static tree, greedy
-        // and sampled
-        assert_eq!(r.rows.len(), Step::ALL.len() + 5, "{r}");
+        // and sampled, and of a dynamic tree
+        assert_eq!(r.rows.len(), Step::ALL.len() + 6, "{r}");
+        assert!(
+            r.rows
+                .iter()
+                .any(|x| x.name.contains("dynamic tree of 59 tokens")),
+            "{r}"
+        );
         assert!(
             r.rows.iter().any(|x| x.name.contains("levels, sampled, ")),
             "{r}"
@@ -832,7 +925,7 @@ mod tests {
         }
         assert!(r.row(Step::Verify).unwrap().flops > r.row(Step::Decode).unwrap().flops);
         let table = r.to_string();
-        assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 11);
+        assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 12);
     }
 
     #[test]
@@ -857,7 +950,7 @@ mod tests {
             ..tiny(DType::F16)
         };
         let r = run_step_bench(&cfg, &Device::Cpu)?;
-        assert_eq!(r.rows.len(), 9, "{r}");
+        assert_eq!(r.rows.len(), 10, "{r}");
         assert!(r.rows.iter().all(|x| x.measured_ms > 0.0));
         Ok(())
     }
