@@ -5,7 +5,7 @@
 # the carried base binary (BASE). The library's CUDA tests (the frontier kernel and the picks
 # against the CPU; KERNEL_TESTS=1 adds the carried kernel test binary's); token files; ROUNDS rounds of the loop bench (t2i;
 # c2i once) over VARIANTS; with PROFILE=1 the loop profile of SD dynamic per variant; with
-# REPORT=1 the full step reports. Outputs under $OUT.
+# FULL=1 whole t2i images of SD dynamic per variant; with REPORT=1 the full step reports. Outputs under $OUT.
 set -uo pipefail
 source scripts/gpu/env.sh
 SECONDS=0
@@ -56,6 +56,15 @@ if [ "${PROFILE:-0}" = 1 ]; then
       --loop-only --loop-modes sd-dynamic --loop-images 2 --loop-tokens 64 > "$OUT/profile_${e%%=*}.txt" 2>&1
     tail -40 "$OUT/profile_${e%%=*}.txt"
   done
+fi
+if [ "${FULL:-0}" = 1 ]; then
+  # whole t2i images (1 image of 256 tokens) per variant, SD dynamic
+  for e in $V; do
+    variant "$e"
+    echo "== full image t2i-xl-256 $(basename $bin) $envs"
+    env $envs timeout 200 "$bin" bench --random-weights --preset t2i-xl-256 --device cuda --loop-only \
+      --loop-modes sd-dynamic --loop-images 1 --loop-tokens 256 2>&1 | grep -iE "^\| (sd|lantern)|rror"
+  done 2>&1 | tee "$OUT/full_images.txt"
 fi
 [ "${REPORT:-0}" = 1 ] && step_reports
 echo "total ${SECONDS}s"
