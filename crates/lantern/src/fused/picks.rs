@@ -450,7 +450,8 @@ pub fn frontier(
         || l.keep == 0
         || l.keep > l.cands()
         || l.cands() > MAX_PICKS * MAX_PICKS
-        || l.rows % l.n_img.max(1) != 0
+        || l.n_img == 0
+        || !l.rows.is_multiple_of(l.n_img)
     {
         bail!(
             "frontier: picks {:?} and parent scores {:?} do not fit {l:?}",
