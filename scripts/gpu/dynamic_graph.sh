@@ -16,15 +16,6 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout 240 "$G/lantern_lib" --nocapture cuda_ 2>&1 | grep -E "^test |test result|panicked" | tee "$OUT/lib_tests.txt"
 fi
 echo "lib tests done ${SECONDS}s"
-# greedy_equal LABEL CMD A B: token files of --decoding A and --decoding B (classes 0 and 7,
-# seed 3) with command prefix CMD
-greedy_equal() {
-  local args="--class 0,7 -n 2 --device cuda --seed 3"
-  $2 generate $args --decoding $3 --out /tmp/g1 --save-tokens /tmp/g1.json --force 2>&1 | grep -i error | head -3
-  $2 generate $args --decoding $4 --out /tmp/g2 --save-tokens /tmp/g2.json --force 2>&1 | grep -i error | head -3
-  if cmp -s /tmp/g1.json /tmp/g2.json; then r=IDENTICAL; else r=DIFFER; fi
-  echo "tokens $1, --decoding $3 vs $4: $r"
-}
 if [ "${SKIP_TOKENS:-0}" != 1 ]; then
   D="--tree dynamic"
   same_tokens "dynamic graph vs level by level" "$L" "env LANTERN_DYNAMIC_GRAPH=0 $L" "sd $D --temperature 0" "sd $D" "lantern $D" "lantern $D --dtype bf16"

@@ -21,6 +21,16 @@ same_tokens() {
   done
 }
 
+# greedy_equal LABEL CMD A B: token files of --decoding A and --decoding B (classes 0 and 7,
+# seed 3) with command prefix CMD
+greedy_equal() {
+  local args="--class 0,7 -n 2 --device cuda --seed 3"
+  $2 generate $args --decoding $3 --out /tmp/g1 --save-tokens /tmp/g1.json --force 2>&1 | grep -i error | head -3
+  $2 generate $args --decoding $4 --out /tmp/g2 --save-tokens /tmp/g2.json --force 2>&1 | grep -i error | head -3
+  if cmp -s /tmp/g1.json /tmp/g2.json; then r=IDENTICAL; else r=DIFFER; fi
+  echo "tokens $1, --decoding $3 vs $4: $r"
+}
+
 # with_base: unpacks the carried $G/lantern-base.xz (a second binary for A/B runs) as $B and the
 # kernel test binary $G/fused_forward.xz (when carried), then warms both binaries up (the driver's first-run
 # JIT compilation of our kernels, ~20-50 s, is not timed).

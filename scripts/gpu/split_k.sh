@@ -13,15 +13,6 @@ xz -dkf "$G/fused_forward.xz" && chmod +x "$G/fused_forward"
 "$L" bench --random-weights --preset tiny --device cuda --loop-images 1 --loop-tokens 8 2>&1 | grep -i error | head -5
 [ "${SKIP_TESTS:-0}" = 1 ] || kernel_tests
 echo "tests done ${SECONDS}s"
-# greedy_equal LABEL CMD A B: token files of --decoding A and --decoding B (classes 0 and 7,
-# seed 3) with command prefix CMD
-greedy_equal() {
-  local args="--class 0,7 -n 2 --device cuda --seed 3"
-  $2 generate $args --decoding $3 --out /tmp/g1 --save-tokens /tmp/g1.json --force 2>&1 | grep -i error | head -3
-  $2 generate $args --decoding $4 --out /tmp/g2 --save-tokens /tmp/g2.json --force 2>&1 | grep -i error | head -3
-  if cmp -s /tmp/g1.json /tmp/g2.json; then r=IDENTICAL; else r=DIFFER; fi
-  echo "tokens $1, --decoding $3 vs $4: $r"
-}
 if [ "${SKIP_TOKENS:-0}" != 1 ]; then
   # the shipped model in bf16 (in f32 the split path does not serve it: tensor cores take bf16 / f16)
   BF="--dtype bf16"

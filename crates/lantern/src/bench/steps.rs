@@ -410,6 +410,99 @@ fn time_fixed(
     Ok((ms, how))
 }
 
+/// The inputs of a drafting-phase row: images and CFG scale of the batch (batch 2 is one image
+/// with CFG), random root features, an all-visible prefix, the roots' positions and tokens.
+struct DraftingInputs {
+    n_img: usize,
+    scale: Option<f32>,
+    root_feat: Tensor,
+    prefix: Vec<Vec<f32>>,
+    roots: Vec<usize>,
+    root_tokens: Vec<u32>,
+}
+
+/// The drafter side of a drafting-phase row: its cache and computations.
+struct DraftingState {
+    kv: crate::cache::KvCache,
+    graphs: Vec<crate::decode::draft_graph::StaticDrafting>,
+    dynamic: Vec<crate::decode::dynamic_graph::DynamicDrafting>,
+    rope: (usize, usize),
+    capture: bool,
+}
+
+impl DraftingState {
+    fn fx<'a>(&'a mut self, drafter: &'a Drafter) -> crate::decode::draft_graph::FixedDrafting<'a> {
+        crate::decode::draft_graph::FixedDrafting {
+            model: drafter,
+            kv: &mut self.kv,
+            graphs: &mut self.graphs,
+            dynamic: &mut self.dynamic,
+            capture: self.capture,
+            rope_rows: self.rope.0,
+            zero_row: self.rope.1,
+        }
+    }
+}
+
+/// A drafting-phase row's inputs and state: a drafter cache of `capacity` slots with `dp`
+/// positions cached.
+fn drafting_bench(
+    cfg: &StepBenchConfig,
+    model: &LlamaGen,
+    drafter: &Drafter,
+    dp: usize,
+    capacity: usize,
+) -> Result<(DraftingInputs, DraftingState)> {
+    let b = cfg.batch;
+    let device = drafter.device();
+    let (n_img, scale) = if b.is_multiple_of(2) {
+        (b / 2, Some(4.0))
+    } else {
+        (b, None)
+    };
+    let mut kv = drafter.new_cache(b, capacity)?;
+    kv.advance(dp);
+    let dim = model.config().dim;
+    let inputs = DraftingInputs {
+        n_img,
+        scale,
+        root_feat: Tensor::randn(0f32, 1.0, (b, 1, dim), device)?.to_dtype(cfg.dtype)?,
+        prefix: vec![vec![0f32; dp]; n_img],
+        roots: vec![dp + 1; n_img],
+        root_tokens: vec![0u32; n_img],
+    };
+    let state = DraftingState {
+        kv,
+        graphs: Vec::new(),
+        dynamic: Vec::new(),
+        rope: drafter.rope_clamp(),
+        capture: graphs_enabled(device),
+    };
+    Ok((inputs, state))
+}
+
+/// Traffic and FLOPs of a drafting phase: the root's output head, then per expansion the
+/// drafter over its `fed` nodes (and their output head) after `dp` cached positions.
+fn drafting_cost(
+    cfg: &StepBenchConfig,
+    tc: &Config,
+    dc: &DrafterConfig,
+    dp: usize,
+    fed: impl Iterator<Item = usize>,
+) -> (f64, f64) {
+    let (b, el) = (cfg.batch, cfg.dtype.size_in_bytes());
+    let (mut bytes, mut flops) = (
+        (tc.vocab_size * tc.dim * el + b * tc.vocab_size * 4) as f64,
+        (2 * b * tc.vocab_size * tc.dim) as f64,
+    );
+    for k in fed {
+        let (by, fl) = drafter_cost(dc, b, k, dp, el);
+        bytes += by;
+        flops += fl;
+    }
+    (bytes, flops)
+}
+
 /// Times the whole drafting phase of a static tree (`naive_extend_57`) as the speculative loop
 /// runs it for SD static and LANTERN++ (one computation, a CUDA graph on GPUs) after `dp`
 /// cached drafter positions: greedy picks (top-k), or with `sampled` the default sampling
@@ -423,30 +516,18 @@ fn time_drafting(
     sampled: bool,
     time: &Timer,
 ) -> Result<(f64, f64, f64, String)> {
-    use crate::decode::draft_graph::{draft_static_fixed, DraftStep, DraftingKey, FixedDrafting};
+    use crate::decode::draft_graph::{draft_static_fixed, DraftStep, DraftingKey};
     use crate::decode::TreeShape;
     use crate::sampling::SamplingParams;
     use rand::{RngCore, SeedableRng};
-    let (b, tc, dc) = (cfg.batch, model.config(), drafter.config());
-    let device = drafter.device();
+    let (tc, dc) = (model.config(), drafter.config());
     let shape = TreeShape::preset("naive_extend_57")?;
-    // batch 2 is one image with CFG
-    let (n_img, scale) = if b % 2 == 0 {
-        (b / 2, Some(4.0))
-    } else {
-        (b, None)
-    };
-    let mut kv = drafter.new_cache(b, dp + 2 * shape.len())?;
-    kv.advance(dp);
-    let (mut graphs, mut dynamic) = (Vec::new(), Vec::new());
-    let root_feat = Tensor::randn(0f32, 1.0, (b, 1, tc.dim), device)?.to_dtype(cfg.dtype)?;
-    let prefix = vec![vec![0f32; dp]; n_img];
-    let roots = vec![dp + 1; n_img];
-    let root_tokens = vec![0u32; n_img];
+    let (inp, mut st) = drafting_bench(cfg, model, drafter, dp, dp + 2 * shape.len())?;
+    let n_img = inp.n_img;
     let key = DraftingKey {
         paths: shape.paths.clone(),
         n_img,
-        cfg: scale,
+        cfg: inp.scale,
         sampling: if sampled {
             SamplingParams::default()
         } else {
@@ -456,28 +537,18 @@ fn time_drafting(
     };
     let step = DraftStep {
         shape: &shape,
-        root_tokens: &root_tokens,
-        root_feat: &root_feat,
-        prefix: &prefix,
-        roots: &roots,
+        root_tokens: &inp.root_tokens,
+        root_feat: &inp.root_feat,
+        prefix: &inp.prefix,
+        roots: &inp.roots,
         vocab: tc.vocab_size,
     };
-    let (rope_rows, zero_row) = drafter.rope_clamp();
-    let capture = graphs_enabled(device);
     let head = |h: &Tensor| model.lm_head_raw(h);
     let mut rngs: Vec<rand::rngs::StdRng> = (0..n_img as u64)
         .map(rand::rngs::StdRng::seed_from_u64)
         .collect();
     let ms = time(&mut || {
-        let fx = FixedDrafting {
-            model: drafter,
-            kv: &mut kv,
-            graphs: &mut graphs,
-            dynamic: &mut dynamic,
-            capture,
-            rope_rows,
-            zero_row,
-        };
+        let fx = st.fx(drafter);
         let mut r: Vec<&mut dyn RngCore> = rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
         draft_static_fixed(fx, &head, key.clone(), &step, &mut r)?.ok_or_else(|| {
             Error::invalid(
@@ -489,20 +560,17 @@ fn time_drafting(
     })?;
     // fed nodes per level: the nodes of each depth that have children
     let max_depth = shape.depths.iter().copied().max().unwrap_or(0);
-    let el = cfg.dtype.size_in_bytes();
-    let (mut bytes, mut flops) = (
-        (tc.vocab_size * tc.dim * el + b * tc.vocab_size * 4) as f64,
-        (2 * b * tc.vocab_size * tc.dim) as f64,
-    );
-    for depth in 1..max_depth {
-        let k = (1..shape.len())
+    let fed = (1..max_depth).map(|depth| {
+        (1..shape.len())
             .filter(|&i| shape.depths[i] == depth && !shape.children(i).is_empty())
-            .count();
-        let (by, fl) = drafter_cost(dc, b, k, dp, el);
-        bytes += by;
-        flops += fl;
-    }
-    let how = if capture { "cuda graph" } else { "fixed shape" };
+            .count()
+    });
+    let (bytes, flops) = drafting_cost(cfg, tc, dc, dp, fed);
+    let how = if st.capture {
+        "cuda graph"
+    } else {
+        "fixed shape"
+    };
     let name = format!(
         "{DRAFTING_PHASE}, static tree of {} nodes ({} levels, {}{how})",
         shape.len(),
@@ -524,53 +592,31 @@ fn time_dynamic_drafting(
     dp: usize,
     time: &Timer,
 ) -> Result<(f64, f64, f64, String)> {
-    use crate::decode::draft_graph::FixedDrafting;
     use crate::decode::dynamic_graph::{draft_dynamic_fixed, DynamicKey, DynamicStep};
     use crate::decode::static_trees::DynamicParams;
     use crate::sampling::SamplingParams;
-    let (b, tc, dc) = (cfg.batch, model.config(), drafter.config());
-    let device = drafter.device();
+    let (tc, dc) = (model.config(), drafter.config());
     let params = DynamicParams::default();
-    let (n_img, scale) = if b % 2 == 0 {
-        (b / 2, Some(4.0))
-    } else {
-        (b, None)
-    };
     let fed = params.depth * params.top_k;
-    let mut kv = drafter.new_cache(b, dp + 2 * params.total_tokens + fed)?;
-    kv.advance(dp);
-    let (mut graphs, mut dynamic) = (Vec::new(), Vec::new());
-    let root_feat = Tensor::randn(0f32, 1.0, (b, 1, tc.dim), device)?.to_dtype(cfg.dtype)?;
-    let prefix = vec![vec![0f32; dp]; n_img];
-    let roots = vec![dp + 1; n_img];
-    let root_tokens = vec![0u32; n_img];
+    let capacity = dp + 2 * params.total_tokens + fed;
+    let (inp, mut st) = drafting_bench(cfg, model, drafter, dp, capacity)?;
     let key = DynamicKey {
         params,
-        n_img,
-        cfg: scale,
+        n_img: inp.n_img,
+        cfg: inp.scale,
         sampling: SamplingParams::greedy(),
         lm_head: model.lm_head_id(),
     };
     let step = DynamicStep {
-        root_tokens: &root_tokens,
-        root_feat: &root_feat,
-        prefix: &prefix,
-        roots: &roots,
+        root_tokens: &inp.root_tokens,
+        root_feat: &inp.root_feat,
+        prefix: &inp.prefix,
+        roots: &inp.roots,
         vocab: tc.vocab_size,
     };
-    let (rope_rows, zero_row) = drafter.rope_clamp();
-    let capture = graphs_enabled(device);
     let head = |h: &Tensor| model.lm_head_raw(h);
     let ms = time(&mut || {
-        let fx = FixedDrafting {
-            model: drafter,
-            kv: &mut kv,
-            graphs: &mut graphs,
-            dynamic: &mut dynamic,
-            capture,
-            rope_rows,
-            zero_row,
-        };
+        let fx = st.fx(drafter);
         draft_dynamic_fixed(fx, &head, key.clone(), &step)?.ok_or_else(|| {
             Error::invalid(
                 "drafting bench",
@@ -579,17 +625,13 @@ fn time_dynamic_drafting(
         })?;
         Ok(())
     })?;
-    let el = cfg.dtype.size_in_bytes();
-    let (mut bytes, mut flops) = (
-        (tc.vocab_size * tc.dim * el + b * tc.vocab_size * 4) as f64,
-        (2 * b * tc.vocab_size * tc.dim) as f64,
-    );
-    for _ in 0..params.depth {
-        let (by, fl) = drafter_cost(dc, b, params.top_k, dp, el);
-        bytes += by;
-        flops += fl;
-    }
-    let how = if capture { "cuda graph" } else { "fixed shape" };
+    let fed = std::iter::repeat_n(params.top_k, params.depth);
+    let (bytes, flops) = drafting_cost(cfg, tc, dc, dp, fed);
+    let how = if st.capture {
+        "cuda graph"
+    } else {
+        "fixed shape"
+    };
     let name = format!(
         "{DRAFTING_PHASE}, dynamic tree of {} tokens ({} expansions of {}, {how})",
         params.total_tokens, params.depth, params.top_k

@@ -127,6 +127,60 @@ pub struct StaticDrafting {
     graph: Captured,
 }
 
+impl Drafting for StaticDrafting {
+    fn graph_mut(&mut self) -> &mut Captured {
+        &mut self.graph
+    }
+    /// The computation (see the module docs); writes `picks` and `probs`, drops every
+    /// temporary before it returns (so a captured graph frees what it allocates).
+    fn run(
+        &self,
+        model: &dyn FixedForward,
+        lm_head: &dyn Fn(&Tensor) -> Result<Tensor>,
+        kv: &mut KvCache,
+    ) -> Result<()> {
+        let (n_img, cfg, sampling) = (self.key.n_img, self.key.cfg, &self.key.sampling);
+        let b = &self.bufs;
+        let probs_of = |h: &Tensor| -> Result<Tensor> {
+            Ok(picks::draft_probs_cfg(&lm_head(h)?, n_img, cfg, sampling)?)
+        };
+        let mut level = probs_of(&b.root_feat()?)?;
+        let plan = &*self.plan;
+        let mut at_u = 0;
+        for (i, dp) in plan.depths.iter().enumerate() {
+            let (k, n_want) = (plan.ks[i], n_img * dp.requests.len());
+            let sel = match &self.select_at[i] {
+                Some(ix) => level.index_select(ix, 0)?,
+                None => level.clone(),
+            };
+            let block = match &self.uniforms {
+                None => picks::top_k(&sel, k)?,
+                Some(u) => {
+                    let us = u.narrow(0, at_u, n_want * k)?.reshape((n_want, k))?;
+                    at_u += n_want * k;
+                    picks::draw(&sel, &us)?
+                }
+            }
+            .flatten_all()?;
+            self.picks.slice_set(&block, 0, plan.block_at[i])?;
+            if let Some(p) = self.probs.get(i) {
+                p.slice_set(&level, 0, 0)?;
+            }
+            if i + 1 == plan.depths.len() {
+                break;
+            }
+            let kf = dp.feed.len();
+            let ids = picks::pick_tokens(&block, &self.token_at[i], b.rows / n_img)?
+                .reshape((b.rows, kf))?;
+            let feats = b.gather_feats(&self.feat_at[i], kf)?;
+            let mask = b.prefix.broadcast_add(&self.tree_masks[i])?.contiguous()?;
+            let out = b.expand(model, kv, i, &ids, &feats, &mask)?;
+            level = probs_of(&out)?;
+        }
+        Ok(())
+    }
+}
+
 impl StaticDrafting {
     /// The computation for `key` on a cache of `rows` rows and `max_len` slots; `None` where a
     /// pick block is wider than the picks ops serve or the shape feeds nothing.
@@ -280,55 +334,6 @@ impl StaticDrafting {
         }))
     }
 
-    /// The computation (see the module docs); writes `picks` and `probs`, drops every
-    /// temporary before it returns (so a captured graph frees what it allocates).
-    fn run(
-        &self,
-        model: &dyn FixedForward,
-        lm_head: &dyn Fn(&Tensor) -> Result<Tensor>,
-        kv: &mut KvCache,
-    ) -> Result<()> {
-        let (n_img, cfg, sampling) = (self.key.n_img, self.key.cfg, &self.key.sampling);
-        let b = &self.bufs;
-        let probs_of = |h: &Tensor| -> Result<Tensor> {
-            Ok(picks::draft_probs_cfg(&lm_head(h)?, n_img, cfg, sampling)?)
-        };
-        let mut level = probs_of(&b.root_feat()?)?;
-        let plan = &*self.plan;
-        let mut at_u = 0;
-        for (i, dp) in plan.depths.iter().enumerate() {
-            let (k, n_want) = (plan.ks[i], n_img * dp.requests.len());
-            let sel = match &self.select_at[i] {
-                Some(ix) => level.index_select(ix, 0)?,
-                None => level.clone(),
-            };
-            let block = match &self.uniforms {
-                None => picks::top_k(&sel, k)?,
-                Some(u) => {
-                    let us = u.narrow(0, at_u, n_want * k)?.reshape((n_want, k))?;
-                    at_u += n_want * k;
-                    picks::draw(&sel, &us)?
-                }
-            }
-            .flatten_all()?;
-            self.picks.slice_set(&block, 0, plan.block_at[i])?;
-            if let Some(p) = self.probs.get(i) {
-                p.slice_set(&level, 0, 0)?;
-            }
-            if i + 1 == plan.depths.len() {
-                break;
-            }
-            let kf = dp.feed.len();
-            let ids = picks::pick_tokens(&block, &self.token_at[i], b.rows / n_img)?
-                .reshape((b.rows, kf))?;
-            let feats = b.gather_feats(&self.feat_at[i], kf)?;
-            let mask = b.prefix.broadcast_add(&self.tree_masks[i])?.contiguous()?;
-            let out = b.expand(model, kv, i, &ids, &feats, &mask)?;
-            level = probs_of(&out)?;
-        }
-        Ok(())
-    }
-
     /// Writes one step's inputs into the buffers (no synchronisation).
     fn set_inputs(
         &self,
@@ -403,6 +408,28 @@ impl StepBuffers {
             pos,
             offsets,
         })
+    }
+
+    /// Whether a step fits: the cache's committed slots end before the scratch block and
+    /// stage nothing (`false`: draft level by level); an error where the root features or the
+    /// images do not match the computation (`n_tokens` root tokens for `n_img` images).
+    pub fn fits(
+        &self,
+        kv: &KvCache,
+        root_feat: &Tensor,
+        n_tokens: usize,
+        n_img: usize,
+    ) -> Result<bool> {
+        if kv.len() > self.scratch || kv.staging().is_some() {
+            return Ok(false);
+        }
+        if root_feat.dims3()?.0 != self.rows || n_tokens != n_img {
+            return Err(Error::invalid(
+                "drafting graph",
+                "rows do not match the computation (internal error)",
+            ));
+        }
+        Ok(true)
     }
 
     /// Fed nodes per step.
@@ -496,6 +523,71 @@ impl StepBuffers {
     }
 }
 
+/// A drafting computation kept with its cache: its run and its CUDA graph.
+pub(super) trait Drafting {
+    /// Its graph (taken out while it replays).
+    fn graph_mut(&mut self) -> &mut Captured;
+    /// The computation (every temporary dropped before it returns).
+    fn run(
+        &self,
+        model: &dyn FixedForward,
+        lm_head: &dyn Fn(&Tensor) -> Result<Tensor>,
+        kv: &mut KvCache,
+    ) -> Result<()>;
+}
+
+/// The computation in `graphs` that `is_it` finds, else a new one from `make` (`None`: none
+/// applies) in place of the oldest when `max` are kept.
+pub(super) fn find_or_make<G>(
+    graphs: &mut Vec<G>,
+    is_it: impl Fn(&G) -> bool,
+    max: usize,
+    make: impl FnOnce() -> Result<Option<G>>,
+) -> Result<Option<&mut G>> {
+    let i = match graphs.iter().position(is_it) {
+        Some(i) => i,
+        None => {
+            let Some(g) = make()? else {
+                return Ok(None);
+            };
+            if graphs.len() >= max {
+                graphs.remove(0);
+            }
+            graphs.push(g);
+            graphs.len() - 1
+        }
+    };
+    Ok(graphs.get_mut(i))
+}
+
+/// Replays `g`'s graph after its inputs were written (capturing it on first use when
+/// `capture`, else running eagerly), with the loop profile's marks.
+pub(super) fn replay_drafting<G: Drafting>(
+    g: &mut G,
+    model: &dyn FixedForward,
+    kv: &mut KvCache,
+    capture: bool,
+    lm_head: &dyn Fn(&Tensor) -> Result<Tensor>,
+    label: &str,
+) -> Result<()> {
+    crate::decode::profile::mark_here("draft: drafting inputs (host-built)")?;
+    let mut graph = std::mem::take(g.graph_mut());
+    let ran = {
+        let this: &G = g;
+        replay_or_capture(
+            model.fixed_device(),
+            capture,
+            &mut graph,
+            label,
+            &mut || this.run(model, lm_head, kv),
+        )
+    };
+    *g.graph_mut() = graph;
+    ran?;
+    crate::decode::profile::mark_here("draft: drafting graph")?;
+    Ok(())
+}
+
 /// Drafts every image's tree of a static shape in one fixed-shape computation (captured on the
 /// first call of its shape, replayed after), with the tokens, probabilities and draws of
 /// [`super::draft::draft_static`] on the drafter `fx` and `lm_head` (the target's output head,
@@ -518,54 +610,27 @@ pub fn draft_static_fixed(
         ..
     } = fx;
     let greedy = key.sampling.is_greedy();
-    let idx = match graphs.iter().position(|g| g.key == key) {
-        Some(i) => i,
-        None => {
-            let Some(g) = StaticDrafting::new(
-                key.clone(),
-                step.shape,
-                model,
-                kv.batch(),
-                kv.max_len(),
-                step.vocab,
-            )?
-            else {
-                return Ok(None);
-            };
-            if graphs.len() >= MAX_DRAFTING_GRAPHS {
-                graphs.remove(0);
-            }
-            graphs.push(g);
-            graphs.len() - 1
-        }
+    let made = find_or_make(
+        graphs,
+        |g| g.key == key,
+        MAX_DRAFTING_GRAPHS,
+        || {
+            let (rows, max_len) = (kv.batch(), kv.max_len());
+            StaticDrafting::new(key.clone(), step.shape, model, rows, max_len, step.vocab)
+        },
+    )?;
+    let Some(g) = made else {
+        return Ok(None);
     };
-    let g = &mut graphs[idx];
-    if kv.len() > g.bufs.scratch || kv.staging().is_some() {
+    if !g
+        .bufs
+        .fits(kv, step.root_feat, step.root_tokens.len(), key.n_img)?
+    {
         return Ok(None);
     }
-    if step.root_feat.dims3()?.0 != g.bufs.rows || step.root_tokens.len() != key.n_img {
-        return Err(Error::invalid(
-            "drafting graph",
-            "rows do not match the computation (internal error)",
-        ));
-    }
     g.set_inputs(step, kv.len(), (rope_rows, zero_row), rngs)?;
-    crate::decode::profile::mark_here("draft: drafting inputs (host-built)")?;
-    let mut graph = std::mem::take(&mut g.graph);
     let label = format!("drafting of a {}-node shape", step.shape.len());
-    let ran = {
-        let this: &StaticDrafting = g;
-        replay_or_capture(
-            model.fixed_device(),
-            capture,
-            &mut graph,
-            &label,
-            &mut || this.run(model, lm_head, kv),
-        )
-    };
-    g.graph = graph;
-    ran?;
-    crate::decode::profile::mark_here("draft: drafting graph")?;
+    replay_drafting(g, model, kv, capture, lm_head, &label)?;
     // the drafted tokens in verification order (shape order, the root first), on the device
     let roots = Tensor::from_vec(step.root_tokens.to_vec(), (key.n_img, 1), g.picks.device())?;
     let drafted = picks::pick_tokens(&g.picks, &g.verify_at, 1)?

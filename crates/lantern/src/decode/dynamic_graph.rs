@@ -19,15 +19,15 @@
 //! The computation equals the level-by-level path's on the CPU (same ops and arithmetic; the
 //! device kernel computes ln p with CUDA's `logf`, so a near tie may be broken differently
 //! there). Tests compare the two on the CPU, where the fixed-shape path runs eagerly.
-use super::draft_graph::{FixedDrafting, StepBuffers};
+use super::draft_graph::{find_or_make, replay_drafting, Drafting, FixedDrafting, StepBuffers};
 use super::dynamic::{assemble, Cand};
-use super::graph_step::{replay_or_capture, Captured, FixedForward};
+use super::graph_step::{Captured, FixedForward};
 use super::static_trees::DynamicParams;
 use super::tree::DraftTree;
 use crate::cache::KvCache;
 use crate::fused::picks::{self, FrontierLayout, MAX_PICKS};
 use crate::sampling::SamplingParams;
-use crate::{Error, Result};
+use crate::Result;
 use candle_core::{DType, Tensor, TensorId};
 
 /// Dynamic drafting computations kept per cache (one per setting met).
@@ -64,6 +64,67 @@ pub struct DynamicDrafting {
     /// Every level's [`picks::frontier`] output, flat (u32): what the host reads.
     fronts: Tensor,
     graph: Captured,
+}
+
+impl Drafting for DynamicDrafting {
+    fn graph_mut(&mut self) -> &mut Captured {
+        &mut self.graph
+    }
+    /// The computation (see the module docs); writes `fronts`, drops every
+    /// temporary before it returns (so a captured graph frees what it allocates).
+    fn run(
+        &self,
+        model: &dyn FixedForward,
+        lm_head: &dyn Fn(&Tensor) -> Result<Tensor>,
+        kv: &mut KvCache,
+    ) -> Result<()> {
+        let (n_img, cfg, sampling) = (self.key.n_img, self.key.cfg, &self.key.sampling);
+        let (b, k, depth) = (&self.bufs, self.k, self.key.params.depth);
+        let (rows, fed, scratch) = (b.rows, b.fed(), b.scratch);
+        let probs_of = |h: &Tensor| -> Result<Tensor> {
+            Ok(picks::draft_probs_cfg(&lm_head(h)?, n_img, cfg, sampling)?)
+        };
+        let mut level = probs_of(&b.root_feat()?)?;
+        let mut base = self.zero.clone();
+        for l in 0..=depth {
+            let lay = self.layout(l);
+            let block = picks::top_k(&level, k)?;
+            let slot_base = (l > 0).then(|| (l - 1) * k);
+            let front = picks::frontier(&block, &base, lay, 1 + fed, slot_base)?;
+            self.fronts.slice_set(&front, 0, self.level_at(l))?;
+            if l == depth {
+                break;
+            }
+            base = front
+                .narrow(0, lay.chosen_scores(), n_img * k)?
+                .reshape((n_img, k))?;
+            let ids = front
+                .narrow(0, lay.tokens(), rows * k)?
+                .reshape((rows, k))?;
+            let at = front.narrow(0, lay.gather(), rows * k)?;
+            let feats = b.gather_feats(&at, k)?;
+            // the fed nodes' ancestors: their parents' and themselves
+            let anc = self
+                .anc
+                .reshape((rows * (1 + fed), fed))?
+                .index_select(&at, 0)?
+                .reshape((rows, k, fed))?
+                .broadcast_maximum(&self.selfs[l])?;
+            self.anc.slice_set(&anc, 1, 1 + l * k)?;
+            let mask = Tensor::cat(
+                &[
+                    &b.prefix
+                        .narrow(3, 0, scratch)?
+                        .broadcast_as((rows, 1, k, scratch))?,
+                    &anc.reshape((rows, 1, k, fed))?,
+                ],
+                3,
+            )?;
+            let out = b.expand(model, kv, l, &ids, &feats, &mask)?;
+            level = probs_of(&out)?;
+        }
+        Ok(())
+    }
 }
 
 impl DynamicDrafting {
@@ -123,62 +184,6 @@ impl DynamicDrafting {
         let n_fronts = this.level_at(p.depth + 1);
         this.fronts = Tensor::zeros(n_fronts, DType::U32, &dev)?;
         Ok(Some(this))
-    }
-
-    /// The computation (see the module docs); writes `fronts`, drops every
-    /// temporary before it returns (so a captured graph frees what it allocates).
-    fn run(
-        &self,
-        model: &dyn FixedForward,
-        lm_head: &dyn Fn(&Tensor) -> Result<Tensor>,
-        kv: &mut KvCache,
-    ) -> Result<()> {
-        let (n_img, cfg, sampling) = (self.key.n_img, self.key.cfg, &self.key.sampling);
-        let (b, k, depth) = (&self.bufs, self.k, self.key.params.depth);
-        let (rows, fed, scratch) = (b.rows, b.fed(), b.scratch);
-        let probs_of = |h: &Tensor| -> Result<Tensor> {
-            Ok(picks::draft_probs_cfg(&lm_head(h)?, n_img, cfg, sampling)?)
-        };
-        let mut level = probs_of(&b.root_feat()?)?;
-        let mut base = self.zero.clone();
-        for l in 0..=depth {
-            let lay = self.layout(l);
-            let block = picks::top_k(&level, k)?;
-            let slot_base = (l > 0).then(|| (l - 1) * k);
-            let front = picks::frontier(&block, &base, lay, 1 + fed, slot_base)?;
-            self.fronts.slice_set(&front, 0, self.level_at(l))?;
-            if l == depth {
-                break;
-            }
-            base = front
-                .narrow(0, lay.chosen_scores(), n_img * k)?
-                .reshape((n_img, k))?;
-            let ids = front
-                .narrow(0, lay.tokens(), rows * k)?
-                .reshape((rows, k))?;
-            let at = front.narrow(0, lay.gather(), rows * k)?;
-            let feats = b.gather_feats(&at, k)?;
-            // the fed nodes' ancestors: their parents' and themselves
-            let anc = self
-                .anc
-                .reshape((rows * (1 + fed), fed))?
-                .index_select(&at, 0)?
-                .reshape((rows, k, fed))?
-                .broadcast_maximum(&self.selfs[l])?;
-            self.anc.slice_set(&anc, 1, 1 + l * k)?;
-            let mask = Tensor::cat(
-                &[
-                    &b.prefix
-                        .narrow(3, 0, scratch)?
-                        .broadcast_as((rows, 1, k, scratch))?,
-                    &anc.reshape((rows, 1, k, fed))?,
-                ],
-                3,
-            )?;
-            let out = b.expand(model, kv, l, &ids, &feats, &mask)?;
-            level = probs_of(&out)?;
-        }
-        Ok(())
     }
 
     /// Every image's tree from one transfer of the frontier outputs: the candidates of
@@ -248,30 +253,23 @@ pub fn draft_dynamic_fixed(
         zero_row,
         ..
     } = fx;
-    let idx = match graphs.iter().position(|g| g.key == key) {
-        Some(i) => i,
-        None => {
-            let Some(g) =
-                DynamicDrafting::new(key.clone(), model, kv.batch(), kv.max_len(), step.vocab)?
-            else {
-                return Ok(None);
-            };
-            if graphs.len() >= MAX_DYNAMIC_GRAPHS {
-                graphs.remove(0);
-            }
-            graphs.push(g);
-            graphs.len() - 1
-        }
-    };
-    let g = &mut graphs[idx];
-    if kv.len() > g.bufs.scratch || kv.staging().is_some() {
+    let made = find_or_make(
+        graphs,
+        |g| g.key == key,
+        MAX_DYNAMIC_GRAPHS,
+        || {
+            let (rows, max_len) = (kv.batch(), kv.max_len());
+            DynamicDrafting::new(key.clone(), model, rows, max_len, step.vocab)
+        },
+    )?;
+    let Some(g) = made else {
         return Ok(None);
-    }
-    if step.root_feat.dims3()?.0 != g.bufs.rows || step.root_tokens.len() != key.n_img {
-        return Err(Error::invalid(
-            "dynamic drafting graph",
-            "rows do not match the computation (internal error)",
-        ));
+    };
+    if !g
+        .bufs
+        .fits(kv, step.root_feat, step.root_tokens.len(), key.n_img)?
+    {
+        return Ok(None);
     }
     g.bufs.write(
         key.n_img,
@@ -281,21 +279,7 @@ pub fn draft_dynamic_fixed(
         kv.len(),
         (rope_rows, zero_row),
     )?;
-    crate::decode::profile::mark_here("draft: drafting inputs (host-built)")?;
-    let mut graph = std::mem::take(&mut g.graph);
     let label = format!("dynamic drafting of {} tokens", key.params.total_tokens);
-    let ran = {
-        let this: &DynamicDrafting = g;
-        replay_or_capture(
-            model.fixed_device(),
-            capture,
-            &mut graph,
-            &label,
-            &mut || this.run(model, lm_head, kv),
-        )
-    };
-    g.graph = graph;
-    ran?;
-    crate::decode::profile::mark_here("draft: drafting graph")?;
+    replay_drafting(g, model, kv, capture, lm_head, &label)?;
     g.trees(step.root_tokens).map(Some)
 }
