@@ -91,8 +91,8 @@ pub struct BenchArgs {
     /// Tokens per image for --loop-images.
     #[arg(long, default_value_t = 64)]
     loop_tokens: usize,
-    /// Modes of the loop split, comma-separated (ar, sd-static, lantern++-static, sd-dynamic;
-    /// default: all).
+    /// Modes of the loop split, comma-separated (ar, sd-static, lantern++-static, sd-dynamic,
+    /// lantern-dynamic; default: all).
     #[arg(long, value_delimiter = ',')]
     loop_modes: Vec<String>,
     /// With --random-weights: run only the loop split (no step or kernel timings, no targets

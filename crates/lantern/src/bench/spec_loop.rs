@@ -25,7 +25,13 @@ use std::fmt;
 use std::sync::Arc;
 
 /// Names of the loop bench's modes (for [`run_loop_bench`]'s `only`).
-pub const LOOP_MODES: [&str; 4] = ["ar", "sd-static", "lantern++-static", "sd-dynamic"];
+pub const LOOP_MODES: [&str; 5] = [
+    "ar",
+    "sd-static",
+    "lantern++-static",
+    "sd-dynamic",
+    "lantern-dynamic",
+];
 
 /// One decoding mode's per-step split (milliseconds per verification step, median image).
 #[derive(Clone, Debug)]
@@ -176,6 +182,11 @@ pub fn run_loop_bench(
         ("sd static", Some(("naive_extend_57", Relaxation::Exact))),
         ("lantern++ static", Some(("naive_extend_57", lantern_pp))),
         ("sd dynamic", Some(("dynamic", Relaxation::Exact))),
+        // the paper's method: LANTERN's additive budget (the CLI's default delta) on EAGLE-2
+        (
+            "lantern dynamic",
+            Some(("dynamic", Relaxation::Lantern { k: 100, delta: 0.2 })),
+        ),
     ];
     let mut rows = Vec::new();
     for (name, spec) in modes {
@@ -279,7 +290,7 @@ mod tests {
     #[test]
     fn tiny_loop_reports_every_mode() -> Result<()> {
         let r = run_loop_bench(StepPreset::Tiny, DType::F32, &Device::Cpu, 8, 1, &[])?;
-        assert_eq!(r.rows.len(), 4);
+        assert_eq!(r.rows.len(), LOOP_MODES.len());
         let ar = &r.rows[0];
         assert!(
             ar.ar && ar.steps == 8 && ar.tau == 1.0 && ar.wall_ms_per_token > 0.0,
@@ -299,6 +310,7 @@ mod tests {
         }
         let text = r.to_string();
         assert!(text.contains("lantern++ static") && text.contains("loop overhead"));
+        assert!(text.contains("lantern dynamic (dynamic)"), "{text}");
         let one = ["sd-dynamic".to_string()];
         let r = run_loop_bench(StepPreset::Tiny, DType::F32, &Device::Cpu, 4, 1, &one)?;
         assert_eq!(r.rows.len(), 1);
