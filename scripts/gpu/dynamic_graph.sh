@@ -19,8 +19,9 @@ echo "lib tests done ${SECONDS}s"
 if [ "${SKIP_TOKENS:-0}" != 1 ]; then
   D="--tree dynamic"
   same_tokens "dynamic graph vs level by level" "$L" "env LANTERN_DYNAMIC_GRAPH=0 $L" "sd $D --temperature 0" "sd $D" "lantern $D" "lantern $D --dtype bf16"
-  same_tokens "new vs base" "$L" "$B" "sd $D" "lantern $D" "ar" "lantern++ --tree naive_extend_57"
+  same_tokens "new vs base" "$L" "$B" "sd $D" "lantern $D" "ar" "lantern++ --tree naive_extend_57" "sd --tree naive_extend_57 --temperature 0"
   greedy_equal "greedy sd dynamic = greedy ar" "$L" "ar --temperature 0" "sd $D --temperature 0"
+  greedy_equal "greedy sd static = greedy ar" "$L" "ar --temperature 0" "sd --tree naive_extend_57 --temperature 0"
 fi 2>&1 | tee "$OUT/checks.txt"
 echo "tokens done ${SECONDS}s"
 V=${VARIANTS:-BASE X=0 LANTERN_DYNAMIC_GRAPH=0}
