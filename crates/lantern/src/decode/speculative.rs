@@ -370,27 +370,42 @@ fn verify_inputs(
 ) -> Result<(Tensor, Tensor, Visibility)> {
     let n_img = trees.len();
     let ncols = trees.iter().map(|t| t.len()).max().unwrap_or(1);
-    let past = prefix.first().map_or(0, |p| p.len());
     let mut ids = vec![0u32; n_img * ncols];
     let mut pos = vec![vec![0u32; ncols]; n_img];
-    let mut mask = BlockMask::new(prefix, ncols, |_, i, j| i == j);
+    // the tree part only (the committed slots' part is broadcast on the device)
+    let mut tree = vec![f32::NEG_INFINITY; n_img * ncols * ncols];
     for (g, tr) in trees.iter().enumerate() {
+        let t = &mut tree[g * ncols * ncols..(g + 1) * ncols * ncols];
         for c in 0..ncols {
             let node = if c < tr.len() { c } else { 0 };
             ids[g * ncols + c] = tr.tokens[node];
             pos[g][c] = (roots[g] + tr.depths[node]) as u32;
+            t[c * ncols + c] = 0.0;
         }
         for i in 0..tr.len() {
             for a in tr.path_to(i) {
-                mask.show(g, i, past + a);
+                t[i * ncols + a] = 0.0;
             }
         }
     }
     let halves = rows / n_img;
     let ids = Tensor::from_vec(ids, (n_img, ncols), dev)?.repeat((halves, 1))?;
-    let mask = mask.into_tensor(rows, dev)?;
+    let tree = Tensor::from_vec(tree, (n_img, ncols, ncols), dev)?;
+    let mask = verify_mask(prefix, &tree, rows, dev)?;
     let pos = row_positions(&pos, rows, dev)?;
     Ok((ids, pos, Visibility::Custom(mask)))
+}
+
+/// The verification mask `[rows, n, past + n]`: image g's committed slots (`prefix[g]`, `past`
+/// each), then its tree part (`tree` `[n_img, n, n]`, or `[1, n, n]` shared), repeated for the
+/// CFG halves. Only the prefix rows and the tree part are uploaded.
+fn verify_mask(prefix: &[Vec<f32>], tree: &Tensor, rows: usize, dev: &Device) -> Result<Tensor> {
+    let (n_img, n) = (prefix.len(), tree.dim(1)?);
+    let past = prefix.first().map_or(0, |p| p.len());
+    let pre =
+        Tensor::from_vec(prefix.concat(), (n_img, 1, past), dev)?.broadcast_as((n_img, n, past))?;
+    let tree = tree.broadcast_as((n_img, n, n))?;
+    Ok(Tensor::cat(&[&pre, &tree], 2)?.repeat((rows / n_img, 1, 1))?)
 }
 
 /// One step's draft: a static shape drafted on the device (its trees read after verification
@@ -432,17 +447,13 @@ fn drafted_verify_inputs(
     rows: usize,
 ) -> Result<(Tensor, Tensor, Visibility)> {
     let dev = d.ids.device();
-    let (n_img, n) = (prefix.len(), shape.len());
-    let past = prefix.first().map_or(0, |p| p.len());
+    let n_img = prefix.len();
     let pos: Vec<Vec<u32>> = roots
         .iter()
         .map(|&r| shape.depths.iter().map(|&x| (r + x) as u32).collect())
         .collect();
     let pos = row_positions(&pos, rows, dev)?;
-    let pre =
-        Tensor::from_vec(prefix.concat(), (n_img, 1, past), dev)?.broadcast_as((n_img, n, past))?;
-    let tree = d.tree_mask.broadcast_as((n_img, n, n))?;
-    let mask = Tensor::cat(&[&pre, &tree], 2)?.repeat((rows / n_img, 1, 1))?;
+    let mask = verify_mask(prefix, &d.tree_mask, rows, dev)?;
     let ids = d.ids.repeat((rows / n_img, 1))?;
     Ok((ids, pos, Visibility::Custom(mask)))
 }
