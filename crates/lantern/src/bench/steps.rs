@@ -421,6 +421,19 @@ struct DraftingInputs {
     root_tokens: Vec<u32>,
 }
 
+impl DraftingInputs {
+    /// The step's inputs as the drafting computations take them.
+    fn step(&self, vocab: usize) -> crate::decode::draft_graph::DraftStep<'_> {
+        crate::decode::draft_graph::DraftStep {
+            root_tokens: &self.root_tokens,
+            root_feat: &self.root_feat,
+            prefix: &self.prefix,
+            roots: &self.roots,
+            vocab,
+        }
+    }
+}
+
 /// The drafter side of a drafting-phase row: its cache and computations.
 struct DraftingState {
     kv: crate::cache::KvCache,
@@ -516,7 +529,7 @@ fn time_drafting(
     sampled: bool,
     time: &Timer,
 ) -> Result<(f64, f64, f64, String)> {
-    use crate::decode::draft_graph::{draft_static_fixed, DraftStep, DraftingKey};
+    use crate::decode::draft_graph::{draft_static_fixed, DraftingKey};
     use crate::decode::TreeShape;
     use crate::sampling::SamplingParams;
     use rand::{RngCore, SeedableRng};
@@ -535,14 +548,7 @@ fn time_drafting(
         },
         lm_head: model.lm_head_id(),
     };
-    let step = DraftStep {
-        shape: &shape,
-        root_tokens: &inp.root_tokens,
-        root_feat: &inp.root_feat,
-        prefix: &inp.prefix,
-        roots: &inp.roots,
-        vocab: tc.vocab_size,
-    };
+    let step = inp.step(tc.vocab_size);
     let head = |h: &Tensor| model.lm_head_raw(h);
     let mut rngs: Vec<rand::rngs::StdRng> = (0..n_img as u64)
         .map(rand::rngs::StdRng::seed_from_u64)
@@ -550,7 +556,7 @@ fn time_drafting(
     let ms = time(&mut || {
         let fx = st.fx(drafter);
         let mut r: Vec<&mut dyn RngCore> = rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
-        draft_static_fixed(fx, &head, key.clone(), &step, &mut r)?.ok_or_else(|| {
+        draft_static_fixed(fx, &head, key.clone(), &shape, &step, &mut r)?.ok_or_else(|| {
             Error::invalid(
                 "drafting bench",
                 "the shape does not fit the drafting computation",
@@ -592,7 +598,7 @@ fn time_dynamic_drafting(
     dp: usize,
     time: &Timer,
 ) -> Result<(f64, f64, f64, String)> {
-    use crate::decode::dynamic_graph::{draft_dynamic_fixed, DynamicKey, DynamicStep};
+    use crate::decode::dynamic_graph::{draft_dynamic_fixed, DynamicKey};
     use crate::decode::static_trees::DynamicParams;
     use crate::sampling::SamplingParams;
     let (tc, dc) = (model.config(), drafter.config());
@@ -607,13 +613,7 @@ fn time_dynamic_drafting(
         sampling: SamplingParams::greedy(),
         lm_head: model.lm_head_id(),
     };
-    let step = DynamicStep {
-        root_tokens: &inp.root_tokens,
-        root_feat: &inp.root_feat,
-        prefix: &inp.prefix,
-        roots: &inp.roots,
-        vocab: tc.vocab_size,
-    };
+    let step = inp.step(tc.vocab_size);
     let head = |h: &Tensor| model.lm_head_raw(h);
     let ms = time(&mut || {
         let fx = st.fx(drafter);

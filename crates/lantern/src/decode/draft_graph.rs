@@ -68,10 +68,9 @@ pub struct FixedDrafting<'a> {
     pub zero_row: usize,
 }
 
-/// One step's inputs of [`draft_static_fixed`].
+/// One step's inputs of a drafting computation ([`draft_static_fixed`],
+/// [`super::dynamic_graph::draft_dynamic_fixed`]).
 pub struct DraftStep<'a> {
-    /// Shape of every image's tree.
-    pub shape: &'a TreeShape,
     /// Root token of every image.
     pub root_tokens: &'a [u32],
     /// Drafter output after every row's root `[rows, 1, d]`.
@@ -344,14 +343,7 @@ impl StaticDrafting {
     ) -> Result<()> {
         let n_img = self.key.n_img;
         let dev = self.bufs.feats.device();
-        self.bufs.write(
-            n_img,
-            step.root_feat,
-            step.prefix,
-            step.roots,
-            kv_len,
-            clamp,
-        )?;
+        self.bufs.write(n_img, step, kv_len, clamp)?;
         if let Some(u) = &self.uniforms {
             let mut all = Vec::with_capacity(u.elem_count());
             for (dp, &k) in self.plan.depths.iter().zip(&self.plan.ks) {
@@ -412,18 +404,13 @@ impl StepBuffers {
 
     /// Whether a step fits: the cache's committed slots end before the scratch block and
     /// stage nothing (`false`: draft level by level); an error where the root features or the
-    /// images do not match the computation (`n_tokens` root tokens for `n_img` images).
-    pub fn fits(
-        &self,
-        kv: &KvCache,
-        root_feat: &Tensor,
-        n_tokens: usize,
-        n_img: usize,
-    ) -> Result<bool> {
+    /// images do not match the computation (`step`'s root tokens and features for `n_img`
+    /// images).
+    pub fn fits(&self, kv: &KvCache, step: &DraftStep, n_img: usize) -> Result<bool> {
         if kv.len() > self.scratch || kv.staging().is_some() {
             return Ok(false);
         }
-        if root_feat.dims3()?.0 != self.rows || n_tokens != n_img {
+        if step.root_feat.dims3()?.0 != self.rows || step.root_tokens.len() != n_img {
             return Err(Error::invalid(
                 "drafting graph",
                 "rows do not match the computation (internal error)",
@@ -479,19 +466,18 @@ impl StepBuffers {
         Ok(out)
     }
 
-    /// Writes one step's inputs (no synchronisation): the root features, the prefix mask (the
-    /// committed slots of row r as `prefix[r % n_img]` says), the positions (expansion e of
-    /// row r at `roots[r % n_img] + e`, clamped: `clamp.1` from `clamp.0` on) and the filled
+    /// Writes one step's inputs (no synchronisation): `step`'s root features, the prefix mask
+    /// (the committed slots of row r as `prefix[r % n_img]` says), the positions (expansion e
+    /// of row r at `roots[r % n_img] + e`, clamped: `clamp.1` from `clamp.0` on) and the filled
     /// length `kv_len`.
     pub fn write(
         &self,
         n_img: usize,
-        root_feat: &Tensor,
-        prefix: &[Vec<f32>],
-        roots: &[usize],
+        step: &DraftStep,
         kv_len: usize,
         clamp: (usize, usize),
     ) -> Result<()> {
+        let (root_feat, prefix, roots) = (step.root_feat, step.prefix, step.roots);
         let (rows, dev) = (self.rows, self.feats.device());
         let max_len = self.prefix.dim(3)?;
         self.feats
@@ -588,8 +574,8 @@ pub(super) fn replay_drafting<G: Drafting>(
     Ok(())
 }
 
-/// Drafts every image's tree of a static shape in one fixed-shape computation (captured on the
-/// first call of its shape, replayed after), with the tokens, probabilities and draws of
+/// Drafts every image's tree of the static `shape` in one fixed-shape computation (captured on
+/// the first call of its shape, replayed after), with the tokens, probabilities and draws of
 /// [`super::draft::draft_static`] on the drafter `fx` and `lm_head` (the target's output head,
 /// whose weights `key.lm_head` names). `None` where it does not apply (see
 /// [`StaticDrafting::new`]; no room before the scratch block): then draft level by level.
@@ -597,6 +583,7 @@ pub fn draft_static_fixed(
     fx: FixedDrafting,
     lm_head: &dyn Fn(&Tensor) -> Result<Tensor>,
     key: DraftingKey,
+    shape: &TreeShape,
     step: &DraftStep,
     rngs: &mut [&mut dyn RngCore],
 ) -> Result<Option<Drafted>> {
@@ -616,25 +603,22 @@ pub fn draft_static_fixed(
         MAX_DRAFTING_GRAPHS,
         || {
             let (rows, max_len) = (kv.batch(), kv.max_len());
-            StaticDrafting::new(key.clone(), step.shape, model, rows, max_len, step.vocab)
+            StaticDrafting::new(key.clone(), shape, model, rows, max_len, step.vocab)
         },
     )?;
     let Some(g) = made else {
         return Ok(None);
     };
-    if !g
-        .bufs
-        .fits(kv, step.root_feat, step.root_tokens.len(), key.n_img)?
-    {
+    if !g.bufs.fits(kv, step, key.n_img)? {
         return Ok(None);
     }
     g.set_inputs(step, kv.len(), (rope_rows, zero_row), rngs)?;
-    let label = format!("drafting of a {}-node shape", step.shape.len());
+    let label = format!("drafting of a {}-node shape", shape.len());
     replay_drafting(g, model, kv, capture, lm_head, &label)?;
     // the drafted tokens in verification order (shape order, the root first), on the device
     let roots = Tensor::from_vec(step.root_tokens.to_vec(), (key.n_img, 1), g.picks.device())?;
-    let drafted = picks::pick_tokens(&g.picks, &g.verify_at, 1)?
-        .reshape((key.n_img, step.shape.len() - 1))?;
+    let drafted =
+        picks::pick_tokens(&g.picks, &g.verify_at, 1)?.reshape((key.n_img, shape.len() - 1))?;
     Ok(Some(Drafted {
         ids: Tensor::cat(&[&roots, &drafted], 1)?,
         tree_mask: g.tree_mask.clone(),

@@ -22,7 +22,8 @@ pub(super) struct Cand {
     pub parent: Option<usize>,
 }
 
-fn ln(p: f32) -> f32 {
+/// A candidate's log-probability term (`-inf` for a probability of 0).
+pub(crate) fn ln(p: f32) -> f32 {
     if p > 0.0 {
         p.ln()
     } else {

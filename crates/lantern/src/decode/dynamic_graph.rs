@@ -19,7 +19,9 @@
 //! The computation equals the level-by-level path's on the CPU (same ops and arithmetic; the
 //! device kernel computes ln p with CUDA's `logf`, so a near tie may be broken differently
 //! there). Tests compare the two on the CPU, where the fixed-shape path runs eagerly.
-use super::draft_graph::{find_or_make, replay_drafting, Drafting, FixedDrafting, StepBuffers};
+use super::draft_graph::{
+    find_or_make, replay_drafting, DraftStep, Drafting, FixedDrafting, StepBuffers,
+};
 use super::dynamic::{assemble, Cand};
 use super::graph_step::{Captured, FixedForward};
 use super::static_trees::DynamicParams;
@@ -128,15 +130,9 @@ impl Drafting for DynamicDrafting {
 }
 
 impl DynamicDrafting {
-    /// Level `l`'s frontier layout (level 0 follows the root).
+    /// Level `l`'s frontier layout.
     fn layout(&self, l: usize) -> FrontierLayout {
-        FrontierLayout {
-            n_img: self.key.n_img,
-            rows_per_img: if l == 0 { 1 } else { self.k },
-            k: self.k,
-            keep: self.k,
-            rows: self.bufs.rows,
-        }
+        level_layout(self.key.n_img, self.k, self.bufs.rows, l)
     }
 
     /// Start of level `l`'s frontier output in `fronts`.
@@ -171,19 +167,19 @@ impl DynamicDrafting {
             }
             selfs.push(Tensor::from_vec(m, (1, k, fed), &dev)?);
         }
-        let mut this = Self {
+        let n_fronts: usize = (0..=p.depth)
+            .map(|l| level_layout(key.n_img, k, rows, l).len())
+            .sum();
+        Ok(Some(Self {
             k,
             bufs: StepBuffers::new(model, rows, max_len, offsets)?,
             anc: Tensor::full(f32::NEG_INFINITY, (rows, 1 + fed, fed), &dev)?,
             selfs,
             zero: Tensor::zeros((key.n_img, 1), DType::U32, &dev)?,
-            fronts: Tensor::zeros(0, DType::U32, &dev)?,
+            fronts: Tensor::zeros(n_fronts, DType::U32, &dev)?,
             graph: Default::default(),
             key,
-        };
-        let n_fronts = this.level_at(p.depth + 1);
-        this.fronts = Tensor::zeros(n_fronts, DType::U32, &dev)?;
-        Ok(Some(this))
+        }))
     }
 
     /// Every image's tree from one transfer of the frontier outputs: the candidates of
@@ -219,18 +215,16 @@ impl DynamicDrafting {
     }
 }
 
-/// One step's inputs of [`draft_dynamic_fixed`].
-pub struct DynamicStep<'a> {
-    /// Root token of every image.
-    pub root_tokens: &'a [u32],
-    /// Drafter output after every row's root `[rows, 1, d]`.
-    pub root_feat: &'a Tensor,
-    /// Additive mask of every image over the committed slots (one length: the cache's).
-    pub prefix: &'a [Vec<f32>],
-    /// Logical position of every image's root.
-    pub roots: &'a [usize],
-    /// Vocabulary size.
-    pub vocab: usize,
+/// Level `l`'s frontier layout for `n_img` images, `k` picks and kept nodes, `rows` drafter
+/// rows (level 0 follows the root: one row per image).
+fn level_layout(n_img: usize, k: usize, rows: usize, l: usize) -> FrontierLayout {
+    FrontierLayout {
+        n_img,
+        rows_per_img: if l == 0 { 1 } else { k },
+        k,
+        keep: k,
+        rows,
+    }
 }
 
 /// Drafts every image's EAGLE-2 tree in one fixed-shape computation (captured on the first call
@@ -242,7 +236,7 @@ pub fn draft_dynamic_fixed(
     fx: FixedDrafting,
     lm_head: &dyn Fn(&Tensor) -> Result<Tensor>,
     key: DynamicKey,
-    step: &DynamicStep,
+    step: &DraftStep,
 ) -> Result<Option<Vec<DraftTree>>> {
     let FixedDrafting {
         model,
@@ -265,20 +259,11 @@ pub fn draft_dynamic_fixed(
     let Some(g) = made else {
         return Ok(None);
     };
-    if !g
-        .bufs
-        .fits(kv, step.root_feat, step.root_tokens.len(), key.n_img)?
-    {
+    if !g.bufs.fits(kv, step, key.n_img)? {
         return Ok(None);
     }
-    g.bufs.write(
-        key.n_img,
-        step.root_feat,
-        step.prefix,
-        step.roots,
-        kv.len(),
-        (rope_rows, zero_row),
-    )?;
+    g.bufs
+        .write(key.n_img, step, kv.len(), (rope_rows, zero_row))?;
     let label = format!("dynamic drafting of {} tokens", key.params.total_tokens);
     replay_drafting(g, model, kv, capture, lm_head, &label)?;
     g.trees(step.root_tokens).map(Some)

@@ -26,7 +26,7 @@
 use super::draft::{draft_static, Expand};
 use super::draft_graph::{draft_static_fixed, DraftStep, Drafted, DraftingKey};
 use super::dynamic::draft_dynamic;
-use super::dynamic_graph::{draft_dynamic_fixed, DynamicKey, DynamicStep};
+use super::dynamic_graph::{draft_dynamic_fixed, DynamicKey};
 use super::level::{DeviceLevel, DraftLevel, HostLevel, Want};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::profile::LoopProfile;
@@ -422,8 +422,8 @@ fn dynamic_graphs_on() -> bool {
     *ON.get_or_init(|| std::env::var("LANTERN_DYNAMIC_GRAPH").as_deref() != Ok("0"))
 }
 
-/// Whether static trees may be drafted in one computation (tests turn it off to compare with
-/// the level-by-level path on the same target path).
+/// Whether trees (static and dynamic) may be drafted in one computation (tests turn it off to
+/// compare with the level-by-level path on the same target path).
 fn drafting_graphs_on() -> bool {
     #[cfg(test)]
     {
@@ -599,16 +599,23 @@ fn run<T: Target, D: DraftModel>(
         let holes = slots.has_holes();
         let root_tokens: Vec<u32> = tokens.iter().map(|t| *t.last().unwrap_or(&0)).collect();
 
-        // draft: a static tree in one fixed-shape computation where the models have one,
-        // else level by level
         let t = Instant::now();
         prof.mark("step inputs (slots, prefix masks)")?;
-        let fixed = match tree_spec {
-            TreeSpec::Static(shape)
-                if picks::probs_on_device(&opts.sampling, &dev) && drafting_graphs_on() =>
-            {
-                match (target.lm_head_id(), drafter.fixed_drafting(&mut dcache)) {
-                    (Some(lm_head), Some(fx)) => {
+        // draft: a static or dynamic tree in one fixed-shape computation where the models have
+        // one, else level by level
+        let step = DraftStep {
+            root_tokens: &root_tokens,
+            root_feat: &root_feat,
+            prefix: &prefix,
+            roots: &roots,
+            vocab: target.vocab_size(),
+        };
+        let graphs_on = picks::probs_on_device(&opts.sampling, &dev) && drafting_graphs_on();
+        let fixed = match (graphs_on, target.lm_head_id()) {
+            (true, Some(lm_head)) => {
+                let head = |h: &Tensor| target.lm_head_raw(h);
+                match (tree_spec, drafter.fixed_drafting(&mut dcache)) {
+                    (TreeSpec::Static(shape), Some(fx)) => {
                         let key = DraftingKey {
                             paths: shape.paths.clone(),
                             n_img,
@@ -616,32 +623,14 @@ fn run<T: Target, D: DraftModel>(
                             sampling: opts.sampling,
                             lm_head,
                         };
-                        let step = DraftStep {
-                            shape,
-                            root_tokens: &root_tokens,
-                            root_feat: &root_feat,
-                            prefix: &prefix,
-                            roots: &roots,
-                            vocab: target.vocab_size(),
-                        };
                         let mut r: Vec<&mut dyn RngCore> =
                             rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
-                        let head = |h: &Tensor| target.lm_head_raw(h);
-                        draft_static_fixed(fx, &head, key, &step, &mut r)?.map(|d| {
+                        draft_static_fixed(fx, &head, key, shape, &step, &mut r)?.map(|d| {
                             drafter_forwards += shape.depths.iter().max().map_or(0, |d| d - 1);
                             StepTrees::OnDevice(d, shape)
                         })
                     }
-                    _ => None,
-                }
-            }
-            TreeSpec::Dynamic(p)
-                if picks::probs_on_device(&opts.sampling, &dev)
-                    && drafting_graphs_on()
-                    && dynamic_graphs_on() =>
-            {
-                match (target.lm_head_id(), drafter.fixed_drafting(&mut dcache)) {
-                    (Some(lm_head), Some(fx)) => {
+                    (TreeSpec::Dynamic(p), Some(fx)) if dynamic_graphs_on() => {
                         let key = DynamicKey {
                             params: *p,
                             n_img,
@@ -649,14 +638,6 @@ fn run<T: Target, D: DraftModel>(
                             sampling: opts.sampling,
                             lm_head,
                         };
-                        let step = DynamicStep {
-                            root_tokens: &root_tokens,
-                            root_feat: &root_feat,
-                            prefix: &prefix,
-                            roots: &roots,
-                            vocab: target.vocab_size(),
-                        };
-                        let head = |h: &Tensor| target.lm_head_raw(h);
                         draft_dynamic_fixed(fx, &head, key, &step)?.map(|trees| {
                             #[cfg(test)]
                             tests::DYNAMIC_FIXED.with(|c| c.set(c.get() + 1));
@@ -875,7 +856,7 @@ mod tests {
     use std::path::PathBuf;
 
     thread_local! {
-        /// Whether static trees are drafted in one computation on this thread.
+        /// Whether trees are drafted in one computation on this thread.
         pub(super) static DRAFTING_GRAPHS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
         /// Steps whose dynamic trees were drafted in one computation on this thread.
         pub(super) static DYNAMIC_FIXED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -901,13 +882,32 @@ mod tests {
         r.map(|_| trees)
     }
 
+    /// The trees of every step of `go`'s runs drafted level by level, then in one computation
+    /// (both on the fixed-shape target path, forced here on the CPU: only drafting differs),
+    /// and how many steps of the second run drafted a dynamic tree in one computation.
+    fn levels_then_computation(go: impl Fn() -> Result<()>) -> Result<TwoRuns> {
+        use crate::decode::graph_step::force_fixed_shape;
+        force_fixed_shape(true);
+        DRAFTING_GRAPHS.with(|c| c.set(false));
+        let levels = recorded(&go);
+        DRAFTING_GRAPHS.with(|c| c.set(true));
+        let before = DYNAMIC_FIXED.with(|c| c.get());
+        let fixed = recorded(&go);
+        let ran = DYNAMIC_FIXED.with(|c| c.get()) - before;
+        force_fixed_shape(false);
+        Ok((levels?, fixed?, ran))
+    }
+
+    /// Level-by-level trees, one-computation trees (per step, per image), dynamic steps drafted
+    /// in one computation.
+    type TwoRuns = (Vec<Vec<DraftTree>>, Vec<Vec<DraftTree>>, usize);
+
     /// Static trees drafted in one fixed-shape computation (forced here on the CPU) equal the
     /// level-by-level ones of every step (both runs on the fixed-shape target path): tokens,
     /// parents, q and the sampled nodes' drafter distributions (to rounding), greedy and
     /// sampled (top-k 3: nodes run out of mass and are dropped), with CFG over two images.
     #[test]
     fn drafting_computation_equals_level_by_level_drafting() -> Result<()> {
-        use crate::decode::graph_step::force_fixed_shape;
         let m = c2i_model()?;
         let d = drafter(true)?;
         let cond = Condition::Classes(vec![7, 3]);
@@ -922,14 +922,7 @@ mod tests {
             let opts = GenerateOptions::new().with_sampling(sampling).with_seed(5);
             let go =
                 || generate_speculative(&m, &d, &cond, &opts, &tree, &accept, None).map(|_| ());
-            // both runs take the fixed-shape target steps; only drafting differs
-            force_fixed_shape(true);
-            DRAFTING_GRAPHS.with(|c| c.set(false));
-            let levels = recorded(go);
-            DRAFTING_GRAPHS.with(|c| c.set(true));
-            let fixed = recorded(go);
-            force_fixed_shape(false);
-            let (levels, fixed) = (levels?, fixed?);
+            let (levels, fixed, _) = levels_then_computation(go)?;
             assert!(levels.len() > 3, "{sampling:?}: {} steps", levels.len());
             assert_eq!(fixed.len(), levels.len(), "{sampling:?}");
             // a dropped node changes the verification block's width (the device-built
@@ -985,7 +978,6 @@ mod tests {
     /// two images, for the default parameters and a small tree whose fed nodes go three deep.
     #[test]
     fn dynamic_drafting_computation_equals_level_by_level_drafting() -> Result<()> {
-        use crate::decode::graph_step::force_fixed_shape;
         let m = c2i_model()?;
         let d = drafter(true)?;
         let cond = Condition::Classes(vec![7, 3]);
@@ -999,15 +991,7 @@ mod tests {
             let opts = GenerateOptions::new().with_sampling(sampling).with_seed(5);
             let go =
                 || generate_speculative(&m, &d, &cond, &opts, &tree, &accept, None).map(|_| ());
-            force_fixed_shape(true);
-            DRAFTING_GRAPHS.with(|c| c.set(false));
-            let levels = recorded(go);
-            DRAFTING_GRAPHS.with(|c| c.set(true));
-            let before = DYNAMIC_FIXED.with(|c| c.get());
-            let fixed = recorded(go);
-            let ran = DYNAMIC_FIXED.with(|c| c.get()) - before;
-            force_fixed_shape(false);
-            let (levels, fixed) = (levels?, fixed?);
+            let (levels, fixed, ran) = levels_then_computation(go)?;
             assert!(levels.len() > 3, "{tree:?}: {} steps", levels.len());
             // every step of the second run drafted in the one computation
             assert_eq!(ran, fixed.len(), "{tree:?}");

@@ -10,6 +10,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout,
 use candle_core::{Tensor, D};
 
 use crate::decode::draft::{draw_with_uniforms, top_k_indices};
+use crate::decode::dynamic::ln;
 use crate::sampling::{cfg_mix, row_probs, SamplingParams};
 
 #[cfg(feature = "cuda")]
@@ -494,12 +495,15 @@ impl CustomOp2 for Frontier {
         let (nc, k, keep) = (lay.cands(), lay.k, lay.keep);
         let mut out = vec![0u32; lay.len()];
         for g in 0..lay.n_img {
+            // candidate c of image g: pick c % k of its row c / k, i.e. pair g nc + c
+            let pair = |c: usize| &picks[(g * nc + c) * 2..(g * nc + c) * 2 + 2];
+            let token = |c: usize| pair(c)[0].max(0.0) as u32;
             // the host path's arithmetic (dynamic.rs): parent score + ln p
             let scores: Vec<f32> = (0..nc)
                 .map(|c| {
-                    let p = &picks[((g * lay.rows_per_img + c / k) * k + c % k) * 2..][..2];
-                    let ln = if p[0] >= 0.0 && p[1] > 0.0 {
-                        p[1].ln()
+                    let p = pair(c);
+                    let ln = if p[0] >= 0.0 {
+                        ln(p[1])
                     } else {
                         f32::NEG_INFINITY
                     };
@@ -508,18 +512,16 @@ impl CustomOp2 for Frontier {
                 .collect();
             for (c, x) in scores.iter().enumerate() {
                 out[lay.scores() + g * nc + c] = x.to_bits();
-                let t = picks[((g * lay.rows_per_img + c / k) * k + c % k) * 2];
-                out[lay.cand_tokens() + g * nc + c] = t.max(0.0) as u32;
+                out[lay.cand_tokens() + g * nc + c] = token(c);
             }
             let mut kept = top_k_indices(&scores, keep);
             kept.sort_unstable();
             for (q, &c) in kept.iter().enumerate() {
                 out[lay.chosen() + g * keep + q] = c as u32;
                 out[lay.chosen_scores() + g * keep + q] = scores[c].to_bits();
-                let p = &picks[((g * lay.rows_per_img + c / k) * k + c % k) * 2..];
                 let slot = self.slot_base.map_or(0, |b| 1 + b + c / k);
                 for r in (g..lay.rows).step_by(lay.n_img) {
-                    out[lay.tokens() + r * keep + q] = p[0].max(0.0) as u32;
+                    out[lay.tokens() + r * keep + q] = token(c);
                     out[lay.gather() + r * keep + q] = (r * self.stride + slot) as u32;
                 }
             }
