@@ -14,7 +14,7 @@ use crate::Result;
 
 /// A scored candidate node of a dynamic tree.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Cand {
+pub(crate) struct Cand {
     pub token: u32,
     /// Cumulative log-probability.
     pub score: f32,
@@ -106,36 +106,59 @@ pub fn draft_dynamic(
         .collect()
 }
 
-/// The tree of the `total_tokens - 1` best candidates `c` (by score, then creation order, so
-/// that every selected node's parent, which scores at least as high and was created earlier,
-/// is selected too), in creation order after the root.
-pub(super) fn assemble(c: &[Cand], root: u32, total_tokens: usize) -> Result<DraftTree> {
+/// The tree of the `total_tokens - 1` best candidates `c` (see [`select_columns`]), in
+/// creation order after the root.
+pub(crate) fn assemble(c: &[Cand], root: u32, total_tokens: usize) -> Result<DraftTree> {
+    let (order, parents) = select_columns(c, total_tokens);
+    let tokens: Vec<u32> = std::iter::once(root)
+        .chain(order.iter().map(|&ci| c[ci].token))
+        .collect();
+    tree_of_columns(&tokens, &parents)
+}
+
+/// The verification columns of the `cols - 1` best candidates `c` (by score, then creation
+/// order, so that every selected node's parent, which scores at least as high and was created
+/// earlier, is selected too) in creation order: the candidate of every column after the root,
+/// and the parent column of every column (the root's 0; `None` where a parent was not
+/// selected, which scores that break the order above can cause).
+pub(crate) fn select_columns(c: &[Cand], cols: usize) -> (Vec<usize>, Vec<Option<usize>>) {
     let mut order: Vec<usize> = (0..c.len()).collect();
     order.sort_by(|&a, &b| c[b].score.total_cmp(&c[a].score).then(a.cmp(&b)));
-    order.truncate(total_tokens - 1);
+    order.truncate(cols.saturating_sub(1));
     order.sort_unstable();
-    let mut node_of = std::collections::HashMap::new();
+    let mut col_of = std::collections::HashMap::new();
+    let mut parents = vec![Some(0)];
+    for (i, &ci) in order.iter().enumerate() {
+        parents.push(match c[ci].parent {
+            None => Some(0),
+            Some(p) => col_of.get(&p).copied(),
+        });
+        col_of.insert(ci, i + 1);
+    }
+    (order, parents)
+}
+
+/// The deterministic draft tree of verification columns: column i holds `tokens[i]` under
+/// column `parents[i]` (column 0 is the root); an error where a parent is missing or not an
+/// earlier column.
+pub(crate) fn tree_of_columns(tokens: &[u32], parents: &[Option<usize>]) -> Result<DraftTree> {
     let mut t = DraftTree {
-        tokens: vec![root],
+        tokens: vec![*tokens.first().unwrap_or(&0)],
         parents: vec![0],
         depths: vec![0],
         q: vec![1.0],
         q_dists: vec![None],
         kind: DraftKind::Deterministic,
     };
-    for &ci in &order {
-        let parent = match c[ci].parent {
-            None => 0,
-            Some(p) => *node_of.get(&p).ok_or_else(|| {
-                crate::Error::invalid("dynamic tree", "selected node without its parent")
-            })?,
-        };
-        t.tokens.push(c[ci].token);
+    for (i, (&tok, &parent)) in tokens.iter().zip(parents).enumerate().skip(1) {
+        let parent = parent.filter(|&p| p < i).ok_or_else(|| {
+            crate::Error::invalid("dynamic tree", "selected node without its parent")
+        })?;
+        t.tokens.push(tok);
         t.parents.push(parent);
         t.depths.push(t.depths[parent] + 1);
         t.q.push(1.0);
         t.q_dists.push(None);
-        node_of.insert(ci, t.len() - 1);
     }
     Ok(t)
 }

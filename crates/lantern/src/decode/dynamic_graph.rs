@@ -12,9 +12,10 @@
 //! that one index (a fed node sees its parent's ancestors and itself), and the mask's scratch
 //! columns are those rows. The drafter writes its K/V into a scratch block at the end of its
 //! cache, as the static computation ([`super::draft_graph`]) does, with the same per-step
-//! inputs. After the replay the host reads every level's frontier output (candidate tokens,
-//! scores, the kept ones) in one transfer and assembles the trees from the device's scores
-//! exactly as the host path does.
+//! inputs. Last, [`picks::select_tree`] chooses every image's tree from all levels' outputs
+//! (the host path's choice on the device's scores) and writes what verification needs: the
+//! columns' tokens, positions, parents and the tree mask. Verification is queued from those
+//! ([`DynamicDrafted`]) before the host reads the trees (one small transfer of the columns).
 //!
 //! The computation equals the level-by-level path's on the CPU (same ops and arithmetic; the
 //! device kernel computes ln p with CUDA's `logf`, so a near tie may be broken differently
@@ -22,12 +23,12 @@
 use super::draft_graph::{
     find_or_make, replay_drafting, DraftStep, Drafting, FixedDrafting, StepBuffers,
 };
-use super::dynamic::{assemble, Cand};
+use super::dynamic::tree_of_columns;
 use super::graph_step::{Captured, FixedForward};
 use super::static_trees::DynamicParams;
 use super::tree::DraftTree;
 use crate::cache::KvCache;
-use crate::fused::picks::{self, FrontierLayout, MAX_PICKS};
+use crate::fused::picks::{self, DynamicLevels, MAX_PICKS, MAX_SELECT_CANDS};
 use crate::sampling::SamplingParams;
 use crate::Result;
 use candle_core::{DType, Tensor, TensorId};
@@ -53,8 +54,8 @@ pub struct DynamicKey {
 /// One setting's dynamic drafting computation: its buffers and its graph.
 pub struct DynamicDrafting {
     key: DynamicKey,
-    /// Children per node and frontier width (`top_k`, at most the vocabulary).
-    k: usize,
+    /// Its sizes (`k`: `top_k`, at most the vocabulary).
+    levels: DynamicLevels,
     bufs: StepBuffers,
     /// `[rows, 1 + fed, fed]` f32 over the fed slots: row 0 (the root) all `-inf`, row 1 + n
     /// fed node n's ancestors and itself (0), else `-inf`.
@@ -63,8 +64,12 @@ pub struct DynamicDrafting {
     selfs: Vec<Tensor>,
     /// `[n_img, 1]` u32: the root's score (0.0) for the first level.
     zero: Tensor,
-    /// Every level's [`picks::frontier`] output, flat (u32): what the host reads.
+    /// Every level's [`picks::frontier`] output, flat (u32).
     fronts: Tensor,
+    /// `[n_img, 2]` u32 (step input): every image's root token and position.
+    roots: Tensor,
+    /// The trees' columns ([`picks::select_tree`]'s output).
+    columns: Tensor,
     graph: Captured,
 }
 
@@ -81,7 +86,7 @@ impl Drafting for DynamicDrafting {
         kv: &mut KvCache,
     ) -> Result<()> {
         let (n_img, cfg, sampling) = (self.key.n_img, self.key.cfg, &self.key.sampling);
-        let (b, k, depth) = (&self.bufs, self.k, self.key.params.depth);
+        let (b, k, depth) = (&self.bufs, self.levels.k, self.levels.depth);
         let (rows, fed, scratch) = (b.rows, b.fed(), b.scratch);
         let probs_of = |h: &Tensor| -> Result<Tensor> {
             Ok(picks::draft_probs_cfg(&lm_head(h)?, n_img, cfg, sampling)?)
@@ -89,11 +94,11 @@ impl Drafting for DynamicDrafting {
         let mut level = probs_of(&b.root_feat()?)?;
         let mut base = self.zero.clone();
         for l in 0..=depth {
-            let lay = self.layout(l);
+            let lay = self.levels.layout(l);
             let block = picks::top_k(&level, k)?;
             let slot_base = (l > 0).then(|| (l - 1) * k);
             let front = picks::frontier(&block, &base, lay, 1 + fed, slot_base)?;
-            self.fronts.slice_set(&front, 0, self.level_at(l))?;
+            self.fronts.slice_set(&front, 0, self.levels.level_at(l))?;
             if l == depth {
                 break;
             }
@@ -125,24 +130,16 @@ impl Drafting for DynamicDrafting {
             let out = b.expand(model, kv, l, &ids, &feats, &mask)?;
             level = probs_of(&out)?;
         }
+        let columns = picks::select_tree(&self.fronts, &self.roots, self.levels)?;
+        self.columns.slice_set(&columns, 0, 0)?;
         Ok(())
     }
 }
 
 impl DynamicDrafting {
-    /// Level `l`'s frontier layout.
-    fn layout(&self, l: usize) -> FrontierLayout {
-        level_layout(self.key.n_img, self.k, self.bufs.rows, l)
-    }
-
-    /// Start of level `l`'s frontier output in `fronts`.
-    fn level_at(&self, l: usize) -> usize {
-        (0..l).map(|i| self.layout(i).len()).sum()
-    }
-
     /// The computation for `key` on a cache of `rows` rows and `max_len` slots, vocabulary
-    /// `vocab`; `None` where it does not apply (no expansion, more picks than the ops serve,
-    /// no room for the scratch block).
+    /// `vocab`; `None` where it does not apply (no expansion, more picks or candidates than the
+    /// ops serve, no room for the scratch block).
     fn new(
         key: DynamicKey,
         model: &dyn FixedForward,
@@ -167,77 +164,43 @@ impl DynamicDrafting {
             }
             selfs.push(Tensor::from_vec(m, (1, k, fed), &dev)?);
         }
-        let n_fronts: usize = (0..=p.depth)
-            .map(|l| level_layout(key.n_img, k, rows, l).len())
-            .sum();
-        Ok(Some(Self {
+        let levels = DynamicLevels {
+            n_img: key.n_img,
             k,
+            depth: p.depth,
+            rows,
+            total: p.total_tokens,
+        };
+        if levels.cands() > MAX_SELECT_CANDS {
+            return Ok(None);
+        }
+        let n = levels.cols();
+        Ok(Some(Self {
+            levels,
             bufs: StepBuffers::new(model, rows, max_len, offsets)?,
             anc: Tensor::full(f32::NEG_INFINITY, (rows, 1 + fed, fed), &dev)?,
             selfs,
             zero: Tensor::zeros((key.n_img, 1), DType::U32, &dev)?,
-            fronts: Tensor::zeros(n_fronts, DType::U32, &dev)?,
+            fronts: Tensor::zeros(levels.len(), DType::U32, &dev)?,
+            roots: Tensor::zeros((key.n_img, 2), DType::U32, &dev)?,
+            columns: Tensor::zeros((key.n_img, 3 + n, n), DType::F32, &dev)?,
             graph: Default::default(),
             key,
         }))
-    }
-
-    /// Every image's tree from one transfer of the frontier outputs: the candidates of
-    /// [`super::dynamic::draft_dynamic`] with the device's tokens, scores and frontiers.
-    fn trees(&self, root_tokens: &[u32]) -> Result<Vec<DraftTree>> {
-        let (n_img, k) = (self.key.n_img, self.k);
-        let fronts: Vec<u32> = self.fronts.to_vec1()?;
-        let mut trees = Vec::with_capacity(n_img);
-        for (g, &root) in root_tokens.iter().enumerate() {
-            let mut cands: Vec<Cand> = Vec::new();
-            // candidate index of each frontier node (the root level: none)
-            let mut frontier: Vec<Option<usize>> = vec![None];
-            for l in 0..=self.key.params.depth {
-                let lay = self.layout(l);
-                let at = self.level_at(l);
-                let (nc, start) = (lay.cands(), cands.len());
-                let front = &fronts[at..at + lay.len()];
-                for c in 0..nc {
-                    cands.push(Cand {
-                        token: front[lay.cand_tokens() + g * nc + c],
-                        score: f32::from_bits(front[lay.scores() + g * nc + c]),
-                        parent: frontier[c / k],
-                    });
-                }
-                frontier = front[lay.chosen() + g * k..lay.chosen() + (g + 1) * k]
-                    .iter()
-                    .map(|&c| Some(start + c as usize))
-                    .collect();
-            }
-            trees.push(assemble(&cands, root, self.key.params.total_tokens)?);
-        }
-        Ok(trees)
-    }
-}
-
-/// Level `l`'s frontier layout for `n_img` images, `k` picks and kept nodes, `rows` drafter
-/// rows (level 0 follows the root: one row per image).
-fn level_layout(n_img: usize, k: usize, rows: usize, l: usize) -> FrontierLayout {
-    FrontierLayout {
-        n_img,
-        rows_per_img: if l == 0 { 1 } else { k },
-        k,
-        keep: k,
-        rows,
     }
 }
 
 /// Drafts every image's EAGLE-2 tree in one fixed-shape computation (captured on the first call
 /// of its setting, replayed after) on the drafter of `fx` and `lm_head` (the target's output
-/// head, whose weights `key.lm_head` names), and reads the trees. `None` where it does not
-/// apply (see [`DynamicDrafting::new`]; no room before the scratch block): then draft level
-/// by level.
+/// head, whose weights `key.lm_head` names) and chooses the trees on the device. `None` where
+/// it does not apply (see [`DynamicDrafting::new`]; no room before the scratch block): then
+/// draft level by level.
 pub fn draft_dynamic_fixed(
     fx: FixedDrafting,
     lm_head: &dyn Fn(&Tensor) -> Result<Tensor>,
     key: DynamicKey,
     step: &DraftStep,
-) -> Result<Option<Vec<DraftTree>>> {
+) -> Result<Option<DynamicDrafted>> {
     let FixedDrafting {
         model,
         kv,
@@ -259,12 +222,71 @@ pub fn draft_dynamic_fixed(
     let Some(g) = made else {
         return Ok(None);
     };
-    if !g.bufs.fits(kv, step, key.n_img)? {
+    if !g.bufs.fits(kv, step, key.n_img)? || step.roots.len() != key.n_img {
         return Ok(None);
     }
     g.bufs
         .write(key.n_img, step, kv.len(), (rope_rows, zero_row))?;
+    let roots: Vec<u32> = step
+        .root_tokens
+        .iter()
+        .zip(step.roots)
+        .flat_map(|(&t, &at)| [t, at as u32])
+        .collect();
+    g.roots.slice_set(
+        &Tensor::from_vec(roots, (key.n_img, 2), g.roots.device())?,
+        0,
+        0,
+    )?;
     let label = format!("dynamic drafting of {} tokens", key.params.total_tokens);
     replay_drafting(g, model, kv, capture, lm_head, &label)?;
-    g.trees(step.root_tokens).map(Some)
+    Ok(Some(DynamicDrafted {
+        columns: g.columns.clone(),
+    }))
+}
+
+/// Dynamic trees drafted and chosen on the device ([`draft_dynamic_fixed`]): what verification
+/// needs is there already; the trees are read when acceptance needs them
+/// ([`DynamicDrafted::trees`]), so that verification can be queued before the host waits. Valid
+/// until the next step's drafting (the computation's buffer).
+pub struct DynamicDrafted {
+    /// [`picks::select_tree`]'s output `[n_img, 3 + n, n]` f32.
+    columns: Tensor,
+}
+
+impl DynamicDrafted {
+    /// Verification ids `[n_img, n]` u32 (column i = tree node i, the root first).
+    pub fn ids(&self) -> Result<Tensor> {
+        Ok(self.row(0)?.to_dtype(DType::U32)?)
+    }
+
+    /// Every column's position `[n_img, n]` u32 (the root's + depth).
+    pub fn positions(&self) -> Result<Tensor> {
+        Ok(self.row(1)?.to_dtype(DType::U32)?)
+    }
+
+    /// The additive tree masks `[n_img, n, n]` f32 (a node sees its ancestors and itself).
+    pub fn tree_mask(&self) -> Result<Tensor> {
+        let n = self.columns.dim(2)?;
+        Ok(self.columns.narrow(1, 3, n)?)
+    }
+
+    fn row(&self, r: usize) -> Result<Tensor> {
+        Ok(self.columns.narrow(1, r, 1)?.squeeze(1)?)
+    }
+
+    /// Every image's tree (one transfer of the columns' tokens and parents).
+    pub fn trees(&self) -> Result<Vec<DraftTree>> {
+        let cols: Vec<Vec<Vec<f32>>> = self.columns.narrow(1, 0, 3)?.to_vec3()?;
+        cols.iter()
+            .map(|c| {
+                let tokens: Vec<u32> = c[0].iter().map(|&x| x as u32).collect();
+                let parents: Vec<Option<usize>> = c[2]
+                    .iter()
+                    .map(|&p| (p >= 0.0).then_some(p as usize))
+                    .collect();
+                tree_of_columns(&tokens, &parents)
+            })
+            .collect()
+    }
 }

@@ -26,7 +26,7 @@
 use super::draft::{draft_static, Expand};
 use super::draft_graph::{draft_static_fixed, DraftStep, Drafted, DraftingKey};
 use super::dynamic::draft_dynamic;
-use super::dynamic_graph::{draft_dynamic_fixed, DynamicKey};
+use super::dynamic_graph::{draft_dynamic_fixed, DynamicDrafted, DynamicKey};
 use super::level::{DeviceLevel, DraftLevel, HostLevel, Want};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::profile::LoopProfile;
@@ -408,10 +408,12 @@ fn verify_mask(prefix: &[Vec<f32>], tree: &Tensor, rows: usize, dev: &Device) ->
     Ok(Tensor::cat(&[&pre, &tree], 2)?.repeat((rows / n_img, 1, 1))?)
 }
 
-/// One step's draft: a static shape drafted on the device (its trees read after verification
-/// is queued), or trees built on the host level by level.
+/// One step's draft: a static shape drafted on the device or dynamic trees drafted and chosen
+/// there (their trees read after verification is queued), or trees built on the host level by
+/// level.
 enum StepTrees<'a> {
     OnDevice(Drafted, &'a TreeShape),
+    Chosen(DynamicDrafted),
     Host(Vec<DraftTree>),
 }
 
@@ -455,6 +457,21 @@ fn drafted_verify_inputs(
     let pos = row_positions(&pos, rows, dev)?;
     let mask = verify_mask(prefix, &d.tree_mask, rows, dev)?;
     let ids = d.ids.repeat((rows / n_img, 1))?;
+    Ok((ids, pos, Visibility::Custom(mask)))
+}
+
+/// [`verify_inputs`] of dynamic trees chosen on the device: ids, positions and tree masks as
+/// the device wrote them; only the prefix comes from the host.
+fn chosen_verify_inputs(
+    d: &DynamicDrafted,
+    prefix: &[Vec<f32>],
+    rows: usize,
+) -> Result<(Tensor, Tensor, Visibility)> {
+    let halves = rows / prefix.len().max(1);
+    let ids = d.ids()?.repeat((halves, 1))?;
+    let pos = d.positions()?.repeat((halves, 1))?;
+    let tree = d.tree_mask()?;
+    let mask = verify_mask(prefix, &tree, rows, tree.device())?;
     Ok((ids, pos, Visibility::Custom(mask)))
 }
 
@@ -638,11 +655,11 @@ fn run<T: Target, D: DraftModel>(
                             sampling: opts.sampling,
                             lm_head,
                         };
-                        draft_dynamic_fixed(fx, &head, key, &step)?.map(|trees| {
+                        draft_dynamic_fixed(fx, &head, key, &step)?.map(|d| {
                             #[cfg(test)]
                             tests::DYNAMIC_FIXED.with(|c| c.set(c.get() + 1));
                             drafter_forwards += p.depth;
-                            StepTrees::Host(trees)
+                            StepTrees::Chosen(d)
                         })
                     }
                     _ => None,
@@ -698,6 +715,7 @@ fn run<T: Target, D: DraftModel>(
             StepTrees::OnDevice(d, shape) => {
                 drafted_verify_inputs(d, shape, &prefix, &roots, rows)?
             }
+            StepTrees::Chosen(d) => chosen_verify_inputs(d, &prefix, rows)?,
             StepTrees::Host(trees) => verify_inputs(trees, &prefix, &roots, rows, &dev)?,
         };
         prof.mark("verify: inputs (ids, positions, tree mask)")?;
@@ -719,6 +737,13 @@ fn run<T: Target, D: DraftModel>(
                 // drafting's own work, done here so that verification was queued first
                 t_draft += t_trees.elapsed().as_secs_f64();
                 r
+            }
+            StepTrees::Chosen(d) => {
+                let t_trees = Instant::now();
+                let trees = d.trees()?;
+                t_draft += t_trees.elapsed().as_secs_f64();
+                let cols = trees.iter().map(|t| (0..t.len()).collect()).collect();
+                (trees, cols)
             }
             StepTrees::Host(trees) => {
                 let cols = trees.iter().map(|t| (0..t.len()).collect()).collect();

@@ -1575,6 +1575,111 @@ extern "C" __global__ void frontier_f32(const float *picks, const unsigned *base
     }
 }
 
+// Words of one level's frontier output (FrontierLayout::len with keep = k).
+__device__ __forceinline__ int st_level_len(int n_img, int nc, int k, int rows) {
+    return 2 * n_img * nc + 2 * n_img * k + 2 * rows * k;
+}
+
+// The verification tree of EAGLE-2's dynamic drafting (picks.rs select_tree; the CPU version,
+// on dynamic.rs select_columns, is the reference): block g = image g, over every level's
+// frontier output. Candidates in creation order (the root's k, then k * k per level); the n - 1
+// best (pk_before's order on the scores) are the columns after the root, in creation order.
+// Output per image [3 + n, n] f32: tokens, positions (root's + depth), parent columns (-1:
+// parent not selected), then the tree mask. Shared memory: keys [N], columns [N], parent
+// columns [n]. 256 threads.
+extern "C" __global__ void select_tree_f32(const unsigned *fronts, const unsigned *roots,
+                                           float *out, int n_img, int k, int depth, int rows,
+                                           int n) {
+    pdl_trigger();
+    pdl_wait();
+    extern __shared__ unsigned st_sm[];
+    __shared__ int part[256];
+    const int g = blockIdx.x, N = k + depth * k * k, bd = blockDim.x, tid = threadIdx.x;
+    const int len0 = st_level_len(n_img, k, k, rows), len1 = st_level_len(n_img, k * k, k, rows);
+    unsigned *keys = st_sm;
+    int *col = reinterpret_cast<int *>(st_sm + N);
+    int *pcol = col + N;
+    // candidate c: its level, index within the level, the level's start and candidates
+    auto locate = [&](int c, int &l, int &lc, int &at, int &nc) {
+        if (c < k) {
+            l = 0; lc = c; at = 0; nc = k;
+        } else {
+            l = 1 + (c - k) / (k * k); lc = (c - k) % (k * k);
+            at = len0 + (l - 1) * len1; nc = k * k;
+        }
+    };
+    for (int c = tid; c < N; c += bd) {
+        int l, lc, at, nc;
+        locate(c, l, lc, at, nc);
+        keys[c] = pk_key(__uint_as_float(fronts[at + g * nc + lc]));
+    }
+    __syncthreads();
+    // selected: fewer than n - 1 candidates precede it
+    for (int c = tid; c < N; c += bd) {
+        int rank = 0;
+        for (int o = 0; o < N && rank < n - 1; ++o) rank += pk_before(keys[o], o, keys[c], c);
+        col[c] = rank < n - 1 ? 1 : 0;
+    }
+    __syncthreads();
+    // columns: 1 + the selected candidates created before it (a scan over contiguous chunks)
+    const int per = (N + bd - 1) / bd, lo = min(N, tid * per), hi = min(N, lo + per);
+    int cnt = 0;
+    for (int c = lo; c < hi; ++c) cnt += col[c];
+    part[tid] = cnt;
+    __syncthreads();
+    if (tid == 0) {
+        int sum = 0;
+        for (int t = 0; t < bd; ++t) {
+            const int x = part[t];
+            part[t] = sum;
+            sum += x;
+        }
+    }
+    __syncthreads();
+    int q = 1 + part[tid];
+    for (int c = lo; c < hi; ++c) col[c] = col[c] ? q++ : -1;
+    __syncthreads();
+    float *o = out + (size_t)g * (3 + n) * n;
+    const unsigned root_at = roots[2 * g + 1];
+    if (tid == 0) {
+        o[0] = (float)roots[2 * g];
+        o[n] = (float)root_at;
+        o[2 * n] = 0.f;
+        pcol[0] = 0;
+    }
+    for (int c = tid; c < N; c += bd) {
+        const int i = col[c];
+        if (i < 0) continue;
+        int l, lc, at, nc;
+        locate(c, l, lc, at, nc);
+        // FrontierLayout sections: chosen after the scores, the candidates' tokens last
+        const unsigned token = fronts[at + nc * n_img + 2 * k * n_img + 2 * rows * k + g * nc + lc];
+        int pc = 0;
+        if (l > 0) {
+            // the parent: the previous level's kept candidate lc / k
+            const int pat = l == 1 ? 0 : len0 + (l - 2) * len1, pnc = l == 1 ? k : k * k;
+            const int pl = (int)fronts[pat + n_img * pnc + g * k + lc / k];
+            pc = col[(l == 1 ? 0 : k + (l - 2) * k * k) + pl];
+        }
+        o[i] = (float)token;
+        o[n + i] = (float)(root_at + l + 1);
+        o[2 * n + i] = (float)pc;
+        pcol[i] = pc;
+    }
+    __syncthreads();
+    // mask rows: a column sees its ancestors and itself
+    for (int i = tid; i < n; i += bd) {
+        float *row = o + (size_t)(3 + i) * n;
+        for (int j = 0; j < n; ++j) row[j] = -INFINITY;
+        int a = i;
+        for (int s = 0; s <= depth + 1 && a >= 0; ++s) {
+            row[a] = 0.f;
+            if (a == 0) break;
+            a = pcol[a];
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Read-bandwidth probes (bench only, fused/probe.rs): how fast one kernel streams a buffer of a
 // weight matrix's size, with ordinary 16-byte loads (U per thread in flight) or with bulk

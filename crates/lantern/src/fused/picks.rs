@@ -10,7 +10,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout,
 use candle_core::{Tensor, D};
 
 use crate::decode::draft::{draw_with_uniforms, top_k_indices};
-use crate::decode::dynamic::ln;
+use crate::decode::dynamic::{ln, select_columns, Cand};
 use crate::sampling::{cfg_mix, row_probs, SamplingParams};
 
 #[cfg(feature = "cuda")]
@@ -543,6 +543,190 @@ impl CustomOp2 for Frontier {
     }
 }
 
+/// The sizes of a dynamic tree's drafting computation ([`crate::decode::dynamic_graph`]): the
+/// [`frontier`] outputs of its `depth + 1` levels lie one after another in one buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DynamicLevels {
+    /// Images.
+    pub n_img: usize,
+    /// Picks per row and frontier width.
+    pub k: usize,
+    /// Expansions (levels after the root's).
+    pub depth: usize,
+    /// Rows of the drafter's batch.
+    pub rows: usize,
+    /// Verified tokens per tree, root included (as asked; see [`DynamicLevels::cols`]).
+    pub total: usize,
+}
+
+/// Most candidates per image [`select_tree`] serves (its kernel keeps them in shared memory).
+pub const MAX_SELECT_CANDS: usize = 4096;
+
+impl DynamicLevels {
+    /// Level `l`'s frontier layout (level 0 follows the root: one row per image).
+    pub fn layout(&self, l: usize) -> FrontierLayout {
+        FrontierLayout {
+            n_img: self.n_img,
+            rows_per_img: if l == 0 { 1 } else { self.k },
+            k: self.k,
+            keep: self.k,
+            rows: self.rows,
+        }
+    }
+
+    /// Start of level `l`'s frontier output.
+    pub fn level_at(&self, l: usize) -> usize {
+        (0..l).map(|i| self.layout(i).len()).sum()
+    }
+
+    /// Words of every level's output.
+    pub fn len(&self) -> usize {
+        self.level_at(self.depth + 1)
+    }
+
+    /// Whether there is nothing (never for a valid setting).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Candidates per image, in creation order: the root's `k`, then `k * k` per expansion.
+    pub fn cands(&self) -> usize {
+        self.k + self.depth * self.k * self.k
+    }
+
+    /// Columns of every image's verification tree: `total`, or every candidate after the root
+    /// where there are fewer.
+    pub fn cols(&self) -> usize {
+        self.total.min(self.cands() + 1)
+    }
+
+    /// The level of candidate `c` (its depth in the tree minus one).
+    pub fn level_of(&self, c: usize) -> usize {
+        if c < self.k {
+            0
+        } else {
+            1 + (c - self.k) / (self.k * self.k)
+        }
+    }
+
+    /// Image `g`'s candidates from every level's output `fronts` (tokens, scores as the
+    /// device computed them, parents by candidate index), as the host path makes them.
+    pub(crate) fn candidates(&self, fronts: &[u32], g: usize) -> Vec<Cand> {
+        let k = self.k;
+        let mut cands: Vec<Cand> = Vec::with_capacity(self.cands());
+        // candidate index of each frontier node (the root level: none)
+        let mut frontier: Vec<Option<usize>> = vec![None];
+        for l in 0..=self.depth {
+            let (lay, at) = (self.layout(l), self.level_at(l));
+            let (nc, start) = (lay.cands(), cands.len());
+            let front = &fronts[at..at + lay.len()];
+            for c in 0..nc {
+                cands.push(Cand {
+                    token: front[lay.cand_tokens() + g * nc + c],
+                    score: f32::from_bits(front[lay.scores() + g * nc + c]),
+                    parent: frontier[c / k],
+                });
+            }
+            frontier = front[lay.chosen() + g * k..lay.chosen() + (g + 1) * k]
+                .iter()
+                .map(|&c| Some(start + c as usize))
+                .collect();
+        }
+        cands
+    }
+}
+
+/// Every image's verification tree of EAGLE-2's dynamic drafting on the device, from every
+/// level's [`frontier`] output `fronts` (u32 `[levels.len()]`) and `roots` (u32 `[n_img, 2]`:
+/// each image's root token and position): the `cols - 1` best candidates in creation order
+/// ([`crate::decode::dynamic::select_columns`], the host path's choice). Output f32
+/// `[n_img, 3 + cols, cols]`, per image: the columns' tokens, positions (root's + depth) and parent
+/// columns (`-1` where a parent was not selected), then the additive tree mask `[cols, cols]`
+/// (0 on a column's ancestors and itself). Integers are exact in f32 (below 2^24).
+pub fn select_tree(fronts: &Tensor, roots: &Tensor, levels: DynamicLevels) -> Result<Tensor> {
+    let lv = levels;
+    if fronts.dims() != [lv.len()]
+        || roots.dims() != [lv.n_img, 2]
+        || lv.k == 0
+        || lv.k > MAX_PICKS
+        || lv.cands() > MAX_SELECT_CANDS
+        || lv.total < 2
+        || lv.n_img == 0
+    {
+        bail!(
+            "select tree: fronts {:?} and roots {:?} do not fit {lv:?}",
+            fronts.dims(),
+            roots.dims()
+        );
+    }
+    fronts
+        .to_dtype(DType::U32)?
+        .contiguous()?
+        .apply_op2_no_bwd(&roots.to_dtype(DType::U32)?.contiguous()?, &SelectTree(lv))
+}
+
+/// See [`select_tree`].
+struct SelectTree(DynamicLevels);
+
+impl CustomOp2 for SelectTree {
+    fn name(&self) -> &'static str {
+        "lantern-select-tree"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        r: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let lv = self.0;
+        let fronts = cpu_slice::<u32>(s, l)?;
+        let roots = cpu_slice::<u32>(r, rl)?;
+        let n = lv.cols();
+        let mut out = vec![0f32; lv.n_img * (3 + n) * n];
+        for (g, o) in out.chunks_exact_mut((3 + n) * n).enumerate() {
+            let cands = lv.candidates(fronts, g);
+            let (order, parents) = select_columns(&cands, n);
+            let (root, at) = (roots[2 * g], roots[2 * g + 1]);
+            o[0] = root as f32;
+            o[n] = at as f32;
+            for (i, &ci) in order.iter().enumerate() {
+                o[1 + i] = cands[ci].token as f32;
+                o[n + 1 + i] = (at as usize + lv.level_of(ci) + 1) as f32;
+            }
+            for (i, p) in parents.iter().enumerate() {
+                o[2 * n + i] = p.map_or(-1.0, |p| p as f32);
+            }
+            let mask = &mut o[3 * n..];
+            mask.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+            for i in 0..n {
+                // the column, then its ancestors up to the root (or a missing parent)
+                let mut a = Some(i);
+                while let Some(x) = a {
+                    mask[i * n + x] = 0.0;
+                    a = if x == 0 { None } else { parents[x] };
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((lv.n_img, 3 + n, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        r: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let lv = self.0;
+        let n = lv.cols();
+        super::picks_cuda::select_tree(s, l, r, rl, &lv)
+            .map(|st| (st, Shape::from((lv.n_img, 3 + n, n))))
+    }
+}
+
 /// The `[n, k, 2]` output of [`top_k`] or [`draw`] on the host: per row, its picks as
 /// (token, probability), up to the first `-1`.
 pub fn picks_to_host(picks: &Tensor) -> Result<Vec<Vec<(usize, f32)>>> {
@@ -951,6 +1135,134 @@ mod tests {
                         "draw v {v} cluster {cluster:?}: {p:?} vs {q:?}"
                     );
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every level's frontier output of a dynamic drafting computation over random probability
+    /// rows (ties, zero probabilities), chained as the computation chains them.
+    fn dynamic_fronts(rng: &mut StdRng, lv: DynamicLevels, v: usize) -> Result<Tensor> {
+        let mut base = Tensor::zeros((lv.n_img, 1), DType::U32, &Device::Cpu)?;
+        let mut out = Vec::new();
+        for l in 0..=lv.depth {
+            let lay = lv.layout(l);
+            let r = rows(rng, lay.n_img * lay.rows_per_img, v);
+            let picks = top_k(&tensor(&r), lay.k)?;
+            let slot = (l > 0).then(|| (l - 1) * lv.k);
+            let front = frontier(&picks, &base, lay, 1 + lv.depth * lv.k, slot)?;
+            base = front
+                .narrow(0, lay.chosen_scores(), lv.n_img * lv.k)?
+                .reshape((lv.n_img, lv.k))?;
+            out.push(front);
+        }
+        Tensor::cat(&out, 0)
+    }
+
+    fn roots_of(n_img: usize) -> Result<Tensor> {
+        let r: Vec<u32> = (0..n_img as u32).flat_map(|g| [100 + g, 30 + g]).collect();
+        Tensor::from_vec(r, (n_img, 2), &Device::Cpu)
+    }
+
+    #[test]
+    fn select_tree_writes_the_host_trees() -> Result<()> {
+        use crate::decode::dynamic::{assemble, select_columns};
+        let mut rng = StdRng::seed_from_u64(5);
+        for (n_img, k, depth, total) in [(2, 4, 2, 12), (1, 3, 1, 13), (3, 10, 4, 59)] {
+            let lv = DynamicLevels {
+                n_img,
+                k,
+                depth,
+                rows: 2 * n_img,
+                total,
+            };
+            let fronts = dynamic_fronts(&mut rng, lv, 40)?;
+            let out = select_tree(&fronts, &roots_of(n_img)?, lv)?.to_vec3::<f32>()?;
+            let flat: Vec<u32> = fronts.to_vec1()?;
+            let n = lv.cols();
+            assert_eq!(n, total.min(k + depth * k * k + 1));
+            for (g, o) in out.iter().enumerate() {
+                let t = assemble(&lv.candidates(&flat, g), 100 + g as u32, total).unwrap();
+                assert_eq!(t.len(), n);
+                let tokens: Vec<u32> = o[0].iter().map(|&x| x as u32).collect();
+                let pos: Vec<usize> = o[1].iter().map(|&x| x as usize).collect();
+                let parents: Vec<usize> = o[2].iter().map(|&x| x as usize).collect();
+                assert_eq!(tokens, t.tokens);
+                assert_eq!(parents, t.parents);
+                let depths: Vec<usize> = t.depths.iter().map(|d| 30 + g + d).collect();
+                assert_eq!(pos, depths);
+                let mask: Vec<f32> = o[3..].concat();
+                assert_eq!(mask, t.additive_mask());
+            }
+        }
+        // a child scoring above its parent: the parent is not selected, the column says -1
+        let c = |token, score, parent| crate::decode::dynamic::Cand {
+            token,
+            score,
+            parent,
+        };
+        let cands = [c(1, -2.0, None), c(2, -1.0, None), c(3, -0.5, Some(0))];
+        let (order, parents) = select_columns(&cands, 3);
+        assert_eq!(order, vec![1, 2]);
+        assert_eq!(parents, vec![Some(0), Some(0), None]);
+        assert!(assemble(&cands, 0, 3).is_err());
+        let lv = DynamicLevels {
+            n_img: 1,
+            k: 2,
+            depth: 1,
+            rows: 1,
+            total: 3,
+        };
+        assert!(select_tree(
+            &Tensor::zeros(3, DType::U32, &Device::Cpu)?,
+            &roots_of(1)?,
+            lv
+        )
+        .is_err());
+        Ok(())
+    }
+
+    /// The select-tree kernel against the CPU version, exactly: chained random levels (ties,
+    /// zero probabilities), small and GPT-XL-sized trees, more columns than candidates, and a
+    /// child forged to score above its parent (parent column -1).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_select_tree_matches_cpu() -> Result<()> {
+        let gpu = Device::new_cuda(0)?;
+        let mut rng = StdRng::seed_from_u64(8);
+        for (n_img, k, depth, total, forge) in [
+            (2, 10, 4, 59, false),
+            (1, 3, 1, 13, false),
+            (3, 8, 3, 100, false),
+            (1, 3, 1, 3, true),
+            (2, 20, 10, 1025, false),
+        ] {
+            let lv = DynamicLevels {
+                n_img,
+                k,
+                depth,
+                rows: 2 * n_img,
+                total,
+            };
+            let mut fronts: Vec<u32> = dynamic_fronts(&mut rng, lv, 300)?.to_vec1()?;
+            if forge {
+                // the root level's candidates score -inf, a child of one of them 1.0
+                for c in 0..k {
+                    fronts[lv.layout(0).scores() + c] = f32::NEG_INFINITY.to_bits();
+                }
+                fronts[lv.level_at(1) + lv.layout(1).scores()] = 1.0f32.to_bits();
+            }
+            let fronts = Tensor::new(fronts, &Device::Cpu)?;
+            let roots = roots_of(n_img)?;
+            let a = select_tree(&fronts, &roots, lv)?;
+            let b = select_tree(&fronts.to_device(&gpu)?, &roots.to_device(&gpu)?, lv)?;
+            let (a, b) = (a.to_vec3::<f32>()?, b.to_vec3::<f32>()?);
+            assert_eq!(a, b, "{lv:?}");
+            if forge {
+                assert!(
+                    a[0][2].contains(&-1.0),
+                    "the forged child's parent is dropped"
+                );
             }
         }
         Ok(())

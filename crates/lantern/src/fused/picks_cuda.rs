@@ -278,3 +278,42 @@ pub(super) fn frontier(
     unsafe { builder.launch(launch_cfg((lay.n_img as u32, 1, 1), 256, shared)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
+
+/// See [`super::picks::select_tree`]: one block per image.
+pub(super) fn select_tree(
+    f: &CudaStorage,
+    l: &Layout,
+    r: &CudaStorage,
+    rl: &Layout,
+    lv: &super::picks::DynamicLevels,
+) -> Result<CudaStorage> {
+    let dev = f.device().clone();
+    let func = dev.get_or_load_custom_func("select_tree_f32", MODULE, PTX)?;
+    let (a, b) = offsets(l)?;
+    let fronts = f.as_cuda_slice::<u32>()?.slice(a..b);
+    let (a2, b2) = offsets(rl)?;
+    let roots = r.as_cuda_slice::<u32>()?.slice(a2..b2);
+    let n = lv.cols();
+    // SAFETY: every element is written by the kernel (each image's rows in full).
+    let out = unsafe { dev.alloc::<f32>(lv.n_img * (3 + n) * n)? };
+    let args: [i32; 5] = [
+        lv.n_img as i32,
+        lv.k as i32,
+        lv.depth as i32,
+        lv.rows as i32,
+        n as i32,
+    ];
+    let mut builder = func.builder();
+    builder.arg(&fronts);
+    builder.arg(&roots);
+    builder.arg(&out);
+    for x in &args {
+        builder.arg(x);
+    }
+    // keys and columns of a block's candidates, parent columns of its tree
+    let shared = (2 * lv.cands() + n) * std::mem::size_of::<u32>();
+    // SAFETY: argument list matches select_tree_f32's signature; out holds n_img (3 + n) n
+    // floats; the candidates fit MAX_SELECT_CANDS (checked by the caller).
+    unsafe { builder.launch(launch_cfg((lv.n_img as u32, 1, 1), 256, shared)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
