@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU run (session 18): EAGLE-2's dynamic trees drafted in one CUDA graph per step
+# GPU run (sessions 18-19): EAGLE-2's dynamic trees drafted in one CUDA graph per step
 # (decode/dynamic_graph.rs, the default; LANTERN_DYNAMIC_GRAPH=0 drafts them level by level, the
-# host choosing each frontier) against the level-by-level path of the same binary and against
-# the carried base binary (BASE). The library's CUDA tests (the frontier kernel and the picks
+# host choosing each frontier; session 19: the trees chosen and their verification inputs
+# written on the device) against the level-by-level path of the same binary and against
+# the carried base binary (BASE). The library's CUDA tests (the frontier and select-tree kernels and the picks
 # against the CPU; KERNEL_TESTS=1 adds the carried kernel test binary's); token files; ROUNDS rounds of the loop bench (t2i;
 # c2i once) over VARIANTS; with PROFILE=1 the loop profile of SD dynamic per variant; with
 # FULL=1 whole t2i images of SD dynamic per variant; with REPORT=1 the full step reports. Outputs under $OUT.
@@ -41,7 +42,7 @@ echo "t2i done ${SECONDS}s"
 [ "${SKIP_C2I:-0}" = 1 ] || loop_rounds 1 c2i-xl-384 2>&1 | tee "$OUT/loop_c2i.txt"
 echo "c2i done ${SECONDS}s"
 if [ "${PROFILE:-0}" = 1 ]; then
-  for e in X=0 LANTERN_DYNAMIC_GRAPH=0; do
+  for e in ${PROFILE_VARIANTS:-X=0 LANTERN_DYNAMIC_GRAPH=0}; do
     variant "$e"
     echo "== profile sd-dynamic $envs"
     env $envs LANTERN_LOOP_PROFILE=1 timeout 200 "$bin" bench --random-weights --preset t2i-xl-256 --device cuda \
