@@ -21,6 +21,12 @@ pub struct KvCache {
     /// before each replay, and the first slot after the empty ones, if the step keeps one
     /// ([`KvCache::set_filled_on_device`]).
     filled_on_device: Option<(Tensor, usize)>,
+    /// Whether [`KvCache::commit_staging`] leaves its block where it is (see
+    /// [`KvCache::defer_commit`]).
+    defer: bool,
+    /// A committed block still at its staging slot: `(slot, entries)`, counted in `len` (its
+    /// entries belong at `len - entries..len`).
+    pending: Option<(usize, usize)>,
 }
 
 impl KvCache {
@@ -42,6 +48,8 @@ impl KvCache {
             max_len,
             staging: None,
             filled_on_device: None,
+            defer: false,
+            pending: None,
         })
     }
 
@@ -55,6 +63,8 @@ impl KvCache {
             max_len: 0,
             staging: None,
             filled_on_device: None,
+            defer: false,
+            pending: None,
         }
     }
 
@@ -91,7 +101,13 @@ impl KvCache {
 
     /// Copies the `s` staged entries at slot `from` to the filled length and advances it (one
     /// copy for the whole model, [`crate::fused::move_slots`]).
+    ///
+    /// With [`KvCache::defer_commit`] on, the block stays at its staging slot and only the
+    /// length advances: a [`KvCache::keep`] or [`KvCache::keep_rows`] of that block then gathers
+    /// its kept entries from there (a verified tree's few accepted entries instead of the whole
+    /// block twice); anything else moves it first.
     pub fn commit_staging(&mut self, from: usize, s: usize) -> Result<()> {
+        self.settle()?;
         if self.len + s > from || from + s > self.max_len {
             return Err(Error::invalid(
                 "KV cache",
@@ -102,9 +118,49 @@ impl KvCache {
                 ),
             ));
         }
-        crate::fused::move_slots(&self.kv, from, self.len, s)?;
+        if self.defer {
+            self.pending = Some((from, s));
+        } else {
+            crate::fused::move_slots(&self.kv, from, self.len, s)?;
+        }
         self.len += s;
         Ok(())
+    }
+
+    /// Whether the next staged blocks stay at their staging slot until a keep of them (see
+    /// [`KvCache::commit_staging`]): the speculative loop turns it on around verification,
+    /// whose block is always compacted next.
+    pub fn defer_commit(&mut self, on: bool) {
+        self.defer = on;
+    }
+
+    /// Moves a deferred block ([`KvCache::commit_staging`]) to its filled slots, if any.
+    pub fn settle(&mut self) -> Result<()> {
+        if let Some((at, s)) = self.pending.take() {
+            crate::fused::move_slots(&self.kv, at, self.len - s, s)?;
+        }
+        Ok(())
+    }
+
+    /// A keep of the deferred block (the one from `start` to the filled length): gathers the
+    /// kept entries straight from its staging slot and returns `true`; else settles any
+    /// deferred block and returns `false` (the caller compacts in place).
+    fn gather_deferred(&mut self, start: usize, rows: &[Vec<usize>]) -> Result<bool> {
+        match self.pending {
+            Some((at, s)) if start + s == self.len => {
+                let m = rows.first().map_or(0, |r| r.len());
+                let idx: Vec<u32> = rows.iter().flatten().map(|&r| r as u32).collect();
+                let idx = Tensor::from_vec(idx, (rows.len(), m), self.kv.device())?;
+                crate::fused::gather_slots(&self.kv, &idx, at, start)?;
+                self.pending = None;
+                self.len = start + m;
+                Ok(true)
+            }
+            _ => {
+                self.settle()?;
+                Ok(false)
+            }
+        }
     }
 
     /// Number of filled positions.
@@ -134,6 +190,11 @@ impl KvCache {
 
     /// Forgets everything after the first `len` positions (no copy).
     pub fn truncate(&mut self, len: usize) {
+        if let Some((at, s)) = self.pending {
+            let start = self.len - s;
+            // a deferred block keeps only its entries below `len`
+            self.pending = (len > start).then_some((at, s.min(len - start)));
+        }
         self.len = self.len.min(len);
     }
 
@@ -156,10 +217,13 @@ impl KvCache {
     /// length becomes `start + rows.len()`. Only the block after `start` is gathered.
     pub fn keep(&mut self, start: usize, rows: &[usize]) -> Result<()> {
         let Some(&max_row) = rows.iter().max() else {
-            self.len = self.len.min(start);
+            self.truncate(start);
             return Ok(());
         };
         self.check_block_row(start, max_row)?;
+        if self.gather_deferred(start, &vec![rows.to_vec(); self.batch()])? {
+            return Ok(());
+        }
         let dev = self.kv.device().clone();
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx = Tensor::from_vec(idx, rows.len(), &dev)?;
@@ -203,6 +267,9 @@ impl KvCache {
         }
         let max_row = rows.iter().flatten().copied().max().unwrap_or(0);
         self.check_block_row(start, max_row)?;
+        if self.gather_deferred(start, rows)? {
+            return Ok(());
+        }
         let dev = self.kv.device().clone();
         let idx: Vec<u32> = rows.iter().flatten().map(|&r| r as u32).collect();
         let &[two, n_layer, _, h, _, d] = self.kv.dims() else {
@@ -230,6 +297,7 @@ impl KvCache {
                 format!("new keys {:?} are not [b, heads, s, head_dim]", k.dims()),
             ));
         };
+        self.settle()?;
         self.check_write(layer, b, h, s)?;
         let (ck, cv) = (&self.kv.i((0, layer))?, &self.kv.i((1, layer))?);
         if let Some(at) = self.staging {
@@ -245,6 +313,12 @@ impl KvCache {
 
     /// Checks that `s` new positions of `layer` for `b` rows of `heads` K/V heads fit.
     fn check_write(&self, layer: usize, b: usize, heads: usize, s: usize) -> Result<()> {
+        if self.pending.is_some() {
+            return Err(Error::invalid(
+                "KV cache",
+                "a write while a deferred block is not in place (internal error)",
+            ));
+        }
         if self.staging.is_none() && self.len + s > self.max_len {
             return Err(Error::invalid(
                 "KV cache",
@@ -388,6 +462,70 @@ mod tests {
         let mut c = filled(6)?;
         let t = Tensor::zeros((1, 1, 3, 2), DType::F32, &Device::Cpu)?;
         assert!(c.append(0, &t, &t).is_err());
+        Ok(())
+    }
+
+    /// A block of 4 committed after 3 filled slots, its staging block at slot 12 (16 slots;
+    /// 2 layers, 2 rows, 2 heads, head dim 2), deferred or not.
+    fn staged(defer: bool) -> Result<KvCache> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(2, 2, 2, 16, 2, DType::F32, &dev)?;
+        let t = Tensor::arange(0f32, 2. * 2. * 3. * 2., &dev)?.reshape((2, 2, 3, 2))?;
+        for l in 0..2 {
+            c.append(l, &t, &(&t - 50.0)?)?;
+        }
+        c.advance(3);
+        let b = (Tensor::arange(0f32, 2. * 2. * 4. * 2., &dev)?.reshape((2, 2, 4, 2))? + 1000.0)?;
+        c.set_staging(Some(12));
+        for l in 0..2 {
+            let (b, v) = (b.affine(1.0, l as f64)?, (&b + 500.0)?);
+            c.append(l, &b, &v)?;
+        }
+        c.set_staging(None);
+        c.defer_commit(defer);
+        c.commit_staging(12, 4)?;
+        c.defer_commit(false);
+        Ok(c)
+    }
+
+    /// The slots `0..len` of every plane, layer, row and head.
+    fn filled_slots(c: &KvCache) -> Result<Vec<f32>> {
+        Ok(c.kv.narrow(4, 0, c.len())?.flatten_all()?.to_vec1()?)
+    }
+
+    #[test]
+    fn deferred_block_keeps_like_a_committed_one() -> Result<()> {
+        // per-row lists, equal lists, and anything else settling first
+        for rows in [vec![vec![0, 2], vec![3, 1]], vec![vec![0, 3, 1]; 2]] {
+            let (mut a, mut b) = (staged(false)?, staged(true)?);
+            assert_eq!((a.len(), b.len()), (7, 7));
+            assert!(b.pending.is_some());
+            a.keep_rows(3, &rows)?;
+            b.keep_rows(3, &rows)?;
+            assert!(b.pending.is_none());
+            assert_eq!(b.len(), 3 + rows[0].len());
+            assert_eq!(filled_slots(&a)?, filled_slots(&b)?);
+        }
+        // a keep of an earlier block, an append: the deferred block moves first
+        let (mut a, mut b) = (staged(false)?, staged(true)?);
+        a.keep_rows(1, &[vec![0, 5], vec![1, 4]])?;
+        b.keep_rows(1, &[vec![0, 5], vec![1, 4]])?;
+        assert_eq!(filled_slots(&a)?, filled_slots(&b)?);
+        let (a, mut b) = (staged(false)?, staged(true)?);
+        let t = Tensor::zeros((2, 2, 1, 2), DType::F32, &Device::Cpu)?;
+        b.append(0, &t, &t)?;
+        assert!(b.pending.is_none());
+        assert_eq!(filled_slots(&a)?, filled_slots(&b)?);
+        // truncating into the block keeps its first entries deferred; below it drops it
+        let (mut a, mut b) = (staged(false)?, staged(true)?);
+        a.truncate(5);
+        b.truncate(5);
+        assert_eq!(b.pending, Some((12, 2)));
+        b.settle()?;
+        assert_eq!(filled_slots(&a)?, filled_slots(&b)?);
+        let mut b = staged(true)?;
+        b.truncate(3);
+        assert_eq!((b.pending, b.len()), (None, 3));
         Ok(())
     }
 }

@@ -221,6 +221,8 @@ impl GraphStep {
         pos: &Tensor,
         mask: &Tensor,
     ) -> Result<Tensor> {
+        // a deferred block moves to its slots first: the step's keys are the filled ones
+        cache.settle()?;
         let (s, len) = (self.tokens(), cache.len());
         let (rows, one, ms, keys) = mask.dims4()?;
         if !self.fits(ids.dims(), pos.dims(), cache.max_len())
@@ -634,6 +636,10 @@ impl super::model::DecodeCache for GraphCache {
 
     fn keep(&mut self, start: usize, rows: &[Vec<usize>]) -> Result<()> {
         self.kv.keep_rows(start, rows)
+    }
+
+    fn defer_commit(&mut self, on: bool) {
+        self.kv.defer_commit(on)
     }
 }
 

@@ -39,6 +39,10 @@ impl DecodeCache for KvCache {
     fn keep(&mut self, start: usize, rows: &[Vec<usize>]) -> Result<()> {
         self.keep_rows(start, rows)
     }
+
+    fn defer_commit(&mut self, on: bool) {
+        KvCache::defer_commit(self, on)
+    }
 }
 
 /// The target's KV cache (with its CUDA graphs on GPUs, [`GraphCache`]) plus, for t2i, the
@@ -73,6 +77,10 @@ impl DecodeCache for LlamaGenCache {
 
     fn keep(&mut self, start: usize, rows: &[Vec<usize>]) -> Result<()> {
         self.cache.keep(start, rows)
+    }
+
+    fn defer_commit(&mut self, on: bool) {
+        self.cache.defer_commit(on)
     }
 }
 

@@ -31,6 +31,10 @@ pub trait DecodeCache {
     /// Compacts tree entries: for batch row `r`, entry `start + rows[r][i]` moves to
     /// `start + i`; afterwards `len = start + rows[r].len()` (all lists have one length).
     fn keep(&mut self, start: usize, rows: &[Vec<usize>]) -> Result<()>;
+    /// Whether a fixed-shape step leaves its block at the staging slots until the next
+    /// [`DecodeCache::keep`] gathers the kept entries from there
+    /// ([`crate::cache::KvCache::defer_commit`]); caches without staging ignore it.
+    fn defer_commit(&mut self, _on: bool) {}
 }
 
 /// A visual AR target model (LlamaGen) as the decoding loops use it.

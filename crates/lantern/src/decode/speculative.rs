@@ -424,6 +424,14 @@ fn dynamic_graphs_on() -> bool {
     *ON.get_or_init(|| std::env::var("LANTERN_DYNAMIC_GRAPH").as_deref() != Ok("0"))
 }
 
+/// Whether verification defers its staged block to the compaction (see
+/// [`DecodeCache::defer_commit`]): `LANTERN_DEFER_COMMIT=0` commits the whole block first, for
+/// A/B runs.
+fn defer_commits() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LANTERN_DEFER_COMMIT").as_deref() != Ok("0"))
+}
+
 /// Whether trees (static and dynamic) may be drafted in one computation (tests turn it off to
 /// compare with the level-by-level path on the same target path).
 fn drafting_graphs_on() -> bool {
@@ -719,7 +727,12 @@ fn run<T: Target, D: DraftModel>(
             StepTrees::Host(trees) => verify_inputs(trees, &prefix, &roots, rows, &dev)?,
         };
         prof.mark("verify: inputs (ids, positions, tree mask)")?;
-        let hidden = target.forward_tokens(&ids, &pos, &vis, &mut tcache)?;
+        // the verified block is compacted next: its kept entries are gathered from the
+        // staging slots (no copy of the whole block first)
+        tcache.defer_commit(defer_commits());
+        let hidden = target.forward_tokens(&ids, &pos, &vis, &mut tcache);
+        tcache.defer_commit(false);
+        let hidden = hidden?;
         prof.mark("verify: target forward")?;
         let (rows_cfg, probs) =
             verify_rows(target.lm_head_raw(&hidden)?, n_img, cfg, &opts.sampling)?;

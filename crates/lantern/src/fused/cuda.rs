@@ -794,6 +794,55 @@ pub(super) fn move_slots(kv: &Tensor, from: usize, to: usize, s: usize) -> Resul
     })
 }
 
+/// See [`super::gather_slots`]: 16-byte chunks, one thread each.
+pub(super) fn gather_slots(
+    kv: &mut CudaStorage,
+    kl: &Layout,
+    idx: &CudaStorage,
+    il: &Layout,
+    from: usize,
+    to: usize,
+) -> Result<()> {
+    let &[planes, layers, b, kvh, max_len, hd] = kl.dims() else {
+        bail!("gather_slots: {:?} is not a cache tensor", kl.dims());
+    };
+    let el = kv.dtype().size_in_bytes();
+    let (k0, _) = offsets(kl)?;
+    if (hd * el) % 16 != 0 || (k0 * el) % 16 != 0 {
+        bail!(
+            "gather_slots: cache rows of {} bytes at offset {k0} are not 16-byte chunks",
+            hd * el
+        );
+    }
+    let dev = kv.device().clone();
+    let func = dev.get_or_load_custom_func("gather_slots_u4", MODULE, PTX)?;
+    let (a, z) = offsets(il)?;
+    let idx = idx.as_cuda_slice::<u32>()?.slice(a..z);
+    let m = (z - a) / b.max(1);
+    let chunks = hd * el / 16;
+    let total = (planes * layers * b * kvh * m * chunks) as u64;
+    let base = (k0 * el / 16) as u64;
+    let ints = [from, to, m, b, kvh, max_len, chunks].map(|v| v as i32);
+    let threads = 256u32;
+    let blocks = total.div_ceil(threads as u64).clamp(1, 65_535) as u32;
+    typed!(kv.dtype(), T => {
+        let kv = kv.as_cuda_slice_mut::<T>()?;
+        let stream = dev.cuda_stream();
+        let mut builder = Launch::new(&func, &stream);
+        builder.arg(kv);
+        builder.arg(&base);
+        builder.arg(&idx);
+        for v in &ints {
+            builder.arg(v);
+        }
+        builder.arg(&total);
+        // SAFETY: argument list matches gather_slots_u4's signature; the slots lie inside the
+        // cache and the source block past the destination (checked by the caller).
+        unsafe { builder.launch(launch_cfg((blocks, 1, 1), threads, 0)) }?;
+        Ok(())
+    })
+}
+
 /// See [`super::contiguous_f32_to_host`].
 pub(super) fn contiguous_f32_to_host(t: &Tensor) -> Result<Option<Vec<f32>>> {
     let (g, l) = t.storage_and_layout();

@@ -1575,6 +1575,30 @@ extern "C" __global__ void frontier_f32(const float *picks, const unsigned *base
     }
 }
 
+// Kept cache entries from a deferred staging block (mod.rs gather_slots): for every plane, layer,
+// batch row r and head, slot from + idx[r, i] -> to + i, in 16-byte chunks (base: the cache's
+// start in chunks). The source slots lie past the destination ones.
+extern "C" __global__ void gather_slots_u4(uint4 *kv, unsigned long long base,
+                                           const unsigned *idx, int from, int to, int m, int b,
+                                           int kvh, int max_len, int chunks,
+                                           unsigned long long total) {
+    pdl_trigger();
+    pdl_wait();
+    uint4 *c = kv + base;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long t = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+         t < total; t += stride) {
+        const int ch = (int)(t % chunks);
+        unsigned long long u = t / chunks;
+        const int i = (int)(u % m);
+        u /= m;
+        const int r = (int)((u / kvh) % b);
+        const unsigned long long row = u * (unsigned long long)max_len * chunks;
+        c[row + (unsigned long long)(to + i) * chunks + ch] =
+            c[row + (unsigned long long)(from + idx[r * m + i]) * chunks + ch];
+    }
+}
+
 // Words of one level's frontier output (FrontierLayout::len with keep = k).
 __device__ __forceinline__ int st_level_len(int n_img, int nc, int k, int rows) {
     return 2 * n_img * nc + 2 * n_img * k + 2 * rows * k;

@@ -539,6 +539,89 @@ pub fn move_slots(kv: &Tensor, from: usize, to: usize, s: usize) -> Result<()> {
     kv.slice_set(&kv.narrow(4, from, s)?.contiguous()?, 4, to)
 }
 
+/// Gathers kept cache entries from a block at slot `from` (a deferred staging block, see
+/// [`crate::cache::KvCache::commit_staging`]) to `to..to + m`: for batch row r, slot `from +
+/// idx[r][i]` -> `to + i` in every plane, layer and head of a cache tensor `[2, n_layer, b,
+/// kvh, max_len, hd]`; `idx` is u32 `[b, m]`. The source slots must lie at or past `to + m`.
+/// One kernel on CUDA that moves only the kept entries.
+pub fn gather_slots(kv: &Tensor, idx: &Tensor, from: usize, to: usize) -> Result<()> {
+    let &[_, _, b, _, max_len, _] = kv.dims() else {
+        candle_core::bail!(
+            "gather_slots: {:?} is not a [2, L, b, kvh, max_len, hd] cache",
+            kv.dims()
+        );
+    };
+    let (ib, m) = idx.dims2()?;
+    let top = idx.max_all()?.to_scalar::<u32>()? as usize;
+    if ib != b || from < to + m || from + top >= max_len {
+        candle_core::bail!(
+            "gather_slots: {m} entries from slot {from} (+ up to {top}) to {to} for {ib} of {b} rows overlap or leave the cache ({max_len})"
+        );
+    }
+    kv.inplace_op2(&idx.contiguous()?, &GatherSlots { from, to })
+}
+
+/// See [`gather_slots`].
+struct GatherSlots {
+    from: usize,
+    to: usize,
+}
+
+impl candle_core::InplaceOp2 for GatherSlots {
+    fn name(&self) -> &'static str {
+        "lantern-gather-slots"
+    }
+
+    fn cpu_fwd(
+        &self,
+        kv: &mut CpuStorage,
+        kl: &Layout,
+        idx: &CpuStorage,
+        il: &Layout,
+    ) -> Result<()> {
+        let &[planes, layers, b, kvh, max_len, hd] = kl.dims() else {
+            candle_core::bail!("gather_slots: not a cache tensor");
+        };
+        let (Some((k0, k1)), Some((i0, i1))) = (kl.contiguous_offsets(), il.contiguous_offsets())
+        else {
+            candle_core::bail!("gather_slots: the cache and the indices must be contiguous");
+        };
+        let idx = &idx.as_slice::<u32>()?[i0..i1];
+        fn go<T: Copy>(kv: &mut [T], idx: &[u32], g: &GatherSlots, dims: [usize; 5]) {
+            let [outer, b, kvh, max_len, hd] = dims;
+            let m = idx.len() / b.max(1);
+            for o in 0..outer * b * kvh {
+                let r = (o / kvh) % b;
+                let plane = &mut kv[o * max_len * hd..(o + 1) * max_len * hd];
+                for i in 0..m {
+                    let src = (g.from + idx[r * m + i] as usize) * hd;
+                    plane.copy_within(src..src + hd, (g.to + i) * hd);
+                }
+            }
+        }
+        let dims = [planes * layers, b, kvh, max_len, hd];
+        match kv {
+            CpuStorage::F32(v) => go(&mut v[k0..k1], idx, self, dims),
+            CpuStorage::BF16(v) => go(&mut v[k0..k1], idx, self, dims),
+            CpuStorage::F16(v) => go(&mut v[k0..k1], idx, self, dims),
+            CpuStorage::F64(v) => go(&mut v[k0..k1], idx, self, dims),
+            _ => candle_core::bail!("gather_slots: a float cache expected"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        kv: &mut candle_core::CudaStorage,
+        kl: &Layout,
+        idx: &candle_core::CudaStorage,
+        il: &Layout,
+    ) -> Result<()> {
+        cuda::gather_slots(kv, kl, idx, il, self.from, self.to)
+    }
+}
+
 /// Writes the additive f32 mask `src` (`[.., len + s]`: `len` filled keys, then a block of
 /// `s`) into `dst` (`[.., max_len]`, same leading dims) as a fixed-shape step reads it: the
 /// filled keys, `-inf` up to the staging slots `max_len - s..`, then the block's keys. One
@@ -1297,6 +1380,50 @@ mod tests {
         );
         // a block longer than the room left is refused
         assert!(place_mask(&dst, &Tensor::zeros((2, 9), DType::F32, &dev)?, 3, None).is_err());
+        Ok(())
+    }
+
+    /// Kept entries gathered from a deferred block equal the tensor ops' gather, on the CPU
+    /// (any dtype) and, with CUDA, bit for bit on the GPU (bf16 and f32, GPT-XL's head size).
+    #[test]
+    fn cuda_gather_slots_equals_the_tensor_gather() -> Result<()> {
+        #[cfg(not(feature = "cuda"))]
+        let devs = [Device::Cpu];
+        #[cfg(feature = "cuda")]
+        let devs = [Device::Cpu, Device::new_cuda(0)?];
+        for dev in &devs {
+            for dtype in [DType::F32, DType::BF16] {
+                let (b, max_len, hd) = (3, 40, 64);
+                let kv = Tensor::randn(0f32, 1.0, (2, 3, b, 2, max_len, hd), &Device::Cpu)?
+                    .to_dtype(dtype)?;
+                let rows: Vec<Vec<u32>> =
+                    vec![vec![0, 7, 3, 12], vec![0, 1, 2, 3], vec![0, 15, 9, 9]];
+                let (from, to) = (20, 6);
+                // the reference: gather the block with tensor ops, write it at `to`
+                let ix = Tensor::new(rows.clone(), &Device::Cpu)?
+                    .reshape((1, 1, b, 1, 4, 1))?
+                    .broadcast_as((2, 3, b, 2, 4, hd))?
+                    .contiguous()?;
+                let want = kv.copy()?;
+                let kept = want
+                    .narrow(4, from, max_len - from)?
+                    .contiguous()?
+                    .gather(&ix, 4)?;
+                want.slice_set(&kept, 4, to)?;
+                let got = kv.to_device(dev)?;
+                gather_slots(&got, &Tensor::new(rows, dev)?, from, to)?;
+                let (w, g) = (
+                    want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                    got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                );
+                assert!(w == g, "{dev:?} {dtype:?}");
+                // overlapping source and destination are refused
+                assert!(
+                    gather_slots(&got, &Tensor::new(&[[0u32, 1], [0, 1], [0, 1]], dev)?, 7, 6)
+                        .is_err()
+                );
+            }
+        }
         Ok(())
     }
 }

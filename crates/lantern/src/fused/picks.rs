@@ -1159,6 +1159,17 @@ mod tests {
         Tensor::cat(&out, 0)
     }
 
+    /// `fronts` with the root level's candidates of image 0 at `-inf` and a child of the last
+    /// one at 1.0: the second column goes to the first `-inf` candidate, not to that parent.
+    fn forged(fronts: &Tensor, lv: DynamicLevels) -> Result<Tensor> {
+        let mut f: Vec<u32> = fronts.to_vec1()?;
+        for c in 0..lv.k {
+            f[lv.layout(0).scores() + c] = f32::NEG_INFINITY.to_bits();
+        }
+        f[lv.level_at(1) + lv.layout(1).scores() + (lv.k - 1) * lv.k] = 1.0f32.to_bits();
+        Tensor::new(f, fronts.device())
+    }
+
     fn roots_of(n_img: usize) -> Result<Tensor> {
         let r: Vec<u32> = (0..n_img as u32).flat_map(|g| [100 + g, 30 + g]).collect();
         Tensor::from_vec(r, (n_img, 2), &Device::Cpu)
@@ -1208,11 +1219,22 @@ mod tests {
         assert!(assemble(&cands, 0, 3).is_err());
         let lv = DynamicLevels {
             n_img: 1,
-            k: 2,
+            k: 3,
             depth: 1,
-            rows: 1,
+            rows: 2,
             total: 3,
         };
+        let fronts = forged(&dynamic_fronts(&mut rng, lv, 40)?, lv)?;
+        let out = select_tree(&fronts, &roots_of(1)?, lv)?.to_vec3::<f32>()?;
+        assert_eq!(out[0][2], [0.0, 0.0, -1.0]);
+        assert_eq!(
+            out[0][3..],
+            [
+                [0.0, -f32::INFINITY, -f32::INFINITY],
+                [0.0, 0.0, -f32::INFINITY],
+                [-f32::INFINITY, -f32::INFINITY, 0.0]
+            ]
+        );
         assert!(select_tree(
             &Tensor::zeros(3, DType::U32, &Device::Cpu)?,
             &roots_of(1)?,
@@ -1244,15 +1266,8 @@ mod tests {
                 rows: 2 * n_img,
                 total,
             };
-            let mut fronts: Vec<u32> = dynamic_fronts(&mut rng, lv, 300)?.to_vec1()?;
-            if forge {
-                // the root level's candidates score -inf, a child of one of them 1.0
-                for c in 0..k {
-                    fronts[lv.layout(0).scores() + c] = f32::NEG_INFINITY.to_bits();
-                }
-                fronts[lv.level_at(1) + lv.layout(1).scores()] = 1.0f32.to_bits();
-            }
-            let fronts = Tensor::new(fronts, &Device::Cpu)?;
+            let fronts = dynamic_fronts(&mut rng, lv, 300)?;
+            let fronts = if forge { forged(&fronts, lv)? } else { fronts };
             let roots = roots_of(n_img)?;
             let a = select_tree(&fronts, &roots, lv)?;
             let b = select_tree(&fronts.to_device(&gpu)?, &roots.to_device(&gpu)?, lv)?;
