@@ -149,9 +149,7 @@ impl KvCache {
         match self.pending {
             Some((at, s)) if start + s == self.len => {
                 let m = rows.first().map_or(0, |r| r.len());
-                let idx: Vec<u32> = rows.iter().flatten().map(|&r| r as u32).collect();
-                let idx = Tensor::from_vec(idx, (rows.len(), m), self.kv.device())?;
-                crate::fused::gather_slots(&self.kv, &idx, at, start)?;
+                crate::fused::gather_slots(&self.kv, rows, at, start)?;
                 self.pending = None;
                 self.len = start + m;
                 Ok(true)

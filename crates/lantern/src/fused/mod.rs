@@ -541,24 +541,34 @@ pub fn move_slots(kv: &Tensor, from: usize, to: usize, s: usize) -> Result<()> {
 
 /// Gathers kept cache entries from a block at slot `from` (a deferred staging block, see
 /// [`crate::cache::KvCache::commit_staging`]) to `to..to + m`: for batch row r, slot `from +
-/// idx[r][i]` -> `to + i` in every plane, layer and head of a cache tensor `[2, n_layer, b,
-/// kvh, max_len, hd]`; `idx` is u32 `[b, m]`. The source slots must lie at or past `to + m`.
-/// One kernel on CUDA that moves only the kept entries.
-pub fn gather_slots(kv: &Tensor, idx: &Tensor, from: usize, to: usize) -> Result<()> {
+/// rows[r][i]` -> `to + i` in every plane, layer and head of a cache tensor `[2, n_layer, b,
+/// kvh, max_len, hd]` (every list of one length `m`). The source slots must lie at or past `to
+/// + m`. One kernel on CUDA that moves only the kept entries.
+pub fn gather_slots(kv: &Tensor, rows: &[Vec<usize>], from: usize, to: usize) -> Result<()> {
     let &[_, _, b, _, max_len, _] = kv.dims() else {
         candle_core::bail!(
             "gather_slots: {:?} is not a [2, L, b, kvh, max_len, hd] cache",
             kv.dims()
         );
     };
-    let (ib, m) = idx.dims2()?;
-    let top = idx.max_all()?.to_scalar::<u32>()? as usize;
-    if ib != b || from < to + m || from + top >= max_len {
+    let m = rows.first().map_or(0, |r| r.len());
+    let top = rows.iter().flatten().copied().max().unwrap_or(0);
+    if rows.len() != b
+        || rows.iter().any(|r| r.len() != m)
+        || from < to + m
+        || from + top >= max_len
+    {
         candle_core::bail!(
-            "gather_slots: {m} entries from slot {from} (+ up to {top}) to {to} for {ib} of {b} rows overlap or leave the cache ({max_len})"
+            "gather_slots: {m} entries from slot {from} (+ up to {top}) to {to} for {} of {b} rows overlap, differ in length or leave the cache ({max_len})",
+            rows.len()
         );
     }
-    kv.inplace_op2(&idx.contiguous()?, &GatherSlots { from, to })
+    if m == 0 {
+        return Ok(());
+    }
+    let idx: Vec<u32> = rows.iter().flatten().map(|&r| r as u32).collect();
+    let idx = Tensor::from_vec(idx, (b, m), kv.device())?;
+    kv.inplace_op2(&idx, &GatherSlots { from, to })
 }
 
 /// See [`gather_slots`].
@@ -1396,11 +1406,12 @@ mod tests {
                 let (b, max_len, hd) = (3, 40, 64);
                 let kv = Tensor::randn(0f32, 1.0, (2, 3, b, 2, max_len, hd), &Device::Cpu)?
                     .to_dtype(dtype)?;
-                let rows: Vec<Vec<u32>> =
+                let rows: Vec<Vec<usize>> =
                     vec![vec![0, 7, 3, 12], vec![0, 1, 2, 3], vec![0, 15, 9, 9]];
                 let (from, to) = (20, 6);
                 // the reference: gather the block with tensor ops, write it at `to`
-                let ix = Tensor::new(rows.clone(), &Device::Cpu)?
+                let flat: Vec<u32> = rows.iter().flatten().map(|&r| r as u32).collect();
+                let ix = Tensor::from_vec(flat, (b, 4), &Device::Cpu)?
                     .reshape((1, 1, b, 1, 4, 1))?
                     .broadcast_as((2, 3, b, 2, 4, hd))?
                     .contiguous()?;
@@ -1411,17 +1422,14 @@ mod tests {
                     .gather(&ix, 4)?;
                 want.slice_set(&kept, 4, to)?;
                 let got = kv.to_device(dev)?;
-                gather_slots(&got, &Tensor::new(rows, dev)?, from, to)?;
+                gather_slots(&got, &rows, from, to)?;
                 let (w, g) = (
                     want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
                     got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
                 );
                 assert!(w == g, "{dev:?} {dtype:?}");
                 // overlapping source and destination are refused
-                assert!(
-                    gather_slots(&got, &Tensor::new(&[[0u32, 1], [0, 1], [0, 1]], dev)?, 7, 6)
-                        .is_err()
-                );
+                assert!(gather_slots(&got, &[vec![0, 1], vec![0, 1], vec![0, 1]], 7, 6).is_err());
             }
         }
         Ok(())
