@@ -7,7 +7,9 @@
 # the carried base binary (BASE). The library's CUDA tests (the frontier and select-tree kernels and the picks
 # against the CPU; KERNEL_TESTS=1 adds the carried kernel test binary's); token files; ROUNDS rounds of the loop bench (t2i;
 # c2i once) over VARIANTS; with PROFILE=1 the loop profile of SD dynamic per variant; with
-# FULL=1 whole t2i images of SD dynamic per variant; with REPORT=1 the full step reports. Outputs under $OUT.
+# FULL=1 whole t2i images of SD dynamic (FULL_MODES) per variant; with REPORT=1 the full step reports;
+# PIN=CPUS runs the loop benches under `taskset -c CPUS` (the loop is host-bound: one core for
+# every variant). Outputs under $OUT.
 set -uo pipefail
 source scripts/gpu/env.sh
 SECONDS=0
@@ -34,7 +36,7 @@ loop_rounds() {
     for e in $V; do
       variant "$e"
       echo "== round $r $2 $(basename $bin) $envs"
-      env $envs timeout 200 "$bin" bench --random-weights --preset $2 --device cuda --loop-only \
+      env $envs timeout 200 ${PIN:+taskset -c $PIN} "$bin" bench --random-weights --preset $2 --device cuda --loop-only \
         --loop-modes ${MODES:-sd-dynamic,sd-static} --loop-images 2 --loop-tokens 64 2>&1 | grep -iE "^\| (ar|sd|lantern)|rror"
     done
   done
@@ -57,8 +59,8 @@ if [ "${FULL:-0}" = 1 ]; then
   for e in $V; do
     variant "$e"
     echo "== full image t2i-xl-256 $(basename $bin) $envs"
-    env $envs timeout 200 "$bin" bench --random-weights --preset t2i-xl-256 --device cuda --loop-only \
-      --loop-modes sd-dynamic --loop-images 1 --loop-tokens 256 2>&1 | grep -iE "^\| (sd|lantern)|rror"
+    env $envs timeout 200 ${PIN:+taskset -c $PIN} "$bin" bench --random-weights --preset t2i-xl-256 --device cuda --loop-only \
+      --loop-modes ${FULL_MODES:-sd-dynamic} --loop-images 1 --loop-tokens 256 2>&1 | grep -iE "^\| (sd|lantern)|rror"
   done 2>&1 | tee "$OUT/full_images.txt"
 fi
 [ "${REPORT:-0}" = 1 ] && step_reports
