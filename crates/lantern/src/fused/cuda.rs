@@ -808,7 +808,7 @@ pub(super) fn gather_slots(
     };
     let el = kv.dtype().size_in_bytes();
     let (k0, _) = offsets(kl)?;
-    if (hd * el) % 16 != 0 || (k0 * el) % 16 != 0 {
+    if !(hd * el).is_multiple_of(16) || !(k0 * el).is_multiple_of(16) {
         bail!(
             "gather_slots: cache rows of {} bytes at offset {k0} are not 16-byte chunks",
             hd * el
