@@ -135,7 +135,7 @@ full_images() {
 step_reports() {
   local p
   for p in t2i-xl-256 c2i-xl-384; do
-    timeout 240 "$L" bench --random-weights --preset $p --device cuda --loop-images 2 --loop-tokens 64 > "$OUT/report_$p.txt" 2>&1
+    timeout 240 ${PIN:+taskset -c $PIN} "$L" bench --random-weights --preset $p --device cuda --loop-images 2 --loop-tokens 64 > "$OUT/report_$p.txt" 2>&1
     echo "== report $p"; grep -E "cuda graph\) \||drafting phase|over the decode|share of|overhead|^  [A-Z]|expected|rror" "$OUT/report_$p.txt"
   done
 }
