@@ -6,7 +6,7 @@
 # compaction, LANTERN_DEFER_COMMIT=0 committing it first) against the level-by-level path of the same binary and against
 # the carried base binary (BASE). The library's CUDA tests (the frontier and select-tree kernels and the picks
 # against the CPU; KERNEL_TESTS=1 adds the carried kernel test binary's); token files; ROUNDS rounds of the loop bench (t2i;
-# c2i once) over VARIANTS; with PROFILE=1 the loop profile of SD dynamic per variant; with
+# c2i once) over VARIANTS; with PROFILE=1 the loop profile of SD dynamic (PROFILE_MODES) per variant; with
 # FULL=1 whole t2i images of SD dynamic (FULL_MODES) per variant; with REPORT=1 the full step reports;
 # PIN=CPUS runs the loop benches under `taskset -c CPUS` (the loop is host-bound: one core for
 # every variant). Outputs under $OUT.
@@ -48,9 +48,9 @@ echo "c2i done ${SECONDS}s"
 if [ "${PROFILE:-0}" = 1 ]; then
   for e in ${PROFILE_VARIANTS:-X=0 LANTERN_DYNAMIC_GRAPH=0}; do
     variant "$e"
-    echo "== profile sd-dynamic $envs"
-    env $envs LANTERN_LOOP_PROFILE=1 timeout 200 "$bin" bench --random-weights --preset t2i-xl-256 --device cuda \
-      --loop-only --loop-modes sd-dynamic --loop-images 2 --loop-tokens 64 > "$OUT/profile_${e%%=*}.txt" 2>&1
+    echo "== profile ${PROFILE_MODES:-sd-dynamic} $envs"
+    env $envs LANTERN_LOOP_PROFILE=1 timeout 200 ${PIN:+taskset -c $PIN} "$bin" bench --random-weights --preset t2i-xl-256 --device cuda \
+      --loop-only --loop-modes ${PROFILE_MODES:-sd-dynamic} --loop-images 2 --loop-tokens 64 > "$OUT/profile_${e%%=*}.txt" 2>&1
     tail -40 "$OUT/profile_${e%%=*}.txt"
   done
 fi
