@@ -142,23 +142,26 @@ impl KvCache {
         Ok(())
     }
 
-    /// A keep of the deferred block (the one from `start` to the filled length): gathers the
-    /// kept entries straight from its staging slot and returns `true`; else settles any
-    /// deferred block and returns `false` (the caller compacts in place).
-    fn gather_deferred(&mut self, start: usize, rows: &[Vec<usize>]) -> Result<bool> {
+    /// The staging slot of the deferred block when it is the one from `start` to the filled
+    /// length (a keep then gathers from there); else settles any deferred block and returns
+    /// `None` (the keep compacts in place).
+    fn deferred_from(&mut self, start: usize) -> Result<Option<usize>> {
         match self.pending {
-            Some((at, s)) if start + s == self.len => {
-                let m = rows.first().map_or(0, |r| r.len());
-                crate::fused::gather_slots(&self.kv, rows, at, start)?;
-                self.pending = None;
-                self.len = start + m;
-                Ok(true)
-            }
+            Some((at, s)) if start + s == self.len => Ok(Some(at)),
             _ => {
                 self.settle()?;
-                Ok(false)
+                Ok(None)
             }
         }
+    }
+
+    /// Keeps the entries `rows[r]` of the deferred block at staging slot `at` (see
+    /// [`KvCache::deferred_from`]) at `start..`: one gather of the kept entries only.
+    fn gather_deferred(&mut self, at: usize, start: usize, rows: &[Vec<usize>]) -> Result<()> {
+        crate::fused::gather_slots(&self.kv, rows, at, start)?;
+        self.pending = None;
+        self.len = start + rows.first().map_or(0, |r| r.len());
+        Ok(())
     }
 
     /// Number of filled positions.
@@ -219,8 +222,8 @@ impl KvCache {
             return Ok(());
         };
         self.check_block_row(start, max_row)?;
-        if self.gather_deferred(start, &vec![rows.to_vec(); self.batch()])? {
-            return Ok(());
+        if let Some(at) = self.deferred_from(start)? {
+            return self.gather_deferred(at, start, &vec![rows.to_vec(); self.batch()]);
         }
         let dev = self.kv.device().clone();
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
@@ -265,8 +268,8 @@ impl KvCache {
         }
         let max_row = rows.iter().flatten().copied().max().unwrap_or(0);
         self.check_block_row(start, max_row)?;
-        if self.gather_deferred(start, rows)? {
-            return Ok(());
+        if let Some(at) = self.deferred_from(start)? {
+            return self.gather_deferred(at, start, rows);
         }
         let dev = self.kv.device().clone();
         let idx: Vec<u32> = rows.iter().flatten().map(|&r| r as u32).collect();

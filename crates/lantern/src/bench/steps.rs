@@ -444,6 +444,15 @@ struct DraftingState {
 }
 
 impl DraftingState {
+    /// How the computation runs, for the row's name.
+    fn how(&self) -> &'static str {
+        if self.capture {
+            "cuda graph"
+        } else {
+            "fixed shape"
+        }
+    }
+
     fn fx<'a>(&'a mut self, drafter: &'a Drafter) -> crate::decode::draft_graph::FixedDrafting<'a> {
         crate::decode::draft_graph::FixedDrafting {
             model: drafter,
@@ -572,11 +581,7 @@ fn time_drafting(
             .count()
     });
     let (bytes, flops) = drafting_cost(cfg, tc, dc, dp, fed);
-    let how = if st.capture {
-        "cuda graph"
-    } else {
-        "fixed shape"
-    };
+    let how = st.how();
     let name = format!(
         "{DRAFTING_PHASE}, static tree of {} nodes ({} levels, {}{how})",
         shape.len(),
@@ -588,7 +593,8 @@ fn time_drafting(
 
 /// Times the drafting phase of EAGLE-2's dynamic tree (the default parameters: 59 tokens, 4
 /// expansions of 10) as the speculative loop runs it for SD and LANTERN dynamic (one
-/// computation, a CUDA graph on GPUs, with the trees read and assembled on the host), greedy,
+/// computation, a CUDA graph on GPUs, the trees chosen on the device; the loop reads them after
+/// verification is queued), greedy,
 /// after `dp` cached drafter positions. Traffic and FLOPs: the root's output head, then per
 /// expansion the drafter over 10 nodes and their output head.
 fn time_dynamic_drafting(
@@ -627,11 +633,7 @@ fn time_dynamic_drafting(
     })?;
     let fed = std::iter::repeat_n(params.top_k, params.depth);
     let (bytes, flops) = drafting_cost(cfg, tc, dc, dp, fed);
-    let how = if st.capture {
-        "cuda graph"
-    } else {
-        "fixed shape"
-    };
+    let how = st.how();
     let name = format!(
         "{DRAFTING_PHASE}, dynamic tree of {} tokens ({} expansions of {}, {how})",
         params.total_tokens, params.depth, params.top_k

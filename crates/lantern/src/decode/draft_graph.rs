@@ -404,13 +404,16 @@ impl StepBuffers {
 
     /// Whether a step fits: the cache's committed slots end before the scratch block and
     /// stage nothing (`false`: draft level by level); an error where the root features or the
-    /// images do not match the computation (`step`'s root tokens and features for `n_img`
-    /// images).
+    /// images do not match the computation (`step`'s root tokens, positions and features for
+    /// `n_img` images).
     pub fn fits(&self, kv: &KvCache, step: &DraftStep, n_img: usize) -> Result<bool> {
         if kv.len() > self.scratch || kv.staging().is_some() {
             return Ok(false);
         }
-        if step.root_feat.dims3()?.0 != self.rows || step.root_tokens.len() != n_img {
+        if step.root_feat.dims3()?.0 != self.rows
+            || step.root_tokens.len() != n_img
+            || step.roots.len() != n_img
+        {
             return Err(Error::invalid(
                 "drafting graph",
                 "rows do not match the computation (internal error)",

@@ -222,7 +222,7 @@ pub fn draft_dynamic_fixed(
     let Some(g) = made else {
         return Ok(None);
     };
-    if !g.bufs.fits(kv, step, key.n_img)? || step.roots.len() != key.n_img {
+    if !g.bufs.fits(kv, step, key.n_img)? {
         return Ok(None);
     }
     g.bufs
