@@ -39,6 +39,16 @@ pub fn drafter_cost(c: &DrafterConfig, b: usize, s: usize, past: usize, el: usiz
     )
 }
 
+/// Traffic and FLOPs of the drafter fed `s` committed pairs after `past` cached positions (a
+/// drafter level without the output head), as a drafting computation runs it first when the
+/// feed is folded into it.
+pub fn feed_cost(c: &DrafterConfig, b: usize, s: usize, past: usize, el: usize) -> (f64, f64) {
+    let (bytes, flops) = drafter_cost(c, b, s, past, el);
+    let head_bytes = c.vocab_size * c.hidden_size * el + b * s * c.vocab_size * 4;
+    let head_flops = 2 * c.vocab_size * c.hidden_size * b * s;
+    (bytes - head_bytes as f64, flops - head_flops as f64)
+}
+
 /// Parameters and FLOPs of the VQ decoder (`post_quant_conv` + decoder) on a `grid`² latent.
 pub fn vq_decoder_cost(cfg: &VqConfig, grid: usize) -> (usize, usize) {
     #[derive(Default)]

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use super::cost::{drafter_cost, target_cost, vq_decoder_cost};
 use super::random::random_var_builder;
 use crate::decode::graph_step::{graphs_enabled, FixedForward, GraphStep};
+use crate::decode::speculative::folded_feed_width;
 use crate::decode::tree::{DraftKind, DraftTree};
 use crate::models::drafter::{Drafter, DrafterConfig};
 use crate::models::llamagen::{AttnMask, Config, LlamaGen, ModelType};
@@ -293,9 +294,10 @@ const DRAFTING_PHASE: &str = "drafting phase";
 /// - `LANTERN = tokens / tau_lantern * (same cycle)`
 ///
 /// where drafting is the measured drafting phase of a static tree when the report has it (all
-/// levels with their output heads, probabilities and picks, and the tree building), else
-/// `DRAFT_LEVELS * drafter`. tau is tokens per target forward (bonus included). Acceptance and
-/// feeding the drafter the accepted tokens are not counted, so SD and LANTERN are lower bounds. Token generation only, like the
+/// levels with their output heads, probabilities and picks, the tree building, and the drafter
+/// fed the accepted tokens first where the loop folds that feed in), else `DRAFT_LEVELS *
+/// drafter`. tau is tokens per target forward (bonus included). Acceptance (and an unfolded
+/// feed) are not counted, so SD and LANTERN are lower bounds. Token generation only, like the
 /// official timings; a `VQ decode` entry gives the extra time of an end-to-end image. Entries
 /// whose steps were not measured are left out.
 pub fn expected_latency(
@@ -430,6 +432,7 @@ impl DraftingInputs {
             prefix: &self.prefix,
             roots: &self.roots,
             vocab,
+            feed: None,
         }
     }
 }
@@ -503,13 +506,15 @@ fn drafting_bench(
     Ok((inputs, state))
 }
 
-/// Traffic and FLOPs of a drafting phase: the root's output head, then per expansion the
-/// drafter over its `fed` nodes (and their output head) after `dp` cached positions.
+/// Traffic and FLOPs of a drafting phase: a folded feed of `feed` pairs (0: none), the root's
+/// output head, then per expansion the drafter over its `fed` nodes (and their output head)
+/// after `dp` cached positions.
 fn drafting_cost(
     cfg: &StepBenchConfig,
     tc: &Config,
     dc: &DrafterConfig,
     dp: usize,
+    feed: usize,
     fed: impl Iterator<Item = usize>,
 ) -> (f64, f64) {
     let (b, el) = (cfg.batch, cfg.dtype.size_in_bytes());
@@ -517,6 +522,11 @@ fn drafting_cost(
         (tc.vocab_size * tc.dim * el + b * tc.vocab_size * 4) as f64,
         (2 * b * tc.vocab_size * tc.dim) as f64,
     );
+    if feed > 0 {
+        let (by, fl) = super::cost::feed_cost(dc, b, feed, dp, el);
+        bytes += by;
+        flops += fl;
+    }
     for k in fed {
         let (by, fl) = drafter_cost(dc, b, k, dp, el);
         bytes += by;
@@ -544,7 +554,9 @@ fn time_drafting(
     use rand::{RngCore, SeedableRng};
     let (tc, dc) = (model.config(), drafter.config());
     let shape = TreeShape::preset("naive_extend_57")?;
-    let (inp, mut st) = drafting_bench(cfg, model, drafter, dp, dp + 2 * shape.len())?;
+    let feed = folded_feed_width(&crate::decode::TreeSpec::Static(shape.clone()));
+    let capacity = dp + 2 * shape.len() + feed;
+    let (inp, mut st) = drafting_bench(cfg, model, drafter, dp, capacity)?;
     let n_img = inp.n_img;
     let key = DraftingKey {
         paths: shape.paths.clone(),
@@ -556,6 +568,7 @@ fn time_drafting(
             SamplingParams::greedy()
         },
         lm_head: model.lm_head_id(),
+        feed,
     };
     let step = inp.step(tc.vocab_size);
     let head = |h: &Tensor| model.lm_head_raw(h);
@@ -580,13 +593,14 @@ fn time_drafting(
             .filter(|&i| shape.depths[i] == depth && !shape.children(i).is_empty())
             .count()
     });
-    let (bytes, flops) = drafting_cost(cfg, tc, dc, dp, fed);
+    let (bytes, flops) = drafting_cost(cfg, tc, dc, dp, feed, fed);
     let how = st.how();
     let name = format!(
-        "{DRAFTING_PHASE}, static tree of {} nodes ({} levels, {}{how})",
+        "{DRAFTING_PHASE}, static tree of {} nodes ({} levels, {}{}{how})",
         shape.len(),
         max_depth.saturating_sub(1),
-        if sampled { "sampled, " } else { "" }
+        if sampled { "sampled, " } else { "" },
+        fed_first(feed)
     );
     Ok((ms, bytes, flops, name))
 }
@@ -610,7 +624,8 @@ fn time_dynamic_drafting(
     let (tc, dc) = (model.config(), drafter.config());
     let params = DynamicParams::default();
     let fed = params.depth * params.top_k;
-    let capacity = dp + 2 * params.total_tokens + fed;
+    let feed = folded_feed_width(&crate::decode::TreeSpec::Dynamic(params));
+    let capacity = dp + 2 * params.total_tokens + fed + feed;
     let (inp, mut st) = drafting_bench(cfg, model, drafter, dp, capacity)?;
     let key = DynamicKey {
         params,
@@ -618,6 +633,7 @@ fn time_dynamic_drafting(
         cfg: inp.scale,
         sampling: SamplingParams::greedy(),
         lm_head: model.lm_head_id(),
+        feed,
     };
     let step = inp.step(tc.vocab_size);
     let head = |h: &Tensor| model.lm_head_raw(h);
@@ -632,13 +648,25 @@ fn time_dynamic_drafting(
         Ok(())
     })?;
     let fed = std::iter::repeat_n(params.top_k, params.depth);
-    let (bytes, flops) = drafting_cost(cfg, tc, dc, dp, fed);
+    let (bytes, flops) = drafting_cost(cfg, tc, dc, dp, feed, fed);
     let how = st.how();
     let name = format!(
-        "{DRAFTING_PHASE}, dynamic tree of {} tokens ({} expansions of {}, {how})",
-        params.total_tokens, params.depth, params.top_k
+        "{DRAFTING_PHASE}, dynamic tree of {} tokens ({} expansions of {}, {}{how})",
+        params.total_tokens,
+        params.depth,
+        params.top_k,
+        fed_first(feed)
     );
     Ok((ms, bytes, flops, name))
+}
+
+/// A drafting row's note of the feed folded into it (see [`crate::decode::feed`]).
+fn fed_first(feed: usize) -> String {
+    if feed > 0 {
+        format!("feed of {feed} folded in, ")
+    } else {
+        String::new()
+    }
 }
 
 /// Copy bandwidth in GB/s (read + write bytes), fastest run: the better of an in-place copy into a

@@ -19,6 +19,7 @@
 //! and visible keys); only masked cache slots differ, which add nothing. Tests compare the two
 //! on the CPU, where the same fixed-shape path runs eagerly.
 use super::draft::{build_trees, plan, Depth};
+use super::feed::{Feed, FeedBlock};
 use super::graph_step::{replay_or_capture, Captured, FixedForward};
 use super::level::{level_uniforms, widest};
 use super::static_trees::TreeShape;
@@ -47,6 +48,9 @@ pub struct DraftingKey {
     pub sampling: SamplingParams,
     /// The output head's weight tensor (the computation reads it).
     pub lm_head: TensorId,
+    /// Pairs per row of the drafter feed folded into the computation (the most a step
+    /// commits); 0: the feed runs on its own.
+    pub feed: usize,
 }
 
 /// The drafter side of the fixed-shape drafting: the model, its cache and graphs, and its
@@ -81,6 +85,9 @@ pub struct DraftStep<'a> {
     pub roots: &'a [usize],
     /// Vocabulary size.
     pub vocab: usize,
+    /// The last step's committed pairs, when the computation feeds them to the drafter first
+    /// (its key's `feed` > 0; `None`: the roots are `root_feat`).
+    pub feed: Option<&'a Feed>,
 }
 
 /// A shape's depths and the layout of their pick blocks in the flat picks.
@@ -143,7 +150,7 @@ impl Drafting for StaticDrafting {
         let probs_of = |h: &Tensor| -> Result<Tensor> {
             Ok(picks::draft_probs_cfg(&lm_head(h)?, n_img, cfg, sampling)?)
         };
-        let mut level = probs_of(&b.root_feat()?)?;
+        let mut level = probs_of(&b.roots(model, kv)?)?;
         let plan = &*self.plan;
         let mut at_u = 0;
         for (i, dp) in plan.depths.iter().enumerate() {
@@ -309,6 +316,9 @@ impl StaticDrafting {
                 .collect::<candle_core::Result<_>>()?
         };
         let n_picks = block_at[depths.len()];
+        let Some(bufs) = StepBuffers::new(model, rows, max_len, offsets, key.feed)? else {
+            return Ok(None);
+        };
         Ok(Some(Self {
             plan: Arc::new(Plan {
                 depths,
@@ -316,7 +326,7 @@ impl StaticDrafting {
                 level_rows,
                 block_at,
             }),
-            bufs: StepBuffers::new(model, rows, max_len, offsets)?,
+            bufs,
             uniforms: (!greedy)
                 .then(|| Tensor::zeros(n_uniforms, DType::F64, &dev))
                 .transpose()?,
@@ -366,48 +376,85 @@ pub(super) struct StepBuffers {
     pub rows: usize,
     /// `[rows, 1 + fed, d]`: the root's drafter output, then every fed node's.
     pub feats: Tensor,
-    /// `[rows, 1, 1, max_len]` f32: the committed slots' mask, `-inf` from the filled length to
-    /// the scratch block, 0 over it.
+    /// `[rows, 1, 1, max_len]` f32: the committed slots' mask (and a folded feed's pairs at its
+    /// block), `-inf` from the filled length to the scratch block, 0 over it; a view of
+    /// `masks`.
     pub prefix: Tensor,
+    /// `[rows, 1, 1, max_len]` f32 `prefix`, then a folded feed's own prefix rows: one upload.
+    masks: Tensor,
     /// `[1]` u32: the filled length, from which the attention kernels skip the empty slots up
-    /// to the scratch block (the prefix hides them); a view of `pos`'s last element, so that
-    /// one upload writes both.
+    /// to the scratch block or the feed's block (the prefix hides them); a view of `pos`.
     filled: Tensor,
-    /// `[rows * fed + 1]` u32: every fed node's (clamped) position, level by level (`[rows,
-    /// kf]` per level), so that a level reads a contiguous view; then the filled length.
+    /// u32: every fed node's (clamped) position, level by level (`[rows, kf]` per level), so
+    /// that a level reads a contiguous view; then the filled length; then a folded feed's
+    /// inputs ([`FeedBlock::u32_len`]): one upload.
     pos: Tensor,
+    /// The drafter feed folded into the computation, if it is.
+    feed: Option<FeedBlock>,
 }
 
 impl StepBuffers {
     /// Buffers for `rows` rows, a cache of `max_len` slots and expansions at `offsets` (the fed
-    /// count last; the caller checks that it is below `max_len`).
+    /// count last; the caller checks that it is below `max_len`), with a folded feed block of
+    /// `feed` pairs per row in front of the scratch block (0: none); `None` where the block
+    /// does not fit.
     pub fn new(
         model: &dyn FixedForward,
         rows: usize,
         max_len: usize,
         offsets: Vec<usize>,
-    ) -> Result<Self> {
+        feed: usize,
+    ) -> Result<Option<Self>> {
         let dev = model.fixed_device();
         let (d, dtype) = model.fixed_output();
         let fed = offsets.last().copied().unwrap_or(0);
-        let pos = Tensor::zeros(rows * fed + 1, DType::U32, dev)?;
-        Ok(Self {
-            scratch: max_len - fed,
+        let scratch = max_len - fed;
+        if feed >= scratch {
+            return Ok(None);
+        }
+        let n_pos = rows * fed + 1;
+        let n_feed = if feed > 0 {
+            FeedBlock::u32_len(rows, feed)
+        } else {
+            0
+        };
+        let pos = Tensor::zeros(n_pos + n_feed, DType::U32, dev)?;
+        let n_masks = if feed > 0 { 2 } else { 1 };
+        let masks = Tensor::zeros((n_masks * rows, 1, 1, max_len), DType::F32, dev)?;
+        let block = if feed > 0 {
+            let inputs = pos.narrow(0, n_pos, n_feed)?;
+            let own = masks.narrow(0, rows, rows)?;
+            Some(FeedBlock::new(model, rows, feed, scratch, &inputs, own)?)
+        } else {
+            None
+        };
+        Ok(Some(Self {
+            scratch,
             rows,
             feats: Tensor::zeros((rows, 1 + fed, d), dtype, dev)?,
-            prefix: Tensor::zeros((rows, 1, 1, max_len), DType::F32, dev)?,
+            prefix: masks.narrow(0, 0, rows)?,
+            masks,
             filled: pos.narrow(0, rows * fed, 1)?,
             pos,
             offsets,
-        })
+            feed: block,
+        }))
     }
 
-    /// Whether a step fits: the cache's committed slots end before the scratch block and
-    /// stage nothing (`false`: draft level by level); an error where the root features or the
-    /// images do not match the computation (`step`'s root tokens, positions and features for
-    /// `n_img` images).
+    /// The first slot after the filled length in use: the feed's block, else the scratch
+    /// block.
+    fn in_use_from(&self) -> usize {
+        self.feed.as_ref().map_or(self.scratch, |f| f.at)
+    }
+
+    /// Whether a step fits: the cache's committed slots (and the step's feed) end before the
+    /// slots in use and stage nothing (`false`: draft level by level); an error where the root
+    /// features, the images or the feed do not match the computation (`step`'s root tokens,
+    /// positions and features for `n_img` images).
     pub fn fits(&self, kv: &KvCache, step: &DraftStep, n_img: usize) -> Result<bool> {
-        if kv.len() > self.scratch || kv.staging().is_some() {
+        let width = step.feed.map_or(0, |f| f.width());
+        let block = self.feed.as_ref().map_or(0, |b| b.width);
+        if kv.len() + width > self.in_use_from() || width > block || kv.staging().is_some() {
             return Ok(false);
         }
         if step.root_feat.dims3()?.0 != self.rows
@@ -417,6 +464,12 @@ impl StepBuffers {
             return Err(Error::invalid(
                 "drafting graph",
                 "rows do not match the computation (internal error)",
+            ));
+        }
+        if step.feed.is_some() && self.feed.is_none() {
+            return Err(Error::invalid(
+                "drafting graph",
+                "a feed for a computation without its block (internal error)",
             ));
         }
         Ok(true)
@@ -460,7 +513,7 @@ impl StepBuffers {
             .narrow(0, self.rows * off, self.rows * kf)?
             .reshape((self.rows, kf))?;
         kv.set_staging(Some(self.scratch + off));
-        kv.set_filled_on_device(Some((self.filled.clone(), self.scratch)));
+        kv.set_filled_on_device(Some((self.filled.clone(), self.in_use_from())));
         let out = model.fixed_step(ids, Some(feats), &pos, mask, kv);
         kv.set_filled_on_device(None);
         kv.set_staging(None);
@@ -469,10 +522,27 @@ impl StepBuffers {
         Ok(out)
     }
 
-    /// Writes one step's inputs (no synchronisation): `step`'s root features, the prefix mask
-    /// (the committed slots of row r as `prefix[r % n_img]` says), the positions (expansion e
-    /// of row r at `roots[r % n_img] + e`, clamped: `clamp.1` from `clamp.0` on) and the filled
-    /// length `kv_len`.
+    /// The roots' drafter outputs `[rows, 1, d]`: from the folded feed (run here, its K/V into
+    /// its block) where the computation has one, else as the host wrote them.
+    pub fn roots(&self, model: &dyn FixedForward, kv: &mut KvCache) -> Result<Tensor> {
+        if let Some(f) = &self.feed {
+            f.run(model, kv, &self.filled, &self.feats)?;
+        }
+        self.root_feat()
+    }
+
+    /// After a run: moves the step's fed pairs from the feed's block to the filled length.
+    pub fn commit_feed(&self, kv: &mut KvCache, step: &DraftStep) -> Result<()> {
+        match (&self.feed, step.feed) {
+            (Some(b), Some(f)) => b.commit(kv, f.width()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes one step's inputs (no synchronisation): `step`'s root features (or its feed),
+    /// the prefix masks (the committed slots of row r as `prefix[r % n_img]` says, a feed's
+    /// pairs at its block), the positions (expansion e of row r at `roots[r % n_img] + e`,
+    /// clamped: `clamp.1` from `clamp.0` on), the filled length `kv_len` and the feed's inputs.
     pub fn write(
         &self,
         n_img: usize,
@@ -483,21 +553,39 @@ impl StepBuffers {
         let (root_feat, prefix, roots) = (step.root_feat, step.prefix, step.roots);
         let (rows, dev) = (self.rows, self.feats.device());
         let max_len = self.prefix.dim(3)?;
-        self.feats
-            .slice_set(&root_feat.to_dtype(self.feats.dtype())?.contiguous()?, 1, 0)?;
-        // committed slots as the prefix says, hidden up to the scratch block, where the tree
-        // masks decide
-        let mut mask = vec![f32::NEG_INFINITY; rows * max_len];
-        for (r, out) in mask.chunks_exact_mut(max_len).enumerate() {
-            let p = &prefix[r % n_img];
-            let n = p.len().min(kv_len);
-            out[..n].copy_from_slice(&p[..n]);
-            out[self.scratch..].iter_mut().for_each(|x| *x = 0.0);
+        if step.feed.is_none() {
+            self.feats
+                .slice_set(&root_feat.to_dtype(self.feats.dtype())?.contiguous()?, 1, 0)?;
         }
-        self.prefix
-            .slice_set(&Tensor::from_vec(mask, (rows, 1, 1, max_len), dev)?, 0, 0)?;
-        let fed = self.fed();
-        let mut pos = Vec::with_capacity(rows * fed + 1);
+        let mut mask = vec![f32::NEG_INFINITY; self.masks.elem_count()];
+        let (drafting, own) = mask.split_at_mut(rows * max_len);
+        match &self.feed {
+            // committed slots as the prefix says, hidden up to the scratch block, where the
+            // tree masks decide
+            None => {
+                for (r, out) in drafting.chunks_exact_mut(max_len).enumerate() {
+                    let p = &prefix[r % n_img];
+                    let n = p.len().min(kv_len);
+                    out[..n].copy_from_slice(&p[..n]);
+                    out[self.scratch..].iter_mut().for_each(|x| *x = 0.0);
+                }
+            }
+            Some(b) => {
+                let width = step.feed.map_or(0, |f| f.width());
+                for (r, (d, o)) in drafting
+                    .chunks_exact_mut(max_len)
+                    .zip(own.chunks_exact_mut(max_len))
+                    .enumerate()
+                {
+                    let p = &prefix[r % n_img];
+                    super::feed::mask_rows(p, kv_len, b.at, width, self.scratch, d, o);
+                }
+                b.write_feats(step.feed)?;
+            }
+        }
+        self.masks
+            .slice_set(&Tensor::from_vec(mask, self.masks.shape(), dev)?, 0, 0)?;
+        let mut pos = Vec::with_capacity(self.pos.elem_count());
         for (e, w) in self.offsets.windows(2).enumerate() {
             for r in 0..rows {
                 let p = roots[r % n_img] + e;
@@ -506,8 +594,11 @@ impl StepBuffers {
             }
         }
         pos.push(kv_len as u32);
+        if let Some(b) = &self.feed {
+            pos.extend(b.u32_inputs(step.feed, rows)?);
+        }
         self.pos
-            .slice_set(&Tensor::from_vec(pos, rows * fed + 1, dev)?, 0, 0)?;
+            .slice_set(&Tensor::from_vec(pos, self.pos.elem_count(), dev)?, 0, 0)?;
         Ok(())
     }
 }
@@ -618,6 +709,7 @@ pub fn draft_static_fixed(
     g.set_inputs(step, kv.len(), (rope_rows, zero_row), rngs)?;
     let label = format!("drafting of a {}-node shape", shape.len());
     replay_drafting(g, model, kv, capture, lm_head, &label)?;
+    g.bufs.commit_feed(kv, step)?;
     // the drafted tokens in verification order (shape order, the root first), on the device
     let roots = Tensor::from_vec(step.root_tokens.to_vec(), (key.n_img, 1), g.picks.device())?;
     let drafted =

@@ -49,6 +49,9 @@ pub struct DynamicKey {
     pub sampling: SamplingParams,
     /// The output head's weight tensor (the computation reads it).
     pub lm_head: TensorId,
+    /// Pairs per row of the drafter feed folded into the computation; 0: none (see
+    /// [`super::draft_graph::DraftingKey::feed`]).
+    pub feed: usize,
 }
 
 /// One setting's dynamic drafting computation: its buffers and its graph.
@@ -91,7 +94,7 @@ impl Drafting for DynamicDrafting {
         let probs_of = |h: &Tensor| -> Result<Tensor> {
             Ok(picks::draft_probs_cfg(&lm_head(h)?, n_img, cfg, sampling)?)
         };
-        let mut level = probs_of(&b.root_feat()?)?;
+        let mut level = probs_of(&b.roots(model, kv)?)?;
         let mut base = self.zero.clone();
         for l in 0..=depth {
             let lay = self.levels.layout(l);
@@ -175,9 +178,12 @@ impl DynamicDrafting {
             return Ok(None);
         }
         let n = levels.cols();
+        let Some(bufs) = StepBuffers::new(model, rows, max_len, offsets, key.feed)? else {
+            return Ok(None);
+        };
         Ok(Some(Self {
             levels,
-            bufs: StepBuffers::new(model, rows, max_len, offsets)?,
+            bufs,
             anc: Tensor::full(f32::NEG_INFINITY, (rows, 1 + fed, fed), &dev)?,
             selfs,
             zero: Tensor::zeros((key.n_img, 1), DType::U32, &dev)?,
@@ -240,6 +246,7 @@ pub fn draft_dynamic_fixed(
     )?;
     let label = format!("dynamic drafting of {} tokens", key.params.total_tokens);
     replay_drafting(g, model, kv, capture, lm_head, &label)?;
+    g.bufs.commit_feed(kv, step)?;
     Ok(Some(DynamicDrafted {
         columns: g.columns.clone(),
     }))

@@ -7,6 +7,7 @@ pub mod draft;
 pub mod draft_graph;
 pub mod dynamic;
 pub mod dynamic_graph;
+pub mod feed;
 pub mod graph_step;
 pub mod level;
 pub mod llamagen;

@@ -27,6 +27,7 @@ use super::draft::{draft_static, Expand};
 use super::draft_graph::{draft_static_fixed, DraftStep, Drafted, DraftingKey};
 use super::dynamic::draft_dynamic;
 use super::dynamic_graph::{draft_dynamic_fixed, DynamicDrafted, DynamicKey};
+use super::feed::Feed;
 use super::level::{DeviceLevel, DraftLevel, HostLevel, Want};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::profile::LoopProfile;
@@ -432,6 +433,26 @@ fn defer_commits() -> bool {
     *ON.get_or_init(|| std::env::var("LANTERN_DEFER_COMMIT").as_deref() != Ok("0"))
 }
 
+/// Whether the drafter feed is folded into the next step's drafting computation (see
+/// [`super::feed`]): `LANTERN_FOLD_FEED=0` feeds on its own right after acceptance, for A/B
+/// runs.
+fn feed_folding_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LANTERN_FOLD_FEED").as_deref() != Ok("0"))
+}
+
+/// Pairs per row of a drafter feed folded into `tree`'s drafting computations: the most a step
+/// commits (its deepest drafted node's path plus the next token); 0 where folding is off.
+pub fn folded_feed_width(tree: &TreeSpec) -> usize {
+    if !feed_folding_on() {
+        return 0;
+    }
+    match tree {
+        TreeSpec::Static(s) => s.depths.iter().copied().max().unwrap_or(0) + 1,
+        TreeSpec::Dynamic(p) => p.depth + 2,
+    }
+}
+
 /// Whether trees (static and dynamic) may be drafted in one computation (tests turn it off to
 /// compare with the level-by-level path on the same target path).
 fn drafting_graphs_on() -> bool {
@@ -589,6 +610,10 @@ fn run<T: Target, D: DraftModel>(
     let mut root_feat = out.narrow(1, cls - 1, 1)?;
     t_draft += t.elapsed().as_secs_f64();
 
+    // the last step's committed pairs while the drafter has not been fed them (a folded feed
+    // waits for the next drafting computation)
+    let fold = folded_feed_width(tree_spec);
+    let mut pending: Option<Feed> = None;
     let mut compactions = 0;
     let mut steps: Vec<Vec<usize>> = vec![Vec::new(); n_img];
     let mut tvds: Vec<Vec<f32>> = vec![Vec::new(); n_img];
@@ -597,6 +622,10 @@ fn run<T: Target, D: DraftModel>(
     while tokens.iter().any(|t| t.len() < budget) {
         if slots.should_compact() {
             let t = Instant::now();
+            if let Some(f) = pending.take() {
+                root_feat = f.run(drafter, &mut dcache)?;
+                drafter_forwards += 1;
+            }
             let lists = per_row(&slots.compact(), rows);
             tcache.keep(0, &lists)?;
             dcache.keep(0, &lists)?;
@@ -607,8 +636,9 @@ fn run<T: Target, D: DraftModel>(
         }
         let phys = slots.len();
         let roots: Vec<usize> = tokens.iter().map(|t| cls + t.len() - 1).collect();
+        let unfed = pending.as_ref().map_or(0, |f| f.width());
         if tcache.len() != phys
-            || dcache.len() != phys
+            || dcache.len() + unfed != phys
             || (0..n_img).any(|g| slots.count(g) != roots[g])
         {
             return Err(Error::invalid(
@@ -634,6 +664,7 @@ fn run<T: Target, D: DraftModel>(
             prefix: &prefix,
             roots: &roots,
             vocab: target.vocab_size(),
+            feed: pending.as_ref(),
         };
         let graphs_on = picks::probs_on_device(&opts.sampling, &dev) && drafting_graphs_on();
         let fixed = match (graphs_on, target.lm_head_id()) {
@@ -647,6 +678,7 @@ fn run<T: Target, D: DraftModel>(
                             cfg,
                             sampling: opts.sampling,
                             lm_head,
+                            feed: fold,
                         };
                         let mut r: Vec<&mut dyn RngCore> =
                             rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
@@ -662,6 +694,7 @@ fn run<T: Target, D: DraftModel>(
                             cfg,
                             sampling: opts.sampling,
                             lm_head,
+                            feed: fold,
                         };
                         draft_dynamic_fixed(fx, &head, key, &step)?.map(|d| {
                             #[cfg(test)]
@@ -678,8 +711,18 @@ fn run<T: Target, D: DraftModel>(
         // the verification inputs: made on the device from a drafted static shape (verification
         // is queued before the host reads the picks), else from the host trees
         let drafted = if let Some(drafted) = fixed {
+            // the computation fed the drafter first
+            if pending.take().is_some() {
+                #[cfg(test)]
+                tests::FOLDED_FEEDS.with(|c| c.set(c.get() + 1));
+                drafter_forwards += 1;
+            }
             drafted
         } else {
+            if let Some(f) = pending.take() {
+                root_feat = f.run(drafter, &mut dcache)?;
+                drafter_forwards += 1;
+            }
             let root = profiled(
                 drafter_level(target, &root_feat, n_img, cfg, &opts.sampling)?,
                 &prof,
@@ -821,38 +864,36 @@ fn run<T: Target, D: DraftModel>(
             break;
         }
 
-        // feed the drafter the committed (feature, next token) pairs
+        // the drafter's feed: the committed (feature, next token) pairs, run now or folded
+        // into the next step's drafting computation
         let t = Instant::now();
-        let feats = gather_rows(&hidden, &padded, n_img)?;
-        let ids: Vec<u32> = (0..rows)
-            .flat_map(|r| {
-                let mut e = emitted[r % n_img].clone();
-                e.resize(width, 0);
-                e
-            })
-            .collect();
-        let ids = Tensor::from_vec(ids, (rows, width), &dev)?;
-        let pos: Vec<Vec<u32>> = (0..n_img)
-            .map(|g| {
-                (0..width)
-                    .map(|i| (roots[g] + i.min(counts[g].saturating_sub(1))) as u32)
-                    .collect()
-            })
-            .collect();
-        let pos = row_positions(&pos, rows, &dev)?;
-        prof.mark("feed: inputs (features, ids, positions)")?;
-        let vis = if !holes {
-            Visibility::Causal
-        } else {
-            Visibility::Custom(
-                BlockMask::new(&prefix, width, |_, i, j| j <= i).into_tensor(rows, &dev)?,
-            )
+        let feed = Feed {
+            feats: gather_rows(&hidden, &padded, n_img)?,
+            ids: emitted
+                .iter()
+                .map(|e| {
+                    let mut e = e.clone();
+                    e.resize(width, 0);
+                    e
+                })
+                .collect(),
+            pos: (0..n_img)
+                .map(|g| {
+                    (0..width)
+                        .map(|i| (roots[g] + i.min(counts[g].saturating_sub(1))) as u32)
+                        .collect()
+                })
+                .collect(),
+            counts,
+            prefix: holes.then_some(prefix),
         };
-        let out = drafter.forward(&ids, &feats, &pos, &vis, &mut dcache)?;
-        drafter_forwards += 1;
-        let last: Vec<Vec<usize>> = counts.iter().map(|&m| vec![m.saturating_sub(1)]).collect();
-        root_feat = gather_rows(&out, &last, n_img)?;
-        prof.mark("feed: drafter forward over the committed tokens")?;
+        prof.mark("feed: features gathered")?;
+        if fold > 0 {
+            pending = Some(feed);
+        } else {
+            root_feat = feed.run(drafter, &mut dcache)?;
+            drafter_forwards += 1;
+        }
         prof.end_phase()?;
         t_draft += t.elapsed().as_secs_f64();
     }
@@ -898,6 +939,9 @@ mod tests {
         pub(super) static DRAFTING_GRAPHS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
         /// Steps whose dynamic trees were drafted in one computation on this thread.
         pub(super) static DYNAMIC_FIXED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        /// Steps whose drafting computation fed the drafter the last step's tokens (folded feed)
+        /// on this thread.
+        pub(super) static FOLDED_FEEDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         /// Every step's trees of the runs on this thread, while recording.
         static TREES: std::cell::RefCell<Option<Vec<Vec<DraftTree>>>> =
             const { std::cell::RefCell::new(None) };
@@ -920,25 +964,35 @@ mod tests {
         r.map(|_| trees)
     }
 
-    /// The trees of every step of `go`'s runs drafted level by level, then in one computation
-    /// (both on the fixed-shape target path, forced here on the CPU: only drafting differs),
-    /// and how many steps of the second run drafted a dynamic tree in one computation.
+    /// The trees of every step of `go`'s runs drafted level by level (the drafter fed on its
+    /// own), then in one computation (the feed folded into it, see [`super::super::feed`]; both
+    /// on the fixed-shape target path, forced here on the CPU: only drafting differs), how many
+    /// steps of the second run drafted a dynamic tree in one computation, and how many folded
+    /// the feed in (none may in the first run).
     fn levels_then_computation(go: impl Fn() -> Result<()>) -> Result<TwoRuns> {
         use crate::decode::graph_step::force_fixed_shape;
+        let folded = || FOLDED_FEEDS.with(|c| c.get());
         force_fixed_shape(true);
         DRAFTING_GRAPHS.with(|c| c.set(false));
+        let before = folded();
         let levels = recorded(&go);
+        assert_eq!(
+            folded(),
+            before,
+            "a feed folded into level-by-level drafting"
+        );
         DRAFTING_GRAPHS.with(|c| c.set(true));
-        let before = DYNAMIC_FIXED.with(|c| c.get());
+        let before = (DYNAMIC_FIXED.with(|c| c.get()), folded());
         let fixed = recorded(&go);
-        let ran = DYNAMIC_FIXED.with(|c| c.get()) - before;
+        let ran = DYNAMIC_FIXED.with(|c| c.get()) - before.0;
+        let feeds = folded() - before.1;
         force_fixed_shape(false);
-        Ok((levels?, fixed?, ran))
+        Ok((levels?, fixed?, ran, feeds))
     }
 
     /// Level-by-level trees, one-computation trees (per step, per image), dynamic steps drafted
-    /// in one computation.
-    type TwoRuns = (Vec<Vec<DraftTree>>, Vec<Vec<DraftTree>>, usize);
+    /// in one computation, steps that folded the feed into it.
+    type TwoRuns = (Vec<Vec<DraftTree>>, Vec<Vec<DraftTree>>, usize, usize);
 
     /// Static trees drafted in one fixed-shape computation (forced here on the CPU) equal the
     /// level-by-level ones of every step (both runs on the fixed-shape target path): tokens,
@@ -960,9 +1014,16 @@ mod tests {
             let opts = GenerateOptions::new().with_sampling(sampling).with_seed(5);
             let go =
                 || generate_speculative(&m, &d, &cond, &opts, &tree, &accept, None).map(|_| ());
-            let (levels, fixed, _) = levels_then_computation(go)?;
+            let (levels, fixed, _, feeds) = levels_then_computation(go)?;
             assert!(levels.len() > 3, "{sampling:?}: {} steps", levels.len());
             assert_eq!(fixed.len(), levels.len(), "{sampling:?}");
+            // every step after the first folds the feed in, but those that compacted first
+            // (two images: holes)
+            assert!(
+                feeds * 2 >= fixed.len() && feeds < fixed.len(),
+                "{sampling:?}: {feeds} folded feeds in {} steps",
+                fixed.len()
+            );
             // a dropped node changes the verification block's width (the device-built
             // inputs keep its column), whose rounding reaches later steps' features: values
             // are compared up to the first step with one, the trees' structure at every step
@@ -1029,10 +1090,16 @@ mod tests {
             let opts = GenerateOptions::new().with_sampling(sampling).with_seed(5);
             let go =
                 || generate_speculative(&m, &d, &cond, &opts, &tree, &accept, None).map(|_| ());
-            let (levels, fixed, ran) = levels_then_computation(go)?;
+            let (levels, fixed, ran, feeds) = levels_then_computation(go)?;
             assert!(levels.len() > 3, "{tree:?}: {} steps", levels.len());
-            // every step of the second run drafted in the one computation
+            // every step of the second run drafted in the one computation, most of them after
+            // the feed folded in
             assert_eq!(ran, fixed.len(), "{tree:?}");
+            assert!(
+                feeds * 2 >= fixed.len() && feeds < fixed.len(),
+                "{tree:?}: {feeds} folded feeds in {} steps",
+                fixed.len()
+            );
             assert_eq!(fixed.len(), levels.len(), "{tree:?} {sampling:?}");
             for (i, (a, b)) in fixed.iter().zip(&levels).enumerate() {
                 assert_eq!(a.len(), b.len());
