@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# GPU run (sessions 18-19): EAGLE-2's dynamic trees drafted in one CUDA graph per step
+# GPU run (sessions 18-20): EAGLE-2's dynamic trees drafted in one CUDA graph per step
 # (decode/dynamic_graph.rs, the default; LANTERN_DYNAMIC_GRAPH=0 drafts them level by level, the
 # host choosing each frontier; session 19: the trees chosen and their verification inputs
 # written on the device, and verification's block left at its staging slots for the
-# compaction, LANTERN_DEFER_COMMIT=0 committing it first) against the level-by-level path of the same binary and against
+# compaction, LANTERN_DEFER_COMMIT=0 committing it first; session 20: the drafter feed folded into
+# the drafting graphs, LANTERN_FOLD_FEED=0 feeding on its own; TOKEN_SET picks the token checks:
+# fold, the default, or session19) against the level-by-level path of the same binary and against
 # the carried base binary (BASE). The library's CUDA tests (the frontier and select-tree kernels and the picks
 # against the CPU; KERNEL_TESTS=1 adds the carried kernel test binary's); token files; ROUNDS rounds of the loop bench (t2i;
 # c2i once) over VARIANTS; with PROFILE=1 the loop profile of SD dynamic (PROFILE_MODES) per variant; with
@@ -21,12 +23,19 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 echo "lib tests done ${SECONDS}s"
 if [ "${SKIP_TOKENS:-0}" != 1 ]; then
-  D="--tree dynamic"
-  same_tokens "dynamic graph vs level by level" "$L" "env LANTERN_DYNAMIC_GRAPH=0 $L" "sd $D --temperature 0" "sd $D" "lantern $D" "lantern $D --dtype bf16"
-  same_tokens "deferred vs committed verification block" "$L" "env LANTERN_DEFER_COMMIT=0 $L" "sd $D" "lantern++ --tree naive_extend_57 --dtype bf16" "lantern $D --dtype bf16"
-  same_tokens "new vs base" "$L" "$B" "sd $D" "lantern $D" "ar" "lantern++ --tree naive_extend_57" "sd --tree naive_extend_57 --temperature 0"
+  D="--tree dynamic"; S="--tree naive_extend_57"
+  case ${TOKEN_SET:-fold} in
+    fold)  # session 20: the drafter feed folded into the drafting graph
+      same_tokens "folded vs own feed" "$L" "env LANTERN_FOLD_FEED=0 $L" "sd $D --temperature 0" "sd $D" "lantern $D" \
+        "lantern++ $S" "sd $S --temperature 0" "lantern++ $S --dtype bf16" "lantern $D --dtype bf16"
+      same_tokens "own feed vs base" "env LANTERN_FOLD_FEED=0 $L" "$B" "sd $D" "lantern $D" "lantern++ $S" ;;
+    *)  # session 19
+      same_tokens "dynamic graph vs level by level" "$L" "env LANTERN_DYNAMIC_GRAPH=0 $L" "sd $D --temperature 0" "sd $D" "lantern $D" "lantern $D --dtype bf16"
+      same_tokens "deferred vs committed verification block" "$L" "env LANTERN_DEFER_COMMIT=0 $L" "sd $D" "lantern++ $S --dtype bf16" "lantern $D --dtype bf16" ;;
+  esac
+  same_tokens "new vs base" "$L" "$B" "sd $D" "lantern $D" "ar" "lantern++ $S" "sd $S --temperature 0"
   greedy_equal "greedy sd dynamic = greedy ar" "$L" "ar --temperature 0" "sd $D --temperature 0"
-  greedy_equal "greedy sd static = greedy ar" "$L" "ar --temperature 0" "sd --tree naive_extend_57 --temperature 0"
+  greedy_equal "greedy sd static = greedy ar" "$L" "ar --temperature 0" "sd $S --temperature 0"
 fi 2>&1 | tee "$OUT/checks.txt"
 echo "tokens done ${SECONDS}s"
 V=${VARIANTS:-BASE X=0 LANTERN_DYNAMIC_GRAPH=0}
