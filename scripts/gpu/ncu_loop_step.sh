@@ -4,14 +4,14 @@
 # in-graph ones; the count and order are what this is for). MODE (default sd-static) at
 # t2i-xl-256, 1 image of TOKENS (default 8) tokens; SKIP launches are skipped (the prefill, the
 # warm-up and the captures). Prints the launches per kernel name and the last LAST (default 400)
-# launches in order; keeps the CSV as $OUT/ncu_loop_MODE.csv.
+# launches in order (of the first COUNT, default 8000); keeps the CSV as $OUT/ncu_loop_MODE.csv.
 set -uo pipefail
 source scripts/gpu/env.sh
 SECONDS=0
 "$L" bench --random-weights --preset tiny --device cuda --loop-images 1 --loop-tokens 8 2>&1 | grep -i error | head -3
 NCU=${NCU:-/usr/local/cuda/bin/ncu}
 M=${MODE:-sd-static}
-timeout 500 "$NCU" --metrics gpu__time_duration.sum --csv --page raw -s ${SKIP:-0} \
+timeout ${NCU_TIMEOUT:-500} "$NCU" --metrics gpu__time_duration.sum --csv --page raw -s ${SKIP:-0} -c ${COUNT:-8000} \
   "$L" bench --random-weights --preset t2i-xl-256 --device cuda --loop-only --loop-modes $M \
   --loop-images 1 --loop-tokens ${TOKENS:-8} > "$OUT/ncu_loop_$M.csv" 2> "$OUT/ncu_loop_$M.err"
 echo "ncu rc $? after ${SECONDS}s; $(wc -l < "$OUT/ncu_loop_$M.csv") lines"; tail -3 "$OUT/ncu_loop_$M.err"
