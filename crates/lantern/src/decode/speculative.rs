@@ -1172,9 +1172,13 @@ mod tests {
         })
     }
 
-    /// Returns the number of compactions over all runs.
+    /// Batches that compact at every step with holes equal their single images (greedy and
+    /// sampled, both trees, rows read together or one by one), greedy equals AR, also on the
+    /// fixed-shape path (drafting computations forced on the CPU, the feed folded into them
+    /// except where a step compacts first). Returns the number of compactions over the
+    /// ordinary runs.
     fn check(m: &LlamaGen, d: &Drafter, cond: &Condition, n: usize) -> Result<usize> {
-        let mut total = 0;
+        let (mut total, mut fixed_compactions) = (0, 0);
         let greedy = GenerateOptions::new()
             .with_sampling(SamplingParams::greedy())
             .with_seed(3);
@@ -1222,7 +1226,19 @@ mod tests {
                 ar.tokens,
                 "{tree}"
             );
+            // the drafting computations (forced on the CPU), the feed folded into them except
+            // where a step compacts first: still greedy AR
+            crate::decode::graph_step::force_fixed_shape(true);
+            let before = FOLDED_FEEDS.with(|c| c.get());
+            let fixed = run(m, d, cond, &greedy, &plan);
+            crate::decode::graph_step::force_fixed_shape(false);
+            let (fixed, compactions) = fixed?;
+            let folded = FOLDED_FEEDS.with(|c| c.get()) - before;
+            assert_eq!(fixed.tokens, ar.tokens, "{tree}: fixed-shape path");
+            assert!(folded > 0, "{tree}: no folded feed");
+            fixed_compactions += compactions;
         }
+        assert!(fixed_compactions > 0, "fixed-shape path: no compaction");
         Ok(total)
     }
 
