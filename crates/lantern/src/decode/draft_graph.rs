@@ -380,7 +380,8 @@ pub(super) struct StepBuffers {
     /// block), `-inf` from the filled length to the scratch block, 0 over it; a view of
     /// `masks`.
     pub prefix: Tensor,
-    /// `[rows, 1, 1, max_len]` f32 `prefix`, then a folded feed's own prefix rows: one upload.
+    /// `[rows, 1, 1, max_len]` f32 (`[2 rows, ..]` with a folded feed): `prefix`, then the
+    /// feed's own prefix rows, so that one upload writes both.
     masks: Tensor,
     /// `[1]` u32: the filled length, from which the attention kernels skip the empty slots up
     /// to the scratch block or the feed's block (the prefix hides them); a view of `pos`.
