@@ -719,12 +719,9 @@ pub fn draft_static_fixed(
         ids: Tensor::cat(&[&roots, &drafted], 1)?,
         tree_mask: g.tree_mask.clone(),
         picks: g.picks.clone(),
-        // the trees keep sampled rows past the next replay: copies
-        probs: g
-            .probs
-            .iter()
-            .map(|p| p.copy())
-            .collect::<candle_core::Result<_>>()?,
+        // the computation's own buffers, like the picks: acceptance reads its rows before the
+        // next replay (no copy of every level's rows per step)
+        probs: g.probs.clone(),
         plan: g.plan.clone(),
         greedy,
     }))
@@ -732,7 +729,9 @@ pub fn draft_static_fixed(
 
 /// A static shape drafted on the device ([`draft_static_fixed`]): what verification needs is
 /// there already; the trees are read when acceptance needs them ([`Drafted::trees`]), so that
-/// verification can be queued before the host waits for the picks.
+/// verification can be queued before the host waits for the picks. It and its trees' sampled
+/// drafter rows ([`QDist`] on the device) read the computation's buffers: valid until its next
+/// replay (read a row with [`QDist::values`] to keep it longer).
 pub struct Drafted {
     /// Verification ids `[n_img, nodes]` u32 in shape order, the root first (a dropped node
     /// holds token 0; it is in no tree, so acceptance never reads its column).

@@ -947,10 +947,14 @@ mod tests {
             const { std::cell::RefCell::new(None) };
     }
 
-    /// Keeps a step's trees when this thread records.
+    /// Keeps a step's trees when this thread records; their sampled drafter rows are read
+    /// now (a drafting computation's rows are overwritten by its next replay).
     pub(super) fn record(trees: &[DraftTree]) {
         TREES.with(|t| {
             if let Some(v) = t.borrow_mut().as_mut() {
+                for q in trees.iter().flat_map(|t| t.q_dists.iter().flatten()) {
+                    q.values().expect("a drafter row to the host");
+                }
                 v.push(trees.to_vec());
             }
         });
