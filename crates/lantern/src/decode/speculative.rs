@@ -621,11 +621,14 @@ fn run<T: Target, D: DraftModel>(
     prof.restart()?;
     while tokens.iter().any(|t| t.len() < budget) {
         if slots.should_compact() {
-            let t = Instant::now();
+            // a pending feed first: the compaction moves the drafter's entries of every slot
             if let Some(f) = pending.take() {
+                let t = Instant::now();
                 root_feat = f.run(drafter, &mut dcache)?;
                 drafter_forwards += 1;
+                t_draft += t.elapsed().as_secs_f64();
             }
+            let t = Instant::now();
             let lists = per_row(&slots.compact(), rows);
             tcache.keep(0, &lists)?;
             dcache.keep(0, &lists)?;
