@@ -587,7 +587,7 @@ fn time_drafting(
         Ok(())
     })?;
     // fed nodes per level: the nodes of each depth that have children
-    let max_depth = shape.depths.iter().copied().max().unwrap_or(0);
+    let max_depth = shape.max_depth();
     let fed = (1..max_depth).map(|depth| {
         (1..shape.len())
             .filter(|&i| shape.depths[i] == depth && !shape.children(i).is_empty())

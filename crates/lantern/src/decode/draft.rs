@@ -99,7 +99,7 @@ impl Depth {
 
 /// The depths of a static shape, depth 1 first.
 pub(super) fn plan(shape: &TreeShape) -> Vec<Depth> {
-    let max_depth = shape.depths.iter().copied().max().unwrap_or(0);
+    let max_depth = shape.max_depth();
     let mut rows: Vec<usize> = vec![0];
     let mut out = Vec::with_capacity(max_depth);
     for _ in 1..=max_depth {

@@ -20,7 +20,7 @@
 //! on the CPU, where the same fixed-shape path runs eagerly.
 use super::draft::{build_trees, plan, Depth};
 use super::feed::{Feed, FeedBlock};
-use super::graph_step::{replay_or_capture, Captured, FixedForward};
+use super::graph_step::{replay_or_capture, staged_step, Captured, FixedForward};
 use super::level::{level_uniforms, widest};
 use super::static_trees::TreeShape;
 use super::tree::{DraftKind, DraftTree, QDist};
@@ -513,12 +513,17 @@ impl StepBuffers {
             .pos
             .narrow(0, self.rows * off, self.rows * kf)?
             .reshape((self.rows, kf))?;
-        kv.set_staging(Some(self.scratch + off));
-        kv.set_filled_on_device(Some((self.filled.clone(), self.in_use_from())));
-        let out = model.fixed_step(ids, Some(feats), &pos, mask, kv);
-        kv.set_filled_on_device(None);
-        kv.set_staging(None);
-        let out = out?;
+        let skip = (&self.filled, self.in_use_from());
+        let out = staged_step(
+            model,
+            kv,
+            self.scratch + off,
+            skip,
+            ids,
+            Some(feats),
+            &pos,
+            mask,
+        )?;
         self.feats.slice_set(&out, 1, 1 + off)?;
         Ok(out)
     }
@@ -560,29 +565,24 @@ impl StepBuffers {
         }
         let mut mask = vec![f32::NEG_INFINITY; self.masks.elem_count()];
         let (drafting, own) = mask.split_at_mut(rows * max_len);
-        match &self.feed {
-            // committed slots as the prefix says, hidden up to the scratch block, where the
-            // tree masks decide
-            None => {
-                for (r, out) in drafting.chunks_exact_mut(max_len).enumerate() {
-                    let p = &prefix[r % n_img];
-                    let n = p.len().min(kv_len);
-                    out[..n].copy_from_slice(&p[..n]);
-                    out[self.scratch..].iter_mut().for_each(|x| *x = 0.0);
-                }
+        // committed slots as the prefix says (a feed's pairs at its block), hidden up to the
+        // scratch block, where the tree masks decide
+        let block = self.feed.as_ref().map(|b| (b.at, b.width));
+        for (r, out) in drafting.chunks_exact_mut(max_len).enumerate() {
+            let p = &prefix[r % n_img];
+            let n = p.len().min(kv_len);
+            out[..n].copy_from_slice(&p[..n]);
+            if let Some((at, width)) = block {
+                let fed = &p[n..p.len().min(n + width)];
+                out[at..at + fed.len()].copy_from_slice(fed);
             }
-            Some(b) => {
-                let width = step.feed.map_or(0, |f| f.width());
-                for (r, (d, o)) in drafting
-                    .chunks_exact_mut(max_len)
-                    .zip(own.chunks_exact_mut(max_len))
-                    .enumerate()
-                {
-                    let p = &prefix[r % n_img];
-                    super::feed::mask_rows(p, kv_len, b.at, width, self.scratch, d, o);
-                }
-                b.write_feats(step.feed)?;
+            out[self.scratch..].fill(0.0);
+        }
+        if let Some(b) = &self.feed {
+            for (r, out) in own.chunks_exact_mut(max_len).enumerate() {
+                b.own_mask_row(&prefix[r % n_img], kv_len, out);
             }
+            b.write_feats(step.feed)?;
         }
         self.masks
             .slice_set(&Tensor::from_vec(mask, self.masks.shape(), dev)?, 0, 0)?;

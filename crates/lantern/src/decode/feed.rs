@@ -11,9 +11,9 @@
 //! replay and root gather (a dozen host operations with the GPU idle) out of the step. Both
 //! run the same computation on the same inputs; only cache slots differ, which attention does
 //! not see (keys carry their RoPE rotation).
-use super::graph_step::FixedForward;
+use super::graph_step::{staged_step, FixedForward};
 use super::model::{DraftModel, Visibility};
-use super::slots::{row_positions, BlockMask};
+use super::slots::{gather_rows, row_values, BlockMask};
 use crate::cache::KvCache;
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -55,12 +55,8 @@ impl Feed {
     pub fn run<D: DraftModel>(self, drafter: &D, cache: &mut D::Cache) -> Result<Tensor> {
         let (rows, width) = (self.rows()?, self.width());
         let dev = self.feats.device().clone();
-        let n_img = self.counts.len();
-        let ids: Vec<u32> = (0..rows)
-            .flat_map(|r| self.ids[r % n_img].iter().copied())
-            .collect();
-        let ids = Tensor::from_vec(ids, (rows, width), &dev)?;
-        let pos = row_positions(&self.pos, rows, &dev)?;
+        let ids = row_values(&self.ids, rows, &dev)?;
+        let pos = row_values(&self.pos, rows, &dev)?;
         crate::decode::profile::mark_here("feed: inputs (features, ids, positions)")?;
         let vis = match &self.prefix {
             None => Visibility::Causal,
@@ -69,15 +65,8 @@ impl Feed {
             ),
         };
         let out = drafter.forward(&ids, &self.feats, &pos, &vis, cache)?;
-        let d = out.dim(2)?;
-        let at: Vec<u32> = (0..rows)
-            .map(|r| (r * width + self.last(r)) as u32)
-            .collect();
-        let at = Tensor::from_vec(at, rows, &dev)?;
-        let root = out
-            .reshape((rows * width, d))?
-            .index_select(&at, 0)?
-            .reshape((rows, 1, d))?;
+        let last: Vec<Vec<usize>> = (0..self.counts.len()).map(|g| vec![self.last(g)]).collect();
+        let root = gather_rows(&out, &last, self.counts.len())?;
         crate::decode::profile::mark_here("feed: drafter forward over the committed tokens")?;
         Ok(root)
     }
@@ -166,22 +155,21 @@ impl FeedBlock {
                 ),
             ));
         }
-        for r in 0..rows {
-            let ids = &f.ids[r % n_img];
-            v.extend(
-                ids.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0, w - ids.len())),
-            );
-        }
-        for r in 0..rows {
-            let pos = &f.pos[r % n_img];
-            let last = pos.last().copied().unwrap_or(0);
-            v.extend(
-                pos.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(last, w - pos.len())),
-            );
+        // every row's list padded to the block: tokens with 0, positions with their last
+        for (lists, pad_last) in [(&f.ids, false), (&f.pos, true)] {
+            for r in 0..rows {
+                let l = &lists[r % n_img];
+                let pad = if pad_last {
+                    l.last().copied().unwrap_or(0)
+                } else {
+                    0
+                };
+                v.extend(
+                    l.iter()
+                        .copied()
+                        .chain(std::iter::repeat_n(pad, w - l.len())),
+                );
+            }
         }
         v.extend((0..rows).map(|r| (r * (1 + w) + 1 + f.last(r)) as u32));
         Ok(v)
@@ -207,18 +195,24 @@ impl FeedBlock {
         feats: &Tensor,
     ) -> Result<()> {
         let mask = self.prefix.broadcast_add(&self.causal)?.contiguous()?;
-        kv.set_staging(Some(self.at));
-        kv.set_filled_on_device(Some((filled.clone(), self.at)));
-        let out = model.fixed_step(&self.ids, Some(&self.feats), &self.pos, &mask, kv);
-        kv.set_filled_on_device(None);
-        kv.set_staging(None);
-        let out = out?;
+        let (ids, pos) = (&self.ids, &self.pos);
+        let skip = (filled, self.at);
+        let out = staged_step(model, kv, self.at, skip, ids, Some(&self.feats), pos, &mask)?;
         let (rows, _, d) = out.dims3()?;
         let both = Tensor::cat(&[&feats.narrow(1, 0, 1)?, &out], 1)?
             .reshape((rows * (1 + self.width), d))?;
         let root = both.index_select(&self.root_at, 0)?.reshape((rows, 1, d))?;
         feats.slice_set(&root, 1, 0)?;
         Ok(())
+    }
+
+    /// The block's own mask row for image prefix `p` with `len` slots committed before the
+    /// pairs (`out` starts all `-inf`): the committed slots, 0 over the block (the causal mask
+    /// is added in the computation).
+    pub fn own_mask_row(&self, p: &[f32], len: usize, out: &mut [f32]) {
+        let n = p.len().min(len);
+        out[..n].copy_from_slice(&p[..n]);
+        out[self.at..self.at + self.width].fill(0.0);
     }
 
     /// After the computation's run: moves the fed pairs (`width` slots) to the filled length.
@@ -228,28 +222,4 @@ impl FeedBlock {
         }
         Ok(())
     }
-}
-
-/// The block's mask rows over the cache for image prefix `p` (the committed slots, then the
-/// fed pairs) with `len` slots committed before the pairs: (the drafting levels' row: the
-/// committed slots, the pairs at the block, `-inf` up to `scratch` and 0 over it; the block's
-/// own row: the committed slots, 0 over the block, `-inf` elsewhere).
-pub(super) fn mask_rows(
-    p: &[f32],
-    len: usize,
-    block_at: usize,
-    width: usize,
-    scratch: usize,
-    drafting: &mut [f32],
-    own: &mut [f32],
-) {
-    let n = p.len().min(len);
-    drafting.fill(f32::NEG_INFINITY);
-    own.fill(f32::NEG_INFINITY);
-    drafting[..n].copy_from_slice(&p[..n]);
-    own[..n].copy_from_slice(&p[..n]);
-    let fed = &p[n..p.len().min(n + width)];
-    drafting[block_at..block_at + fed.len()].copy_from_slice(fed);
-    drafting[scratch..].fill(0.0);
-    own[block_at..block_at + width].fill(0.0);
 }

@@ -105,6 +105,29 @@ impl FixedForward for Drafter {
     }
 }
 
+/// One fixed-shape step of `model` with the cache in the staging mode: new K/V written from slot
+/// `at`, the attention skipping the empty slots from the device-held filled length `filled` up
+/// to `in_use` (the mask must hide them); the cache leaves the staging mode again, also on an
+/// error.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn staged_step(
+    model: &dyn FixedForward,
+    cache: &mut KvCache,
+    at: usize,
+    (filled, in_use): (&Tensor, usize),
+    ids: &Tensor,
+    features: Option<&Tensor>,
+    pos: &Tensor,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    cache.set_staging(Some(at));
+    cache.set_filled_on_device(Some((filled.clone(), in_use)));
+    let out = model.fixed_step(ids, features, pos, mask, cache);
+    cache.set_filled_on_device(None);
+    cache.set_staging(None);
+    out
+}
+
 /// A fixed-shape step of `s` new tokens per row (target: embedding, blocks, final norm;
 /// drafter: its layer over (feature, token) pairs).
 pub struct GraphStep {
@@ -184,18 +207,17 @@ impl GraphStep {
     /// it returns, so a captured graph frees what it allocates.
     fn run(&self, model: &dyn FixedForward, cache: &mut KvCache) -> Result<()> {
         let at = self.staging_at()?;
-        cache.set_staging(Some(at));
-        cache.set_filled_on_device(Some((self.filled.clone(), at)));
-        let h = model.fixed_step(
+        let h = staged_step(
+            model,
+            cache,
+            at,
+            (&self.filled, at),
             &self.ids,
             self.features.as_ref(),
             &self.pos,
             &self.mask,
-            cache,
-        );
-        cache.set_filled_on_device(None);
-        cache.set_staging(None);
-        self.hidden.slice_set(&h?, 0, 0)?;
+        )?;
+        self.hidden.slice_set(&h, 0, 0)?;
         Ok(())
     }
 

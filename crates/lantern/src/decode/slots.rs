@@ -6,7 +6,7 @@
 //! the block the batch appended; attention masks hide them and [`Slots::compact`] removes them.
 use candle_core::{Device, Tensor};
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// Holes below this count are never worth a compaction.
 const MIN_HOLES: usize = 8;
@@ -156,8 +156,31 @@ impl BlockMask {
     }
 }
 
-/// Per-row `[rows, s]` u32 positions from per-image ones.
-pub(crate) fn row_positions(pos: &[Vec<u32>], rows: usize, dev: &Device) -> Result<Tensor> {
+/// Gathers, for every batch row r, the entries `idx[r % n_img]` along dim 1 (one device
+/// gather; every list has the same length).
+pub(crate) fn gather_rows(x: &Tensor, idx: &[Vec<usize>], n_img: usize) -> Result<Tensor> {
+    let (rows, _, d) = x.dims3()?;
+    let m = idx.first().map_or(0, |v| v.len());
+    if idx.len() != n_img || idx.iter().any(|v| v.len() != m) {
+        return Err(Error::invalid(
+            "gather",
+            "one index list of equal length per image expected (internal error)",
+        ));
+    }
+    // rows of the flattened [rows * s, d]: one upload and one index_select
+    let s = x.dim(1)?;
+    let flat: Vec<u32> = (0..rows)
+        .flat_map(|r| idx[r % n_img].iter().map(move |&i| (r * s + i) as u32))
+        .collect();
+    let ix = Tensor::from_vec(flat, rows * m, x.device())?;
+    Ok(x.reshape((rows * s, d))?
+        .index_select(&ix, 0)?
+        .reshape((rows, m, d))?)
+}
+
+/// Per-row `[rows, s]` u32 values (positions, tokens) from per-image ones (row r: image
+/// `r % n_img`'s), one upload.
+pub(crate) fn row_values(pos: &[Vec<u32>], rows: usize, dev: &Device) -> Result<Tensor> {
     let n_img = pos.len();
     let s = pos.first().map_or(0, |p| p.len());
     // repeated on the host: one upload, no repeat kernel
@@ -239,7 +262,7 @@ mod tests {
         assert_eq!(v[0][0], vec![0.0, ninf, 0.0, ninf]);
         assert_eq!(v[2], v[0]);
         assert_eq!(v[3], v[1]);
-        let p = row_positions(&[vec![3, 4], vec![7, 7]], 4, &dev)?;
+        let p = row_values(&[vec![3, 4], vec![7, 7]], 4, &dev)?;
         let p: Vec<Vec<u32>> = p.to_vec2()?;
         assert_eq!(p, vec![vec![3, 4], vec![7, 7], vec![3, 4], vec![7, 7]]);
         Ok(())

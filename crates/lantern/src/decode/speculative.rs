@@ -31,7 +31,7 @@ use super::feed::Feed;
 use super::level::{DeviceLevel, DraftLevel, HostLevel, Want};
 use super::model::{DecodeCache, DraftModel, Target, Visibility};
 use super::profile::LoopProfile;
-use super::slots::{row_positions, BlockMask, Slots};
+use super::slots::{gather_rows, row_values, BlockMask, Slots};
 use super::static_trees::{TreeShape, TreeSpec};
 use super::tree::DraftTree;
 use super::{cfg_rows, to_host_f32, token_budget, DecodeStats, GenerateOptions, Output};
@@ -226,28 +226,6 @@ fn profiled(level: Box<dyn DraftLevel>, prof: &Rc<LoopProfile>) -> Box<dyn Draft
     }
 }
 
-/// Gathers, for every batch row r, the entries `idx[r % n_img]` along dim 1 (one device
-/// gather; every list has the same length).
-fn gather_rows(x: &Tensor, idx: &[Vec<usize>], n_img: usize) -> Result<Tensor> {
-    let (rows, _, d) = x.dims3()?;
-    let m = idx.first().map_or(0, |v| v.len());
-    if idx.len() != n_img || idx.iter().any(|v| v.len() != m) {
-        return Err(Error::invalid(
-            "gather",
-            "one index list of equal length per image expected (internal error)",
-        ));
-    }
-    // rows of the flattened [rows * s, d]: one upload and one index_select
-    let s = x.dim(1)?;
-    let flat: Vec<u32> = (0..rows)
-        .flat_map(|r| idx[r % n_img].iter().map(move |&i| (r * s + i) as u32))
-        .collect();
-    let ix = Tensor::from_vec(flat, rows * m, x.device())?;
-    Ok(x.reshape((rows * s, d))?
-        .index_select(&ix, 0)?
-        .reshape((rows, m, d))?)
-}
-
 /// Repeats per-image lists for every batch row (row r is image `r % n_img`).
 fn per_row(lists: &[Vec<usize>], rows: usize) -> Vec<Vec<usize>> {
     (0..rows).map(|r| lists[r % lists.len()].clone()).collect()
@@ -312,7 +290,7 @@ impl<T: Target, D: DraftModel> Expand for DraftSession<'_, T, D> {
             .iter()
             .map(|&r| vec![(r + self.levels) as u32; k])
             .collect();
-        let pos = row_positions(&pos, rows, &dev)?;
+        let pos = row_values(&pos, rows, &dev)?;
         let mut new_anc = vec![Vec::with_capacity(k); self.n_img];
         for (g, (ps, out)) in parents.iter().zip(new_anc.iter_mut()).enumerate() {
             for (i, p) in ps.iter().enumerate() {
@@ -393,7 +371,7 @@ fn verify_inputs(
     let ids = Tensor::from_vec(ids, (n_img, ncols), dev)?.repeat((halves, 1))?;
     let tree = Tensor::from_vec(tree, (n_img, ncols, ncols), dev)?;
     let mask = verify_mask(prefix, &tree, rows, dev)?;
-    let pos = row_positions(&pos, rows, dev)?;
+    let pos = row_values(&pos, rows, dev)?;
     Ok((ids, pos, Visibility::Custom(mask)))
 }
 
@@ -448,7 +426,7 @@ pub fn folded_feed_width(tree: &TreeSpec) -> usize {
         return 0;
     }
     match tree {
-        TreeSpec::Static(s) => s.depths.iter().copied().max().unwrap_or(0) + 1,
+        TreeSpec::Static(s) => s.max_depth() + 1,
         TreeSpec::Dynamic(p) => p.depth + 2,
     }
 }
@@ -483,7 +461,7 @@ fn drafted_verify_inputs(
         .iter()
         .map(|&r| shape.depths.iter().map(|&x| (r + x) as u32).collect())
         .collect();
-    let pos = row_positions(&pos, rows, dev)?;
+    let pos = row_values(&pos, rows, dev)?;
     let mask = verify_mask(prefix, &d.tree_mask, rows, dev)?;
     let ids = d.ids.repeat((rows / n_img, 1))?;
     Ok((ids, pos, Visibility::Custom(mask)))
@@ -686,7 +664,7 @@ fn run<T: Target, D: DraftModel>(
                         let mut r: Vec<&mut dyn RngCore> =
                             rngs.iter_mut().map(|r| r as &mut dyn RngCore).collect();
                         draft_static_fixed(fx, &head, key, shape, &step, &mut r)?.map(|d| {
-                            drafter_forwards += shape.depths.iter().max().map_or(0, |d| d - 1);
+                            drafter_forwards += shape.max_depth().saturating_sub(1);
                             StepTrees::OnDevice(d, shape)
                         })
                     }

@@ -155,10 +155,14 @@ impl TreeShape {
             .collect()
     }
 
+    /// Largest depth of the shape (0: the root alone).
+    pub fn max_depth(&self) -> usize {
+        self.depths.iter().copied().max().unwrap_or(0)
+    }
+
     /// Number of nodes at each depth, depth 1 first.
     pub fn nodes_per_depth(&self) -> Vec<usize> {
-        let max = self.depths.iter().copied().max().unwrap_or(0);
-        (1..=max)
+        (1..=self.max_depth())
             .map(|d| self.depths.iter().filter(|&&x| x == d).count())
             .collect()
     }
